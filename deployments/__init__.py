@@ -1,0 +1,1 @@
+"""monolm's deployments layer (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""monolm's flows layer (see DESIGN.md)."""

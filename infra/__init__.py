@@ -1,0 +1,1 @@
+"""monolm's infra layer (see DESIGN.md)."""

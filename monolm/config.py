@@ -1,0 +1,457 @@
+"""One typed, validated configuration for the whole experiment.
+
+Layers, later wins: the defaults below (the `full` paper run) <- a preset YAML
+(`monolm/presets/<name>.yaml`) <- named overrides (`monolm/presets/overrides/<name>.yaml`, e.g.
+`reference`, the original study's asymmetric recipe) <- a user YAML file <- `--set a.b=value`.
+
+Everything is validated before any compute. Errors name the field, the value and what is allowed
+(`ConfigError`), because a typo discovered after six GPU-hours of training is a lost day.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+OVERRIDES_DIR = PRESETS_DIR / "overrides"
+
+PositiveInt = Annotated[StrictInt, Field(gt=0)]
+NonNegInt = Annotated[StrictInt, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+VARIANTS = ("mlp_in", "mlp_both", "mlp_in_attn_out", "gated_updown", "gated_all")
+Variant = Literal["mlp_in", "mlp_both", "mlp_in_attn_out", "gated_updown", "gated_all"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the user: field path, bad value, what is allowed."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# --------------------------------------------------------------------------- model and data
+class TinyModelConfig(Strict):
+    """The offline GPT-NeoX stand-in for Pythia, built from a config and pre-trained in stage 0."""
+
+    vocab_size: PositiveInt = 2048  # BPE vocabulary trained on the embedded corpus
+    pad_vocab_to_multiple_of: PositiveInt = 64  # like Pythia (50304 rows > tokenizer): unused rows
+    hidden_size: PositiveInt = 128
+    num_layers: PositiveInt = 4
+    num_heads: PositiveInt = 4
+    intermediate_size: PositiveInt = 512
+    max_position_embeddings: PositiveInt = 256
+    pretrain_steps: NonNegInt = 300
+    pretrain_lr: PositiveFloat = 3e-3
+    pretrain_batch_size: PositiveInt = 16
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "TinyModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.tiny.hidden_size={self.hidden_size} must be divisible by "
+                f"model.tiny.num_heads={self.num_heads}"
+            )
+        return self
+
+
+class ModelConfig(Strict):
+    source: Literal["hub", "local", "tiny"] = "hub"
+    # A Hugging Face causal-LM id (source=hub) or a saved model directory (source=local).
+    name: str = "EleutherAI/pythia-1.4b"
+    revision: str = "main"
+    cache_dir: Path | None = None  # HF cache; None -> <paths.cache_dir>/hf
+    tiny: TinyModelConfig = TinyModelConfig()
+
+    @property
+    def slug(self) -> str:
+        """Folder-safe model name: `EleutherAI/pythia-1.4b` -> `EleutherAI--pythia-1.4b`."""
+        if self.source == "tiny":
+            return "tiny-neox"
+        return self.name.rstrip("/").replace("/", "--").replace(":", "-")
+
+
+class DataConfig(Strict):
+    source: Literal["hub", "local", "embedded"] = "hub"
+    # hub: a dataset id; local: a directory or file of jsonl/parquet in Pile format
+    # ({"text": ..., "meta": {"pile_set_name": ...}}); embedded: ignored (stdlib documentation prose).
+    dataset: str = "monology/pile-uncopyrighted"
+    text_field: str = "text"
+    train_split: str = "train"
+    # Held-out splits. Pythia was pre-trained on the Pile's train split, so evaluation and attack
+    # texts must never be later rows of the training stream.
+    eval_split: str = "validation"
+    attack_split: str = "test"
+    seq_len: PositiveInt = 2048
+    n_train_docs: PositiveInt = 20000
+    n_eval_docs: PositiveInt = 500
+    n_attack_docs: PositiveInt = 400
+    min_doc_chars: NonNegInt = 200
+    # embedded source only: fractions of documents per split (the rest is train)
+    embedded_eval_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.15
+    embedded_attack_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.15
+
+    @model_validator(mode="after")
+    def _held_out(self) -> "DataConfig":
+        if self.eval_split == self.train_split:
+            raise ValueError(
+                f"data.eval_split={self.eval_split!r} overlaps data.train_split="
+                f"{self.train_split!r}; evaluation text must come from a held-out split "
+                "(e.g. 'validation' or 'test')"
+            )
+        if self.attack_split == self.train_split:
+            raise ValueError(
+                f"data.attack_split={self.attack_split!r} overlaps data.train_split="
+                f"{self.train_split!r}; attack text must come from a held-out split"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------- constraint
+class ConstraintConfig(Strict):
+    variant: Variant = "mlp_in"
+    # How pretrained W becomes V with softplus(V) ~ W >= 0:
+    #   abs:   V = softplus^-1(|W| + eps)   (the original study's choice; flips negative weights)
+    #   clamp: V = softplus^-1(max(W, eps)) (keeps positive weights, sends negative ones to ~0)
+    init: Literal["abs", "clamp"] = "abs"
+    eps: PositiveFloat = 1e-6
+    drift_docs: PositiveInt = 64  # held-out docs for the function-drift measurement
+    monotonicity_pairs: PositiveInt = 512  # sampled x <= x' pairs per constrained sublayer
+
+
+# --------------------------------------------------------------------------- training
+class ArmConfig(Strict):
+    """Everything that defines one training arm's recipe."""
+
+    lr: PositiveFloat = 5e-5
+    epochs: PositiveFloat = 1.0
+    max_steps: PositiveInt | None = None  # caps optimizer steps (token budget) when set
+    warmup_ratio: Fraction = 0.1
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: Fraction = 0.1
+    weight_decay: Annotated[float, Field(ge=0)] = 0.01
+    grad_clip: PositiveFloat | None = 1.0
+    adam_beta1: Fraction = 0.9
+    adam_beta2: Fraction = 0.95
+    micro_batch_size: PositiveInt = 4
+    grad_accum_steps: PositiveInt = 8  # effective batch = micro_batch_size * grad_accum_steps
+    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA only
+    bf16: Literal["auto", "on", "off"] = "auto"  # autocast compute only; auto: on for CUDA only
+    log_every_steps: PositiveInt = 10
+    eval_every_steps: PositiveInt = 200
+    eval_max_docs: PositiveInt = 200
+    checkpoint_every_steps: PositiveInt = 200
+    checkpoint_every_minutes: PositiveFloat = 30.0
+    keep_last_checkpoints: PositiveInt = 2
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps
+
+
+class ArmOverride(Strict):
+    """Per-arm deviations from `training.common`; only allowed when the recipe says so."""
+
+    lr: PositiveFloat | None = None
+    epochs: PositiveFloat | None = None
+    max_steps: PositiveInt | None = None
+    warmup_ratio: Fraction | None = None
+    schedule: Literal["cosine", "linear", "constant"] | None = None
+
+
+class TrainingConfig(Strict):
+    # fair: both arms get identical data, budget, optimizer and schedule (the default).
+    # reference: the original study's asymmetric recipe. asymmetric: any other per-arm recipe.
+    recipe: Literal["fair", "reference", "asymmetric"] = "fair"
+    common: ArmConfig = ArmConfig()
+    baseline: ArmOverride = ArmOverride()
+    monotonic: ArmOverride = ArmOverride()
+
+    @model_validator(mode="after")
+    def _fairness(self) -> "TrainingConfig":
+        if self.recipe == "fair":
+            for arm in ("baseline", "monotonic"):
+                for field, value in getattr(self, arm).model_dump(exclude_none=True).items():
+                    raise ValueError(
+                        f"training.{arm}.{field}={value!r} gives one arm its own recipe, but "
+                        "training.recipe='fair' requires identical arms; set it in "
+                        "training.common, or set training.recipe='asymmetric' (reported as such)"
+                    )
+        return self
+
+    def arm(self, name: Literal["baseline", "monotonic"]) -> ArmConfig:
+        """The resolved recipe of one arm: common settings updated with its overrides."""
+        overrides = getattr(self, name).model_dump(exclude_none=True)
+        return self.common.model_copy(update=overrides)
+
+
+# --------------------------------------------------------------------------- evaluation, attacks
+class EvalConfig(Strict):
+    max_docs: PositiveInt = 500
+    batch_size: PositiveInt = 8
+    seq_len: PositiveInt | None = None  # window length; None -> data.seq_len
+
+
+class UATConfig(Strict):
+    trigger_len: PositiveInt = 10
+    top_k: PositiveInt = 100
+    restarts: PositiveInt = 3
+    max_sweeps: PositiveInt = 10
+    n_opt_texts: PositiveInt = 80
+    n_eval_texts: PositiveInt = 120
+    text_max_tokens: PositiveInt = 128
+    grad_batch_size: PositiveInt = 16
+    score_batch_size: PositiveInt = 128  # candidate sequences per forward; halves on OOM
+
+
+class HotFlipConfig(Strict):
+    max_flips: PositiveInt = 10
+    top_b: PositiveInt = 64  # candidates re-scored exactly per flip
+    n_texts: PositiveInt = 120
+    text_max_tokens: PositiveInt = 64
+    block_size: PositiveInt = 10  # examples per resumable unit
+    score_batch_size: PositiveInt = 128
+    random_control: bool = True  # query-only greedy search with random candidates
+
+
+class AttackConfig(Strict):
+    success_threshold: PositiveFloat = 0.15  # relative loss increase that counts as a success
+    uat: UATConfig = UATConfig()
+    hotflip: HotFlipConfig = HotFlipConfig()
+
+
+# --------------------------------------------------------------------------- paths and runners
+class PathsConfig(Strict):
+    runs_root: Path = Path("runs")
+    results_root: Path = Path("results")
+    cache_dir: Path = Path(".state/cache")
+    # SQLAlchemy URL of the results store; None -> sqlite:///<runs_root>/results.sqlite
+    store_url: str | None = None
+
+
+class SlurmConfig(Strict):
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    cores: PositiveInt = 8
+    memory: str = "64GB"
+    walltime: str = "24:00:00"
+    gpu_type: str = "a100"
+    gpus_per_job: PositiveInt = 1
+    min_workers: NonNegInt = 0
+    max_workers: PositiveInt = 4
+    lifetime_margin_minutes: PositiveInt = 10  # workers drain this long before walltime
+    job_directives_skip: list[str] = []
+    job_extra_directives: list[str] = []
+    prologue: list[str] = []  # shell lines run before the worker (module load, venv activate)
+    python: str | None = None  # worker interpreter; None -> this interpreter
+    local_directory: str | None = None
+    log_directory: str | None = None
+
+
+class RunnerConfig(Strict):
+    profile: Literal["local", "dask-local", "slurm"] = "local"
+    dask_workers: PositiveInt = 2
+    retries: NonNegInt = 2
+    retry_delay_seconds: NonNegInt = 10
+    stage_timeout_minutes: dict[str, PositiveFloat] = {}
+    slurm: SlurmConfig = SlurmConfig()
+
+
+# --------------------------------------------------------------------------- the whole thing
+class ExperimentConfig(Strict):
+    preset: str = "full"
+    run_name: str | None = None
+    seeds: list[StrictInt] = [42, 1337, 2024, 8888, 12345]
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    constraint: ConstraintConfig = ConstraintConfig()
+    training: TrainingConfig = TrainingConfig()
+    evaluation: EvalConfig = EvalConfig()
+    attacks: AttackConfig = AttackConfig()
+    paths: PathsConfig = PathsConfig()
+    runner: RunnerConfig = RunnerConfig()
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "ExperimentConfig":
+        if not self.seeds:
+            raise ValueError("seeds: at least one seed is required")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds={self.seeds} contains duplicates")
+        if self.model.source == "tiny":
+            self.validate_seq_len(self.model.tiny.max_position_embeddings)
+            if self.data.source == "hub":
+                raise ValueError("data.source='hub' with model.source='tiny': the tiny model's "
+                                 "tokenizer is trained on data.source='embedded' or 'local'")
+        return self
+
+    def validate_seq_len(self, model_max: int) -> None:
+        """Refuse sequence lengths the model cannot attend over (checked again once the model's
+        own config is known, before any compute)."""
+        checks = {
+            "data.seq_len": self.data.seq_len,
+            "evaluation.seq_len": self.evaluation.seq_len,
+            "attacks.uat (trigger_len + text_max_tokens)":
+                self.attacks.uat.trigger_len + self.attacks.uat.text_max_tokens,
+            "attacks.hotflip.text_max_tokens": self.attacks.hotflip.text_max_tokens,
+        }
+        for field, value in checks.items():
+            if value is not None and value > model_max:
+                raise ConfigError(
+                    f"{field}={value} exceeds the model's maximum sequence length {model_max} "
+                    f"(allowed: 1..{model_max})"
+                )
+
+    @property
+    def eval_seq_len(self) -> int:
+        return self.evaluation.seq_len or self.data.seq_len
+
+    @property
+    def store_url(self) -> str:
+        return self.paths.store_url or f"sqlite:///{(self.paths.runs_root / 'results.sqlite').resolve()}"
+
+    @property
+    def hf_cache_dir(self) -> Path:
+        return self.model.cache_dir or (self.paths.cache_dir / "hf")
+
+    def subset(self, *sections: str) -> dict[str, Any]:
+        """A JSON-able slice of the config (dotted section names), used for manifests and cache
+        keys: a stage's key contains exactly the sections that change its output."""
+        dump = self.model_dump(mode="json")
+        out: dict[str, Any] = {}
+        for section in sections:
+            node: Any = dump
+            for part in section.split("."):
+                node = node[part]
+            out[section] = node
+        return out
+
+    def digest(self, *sections: str) -> str:
+        payload = self.subset(*sections) if sections else self.model_dump(mode="json")
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- loading
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def available_overrides() -> list[str]:
+    return sorted(p.stem for p in OVERRIDES_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{what}: file {path} does not exist") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{what}: {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what}: {path} must contain a mapping, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_set(assignment: str) -> dict[str, Any]:
+    """`a.b.c=value` -> {"a": {"b": {"c": value}}}; the value is parsed as YAML (numbers, lists,
+    booleans, null), so `--set seeds=[1,2]` and `--set training.common.lr=1e-4` work."""
+    key, sep, raw = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(
+            f"invalid override {assignment!r}: expected KEY=VALUE with a dotted key, "
+            "e.g. --set training.common.lr=1e-4"
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid override {assignment!r}: value is not valid YAML ({exc})") from None
+    # PyYAML reads 1e-4 (no dot) as a string; accept it as the float the user meant.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value.lower() for c in "e.") and value.strip() else value
+        except ValueError:
+            pass
+    node: dict[str, Any] = {}
+    root = node
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+    return root
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{loc}: unknown field (value {err['input']!r}); check the spelling "
+                         "against `monolm config show`")
+        elif err["type"] in ("literal_error", "enum"):
+            lines.append(f"{loc}: {err['input']!r} is not allowed; {msg}")
+        elif err["type"] == "value_error":
+            lines.append(msg.removeprefix("Value error, "))
+        else:
+            lines.append(f"{loc}: {msg} (got {err.get('input')!r})")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def build_config(data: dict[str, Any]) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+
+
+def load_config(
+    preset: str = "tiny",
+    *,
+    overrides: list[str] | tuple[str, ...] = (),
+    config_file: str | Path | None = None,
+    sets: list[str] | tuple[str, ...] = (),
+    extra: dict[str, Any] | None = None,
+) -> ExperimentConfig:
+    """Resolve preset <- named overrides <- YAML file <- `extra` dict <- `--set` assignments."""
+    if preset not in available_presets():
+        raise ConfigError(f"preset: unknown preset {preset!r}; allowed: {', '.join(available_presets())}")
+    data = _read_yaml(PRESETS_DIR / f"{preset}.yaml", f"preset {preset}")
+    data["preset"] = preset
+    for name in overrides:
+        if name not in available_overrides():
+            raise ConfigError(
+                f"override: unknown named override {name!r}; allowed: {', '.join(available_overrides())}"
+            )
+        data = deep_merge(data, _read_yaml(OVERRIDES_DIR / f"{name}.yaml", f"override {name}"))
+    if config_file is not None:
+        data = deep_merge(data, _read_yaml(Path(config_file), "config file"))
+    if extra:
+        data = deep_merge(data, extra)
+    for assignment in sets:
+        data = deep_merge(data, parse_set(assignment))
+    return build_config(data)
+
+
+def config_to_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,81 @@
+"""Device, precision and seeding helpers shared by every stage.
+
+Device-agnostic by design: `cuda` when present, CPU otherwise. Parameters and optimizer state are
+always fp32; bf16 is used only as autocast compute on CUDA (pure-bf16 AdamW silently drops
+updates smaller than bf16's spacing, which froze the original study's constrained weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import random
+from collections.abc import Iterator
+from typing import Literal
+
+import numpy as np
+import torch
+
+log = logging.getLogger("monolm")
+
+
+def pick_device(preferred: str | None = None) -> torch.device:
+    """`MONOLM_DEVICE` or `preferred` if given, else cuda when available, else cpu."""
+    name = preferred or os.environ.get("MONOLM_DEVICE")
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_flag(setting: Literal["auto", "on", "off"], device: torch.device) -> bool:
+    """`auto` means on for CUDA only (bf16 autocast, gradient checkpointing)."""
+    if setting == "auto":
+        return device.type == "cuda"
+    return setting == "on"
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast for compute only; a no-op context when disabled."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def derive_seed(seed: int, *tags: str | int) -> int:
+    """A stable 63-bit seed from (seed, stage, restart, ...): independent streams per unit of work,
+    reproducible across processes (Python's hash() is salted per process; sha256 is not)."""
+    payload = ":".join([str(seed), *map(str, tags)]).encode()
+    return int.from_bytes(hashlib.sha256(payload).digest()[:8], "big") & ((1 << 63) - 1)
+
+
+def generator(seed: int, *tags: str | int, device: str | torch.device = "cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(derive_seed(seed, *tags))
+    return g
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def deterministic(enabled: bool = True) -> Iterator[None]:
+    """Deterministic kernels (bitwise-reproducible CPU runs for resume tests)."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous, warn_only=True)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+    log.setLevel(level)

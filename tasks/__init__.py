@@ -1,0 +1,1 @@
+"""monolm's tasks layer (see DESIGN.md)."""
