@@ -43,7 +43,7 @@ class Strict(BaseModel):
 class TinyModelConfig(Strict):
     """The offline GPT-NeoX stand-in for Pythia, built from a config and pre-trained in stage 0."""
 
-    vocab_size: PositiveInt = 2048  # BPE vocabulary trained on the embedded corpus
+    vocab_size: PositiveInt = 2000  # BPE vocabulary; the embedding is padded to 2048 rows
     pad_vocab_to_multiple_of: PositiveInt = 64  # like Pythia (50304 rows > tokenizer): unused rows
     hidden_size: PositiveInt = 128
     num_layers: PositiveInt = 4
@@ -287,6 +287,19 @@ class ExperimentConfig(Strict):
             raise ValueError("seeds: at least one seed is required")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds={self.seeds} contains duplicates")
+        uat, hotflip = self.attacks.uat, self.attacks.hotflip
+        if uat.trigger_len >= uat.text_max_tokens:
+            raise ValueError(
+                f"attacks.uat.trigger_len={uat.trigger_len} is not shorter than the texts it attacks "
+                f"(attacks.uat.text_max_tokens={uat.text_max_tokens}); allowed: 1..{uat.text_max_tokens - 1}"
+            )
+        needed = uat.n_opt_texts + max(uat.n_eval_texts, hotflip.n_texts)
+        if self.data.n_attack_docs < needed:
+            raise ValueError(
+                f"data.n_attack_docs={self.data.n_attack_docs} is too small: the attacks need "
+                f"attacks.uat.n_opt_texts + max(attacks.uat.n_eval_texts, attacks.hotflip.n_texts) = {needed} "
+                "disjoint held-out texts"
+            )
         if self.model.source == "tiny":
             self.validate_seq_len(self.model.tiny.max_position_embeddings)
             if self.data.source == "hub":

@@ -1,0 +1,158 @@
+"""The `monolm` command line: run the experiment, verify a site, show configs, query results."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from monolm.config import ConfigError, ExperimentConfig, config_to_yaml, load_config
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", help="tiny (offline, CPU), quick (nightly) or full (paper)")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: the preset's)")
+    p.add_argument("--variant", help="constraint variant: mlp_in, mlp_both, mlp_in_attn_out, gated_updown, gated_all")
+    p.add_argument("--override", action="append", default=[], metavar="NAME",
+                   help="named override, e.g. 'reference' (the original study's recipe); repeatable")
+    p.add_argument("--config", type=Path, metavar="FILE", help="YAML file of overrides")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                   help="override one field, e.g. --set training.common.lr=1e-4; repeatable")
+
+
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    extra: dict = {}
+    if args.seeds:
+        extra["seeds"] = args.seeds
+    if getattr(args, "variant", None):
+        extra["constraint"] = {"variant": args.variant}
+    if getattr(args, "profile", None):
+        extra["runner"] = {"profile": args.profile}
+    if getattr(args, "run_name", None):
+        extra["run_name"] = args.run_name
+    return load_config(args.preset, overrides=args.override, config_file=args.config, extra=extra, sets=args.sets)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)  # validated before any compute
+    started = time.time()
+    if args.no_prefect:
+        from monolm.pipeline import run_seed, summary_rows
+        from monolm.report_console import print_rows
+
+        for seed in cfg.seeds:
+            refs = run_seed(cfg, seed, stages=args.stages, progress=not args.quiet)
+            print_rows(f"seed {seed} ({cfg.preset}, {cfg.model.slug}, {cfg.constraint.variant}, "
+                       f"recipe {cfg.training.recipe})", summary_rows(refs))
+            if "constrain" in refs:
+                print_constrain(refs["constrain"].path / "report.json")
+    else:
+        from flows.experiment import run_experiment
+
+        run_experiment(cfg)
+    print(f"wall time: {time.time() - started:.1f} s")
+    return 0
+
+
+def print_constrain(path: Path) -> None:
+    import json
+
+    from monolm.report_console import print_rows
+
+    report = json.loads(path.read_text())
+    summary = report["summary"]
+    print_rows(f"stage 1: {report['variant']} (init {report['init']})", [
+        {"module": row["name"], "params": row["params"], "negative_before": row["fraction_negative"]}
+        for row in summary["modules"]
+    ])
+    print(f"constrained share of parameters: {summary['share']:.3f}; function drift: "
+          + ", ".join(f"{k}={v:.4g}" for k, v in report["drift"].items() if isinstance(v, float)))
+    print(report["note"])
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from monolm.verify import run_checks
+
+    cfg = config_from_args(args)
+    checks = run_checks(cfg, timeout=args.timeout)
+    width = max(len(c.name) for c in checks)
+    for c in checks:
+        print(f"{'PASS' if c.ok else 'FAIL'}  {c.name:<{width}}  {c.detail}")
+    failed = [c for c in checks if not c.ok]
+    print(f"{len(checks) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    print(config_to_yaml(cfg), end="")
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from monolm.store import ResultsStore, format_table
+
+    url = args.store or load_config(args.preset_for_store).store_url
+    store = ResultsStore(url)
+    if args.compare:
+        rows = store.compare(*args.compare)
+    else:
+        rows = store.query(preset=args.preset, variant=args.variant, model=args.model, metric=args.metric)
+    print(format_table(rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="monolm", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the experiment (stages 0-7) for the given seeds")
+    _config_args(run)
+    run.add_argument("--profile", choices=["local", "dask-local", "slurm"], help="task runner profile")
+    run.add_argument("--run-name", help="name of the results folder results/<run-name>/")
+    run.add_argument("--no-prefect", action="store_true", help="plain sequential run without the orchestrator")
+    run.add_argument("--stages", type=int, default=6, help="with --no-prefect: run stages 0..N")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=cmd_run)
+
+    verify = sub.add_parser("verify", help="check that stage 0 can run here (hub, model, data, disk)")
+    _config_args(verify)
+    verify.add_argument("--timeout", type=float, default=30.0, help="seconds per check")
+    verify.set_defaults(func=cmd_verify)
+
+    config = sub.add_parser("config", help="show the resolved configuration")
+    config.add_argument("action", choices=["show"])
+    _config_args(config)
+    config.set_defaults(func=cmd_config)
+
+    results = sub.add_parser("results", help="query the results store")
+    results.add_argument("--store", help="SQLAlchemy URL (default: the tiny preset's runs root)")
+    results.add_argument("--preset")
+    results.add_argument("--variant")
+    results.add_argument("--model")
+    results.add_argument("--metric")
+    results.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"))
+    results.set_defaults(func=cmd_results, preset_for_store="tiny")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from monolm.runtime import setup_logging
+
+    args = build_parser().parse_args(argv)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"monolm: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("monolm: interrupted; finished stages are kept and a re-run resumes", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""The per-seed pipeline as plain function calls, without an orchestrator.
+
+A notebook (or a debugger) can run one seed end to end with `run_seed(cfg, 42)`. The Prefect flow
+in `flows/` calls the very same stage functions, adding caching, retries and parallelism.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from monolm.config import ExperimentConfig
+from monolm.stages import constrain, evaluate, setup, train
+from monolm.stages.common import StageRef
+
+
+def run_seed(cfg: ExperimentConfig, seed: int, *, stages: int = 6, progress: bool = True) -> dict[str, StageRef]:
+    """Run stages 0..`stages` for one seed; finished stages with valid manifests are reused."""
+    refs: dict[str, StageRef] = {}
+    refs["setup"] = setup.run(cfg, seed, progress=progress)
+    if stages >= 1:
+        refs["constrain"] = constrain.run(cfg, seed, refs["setup"], progress=progress)
+    if stages >= 3:
+        refs["train_baseline"] = train.run(cfg, seed, "baseline", refs["setup"], progress=progress)
+        refs["train_monotonic"] = train.run(cfg, seed, "monotonic", refs["setup"], refs["constrain"], progress=progress)
+    if stages >= 4:
+        refs["evaluate"] = evaluate.run(cfg, seed, refs["setup"], refs["train_baseline"], refs["train_monotonic"],
+                                        progress=progress)
+    if stages >= 5:
+        from monolm.stages import attack
+
+        models = {"baseline": refs["train_baseline"], "monotonic": refs["train_monotonic"]}
+        refs["uat"] = attack.run_uat(cfg, seed, refs["setup"], models, progress=progress)
+        if stages >= 6:
+            refs["hotflip"] = attack.run_hotflip(cfg, seed, refs["setup"], models, progress=progress)
+    return refs
+
+
+def summary_rows(refs: dict[str, StageRef]) -> list[dict[str, Any]]:
+    """One row per model for the results table printed by `monolm run`."""
+    ev = refs.get("evaluate")
+    rows = []
+    for name in ("base", "baseline", "monotonic"):
+        row: dict[str, Any] = {"model": name}
+        if ev:
+            row["perplexity"] = ev.metrics.get(f"{name}_token_perplexity")
+            row["bits_per_byte"] = ev.metrics.get(f"{name}_bits_per_byte")
+        for attack in ("uat", "hotflip"):
+            ref = refs.get(attack)
+            if ref and name in ref.metrics.get("per_model", {}):
+                row[f"{attack}_delta_nats"] = ref.metrics["per_model"][name].get("abs_increase")
+                row[f"{attack}_success"] = ref.metrics["per_model"][name].get("success_rate")
+        rows.append(row)
+    return rows

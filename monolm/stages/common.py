@@ -1,0 +1,131 @@
+"""What every stage shares: the reference a stage hands downstream, and finishing/skipping.
+
+Stages exchange `StageRef`s (a folder, the digest of its manifest, headline metrics): small,
+JSON-able, never a model object. A finished stage is recognised by a manifest whose outputs still
+match their digests; anything else is re-run from scratch (or from its own checkpoints).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from monolm.artifacts import CorruptArtifact, clean_temp_files, load_manifest, stage_dir_for, write_manifest
+from monolm.config import ExperimentConfig
+from monolm.provenance import code_digest
+
+log = logging.getLogger("monolm.stages")
+
+# Which config sections and which library modules determine each stage's output. This is the
+# single source of truth for manifests and for the orchestrator's cache keys.
+STAGE_CONFIG: dict[str, tuple[str, ...]] = {
+    "setup": ("model", "data"),
+    "constrain": ("constraint",),
+    "train_baseline": ("training", "data.seq_len"),
+    "train_monotonic": ("training", "data.seq_len", "constraint"),
+    "evaluate": ("evaluation", "data.seq_len"),
+    "uat": ("attacks.uat", "attacks.success_threshold"),
+    "hotflip": ("attacks.hotflip", "attacks.success_threshold", "attacks.uat.n_opt_texts"),
+}
+STAGE_CODE: dict[str, tuple[str, ...]] = {
+    "setup": ("config", "data", "models", "training", "checkpoint", "artifacts", "stages.common", "stages.setup"),
+    "constrain": ("constraints", "models", "data", "artifacts", "stages.common", "stages.constrain"),
+    "train_baseline": ("training", "checkpoint", "evaluation", "models", "data", "artifacts", "stages.common", "stages.train"),
+    "train_monotonic": ("training", "checkpoint", "evaluation", "constraints", "models", "data", "artifacts",
+                        "stages.common", "stages.train"),
+    "evaluate": ("evaluation", "constraints", "models", "data", "artifacts", "stages.common", "stages.evaluate"),
+    "uat": ("attacks", "stats", "models", "data", "artifacts", "stages.common", "stages.attack"),
+    "hotflip": ("attacks", "stats", "models", "data", "artifacts", "stages.common", "stages.attack"),
+}
+
+
+@dataclass
+class StageRef:
+    stage: str
+    seed: int
+    dir: str
+    digest: str  # sha256 of the stage's manifest.json: the input digest for downstream stages
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "StageRef":
+        return cls(**data)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.dir)
+
+
+def stage_config(cfg: ExperimentConfig, stage: str) -> dict[str, Any]:
+    return cfg.subset(*STAGE_CONFIG[stage])
+
+
+def stage_code_version(stage: str) -> str:
+    return code_digest(*STAGE_CODE[stage])
+
+
+def existing(cfg: ExperimentConfig, seed: int, stage: str, inputs: dict[str, StageRef]) -> StageRef | None:
+    """The stage's earlier result if it finished with the same config, inputs and code, and its
+    files still match their digests; else None (and a warning when something was corrupt)."""
+    directory = stage_dir_for(cfg, seed, stage)
+    try:
+        manifest, digest = load_manifest(directory)
+    except FileNotFoundError:
+        return None
+    except CorruptArtifact as exc:
+        log.warning("not reusing %s: %s", directory, exc)
+        return None
+    expected_inputs = {name: ref.digest for name, ref in inputs.items()}
+    if (manifest.config != stage_config(cfg, stage) or manifest.inputs != expected_inputs
+            or manifest.metrics.get("code_version") != stage_code_version(stage)):
+        return None
+    return StageRef(stage, seed, str(directory), digest, manifest.metrics)
+
+
+def prepare(cfg: ExperimentConfig, seed: int, stage: str, *, fresh: bool = False) -> Path:
+    """The stage folder, with leftovers of a killed writer removed. A stale manifest is removed
+    first so that a half-redone stage is never mistaken for a finished one."""
+    directory = stage_dir_for(cfg, seed, stage)
+    if fresh and directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "manifest.json").unlink(missing_ok=True)
+    clean_temp_files(directory)
+    return directory
+
+
+def finish(
+    cfg: ExperimentConfig,
+    seed: int,
+    stage: str,
+    directory: Path,
+    *,
+    inputs: dict[str, StageRef],
+    outputs: list[str],
+    metrics: dict[str, Any],
+    started: float,
+) -> StageRef:
+    metrics = {**metrics, "code_version": stage_code_version(stage)}
+    _, digest = write_manifest(
+        directory,
+        stage=stage,
+        config=stage_config(cfg, stage),
+        inputs={name: ref.digest for name, ref in inputs.items()},
+        outputs=outputs,
+        metrics=metrics,
+        wall_time_s=time.time() - started,
+    )
+    log.info("stage %s (seed %d) finished in %.1f s -> %s", stage, seed, time.time() - started, directory)
+    return StageRef(stage, seed, str(directory), digest, metrics)
+
+
+def files_under(directory: Path, sub: str) -> list[str]:
+    """Relative paths of every file under `directory/sub`, for a manifest's output list."""
+    return sorted(str(p.relative_to(directory)) for p in (directory / sub).rglob("*") if p.is_file())

@@ -1,0 +1,73 @@
+"""Stage 1 — constrain: reparametrize the selected FFN weights as W = softplus(V) >= 0, convert the
+pretrained weights into V by the configured rule, and report what that did to the model.
+
+Honesty about "monotone": with GELU (negative slope below about -0.75), LayerNorm and residual
+paths, non-negative weights do not make the FFN block monotone. The report measures how often the
+constrained sublayers violate order on sampled input pairs instead of claiming monotonicity.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from monolm import constraints, data as data_lib, models
+from monolm.artifacts import atomic_write_json
+from monolm.config import ExperimentConfig
+from monolm.runtime import generator, pick_device
+from monolm.stages.common import StageRef, existing, files_under, finish, prepare
+from monolm.stages.setup import load_setup, model_dir
+
+STAGE = "constrain"
+NOTE = ("Non-negative weights make each constrained Linear map monotone, but GELU (negative slope "
+        "below about -0.75), LayerNorm and residual paths make the FFN block and the model "
+        "non-monotone; 'violation_rate' below measures how often sampled ordered input pairs "
+        "(x <= x') produce out-of-order outputs.")
+
+
+def drift_blocks(cfg: ExperimentConfig, tokenizer, texts: list[str]) -> torch.Tensor:
+    """Held-out text packed into blocks for the function-drift measurement."""
+    docs = data_lib.tokenize(tokenizer, texts[: cfg.constraint.drift_docs])
+    return data_lib.pack_blocks(docs, min(cfg.data.seq_len, 128), tokenizer.eos_token_id)
+
+
+def run(cfg: ExperimentConfig, seed: int, setup: StageRef, *, progress: bool = True) -> StageRef:
+    inputs = {"setup": setup}
+    done = existing(cfg, seed, STAGE, inputs)
+    if done:
+        return done
+    started = time.time()
+    out = prepare(cfg, seed, STAGE)
+    device = pick_device()
+    tokenizer, splits = load_setup(setup)
+    base = models.load_model(model_dir(setup), device)
+    constrained = models.load_model(model_dir(setup), device)
+    summary = constraints.apply_constraint(constrained, cfg.constraint.variant, init=cfg.constraint.init,
+                                           eps=cfg.constraint.eps)
+    blocks = drift_blocks(cfg, tokenizer, splits.eval).to(device)
+    drift = constraints.function_drift(base, constrained, blocks)
+    monotonicity = constraints.monotonicity_violation_rate(
+        constrained, cfg.constraint.monotonicity_pairs, generator(seed, STAGE, "monotonicity"),
+        inputs=blocks[:4])
+    del base
+    constraints.save_constrained(constrained, tokenizer, out / "model", spec=cfg.constraint.model_dump(mode="json"))
+    report: dict[str, Any] = {
+        "variant": cfg.constraint.variant,
+        "init": cfg.constraint.init,
+        "summary": summary.to_json(),
+        "drift": drift,
+        "monotonicity": monotonicity,
+        "min_constrained_weight": constraints.min_constrained_weight(constrained),
+        "note": NOTE,
+    }
+    atomic_write_json(out / "report.json", report)
+    metrics = {
+        "constrained_modules": len(summary.to_json().get("modules", [])),
+        "drift": drift,
+        "min_constrained_weight": report["min_constrained_weight"],
+        "model_dir": str((out / "model").resolve()),
+    }
+    return finish(cfg, seed, STAGE, out, inputs=inputs, outputs=["report.json", *files_under(out, "model")],
+                  metrics=metrics, started=started)

@@ -1,0 +1,57 @@
+"""Stage 4 — evaluate base, baseline and monotonic models on the same held-out documents.
+
+Perplexity is token-weighted and computed like lm-evaluation-harness (whole documents, disjoint
+windows, predicted tokens only). The trained monotonic model's constrained weights are re-checked
+(minimum materialized weight) and its sublayers' empirical monotonicity violation rate measured.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from monolm import constraints, data as data_lib, evaluation, models
+from monolm.artifacts import atomic_write_json
+from monolm.config import ExperimentConfig
+from monolm.runtime import generator, pick_device
+from monolm.stages.common import StageRef, existing, finish, prepare
+from monolm.stages.setup import load_setup, model_dir
+
+STAGE = "evaluate"
+
+
+def run(cfg: ExperimentConfig, seed: int, setup: StageRef, baseline: StageRef, monotonic: StageRef,
+        *, progress: bool = True) -> StageRef:
+    inputs = {"setup": setup, "train_baseline": baseline, "train_monotonic": monotonic}
+    done = existing(cfg, seed, STAGE, inputs)
+    if done:
+        return done
+    started = time.time()
+    out = prepare(cfg, seed, STAGE)
+    device = pick_device()
+    tokenizer, splits = load_setup(setup)
+    texts = splits.eval[: cfg.evaluation.max_docs]
+    docs = data_lib.tokenize(tokenizer, texts)
+    paths = {"base": model_dir(setup), "baseline": Path(baseline.metrics["model_dir"]),
+             "monotonic": Path(monotonic.metrics["model_dir"])}
+    results: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for name, path in paths.items():
+        model = models.load_model(path, device)
+        results[name] = evaluation.perplexity(model, docs, seq_len=cfg.eval_seq_len, batch_size=cfg.evaluation.batch_size,
+                                              prefix_token_id=tokenizer.eos_token_id, texts=texts, device=device,
+                                              progress=progress)
+        if name == "monotonic":
+            blocks = data_lib.pack_blocks(docs[:8], min(cfg.data.seq_len, 128), tokenizer.eos_token_id).to(device)
+            extra["min_constrained_weight"] = constraints.min_constrained_weight(model)
+            extra["monotonicity"] = constraints.monotonicity_violation_rate(
+                model, cfg.constraint.monotonicity_pairs, generator(seed, STAGE, "monotonicity"), inputs=blocks[:4])
+        del model
+    report = {"models": results, "n_docs": len(docs), "recipe": cfg.training.recipe, **extra}
+    atomic_write_json(out / "evaluation.json", report)
+    metrics = {f"{name}_{key}": r[key] for name, r in results.items() for key in ("token_perplexity", "loss", "bits_per_byte")
+               if key in r}
+    metrics["min_constrained_weight"] = extra["min_constrained_weight"]
+    metrics["n_docs"] = len(docs)
+    return finish(cfg, seed, STAGE, out, inputs=inputs, outputs=["evaluation.json"], metrics=metrics, started=started)

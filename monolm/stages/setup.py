@@ -1,0 +1,126 @@
+"""Stage 0 — setup: fetch (or, for `tiny`, build and pre-train) the base model, cut the data
+splits, and verify that everything later stages need is there and consistent.
+
+For the tiny preset the "pretrained" model is a real language model: a byte-level BPE tokenizer
+and a GPT-NeoX are trained on the train split of the embedded corpus (as Pythia was trained on the
+Pile's train split), so constraining, attacking and evaluating it means something.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from monolm import data as data_lib
+from monolm import models
+from monolm.artifacts import atomic_write_json, sha256_file
+from monolm.config import ArmConfig, ConfigError, ExperimentConfig
+from monolm.runtime import derive_seed
+from monolm.stages.common import StageRef, existing, files_under, finish, prepare
+
+log = logging.getLogger("monolm.stages.setup")
+STAGE = "setup"
+
+
+def model_dir(ref: StageRef) -> Path:
+    """Where the base model of a finished setup stage lives (in the stage folder for tiny/local
+    copies, in the HF cache for hub models)."""
+    return Path(ref.metrics["model_dir"])
+
+
+def _pretrain_tiny(cfg: ExperimentConfig, seed: int, splits: data_lib.Splits, out: Path, progress: bool):
+    from monolm.training import train
+
+    tiny = cfg.model.tiny
+    tokenizer = data_lib.train_bpe_tokenizer(splits.train, tiny.vocab_size)
+    model = models.build_tiny_model(tiny, tokenizer, seed=derive_seed(seed, "init"))
+    blocks = data_lib.pack_blocks(data_lib.tokenize(tokenizer, splits.train), cfg.data.seq_len,
+                                  tokenizer.eos_token_id)
+    arm = ArmConfig(
+        lr=tiny.pretrain_lr, max_steps=max(tiny.pretrain_steps, 1), epochs=1000.0, warmup_ratio=0.05,
+        schedule="cosine", min_lr_ratio=0.1, weight_decay=0.01, micro_batch_size=tiny.pretrain_batch_size,
+        grad_accum_steps=1, log_every_steps=25, eval_every_steps=10**9,
+        checkpoint_every_steps=100, keep_last_checkpoints=1,
+    )
+    result = None
+    if tiny.pretrain_steps > 0:
+        result = train(model, blocks, arm, out / "pretrain", seed=derive_seed(seed, "pretrain"),
+                       evaluate=None, constrained=False, progress=progress)
+    return model, tokenizer, result
+
+
+def verify(cfg: ExperimentConfig, model_path: Path, tokenizer, splits: data_lib.Splits) -> dict[str, Any]:
+    """Checks that later stages rely on, each pass/fail with the reason."""
+    from transformers import AutoConfig
+
+    checks: dict[str, Any] = {}
+    config = AutoConfig.from_pretrained(model_path)
+    model_max = models.max_sequence_length(config)
+    try:
+        cfg.validate_seq_len(model_max)
+        checks["seq_len"] = {"ok": True, "detail": f"data.seq_len={cfg.data.seq_len} <= model maximum {model_max}"}
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (model {cfg.model.name})") from None
+    rows = config.vocab_size
+    checks["vocab"] = {"ok": len(tokenizer) <= rows,
+                       "detail": f"tokenizer has {len(tokenizer)} tokens, embedding has {rows} rows "
+                                 f"({rows - len(tokenizer)} unused)"}
+    counts = {name: len(docs) for name, docs in splits.as_dict().items()}
+    needed = cfg.attacks.uat.n_opt_texts + max(cfg.attacks.uat.n_eval_texts, cfg.attacks.hotflip.n_texts)
+    checks["attack_texts"] = {"ok": counts["attack"] >= needed,
+                              "detail": f"{counts['attack']} held-out attack texts, attacks need {needed}"}
+    checks["splits_disjoint"] = {"ok": True, "detail": f"documents per split: {counts}"}
+    free = shutil.disk_usage(cfg.paths.runs_root if cfg.paths.runs_root.exists() else ".").free
+    checks["disk"] = {"ok": free > 1 << 30, "detail": f"{free / 2**30:.1f} GiB free under {cfg.paths.runs_root}"}
+    failed = [name for name, c in checks.items() if not c["ok"]]
+    if failed:
+        raise RuntimeError("setup verification failed: " + "; ".join(f"{n}: {checks[n]['detail']}" for n in failed))
+    return {"checks": checks, "model_max_len": model_max, "embedding_rows": rows, "tokenizer_size": len(tokenizer),
+            "docs": counts}
+
+
+def run(cfg: ExperimentConfig, seed: int, *, progress: bool = True) -> StageRef:
+    done = existing(cfg, seed, STAGE, {})
+    if done:
+        log.info("stage setup (seed %d) already complete: %s", seed, done.dir)
+        return done
+    started = time.time()
+    out = prepare(cfg, seed, STAGE)
+    splits = data_lib.load_splits(cfg.data, seed, cache_dir=cfg.hf_cache_dir / "datasets")
+    outputs = [f"data/{name}" for name in data_lib.save_splits(splits, out / "data")]
+    metrics: dict[str, Any] = {}
+    if cfg.model.source == "tiny":
+        model, tokenizer, pretrain = _pretrain_tiny(cfg, seed, splits, out, progress)
+        models.save_model(model, tokenizer, out / "model")
+        path = out / "model"
+        outputs += files_under(out, "model")
+        if pretrain is not None:
+            metrics["pretrain"] = {"steps": pretrain.steps, "tokens_seen": pretrain.tokens_seen,
+                                   "final": pretrain.final_metrics}
+            shutil.rmtree(out / "pretrain" / "checkpoints", ignore_errors=True)
+            outputs.append("pretrain/history.json")
+    else:
+        if cfg.model.source == "hub":
+            path = models.fetch_hub_model(cfg.model.name, cfg.model.revision, cfg.hf_cache_dir)
+        else:
+            path = Path(cfg.model.name).resolve()
+            if not (path / "config.json").is_file():
+                raise models.ModelError(f"model.name={cfg.model.name!r} is not a saved model directory")
+        tokenizer = models.load_tokenizer(path)
+        # Weights live outside the stage folder (the HF cache); record their digests.
+        metrics["model_files"] = {p.name: sha256_file(p) for p in sorted(path.glob("*.safetensors"))}
+    metrics["model_dir"] = str(Path(path).resolve())
+    report = verify(cfg, Path(path), tokenizer, splits)
+    atomic_write_json(out / "verification.json", report)
+    outputs.append("verification.json")
+    metrics.update({"docs": report["docs"], "tokenizer_size": report["tokenizer_size"],
+                    "embedding_rows": report["embedding_rows"]})
+    return finish(cfg, seed, STAGE, out, inputs={}, outputs=outputs, metrics=metrics, started=started)
+
+
+def load_setup(ref: StageRef):
+    """(tokenizer, splits) of a finished setup stage."""
+    return models.load_tokenizer(model_dir(ref)), data_lib.load_saved_splits(ref.path / "data")

@@ -1,0 +1,76 @@
+"""Stages 2 and 3 — train the baseline and the constrained ("monotonic") arm with one loop.
+
+Fair by default: both arms get the same data, token budget, optimizer and schedule
+(`training.common`); an asymmetric recipe is an explicit, reported setting. The baseline starts
+from the base model, the monotonic arm from stage 1's constrained initialisation.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Literal
+
+from monolm import data as data_lib, evaluation, models
+from monolm.config import ExperimentConfig
+from monolm.runtime import derive_seed, pick_device
+from monolm.stages.common import StageRef, existing, files_under, finish, prepare
+from monolm.stages.setup import load_setup, model_dir
+
+Arm = Literal["baseline", "monotonic"]
+
+
+def stage_name(arm: Arm) -> str:
+    return f"train_{arm}"
+
+
+def run(cfg: ExperimentConfig, seed: int, arm: Arm, setup: StageRef, constrain: StageRef | None = None,
+        *, progress: bool = True) -> StageRef:
+    from monolm.training import train
+
+    stage = stage_name(arm)
+    if arm == "monotonic" and constrain is None:
+        raise ValueError("the monotonic arm starts from stage 1's constrained model: pass `constrain`")
+    inputs = {"setup": setup} if arm == "baseline" else {"setup": setup, "constrain": constrain}
+    done = existing(cfg, seed, stage, inputs)
+    if done:
+        return done
+    started = time.time()
+    # Not `fresh`: a retried stage resumes from its last valid checkpoint in this folder.
+    out = prepare(cfg, seed, stage)
+    device = pick_device()
+    recipe = cfg.training.arm(arm)
+    tokenizer, splits = load_setup(setup)
+    init_dir = model_dir(setup) if arm == "baseline" else Path(constrain.metrics["model_dir"])
+    model = models.load_model(init_dir, device)
+    blocks = data_lib.pack_blocks(data_lib.tokenize(tokenizer, splits.train), cfg.data.seq_len, tokenizer.eos_token_id)
+    val_texts = splits.eval[: recipe.eval_max_docs]
+    val_docs = data_lib.tokenize(tokenizer, val_texts)
+
+    def evaluate(m):
+        return evaluation.perplexity(m, val_docs, seq_len=cfg.data.seq_len, batch_size=cfg.evaluation.batch_size,
+                                     prefix_token_id=tokenizer.eos_token_id, device=device, progress=False)
+
+    def save(m, directory: Path) -> list[str]:
+        if arm == "monotonic":
+            from monolm.constraints import save_constrained
+
+            save_constrained(m, tokenizer, directory, spec=cfg.constraint.model_dump(mode="json"))
+            return files_under(directory, ".")
+        return models.save_model(m, tokenizer, directory)
+
+    # Both arms see the same data order: the data seed does not depend on the arm.
+    result = train(model, blocks, recipe, out, seed=derive_seed(seed, "finetune"), evaluate=evaluate,
+                   constrained=(arm == "monotonic"), device=device, progress=progress, save_model=save)
+    metrics = {
+        "arm": arm,
+        "recipe": cfg.training.recipe,
+        "lr": recipe.lr,
+        "steps": result.steps,
+        "tokens_seen": result.tokens_seen,
+        "effective_batch_size": result.effective_batch_size,
+        "final": result.final_metrics,
+        "model_dir": str((out / "best").resolve()),
+    }
+    return finish(cfg, seed, stage, out, inputs=inputs, outputs=["history.json", *files_under(out, "best")],
+                  metrics=metrics, started=started)
