@@ -72,7 +72,7 @@ def embedded_documents(max_chars: int = 1500, min_chars: int = 200) -> list[str]
             size += len(para) + 2
         if current:
             docs.append("\n\n".join(current))
-    return [d for d in docs if len(d) >= min_chars]
+    return list(dict.fromkeys(d for d in docs if len(d) >= min_chars))  # some topics repeat text
 
 
 # --------------------------------------------------------------------------- local and hub

@@ -1,0 +1,81 @@
+"""A bad config is refused before any compute, with the field, the value and what is allowed."""
+
+import pytest
+
+from monolm.config import ConfigError, available_presets, load_config, parse_set
+
+
+def refused(*sets, preset="tiny", **kw) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(preset, sets=list(sets), **kw)
+    return str(info.value)
+
+
+def test_presets_load_and_differ():
+    assert set(available_presets()) >= {"tiny", "quick", "full"}
+    tiny, full = load_config("tiny"), load_config("full")
+    assert tiny.model.source == "tiny" and tiny.data.source == "embedded"
+    assert full.model.name == "EleutherAI/pythia-1.4b" and full.data.dataset == "monology/pile-uncopyrighted"
+    assert full.seeds == [42, 1337, 2024, 8888, 12345]
+
+
+@pytest.mark.parametrize("assignment, field, fragment", [
+    ("bogus.key=1", "bogus", "unknown field"),
+    ("training.common.lr=0", "training.common.lr", "greater than 0"),
+    ("training.common.lr=-1e-4", "training.common.lr", "greater than 0"),
+    ("constraint.variant=mlp_out", "constraint.variant", "'mlp_in', 'mlp_both'"),
+    ("data.seq_len=100000", "data.seq_len=100000", "maximum sequence length 256"),
+    ("seeds=[1, 2.5]", "seeds.1", "valid integer"),
+    ("seeds=[\"a\"]", "seeds.0", "valid integer"),
+    ("data.eval_split=train", "data.eval_split='train'", "held-out"),
+    ("training.common.micro_batch_size=0", "training.common.micro_batch_size", "greater than 0"),
+    ("attacks.uat.trigger_len=60", "attacks.uat.trigger_len=60", "not shorter than the texts"),
+])
+def test_bad_values_name_the_field(assignment, field, fragment):
+    message = refused(assignment)
+    assert field in message and fragment in message
+
+
+def test_fair_recipe_refuses_per_arm_settings_unless_declared():
+    message = refused("training.monotonic.lr=1e-3")
+    assert "training.monotonic.lr" in message and "fair" in message
+    cfg = load_config("tiny", sets=["training.recipe=asymmetric", "training.monotonic.lr=1e-3"])
+    assert cfg.training.arm("monotonic").lr == 1e-3 and cfg.training.arm("baseline").lr == cfg.training.common.lr
+
+
+def test_default_recipe_is_fair_and_reference_is_the_original_study():
+    fair = load_config("full")
+    assert fair.training.recipe == "fair" and fair.training.arm("baseline") == fair.training.arm("monotonic")
+    ref = load_config("full", overrides=["reference"])
+    base, mono = ref.training.arm("baseline"), ref.training.arm("monotonic")
+    assert ref.training.recipe == "reference"
+    assert (base.epochs, base.lr, base.warmup_ratio) == (5, 1e-5, 0.1)
+    assert (mono.epochs, mono.lr, mono.warmup_ratio) == (10, 5e-5, 0.2)
+    assert base.effective_batch_size == 32 and ref.data.seq_len == 2048
+    assert (base.weight_decay, base.grad_clip, base.bf16, base.gradient_checkpointing) == (0.01, 1.0, "on", "on")
+
+
+def test_unknown_preset_and_override_and_syntax():
+    with pytest.raises(ConfigError, match="unknown preset 'huge'.*tiny"):
+        load_config("huge")
+    with pytest.raises(ConfigError, match="unknown named override 'nope'"):
+        load_config("tiny", overrides=["nope"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_set("training.common.lr")
+
+
+def test_overrides_from_yaml_file_and_set(tmp_path):
+    f = tmp_path / "site.yaml"
+    f.write_text("training:\n  common:\n    lr: 2.0e-4\nseeds: [7, 8]\n")
+    cfg = load_config("tiny", config_file=f, sets=["seeds=[9]"])
+    assert cfg.training.common.lr == 2e-4 and cfg.seeds == [9]
+    f.write_text("training: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config("tiny", config_file=f)
+
+
+def test_cache_digest_follows_only_its_sections():
+    a = load_config("tiny")
+    b = load_config("tiny", sets=["attacks.uat.top_k=7"])
+    assert a.digest("training") == b.digest("training")
+    assert a.digest("attacks.uat") != b.digest("attacks.uat")
