@@ -1,0 +1,297 @@
+"""Held-out perplexity, computed the way lm-evaluation-harness computes `loglikelihood_rolling`.
+
+Why mirror lm-eval exactly: the paper compares against published Pythia numbers, which come from
+lm-eval. Small choices (is the first token scored? do windows overlap? which tokens carry the
+loss?) move perplexity by several percent, more than the effect we are measuring. So:
+
+* Each document is tokenized whole by the caller (no truncation, no special tokens added).
+* The first token is predicted from a one-token prefix, `prefix_token_id` (lm-eval uses the
+  tokenizer's EOS token, which for Pythia is also its BOS). So every token of the document is
+  predicted exactly once and `tokens == sum(len(doc) for doc in docs)`.
+* The document is cut like lm-eval's `get_rolling_token_windows(..., context_len=1)` followed by
+  `make_disjoint_window`: the predicted spans are disjoint blocks of `seq_len` tokens. The first
+  window's input is `[prefix] + doc[:n-1]`. Every later window's input is the `seq_len` tokens
+  ending just before its last target, so a short final block is scored with the preceding
+  tokens as (unscored) context, exactly as lm-eval does. Inputs never exceed `seq_len` tokens.
+* Only predicted tokens count; the loss is summed in float64 and the metrics are token-, word- or
+  byte-weighted over the whole set (lm-eval's `weighted_perplexity`/`bits_per_byte`), not a mean
+  of per-document perplexities.
+
+Batching sorts windows by length (longest first, so an out-of-memory error shows up in the first
+batch) and pads on the right. With a causal model, right padding cannot change the logits of the
+real positions, and padded positions carry no label, so the batched result equals the
+one-window-at-a-time result (tested to 1e-5).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from monolm.runtime import autocast, log, pick_device, resolve_flag
+
+ModelOrLoader = nn.Module | Callable[[], nn.Module]
+
+
+@dataclass(frozen=True)
+class Window:
+    """One model input. The logits at the last `len(targets)` positions of `input_ids` predict
+    `targets` (position j predicts the token that follows `input_ids[j]`)."""
+
+    doc_index: int
+    input_ids: tuple[int, ...]
+    targets: tuple[int, ...]
+
+
+def rolling_windows(tokens: Sequence[int], *, prefix_token_id: int, seq_len: int) -> list[tuple[list[int], list[int]]]:
+    """lm-eval's `get_rolling_token_windows(tokens, prefix, seq_len, context_len=1)` made
+    disjoint: a list of `(input_ids, targets)`; targets partition `tokens` in order.
+
+    For `range(34)`, `seq_len=10` this yields inputs `[P,0..8]`, `[9..18]`, `[19..28]`, `[23..32]`
+    predicting `[0..9]`, `[10..19]`, `[20..29]`, `[30..33]` (lm-eval's own test case).
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    tokens = list(tokens)
+    n = len(tokens)
+    if n == 0:
+        return []
+    first = min(seq_len, n)
+    windows = [([prefix_token_id, *tokens[: first - 1]], tokens[:first])]
+    done = first
+    while done < n:
+        n_pred = min(seq_len, n - done)
+        end = done + n_pred
+        # seq_len inputs ending one before the last target; done >= seq_len so start >= 0
+        windows.append((tokens[end - seq_len - 1 : end - 1], tokens[done:end]))
+        done = end
+    return windows
+
+
+def count_words(text: str) -> int:
+    """lm-eval's word count for perplexity tasks: `len(re.split(r"\\s+", text))` (kept verbatim,
+    leading/trailing whitespace included, so word perplexities are comparable)."""
+    return len(re.split(r"\s+", text))
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+def _max_positions(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "max_position_embeddings", None)
+
+
+def _make_batch(
+    windows: Sequence[Window], *, pad_token_id: int, pad_to: int | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded `input_ids`, `attention_mask` and `labels` (-100 everywhere except the scored
+    positions, where the label is the target token that position predicts)."""
+    width = max(len(w.input_ids) for w in windows)
+    if pad_to is not None:
+        if pad_to < width:
+            raise ValueError(f"pad_to={pad_to} is shorter than the longest window ({width})")
+        width = pad_to
+    input_ids = torch.full((len(windows), width), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(windows), width), dtype=torch.long)
+    labels = torch.full((len(windows), width), -100, dtype=torch.long)
+    for row, w in enumerate(windows):
+        m, p = len(w.input_ids), len(w.targets)
+        input_ids[row, :m] = torch.tensor(w.input_ids, dtype=torch.long)
+        attention[row, :m] = 1
+        labels[row, m - p : m] = torch.tensor(w.targets, dtype=torch.long)
+    return input_ids.to(device), attention.to(device), labels.to(device)
+
+
+@torch.inference_mode()
+def score_windows(
+    model: nn.Module,
+    windows: Sequence[Window],
+    *,
+    device: torch.device,
+    bf16: bool = False,
+    pad_token_id: int = 0,
+    pad_to: int | None = None,
+) -> list[float]:
+    """Summed negative log-likelihood (nats, float64) of each window's targets, in one forward
+    pass. `pad_to` exists so tests can show that the padding width does not matter."""
+    input_ids, attention, labels = _make_batch(windows, pad_token_id=pad_token_id, pad_to=pad_to, device=device)
+    with autocast(device, bf16):
+        logits = model(input_ids=input_ids, attention_mask=attention).logits
+    sums: list[float] = []
+    for row in range(len(windows)):
+        scored = labels[row] != -100
+        # one row at a time in fp32: the whole [batch, seq, vocab] fp32 copy would be ~3 GB for
+        # Pythia at batch 8 x 2048 tokens.
+        nll = F.cross_entropy(logits[row, scored].float(), labels[row, scored], reduction="sum")
+        sums.append(float(nll.double()))
+    return sums
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def doc_nll(
+    model: nn.Module,
+    docs: Sequence[Sequence[int]],
+    *,
+    seq_len: int,
+    batch_size: int,
+    prefix_token_id: int,
+    device: torch.device | str | None = None,
+    bf16: Literal["auto", "on", "off"] = "auto",
+    progress: bool = True,
+) -> tuple[list[float], list[int]]:
+    """Per-document summed NLL (nats) and number of predicted tokens.
+
+    The model is moved to `device` if given (default: where its parameters already are), put in
+    eval mode for the duration and restored afterwards. On an out-of-memory error the batch size
+    is halved and the batch retried (down to 1), so a too-large `batch_size` costs time, not a run.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    max_pos = _max_positions(model)
+    if max_pos is not None and seq_len > max_pos:
+        raise ValueError(f"seq_len={seq_len} exceeds the model's max_position_embeddings={max_pos}")
+    device = torch.device(device) if device is not None else _model_device(model)
+    if _model_device(model) != device:
+        model.to(device)
+    use_bf16 = device.type == "cuda" and resolve_flag(bf16, device)
+    if bf16 == "on" and device.type != "cuda":
+        log.warning("evaluation: bf16 autocast is used on CUDA only; computing in fp32 on %s", device)
+
+    windows = [
+        Window(i, tuple(inp), tuple(tgt))
+        for i, doc in enumerate(docs)
+        for inp, tgt in rolling_windows(doc, prefix_token_id=prefix_token_id, seq_len=seq_len)
+    ]
+    # longest first (stable): similar lengths share a batch, and OOM shows up immediately
+    windows.sort(key=lambda w: -len(w.input_ids))
+
+    nll = [0.0] * len(docs)
+    counts = [0] * len(docs)
+    was_training = model.training
+    model.eval()
+    try:
+        bar = tqdm(total=len(windows), desc="perplexity", unit="win", disable=None if progress else True)
+        start, size = 0, batch_size
+        while start < len(windows):
+            batch = windows[start : start + size]
+            try:
+                sums = score_windows(model, batch, device=device, bf16=use_bf16, pad_token_id=prefix_token_id)
+            except (torch.OutOfMemoryError, RuntimeError) as exc:
+                if not _is_oom(exc) or size == 1:
+                    raise
+                size = max(1, len(batch) // 2)
+                log.warning("evaluation: out of memory; retrying with batch size %d", size)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            for w, s in zip(batch, sums):
+                nll[w.doc_index] += s
+                counts[w.doc_index] += len(w.targets)
+            start += len(batch)
+            bar.update(len(batch))
+        bar.close()
+    finally:
+        model.train(was_training)
+    return nll, counts
+
+
+def perplexity(
+    model: nn.Module,
+    docs: list[list[int]],
+    *,
+    seq_len: int,
+    batch_size: int,
+    prefix_token_id: int,
+    texts: list[str] | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    bf16: Literal["auto", "on", "off"] = "auto",
+    return_per_doc: bool = False,
+) -> dict[str, Any]:
+    """Token-weighted perplexity of `model` on held-out `docs` (token id lists), lm-eval style.
+
+    Returns `token_perplexity` (= exp(loss)), `loss` (mean nats per predicted token), `tokens`,
+    `docs`, and, when the documents' `texts` are given (needed for byte and word counts),
+    lm-eval's `word_perplexity`, `byte_perplexity` and `bits_per_byte` (UTF-8 bytes). With
+    `return_per_doc`, also `per_doc`: `[{"nll": nats, "tokens": n}, ...]` for paired tests across
+    documents.
+    """
+    if texts is not None and len(texts) != len(docs):
+        raise ValueError(f"texts has {len(texts)} entries but docs has {len(docs)}")
+    nll, counts = doc_nll(
+        model, docs, seq_len=seq_len, batch_size=batch_size, prefix_token_id=prefix_token_id,
+        device=device, bf16=bf16, progress=progress,
+    )
+    total_tokens = sum(counts)
+    if total_tokens == 0:
+        raise ValueError("perplexity: no tokens to predict (all documents are empty)")
+    total_nll = math.fsum(nll)
+    loss = total_nll / total_tokens
+    out: dict[str, Any] = {}
+    if texts is not None:
+        words = sum(count_words(t) for t in texts)
+        n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+        out["word_perplexity"] = math.exp(total_nll / words)
+        out["byte_perplexity"] = math.exp(total_nll / n_bytes)
+        out["bits_per_byte"] = total_nll / n_bytes / math.log(2)
+    out.update(token_perplexity=math.exp(loss), loss=loss, tokens=total_tokens, docs=len(docs))
+    if return_per_doc:
+        out["per_doc"] = [{"nll": s, "tokens": c} for s, c in zip(nll, counts)]
+    return out
+
+
+def evaluate_models(
+    models: Mapping[str, ModelOrLoader],
+    docs: list[list[int]],
+    *,
+    seq_len: int,
+    batch_size: int,
+    prefix_token_id: int,
+    texts: list[str] | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    bf16: Literal["auto", "on", "off"] = "auto",
+    return_per_doc: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Evaluate several models (base, baseline, monotonic) on the very same documents.
+
+    Values are either modules or zero-argument loaders (e.g. `functools.partial(load_model,
+    path)`). A loader's model is built only when its turn comes, moved to `device` (default
+    `pick_device()`) and released afterwards, so only one large model is in memory at a time.
+    A module is evaluated where it is unless `device` is given.
+    """
+    results: dict[str, dict[str, Any]] = {}
+    for name, entry in models.items():
+        loaded = not isinstance(entry, nn.Module)
+        model = entry() if loaded else entry
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"evaluate_models: {name!r} is neither an nn.Module nor a loader returning one")
+        target = device if device is not None else (pick_device() if loaded else None)
+        try:
+            results[name] = perplexity(
+                model, docs, seq_len=seq_len, batch_size=batch_size, prefix_token_id=prefix_token_id,
+                texts=texts, device=target, progress=progress, bf16=bf16, return_per_doc=return_per_doc,
+            )
+        finally:
+            if loaded:
+                del model
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        log.info("evaluation: %s loss=%.4f token_perplexity=%.3f over %d tokens",
+                 name, results[name]["loss"], results[name]["token_perplexity"], results[name]["tokens"])
+    return results
