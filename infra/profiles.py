@@ -1,0 +1,96 @@
+"""Where stages run: Prefect task runners by profile.
+
+- `local`: in-process threads (tests, `make demo`); stages 2||3 and 5||6 and seeds still overlap.
+- `dask-local`: prefect-dask's `DaskTaskRunner` on a `distributed.LocalCluster` of processes.
+- `slurm`: a dask-jobqueue `SLURMCluster`. One GPU per worker job (`--gres=gpu:<type>:<n>`), and
+  each worker advertises a `GPU=1` resource so GPU stages never share a worker, while CPU-light
+  stages (0 download, 7 aggregate) carry no resource and do not wait for a GPU. Workers get
+  `--lifetime` a little under the walltime so they drain before SLURM kills them, and the cluster
+  scales adaptively between `min_workers` and `max_workers`.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from typing import Any
+
+from monolm.config import ExperimentConfig, SlurmConfig
+
+
+def _minutes(walltime: str) -> int:
+    """SLURM walltime `[D-]HH:MM[:SS]` or `MM` -> minutes."""
+    days = 0
+    if "-" in walltime:
+        d, walltime = walltime.split("-", 1)
+        days = int(d)
+    parts = [int(p) for p in walltime.split(":")]
+    if len(parts) == 1:
+        h, m = 0, parts[0]
+    else:
+        h, m = parts[0], parts[1]
+    return days * 1440 + h * 60 + m
+
+
+def slurm_cluster_kwargs(slurm: SlurmConfig, api_url: str | None = None) -> dict[str, Any]:
+    """Keyword arguments for `dask_jobqueue.SLURMCluster`, all from config."""
+    lifetime = max(_minutes(slurm.walltime) - slurm.lifetime_margin_minutes, 1)
+    stagger = max(min(slurm.lifetime_margin_minutes // 2, 5), 1)
+    prologue = list(slurm.prologue)
+    api_url = api_url or os.environ.get("PREFECT_API_URL")
+    if api_url:
+        prologue.append(f"export PREFECT_API_URL={shlex.quote(api_url)}")
+    extra = [f"--gres=gpu:{slurm.gpu_type}:{slurm.gpus_per_job}", *slurm.job_extra_directives]
+    if slurm.qos:
+        extra.append(f"--qos={slurm.qos}")
+    kwargs: dict[str, Any] = {
+        "queue": slurm.partition,
+        "account": slurm.account,
+        "cores": slurm.cores,
+        "processes": 1,  # one worker process per job, owning the job's GPU
+        "memory": slurm.memory,
+        "walltime": slurm.walltime,
+        "job_extra_directives": extra,
+        "job_directives_skip": list(slurm.job_directives_skip),
+        "job_script_prologue": prologue,
+        "worker_extra_args": ["--resources", f"GPU={slurm.gpus_per_job}",
+                              "--lifetime", f"{lifetime}m", "--lifetime-stagger", f"{stagger}m"],
+        "python": slurm.python or sys.executable,
+    }
+    if slurm.local_directory:
+        kwargs["local_directory"] = slurm.local_directory
+    if slurm.log_directory:
+        kwargs["log_directory"] = slurm.log_directory
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def make_task_runner(cfg: ExperimentConfig):
+    profile = cfg.runner.profile
+    if profile == "local":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=4)
+    from prefect_dask import DaskTaskRunner
+
+    if profile == "dask-local":
+        return DaskTaskRunner(
+            cluster_class="distributed.LocalCluster",
+            cluster_kwargs={"n_workers": cfg.runner.dask_workers, "threads_per_worker": 1, "processes": True,
+                            "dashboard_address": None},
+        )
+    slurm = cfg.runner.slurm
+    return DaskTaskRunner(
+        cluster_class="dask_jobqueue.SLURMCluster",
+        cluster_kwargs=slurm_cluster_kwargs(slurm),
+        adapt_kwargs={"minimum": slurm.min_workers, "maximum": slurm.max_workers},
+    )
+
+
+def gpu_resources(cfg: ExperimentConfig, stage: str) -> dict[str, int] | None:
+    """Dask resource annotation for a stage: GPU stages need a whole GPU worker on `slurm`."""
+    from tasks.common import GPU_STAGES
+
+    if cfg.runner.profile == "slurm" and stage in GPU_STAGES:
+        return {"GPU": 1}
+    return None

@@ -1,0 +1,212 @@
+"""What every stage task shares: the cache policy, run options, log forwarding, fault injection.
+
+Cache keys. Prefect's default policy includes the flow-run id (no reuse across runs); `INPUTS`
+alone gave two different tasks with equal inputs the same key; `TASK_SOURCE` hashes only the task
+function, so an edited `monolm` helper returned a stale result. `StageCachePolicy` keys on exactly
+what determines a stage's output: the stage name, its folder, its config subset, the digests of
+its input stages and a digest of the `monolm` modules it runs. A cache hit is only allowed while
+the stage's files still exist and match their manifest; otherwise the key changes and the stage
+re-runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect.cache_policies import CachePolicy
+from prefect.locking.filesystem import FileSystemLockManager
+
+from monolm.artifacts import atomic_write_json, seed_dir_for
+from monolm.config import ExperimentConfig, build_config
+from monolm.stages.common import stage_code_version, stage_config
+
+GPU_STAGES = frozenset({"train_baseline", "train_monotonic", "evaluate", "uat", "hotflip"})
+
+
+def config_of(cfg: dict[str, Any] | ExperimentConfig) -> ExperimentConfig:
+    return cfg if isinstance(cfg, ExperimentConfig) else build_config(cfg)
+
+
+def stage_key(cfg: ExperimentConfig, stage: str, seed: int | None, refs: dict[str, Any]) -> str:
+    """The deterministic part of a stage's cache key."""
+    payload = {
+        "stage": stage,
+        "seed": seed,
+        "folder": str(seed_dir_for(cfg, seed).resolve()) if seed is not None else None,
+        "config": stage_config(cfg, stage) if stage in _STAGE_CONFIG_KNOWN else cfg.model_dump(mode="json"),
+        "inputs": {name: _digest_of(ref) for name, ref in sorted(refs.items())},
+        "code": stage_code_version(stage) if stage in _STAGE_CONFIG_KNOWN else _aggregate_code_version(),
+    }
+    return f"{stage}-" + hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _digest_of(ref: Any) -> Any:
+    if isinstance(ref, dict) and "digest" in ref:
+        return ref["digest"]
+    if isinstance(ref, list):
+        return [_digest_of(r) for r in ref]
+    if isinstance(ref, dict):
+        return {k: _digest_of(v) for k, v in sorted(ref.items())}
+    return ref
+
+
+def _aggregate_code_version() -> str:
+    from monolm.provenance import code_digest
+
+    return code_digest("stats", "report", "store", "stages.aggregate")
+
+
+from monolm.stages.common import STAGE_CONFIG as _STAGE_CONFIG_KNOWN  # noqa: E402
+
+
+@dataclass
+class StageCachePolicy(CachePolicy):
+    """Cache key = f(stage, seed folder, config subset, input digests, library code digest)."""
+
+    stage: str = ""
+
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str:
+        cfg = config_of(inputs["cfg"])
+        seed = inputs.get("seed")
+        refs = {k: v for k, v in inputs.items() if k not in ("cfg", "seed")}
+        key = stage_key(cfg, self.stage, seed, refs)
+        if self.key_storage and not cached_result_still_valid(cfg, key):
+            # The files this key's cached result points to are gone or altered: drop the record
+            # so the stage re-runs and its fresh result is stored under the same key.
+            (Path(str(self.key_storage)) / key).unlink(missing_ok=True)
+        return key
+
+
+def _ref_sidecar(cfg: ExperimentConfig, key: str) -> Path:
+    return cache_dirs(cfg)[1].parent / "refs" / f"{key}.json"
+
+
+def remember_result(cfg: ExperimentConfig, result: Any) -> None:
+    """Record which stage folders (and manifest digests) the current task's cached result names."""
+    from prefect.context import TaskRunContext
+
+    ctx = TaskRunContext.get()
+    key = ctx.task_run.cache_key if ctx else None
+    if key:
+        refs = result if isinstance(result, list) else [result]
+        atomic_write_json(_ref_sidecar(cfg, key), [{"dir": r.get("dir"), "digest": r.get("digest"),
+                                                    "files": r.get("files", [])} for r in refs])
+
+
+def cached_result_still_valid(cfg: ExperimentConfig, key: str) -> bool:
+    """A cache hit is allowed only if every folder the cached result names still has a valid
+    manifest with the very digest that was returned (or, for stage 7, its files still exist)."""
+    from monolm.artifacts import load_manifest
+
+    sidecar = _ref_sidecar(cfg, key)
+    if not sidecar.is_file():
+        return False
+    try:
+        for ref in json.loads(sidecar.read_text()):
+            if ref.get("files"):
+                if not all(Path(f).is_file() for f in ref["files"]):
+                    return False
+                continue
+            _, digest = load_manifest(ref["dir"])
+            if digest != ref["digest"]:
+                return False
+    except Exception:  # missing, corrupt, unreadable: not trusted
+        return False
+    return True
+
+
+def cache_dirs(cfg: ExperimentConfig) -> tuple[Path, Path, Path]:
+    """Result storage, cache-key storage and lock files, shared by every worker (on a cluster
+    `paths.runs_root` must be on a shared filesystem)."""
+    root = Path(cfg.paths.runs_root).resolve() / ".prefect"
+    return root / "results", root / "keys", root / "locks"
+
+
+def stage_options(cfg: ExperimentConfig, stage: str) -> dict[str, Any]:
+    """`Task.with_options(...)` for one stage: persisted results under the runs root, the stage
+    cache policy with serialized execution (two flows on one seed: one waits, then reuses),
+    retries with a delay, and the configured timeout."""
+    from prefect.filesystems import LocalFileSystem
+
+    results, keys, locks = cache_dirs(cfg)
+    for d in (results, keys, locks):
+        d.mkdir(parents=True, exist_ok=True)
+    policy = StageCachePolicy(stage=stage).configure(
+        key_storage=str(keys), isolation_level="SERIALIZABLE", lock_manager=FileSystemLockManager(lock_files_directory=locks)
+    )
+    timeout_min = cfg.runner.stage_timeout_minutes.get(stage)
+    return {
+        "cache_policy": policy,
+        "persist_result": True,
+        "result_storage": LocalFileSystem(basepath=str(results)),
+        "retries": cfg.runner.retries,
+        "retry_delay_seconds": cfg.runner.retry_delay_seconds,
+        "timeout_seconds": timeout_min * 60 if timeout_min else None,
+    }
+
+
+# --------------------------------------------------------------------------- logs and progress
+class _PrefectForwarder(logging.Handler):
+    def __init__(self, run_logger: logging.LoggerAdapter):
+        super().__init__()
+        self.run_logger = run_logger
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            self.run_logger.log(record.levelno, "%s", self.format(record))
+
+
+@contextlib.contextmanager
+def forward_logs() -> Iterator[logging.LoggerAdapter]:
+    """Send the library's `monolm` log lines to the task run's logger (visible in the UI)."""
+    from prefect.logging import get_run_logger
+
+    run_logger = get_run_logger()
+    handler = _PrefectForwarder(run_logger)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    lib = logging.getLogger("monolm")
+    lib.addHandler(handler)
+    previous = lib.level
+    if lib.level == logging.NOTSET or lib.level > logging.INFO:
+        lib.setLevel(logging.INFO)
+    try:
+        yield run_logger
+    finally:
+        lib.removeHandler(handler)
+        lib.setLevel(previous)
+
+
+# --------------------------------------------------------------------------- fault injection
+def maybe_inject_fault(stage: str) -> None:
+    """For tests of retries: `MONOLM_FAULTS=<file>` holding {"<stage>": <remaining failures>}
+    makes that stage fail that many times. Never set in normal use."""
+    path = os.environ.get("MONOLM_FAULTS")
+    if not path or not Path(path).is_file():
+        return
+    faults = json.loads(Path(path).read_text() or "{}")
+    remaining = int(faults.get(stage, 0))
+    if remaining > 0:
+        faults[stage] = remaining - 1
+        atomic_write_json(path, faults)
+        raise RuntimeError(f"injected fault in stage {stage} (MONOLM_FAULTS={path})")
+
+
+def worker_context() -> dict[str, Any]:
+    """Where a stage ran: host, SLURM job id (if any), visible GPUs. Recorded with each result."""
+    import socket
+
+    return {
+        "host": socket.gethostname(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "pid": os.getpid(),
+    }
