@@ -1,0 +1,306 @@
+"""The results store: all-or-nothing runs, idempotent re-recording, versioned schema, queries
+used by `monolm results` and the nightly regression check."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import threading
+
+import pytest
+from sqlalchemy import create_engine, event, text, update
+
+from monolm import store as store_mod
+from monolm.config import load_config
+from monolm.store import ResultsStore, SchemaVersionError, default_url, format_table, schema_version_table
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = ResultsStore(default_url(tmp_path / "runs"))
+    yield s
+    s.close()
+
+
+def _run(run_id: str, **kw) -> dict:
+    base = {"run_id": run_id, "run_name": run_id, "preset": "tiny", "model": "tiny-neox", "variant": "mlp_in",
+            "recipe": "fair", "config_digest": "abc123", "code_revision": "deadbeef", "seeds": [42, 1337],
+            "status": "completed", "created_at": "2026-01-01T00:00:00+00:00"}
+    return base | kw
+
+
+def _metrics(values: dict[tuple[str, str, int], float], stage: str = "evaluate") -> list[dict]:
+    return [{"seed": seed, "model": arm, "stage": stage, "metric": metric, "value": value}
+            for (arm, metric, seed), value in values.items()]
+
+
+def _count(store: ResultsStore, table: str) -> int:
+    with store.engine.connect() as conn:
+        return conn.execute(text(f"SELECT COUNT(*) FROM {table}")).scalar_one()
+
+
+# --------------------------------------------------------------------------- round trip
+def test_record_and_query_round_trip(store, tmp_path):
+    assert (tmp_path / "runs" / "results.sqlite").is_file()
+    assert store.schema_version() == store_mod.SCHEMA_VERSION
+    n = store.record_run(
+        _run("r1", created_at=dt.datetime(2026, 3, 1, 14, 0, tzinfo=dt.timezone(dt.timedelta(hours=2)))),
+        [
+            {"seed": 42, "model": "baseline", "stage": "evaluate", "metric": "loss", "value": 3.25},
+            {"seed": 42, "model": "monotonic", "stage": "evaluate", "metric": "loss", "value": 3.5,
+             "extra": {"tokens": 1234, "note": "ünïcode"}},
+            {"seed": 0, "model": "monotonic", "stage": "uat", "metric": "loss_increase", "value": 0.7,
+             "variant": "mlp_both"},
+            {"seed": None, "model": "monotonic", "stage": "aggregate", "metric": "t_p", "value": None},
+        ],
+    )
+    assert n == 4
+    rows = store.query(metric="loss")
+    assert [(r["model"], r["value"]) for r in rows] == [("baseline", 3.25), ("monotonic", 3.5)]
+    row = rows[1]
+    assert row["extra"] == {"tokens": 1234, "note": "ünïcode"}
+    assert (row["preset"], row["variant"], row["recipe"]) == ("tiny", "mlp_in", "fair")  # inherited
+    assert row["created_at"] == "2026-03-01T12:00:00+00:00"  # stored as UTC
+    assert row["run_name"] == "r1" and row["code_revision"] == "deadbeef"
+    assert [r["metric"] for r in store.query(model="monotonic")] == ["t_p", "loss", "loss_increase"]
+    assert store.query(variant="mlp_both")[0]["seed"] == 0
+    assert len(store.query(preset="tiny", variant="mlp_in", model="monotonic")) == 2
+    assert store.query(preset="full") == []
+    assert store.query(seed=0)[0]["metric"] == "loss_increase"
+    run = store.get_run("r1")
+    assert run["seeds"] == [42, 1337] and run["status"] == "completed" and run["config_digest"] == "abc123"
+    assert store.get_run("nope") is None
+
+
+def test_store_persists_across_instances_and_from_config(tmp_path):
+    cfg = load_config("tiny", sets=[f"paths.runs_root={tmp_path / 'rr'}"])
+    with ResultsStore.from_config(cfg) as first:
+        first.record_run(_run("r1"), _metrics({("baseline", "loss", 42): 2.0}))
+    assert (tmp_path / "rr" / "results.sqlite").is_file()
+    with ResultsStore(cfg.store_url) as second:
+        assert [r["value"] for r in second.query()] == [2.0]
+
+
+def test_nonfinite_values_are_kept_visible_not_lost(store):
+    store.record_run(_run("r1"), [
+        {"metric": "loss", "value": float("nan"), "model": "monotonic"},
+        {"metric": "grad_norm", "value": float("inf"), "model": "monotonic"},
+    ])
+    rows = {r["metric"]: r for r in store.query()}
+    assert rows["loss"]["value"] is None and rows["loss"]["extra"] == {"nonfinite": "nan"}
+    assert rows["grad_norm"]["extra"] == {"nonfinite": "inf"}
+
+
+@pytest.mark.parametrize(
+    "run, metrics, match",
+    [
+        (_run("r1", colour="red"), [], "unknown run field"),
+        (_run(""), [], "run_id"),
+        (_run("r1", status="done"), [], "status='done'"),
+        (_run("r1"), [{"metric": "loss", "value": 1.0, "arm": "x"}], r"metrics\[0\] has unknown field"),
+        (_run("r1"), [{"metric": "loss"}], "no 'value'"),
+        (_run("r1"), [{"value": 1.0}], "metric"),
+        (_run("r1"), [{"metric": "loss", "value": "high"}], "not a number"),
+        (_run("r1"), [{"metric": "loss", "value": 1.0, "extra": {"obj": object()}}], "JSON"),
+    ],
+)
+def test_invalid_input_is_refused_by_name(store, run, metrics, match):
+    with pytest.raises(ValueError, match=match):
+        store.record_run(run, metrics)
+    assert _count(store, "runs") == _count(store, "metrics") == 0
+
+
+# --------------------------------------------------------------------------- transactions
+def test_failure_midway_leaves_no_partial_rows(store):
+    store.record_run(_run("r1", run_name="old"), _metrics({("baseline", "loss", s): 3.0 for s in range(3)}))
+    inserted: list[str] = []
+    event.listen(store.engine, "after_cursor_execute",
+                 lambda conn, cur, stmt, *a: inserted.append(stmt) if stmt.startswith("INSERT INTO metrics") else None)
+    many = _metrics({("monotonic", "loss", s): float(s) for s in range(1200)})
+    many[700]["value"] = "corrupt"
+    with pytest.raises(ValueError, match=r"metrics\[700\]"):
+        store.record_run(_run("r1", run_name="new"), many)
+    assert inserted, "the first chunk of rows must have been written before the failure"
+    # the old version of r1 is intact: the delete and the partial inserts were rolled back
+    assert store.get_run("r1")["run_name"] == "old"
+    assert [r["value"] for r in store.query(run_id="r1")] == [3.0, 3.0, 3.0]
+    assert _count(store, "metrics") == 3
+
+    with pytest.raises(ValueError):
+        store.record_run(_run("r2"), many)
+    assert store.get_run("r2") is None and _count(store, "runs") == 1
+
+
+def test_failure_from_generator_midway(store):
+    def rows():
+        yield from _metrics({("baseline", "loss", s): 1.0 for s in range(600)})
+        raise RuntimeError("stage output unreadable")
+
+    with pytest.raises(RuntimeError, match="unreadable"):
+        store.record_run(_run("r9"), rows())
+    assert _count(store, "runs") == _count(store, "metrics") == 0
+
+
+def test_recording_same_run_replaces_it(store):
+    store.record_run(_run("r1", status="running"), _metrics({("baseline", "loss", 42): 3.0, ("baseline", "acc", 42): 0.1}))
+    store.record_run(_run("r1"), _metrics({("baseline", "loss", 42): 2.5}))
+    store.record_run(_run("r1"), _metrics({("baseline", "loss", 42): 2.5}))
+    assert _count(store, "runs") == 1
+    assert [(r["metric"], r["value"]) for r in store.query()] == [("loss", 2.5)]
+    assert store.get_run("r1")["status"] == "completed"
+    assert store.delete_run("r1") and not store.delete_run("r1")
+    assert _count(store, "metrics") == 0
+
+
+def test_concurrent_writers_on_one_sqlite_file(tmp_path):
+    url = default_url(tmp_path)
+    ResultsStore(url).close()
+    errors: list[BaseException] = []
+
+    def writer(worker: int) -> None:
+        try:
+            with ResultsStore(url) as s:  # its own engine, like another seed's process
+                for i in range(4):
+                    s.record_run(_run(f"w{worker}-{i}"), _metrics({("baseline", "loss", k): float(k) for k in range(150)}))
+        except BaseException as exc:  # noqa: BLE001 - surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    with ResultsStore(url) as s:
+        assert len(s.runs()) == 16 and _count(s, "metrics") == 16 * 150
+
+
+# --------------------------------------------------------------------------- schema versioning
+def test_newer_schema_is_refused_without_changes(tmp_path):
+    url = default_url(tmp_path)
+    with ResultsStore(url) as s:
+        s.record_run(_run("r1"), [])
+        with s.engine.begin() as conn:
+            conn.execute(update(schema_version_table).values(version=store_mod.SCHEMA_VERSION + 1))
+    with pytest.raises(SchemaVersionError, match=r"schema version 2.*upgrade monolm"):
+        ResultsStore(url)
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT version FROM schema_version")).scalar_one() == 2
+        assert conn.execute(text("SELECT COUNT(*) FROM runs")).scalar_one() == 1
+    engine.dispose()
+
+
+def test_foreign_database_is_refused(tmp_path):
+    url = f"sqlite:///{tmp_path / 'other.sqlite'}"
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE runs (id INTEGER PRIMARY KEY, something TEXT)"))
+    engine.dispose()
+    with pytest.raises(SchemaVersionError, match="not a monolm results store"):
+        ResultsStore(url)
+
+
+def test_schema_version_row_is_single(tmp_path):
+    url = default_url(tmp_path)
+    for _ in range(3):
+        ResultsStore(url).close()
+    with ResultsStore(url) as s:
+        assert _count(s, "schema_version") == 1
+
+
+# --------------------------------------------------------------------------- queries across runs
+def test_runs_filters_and_order(store):
+    store.record_run(_run("b", run_name="nightly-2", created_at="2026-01-02T00:00:00Z"), [])
+    store.record_run(_run("a", run_name="nightly-1", created_at="2026-01-01T00:00:00Z"), [])
+    store.record_run(_run("c", run_name="nightlyX", preset="quick", status="failed"), [])
+    store.record_run(_run("d", run_name="manual", variant="mlp_both"), [])
+    assert [r["run_id"] for r in store.runs()] == ["a", "c", "d", "b"]  # by created_at, ties by id
+    assert [r["run_id"] for r in store.runs("tiny")] == ["a", "d", "b"]
+    assert [r["run_id"] for r in store.runs(status="failed")] == ["c"]
+    assert [r["run_id"] for r in store.runs(variant="mlp_both")] == ["d"]
+    assert [r["run_id"] for r in store.runs(run_name_prefix="nightly-")] == ["a", "b"]
+    assert [r["run_id"] for r in store.runs(run_name_prefix="nightly_")] == []  # '_' is not a wildcard
+
+
+def test_compare_means_and_differences(store):
+    store.record_run(_run("a"), _metrics({("baseline", "loss", 1): 3.0, ("baseline", "loss", 2): 4.0,
+                                          ("monotonic", "loss", 1): 5.0, ("monotonic", "acc", 1): 0.5}))
+    store.record_run(_run("b"), _metrics({("baseline", "loss", 1): 2.0, ("baseline", "loss", 2): 2.5,
+                                          ("monotonic", "loss", 1): 5.0, ("monotonic", "new", 1): 1.0}))
+    rows = {(r["model"], r["metric"]): r for r in store.compare("a", "b")}
+    base = rows[("baseline", "loss")]
+    assert (base["n_a"], base["mean_a"], base["n_b"], base["mean_b"]) == (2, 3.5, 2, 2.25)
+    assert base["diff"] == pytest.approx(-1.25) and base["rel_diff"] == pytest.approx(-1.25 / 3.5)
+    assert rows[("monotonic", "loss")]["diff"] == 0.0
+    assert rows[("monotonic", "acc")]["mean_b"] is None and rows[("monotonic", "acc")]["diff"] is None
+    assert rows[("monotonic", "new")]["n_a"] == 0 and rows[("monotonic", "new")]["mean_b"] == 1.0
+    assert len(rows) == 4
+    with pytest.raises(KeyError, match="zzz"):
+        store.compare("a", "zzz")
+
+
+def test_previous_run_for_nightly_regression(store):
+    assert store.previous_run("quick") is None  # the very first nightly run
+    store.record_run(_run("n1", preset="quick", run_name="nightly-1", created_at="2026-01-01T03:00:00Z"), [])
+    store.record_run(_run("n2", preset="quick", run_name="nightly-2", created_at="2026-01-02T03:00:00Z"), [])
+    store.record_run(_run("n3", preset="quick", run_name="nightly-3", created_at="2026-01-03T03:00:00Z",
+                          status="failed"), [])
+    store.record_run(_run("m1", preset="quick", run_name="manual", created_at="2026-01-03T04:00:00Z"), [])
+    store.record_run(_run("n4", preset="quick", run_name="nightly-4", created_at="2026-01-04T03:00:00Z"), [])
+    store.record_run(_run("t1", preset="tiny", run_name="nightly-x", created_at="2026-01-05T03:00:00Z"), [])
+    assert store.previous_run("quick")["run_id"] == "n4"
+    assert store.previous_run("quick", before_run_id="n4")["run_id"] == "m1"
+    assert store.previous_run("quick", before_run_id="n4", run_name_prefix="nightly-")["run_id"] == "n2"
+    assert store.previous_run("quick", before_run_id="n4", run_name_prefix="nightly-", status=None)["run_id"] == "n3"
+    assert store.previous_run("quick", before_run_id="n1") is None
+    # same timestamp: ordered by run_id so the answer is still deterministic
+    store.record_run(_run("n5", preset="quick", run_name="nightly-5", created_at="2026-01-04T03:00:00Z"), [])
+    assert store.previous_run("quick", before_run_id="n5")["run_id"] == "n4"
+    with pytest.raises(KeyError, match="nope"):
+        store.previous_run("quick", before_run_id="nope")
+
+
+# --------------------------------------------------------------------------- display
+def test_format_table(store):
+    assert format_table([]) == "(no results)"
+    store.record_run(_run("r1"), [{"seed": 42, "model": "monotonic", "stage": "uat", "metric": "loss_increase",
+                                   "value": 0.123456789, "extra": {"k": [1, 2]}},
+                                  {"seed": 42, "model": "baseline", "stage": "uat", "metric": "loss_increase",
+                                   "value": None}])
+    out = format_table(store.query(), columns=["run_id", "model", "metric", "value", "extra"], title="results")
+    lines = out.splitlines()
+    assert "results" in lines[0]
+    assert all(h in out for h in ("run_id", "model", "metric", "value", "extra"))
+    assert "0.123457" in out and '{"k":[1,2]}' in out and "—" in out
+    assert "seed" not in out  # only the requested columns
+    baseline_line = next(line for line in lines if "baseline" in line)
+    assert "r1" in baseline_line and "loss_increase" in baseline_line
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+@pytest.mark.postgres
+def test_postgresql_round_trip():
+    """Runs when MONOLM_TEST_POSTGRES_URL names a disposable database (sync driver, e.g.
+    postgresql+psycopg://user:pw@127.0.0.1:5432/db); the same code path as SQLite."""
+    url = os.environ.get("MONOLM_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("MONOLM_TEST_POSTGRES_URL is not set")
+    with ResultsStore(url) as s:
+        s.record_run(_run("pg-a", created_at="2026-01-01T00:00:00Z"),
+                     _metrics({("baseline", "loss", 1): 3.0, ("baseline", "loss", 2): 4.0}))
+        s.record_run(_run("pg-b", created_at="2026-01-02T00:00:00Z"),
+                     _metrics({("baseline", "loss", 1): 2.0}) + [{"metric": "x", "value": float("nan"),
+                                                                  "extra": {"u": "ü"}}])
+        many = _metrics({("monotonic", "loss", k): 1.0 for k in range(700)})
+        many[650]["value"] = "corrupt"
+        with pytest.raises(ValueError):
+            s.record_run(_run("pg-a"), many)
+        assert [r["value"] for r in s.query(run_id="pg-a")] == [3.0, 4.0]
+        assert s.compare("pg-a", "pg-b")[0]["diff"] == pytest.approx(-1.5)
+        assert s.previous_run("tiny", before_run_id="pg-b")["run_id"] == "pg-a"
+        assert s.query(metric="x")[0]["extra"] == {"u": "ü", "nonfinite": "nan"}
+        for run_id in ("pg-a", "pg-b"):
+            s.delete_run(run_id)
+    with ResultsStore(url) as again:
+        assert again.schema_version() == store_mod.SCHEMA_VERSION
