@@ -48,7 +48,7 @@ from sqlalchemy import (
     or_,
     select,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 SCHEMA_VERSION = 1
 RUN_STATUSES = ("running", "completed", "failed", "partial")
@@ -246,6 +246,18 @@ class ResultsStore:
             ).scalar_one_or_none()
 
     def _ensure_schema(self) -> None:
+        """Create or check the schema. Two processes opening a fresh store at once can race on
+        CREATE TABLE; the loser sees "already exists" and simply checks again."""
+        attempts = 5  # each failure means another opener made progress on the same few DDL steps
+        for attempt in range(attempts):
+            try:
+                self._create_or_check_schema()
+                return
+            except (OperationalError, ProgrammingError, IntegrityError):
+                if attempt == attempts - 1:
+                    raise
+
+    def _create_or_check_schema(self) -> None:
         tables = set(inspect(self.engine).get_table_names())
         if "schema_version" in tables:
             self._check_version(self.schema_version())

@@ -201,6 +201,31 @@ def test_foreign_database_is_refused(tmp_path):
         ResultsStore(url)
 
 
+@pytest.mark.parametrize("attempt", range(3))
+def test_concurrent_first_open_creates_schema_once(tmp_path, attempt):
+    """Several processes opening a fresh store race on CREATE TABLE (seen for real on SQLite and
+    PostgreSQL); every opener must succeed and exactly one version row must exist."""
+    url = default_url(tmp_path / f"fresh-{attempt}")
+    barrier = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def opener() -> None:
+        try:
+            barrier.wait()
+            ResultsStore(url).close()
+        except BaseException as exc:  # noqa: BLE001 - surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=opener) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    with ResultsStore(url) as s:
+        assert _count(s, "schema_version") == 1 and s.schema_version() == store_mod.SCHEMA_VERSION
+
+
 def test_schema_version_row_is_single(tmp_path):
     url = default_url(tmp_path)
     for _ in range(3):
@@ -297,7 +322,8 @@ def test_postgresql_round_trip():
         with pytest.raises(ValueError):
             s.record_run(_run("pg-a"), many)
         assert [r["value"] for r in s.query(run_id="pg-a")] == [3.0, 4.0]
-        assert s.compare("pg-a", "pg-b")[0]["diff"] == pytest.approx(-1.5)
+        loss = next(r for r in s.compare("pg-a", "pg-b") if r["metric"] == "loss")
+        assert loss["diff"] == pytest.approx(-1.5)
         assert s.previous_run("tiny", before_run_id="pg-b")["run_id"] == "pg-a"
         assert s.query(metric="x")[0]["extra"] == {"u": "ü", "nonfinite": "nan"}
         for run_id in ("pg-a", "pg-b"):
