@@ -265,6 +265,46 @@ def accumulate_gradients(
     return total
 
 
+def training_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    batch: torch.LongTensor,
+    arm: ArmConfig,
+    *,
+    constrained: bool,
+    use_amp: bool,
+) -> tuple[float, float, float | None]:
+    """One optimizer step on `batch` (all micro-batches): accumulate, clip, AdamW, schedule, and for
+    the constrained arm the check of the materialized weights. Returns (summed loss over predicted
+    tokens, pre-clip gradient norm, min constrained weight or None). The loop and `bench/` share it.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = accumulate_gradients(model, batch, arm.micro_batch_size, autocast_enabled=use_amp,
+                                    cache_parametrizations=constrained)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if arm.grad_clip is not None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, arm.grad_clip)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    loss_value, norm_value = float(loss_sum), float(grad_norm)
+    if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+        raise TrainingDiverged(f"loss sum {loss_value}, grad norm {norm_value} (not finite)")
+    optimizer.step()
+    scheduler.step()
+    min_w = min_constrained_weight(model) if constrained else None  # after *every* step
+    return loss_value, norm_value, min_w
+
+
+def build_optimizer(model: nn.Module, arm: ArmConfig, total_steps: int):
+    """AdamW (fp32 state) over decay/no-decay groups plus the LambdaLR schedule; returns
+    (param_names in optimizer order, optimizer, scheduler)."""
+    param_names, groups = _param_groups(model, arm.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=arm.lr, betas=(arm.adam_beta1, arm.adam_beta2), eps=ADAM_EPS)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule.from_arm(arm, total_steps))
+    return param_names, optimizer, scheduler
+
+
 def _default_save_model(model: nn.Module, directory: Path) -> list[str]:
     _save_safetensors_model(model, str(directory / "model.safetensors"))
     return ["model.safetensors"]
@@ -374,9 +414,7 @@ def train(
 
     eff = arm.effective_batch_size
     total_steps = total_steps_for(arm, n_seq)
-    param_names, groups = _param_groups(model, arm.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=arm.lr, betas=(arm.adam_beta1, arm.adam_beta2), eps=ADAM_EPS)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule.from_arm(arm, total_steps))
+    param_names, optimizer, scheduler = build_optimizer(model, arm, total_steps)
     fingerprint = make_fingerprint(
         model,
         config={k: v for k, v in arm.model_dump(mode="json").items() if k not in _CADENCE_FIELDS},
@@ -455,26 +493,14 @@ def train(
             t0 = time.perf_counter()
             batch = train_blocks[order.take(eff)]
             lr = scheduler.get_last_lr()[0]
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = accumulate_gradients(model, batch, arm.micro_batch_size, autocast_enabled=use_amp,
-                                            cache_parametrizations=constrained)
-            params = [p for g in optimizer.param_groups for p in g["params"]]
-            if arm.grad_clip is not None:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, arm.grad_clip)
-            else:
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            loss_value, norm_value = float(loss_sum), float(grad_norm)
-            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-                raise TrainingDiverged(f"step {step + 1}: loss sum {loss_value}, grad norm {norm_value}")
-            optimizer.step()
-            scheduler.step()
+            try:
+                loss_value, norm_value, mw = training_step(model, optimizer, scheduler, batch, arm,
+                                                           constrained=constrained, use_amp=use_amp)
+            except (ConstraintViolation, TrainingDiverged) as exc:
+                raise type(exc)(f"optimizer step {step + 1}: {exc}") from None
             step += 1
             tokens_seen += eff * seq_len
             if constrained:
-                try:
-                    mw = min_constrained_weight(model)
-                except ConstraintViolation as exc:
-                    raise ConstraintViolation(f"after optimizer step {step}: {exc}") from None
                 interval["min_w"] = mw if interval["min_w"] is None else min(interval["min_w"], mw)
                 summary["min_constrained_weight"] = min(summary["min_constrained_weight"], mw)
             interval["loss_sum"] += loss_value
