@@ -192,7 +192,7 @@ def doc_nll(
             try:
                 sums = score_windows(model, batch, device=device, bf16=use_bf16, pad_token_id=prefix_token_id)
             except (torch.OutOfMemoryError, RuntimeError) as exc:
-                if not _is_oom(exc) or size == 1:
+                if not _is_oom(exc) or len(batch) == 1:
                     raise
                 size = max(1, len(batch) // 2)
                 log.warning("evaluation: out of memory; retrying with batch size %d", size)
