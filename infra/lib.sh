@@ -1,0 +1,242 @@
+#!/usr/bin/env bash
+# Shared helpers for the infra/ scripts: state directory, PID files, process-group start/stop,
+# readiness polling, free ports. Sourced, not run.
+#
+# Why PID files with start times: other people's processes share this machine, so nothing here
+# ever stops a process by name. A PID file records the PID *and* the kernel start time of the
+# process we launched; a recycled PID (a different process that got the same number later) has a
+# different start time and is never signalled.
+#
+# Why process groups: every long-running service is launched with `setsid`, so it leads its own
+# session and process group. Stopping signals the whole group, which also catches the children it
+# spawned (uvicorn workers, flow-run subprocesses), and nothing outside it.
+
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+    cat <<'EOF'
+infra/lib.sh - helpers sourced by the infra/ scripts (state dir, PID files, start/stop by
+recorded process group, readiness polling, free ports). Not a command: source it.
+
+Commands: none (use infra/server/prefect-server.sh, infra/postgres/postgres.sh, infra/worker.sh,
+infra/serve.sh, infra/slurm/local-slurm.sh, infra/free-port.sh).
+EOF
+    exit 0
+fi
+
+MONOLM_REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export MONOLM_REPO_ROOT
+
+# The project-local state directory (absolute): $MONOLM_STATE_DIR or <repo>/.state.
+monolm_state_dir() {
+    local dir="${MONOLM_STATE_DIR:-$MONOLM_REPO_ROOT/.state}"
+    mkdir -p "$dir"
+    (cd "$dir" && pwd)
+}
+
+log() { printf '[%s] %s\n' "${MONOLM_SCRIPT:-infra}" "$*" >&2; }
+die() { printf '[%s] error: %s\n' "${MONOLM_SCRIPT:-infra}" "$*" >&2; exit 1; }
+
+# A Python interpreter for small helpers: the project venv if present, else python3.
+monolm_python() {
+    if [[ -x "$MONOLM_REPO_ROOT/.venv/bin/python" ]]; then
+        echo "$MONOLM_REPO_ROOT/.venv/bin/python"
+    elif command -v python3 >/dev/null 2>&1; then
+        command -v python3
+    else
+        die "no Python found (.venv/bin/python or python3)"
+    fi
+}
+
+# The prefect CLI: $MONOLM_PREFECT, the project venv's, or the one on PATH.
+monolm_prefect() {
+    if [[ -n "${MONOLM_PREFECT:-}" ]]; then
+        echo "$MONOLM_PREFECT"
+    elif [[ -x "$MONOLM_REPO_ROOT/.venv/bin/prefect" ]]; then
+        echo "$MONOLM_REPO_ROOT/.venv/bin/prefect"
+    elif command -v prefect >/dev/null 2>&1; then
+        command -v prefect
+    else
+        die "the prefect CLI was not found: run 'make install' (creates .venv) or set MONOLM_PREFECT"
+    fi
+}
+
+# ----------------------------------------------------------------------------- processes
+# Kernel start time (clock ticks since boot) of PID, or failure if it is gone or a zombie.
+proc_start_time() {
+    local stat rest
+    stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
+    rest="${stat##*) }"          # fields after "(comm) ", comm may contain spaces
+    # shellcheck disable=SC2086
+    set -- $rest                 # $1 = state (field 3), so field 22 (starttime) is ${20}
+    [[ "$1" != "Z" && "$1" != "X" ]] || return 1
+    echo "${20}"
+}
+
+# pid_write FILE PID: record PID and its start time (FILE, FILE.start), atomically.
+pid_write() {
+    local file="$1" pid="$2" start
+    start="$(proc_start_time "$pid")" || die "process $pid exited right after it was started"
+    printf '%s\n' "$pid" >"$file.tmp" && mv -f "$file.tmp" "$file"
+    printf '%s\n' "$start" >"$file.start.tmp" && mv -f "$file.start.tmp" "$file.start"
+}
+
+# pid_alive FILE: print the recorded PID and succeed if that very process is still running.
+pid_alive() {
+    local file="$1" pid want have
+    [[ -s "$file" ]] || return 1
+    pid="$(<"$file")"
+    [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+    have="$(proc_start_time "$pid")" || return 1
+    if [[ -s "$file.start" ]]; then
+        want="$(<"$file.start")"
+        [[ "$want" == "$have" ]] || return 1
+    fi
+    echo "$pid"
+}
+
+pid_clear() { rm -f "$1" "$1.start"; }
+
+# PIDs of the running (non-zombie) processes among ROOT..., their descendants (by parent PID)
+# and the members of the process groups they lead. Exact: no matching by name.
+process_tree() {
+    ps -e -o pid=,ppid=,pgid=,stat= 2>/dev/null | awk -v roots="$*" '
+        $4 !~ /^Z/ { pp[$1] = $2; pg[$1] = $3 }
+        END {
+            n = split(roots, r, " ")
+            for (i = 1; i <= n; i++) if (r[i] in pp) { keep[r[i]] = 1; leader[r[i]] = 1 }
+            changed = 1
+            while (changed) {
+                changed = 0
+                for (p in pp) if (!(p in keep) && ((pp[p] in keep) || (pg[p] in leader))) {
+                    keep[p] = 1; changed = 1
+                }
+            }
+            for (p in keep) print p
+        }'
+}
+
+# stop_recorded FILE NAME SIGNAL:SECONDS[:children]...
+#   Send each signal in turn to the recorded process, every descendant it has spawned (even
+#   those that moved to their own session, like Prefect's flow-run processes) and its process
+#   group, waiting up to SECONDS each time for all of them to be gone; then clear the PID file.
+#   With ":children", the wait also ends once only the recorded process itself is left (for a
+#   parent that ignores the signal but whose children should get a chance to exit cleanly).
+#   Succeeds when nothing was running. Example: stop_recorded worker.pid worker INT:15 TERM:10 KILL:5
+stop_recorded() {
+    local file="$1" name="$2"; shift 2
+    local pid step sig secs mode deadline p st
+    local -A victims=()   # pid -> kernel start time, so a recycled PID is never signalled
+    if ! pid="$(pid_alive "$file")"; then
+        pid_clear "$file"
+        log "$name is not running"
+        return 0
+    fi
+    _refresh_victims() {
+        local alive=() q
+        for q in "${!victims[@]}"; do
+            if [[ "$(proc_start_time "$q" 2>/dev/null)" == "${victims[$q]}" ]]; then alive+=("$q"); else unset "victims[$q]"; fi
+        done
+        for q in $(process_tree "${alive[@]}"); do
+            [[ -n "${victims[$q]:-}" ]] && continue
+            st="$(proc_start_time "$q" 2>/dev/null)" && victims[$q]="$st"
+        done
+    }
+    victims[$pid]="$(proc_start_time "$pid")"
+    _refresh_victims
+    for step in "$@"; do
+        IFS=: read -r sig secs mode <<<"$step"
+        _refresh_victims
+        (( ${#victims[@]} )) || break
+        log "sending SIG$sig to $name (pid $pid; ${#victims[@]} process(es) in its tree)"
+        for p in "${!victims[@]}"; do
+            kill -s "$sig" "$p" 2>/dev/null || true
+        done
+        deadline=$(( $(now_ms) + secs * 1000 ))
+        while (( $(now_ms) < deadline )); do
+            _refresh_victims
+            (( ${#victims[@]} )) || break
+            if [[ "$mode" == children && ${#victims[@]} == 1 && -n "${victims[$pid]:-}" ]]; then
+                break
+            fi
+            sleep 0.1
+        done
+    done
+    _refresh_victims
+    if (( ${#victims[@]} )); then
+        die "$name: process(es) ${!victims[*]} still running after $*"
+    fi
+    pid_clear "$file"
+    log "$name stopped"
+}
+
+# start_group FILE LOG CMD...: run CMD in its own session/process group, detached from this
+# terminal, stdout+stderr appended to LOG; record its PID in FILE. Prints the PID.
+start_group() {
+    local file="$1" logfile="$2"; shift 2
+    : >>"$logfile"
+    # In a non-interactive shell a background job is not a process-group leader, so setsid(1)
+    # calls setsid() in place (no fork) and $! is the new session's leader.
+    # fd 9 is the component lock (lock_component): the daemon must not inherit it.
+    setsid "$@" >>"$logfile" 2>&1 </dev/null 9>&- &
+    local pid=$!
+    pid_write "$file" "$pid"
+    echo "$pid"
+}
+
+# ms since the epoch, for timing start-ups.
+now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
+
+# wait_for TIMEOUT_S PID DESCRIPTION CMD...: poll CMD every 0.2 s until it succeeds. Fails early
+# if PID (when not empty) exits, or after TIMEOUT_S seconds.
+wait_for() {
+    local timeout="$1" pid="$2" what="$3"; shift 3
+    local deadline=$(( $(now_ms) + timeout * 1000 ))
+    while (( $(now_ms) < deadline )); do
+        if "$@" >/dev/null 2>&1; then
+            return 0
+        fi
+        if [[ -n "$pid" ]] && ! proc_start_time "$pid" >/dev/null; then
+            log "$what: the process (pid $pid) exited before it became ready"
+            return 1
+        fi
+        sleep 0.2
+    done
+    log "$what: not ready after ${timeout}s"
+    return 1
+}
+
+# Print the last lines of a log, for error messages.
+log_tail() {
+    local file="$1" n="${2:-40}"
+    [[ -f "$file" ]] || return 0
+    printf -- '----- last %s lines of %s -----\n' "$n" "$file" >&2
+    tail -n "$n" "$file" >&2
+    printf -- '-----\n' >&2
+}
+
+# ----------------------------------------------------------------------------- ports
+# Is anything listening on TCP PORT (any address)?
+port_in_use() {
+    local port="$1"
+    if command -v ss >/dev/null 2>&1; then
+        [[ -n "$(ss -Hltn "sport = :$port" 2>/dev/null)" ]]
+    else
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null
+    fi
+}
+
+# A TCP port that is free on 127.0.0.1 right now (the kernel picks it).
+free_port() {
+    "$(monolm_python)" - <<'EOF'
+import socket
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    print(s.getsockname()[1])
+EOF
+}
+
+# Serialise start/stop of one component: lock_component DIR (holds fd 9 until the script exits).
+lock_component() {
+    mkdir -p "$1"
+    exec 9>"$1/.lock"
+    flock -w 120 9 || die "another infra command holds $1/.lock for more than 120 s"
+}

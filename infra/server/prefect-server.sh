@@ -1,0 +1,182 @@
+#!/usr/bin/env bash
+# Start/stop a Prefect server on loopback with a project-local PREFECT_HOME; SQLite by default,
+# PostgreSQL (infra/postgres/postgres.sh) with --db postgres.
+set -euo pipefail
+MONOLM_SCRIPT=prefect-server
+# shellcheck source=infra/lib.sh
+source "$(dirname "$0")/../lib.sh"
+
+usage() {
+    cat <<'USAGE'
+Usage: infra/server/prefect-server.sh COMMAND [--port N] [--db sqlite|postgres] [--timeout S]
+
+A Prefect server bound to 127.0.0.1 with PREFECT_HOME=<state>/prefect and analytics off.
+
+Commands:
+  start    start the server (idempotent: a running server is reused when port and database
+           match), wait until http://127.0.0.1:N/api/health answers, and write the API URL to
+           <state>/prefect/api_url
+  stop     stop the server this script started (recorded process group); also stops PostgreSQL
+           when `start` had to start it
+  status   print whether it runs, its URLs and database (exit 0 running, 3 stopped)
+  url      print the API URL (http://127.0.0.1:N/api); use as
+             export PREFECT_API_URL=$(infra/server/prefect-server.sh url)
+
+Options:
+  --port N             TCP port (default: the last one used, else 4200, else a free port)
+  --db sqlite|postgres database (default: the running server's, else sqlite in
+                       <state>/prefect/prefect.db). postgres starts
+                       infra/postgres/postgres.sh if needed and sets
+                       PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://...
+  --timeout S          seconds to wait for /api/health (default 120)
+  -h, --help           this help
+
+Files under <state>/prefect (<state> = $MONOLM_STATE_DIR or <repo>/.state): server.pid,
+server.log, api_url, port, db.
+USAGE
+}
+
+STATE="$(monolm_state_dir)"
+HOME_DIR="$STATE/prefect"
+PID_FILE="$HOME_DIR/server.pid"
+LOG_FILE="$HOME_DIR/server.log"
+API_URL_FILE="$HOME_DIR/api_url"
+PORT_FILE="$HOME_DIR/port"
+DB_FILE="$HOME_DIR/db"
+OWNS_PG_FILE="$HOME_DIR/started_postgres"
+PG_SCRIPT="$MONOLM_REPO_ROOT/infra/postgres/postgres.sh"
+
+health() { curl -fsS --max-time 2 "http://127.0.0.1:$1/api/health" 2>/dev/null | grep -q true; }
+
+choose_port() {
+    local port
+    if [[ -s "$PORT_FILE" ]] && ! port_in_use "$(<"$PORT_FILE")"; then
+        port="$(<"$PORT_FILE")"
+    elif ! port_in_use 4200; then
+        port=4200
+    else
+        port="$(free_port)"
+        log "port 4200 is taken; using free port $port"
+    fi
+    echo "$port"
+}
+
+cmd_start() {
+    local port="$1" db="$2" timeout="$3" pid t0 elapsed db_url
+    case "$db" in ""|sqlite|postgres) ;; *) die "--db must be sqlite or postgres, not '$db'" ;; esac
+    lock_component "$HOME_DIR"
+    if pid="$(pid_alive "$PID_FILE")"; then
+        local run_port run_db
+        run_port="$(<"$PORT_FILE")"; run_db="$(cat "$DB_FILE" 2>/dev/null || echo sqlite)"
+        [[ -z "$port" || "$port" == "$run_port" ]] \
+            || die "already running on port $run_port (pid $pid); stop it first to use port $port"
+        [[ -z "$db" || "$db" == "$run_db" ]] \
+            || die "already running with --db $run_db (pid $pid); stop it first to switch to $db"
+        wait_for "$timeout" "$pid" "Prefect server" health "$run_port" \
+            || { log_tail "$LOG_FILE"; die "the recorded server (pid $pid) does not answer on port $run_port"; }
+        log "already running: pid $pid, UI http://127.0.0.1:$run_port"
+        echo "http://127.0.0.1:$run_port/api"
+        return 0
+    fi
+    pid_clear "$PID_FILE"
+    rm -f "$API_URL_FILE"
+    [[ -n "$db" ]] || db=sqlite
+    [[ -n "$port" ]] || port="$(choose_port)"
+    [[ "$port" =~ ^[0-9]+$ ]] || die "invalid port: $port"
+    port_in_use "$port" && die "port $port is already in use by another process; pass --port N (a free one: infra/free-port.sh)"
+    local prefect; prefect="$(monolm_prefect)"
+
+    # The server's environment: only what we set here decides where its data goes.
+    export PREFECT_HOME="$HOME_DIR"
+    export PREFECT_SERVER_ANALYTICS_ENABLED=false
+    export PREFECT_SERVER_API_HOST=127.0.0.1
+    export PREFECT_SERVER_API_PORT="$port"
+    unset PREFECT_API_URL PREFECT_API_KEY
+    rm -f "$OWNS_PG_FILE"
+    if [[ "$db" == postgres ]]; then
+        if ! "$PG_SCRIPT" status >/dev/null 2>&1; then
+            "$PG_SCRIPT" start
+            : >"$OWNS_PG_FILE"   # we started it, so `stop` stops it too
+        fi
+        db_url="$("$PG_SCRIPT" url)"
+    else
+        db_url="sqlite+aiosqlite:///$HOME_DIR/prefect.db"
+    fi
+    export PREFECT_API_DATABASE_CONNECTION_URL="$db_url"
+
+    t0="$(now_ms)"
+    {
+        printf '\n===== %s: prefect server start --host 127.0.0.1 --port %s (db %s)\n' "$(date -Is)" "$port" "$db"
+    } >>"$LOG_FILE"
+    pid="$(start_group "$PID_FILE" "$LOG_FILE" "$prefect" server start --host 127.0.0.1 --port "$port" --analytics-off)"
+    printf '%s\n' "$port" >"$PORT_FILE"
+    printf '%s\n' "$db" >"$DB_FILE"
+    if ! wait_for "$timeout" "$pid" "Prefect server" health "$port"; then
+        log_tail "$LOG_FILE"
+        stop_recorded "$PID_FILE" "Prefect server" TERM:10 KILL:5 || true
+        die "the Prefect server did not become healthy on 127.0.0.1:$port (log: $LOG_FILE)"
+    fi
+    elapsed=$(( $(now_ms) - t0 ))
+    printf 'http://127.0.0.1:%s/api\n' "$port" >"$API_URL_FILE.tmp" && mv -f "$API_URL_FILE.tmp" "$API_URL_FILE"
+    log "Prefect server ready in $((elapsed / 1000)).$(printf '%03d' $((elapsed % 1000))) s: pid $pid, db $db, UI http://127.0.0.1:$port"
+    log "use it with: export PREFECT_API_URL=\$(cat $API_URL_FILE)"
+    echo "http://127.0.0.1:$port/api"
+}
+
+cmd_stop() {
+    lock_component "$HOME_DIR"
+    # uvicorn shuts down cleanly on SIGTERM; the group kill catches anything it leaves behind.
+    stop_recorded "$PID_FILE" "Prefect server" TERM:20 KILL:5
+    rm -f "$API_URL_FILE"
+    if [[ -e "$OWNS_PG_FILE" ]]; then
+        "$PG_SCRIPT" stop
+        rm -f "$OWNS_PG_FILE"
+    fi
+}
+
+cmd_status() {
+    local pid port db
+    if pid="$(pid_alive "$PID_FILE")"; then
+        port="$(<"$PORT_FILE")"; db="$(cat "$DB_FILE" 2>/dev/null || echo sqlite)"
+        if health "$port"; then
+            echo "running: pid $pid, db $db, UI http://127.0.0.1:$port, API http://127.0.0.1:$port/api"
+        else
+            echo "starting or unhealthy: pid $pid, port $port, db $db (log: $LOG_FILE)"
+        fi
+        return 0
+    fi
+    echo "stopped"
+    return 3
+}
+
+cmd_url() {
+    [[ -s "$API_URL_FILE" ]] && pid_alive "$PID_FILE" >/dev/null \
+        || die "no Prefect server is running from $HOME_DIR: run 'infra/server/prefect-server.sh start'"
+    cat "$API_URL_FILE"
+}
+
+main() {
+    local cmd="${1:-}" port="" db="" timeout=120
+    [[ -n "$cmd" ]] || { usage >&2; exit 2; }
+    shift || true
+    while [[ $# -gt 0 ]]; do
+        case "$1" in
+            --port) port="${2:?--port needs a value}"; shift 2 ;;
+            --db) db="${2:?--db needs a value}"; shift 2 ;;
+            --timeout) timeout="${2:?--timeout needs a value}"; shift 2 ;;
+            -h|--help) usage; exit 0 ;;
+            *) die "unknown option: $1 (see --help)" ;;
+        esac
+    done
+    command -v curl >/dev/null || die "curl is needed for the health check (apt-get install -y curl)"
+    case "$cmd" in
+        -h|--help|help) usage ;;
+        start) cmd_start "$port" "$db" "$timeout" ;;
+        stop) cmd_stop ;;
+        status) cmd_status ;;
+        url) cmd_url ;;
+        *) usage >&2; die "unknown command: $cmd" ;;
+    esac
+}
+
+main "$@"
