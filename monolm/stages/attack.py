@@ -1,0 +1,149 @@
+"""Stages 5 (UAT) and 6 (HotFlip): attack both trained arms of a seed, then transfer.
+
+Texts come from the held-out attack split: the first `uat.n_opt_texts` optimise the UAT trigger,
+the following ones are where every effect is reported (UAT evaluation and HotFlip use the same
+held-out texts, in the same order for both models, so per-example paired tests are valid).
+Each attack is resumable: finished units (a UAT restart, a HotFlip block) are reused on a re-run.
+
+Besides the attack's own files, each stage writes a normalized summary that stage 7 reads:
+metrics["per_model"][arm] = {clean_loss, attacked_loss, abs_increase, abs_increase_ci,
+rel_increase, rel_increase_ci, success_rate, success_rate_ci, n}, metrics["transfer"]
+[source][target] = abs_increase, and `per_example.json` {arm: {clean: [...], attacked: [...]}}.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from monolm import data as data_lib, models as models_lib
+from monolm.artifacts import atomic_write_json
+from monolm.config import ExperimentConfig
+from monolm.runtime import pick_device
+from monolm.stages.common import StageRef, existing, files_under, finish, prepare
+from monolm.stages.setup import load_setup
+
+ARMS = ("baseline", "monotonic")
+
+
+def attack_texts(cfg: ExperimentConfig, tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[int]]]:
+    """(optimisation texts, held-out report texts) as token ids, disjoint."""
+    ids = data_lib.tokenize(tokenizer, texts)
+    n_opt = cfg.attacks.uat.n_opt_texts
+    opt, held_out = ids[:n_opt], ids[n_opt:]
+    needed = max(cfg.attacks.uat.n_eval_texts, cfg.attacks.hotflip.n_texts)
+    if len(opt) < n_opt or len(held_out) < needed:
+        raise ValueError(f"only {len(texts)} attack texts; need attacks.uat.n_opt_texts={n_opt} for optimisation "
+                         f"plus {needed} held-out texts (lower the counts or raise data.n_attack_docs)")
+    return opt, held_out
+
+
+def _ci(summary: dict[str, Any]) -> list[float | None]:
+    return [summary.get("ci_low"), summary.get("ci_high")]
+
+
+def normalize(effect: dict[str, Any]) -> dict[str, Any]:
+    """An attacks.effects.effect_summary as the flat per-model record stage 7 reads."""
+    return {
+        "clean_loss": effect["clean_loss"]["mean"],
+        "attacked_loss": effect["attacked_loss"]["mean"],
+        "abs_increase": effect["abs_increase"]["mean"],
+        "abs_increase_ci": _ci(effect["abs_increase"]),
+        "rel_increase": effect["rel_increase"]["mean"],
+        "rel_increase_ci": _ci(effect["rel_increase"]),
+        "success_rate": effect["success_rate"]["rate"],
+        "success_rate_ci": _ci(effect["success_rate"]),
+        "n": effect["n_texts"],
+    }
+
+
+def _load_arms(refs: dict[str, StageRef], device) -> dict[str, Any]:
+    return {arm: models_lib.load_model(Path(refs[arm].metrics["model_dir"]), device) for arm in ARMS}
+
+
+def run_uat(cfg: ExperimentConfig, seed: int, setup: StageRef, trained: dict[str, StageRef],
+            *, progress: bool = True) -> StageRef:
+    from monolm.attacks import uat
+    from monolm.attacks.common import context_prefix
+
+    stage = "uat"
+    inputs = {"setup": setup, "train_baseline": trained["baseline"], "train_monotonic": trained["monotonic"]}
+    done = existing(cfg, seed, stage, inputs)
+    if done:
+        return done
+    started = time.time()
+    out = prepare(cfg, seed, stage)  # not fresh: finished restarts (units) are reused
+    device = pick_device()
+    tokenizer, splits = load_setup(setup)
+    opt, held_out = attack_texts(cfg, tokenizer, splits.attack)
+    models = _load_arms(trained, device)
+    results = {arm: uat.run(model, tokenizer, opt, held_out, cfg.attacks.uat, seed=seed, out_dir=out / arm,
+                            success_threshold=cfg.attacks.success_threshold, progress=progress)
+               for arm, model in models.items()}
+    transfer = uat.transfer_matrix(models, {arm: r["trigger_ids"] for arm, r in results.items()},
+                                   held_out[: cfg.attacks.uat.n_eval_texts], prefix=context_prefix(tokenizer), seed=seed,
+                                   success_threshold=cfg.attacks.success_threshold,
+                                   text_max_tokens=cfg.attacks.uat.text_max_tokens)
+    atomic_write_json(out / "triggers.json", {arm: {"trigger_ids": r["trigger_ids"], "trigger_text": r["trigger_text"]}
+                                              for arm, r in results.items()})
+    atomic_write_json(out / "uat_results.json", results)
+    atomic_write_json(out / "transfer.json", transfer)
+    atomic_write_json(out / "per_example.json", {arm: {"clean": r["per_text"]["clean"],
+                                                       "attacked": r["per_text"]["attacked"]}
+                                                 for arm, r in results.items()})
+    metrics = {
+        "per_model": {arm: normalize(r["eval"]) for arm, r in results.items()},
+        "transfer": {src: {dst: cell["abs_increase"]["mean"] for dst, cell in row.items()}
+                     for src, row in transfer["cells"].items()},
+        "triggers": {arm: r["trigger_text"] for arm, r in results.items()},
+    }
+    outputs = ["triggers.json", "uat_results.json", "transfer.json", "per_example.json"]
+    outputs += [p for arm in ARMS for p in files_under(out, arm) if "/units/" not in p]
+    return finish(cfg, seed, stage, out, inputs=inputs, outputs=outputs, metrics=metrics, started=started)
+
+
+def _read_examples(path: Path) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return sorted(rows, key=lambda r: r["index"])
+
+
+def run_hotflip(cfg: ExperimentConfig, seed: int, setup: StageRef, trained: dict[str, StageRef],
+                *, progress: bool = True) -> StageRef:
+    from monolm.attacks import hotflip
+    from monolm.attacks.common import context_prefix
+
+    stage = "hotflip"
+    inputs = {"setup": setup, "train_baseline": trained["baseline"], "train_monotonic": trained["monotonic"]}
+    done = existing(cfg, seed, stage, inputs)
+    if done:
+        return done
+    started = time.time()
+    out = prepare(cfg, seed, stage)
+    device = pick_device()
+    tokenizer, splits = load_setup(setup)
+    _, held_out = attack_texts(cfg, tokenizer, splits.attack)
+    models = _load_arms(trained, device)
+    results = {arm: hotflip.run(model, tokenizer, held_out, cfg.attacks.hotflip, seed=seed, out_dir=out / arm,
+                                success_threshold=cfg.attacks.success_threshold, progress=progress)
+               for arm, model in models.items()}
+    examples = {arm: _read_examples(out / arm / "hotflip_examples.jsonl") for arm in ARMS}
+    transfer = hotflip.transfer_matrix(models, examples, prefix=context_prefix(tokenizer), seed=seed,
+                                       success_threshold=cfg.attacks.success_threshold)
+    atomic_write_json(out / "hotflip_results.json", results)
+    atomic_write_json(out / "transfer.json", transfer)
+    atomic_write_json(out / "per_example.json", {arm: {"clean": [r["clean_loss"] for r in rows],
+                                                       "attacked": [r["attacked_loss"] for r in rows]}
+                                                 for arm, rows in examples.items()})
+    with_control = cfg.attacks.hotflip.random_control
+    metrics = {
+        "per_model": {arm: normalize(r["gradient"]) for arm, r in results.items()},
+        "control": {arm: normalize(r["control"]) for arm, r in results.items()} if with_control else None,
+        "mean_flips": {arm: r["gradient"]["mean_flips"] for arm, r in results.items()},
+        "transfer": {src: {dst: cell["abs_increase"]["mean"] for dst, cell in row.items()}
+                     for src, row in transfer["cells"].items()},
+    }
+    outputs = ["hotflip_results.json", "transfer.json", "per_example.json"]
+    outputs += [p for arm in ARMS for p in files_under(out, arm) if "/units/" not in p]
+    return finish(cfg, seed, stage, out, inputs=inputs, outputs=outputs, metrics=metrics, started=started)
