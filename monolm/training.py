@@ -389,6 +389,10 @@ def train(
     dir) -> [files]` (default: the state_dict as `model.safetensors`). `max_steps_this_call` stops
     after that many steps with a checkpoint (a worker draining before its walltime, and the
     resume tests). Writes `out_dir/history.json` atomically at every log/eval.
+
+    A fresh start seeds the global Python/NumPy/torch RNGs (dropout) from `derive_seed(seed,
+    "train")`; a resume restores them, the optimizer, scheduler and data position from the
+    checkpoint, so the continuation is the same computation as an uninterrupted run.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -470,6 +474,8 @@ def train(
         summary["best_step"] = summary["best_val_perplexity"] = None
 
     history_path = out_dir / HISTORY_FILE
+    if latest is not None:  # drop entries a lost attempt wrote after the resumed checkpoint
+        atomic_write_json(history_path, history)
     stop_at = total_steps if max_steps_this_call is None else min(total_steps, step + max_steps_this_call)
     call_start = time.perf_counter()
     last_ckpt = time.monotonic()
