@@ -64,17 +64,19 @@ sys.exit(0 if any(w.get("name") == name and w.get("status") == "ONLINE" for w in
 ' "$name"
 }
 
+pool_exists() { curl -fsS --max-time 5 "$1/work_pools/$2" >/dev/null 2>&1; }
+
 ensure_pool() {
-    local prefect="$1" pool="$2"
-    if "$prefect" work-pool inspect "$pool" >/dev/null 2>&1; then
+    local prefect="$1" pool="$2" url="$3"
+    if pool_exists "$url" "$pool"; then
         log "work pool '$pool' exists"
         return 0
     fi
+    # The CLI (not a bare API call) fills in the process worker's base job template.
     log "creating work pool '$pool' (type process)"
-    if ! "$prefect" work-pool create "$pool" --type process >"$W_DIR/pool.log" 2>&1; then
+    if ! "$prefect" work-pool create "$pool" --type process >"$W_DIR/pool.log" 2>&1 9>&-; then
         # Another process may have created it in between.
-        "$prefect" work-pool inspect "$pool" >/dev/null 2>&1 \
-            || { log_tail "$W_DIR/pool.log"; die "could not create work pool '$pool'"; }
+        pool_exists "$url" "$pool" || { log_tail "$W_DIR/pool.log"; die "could not create work pool '$pool'"; }
     fi
 }
 
@@ -103,7 +105,7 @@ cmd_start() {
     # Flow runs inherit this: results and local storage stay inside the project's state dir.
     export PREFECT_HOME="${PREFECT_HOME:-$STATE/prefect}"
     export MONOLM_STATE_DIR="$STATE"
-    ensure_pool "$prefect" "$pool"
+    ensure_pool "$prefect" "$pool" "$url"
     [[ "$deploy" == 1 ]] && deploy_all "$prefect"
     if pid="$(pid_alive "$pid_file")"; then
         log "worker already running (pid $pid, pool $pool)"
