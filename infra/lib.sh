@@ -234,6 +234,18 @@ with socket.socket() as s:
 EOF
 }
 
+# socket_dir DIR EXTRA: DIR, or a short directory under /tmp named after DIR's hash when DIR plus
+# EXTRA characters of socket file name would not fit a UNIX socket path (108 bytes, sun_path).
+socket_dir() {
+    local dir="$1" extra="$2" h
+    if (( ${#dir} + extra + 1 <= 100 )); then
+        echo "$dir"
+    else
+        h="$(printf '%s' "$dir" | sha256sum | cut -c1-16)"
+        echo "/tmp/monolm-$h"
+    fi
+}
+
 # Serialise start/stop of one component: lock_component DIR (holds fd 9 until the script exits).
 lock_component() {
     mkdir -p "$1"

@@ -7,7 +7,7 @@ source "$(dirname "$0")/lib.sh"
 
 usage() {
     cat <<'USAGE'
-Usage: infra/serve.sh COMMAND [--port N] [--db sqlite|postgres] [--pool NAME] [--no-deploy]
+Usage: infra/serve.sh COMMAND [--port N] [--db sqlite|postgres] [--host H] [--pool NAME] [--no-deploy]
 
 Commands:
   up      start the Prefect server (infra/server/prefect-server.sh, PostgreSQL too with
@@ -21,6 +21,7 @@ Commands:
 Options (up):
   --port N             server port (default: last used, else 4200, else a free port)
   --db sqlite|postgres server database (default sqlite)
+  --host H             server bind address (default 127.0.0.1; see prefect-server.sh --help)
   --pool NAME          work pool (default local)
   --no-deploy          skip `prefect deploy --all`
   -h, --help           this help
@@ -80,11 +81,12 @@ undo_new() {
 }
 
 cmd_up() {
-    local port="$1" db="$2" pool="$3" deploy="$4" url ui
+    local port="$1" db="$2" pool="$3" deploy="$4" host="$5" url ui
     mkdir -p "$S_DIR"
     local server_args=() worker_args=(--pool "$pool")
     [[ -n "$port" ]] && server_args+=(--port "$port")
     [[ -n "$db" ]] && server_args+=(--db "$db")
+    [[ -n "$host" ]] && server_args+=(--host "$host")
     [[ "$deploy" == 1 ]] || worker_args+=(--no-deploy)
 
     trap 'rc=$?; if [[ $rc != 0 ]]; then undo_new; fi' EXIT
@@ -123,13 +125,14 @@ cmd_status() {
 }
 
 main() {
-    local cmd="${1:-}" port="" db="" pool=local deploy=1
+    local cmd="${1:-}" port="" db="" host="" pool=local deploy=1
     [[ -n "$cmd" ]] || { usage >&2; exit 2; }
     shift || true
     while [[ $# -gt 0 ]]; do
         case "$1" in
             --port) port="${2:?--port needs a value}"; shift 2 ;;
             --db) db="${2:?--db needs a value}"; shift 2 ;;
+            --host) host="${2:?--host needs a value}"; shift 2 ;;
             --pool) pool="${2:?--pool needs a value}"; shift 2 ;;
             --no-deploy) deploy=0; shift ;;
             -h|--help) usage; exit 0 ;;
@@ -138,7 +141,7 @@ main() {
     done
     case "$cmd" in
         -h|--help|help) usage ;;
-        up) cmd_up "$port" "$db" "$pool" "$deploy" ;;
+        up) cmd_up "$port" "$db" "$pool" "$deploy" "$host" ;;
         down) cmd_down ;;
         status) cmd_status ;;
         *) usage >&2; die "unknown command: $cmd" ;;

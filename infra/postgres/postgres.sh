@@ -41,7 +41,8 @@ USAGE
 STATE="$(monolm_state_dir)"
 PG_DIR="$STATE/postgres"
 DATA="$PG_DIR/data"
-RUN_DIR="$PG_DIR/run"
+# The socket .s.PGSQL.<port> must fit a UNIX socket path: long state paths use a /tmp dir.
+RUN_DIR="$(socket_dir "$PG_DIR/run" 16)"
 LOG_DIR="$PG_DIR/log"
 PW_FILE="$PG_DIR/password"
 PORT_FILE="$PG_DIR/port"
@@ -228,6 +229,7 @@ cmd_stop() {
         # transactions and shut down cleanly.
         as_owner "$BINDIR/pg_ctl" -D "$DATA" -m fast -w -t 60 stop >"$LOG_DIR/pg_ctl.log" 2>&1 9>&- || true
     fi
+    if [[ "$RUN_DIR" == /tmp/monolm-* ]]; then rmdir "$RUN_DIR" 2>/dev/null || true; fi
     if pid_alive "$PID_FILE" >/dev/null; then
         # pg_ctl did not stop it: signal the recorded postmaster (it takes its children along).
         stop_recorded "$PID_FILE" "PostgreSQL" TERM:30 QUIT:10 KILL:5

@@ -8,9 +8,10 @@ source "$(dirname "$0")/../lib.sh"
 
 usage() {
     cat <<'USAGE'
-Usage: infra/server/prefect-server.sh COMMAND [--port N] [--db sqlite|postgres] [--timeout S]
+Usage: infra/server/prefect-server.sh COMMAND [--port N] [--db sqlite|postgres] [--host H] [--timeout S]
 
-A Prefect server bound to 127.0.0.1 with PREFECT_HOME=<state>/prefect and analytics off.
+A Prefect server bound to 127.0.0.1 (by default) with PREFECT_HOME=<state>/prefect and analytics
+off.
 
 Commands:
   start    start the server (idempotent: a running server is reused when port and database
@@ -28,11 +29,14 @@ Options:
                        <state>/prefect/prefect.db). postgres starts
                        infra/postgres/postgres.sh if needed and sets
                        PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://...
+  --host H             address to bind (default 127.0.0.1). A cluster whose compute nodes must
+                       reach the API needs e.g. 0.0.0.0; the API has no authentication, so
+                       only do that on a trusted network
   --timeout S          seconds to wait for /api/health (default 120)
   -h, --help           this help
 
 Files under <state>/prefect (<state> = $MONOLM_STATE_DIR or <repo>/.state): server.pid,
-server.log, api_url, port, db.
+server.log, api_url, port, db, host.
 USAGE
 }
 
@@ -43,10 +47,19 @@ LOG_FILE="$HOME_DIR/server.log"
 API_URL_FILE="$HOME_DIR/api_url"
 PORT_FILE="$HOME_DIR/port"
 DB_FILE="$HOME_DIR/db"
+HOST_FILE="$HOME_DIR/host"
 OWNS_PG_FILE="$HOME_DIR/started_postgres"
 PG_SCRIPT="$MONOLM_REPO_ROOT/infra/postgres/postgres.sh"
 
-health() { curl -fsS --max-time 2 "http://127.0.0.1:$1/api/health" 2>/dev/null | grep -q true; }
+# Where to reach a server bound to HOST from this machine, and the URL to give to others.
+local_addr() { case "$1" in 0.0.0.0|::|"[::]") echo 127.0.0.1 ;; *) echo "$1" ;; esac; }
+public_addr() { case "$1" in 0.0.0.0|::|"[::]") hostname -f 2>/dev/null || hostname ;; *) echo "$1" ;; esac; }
+running_host() { cat "$HOST_FILE" 2>/dev/null || echo 127.0.0.1; }
+
+# health PORT [HOST]
+health() {
+    curl -fsS --max-time 2 "http://$(local_addr "${2:-127.0.0.1}"):$1/api/health" 2>/dev/null | grep -q true
+}
 
 choose_port() {
     local port
@@ -62,25 +75,33 @@ choose_port() {
 }
 
 cmd_start() {
-    local port="$1" db="$2" timeout="$3" pid t0 elapsed db_url
+    local port="$1" db="$2" timeout="$3" host="$4" pid t0 elapsed db_url api
     case "$db" in ""|sqlite|postgres) ;; *) die "--db must be sqlite or postgres, not '$db'" ;; esac
     lock_component "$HOME_DIR"
     if pid="$(pid_alive "$PID_FILE")"; then
-        local run_port run_db
+        local run_port run_db run_host
         run_port="$(<"$PORT_FILE")"; run_db="$(cat "$DB_FILE" 2>/dev/null || echo sqlite)"
+        run_host="$(running_host)"
         [[ -z "$port" || "$port" == "$run_port" ]] \
             || die "already running on port $run_port (pid $pid); stop it first to use port $port"
         [[ -z "$db" || "$db" == "$run_db" ]] \
             || die "already running with --db $run_db (pid $pid); stop it first to switch to $db"
-        wait_for "$timeout" "$pid" "Prefect server" health "$run_port" \
+        [[ -z "$host" || "$host" == "$run_host" ]] \
+            || die "already running on host $run_host (pid $pid); stop it first to bind $host"
+        wait_for "$timeout" "$pid" "Prefect server" health "$run_port" "$run_host" \
             || { log_tail "$LOG_FILE"; die "the recorded server (pid $pid) does not answer on port $run_port"; }
-        log "already running: pid $pid, UI http://127.0.0.1:$run_port"
-        echo "http://127.0.0.1:$run_port/api"
+        log "already running: pid $pid, UI http://$(public_addr "$run_host"):$run_port"
+        cat "$API_URL_FILE"
         return 0
     fi
     pid_clear "$PID_FILE"
     rm -f "$API_URL_FILE"
     [[ -n "$db" ]] || db=sqlite
+    [[ -n "$host" ]] || host=127.0.0.1
+    case "$host" in
+        127.*|localhost|::1) ;;
+        *) log "WARNING: binding $host, not loopback: the Prefect API has no authentication; anyone who reaches $host:${port:-<port>} controls this server" ;;
+    esac
     [[ -n "$port" ]] || port="$(choose_port)"
     [[ "$port" =~ ^[0-9]+$ ]] || die "invalid port: $port"
     port_in_use "$port" && die "port $port is already in use by another process; pass --port N (a free one: infra/free-port.sh)"
@@ -89,7 +110,7 @@ cmd_start() {
     # The server's environment: only what we set here decides where its data goes.
     export PREFECT_HOME="$HOME_DIR"
     export PREFECT_SERVER_ANALYTICS_ENABLED=false
-    export PREFECT_SERVER_API_HOST=127.0.0.1
+    export PREFECT_SERVER_API_HOST="$host"
     export PREFECT_SERVER_API_PORT="$port"
     unset PREFECT_API_URL PREFECT_API_KEY
     rm -f "$OWNS_PG_FILE"
@@ -106,21 +127,23 @@ cmd_start() {
 
     t0="$(now_ms)"
     {
-        printf '\n===== %s: prefect server start --host 127.0.0.1 --port %s (db %s)\n' "$(date -Is)" "$port" "$db"
+        printf '\n===== %s: prefect server start --host %s --port %s (db %s)\n' "$(date -Is)" "$host" "$port" "$db"
     } >>"$LOG_FILE"
-    pid="$(start_group "$PID_FILE" "$LOG_FILE" "$prefect" server start --host 127.0.0.1 --port "$port" --analytics-off)"
+    pid="$(start_group "$PID_FILE" "$LOG_FILE" "$prefect" server start --host "$host" --port "$port" --analytics-off)"
     printf '%s\n' "$port" >"$PORT_FILE"
     printf '%s\n' "$db" >"$DB_FILE"
-    if ! wait_for "$timeout" "$pid" "Prefect server" health "$port"; then
+    printf '%s\n' "$host" >"$HOST_FILE"
+    if ! wait_for "$timeout" "$pid" "Prefect server" health "$port" "$host"; then
         log_tail "$LOG_FILE"
         stop_recorded "$PID_FILE" "Prefect server" TERM:10 KILL:5 || true
-        die "the Prefect server did not become healthy on 127.0.0.1:$port (log: $LOG_FILE)"
+        die "the Prefect server did not become healthy on $host:$port (log: $LOG_FILE)"
     fi
     elapsed=$(( $(now_ms) - t0 ))
-    printf 'http://127.0.0.1:%s/api\n' "$port" >"$API_URL_FILE.tmp" && mv -f "$API_URL_FILE.tmp" "$API_URL_FILE"
-    log "Prefect server ready in $((elapsed / 1000)).$(printf '%03d' $((elapsed % 1000))) s: pid $pid, db $db, UI http://127.0.0.1:$port"
+    api="http://$(public_addr "$host"):$port/api"
+    printf '%s\n' "$api" >"$API_URL_FILE.tmp" && mv -f "$API_URL_FILE.tmp" "$API_URL_FILE"
+    log "Prefect server ready in $((elapsed / 1000)).$(printf '%03d' $((elapsed % 1000))) s: pid $pid, db $db, UI ${api%/api}"
     log "use it with: export PREFECT_API_URL=\$(cat $API_URL_FILE)"
-    echo "http://127.0.0.1:$port/api"
+    echo "$api"
 }
 
 cmd_stop() {
@@ -135,11 +158,11 @@ cmd_stop() {
 }
 
 cmd_status() {
-    local pid port db
+    local pid port db host
     if pid="$(pid_alive "$PID_FILE")"; then
-        port="$(<"$PORT_FILE")"; db="$(cat "$DB_FILE" 2>/dev/null || echo sqlite)"
-        if health "$port"; then
-            echo "running: pid $pid, db $db, UI http://127.0.0.1:$port, API http://127.0.0.1:$port/api"
+        port="$(<"$PORT_FILE")"; db="$(cat "$DB_FILE" 2>/dev/null || echo sqlite)"; host="$(running_host)"
+        if health "$port" "$host"; then
+            echo "running: pid $pid, db $db, host $host, UI http://$(public_addr "$host"):$port, API $(cat "$API_URL_FILE")"
         else
             echo "starting or unhealthy: pid $pid, port $port, db $db (log: $LOG_FILE)"
         fi
@@ -156,13 +179,14 @@ cmd_url() {
 }
 
 main() {
-    local cmd="${1:-}" port="" db="" timeout=120
+    local cmd="${1:-}" port="" db="" host="" timeout=120
     [[ -n "$cmd" ]] || { usage >&2; exit 2; }
     shift || true
     while [[ $# -gt 0 ]]; do
         case "$1" in
             --port) port="${2:?--port needs a value}"; shift 2 ;;
             --db) db="${2:?--db needs a value}"; shift 2 ;;
+            --host) host="${2:?--host needs a value}"; shift 2 ;;
             --timeout) timeout="${2:?--timeout needs a value}"; shift 2 ;;
             -h|--help) usage; exit 0 ;;
             *) die "unknown option: $1 (see --help)" ;;
@@ -171,7 +195,7 @@ main() {
     command -v curl >/dev/null || die "curl is needed for the health check (apt-get install -y curl)"
     case "$cmd" in
         -h|--help|help) usage ;;
-        start) cmd_start "$port" "$db" "$timeout" ;;
+        start) cmd_start "$port" "$db" "$timeout" "$host" ;;
         stop) cmd_stop ;;
         status) cmd_status ;;
         url) cmd_url ;;

@@ -54,7 +54,9 @@ LOG_DIR="$S_DIR/log"
 RUN_DIR="$S_DIR/run"
 CONF="$ETC/slurm.conf"
 NODE=monolm-node
-SOCKET="$MUNGE_DIR/munge.socket.2"
+# A UNIX socket path must fit 108 bytes: long state paths put the socket in a /tmp dir.
+SOCKET_DIR="$(socket_dir "$MUNGE_DIR" 20)"
+SOCKET="$SOCKET_DIR/munge.socket.2"
 
 install_needed() {
     local b
@@ -185,8 +187,8 @@ make_devices() {
 }
 
 make_munge_key() {
-    mkdir -p "$MUNGE_DIR"
-    chmod 700 "$MUNGE_DIR"
+    mkdir -p "$MUNGE_DIR" "$SOCKET_DIR"
+    chmod 700 "$MUNGE_DIR" "$SOCKET_DIR"
     if [[ ! -s "$MUNGE_DIR/munge.key" ]]; then
         (umask 077; dd if=/dev/urandom of="$MUNGE_DIR/munge.key.tmp" bs=1024 count=1 status=none)
         mv -f "$MUNGE_DIR/munge.key.tmp" "$MUNGE_DIR/munge.key"
@@ -290,6 +292,7 @@ cmd_stop() {
     stop_recorded "$RUN_DIR/slurmd.pid" slurmd TERM:15 KILL:5
     stop_recorded "$RUN_DIR/slurmctld.pid" slurmctld TERM:15 KILL:5
     stop_recorded "$RUN_DIR/munged.pid" munged TERM:10 KILL:5
+    if [[ "$SOCKET_DIR" == /tmp/monolm-* ]]; then rm -rf "$SOCKET_DIR"; fi
     rm -f "$S_DIR/env"
 }
 
