@@ -302,6 +302,8 @@ def apply_constraint(model: nn.Module, variant: str, init: Init = "abs", eps: fl
     """
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; known: {', '.join(INITS)}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
     if is_constrained(model):
         raise ValueError(f"{type(model).__name__} is already constrained; merge() it before re-applying")
     targets = resolve_targets(model, variant)
@@ -427,6 +429,14 @@ def read_constraint_spec(model_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(model_dir) / CONSTRAINT_FILE).read_text())
 
 
+def _no_init_weights():
+    try:  # transformers >= 5
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
 def load_constrained(model_dir: str | Path, device: str | torch.device | None = None) -> nn.Module:
     """Rebuild a model written by `save_constrained`: from its config, re-parametrized for the
     recorded variant, then loaded strictly (a missing or unexpected key is an error). fp32."""
@@ -436,7 +446,16 @@ def load_constrained(model_dir: str | Path, device: str | torch.device | None = 
     model_dir = Path(model_dir)
     spec = read_constraint_spec(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Random initialization is pure waste here (a strict load overwrites every parameter and
+    # persistent buffer) and costs about a minute for a 1B model on CPU; skip it as
+    # `from_pretrained` does. The uninitialized target weights are set to a finite value so the
+    # conversion in apply_constraint is well defined before the load replaces V.
+    with _no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.tie_weights()  # skipped with init_weights; a no-op unless config.tie_word_embeddings
+    with torch.no_grad():
+        for t in resolve_targets(model, spec["variant"]):
+            t.module.weight.fill_(1.0)
     apply_constraint(model, spec["variant"], spec["init"], spec["eps"])
     names = [t.name for t in constrained_targets(model)]
     if "targets" in spec and names != spec["targets"]:

@@ -27,6 +27,7 @@ from monolm.constraints import (
     merge,
     min_constrained_weight,
     resolve_targets,
+    role_index,
     save_constrained,
 )
 from monolm.monotonicity import capture_inputs, monotonicity_violation_rate
@@ -189,9 +190,11 @@ def test_gated_variants_on_llama():
         f"model.layers.{i}.mlp.{n}" for i in range(2) for n in ("gate_proj", "up_proj", "down_proj")
     }
     assert min_constrained_weight(model) > 0
-    # Llama's attention output projection is recognised as the attention-out role
-    roles = {t.name: t.role for t in resolve_targets(make_llama(), "gated_all")}
-    assert "model.layers.0.self_attn.o_proj" not in roles
+    # Llama's attention output projection is recognised as the attention-out role (and left
+    # alone by the gated variants)
+    roles = {t.name: t.role for t in role_index(make_llama())}
+    assert roles["model.layers.0.self_attn.o_proj"] == "attn_out"
+    assert "model.layers.0.self_attn.o_proj" not in {t.name for t in resolve_targets(make_llama(), "gated_all")}
     with pytest.raises(ValueError, match=r"'mlp_in_attn_out'.*LlamaForCausalLM.*gated"):
         apply_constraint(make_llama(), "mlp_in_attn_out")
 
@@ -271,6 +274,7 @@ def test_save_and_reload_keeps_the_parametrization(neox_state, tmp_path):
 
     loaded = load_constrained(out)
     assert parametrized_names(loaded) == parametrized_names(model)
+    assert loaded.get_output_embeddings().weight is not loaded.get_input_embeddings().weight  # Pythia: untied
     assert min_constrained_weight(loaded) >= 0
     ids = tokens(2, 24)
     with torch.no_grad():
