@@ -140,7 +140,12 @@ stop_recorded() {
             st="$(proc_start_time "$q" 2>/dev/null)" && victims[$q]="$st"
         done
     }
-    victims[$pid]="$(proc_start_time "$pid")"
+    if ! st="$(proc_start_time "$pid")"; then   # exited just now
+        pid_clear "$file"
+        log "$name is not running"
+        return 0
+    fi
+    victims[$pid]="$st"
     _refresh_victims
     for step in "$@"; do
         IFS=: read -r sig secs mode <<<"$step"

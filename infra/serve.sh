@@ -39,8 +39,8 @@ WORKER="$INFRA/worker.sh"
 
 NEW=()   # what this `up` invocation started, in order
 
-record() { printf '%s\n' "$1" >>"$STARTED"; NEW+=("$1"); }
 recorded() { [[ -s "$STARTED" ]] && grep -qxF "$1" "$STARTED"; }
+record() { recorded "$1" || printf '%s\n' "$1" >>"$STARTED"; NEW+=("$1"); }
 
 stop_entry() {
     case "$1" in

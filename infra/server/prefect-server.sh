@@ -2,7 +2,7 @@
 # Start/stop a Prefect server on loopback with a project-local PREFECT_HOME; SQLite by default,
 # PostgreSQL (infra/postgres/postgres.sh) with --db postgres.
 set -euo pipefail
-MONOLM_SCRIPT=prefect-server
+MONOLM_SCRIPT="prefect-server"
 # shellcheck source=infra/lib.sh
 source "$(dirname "$0")/../lib.sh"
 
