@@ -1,0 +1,465 @@
+"""Stage 7 on synthetic stage folders with known numbers: statistics checked against hand
+formulas, report sentences computed from the numbers, booktabs tables, valid PNGs, an atomic
+results folder and transactional store rows."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from monolm import report
+from monolm.artifacts import CorruptArtifact, stage_dir_for, write_manifest
+from monolm.config import load_config
+from monolm.runtime import derive_seed
+from monolm.stages import aggregate
+from monolm.stages.common import StageRef
+from monolm.store import ResultsStore
+
+N_TEXTS = 40
+T_975_DF2 = 4.302652729911275  # Student t quantile, 97.5%, 2 degrees of freedom (tables)
+
+# Per-seed headline numbers: perplexity clearly higher for monotonic (consistent), UAT damage
+# equal on average (null), HotFlip damage much larger for monotonic (consistent).
+NUMBERS = {
+    42: {"ppl": {"base": 40.0, "baseline": 20.0, "monotonic": 23.0},
+         "uat": {"baseline": 0.30, "monotonic": 0.45}, "hotflip": {"baseline": 0.20, "monotonic": 0.90},
+         "control": {"baseline": 0.05, "monotonic": 0.08}},
+    1337: {"ppl": {"base": 41.0, "baseline": 21.0, "monotonic": 24.5},
+           "uat": {"baseline": 0.50, "monotonic": 0.35}, "hotflip": {"baseline": 0.25, "monotonic": 0.95},
+           "control": {"baseline": 0.06, "monotonic": 0.07}},
+    2024: {"ppl": {"base": 39.5, "baseline": 22.5, "monotonic": 25.0},
+           "uat": {"baseline": 0.40, "monotonic": 0.42}, "hotflip": {"baseline": 0.22, "monotonic": 0.93},
+           "control": {"baseline": 0.04, "monotonic": 0.09}},
+}
+
+
+def make_cfg(tmp_path: Path, seeds: list[int], **extra: Any):
+    data = {"paths": {"runs_root": str(tmp_path / "runs"), "results_root": str(tmp_path / "results")},
+            "seeds": seeds, "run_name": "synthetic-run", **extra}
+    return load_config("tiny", extra=data)
+
+
+def _losses(seed: int, arm: str, tag: str, mean_increase: float, n: int = N_TEXTS) -> tuple[list[float], list[float]]:
+    """Clean losses around 4 nats and attacked = clean + an increase whose mean is exactly
+    `mean_increase` (noise centred to zero), so the stage metrics are known numbers."""
+    rng = np.random.default_rng(derive_seed(seed, tag, arm))
+    clean = 4.0 + 0.3 * rng.standard_normal(n)
+    noise = 0.1 * rng.standard_normal(n)
+    noise -= noise.mean()
+    return clean.tolist(), (clean + mean_increase + noise).tolist()
+
+
+def _stage(cfg, seed: int, stage: str, files: dict[str, Any], metrics: dict[str, Any], wall: float = 1.0) -> StageRef:
+    directory = stage_dir_for(cfg, seed, stage)
+    directory.mkdir(parents=True, exist_ok=True)
+    for rel, obj in files.items():
+        (directory / rel).write_text(json.dumps(obj))
+    _, digest = write_manifest(directory, stage=stage, config={}, inputs={}, outputs=list(files), metrics=metrics,
+                               wall_time_s=wall)
+    return StageRef(stage, seed, str(directory), digest, metrics)
+
+
+def _history(arm: str, seed: int, final_ppl: float) -> dict[str, Any]:
+    eff, seq = 16, 128
+    log = [{"step": s, "train_loss": 3.0 + 2.0 * math.exp(-s / 20) + (0.1 if arm == "monotonic" else 0),
+            "lr": 5e-4, "tokens_seen": s * eff * seq} for s in range(5, 65, 5)]
+    evals = [{"step": s, "val_perplexity": final_ppl * (1 + 2.0 * math.exp(-s / 15)), "val_loss": 3.0}
+             for s in (20, 40, 60)]
+    return {"log": log, "eval": evals, "summary": {"effective_batch_size": eff, "seq_len": seq, "seed": seed}}
+
+
+MONOTONICITY = [
+    {"target": "gpt_neox.layers.0.mlp.dense_h_to_4h", "role": "mlp_in", "sublayer": "linear", "n_pairs": 256,
+     "n_coords": 256 * 512, "coord_violation_rate": 0.0, "pair_violation_rate": 0.0, "max_relative_drop": 0.0},
+    {"target": "gpt_neox.layers.0.mlp.dense_h_to_4h", "role": "mlp_in", "sublayer": "block", "n_pairs": 256,
+     "n_coords": 256 * 128, "coord_violation_rate": 0.25, "pair_violation_rate": 1.0, "max_relative_drop": 0.4},
+    {"target": "gpt_neox.layers.1.mlp.dense_h_to_4h", "role": "mlp_in", "sublayer": "block", "n_pairs": 256,
+     "n_coords": 256 * 128, "coord_violation_rate": 0.15, "pair_violation_rate": 0.5, "max_relative_drop": 0.2},
+]
+
+
+def make_seed(cfg, seed: int, numbers: dict[str, Any], *, skip: tuple[str, ...] = ()) -> dict[str, StageRef]:
+    """Fake stage folders (manifests written by monolm.artifacts) for one seed."""
+    from monolm.attacks.effects import effect_summary
+    from monolm.stages.attack import normalize
+
+    threshold = cfg.attacks.success_threshold
+    refs: dict[str, StageRef] = {}
+    refs["setup"] = _stage(cfg, seed, "setup", {}, {"model_dir": "/nowhere", "docs": {"train": 10, "eval": 4, "attack": 6}})
+    refs["constrain"] = _stage(cfg, seed, "constrain", {"report.json": {
+        "variant": "mlp_in", "init": "abs",
+        "summary": {"n_modules": 4, "constrained_params": 262144, "share_of_params": 0.3, "frac_negative_before": 0.5,
+                    "rel_change": 0.9, "modules": []},
+        "drift": {"kl_mean": 0.8 + seed * 1e-5, "ppl_ratio": 2.1},
+        "monotonicity": MONOTONICITY, "min_constrained_weight": 1e-6, "note": "n/a"}}, {"drift": {}})
+    for arm in report.ARMS:
+        ppl = numbers["ppl"][arm]
+        refs[f"train_{arm}"] = _stage(cfg, seed, f"train_{arm}", {"history.json": _history(arm, seed, ppl)}, {
+            "arm": arm, "recipe": "fair", "lr": 5e-4, "steps": 60, "tokens_seen": 60 * 16 * 128,
+            "effective_batch_size": 16, "final": {"train_loss": 3.1, "val_perplexity": ppl, "best_val_perplexity": ppl},
+            "model_dir": "/nowhere"}, wall=100.0 + (20 if arm == "monotonic" else 0))
+    models = {m: {"token_perplexity": p, "loss": math.log(p), "tokens": 5000, "docs": 40, "bits_per_byte": math.log2(p) / 4}
+              for m, p in numbers["ppl"].items()}
+    refs["evaluate"] = _stage(cfg, seed, "evaluate", {"evaluation.json": {
+        "models": models, "n_docs": 40, "recipe": "fair", "min_constrained_weight": 2e-6,
+        "monotonicity": [dict(r, coord_violation_rate=r["coord_violation_rate"] * 0.8) for r in MONOTONICITY]}},
+        {f"{m}_token_perplexity": p for m, p in numbers["ppl"].items()})
+    for attack in ("uat", "hotflip"):
+        per_example, per_model, control = {}, {}, {}
+        for arm in report.ARMS:
+            clean, attacked = _losses(seed, arm, attack, numbers[attack][arm])
+            per_example[arm] = {"clean": clean, "attacked": attacked}
+            per_model[arm] = normalize(effect_summary(clean, attacked, threshold=threshold, seed=seed, tag=f"{attack}:{arm}"))
+            if attack == "hotflip":
+                c, a = _losses(seed, arm, "control", numbers["control"][arm])
+                control[arm] = normalize(effect_summary(c, a, threshold=threshold, seed=seed, tag=f"control:{arm}"))
+        metrics: dict[str, Any] = {"per_model": per_model,
+                                   "transfer": {"baseline": {"baseline": numbers[attack]["baseline"], "monotonic": 0.1},
+                                                "monotonic": {"baseline": 0.12, "monotonic": numbers[attack]["monotonic"]}}}
+        if attack == "hotflip":
+            metrics.update(control=control, mean_flips={"baseline": 2.5, "monotonic": 2.9})
+        refs[attack] = _stage(cfg, seed, attack, {"per_example.json": per_example}, metrics)
+    return {k: v for k, v in refs.items() if k not in skip}
+
+
+@pytest.fixture(scope="module")
+def three_seeds(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("three")
+    cfg = make_cfg(tmp, list(NUMBERS))
+    seeds = [make_seed(cfg, s, n) for s, n in NUMBERS.items()]
+    out = aggregate.run(cfg, seeds)
+    return cfg, seeds, out, json.loads(Path(out["dir"], "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def one_seed(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("one")
+    cfg = make_cfg(tmp, [42])
+    seeds = [make_seed(cfg, 42, NUMBERS[42])]
+    out = aggregate.run(cfg, seeds)
+    return cfg, seeds, out, json.loads(Path(out["dir"], "results.json").read_text())
+
+
+def _summary(results, stage, model, metric):
+    rec = report.summary(results, stage, model, metric)
+    assert rec is not None, (stage, model, metric)
+    return rec
+
+
+def _comparison(results, stage, metric, scope="seeds", seed=None):
+    found = [c for c in results["comparisons"] if c["stage"] == stage and c["metric"] == metric
+             and c["scope"] == scope and c["seed"] == seed]
+    assert len(found) == 1, (stage, metric, scope, seed, found)
+    return found[0]
+
+
+# --------------------------------------------------------------------------- statistics, 3 seeds
+def test_three_seed_summary_matches_hand_formulas(three_seeds):
+    _, _, _, results = three_seeds
+    values = [20.0, 21.0, 22.5]
+    rec = _summary(results, "evaluate", "baseline", "token_perplexity")
+    mean = sum(values) / 3
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / 2)
+    half = T_975_DF2 * std / math.sqrt(3)
+    assert rec["n"] == 3 and rec["seeds"] == [42, 1337, 2024]
+    assert rec["mean"] == pytest.approx(mean, rel=1e-12)
+    assert rec["std"] == pytest.approx(std, rel=1e-12)
+    assert (rec["ci_low"], rec["ci_high"]) == (pytest.approx(mean - half, rel=1e-9), pytest.approx(mean + half, rel=1e-9))
+    assert rec["ci_method"].startswith("t-interval over seeds")
+
+
+def test_three_seed_paired_tests_match_hand_formulas(three_seeds):
+    _, _, _, results = three_seeds
+    comp = _comparison(results, "evaluate", "token_perplexity")
+    diffs = [3.0, 3.5, 2.5]  # monotonic - baseline per seed
+    mean = sum(diffs) / 3
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
+    t = mean / (sd / math.sqrt(3))
+    p = 1 - t / math.sqrt(2 + t * t)  # two-sided p of Student t with 2 df (closed form)
+    assert comp["n"] == 3 and comp["mean_diff"] == pytest.approx(mean)
+    assert comp["t_stat"] == pytest.approx(t, rel=1e-9)
+    assert comp["t_p"] == pytest.approx(p, rel=1e-9)
+    assert comp["wilcoxon_p"] == pytest.approx(0.25)  # exact: all 3 differences positive -> 2/2^3
+    assert comp["significant"] is (p < 0.05)
+    # the attack effect per seed is the exact mean increase we built in
+    uat = _comparison(results, "uat", "abs_increase")
+    d = np.array([0.45 - 0.30, 0.35 - 0.50, 0.42 - 0.40])
+    t_uat = d.mean() / (d.std(ddof=1) / math.sqrt(3))
+    assert uat["mean_diff"] == pytest.approx(d.mean(), abs=1e-9)
+    assert uat["t_p"] == pytest.approx(1 - abs(t_uat) / math.sqrt(2 + t_uat ** 2), rel=1e-6)
+    assert not uat["significant"]
+
+
+def test_within_seed_tests_are_over_the_same_texts(three_seeds):
+    _, seeds, _, results = three_seeds
+    for refs in seeds:
+        seed = refs["uat"].seed
+        per_example = json.loads(Path(refs["hotflip"].dir, "per_example.json").read_text())
+        d = (np.subtract(per_example["monotonic"]["attacked"], per_example["monotonic"]["clean"])
+             - np.subtract(per_example["baseline"]["attacked"], per_example["baseline"]["clean"]))
+        comp = _comparison(results, "hotflip", "abs_increase", scope="texts", seed=seed)
+        t = d.mean() / (d.std(ddof=1) / math.sqrt(d.size))
+        from scipy.stats import t as student_t
+
+        assert comp["n"] == N_TEXTS
+        assert comp["mean_diff"] == pytest.approx(d.mean())
+        assert comp["t_p"] == pytest.approx(2 * student_t.sf(abs(t), d.size - 1), rel=1e-6)
+        assert comp["significant"]
+
+
+def test_report_sentences_follow_the_numbers(three_seeds):
+    _, _, out, results = three_seeds
+    md = Path(out["report"]).read_text()
+    uat = next(s for s in results["findings"] if s.startswith("UAT absolute loss increase"))
+    hotflip = next(s for s in results["findings"] if s.startswith("HotFlip absolute loss increase"))
+    ppl = next(s for s in results["findings"] if s.startswith("Held-out token perplexity"))
+    assert "no significant difference" in uat and "not significant at α=0.05" in uat and "n=3 seeds" in uat
+    assert "paired t-test" in uat
+    assert ": significant at α=0.05" in hotflip and "more damage to the constrained arm" in hotflip
+    assert "significant in 3 of 3 seeds (3 with the constrained arm higher, 0 lower)" in hotflip  # the within-seed tests over texts
+    # perplexity: consistent +3 but only 3 seeds -> whatever the t-test says, the words must match it
+    comp = _comparison(results, "evaluate", "token_perplexity")
+    assert ("not significant" in ppl) is (not comp["significant"])
+    for sentence in (uat, hotflip, ppl):
+        assert sentence in md
+    # absolute first, relative second; honest wording; recipe stated prominently
+    assert md.index("UAT absolute loss increase") < md.index("UAT relative loss increase")
+    assert "non-negative FFN weights" in md and "is not described as monotone" in md
+    assert "most robust" not in md and "monotone model" not in md.replace("not described as monotone", "")
+    assert "Training recipe: **fair**" in md.split("## Findings")[0]
+    assert results["meta"]["config_digest"] in md and "config.yaml" in md
+    # violation rates pooled over targets: block (0.25*0.8 + 0.15*0.8)/2 = 0.16 after training
+    rec = _summary(results, "evaluate", "monotonic", "monotonicity_mlp_in_block_coord_violation_rate")
+    assert rec["mean"] == pytest.approx(0.16)
+    assert "mlp in block: 16%" in md and "mlp in linear: 0%" in md
+
+
+def test_recipe_statement_names_asymmetric_arms(tmp_path):
+    cfg = make_cfg(tmp_path, [42], training={"recipe": "asymmetric", "monotonic": {"lr": 1e-3}})
+    meta = {"recipe": "asymmetric", "arms": {a: cfg.training.arm(a).model_dump(mode="json") for a in report.ARMS}}
+    text = report.recipe_statement(meta, [])
+    assert "**asymmetric**" in text and "lr: baseline 0.0005 vs monotonic 0.001" in text
+    assert "may come from the recipe" in text
+
+
+def test_tables_and_csv(three_seeds):
+    _, _, out, results = three_seeds
+    tex = Path(out["dir"], "tables.tex").read_text()
+    for rule in (r"\toprule", r"\midrule", r"\bottomrule"):
+        assert tex.count(rule) == tex.count(r"\begin{tabular}") > 3
+    assert "n = 3 seeds" in tex and r"$\pm$" in tex and "nats/token" in tex
+    assert "_" not in tex.replace(r"\_", "")  # every underscore escaped
+    csv_text = Path(out["dir"], "summary.csv").read_text().splitlines()
+    header = csv_text[0].split(",")
+    assert header[:4] == ["stage", "model", "metric", "n"]
+    row = next(line for line in csv_text if line.startswith("evaluate,monotonic,token_perplexity,"))
+    assert row.split(",")[3] == "3" and float(row.split(",")[4]) == pytest.approx((23 + 24.5 + 25) / 3)
+    assert out["table"][1]["model"] == "baseline" and out["table"][1]["perplexity"] == pytest.approx(21.1666666)
+    assert out["table"][2]["hotflip_delta_nats"] == pytest.approx(0.9266666, rel=1e-5)
+
+
+def test_every_value_carries_its_provenance(three_seeds):
+    cfg, _, out, results = three_seeds
+    for rec in results["values"] + results["summaries"] + results["comparisons"]:
+        assert rec["variant"] == "mlp_in" and rec["preset"] == "tiny" and rec["recipe"] == "fair"
+        assert rec["config_digest"] == cfg.digest() and rec["code_revision"]
+    assert all("seed" in v and "model" in v for v in results["values"])
+    assert out["digest"] == __import__("hashlib").sha256(Path(out["dir"], "results.json").read_bytes()).hexdigest()
+
+
+def test_plots_are_valid_images(three_seeds):
+    _, _, out, _ = three_seeds
+    for name in ("perplexity.png", "attacks.png", "training.png"):
+        path = Path(out["dir"], name)
+        assert str(path) in out["files"]
+        with Image.open(path) as img:
+            img.verify()
+        with Image.open(path) as img:
+            assert img.format == "PNG" and img.size[0] > 600 and img.size[1] > 400
+    assert sorted(Path(f).name for f in out["files"]) == sorted(
+        ["attacks.png", "config.yaml", "manifest.json", "perplexity.png", "report.md", "results.json", "summary.csv",
+         "tables.tex", "training.png"])
+    assert all(Path(f).is_file() for f in out["files"])
+
+
+def test_store_rows(three_seeds):
+    cfg, _, out, results = three_seeds
+    with ResultsStore(cfg.store_url) as store:
+        run = store.get_run(out["run_id"])
+        assert run["status"] == "completed" and run["seeds"] == [42, 1337, 2024] and run["recipe"] == "fair"
+        assert run["config_digest"] == cfg.digest() and run["variant"] == "mlp_in" and run["preset"] == "tiny"
+        rows = store.query(run_id=out["run_id"], model="monotonic", metric="token_perplexity")
+        assert sorted((r["seed"], r["value"]) for r in rows) == [(42, 23.0), (1337, 24.5), (2024, 25.0)]
+        assert all(r["stage"] == "evaluate" and r["recipe"] == "fair" for r in rows)
+        mean = store.query(run_id=out["run_id"], model="monotonic", metric="token_perplexity:mean")
+        assert len(mean) == 1 and mean[0]["seed"] is None and mean[0]["value"] == pytest.approx(24.1666666)
+        test = store.query(run_id=out["run_id"], model="monotonic-baseline", metric="abs_increase:t_p", stage="uat")
+        assert {r["seed"] for r in test} == {None, 42, 1337, 2024}
+        assert len(store.query(run_id=out["run_id"])) == len(aggregate.store_rows(results))
+
+
+def test_rerun_is_idempotent(three_seeds):
+    cfg, seeds, out, _ = three_seeds
+    again = aggregate.run(cfg, seeds)
+    assert again["digest"] == out["digest"]  # results.json is byte-identical
+    with ResultsStore(cfg.store_url) as store:
+        assert len(store.runs()) == 1
+
+
+# --------------------------------------------------------------------------- one seed
+def test_one_seed_uses_examples(one_seed):
+    _, seeds, out, results = one_seed
+    rec = _summary(results, "uat", "monotonic", "abs_increase")
+    per_example = json.loads(Path(seeds[0]["uat"].dir, "per_example.json").read_text())["monotonic"]
+    d = np.subtract(per_example["attacked"], per_example["clean"])
+    assert rec["n"] == 1 and rec["std"] is None and rec["n_examples"] == N_TEXTS
+    assert rec["ci_method"].startswith("bootstrap BCa over texts")
+    half_normal = 1.96 * d.std(ddof=1) / math.sqrt(d.size)  # the bootstrap should be close to it
+    assert rec["ci_low"] < d.mean() < rec["ci_high"]
+    assert (rec["ci_high"] - rec["ci_low"]) / 2 == pytest.approx(half_normal, rel=0.25)
+    assert not [c for c in results["comparisons"] if c["scope"] == "seeds"]  # no across-seed test with n=1
+    uat = next(s for s in results["findings"] if s.startswith("UAT absolute loss increase"))
+    assert "n=40 texts" in uat and "This is one seed" in uat
+    ppl = next(s for s in results["findings"] if s.startswith("Held-out token perplexity"))
+    assert "no paired test possible" in ppl and "no difference is claimed" in ppl
+    assert "No confidence interval" in Path(out["report"]).read_text()  # perplexity: no per-document losses
+
+
+def test_one_seed_perplexity_ci_from_documents(tmp_path):
+    cfg = make_cfg(tmp_path, [7])
+    refs = make_seed(cfg, 7, NUMBERS[42], skip=("uat", "hotflip"))
+    ev_dir = Path(refs["evaluate"].dir)
+    evaluation = json.loads((ev_dir / "evaluation.json").read_text())
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(50, 200, 30)
+    difficulty = 0.3 * rng.standard_normal(30)  # the same documents for every model
+    for model in ("base", "baseline", "monotonic"):
+        nll = tokens * (math.log(NUMBERS[42]["ppl"][model]) + difficulty + 0.02 * rng.standard_normal(30))
+        evaluation["models"][model]["per_doc"] = [{"nll": float(a), "tokens": int(b)} for a, b in zip(nll, tokens)]
+        evaluation["models"][model]["token_perplexity"] = math.exp(nll.sum() / tokens.sum())
+    refs["evaluate"] = _stage(cfg, 7, "evaluate", {"evaluation.json": evaluation}, {})
+    out = aggregate.run(cfg, [refs])
+    results = json.loads(Path(out["dir"], "results.json").read_text())
+    rec = _summary(results, "evaluate", "monotonic", "token_perplexity")
+    assert rec["ci_method"].startswith("bootstrap BCa over documents") and rec["ci_low"] < rec["mean"] < rec["ci_high"]
+    comp = _comparison(results, "evaluate", "doc_loss", scope="documents", seed=7)
+    assert comp["n"] == 30 and comp["significant"]
+    assert results["meta"]["status"] == "partial"  # no attack stages
+
+
+# --------------------------------------------------------------------------- refusing bad inputs
+def test_corrupt_input_is_refused_with_its_path(tmp_path):
+    cfg = make_cfg(tmp_path, [42])
+    refs = make_seed(cfg, 42, NUMBERS[42])
+    path = Path(refs["evaluate"].dir, "evaluation.json")
+    path.write_text(path.read_text().replace("23.0", "13.0"))
+    with pytest.raises(CorruptArtifact, match=re.escape(str(path))):
+        aggregate.run(cfg, [refs])
+    assert not (tmp_path / "results" / "synthetic-run").exists()
+
+
+def test_missing_or_replaced_manifest_is_refused(tmp_path):
+    cfg = make_cfg(tmp_path, [42])
+    refs = make_seed(cfg, 42, NUMBERS[42])
+    stale = refs["uat"]
+    refs = make_seed(cfg, 42, {**NUMBERS[42], "uat": {"baseline": 0.1, "monotonic": 0.1}})  # re-ran after the ref
+    with pytest.raises(CorruptArtifact, match=re.escape(str(Path(stale.dir, "manifest.json"))) + ".*differs from the "
+                       "digest the pipeline passed"):
+        aggregate.run(cfg, [{**refs, "uat": stale}])
+    Path(refs["hotflip"].dir, "manifest.json").unlink()
+    with pytest.raises(CorruptArtifact, match=re.escape(str(Path(refs["hotflip"].dir, "manifest.json"))) + ".*did not finish"):
+        aggregate.read_seed(refs)
+
+
+def test_per_example_must_match_the_stage_summary(tmp_path):
+    cfg = make_cfg(tmp_path, [42])
+    refs = make_seed(cfg, 42, NUMBERS[42])
+    per_example = json.loads(Path(refs["uat"].dir, "per_example.json").read_text())
+    per_example["monotonic"]["attacked"] = per_example["monotonic"]["attacked"][:-1]
+    per_example["monotonic"]["clean"] = per_example["monotonic"]["clean"][:-1]
+    refs["uat"] = _stage(cfg, 42, "uat", {"per_example.json": per_example}, refs["uat"].metrics)
+    with pytest.raises(CorruptArtifact, match="39 texts, but the stage reports n=40"):
+        aggregate.run(cfg, [refs])
+
+
+# --------------------------------------------------------------------------- all or nothing
+def _no_leftovers(root: Path) -> bool:
+    return not [p for p in root.glob(".*") if p.name.startswith((".tmp-", ".old-"))]
+
+
+def test_failure_midway_leaves_no_folder_and_no_rows(tmp_path, monkeypatch):
+    cfg = make_cfg(tmp_path, [42])
+    refs = make_seed(cfg, 42, NUMBERS[42])
+    written: list[Path] = []
+    real = aggregate.plots.plot_attacks
+
+    def fail_after_attacks(results, path):  # perplexity.png and attacks.png exist, then a crash
+        written.append(real(results, path))
+        raise RuntimeError("disk full while plotting")
+
+    monkeypatch.setattr(aggregate.plots, "plot_attacks", fail_after_attacks)
+    with pytest.raises(RuntimeError, match="disk full"):
+        aggregate.run(cfg, [refs])
+    assert written and not written[0].exists()  # the temp folder is gone
+    root = tmp_path / "results"
+    assert not (root / "synthetic-run").exists() and _no_leftovers(root)
+    with ResultsStore(cfg.store_url) as store:
+        assert store.runs() == [] and store.query() == []
+
+
+def test_failed_store_write_keeps_the_previous_results_and_rows(tmp_path, monkeypatch):
+    cfg = make_cfg(tmp_path, [42])
+    refs = make_seed(cfg, 42, NUMBERS[42])
+    first = aggregate.run(cfg, [refs])
+    before = {f: Path(f).read_bytes() for f in first["files"]}
+    with ResultsStore(cfg.store_url) as store:
+        rows_before = store.query(run_id=first["run_id"])
+
+    def boom(self, run, metrics):
+        list(metrics)
+        raise OSError("database went away")
+
+    monkeypatch.setattr(ResultsStore, "record_run", boom)
+    with pytest.raises(OSError, match="database went away"):
+        aggregate.run(cfg, [refs])
+    assert {f: Path(f).read_bytes() for f in first["files"]} == before  # the previous folder, restored
+    assert _no_leftovers(tmp_path / "results")
+    with ResultsStore(cfg.store_url) as store:
+        assert store.query(run_id=first["run_id"]) == rows_before
+
+
+def test_failed_store_write_on_a_first_run_leaves_nothing(tmp_path, monkeypatch):
+    cfg = make_cfg(tmp_path, [42])
+    refs = make_seed(cfg, 42, NUMBERS[42])
+    monkeypatch.setattr(ResultsStore, "record_run", lambda self, run, metrics: (_ for _ in ()).throw(OSError("no db")))
+    with pytest.raises(OSError, match="no db"):
+        aggregate.run(cfg, [refs])
+    assert not (tmp_path / "results" / "synthetic-run").exists() and _no_leftovers(tmp_path / "results")
+
+
+def test_published_replaces_an_existing_folder(tmp_path):
+    final, tmp = tmp_path / "run", tmp_path / ".tmp-run-x"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    tmp.mkdir()
+    (tmp / "new.txt").write_text("new")
+    with aggregate.published(tmp, final):
+        assert (final / "new.txt").is_file()
+    assert sorted(p.name for p in final.iterdir()) == ["new.txt"] and not tmp.exists()
+    assert _no_leftovers(tmp_path)
+
+
+def test_bad_run_name_and_duplicate_seeds_are_refused(tmp_path):
+    cfg = make_cfg(tmp_path, [42])
+    refs = make_seed(cfg, 42, NUMBERS[42])
+    with pytest.raises(ValueError, match="more than once"):
+        aggregate.run(cfg, [refs, refs])
+    with pytest.raises(ValueError, match="cannot name a results folder"):
+        aggregate.run(cfg.model_copy(update={"run_name": "../escape"}), [refs])
