@@ -1,0 +1,49 @@
+"""Stage 7 task: aggregate all seeds, then publish the results table and the report as Prefect
+artifacts on the flow run, so the UI shows the results without opening any file."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from monolm.stages import aggregate
+from tasks.stage import as_ref, run_stage
+
+MAX_KEY = 100
+
+
+def artifact_key(kind: str, run_name: str) -> str:
+    """`<kind>-<run-name>` reduced to what Prefect accepts: lowercase letters, digits, dashes."""
+    slug = re.sub(r"[^a-z0-9]+", "-", run_name.lower()).strip("-") or "run"
+    return f"{kind}-{slug}"[:MAX_KEY].rstrip("-")
+
+
+def publish_artifacts(result: dict[str, Any]) -> dict[str, str]:
+    """Create the table and markdown artifacts for an aggregate result (inside a flow or task
+    run). Returns the artifact keys. Also usable by a flow that got the result from the cache."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    run_name = result["run_name"]
+    keys = {"table": artifact_key("results", run_name), "report": artifact_key("report", run_name)}
+    create_table_artifact(
+        table=result["table"], key=keys["table"],
+        description=f"{run_name}: per model, mean over seeds (perplexity; UAT/HotFlip absolute loss increase in "
+                    f"nats/token and success rate). Report: {result['report']}",
+    )
+    report_md = Path(result["report"]).read_text(encoding="utf-8")
+    note = f"\n\n---\nResults folder: `{result['dir']}` (plots: perplexity.png, attacks.png, training.png)\n"
+    create_markdown_artifact(markdown=report_md + note, key=keys["report"], description=f"{run_name}: report.md")
+    return keys
+
+
+@task(name="aggregate", task_run_name="aggregate")
+def aggregate_task(cfg: dict, seed: int | None = None, seeds: list[dict] | None = None) -> dict:
+    """`seeds`: one {stage name: stage task result} per seed. Returns the stage result (with
+    "dir" and "files", which the cache-validity check uses) and the artifact keys."""
+    per_seed = [{stage: as_ref(ref) for stage, ref in refs.items()} for refs in (seeds or [])]
+    result = run_stage("aggregate", cfg, None, lambda c: aggregate.run(c, per_seed))
+    result["artifacts"] = publish_artifacts(result)
+    return result
