@@ -110,9 +110,23 @@ def final_optimizer(out: Path) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------- exact resume
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The 12-step reference run of each arm, trained once per module."""
+    cache = {}
+
+    def get(constrained: bool):
+        if constrained not in cache:
+            out = tmp_path_factory.mktemp(f"straight-{constrained}")
+            cache[constrained] = (out, *run(out, constrained=constrained))
+        return cache[constrained]
+
+    return get
+
+
 @pytest.mark.parametrize("constrained", [False, True])
-def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, constrained):
-    straight, r_straight = run(tmp_path / "straight", constrained=constrained)
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, constrained, uninterrupted):
+    straight_dir, straight, r_straight = uninterrupted(constrained)
     assert r_straight.completed and r_straight.steps == 12 and r_straight.resumed_from is None
 
     _, r_part = run(tmp_path / "resumed", constrained=constrained, stop=7)  # stops mid log interval
@@ -123,7 +137,7 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, constrain
     assert r_resumed.resumed_from.name == "step-00000007" and r_resumed.completed
 
     assert_same_state(straight, resumed)
-    opt_a, opt_b = final_optimizer(tmp_path / "straight"), final_optimizer(tmp_path / "resumed")
+    opt_a, opt_b = final_optimizer(straight_dir), final_optimizer(tmp_path / "resumed")
     assert opt_a.keys() == opt_b.keys() and all(torch.equal(opt_a[k], opt_b[k]) for k in opt_a)
     assert comparable(r_straight.history) == comparable(r_resumed.history)
     on_disk = json.loads((tmp_path / "resumed" / "history.json").read_text())
@@ -166,8 +180,9 @@ def _incomplete(ckpt: Path) -> None:
     (_truncate, "sha256 differs"),
     (_incomplete, "incomplete"),
 ])
-def test_corrupt_latest_checkpoint_is_skipped_and_resume_stays_exact(tmp_path, caplog, damage, reason):
-    straight, _ = run(tmp_path / "straight")
+def test_corrupt_latest_checkpoint_is_skipped_and_resume_stays_exact(tmp_path, caplog, damage, reason,
+                                                                    uninterrupted):
+    _, straight, _ = uninterrupted(False)
     out = tmp_path / "broken"
     run(out, stop=10)  # checkpoints at 4, 8 and 10
     newest = out / "checkpoints" / "step-00000010"
