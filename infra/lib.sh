@@ -25,11 +25,10 @@ fi
 MONOLM_REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export MONOLM_REPO_ROOT
 
-# The project-local state directory (absolute): $MONOLM_STATE_DIR or <repo>/.state.
+# The project-local state directory (absolute): $MONOLM_STATE_DIR or <repo>/.state. Not created
+# here: `--help` and `status` must not leave directories behind; commands create what they use.
 monolm_state_dir() {
-    local dir="${MONOLM_STATE_DIR:-$MONOLM_REPO_ROOT/.state}"
-    mkdir -p "$dir"
-    (cd "$dir" && pwd)
+    realpath -m -- "${MONOLM_STATE_DIR:-$MONOLM_REPO_ROOT/.state}"
 }
 
 log() { printf '[%s] %s\n' "${MONOLM_SCRIPT:-infra}" "$*" >&2; }
@@ -249,6 +248,13 @@ socket_dir() {
         h="$(printf '%s' "$dir" | sha256sum | cut -c1-16)"
         echo "/tmp/monolm-$h"
     fi
+}
+
+# lock_existing DIR: lock_component, but fail (without creating anything) when DIR does not
+# exist, i.e. nothing was ever started from this state dir.
+lock_existing() {
+    [[ -d "$1" ]] || return 1
+    lock_component "$1"
 }
 
 # Serialise start/stop of one component: lock_component DIR (holds fd 9 until the script exits).

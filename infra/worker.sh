@@ -96,6 +96,7 @@ deploy_all() {
 
 cmd_start() {
     local pool="$1" name="$2" deploy="$3" timeout="$4"
+    mkdir -p "$W_DIR"
     local pid_file="$W_DIR/$pool.pid" log_file="$W_DIR/$pool.log" url pid prefect t0
     lock_component "$W_DIR"
     url="$(api_url)"
@@ -129,7 +130,7 @@ cmd_start() {
 
 cmd_stop() {
     local pool="$1" grace="$2"
-    lock_component "$W_DIR"
+    lock_existing "$W_DIR" || { log "worker (pool $pool) is not running (nothing under $W_DIR)"; return 0; }
     # SIGINT reaches the worker and its flow-run processes (which run in their own sessions):
     # a flow run interrupted this way reports itself Crashed to the server, where a SIGKILL
     # would leave it Running forever. The worker itself does not exit on a first SIGINT or
@@ -166,7 +167,6 @@ main() {
     done
     [[ "$pool" =~ ^[A-Za-z0-9._-]+$ ]] || die "invalid pool name: $pool"
     [[ -n "$name" ]] || name="monolm-$(hostname -s 2>/dev/null || echo host)-$pool"
-    mkdir -p "$W_DIR"
     case "$cmd" in
         -h|--help|help) usage ;;
         start) command -v curl >/dev/null || die "curl is needed (apt-get install -y curl)"

@@ -136,12 +136,30 @@ def install_or_skip(script: str, state: Path, what: str) -> None:
 
 # ----------------------------------------------------------------------------- static checks
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
-def test_help_exits_zero_and_names_commands(script):
-    proc = subprocess.run([str(REPO / script), "--help"], capture_output=True, text=True, timeout=30)
+def test_help_exits_zero_and_names_commands(script, tmp_path):
+    state = tmp_path / "state"
+    proc = subprocess.run([str(REPO / script), "--help"], capture_output=True, text=True,
+                          env=_env(state), timeout=30)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("Usage: " + script)
     for command in SCRIPTS[script]:
         assert f"\n  {command} " in proc.stdout, f"--help of {script} does not describe '{command}'"
+    assert not state.exists(), "--help must not create state"
+
+
+@pytest.mark.parametrize("script", sorted(s for s, commands in SCRIPTS.items() if "stop" in commands))
+def test_status_and_stop_of_nothing_are_harmless(script, tmp_path):
+    """On a fresh state dir: status says stopped (exit 3), stop succeeds, neither creates state."""
+    state = tmp_path / "state"
+    status = subprocess.run([str(REPO / script), "status"], capture_output=True, text=True,
+                            env=_env(state), timeout=30)
+    assert status.returncode == 3, status.stdout + status.stderr
+    assert "stopped" in status.stdout
+    stop = subprocess.run([str(REPO / script), "stop"], capture_output=True, text=True,
+                          env=_env(state), timeout=30)
+    assert stop.returncode == 0, stop.stderr
+    assert "not running" in stop.stderr
+    assert not state.exists()
 
 
 @pytest.mark.parametrize("script", sorted(s for s, commands in SCRIPTS.items() if commands))

@@ -214,7 +214,7 @@ cmd_start() {
 }
 
 cmd_stop() {
-    lock_component "$PG_DIR"
+    lock_existing "$PG_DIR" || { log "not running (nothing under $PG_DIR)"; return 0; }
     local pid
     if ! pid="$(pid_alive "$PID_FILE")"; then
         pid_clear "$PID_FILE"

@@ -147,7 +147,7 @@ cmd_start() {
 }
 
 cmd_stop() {
-    lock_component "$HOME_DIR"
+    lock_existing "$HOME_DIR" || { log "Prefect server is not running (nothing under $HOME_DIR)"; return 0; }
     # uvicorn shuts down cleanly on SIGTERM; the group kill catches anything it leaves behind.
     stop_recorded "$PID_FILE" "Prefect server" TERM:20 KILL:5
     rm -f "$API_URL_FILE"

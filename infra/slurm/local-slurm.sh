@@ -40,7 +40,8 @@ Facts (checked with slurm 22.05 on Debian 12):
   * slurmctld and slurmd listen on all interfaces of their ports (SLURM has no bind-address
     setting); every message is authenticated with this cluster's own munge key.
 
-State (<state> = $MONOLM_STATE_DIR or <repo>/.state): <state>/slurm/{etc,munge,dev,spool,log,run}.
+State (<state> = $MONOLM_STATE_DIR or <repo>/.state): <state>/slurm/{etc,munge,munge-run,dev,
+spool,log,run}; daemon output in <state>/slurm/log/{munged.out,slurmctld.log,slurmd.log}.
 USAGE
 }
 
@@ -55,7 +56,8 @@ RUN_DIR="$S_DIR/run"
 CONF="$ETC/slurm.conf"
 NODE=monolm-node
 # A UNIX socket path must fit 108 bytes: long state paths put the socket in a /tmp dir.
-SOCKET_DIR="$(socket_dir "$MUNGE_DIR" 20)"
+# Separate from the key's directory (700): clients of any user need to reach the socket.
+SOCKET_DIR="$(socket_dir "$S_DIR/munge-run" 20)"
 SOCKET="$SOCKET_DIR/munge.socket.2"
 
 install_needed() {
@@ -188,7 +190,8 @@ make_devices() {
 
 make_munge_key() {
     mkdir -p "$MUNGE_DIR" "$SOCKET_DIR"
-    chmod 700 "$MUNGE_DIR" "$SOCKET_DIR"
+    chmod 700 "$MUNGE_DIR"
+    chmod 755 "$SOCKET_DIR"
     if [[ ! -s "$MUNGE_DIR/munge.key" ]]; then
         (umask 077; dd if=/dev/urandom of="$MUNGE_DIR/munge.key.tmp" bs=1024 count=1 status=none)
         mv -f "$MUNGE_DIR/munge.key.tmp" "$MUNGE_DIR/munge.key"
@@ -265,7 +268,7 @@ cmd_start() {
     # munged: this cluster's own key and socket, nothing shared with a system munge.
     start_daemon munged munge_up 20 munged --foreground --force \
         --socket="$SOCKET" --key-file="$MUNGE_DIR/munge.key" --pid-file="$RUN_DIR/munged.daemon.pid" \
-        --log-file="$LOG_DIR/munged.log" --seed-file="$MUNGE_DIR/munged.seed"
+        --seed-file="$MUNGE_DIR/munged.seed"
     start_daemon slurmctld ctld_up 30 slurmctld -D -f "$CONF"
     # slurmd is ready when its node has registered and is idle (ReturnToService=2).
     start_daemon slurmd node_idle "$timeout" slurmd -D -f "$CONF" -N "$NODE"
@@ -276,7 +279,7 @@ cmd_start() {
 }
 
 cmd_stop() {
-    lock_component "$S_DIR"
+    lock_existing "$S_DIR" || { log "not running (nothing under $S_DIR)"; return 0; }
     export_conf
     if pid_alive "$RUN_DIR/slurmctld.pid" >/dev/null && ctld_up; then
         local jobs
@@ -335,7 +338,6 @@ main() {
             *) die "unknown option: $1 (see --help)" ;;
         esac
     done
-    mkdir -p "$S_DIR"
     case "$cmd" in
         -h|--help|help) usage ;;
         install) cmd_install ;;
