@@ -63,11 +63,14 @@ def print_constrain(path: Path) -> None:
 
     report = json.loads(path.read_text())
     summary = report["summary"]
-    print_rows(f"stage 1: {report['variant']} (init {report['init']})", [
-        {"module": row["name"], "params": row["params"], "negative_before": row["fraction_negative"]}
+    blocks = {r["target"]: r for r in report["monotonicity"] if r["sublayer"] == "block"}
+    print_rows(f"stage 1: non-negative weights, variant {report['variant']} (init {report['init']})", [
+        {"module": row["name"], "role": row["role"], "params": row["n_params"],
+         "negative_before": row["frac_negative_before"], "rel_change": row["rel_change"],
+         "block_coord_violation_rate": blocks.get(row["name"], {}).get("coord_violation_rate")}
         for row in summary["modules"]
     ])
-    print(f"constrained share of parameters: {summary['share']:.3f}; function drift: "
+    print(f"constrained share of parameters: {summary['share_of_params']:.3f}; function drift: "
           + ", ".join(f"{k}={v:.4g}" for k, v in report["drift"].items() if isinstance(v, float)))
     print(report["note"])
 

@@ -50,7 +50,7 @@ class TinyModelConfig(Strict):
     num_heads: PositiveInt = 4
     intermediate_size: PositiveInt = 512
     max_position_embeddings: PositiveInt = 256
-    pretrain_steps: NonNegInt = 300
+    pretrain_steps: NonNegInt = 150
     pretrain_lr: PositiveFloat = 3e-3
     pretrain_batch_size: PositiveInt = 16
 

@@ -79,3 +79,20 @@ def setup_logging(level: int = logging.INFO) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
     log.setLevel(level)
+
+
+_threads_configured = False
+
+
+def configure_threads() -> int:
+    """Set torch's intra-op threads once per process: `MONOLM_TORCH_THREADS`, else half the cores.
+
+    Why: stages 2||3 and 5||6 run concurrently, and two processes each spinning 2 OpenMP threads on
+    a 2-core machine ran ~10x slower than 1 thread each (433 vs 4850 tokens/s measured here).
+    """
+    global _threads_configured
+    if not _threads_configured:
+        default = max(1, (os.cpu_count() or 2) // 2)
+        torch.set_num_threads(int(os.environ.get("MONOLM_TORCH_THREADS", default)))
+        _threads_configured = True
+    return torch.get_num_threads()

@@ -17,6 +17,7 @@ from typing import Any
 from monolm.artifacts import CorruptArtifact, clean_temp_files, load_manifest, stage_dir_for, write_manifest
 from monolm.config import ExperimentConfig
 from monolm.provenance import code_digest
+from monolm.runtime import configure_threads
 
 log = logging.getLogger("monolm.stages")
 
@@ -92,6 +93,7 @@ def existing(cfg: ExperimentConfig, seed: int, stage: str, inputs: dict[str, Sta
 def prepare(cfg: ExperimentConfig, seed: int, stage: str, *, fresh: bool = False) -> Path:
     """The stage folder, with leftovers of a killed writer removed. A stale manifest is removed
     first so that a half-redone stage is never mistaken for a finished one."""
+    configure_threads()
     directory = stage_dir_for(cfg, seed, stage)
     if fresh and directory.exists():
         shutil.rmtree(directory)

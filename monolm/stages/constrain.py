@@ -15,6 +15,7 @@ import torch
 
 from monolm import constraints, data as data_lib, models
 from monolm.artifacts import atomic_write_json
+from monolm.monotonicity import monotonicity_violation_rate
 from monolm.config import ExperimentConfig
 from monolm.runtime import generator, pick_device
 from monolm.stages.common import StageRef, existing, files_under, finish, prepare
@@ -48,7 +49,7 @@ def run(cfg: ExperimentConfig, seed: int, setup: StageRef, *, progress: bool = T
                                            eps=cfg.constraint.eps)
     blocks = drift_blocks(cfg, tokenizer, splits.eval).to(device)
     drift = constraints.function_drift(base, constrained, blocks)
-    monotonicity = constraints.monotonicity_violation_rate(
+    monotonicity = monotonicity_violation_rate(
         constrained, cfg.constraint.monotonicity_pairs, generator(seed, STAGE, "monotonicity"),
         inputs=blocks[:4])
     del base
@@ -64,7 +65,9 @@ def run(cfg: ExperimentConfig, seed: int, setup: StageRef, *, progress: bool = T
     }
     atomic_write_json(out / "report.json", report)
     metrics = {
-        "constrained_modules": len(summary.to_json().get("modules", [])),
+        "constrained_modules": summary.n_modules,
+        "share_of_params": summary.share_of_params,
+        "frac_negative_before": summary.frac_negative_before,
         "drift": drift,
         "min_constrained_weight": report["min_constrained_weight"],
         "model_dir": str((out / "model").resolve()),

@@ -13,6 +13,7 @@ from typing import Any
 
 from monolm import constraints, data as data_lib, evaluation, models
 from monolm.artifacts import atomic_write_json
+from monolm.monotonicity import monotonicity_violation_rate
 from monolm.config import ExperimentConfig
 from monolm.runtime import generator, pick_device
 from monolm.stages.common import StageRef, existing, finish, prepare
@@ -45,7 +46,7 @@ def run(cfg: ExperimentConfig, seed: int, setup: StageRef, baseline: StageRef, m
         if name == "monotonic":
             blocks = data_lib.pack_blocks(docs[:8], min(cfg.data.seq_len, 128), tokenizer.eos_token_id).to(device)
             extra["min_constrained_weight"] = constraints.min_constrained_weight(model)
-            extra["monotonicity"] = constraints.monotonicity_violation_rate(
+            extra["monotonicity"] = monotonicity_violation_rate(
                 model, cfg.constraint.monotonicity_pairs, generator(seed, STAGE, "monotonicity"), inputs=blocks[:4])
         del model
     report = {"models": results, "n_docs": len(docs), "recipe": cfg.training.recipe, **extra}

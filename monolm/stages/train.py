@@ -47,9 +47,10 @@ def run(cfg: ExperimentConfig, seed: int, arm: Arm, setup: StageRef, constrain: 
     val_texts = splits.eval[: recipe.eval_max_docs]
     val_docs = data_lib.tokenize(tokenizer, val_texts)
 
-    def evaluate(m):
-        return evaluation.perplexity(m, val_docs, seq_len=cfg.data.seq_len, batch_size=cfg.evaluation.batch_size,
-                                     prefix_token_id=tokenizer.eos_token_id, device=device, progress=False)
+    def evaluate(m) -> dict:
+        result = evaluation.perplexity(m, val_docs, seq_len=cfg.data.seq_len, batch_size=cfg.evaluation.batch_size,
+                                       prefix_token_id=tokenizer.eos_token_id, device=device, progress=False)
+        return {"perplexity": result["token_perplexity"], "loss": result["loss"], "tokens": result["tokens"]}
 
     def save(m, directory: Path) -> list[str]:
         if arm == "monotonic":
