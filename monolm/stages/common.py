@@ -34,11 +34,11 @@ STAGE_CONFIG: dict[str, tuple[str, ...]] = {
 }
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "setup": ("config", "data", "models", "training", "checkpoint", "artifacts", "stages.common", "stages.setup"),
-    "constrain": ("constraints", "models", "data", "artifacts", "stages.common", "stages.constrain"),
+    "constrain": ("constraints", "monotonicity", "models", "data", "artifacts", "stages.common", "stages.constrain"),
     "train_baseline": ("training", "checkpoint", "evaluation", "models", "data", "artifacts", "stages.common", "stages.train"),
-    "train_monotonic": ("training", "checkpoint", "evaluation", "constraints", "models", "data", "artifacts",
+    "train_monotonic": ("training", "checkpoint", "evaluation", "constraints", "monotonicity", "models", "data", "artifacts",
                         "stages.common", "stages.train"),
-    "evaluate": ("evaluation", "constraints", "models", "data", "artifacts", "stages.common", "stages.evaluate"),
+    "evaluate": ("evaluation", "constraints", "monotonicity", "models", "data", "artifacts", "stages.common", "stages.evaluate"),
     "uat": ("attacks", "stats", "models", "data", "artifacts", "stages.common", "stages.attack"),
     "hotflip": ("attacks", "stats", "models", "data", "artifacts", "stages.common", "stages.attack"),
 }
