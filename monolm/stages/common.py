@@ -33,14 +33,14 @@ STAGE_CONFIG: dict[str, tuple[str, ...]] = {
     "hotflip": ("attacks.hotflip", "attacks.success_threshold", "attacks.uat.n_opt_texts"),
 }
 STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "setup": ("config", "data", "models", "training", "checkpoint", "artifacts", "stages.common", "stages.setup"),
-    "constrain": ("constraints", "monotonicity", "models", "data", "artifacts", "stages.common", "stages.constrain"),
-    "train_baseline": ("training", "checkpoint", "evaluation", "models", "data", "artifacts", "stages.common", "stages.train"),
+    "setup": ("config", "data", "models", "training", "checkpoint", "artifacts", "runtime", "stages.common", "stages.setup"),
+    "constrain": ("constraints", "monotonicity", "models", "data", "artifacts", "runtime", "stages.common", "stages.constrain"),
+    "train_baseline": ("training", "checkpoint", "evaluation", "models", "data", "artifacts", "runtime", "stages.common", "stages.train"),
     "train_monotonic": ("training", "checkpoint", "evaluation", "constraints", "monotonicity", "models", "data", "artifacts",
                         "stages.common", "stages.train"),
-    "evaluate": ("evaluation", "constraints", "monotonicity", "models", "data", "artifacts", "stages.common", "stages.evaluate"),
-    "uat": ("attacks", "stats", "models", "data", "artifacts", "stages.common", "stages.attack"),
-    "hotflip": ("attacks", "stats", "models", "data", "artifacts", "stages.common", "stages.attack"),
+    "evaluate": ("evaluation", "constraints", "monotonicity", "models", "data", "artifacts", "runtime", "stages.common", "stages.evaluate"),
+    "uat": ("attacks", "stats", "models", "data", "artifacts", "runtime", "stages.common", "stages.attack"),
+    "hotflip": ("attacks", "stats", "models", "data", "artifacts", "runtime", "stages.common", "stages.attack"),
 }
 
 
