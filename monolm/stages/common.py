@@ -32,15 +32,17 @@ STAGE_CONFIG: dict[str, tuple[str, ...]] = {
     "uat": ("attacks.uat", "attacks.success_threshold"),
     "hotflip": ("attacks.hotflip", "attacks.success_threshold", "attacks.uat.n_opt_texts"),
 }
+# Library modules whose code determines each stage's output (the code-version part of its key).
+_SHARED_CODE = ("config", "models", "data", "artifacts", "runtime", "stages.common")
 STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "setup": ("config", "data", "models", "training", "checkpoint", "artifacts", "runtime", "stages.common", "stages.setup"),
-    "constrain": ("constraints", "monotonicity", "models", "data", "artifacts", "runtime", "stages.common", "stages.constrain"),
-    "train_baseline": ("training", "checkpoint", "evaluation", "models", "data", "artifacts", "runtime", "stages.common", "stages.train"),
-    "train_monotonic": ("training", "checkpoint", "evaluation", "constraints", "monotonicity", "models", "data", "artifacts",
-                        "stages.common", "stages.train"),
-    "evaluate": ("evaluation", "constraints", "monotonicity", "models", "data", "artifacts", "runtime", "stages.common", "stages.evaluate"),
-    "uat": ("attacks", "stats", "models", "data", "artifacts", "runtime", "stages.common", "stages.attack"),
-    "hotflip": ("attacks", "stats", "models", "data", "artifacts", "runtime", "stages.common", "stages.attack"),
+    "setup": (*_SHARED_CODE, "training", "checkpoint", "stages.setup"),
+    "constrain": (*_SHARED_CODE, "constraints", "monotonicity", "stages.constrain"),
+    "train_baseline": (*_SHARED_CODE, "training", "checkpoint", "evaluation", "stages.train"),
+    "train_monotonic": (*_SHARED_CODE, "training", "checkpoint", "evaluation", "constraints", "monotonicity",
+                        "stages.train"),
+    "evaluate": (*_SHARED_CODE, "evaluation", "constraints", "monotonicity", "stages.evaluate"),
+    "uat": (*_SHARED_CODE, "attacks", "stats", "stages.attack"),
+    "hotflip": (*_SHARED_CODE, "attacks", "stats", "stages.attack"),
 }
 
 
