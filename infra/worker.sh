@@ -107,7 +107,7 @@ cmd_start() {
     export PREFECT_HOME="${PREFECT_HOME:-$STATE/prefect}"
     export MONOLM_STATE_DIR="$STATE"
     ensure_pool "$prefect" "$pool" "$url"
-    [[ "$deploy" == 1 ]] && deploy_all "$prefect"
+    if [[ "$deploy" == 1 ]]; then deploy_all "$prefect"; fi
     if pid="$(pid_alive "$pid_file")"; then
         log "worker already running (pid $pid, pool $pool)"
         return 0
