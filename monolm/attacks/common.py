@@ -1,0 +1,411 @@
+"""Machinery shared by both attacks: which tokens may be used, the objective, gradients, and
+exact batched re-scoring of candidates.
+
+Why these choices (each one changes what the attack numbers mean):
+
+* **The objective is the loss on the original text tokens only.** Every sequence carries a
+  `target_mask`; position `t` is a target when the token *at* `t` is an original, unmodified text
+  token (it is predicted from position `t - 1`). Trigger tokens, a one-token context prefix and
+  flipped positions are never targets, otherwise an attack could "win" by making its own tokens
+  unlikely. The masks are plain tensors so tests can inspect every mask that was ever scored.
+* **Candidate tokens** exclude special tokens, ids the tokenizer cannot produce (the unused rows
+  of a padded embedding matrix: Pythia has 50304 rows for a 50277-token tokenizer; holes in the
+  vocabulary) and, optionally, tokens that do not survive a decode/encode round trip. Attacks work
+  on token ids only and never re-encode a trigger.
+* **Gradients** use the embedding trick: the gradient of the loss w.r.t. the input embeddings,
+  dotted with the embedding matrix, is the first-order estimate of the loss change when position
+  `i` is swapped to token `v`: `g_i · (E_v - E_{x_i})` (higher is better for a loss to maximise).
+* **Exact re-scoring is batched** (many candidate sequences per forward pass, sorted by length so
+  little padding is computed) with a batch size that halves on out-of-memory and stays halved.
+  Right padding cannot change a causal model's outputs at real positions, so the batched losses
+  equal one-forward-per-candidate losses up to float rounding (tested);
+  `score_candidates_loop` is that per-candidate reference and is used only by tests and the bench.
+* bf16 autocast only on CUDA (`monolm.runtime`); losses are always reduced in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import inspect
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from monolm.runtime import autocast, resolve_flag
+
+log = logging.getLogger("monolm.attacks")
+
+
+# --------------------------------------------------------------------------- vocabulary
+def allowed_token_mask(
+    tokenizer: Any,
+    num_embeddings: int,
+    *,
+    require_roundtrip: bool = False,
+    disallow: Sequence[int] = (),
+) -> torch.Tensor:
+    """Bool mask over the embedding rows: True where a token may be used by an attack.
+
+    Excluded: ids >= len(tokenizer) (padded embedding rows no tokenizer output can reach), ids the
+    tokenizer has no token for (vocabulary holes), every special id (`all_special_ids` and added
+    tokens flagged special), `disallow`, and with `require_roundtrip` any id whose decoded text does
+    not encode back to exactly that id (a stricter notion of "a token real text can contain").
+    """
+    n_tok = min(len(tokenizer), num_embeddings)
+    mask = torch.zeros(num_embeddings, dtype=torch.bool)
+    mask[:n_tok] = True
+    tokens = tokenizer.convert_ids_to_tokens(list(range(n_tok)))
+    for i, tok in enumerate(tokens):
+        if tok is None:
+            mask[i] = False
+    special = set(int(i) for i in getattr(tokenizer, "all_special_ids", []) or [])
+    for idx, added in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items():
+        if getattr(added, "special", False):
+            special.add(int(idx))
+    for idx in list(special) + [int(i) for i in disallow]:
+        if 0 <= idx < num_embeddings:
+            mask[idx] = False
+    if require_roundtrip:
+        for i in torch.nonzero(mask).flatten().tolist():
+            text = tokenizer.decode([i], clean_up_tokenization_spaces=False)
+            if tokenizer.encode(text, add_special_tokens=False) != [i]:
+                mask[i] = False
+    if not mask.any():
+        raise ValueError("no token is allowed as an attack candidate (check the tokenizer and `disallow`)")
+    return mask
+
+
+def context_prefix(tokenizer: Any) -> list[int]:
+    """The one-token context every attacked and clean sequence starts with.
+
+    Like lm-evaluation-harness (and `monolm.evaluation`), the first text token is predicted from
+    the tokenizer's EOS token (Pythia's BOS/EOS). It is never a target and never modified. A
+    tokenizer without EOS/BOS gives no prefix; the first text token then cannot be scored, in
+    the clean and the attacked sequence alike, so both are always scored on the same tokens.
+    """
+    for attr in ("eos_token_id", "bos_token_id"):
+        idx = getattr(tokenizer, attr, None)
+        if isinstance(idx, int):
+            return [idx]
+    return []
+
+
+# --------------------------------------------------------------------------- sequences
+@dataclass
+class TextBatch:
+    """Right-padded sequences with their attention and target masks (all [N, T])."""
+
+    input_ids: torch.Tensor  # long
+    attention_mask: torch.Tensor  # long, 1 on real tokens
+    target_mask: torch.Tensor  # bool, True where the token at t is scored (predicted from t-1)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.attention_mask.sum(1)
+
+    def to(self, device: torch.device | str) -> "TextBatch":
+        return TextBatch(self.input_ids.to(device), self.attention_mask.to(device), self.target_mask.to(device))
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], target_masks: Sequence[Sequence[bool]], pad_id: int = 0) -> TextBatch:
+    """Right-pad `sequences`; padded positions are neither attended nor targets."""
+    if len(sequences) != len(target_masks):
+        raise ValueError("one target mask per sequence is required")
+    width = max((len(s) for s in sequences), default=0)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    am = torch.zeros((len(sequences), width), dtype=torch.long)
+    tm = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for row, (seq, mask) in enumerate(zip(sequences, target_masks)):
+        if len(mask) != len(seq):
+            raise ValueError(f"sequence {row}: target mask has {len(mask)} entries for {len(seq)} tokens")
+        ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+        am[row, : len(seq)] = 1
+        tm[row, : len(seq)] = torch.as_tensor(list(mask), dtype=torch.bool)
+    return TextBatch(ids, am, tm)
+
+
+def text_target_mask(n_context: int, n_text: int, *, has_prefix: bool) -> list[bool]:
+    """Target mask of `context + text`, where the context is the prefix plus any trigger: every
+    text token is a target, except the first one when there is no prefix. That token has no
+    predictor in the clean sequence, so it is left out of the attacked one too, keeping clean and
+    attacked losses on exactly the same tokens."""
+    return [False] * n_context + [has_prefix or j > 0 for j in range(n_text)]
+
+
+def truncate(texts: Sequence[Sequence[int]], max_tokens: int) -> list[list[int]]:
+    return [list(t)[:max_tokens] for t in texts]
+
+
+def check_texts(texts: Sequence[Sequence[int]], prefix: Sequence[int], what: str) -> None:
+    """Every text must leave at least one scored token (two tokens when there is no prefix)."""
+    need = 1 if prefix else 2
+    for i, text in enumerate(texts):
+        if len(text) < need:
+            raise ValueError(f"{what}[{i}] has {len(text)} tokens; at least {need} are needed to score it")
+
+
+# --------------------------------------------------------------------------- the objective
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@functools.lru_cache(maxsize=None)
+def _accepts_logits_to_keep(cls: type) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _forward_logits(
+    model: nn.Module,
+    *,
+    input_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None,
+    keep_from: int,
+) -> torch.Tensor:
+    """Logits at positions `keep_from .. T-1` (earlier positions predict no target).
+
+    With `logits_to_keep`, the LM head (50304 x 2048 for Pythia-1.4B) runs only where a loss is
+    needed. A mask of all ones is passed as None so the causal fast path is used.
+    """
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None
+    T = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+    kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False}
+    if _accepts_logits_to_keep(type(model)):
+        kwargs["logits_to_keep"] = T - keep_from
+    if input_ids is not None:
+        out = model(input_ids=input_ids, **kwargs)
+    else:
+        out = model(inputs_embeds=inputs_embeds, **kwargs)
+    logits = out.logits
+    return logits[:, logits.shape[1] - (T - keep_from):]
+
+
+def _token_losses_from(model: nn.Module, target_mask: torch.Tensor, labels: torch.Tensor, **inputs: Any) -> torch.Tensor:
+    """Per-token cross-entropy [N, T] in fp32; zero where `target_mask` is False."""
+    if target_mask[:, 0].any():
+        raise ValueError("position 0 cannot be a target: no position predicts it")
+    N, T = labels.shape
+    out = torch.zeros((N, T), dtype=torch.float32, device=labels.device)
+    if not target_mask.any():
+        return out
+    first = int(target_mask.any(0).nonzero()[0])  # earliest target column
+    logits = _forward_logits(model, keep_from=first - 1, **inputs)[:, :-1]  # predict first..T-1
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, first:].reshape(-1), reduction="none")
+    out[:, first:] = ce.view(N, T - first) * target_mask[:, first:]
+    return out
+
+
+def masked_mean(token_losses: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence mean over target positions (NaN for a row without targets)."""
+    mask = target_mask.to(token_losses.dtype)
+    return (token_losses * mask).sum(1) / mask.sum(1)
+
+
+def use_bf16(device: torch.device) -> bool:
+    return resolve_flag("auto", device)
+
+
+def token_losses(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 target_mask: torch.Tensor) -> torch.Tensor:
+    """Per-token CE [N, T] of one batch, no gradient (bf16 autocast on CUDA only).
+
+    `no_grad`, not `inference_mode`: inside `attack_mode` the constrained weights are cached on
+    first use, and an inference tensor could not be reused by the next gradient computation."""
+    device = input_ids.device
+    with torch.no_grad(), autocast(device, use_bf16(device)):
+        return _token_losses_from(model, target_mask, input_ids, input_ids=input_ids, attention_mask=attention_mask)
+
+
+def loss_on_text(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 target_mask: torch.Tensor) -> torch.Tensor:
+    """The attack objective per sequence: mean CE over the target (original text) tokens [N]."""
+    return masked_mean(token_losses(model, input_ids, attention_mask, target_mask), target_mask)
+
+
+def embedding_gradient(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                       target_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of each sequence's objective w.r.t. its input embeddings.
+
+    Returns `(grad [N, T, H] fp32, losses [N])`. The sum of the per-sequence losses is
+    differentiated, so row n holds the gradient of row n's own loss (rows do not interact). Only
+    the embeddings require a gradient: no parameter gradients are built or accumulated.
+    """
+    device = input_ids.device
+    embed = model.get_input_embeddings()
+    with torch.no_grad():
+        base = embed(input_ids).detach()
+    embeds = base.clone().requires_grad_(True)
+    with _params_frozen(model), torch.enable_grad(), autocast(device, use_bf16(device)):
+        tok = _token_losses_from(model, target_mask, input_ids, inputs_embeds=embeds, attention_mask=attention_mask)
+        losses = masked_mean(tok, target_mask)
+        (grad,) = torch.autograd.grad(losses.sum(), embeds)
+    return grad.float(), losses.detach()
+
+
+def first_order_scores(grad: torch.Tensor, embedding_matrix: torch.Tensor, allowed: torch.Tensor,
+                       current: torch.Tensor | None = None) -> torch.Tensor:
+    """First-order estimate of the loss change of swapping each position to each token.
+
+    `grad` [P, H] (one row per position), `embedding_matrix` [V, H]. Returns [P, V]:
+    `grad_p · E_v`, minus `grad_p · E_{current_p}` when `current` [P] is given (needed to compare
+    swaps at different positions). Disallowed tokens and the current token score -inf.
+    """
+    E = embedding_matrix.detach().float()
+    scores = grad.float() @ E.T
+    if current is not None:
+        scores = scores - (grad.float() * E[current]).sum(-1, keepdim=True)
+        scores.scatter_(1, current.view(-1, 1), float("-inf"))
+    scores[:, ~allowed.to(scores.device)] = float("-inf")
+    return scores
+
+
+# --------------------------------------------------------------------------- batched scoring
+def is_oom(exc: BaseException) -> bool:
+    oom_type = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(exc, oom_type):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+@dataclass
+class BatchSizer:
+    """The current candidate batch size; halves on out-of-memory and stays halved, so one OOM
+    costs one retry per run instead of one per call."""
+
+    size: int
+
+    def shrink(self, exc: BaseException) -> None:
+        if self.size <= 1:
+            raise exc
+        self.size = max(1, self.size // 2)
+        log.warning("out of memory while scoring candidates; batch size halved to %d", self.size)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def score_candidates_batched(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    target_mask: torch.Tensor,
+    *,
+    batch_size: int | BatchSizer = 128,
+    per_token: bool = False,
+) -> torch.Tensor:
+    """Exact losses of many candidate sequences, many per forward pass.
+
+    Rows are sorted by length (longest first, so an OOM shows up in the first batch) and every
+    batch is cut to its longest row, so almost no padding is computed. Returns the per-row mean
+    loss over target positions [N] (fp32, on CPU), or with `per_token` the per-token losses [N, T].
+    """
+    sizer = batch_size if isinstance(batch_size, BatchSizer) else BatchSizer(int(batch_size))
+    device = _model_device(model)
+    N, T = input_ids.shape
+    lengths = attention_mask.sum(1)
+    order = torch.argsort(-lengths, stable=True)
+    out = torch.zeros((N, T), dtype=torch.float32)
+    start = 0
+    while start < N:
+        idx = order[start : start + sizer.size]
+        width = int(lengths[idx].max())
+        ids = input_ids[idx, :width].to(device)
+        am = attention_mask[idx, :width].to(device)
+        tm = target_mask[idx, :width].to(device)
+        try:
+            tok = token_losses(model, ids, am, tm)
+        except RuntimeError as exc:
+            if not is_oom(exc):
+                raise
+            sizer.shrink(exc)
+            continue
+        out[idx, :width] = tok.cpu()
+        start += len(idx)
+    return out if per_token else masked_mean(out, target_mask.cpu())
+
+
+def score_candidates_loop(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    target_mask: torch.Tensor,
+    *,
+    per_token: bool = False,
+) -> torch.Tensor:
+    """Reference: one forward pass per candidate sequence, unpadded (the way the original study
+    scored candidates). Only the benchmark and the equality test use it."""
+    device = _model_device(model)
+    N, T = input_ids.shape
+    out = torch.zeros((N, T), dtype=torch.float32)
+    for row in range(N):
+        width = int(attention_mask[row].sum())
+        tok = token_losses(model, input_ids[row : row + 1, :width].to(device), None,
+                           target_mask[row : row + 1, :width].to(device))
+        out[row, :width] = tok[0].cpu()
+    return out if per_token else masked_mean(out, target_mask.cpu())
+
+
+# --------------------------------------------------------------------------- model state
+@contextlib.contextmanager
+def _params_frozen(model: nn.Module) -> Iterator[None]:
+    """No parameter gradients while differentiating w.r.t. the input embeddings."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def attack_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode, frozen parameters, and constrained weights materialised once for the whole
+    attack (`parametrize.cached`: softplus(V) is not recomputed on every forward). Restores the
+    model's training flag afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with _params_frozen(model), parametrize.cached():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def model_fingerprint(model: nn.Module, sample: int = 512) -> str:
+    """A cheap digest that tells trained models apart (names, shapes, and the first and last
+    `sample` values of every tensor), used to key resumable units: a unit computed on another
+    model is never reused. Hashing all weights of a 1.4B model would cost more than a unit."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(str(tensor.dtype).encode())
+        head = flat[:sample].float().cpu().numpy().tobytes()
+        tail = flat[-sample:].float().cpu().numpy().tobytes()
+        h.update(head)
+        h.update(tail)
+    return h.hexdigest()
+
+
+def digest_json(obj: Any) -> str:
+    """sha256 of a canonical JSON encoding (sorted keys, no whitespace)."""
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
