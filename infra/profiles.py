@@ -1,7 +1,11 @@
 """Where stages run: Prefect task runners by profile.
 
-- `local`: in-process threads (tests, `make demo`); stages 2||3 and 5||6 and seeds still overlap.
-- `dask-local`: prefect-dask's `DaskTaskRunner` on a `distributed.LocalCluster` of processes.
+- `local`: in-process, one stage at a time (tests, `make demo`). Not threads in parallel on purpose:
+  `torch.nn.utils.parametrize.cached()` is process-global, so a stage training the constrained
+  arm in one thread makes another thread's weight reads cached too, and they can come back stale
+  (seen here as a float64/float32 mix-up when a freed module's id was reused).
+- `dask-local`: prefect-dask's `DaskTaskRunner` on a `distributed.LocalCluster` of single-threaded
+  processes: stages 2||3, 5||6 and seeds really run in parallel.
 - `slurm`: a dask-jobqueue `SLURMCluster`. One GPU per worker job (`--gres=gpu:<type>:<n>`), and
   each worker advertises a `GPU=1` resource so GPU stages never share a worker, while CPU-light
   stages (0 download, 7 aggregate) carry no resource and do not wait for a GPU. Workers get
@@ -70,7 +74,7 @@ def make_task_runner(cfg: ExperimentConfig):
     if profile == "local":
         from prefect.task_runners import ThreadPoolTaskRunner
 
-        return ThreadPoolTaskRunner(max_workers=4)
+        return ThreadPoolTaskRunner(max_workers=1)
     from prefect_dask import DaskTaskRunner
 
     if profile == "dask-local":

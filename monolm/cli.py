@@ -35,6 +35,18 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     return load_config(args.preset, overrides=args.override, config_file=args.config, extra=extra, sets=args.sets)
 
 
+def prefect_environment() -> None:
+    """Defaults for running flows from the CLI (set before prefect is imported): run history in a
+    project-local PREFECT_HOME (SQLite) unless PREFECT_API_URL points at a server, no analytics
+    calls (offline machines), and time for a temporary server to start on a busy machine."""
+    import os
+
+    home = Path(os.environ.setdefault("PREFECT_HOME", str(Path(".state/prefect").resolve())))
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)  # validated before any compute
     started = time.time()
@@ -49,6 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             if "constrain" in refs:
                 print_constrain(refs["constrain"].path / "report.json")
     else:
+        prefect_environment()
         from flows.experiment import run_experiment
 
         run_experiment(cfg)

@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 import os
-import uuid
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,12 +131,26 @@ def cache_dirs(cfg: ExperimentConfig) -> tuple[Path, Path, Path]:
     return root / "results", root / "keys", root / "locks"
 
 
+_saved_storage: dict[str, str] = {}
+
+
+def result_storage_slug(path: Path) -> str:
+    """Prefect 3 requires result storage saved server-side: save one `LocalFileSystem` block per
+    results folder (named by a digest of its path) and refer to it by slug."""
+    path = path.resolve()
+    if str(path) not in _saved_storage:
+        from prefect.filesystems import LocalFileSystem
+
+        name = "monolm-results-" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
+        LocalFileSystem(basepath=str(path)).save(name, overwrite=True)
+        _saved_storage[str(path)] = f"local-file-system/{name}"
+    return _saved_storage[str(path)]
+
+
 def stage_options(cfg: ExperimentConfig, stage: str) -> dict[str, Any]:
     """`Task.with_options(...)` for one stage: persisted results under the runs root, the stage
     cache policy with serialized execution (two flows on one seed: one waits, then reuses),
     retries with a delay, and the configured timeout."""
-    from prefect.filesystems import LocalFileSystem
-
     results, keys, locks = cache_dirs(cfg)
     for d in (results, keys, locks):
         d.mkdir(parents=True, exist_ok=True)
@@ -147,7 +161,7 @@ def stage_options(cfg: ExperimentConfig, stage: str) -> dict[str, Any]:
     return {
         "cache_policy": policy,
         "persist_result": True,
-        "result_storage": LocalFileSystem(basepath=str(results)),
+        "result_storage": result_storage_slug(results),
         "retries": cfg.runner.retries,
         "retry_delay_seconds": cfg.runner.retry_delay_seconds,
         "timeout_seconds": timeout_min * 60 if timeout_min else None,
@@ -156,11 +170,16 @@ def stage_options(cfg: ExperimentConfig, stage: str) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- logs and progress
 class _PrefectForwarder(logging.Handler):
+    """Forwards only records from the thread that runs this task (other tasks may share the process)."""
+
     def __init__(self, run_logger: logging.LoggerAdapter):
         super().__init__()
         self.run_logger = run_logger
+        self.thread = threading.get_ident()
 
     def emit(self, record: logging.LogRecord) -> None:
+        if record.thread != self.thread:
+            return
         with contextlib.suppress(Exception):
             self.run_logger.log(record.levelno, "%s", self.format(record))
 

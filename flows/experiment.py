@@ -1,0 +1,139 @@
+"""The `experiment` flow: every seed's 7-stage pipeline in parallel, then stage 7 over all seeds.
+
+Within a seed, stages 2 and 3 run in parallel, as do 5 and 6; seeds run in parallel with each
+other. Tasks exchange small JSON results (paths, digests, metrics), never models. The task runner
+comes from the `profile` (see `infra/profiles.py`), so the outer flow validates the config and
+then runs the stages in a sub-flow built with that runner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from infra.profiles import gpu_resources, make_task_runner
+from monolm.config import ConfigError, ExperimentConfig, build_config, load_config
+from tasks.aggregate import aggregate_task
+from tasks.attack import hotflip_task, uat_task
+from tasks.common import stage_options
+from tasks.constrain import constrain_task
+from tasks.evaluate import evaluate_task
+from tasks.setup import setup_task
+from tasks.train import train_baseline_task, train_monotonic_task
+
+
+def default_run_name(cfg: ExperimentConfig) -> str:
+    seeds = "-".join(str(s) for s in cfg.seeds)
+    return f"{cfg.preset}-{cfg.model.slug}-{cfg.constraint.variant}-{cfg.training.recipe}-seeds-{seeds}"
+
+
+def resolve_config(preset: str, seeds: list[int] | None, variant: str | None, overrides: list[str] | None,
+                   profile: str | None, run_name: str | None, named_overrides: list[str] | None = None) -> ExperimentConfig:
+    extra: dict[str, Any] = {}
+    if seeds:
+        extra["seeds"] = seeds
+    if variant:
+        extra["constraint"] = {"variant": variant}
+    if profile:
+        extra["runner"] = {"profile": profile}
+    if run_name:
+        extra["run_name"] = run_name
+    cfg = load_config(preset, overrides=named_overrides or [], extra=extra, sets=overrides or [])
+    if not cfg.run_name:
+        cfg = cfg.model_copy(update={"run_name": default_run_name(cfg)})
+    return cfg
+
+
+def _annotate(cfg: ExperimentConfig, stage: str):
+    resources = gpu_resources(cfg, stage)
+    if resources is None:
+        return contextlib.nullcontext()
+    import dask
+
+    return dask.annotate(resources=resources)
+
+
+def submit(task, cfg: ExperimentConfig, stage: str, **params):
+    with _annotate(cfg, stage):
+        return task.with_options(**stage_options(cfg, stage)).submit(cfg=cfg.model_dump(mode="json"), **params)
+
+
+@flow(name="experiment-stages")
+def run_stages(cfg_data: dict[str, Any]) -> dict[str, Any]:
+    """Submit every stage of every seed at once; Prefect resolves the data dependencies."""
+    cfg = build_config(cfg_data)
+    per_seed: dict[int, dict[str, Any]] = {}
+    for seed in cfg.seeds:
+        f: dict[str, Any] = {}
+        f["setup"] = submit(setup_task, cfg, "setup", seed=seed)
+        f["constrain"] = submit(constrain_task, cfg, "constrain", seed=seed, setup=f["setup"])
+        f["train_baseline"] = submit(train_baseline_task, cfg, "train_baseline", seed=seed, setup=f["setup"])
+        f["train_monotonic"] = submit(train_monotonic_task, cfg, "train_monotonic", seed=seed, setup=f["setup"],
+                                      constrain=f["constrain"])
+        f["evaluate"] = submit(evaluate_task, cfg, "evaluate", seed=seed, setup=f["setup"],
+                               train_baseline=f["train_baseline"], train_monotonic=f["train_monotonic"])
+        f["uat"] = submit(uat_task, cfg, "uat", seed=seed, setup=f["setup"],
+                          train_baseline=f["train_baseline"], train_monotonic=f["train_monotonic"])
+        f["hotflip"] = submit(hotflip_task, cfg, "hotflip", seed=seed, setup=f["setup"],
+                              train_baseline=f["train_baseline"], train_monotonic=f["train_monotonic"])
+        per_seed[seed] = f
+    seeds_refs = [{stage: fut for stage, fut in f.items()} for f in per_seed.values()]
+    summary = submit(aggregate_task, cfg, "aggregate", seed=None, seeds=seeds_refs).result()
+    return summary
+
+
+@flow(name="experiment", log_prints=True)
+def experiment(
+    seeds: list[int] | None = None,
+    preset: str = "tiny",
+    variant: str | None = None,
+    overrides: list[str] | None = None,
+    profile: str | None = None,
+    run_name: str | None = None,
+    named_overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    """Run the whole study. `overrides` are `key=value` strings (as `monolm run --set`),
+    `named_overrides` names like `reference`; the config is validated before anything runs."""
+    log = get_run_logger()
+    try:
+        cfg = resolve_config(preset, seeds, variant, overrides, profile, run_name, named_overrides)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        raise
+    log.info("experiment %s: preset=%s model=%s variant=%s recipe=%s seeds=%s profile=%s", cfg.run_name, cfg.preset,
+             cfg.model.name, cfg.constraint.variant, cfg.training.recipe, cfg.seeds, cfg.runner.profile)
+    stages = run_stages.with_options(task_runner=make_task_runner(cfg), flow_run_name=f"{cfg.run_name}-stages")
+    return stages(cfg.model_dump(mode="json"))
+
+
+def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
+    """`monolm run`: the same flow, called from the CLI with an already validated config."""
+    from monolm.report_console import print_rows
+
+    sets = _config_as_sets(cfg)
+    result = experiment(seeds=cfg.seeds, preset=cfg.preset, overrides=sets, run_name=cfg.run_name)
+    print_rows(f"{result['run_name']}: mean over {len(cfg.seeds)} seed(s)", result["table"])
+    print(f"report: {result['report']}")
+    return result
+
+
+def _config_as_sets(cfg: ExperimentConfig) -> list[str]:
+    """Express a resolved config as `key=value` overrides of its preset (so the flow's parameters
+    stay small and readable in the UI)."""
+    import json
+
+    base = load_config(cfg.preset).model_dump(mode="json")
+    mine = cfg.model_dump(mode="json")
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, path: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in b:
+                walk(a.get(key), b[key], f"{path}.{key}" if path else key)
+        elif a != b and path not in ("run_name",):
+            out.append(f"{path}={json.dumps(b)}")
+
+    walk(base, mine, "")
+    return out
