@@ -76,7 +76,7 @@ def _primary(results: dict[str, Any], stage: str, metric: str) -> dict[str, Any]
     across = [c for c in comps if c["scope"] == "seeds"]
     if across:
         return across[0]
-    return comps[0] if len(results["meta"]["seeds"]) == 1 and comps else None
+    return comps[0] if len(comps) == 1 else None  # the only seed with this measurement
 
 
 def _bracket(ax: Any, x0: float, x1: float, y: float, text: str, height: float) -> None:
@@ -169,12 +169,15 @@ def plot_attacks(results: dict[str, Any], path: str | Path) -> Path | None:
     attacks = [a for a in ATTACKS if any(summary(results, a, arm, "abs_increase") for arm in ARMS)]
     if not attacks:
         return None
-    seeds = results["meta"]["seeds"]
-    offsets = _jitter(len(seeds), 0.12)
     with matplotlib.rc_context(STYLE):
         fig = _figure(3.6 * len(attacks) + 0.4, 3.6)
         axes = fig.subplots(1, len(attacks), squeeze=False)[0]
+        multi = False
         for ax, attack in zip(axes, attacks):
+            # only the seeds that have this attack (a stage can be missing in some seeds)
+            seeds = sorted({s for arm in ARMS for s in (summary(results, attack, arm, "abs_increase") or {}).get("seeds", [])})
+            offsets = _jitter(len(seeds), 0.12)
+            multi = multi or len(seeds) > 1
             has_control = any(summary(results, attack, arm, "control_abs_increase") for arm in ARMS)
             variants = [("", 0.0, False, "gradient attack")] + ([("control_", 0.42, True, "random control")]
                                                                  if has_control else [])
@@ -219,7 +222,7 @@ def plot_attacks(results: dict[str, Any], path: str | Path) -> Path | None:
             ax.set_title(f"{ATTACKS[attack]} ({_n_text(len(seeds))}{texts})")
         recs = [summary(results, a, arm, "abs_increase") for a in attacks for arm in ARMS]
         handles = [Line2D([], [], marker="D", color="0.3", ls="none", ms=6, label=_mean_label(recs))]
-        if len(seeds) > 1:
+        if multi:
             handles.append(Line2D([], [], marker="o", color="0.3", ls="none", ms=4, alpha=0.7,
                                   label="per seed (thin bar: its CI over texts)"))
         if any(summary(results, a, arm, "control_abs_increase") for a in attacks for arm in ARMS):

@@ -273,23 +273,23 @@ def compare_arms(values: Sequence[dict[str, Any]], seeds: Sequence[dict[str, Any
     lookup = {(r["seed"], r["stage"], r["model"], r["metric"]): r["value"] for r in values}
     seed_ids = [int(d["seed"]) for d in seeds]
     out: list[Comparison] = []
-    if len(seed_ids) >= 2:
-        for stage, metric in ACROSS_SEEDS:
-            pairs = [(lookup[(s, stage, "monotonic", metric)], lookup[(s, stage, "baseline", metric)]) for s in seed_ids
-                     if (s, stage, "monotonic", metric) in lookup and (s, stage, "baseline", metric) in lookup]
-            if pairs:
-                mono, base = zip(*pairs)
-                out.append(Comparison(stage, metric, "monotonic", "baseline", "seeds", None,
-                                      stats.paired_test(mono, base, alpha=ALPHA, confidence=CONFIDENCE), _label(stage, metric)))
-        for arm in ARMS:  # does the gradient search beat query-only random search? (gradient masking check)
-            pairs = [(lookup[(s, "hotflip", arm, "abs_increase")], lookup[(s, "hotflip", arm, "control_abs_increase")])
-                     for s in seed_ids if (s, "hotflip", arm, "control_abs_increase") in lookup
-                     and (s, "hotflip", arm, "abs_increase") in lookup]
-            if pairs:
-                grad, ctrl = zip(*pairs)
-                out.append(Comparison("hotflip", f"gradient_vs_control_{arm}", "gradient HotFlip", "random control",
-                                      "seeds", None, stats.paired_test(grad, ctrl, alpha=ALPHA, confidence=CONFIDENCE),
-                                      f"{arm} arm absolute loss increase (nats/token)"))
+    # Across seeds only where at least 2 seeds have both values (a stage may be missing in some seeds).
+    for stage, metric in ACROSS_SEEDS:
+        pairs = [(lookup[(s, stage, "monotonic", metric)], lookup[(s, stage, "baseline", metric)]) for s in seed_ids
+                 if (s, stage, "monotonic", metric) in lookup and (s, stage, "baseline", metric) in lookup]
+        if len(pairs) >= 2:
+            mono, base = zip(*pairs)
+            out.append(Comparison(stage, metric, "monotonic", "baseline", "seeds", None,
+                                  stats.paired_test(mono, base, alpha=ALPHA, confidence=CONFIDENCE), _label(stage, metric)))
+    for arm in ARMS:  # does the gradient search beat query-only random search? (gradient masking check)
+        pairs = [(lookup[(s, "hotflip", arm, "abs_increase")], lookup[(s, "hotflip", arm, "control_abs_increase")])
+                 for s in seed_ids if (s, "hotflip", arm, "control_abs_increase") in lookup
+                 and (s, "hotflip", arm, "abs_increase") in lookup]
+        if len(pairs) >= 2:
+            grad, ctrl = zip(*pairs)
+            out.append(Comparison("hotflip", f"gradient_vs_control_{arm}", "gradient HotFlip", "random control",
+                                  "seeds", None, stats.paired_test(grad, ctrl, alpha=ALPHA, confidence=CONFIDENCE),
+                                  f"{arm} arm absolute loss increase (nats/token)"))
     for data in seeds:
         seed = int(data["seed"])
         for stage in ATTACKS:
@@ -338,7 +338,6 @@ def findings(results: dict[str, Any]) -> list[str]:
     """The report's finding sentences, in reading order: quality, then absolute attack effects,
     then relative effects and success rates, then the gradient-vs-control check."""
     comps = results["comparisons"]
-    n_seeds = len(results["meta"]["seeds"])
     out: list[str] = []
     order = [("evaluate", "token_perplexity"), ("uat", "abs_increase"), ("hotflip", "abs_increase"),
              ("uat", "rel_increase"), ("hotflip", "rel_increase"), ("uat", "success_rate"), ("hotflip", "success_rate")]
@@ -361,15 +360,17 @@ def findings(results: dict[str, Any]) -> list[str]:
         elif within:
             for comp in within:
                 out.append(finding(comp, headline=headline) + (
-                    f" This is one seed: the test is over {comp['scope']} for a single trained pair of models and says "
-                    "nothing about variation between training seeds." if n_seeds == 1 else ""))
+                    f" This test is within seed {comp['seed']} (the only seed with this measurement): it is over "
+                    f"{comp['scope']} for one trained pair of models and says nothing about variation between "
+                    "training seeds."))
         elif metric in ("token_perplexity", "abs_increase"):
             means = {r["model"]: r for r in results["summaries"] if r["stage"] == stage and r["metric"] == metric}
             if means:
+                n = max(r["n"] for r in means.values())
                 shown = ", ".join(f"{m} {_fmt(means[m]['mean'])}" for m in MODELS if m in means)
-                out.append(f"{headline}: {shown} (n={n_seeds} seed{'s' if n_seeds != 1 else ''}); no paired test "
-                           "possible (one seed and no per-example values), so no difference is claimed.")
-    out.extend(_disagreement(comps))
+                out.append(f"{headline}: {shown} (n={n} seed{'s' if n != 1 else ''}); no paired test possible "
+                           "(fewer than 2 seeds and no per-example values), so no difference is claimed.")
+    out.extend(_disagreement(comps, results["summaries"]))
     for comp in comps:
         if comp["metric"].startswith("gradient_vs_control_"):
             arm = comp["metric"].removeprefix("gradient_vs_control_")
@@ -383,14 +384,24 @@ def findings(results: dict[str, Any]) -> list[str]:
     return out
 
 
-def _disagreement(comps: Sequence[dict[str, Any]]) -> list[str]:
-    """Flag attacks where the absolute and relative effects point in opposite directions."""
+def _disagreement(comps: Sequence[dict[str, Any]], summaries: Sequence[dict[str, Any]]) -> list[str]:
+    """Flag attacks where the relative effect says something the absolute one does not: opposite
+    directions, or a significant relative difference without a significant absolute one."""
     out = []
     for stage, name in ATTACKS.items():
         primary = [c for c in comps if c["stage"] == stage and c["scope"] == "seeds"] or \
                   [c for c in comps if c["stage"] == stage and c["scope"] == "texts"]
         by_metric = {c["metric"]: c for c in primary}
         a, r = by_metric.get("abs_increase"), by_metric.get("rel_increase")
+        if a and r and r["significant"] and not a["significant"]:
+            clean = {arm: summary_of(summaries, stage, arm, "clean_loss") for arm in ARMS}
+            if all(clean.values()):
+                higher = max(ARMS, key=lambda arm: clean[arm]["mean"])
+                out.append(f"{name}: the relative loss increase differs significantly between the arms but the absolute "
+                           f"one does not. The relative increase divides by the clean loss, which is higher for the "
+                           f"{higher} arm (baseline {_fmt(clean['baseline']['mean'])}, monotonic "
+                           f"{_fmt(clean['monotonic']['mean'])} nats/token), so the relative difference can come from "
+                           "the clean loss alone; the absolute increase is the primary measure.")
         if a and r and a["mean_diff"] and r["mean_diff"] and (a["mean_diff"] > 0) != (r["mean_diff"] > 0):
             out.append(f"{name}: the absolute and relative loss increases point in opposite directions "
                        f"(monotonic − baseline: {_fmt(a['mean_diff'], sign=True)} nats/token absolute, "
@@ -476,11 +487,15 @@ def analyze(seeds: Sequence[dict[str, Any]], meta: dict[str, Any]) -> dict[str, 
 
 
 # --------------------------------------------------------------------------- lookups for renderers
-def summary(results: dict[str, Any], stage: str, model: str | None, metric: str) -> dict[str, Any] | None:
-    for rec in results["summaries"]:
+def summary_of(summaries: Sequence[dict[str, Any]], stage: str, model: str | None, metric: str) -> dict[str, Any] | None:
+    for rec in summaries:
         if rec["stage"] == stage and rec["model"] == model and rec["metric"] == metric:
             return rec
     return None
+
+
+def summary(results: dict[str, Any], stage: str, model: str | None, metric: str) -> dict[str, Any] | None:
+    return summary_of(results["summaries"], stage, model, metric)
 
 
 def value(results: dict[str, Any], seed: int, stage: str, model: str | None, metric: str) -> float | None:
@@ -776,6 +791,7 @@ def markdown(results: dict[str, Any], *, plots: dict[str, str], config_yaml: str
              f"- Model: `{meta['model']}` (preset `{meta['preset']}`); constraint variant `{meta['variant']}` "
              f"(init `{meta.get('init')}`): non-negative FFN weights.",
              f"- Seeds: {', '.join(str(s) for s in meta['seeds'])} (n = {n}).",
+             *([f"- **Status: partial** — {meta['incomplete']}."] if meta.get("incomplete") else []),
              f"- Config digest `{meta['config_digest']}`; full config: `{config_path}` (also at the end of this report).",
              f"- Code revision: `{meta['code_revision']}`"
              + (f" (stage outputs were produced at: {', '.join('`' + r + '`' for r in meta['stage_revisions'])})"

@@ -46,11 +46,12 @@ def make_cfg(tmp_path: Path, seeds: list[int], **extra: Any):
     return load_config("tiny", extra=data)
 
 
-def _losses(seed: int, arm: str, tag: str, mean_increase: float, n: int = N_TEXTS) -> tuple[list[float], list[float]]:
-    """Clean losses around 4 nats and attacked = clean + an increase whose mean is exactly
-    `mean_increase` (noise centred to zero), so the stage metrics are known numbers."""
+def _losses(seed: int, arm: str, tag: str, mean_increase: float, n: int = N_TEXTS,
+            clean_mean: float = 4.0) -> tuple[list[float], list[float]]:
+    """Clean losses around `clean_mean` nats and attacked = clean + an increase whose mean is
+    exactly `mean_increase` (noise centred to zero), so the stage metrics are known numbers."""
     rng = np.random.default_rng(derive_seed(seed, tag, arm))
-    clean = 4.0 + 0.3 * rng.standard_normal(n)
+    clean = clean_mean + 0.3 * rng.standard_normal(n)
     noise = 0.1 * rng.standard_normal(n)
     noise -= noise.mean()
     return clean.tolist(), (clean + mean_increase + noise).tolist()
@@ -114,7 +115,8 @@ def make_seed(cfg, seed: int, numbers: dict[str, Any], *, skip: tuple[str, ...] 
     for attack in ("uat", "hotflip"):
         per_example, per_model, control = {}, {}, {}
         for arm in report.ARMS:
-            clean, attacked = _losses(seed, arm, attack, numbers[attack][arm])
+            clean, attacked = _losses(seed, arm, attack, numbers[attack][arm],
+                                      clean_mean=numbers.get("clean", {}).get(arm, 4.0))
             per_example[arm] = {"clean": clean, "attacked": attacked}
             per_model[arm] = normalize(effect_summary(clean, attacked, threshold=threshold, seed=seed, tag=f"{attack}:{arm}"))
             if attack == "hotflip":
@@ -241,6 +243,19 @@ def test_report_sentences_follow_the_numbers(three_seeds):
     assert "mlp in block: 16%" in md and "mlp in linear: 0%" in md
 
 
+def test_relative_without_absolute_difference_is_explained(tmp_path):
+    """Same absolute damage, higher clean loss for the constrained arm: the relative increase is
+    smaller only because it divides by a larger clean loss, and the report says so."""
+    cfg = make_cfg(tmp_path, [42])
+    numbers = {**NUMBERS[42], "uat": {"baseline": 0.4, "monotonic": 0.4}, "clean": {"baseline": 3.0, "monotonic": 6.0}}
+    out = aggregate.run(cfg, [make_seed(cfg, 42, numbers)])
+    results = json.loads(Path(out["dir"], "results.json").read_text())
+    assert not _comparison(results, "uat", "abs_increase", scope="texts", seed=42)["significant"]
+    assert _comparison(results, "uat", "rel_increase", scope="texts", seed=42)["significant"]
+    note = next(s for s in results["findings"] if s.startswith("UAT: the relative loss increase differs"))
+    assert "higher for the monotonic arm" in note and "the absolute increase is the primary measure" in note
+
+
 def test_recipe_statement_names_asymmetric_arms(tmp_path):
     cfg = make_cfg(tmp_path, [42], training={"recipe": "asymmetric", "monotonic": {"lr": 1e-3}})
     meta = {"recipe": "asymmetric", "arms": {a: cfg.training.arm(a).model_dump(mode="json") for a in report.ARMS}}
@@ -326,9 +341,9 @@ def test_one_seed_uses_examples(one_seed):
     assert (rec["ci_high"] - rec["ci_low"]) / 2 == pytest.approx(half_normal, rel=0.25)
     assert not [c for c in results["comparisons"] if c["scope"] == "seeds"]  # no across-seed test with n=1
     uat = next(s for s in results["findings"] if s.startswith("UAT absolute loss increase"))
-    assert "n=40 texts" in uat and "This is one seed" in uat
+    assert "n=40 texts" in uat and "This test is within seed 42" in uat
     ppl = next(s for s in results["findings"] if s.startswith("Held-out token perplexity"))
-    assert "no paired test possible" in ppl and "no difference is claimed" in ppl
+    assert "no paired test possible" in ppl and "no difference is claimed" in ppl and "n=1 seed)" in ppl
     assert "No confidence interval" in Path(out["report"]).read_text()  # perplexity: no per-document losses
 
 
@@ -352,6 +367,20 @@ def test_one_seed_perplexity_ci_from_documents(tmp_path):
     comp = _comparison(results, "evaluate", "doc_loss", scope="documents", seed=7)
     assert comp["n"] == 30 and comp["significant"]
     assert results["meta"]["status"] == "partial"  # no attack stages
+    assert "**Status: partial** — seed 7 lacks uat, hotflip" in Path(out["report"]).read_text()
+
+
+def test_attacks_missing_in_one_seed_are_tested_within_the_other(tmp_path):
+    """Two seeds, attacks only in one: no n=1 'across seeds' test, the within-seed test instead."""
+    cfg = make_cfg(tmp_path, [42, 1337])
+    seeds = [make_seed(cfg, 42, NUMBERS[42]), make_seed(cfg, 1337, NUMBERS[1337], skip=("uat", "hotflip"))]
+    out = aggregate.run(cfg, seeds)
+    results = json.loads(Path(out["dir"], "results.json").read_text())
+    assert [c["metric"] for c in results["comparisons"] if c["scope"] == "seeds"] == [
+        "token_perplexity", "loss", "bits_per_byte"]
+    hotflip = next(s for s in results["findings"] if s.startswith("HotFlip absolute loss increase"))
+    assert "n=40 texts" in hotflip and "within seed 42 (the only seed with this measurement)" in hotflip
+    assert results["meta"]["status"] == "partial" and out["status"] == "partial"
 
 
 # --------------------------------------------------------------------------- refusing bad inputs

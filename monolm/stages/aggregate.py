@@ -251,7 +251,12 @@ def run(cfg: ExperimentConfig, seeds: Sequence[Mapping[str, StageRef | Mapping[s
     run_name = _safe_name(cfg.run_name or default_run_name(cfg))
     root = Path(cfg.paths.results_root).resolve()
     final = root / run_name
-    complete = all(set(STAGES) <= set(d["stages"]) for d in data) and sorted(seed_ids) == sorted(cfg.seeds)
+    gaps = [f"seed {d['seed']} lacks {', '.join(s for s in STAGES if s not in d['stages'])}"
+            for d in sorted(data, key=lambda d: d["seed"]) if not set(STAGES) <= set(d["stages"])]
+    absent = sorted(set(cfg.seeds) - set(seed_ids))
+    if absent:
+        gaps.append(f"configured seed(s) {', '.join(map(str, absent))} not aggregated")
+    complete = not gaps
     revisions = sorted({st["git_revision"] for d in data for st in d["stages"].values() if st["git_revision"]})
     meta = {
         "run_name": run_name,
@@ -271,6 +276,7 @@ def run(cfg: ExperimentConfig, seeds: Sequence[Mapping[str, StageRef | Mapping[s
         "seeds": sorted(seed_ids),
         "configured_seeds": list(cfg.seeds),
         "status": "completed" if complete else "partial",
+        "incomplete": "; ".join(gaps) or None,
         "config_path": str(final / "config.yaml"),
         "inputs": {str(d["seed"]): {name: {"dir": st["dir"], "digest": st["digest"], "code_version": st["code_version"]}
                                     for name, st in d["stages"].items()} for d in sorted(data, key=lambda d: d["seed"])},
