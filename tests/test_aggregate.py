@@ -39,9 +39,6 @@ def _setup(tmp_path):
              for s in (42, 1337)]
     cfg_data = cfg.model_dump(mode="json")
     options = stage_options(cfg, "aggregate")
-    storage = options["result_storage"]
-    if not isinstance(storage, (str, Path)):  # an unsaved block is refused by Task() in prefect 3.8.8
-        options["result_storage"] = Path(storage.basepath)
 
     @flow(name="aggregate-test")
     def run() -> tuple[dict, str]:  # (stage result, final state name of the task)
@@ -68,9 +65,6 @@ def test_task_publishes_artifacts(harness, tmp_path):
     assert md and md[0].type == "markdown" and "## Findings" in md[0].data and "paired t-test" in md[0].data
 
 
-@pytest.mark.xfail(strict=True, reason="tasks.common.remember_result reads TaskRunContext.task_run.cache_key, which "
-                   "prefect 3.8.8 never sets (the key is the transaction's: prefect.transactions.get_transaction().key), "
-                   "so no stage result is ever a cache hit; remove this mark when that is fixed")
 def test_unchanged_rerun_is_a_cache_hit_until_the_folder_is_deleted(harness, tmp_path):
     run = _setup(tmp_path)
     result, state = run()
