@@ -80,7 +80,12 @@ def run_stages(cfg_data: dict[str, Any]) -> dict[str, Any]:
                               train_baseline=f["train_baseline"], train_monotonic=f["train_monotonic"])
         per_seed[seed] = f
     seeds_refs = [{stage: fut for stage, fut in f.items()} for f in per_seed.values()]
-    summary = submit(aggregate_task, cfg, "aggregate", seed=None, seeds=seeds_refs).result()
+    aggregate_future = submit(aggregate_task, cfg, "aggregate", seed=None, seeds=seeds_refs)
+    summary = aggregate_future.result()
+    # Which stages executed and which were cache hits ("Completed" vs "Cached"), per seed.
+    summary["stage_states"] = {str(seed): {stage: fut.state.name for stage, fut in f.items()}
+                               for seed, f in per_seed.items()}
+    summary["stage_states"]["aggregate"] = aggregate_future.state.name
     return summary
 
 

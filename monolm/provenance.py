@@ -9,7 +9,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
+import os
 import platform
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -47,7 +49,16 @@ def package_versions() -> dict[str, str]:
 
 
 def provenance() -> dict[str, Any]:
-    return {"git_revision": git_revision(), "versions": package_versions(), "platform": sys.platform}
+    """Code and place of an artifact: git revision, versions, and where it ran (host, SLURM job,
+    visible GPUs), so a cluster run's manifests name the job that wrote them."""
+    return {
+        "git_revision": git_revision(),
+        "versions": package_versions(),
+        "platform": sys.platform,
+        "host": socket.gethostname(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    }
 
 
 def code_digest(*modules: str) -> str:

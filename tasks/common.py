@@ -92,10 +92,10 @@ def _ref_sidecar(cfg: ExperimentConfig, key: str) -> Path:
 
 def remember_result(cfg: ExperimentConfig, result: Any) -> None:
     """Record which stage folders (and manifest digests) the current task's cached result names."""
-    from prefect.context import TaskRunContext
+    from prefect.transactions import get_transaction
 
-    ctx = TaskRunContext.get()
-    key = ctx.task_run.cache_key if ctx else None
+    txn = get_transaction()  # the task's cache key is its transaction's key
+    key = txn.key if txn else None
     if key:
         refs = result if isinstance(result, list) else [result]
         atomic_write_json(_ref_sidecar(cfg, key), [{"dir": r.get("dir"), "digest": r.get("digest"),
@@ -217,6 +217,24 @@ def maybe_inject_fault(stage: str) -> None:
         faults[stage] = remaining - 1
         atomic_write_json(path, faults)
         raise RuntimeError(f"injected fault in stage {stage} (MONOLM_FAULTS={path})")
+
+
+def fault_after_step(stage: str):
+    """An `on_log` hook for training: `MONOLM_FAULTS` entry {"<stage>@<step>": n} fails the stage
+    (n times) once training has logged that step, i.e. mid-run, after checkpoints were written."""
+    def hook(entry: dict) -> None:
+        path = os.environ.get("MONOLM_FAULTS")
+        if not path or not Path(path).is_file():
+            return
+        faults = json.loads(Path(path).read_text() or "{}")
+        for key, remaining in faults.items():
+            name, _, step = key.partition("@")
+            if name == stage and step and int(remaining) > 0 and entry.get("step", 0) >= int(step):
+                faults[key] = int(remaining) - 1
+                atomic_write_json(path, faults)
+                raise RuntimeError(f"injected fault in stage {stage} at step {entry.get('step')}")
+
+    return hook
 
 
 def worker_context() -> dict[str, Any]:

@@ -74,7 +74,7 @@ def run_uat(cfg: ExperimentConfig, seed: int, setup: StageRef, trained: dict[str
     if done:
         return done
     started = time.time()
-    out = prepare(cfg, seed, stage)  # not fresh: finished restarts (units) are reused
+    out = prepare(cfg, seed, stage, inputs)  # not fresh: finished restarts (units) are reused
     device = pick_device()
     tokenizer, splits = load_setup(setup)
     opt, held_out = attack_texts(cfg, tokenizer, splits.attack)
@@ -120,7 +120,7 @@ def run_hotflip(cfg: ExperimentConfig, seed: int, setup: StageRef, trained: dict
     if done:
         return done
     started = time.time()
-    out = prepare(cfg, seed, stage)
+    out = prepare(cfg, seed, stage, inputs)
     device = pick_device()
     tokenizer, splits = load_setup(setup)
     _, held_out = attack_texts(cfg, tokenizer, splits.attack)

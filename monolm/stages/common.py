@@ -7,14 +7,17 @@ match their digests; anything else is re-run from scratch (or from its own check
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-import shutil
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from monolm.artifacts import CorruptArtifact, clean_temp_files, load_manifest, stage_dir_for, write_manifest
+from monolm.artifacts import (CorruptArtifact, atomic_write_json, clean_temp_files, load_manifest, stage_dir_for,
+                              write_manifest)
 from monolm.config import ExperimentConfig
 from monolm.provenance import code_digest
 from monolm.runtime import configure_threads
@@ -92,16 +95,40 @@ def existing(cfg: ExperimentConfig, seed: int, stage: str, inputs: dict[str, Sta
     return StageRef(stage, seed, str(directory), digest, manifest.metrics)
 
 
-def prepare(cfg: ExperimentConfig, seed: int, stage: str, *, fresh: bool = False) -> Path:
-    """The stage folder, with leftovers of a killed writer removed. A stale manifest is removed
-    first so that a half-redone stage is never mistaken for a finished one."""
+def work_key(cfg: ExperimentConfig, stage: str, inputs: dict[str, StageRef]) -> str:
+    """What a stage folder's content is computed from: config subset, input digests, code."""
+    payload = {"config": stage_config(cfg, stage), "inputs": {k: r.digest for k, r in sorted(inputs.items())},
+               "code": stage_code_version(stage)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def prepare(cfg: ExperimentConfig, seed: int, stage: str, inputs: dict[str, StageRef] | None = None) -> Path:
+    """The stage folder, ready for (re)computation.
+
+    Leftovers of a killed writer (temp files) are removed, and a stale manifest first, so that a
+    half-redone stage is never mistaken for a finished one. Work in progress (checkpoints,
+    finished attack units) is kept for resuming only if it was computed from the same config,
+    inputs and code (recorded in `.work.json` when the stage starts); otherwise the old folder is
+    moved aside to `<stage>.superseded-<time>` with a warning, never resumed and never silently
+    deleted.
+    """
     configure_threads()
     directory = stage_dir_for(cfg, seed, stage)
-    if fresh and directory.exists():
-        shutil.rmtree(directory)
+    key = work_key(cfg, stage, inputs or {})
+    marker = directory / ".work.json"
+    if directory.exists():
+        try:
+            previous = json.loads(marker.read_text())["key"]
+        except (OSError, ValueError, KeyError):
+            previous = None
+        if previous != key and any(directory.iterdir()):
+            aside = directory.with_name(f"{directory.name}.superseded-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(directory, aside)
+            log.warning("%s held work for a different config/inputs/code; moved it to %s", directory, aside)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "manifest.json").unlink(missing_ok=True)
     clean_temp_files(directory)
+    atomic_write_json(marker, {"key": key, "stage": stage, "seed": seed})
     return directory
 
 

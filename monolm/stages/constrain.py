@@ -40,7 +40,7 @@ def run(cfg: ExperimentConfig, seed: int, setup: StageRef, *, progress: bool = T
     if done:
         return done
     started = time.time()
-    out = prepare(cfg, seed, STAGE)
+    out = prepare(cfg, seed, STAGE, inputs)
     device = pick_device()
     tokenizer, splits = load_setup(setup)
     base = models.load_model(model_dir(setup), device)

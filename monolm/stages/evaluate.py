@@ -29,7 +29,7 @@ def run(cfg: ExperimentConfig, seed: int, setup: StageRef, baseline: StageRef, m
     if done:
         return done
     started = time.time()
-    out = prepare(cfg, seed, STAGE)
+    out = prepare(cfg, seed, STAGE, inputs)
     device = pick_device()
     tokenizer, splits = load_setup(setup)
     texts = splits.eval[: cfg.evaluation.max_docs]

@@ -88,7 +88,7 @@ def run(cfg: ExperimentConfig, seed: int, *, progress: bool = True) -> StageRef:
         log.info("stage setup (seed %d) already complete: %s", seed, done.dir)
         return done
     started = time.time()
-    out = prepare(cfg, seed, STAGE)
+    out = prepare(cfg, seed, STAGE, {})
     splits = data_lib.load_splits(cfg.data, seed, cache_dir=cfg.hf_cache_dir / "datasets")
     outputs = [f"data/{name}" for name in data_lib.save_splits(splits, out / "data")]
     metrics: dict[str, Any] = {}

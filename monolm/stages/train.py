@@ -8,6 +8,7 @@ from the base model, the monotonic arm from stage 1's constrained initialisation
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -25,7 +26,7 @@ def stage_name(arm: Arm) -> str:
 
 
 def run(cfg: ExperimentConfig, seed: int, arm: Arm, setup: StageRef, constrain: StageRef | None = None,
-        *, progress: bool = True) -> StageRef:
+        *, progress: bool = True, on_log: Callable[[dict], None] | None = None) -> StageRef:
     from monolm.training import train
 
     stage = stage_name(arm)
@@ -37,7 +38,7 @@ def run(cfg: ExperimentConfig, seed: int, arm: Arm, setup: StageRef, constrain: 
         return done
     started = time.time()
     # Not `fresh`: a retried stage resumes from its last valid checkpoint in this folder.
-    out = prepare(cfg, seed, stage)
+    out = prepare(cfg, seed, stage, inputs)
     device = pick_device()
     recipe = cfg.training.arm(arm)
     tokenizer, splits = load_setup(setup)
@@ -62,7 +63,8 @@ def run(cfg: ExperimentConfig, seed: int, arm: Arm, setup: StageRef, constrain: 
 
     # Both arms see the same data order: the data seed does not depend on the arm.
     result = train(model, blocks, recipe, out, seed=derive_seed(seed, "finetune"), evaluate=evaluate,
-                   constrained=(arm == "monotonic"), device=device, progress=progress, save_model=save)
+                   constrained=(arm == "monotonic"), device=device, progress=progress, save_model=save,
+                   on_log=on_log)
     metrics = {
         "arm": arm,
         "recipe": cfg.training.recipe,
