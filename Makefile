@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean serve serve-postgres stop slurm-up slurm-down
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,5 +32,30 @@ bench: install
 	$(PY) bench/train_step.py
 	$(PY) bench/attacks.py
 
+SERVE_ARGS ?=
+# Prefect server (SQLite) + work pool `local` + `prefect deploy --all` + worker; prints the UI address.
+serve: install
+	infra/serve.sh up $(SERVE_ARGS)
+
+# The same with PostgreSQL (Debian's postgresql, cluster under .state/postgres, installed if missing).
+serve-postgres: install
+	infra/serve.sh up --db postgres $(SERVE_ARGS)
+
+# Stop exactly what `make serve` started (recorded PIDs), in reverse order.
+stop:
+	infra/serve.sh down
+
+SLURM_ARGS ?= --cpus 2 --gpus 2
+# A one-node SLURM with fake A100s on loopback; then: eval "$$(infra/slurm/local-slurm.sh env)"
+slurm-up:
+	infra/slurm/local-slurm.sh start $(SLURM_ARGS)
+
+slurm-down:
+	infra/slurm/local-slurm.sh stop
+
+# Stops services first: deleting .state under a running PostgreSQL would corrupt it.
 clean:
+	-infra/serve.sh down
+	-infra/slurm/local-slurm.sh stop
+	-infra/postgres/postgres.sh stop
 	rm -rf runs results .state
