@@ -62,7 +62,7 @@ def _digest_of(ref: Any) -> Any:
 def _aggregate_code_version() -> str:
     from monolm.provenance import code_digest
 
-    return code_digest("stats", "report", "store", "stages.aggregate")
+    return code_digest("stats", "report", "plots", "store", "stages.aggregate")
 
 
 from monolm.stages.common import STAGE_CONFIG as _STAGE_CONFIG_KNOWN  # noqa: E402

@@ -29,8 +29,16 @@ ARMS = ("baseline", "monotonic")
 
 
 def attack_texts(cfg: ExperimentConfig, tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[int]]]:
-    """(optimisation texts, held-out report texts) as token ids, disjoint."""
-    ids = data_lib.tokenize(tokenizer, texts)
+    """(optimisation texts, held-out report texts) as token ids, disjoint. Texts whose attacked
+    prefix (the shorter of the two attacks' truncations) repeats an earlier one are dropped, so no
+    optimisation text reappears among the report texts after truncation."""
+    cut = min(cfg.attacks.uat.text_max_tokens, cfg.attacks.hotflip.text_max_tokens)
+    seen: set[tuple[int, ...]] = set()
+    ids = []
+    for doc in data_lib.tokenize(tokenizer, texts):
+        if tuple(doc[:cut]) not in seen:
+            seen.add(tuple(doc[:cut]))
+            ids.append(doc)
     n_opt = cfg.attacks.uat.n_opt_texts
     opt, held_out = ids[:n_opt], ids[n_opt:]
     needed = max(cfg.attacks.uat.n_eval_texts, cfg.attacks.hotflip.n_texts)

@@ -1,0 +1,51 @@
+"""The command line as a user meets it: clear refusals before any compute, offline checks that
+fail fast instead of hanging."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MONOLM = [sys.executable, "-m", "monolm.cli"]
+
+
+def monolm(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*MONOLM, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def test_bad_config_refused_before_anything_is_written(tmp_path):
+    out = monolm("run", "--no-prefect", "--preset", "tiny", "--set", "data.seq_len=999",
+                 "--set", f"paths.runs_root={tmp_path / 'runs'}", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "data.seq_len=999 exceeds the model's maximum sequence length 256" in out.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / ".state").exists()
+
+    out = monolm("run", "--preset", "tiny", "--variant", "mlp_everything", cwd=tmp_path)
+    assert out.returncode == 2 and "constraint.variant" in out.stderr and "'mlp_both'" in out.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_config_show_prints_the_resolved_config(tmp_path):
+    out = monolm("config", "show", "--preset", "full", "--override", "reference", cwd=tmp_path)
+    assert out.returncode == 0 and "recipe: reference" in out.stdout and "EleutherAI/pythia-1.4b" in out.stdout
+
+
+def test_verify_offline_fails_fast_and_clearly(tmp_path):
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"}  # nothing listens there
+    start = time.time()
+    out = monolm("verify", "--preset", "full", "--timeout", "20", cwd=tmp_path, env=env, timeout=200)
+    elapsed = time.time() - start
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "FAIL  hub reachable" in out.stdout and "FAIL  model config loadable" in out.stdout
+    assert "PASS  disk space" in out.stdout and "failed" in out.stdout.splitlines()[-1]
+    assert elapsed < 150
+
+
+def test_verify_tiny_passes_offline(tmp_path):
+    out = monolm("verify", "--preset", "tiny", cwd=tmp_path)
+    assert out.returncode == 0, out.stdout
+    assert "FAIL" not in out.stdout
