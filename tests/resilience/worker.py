@@ -1,0 +1,246 @@
+"""What the resilience tests run in a *separate process* so they can really SIGKILL it.
+
+Two modes:
+- `train`: `monolm.training.train()` on a tiny GPT-NeoX (dropout on, so a resume that lost an
+  RNG state would diverge) for a fixed recipe; the parent compares the files it leaves with an
+  uninterrupted run's.
+- `cli`: `monolm.cli.main(argv)`, i.e. exactly what a user runs (`monolm run --no-prefect ...`).
+
+Two instruments, both off unless the spec asks for them, neither changes what the code does:
+- a *pause point*: the n-th call of a named function whose path arguments contain a substring
+  writes a marker file and then blocks until the parent SIGKILLs the process. That is how a
+  kill lands deterministically *inside* a checkpoint write, a unit write or a directory swap,
+  instead of hoping a timer hits a window of a few milliseconds.
+- an *audit log* (`sys.addaudithook`): every file open, rename, mkdir and removal under a root,
+  one JSON line each, written immediately (a killed process leaves a complete log). The parent
+  uses it to prove which files a process read and wrote.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# --------------------------------------------------------------------------- instruments
+_AUDIT_EVENTS = {"open", "os.rename", "os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree", "os.truncate"}
+
+
+def install_audit(log_path: str, root: str) -> None:
+    """Append {"event", "paths", "mode", "flags"} for every audited file operation under `root`."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    root = os.path.realpath(root)
+    busy = [False]
+
+    def as_path(value: Any) -> str | None:
+        if isinstance(value, (str, bytes, os.PathLike)):
+            try:
+                return os.path.abspath(os.fsdecode(value))
+            except (TypeError, ValueError):
+                return None
+        return None
+
+    def hook(event: str, args: tuple) -> None:
+        if event not in _AUDIT_EVENTS or busy[0]:
+            return
+        busy[0] = True
+        try:
+            if event == "os.rename":
+                paths = [as_path(args[0]), as_path(args[1])]
+            else:
+                paths = [as_path(args[0])] if args else []
+            paths = [p for p in paths if p]
+            if not paths or not any(p.startswith(root) for p in paths):
+                return
+            record = {"event": event, "paths": paths, "pid": os.getpid()}
+            if event == "open":
+                record["mode"] = args[1] if len(args) > 1 and isinstance(args[1], str) else None
+                record["flags"] = args[2] if len(args) > 2 and isinstance(args[2], int) else None
+            os.write(fd, (json.dumps(record) + "\n").encode())
+        finally:
+            busy[0] = False
+
+    sys.addaudithook(hook)
+
+
+def _resolve(target: str) -> tuple[Any, str]:
+    module, _, attr = target.partition(":")
+    return importlib.import_module(module), attr
+
+
+def install_pause(spec: dict[str, Any]) -> None:
+    """Wrap `spec["target"]` ("module:function"); on the `nth` call whose path-like arguments
+    match the regex `match` (searched in their space-joined text), call through first when `when == "after"`, write `marker`, then block."""
+    owner, attr = _resolve(spec["target"])
+    original = getattr(owner, attr)
+    nth, match, when, marker = spec.get("nth", 1), spec.get("match", ""), spec.get("when", "before"), spec["marker"]
+    seen = [0]
+
+    def block(args: tuple) -> None:
+        names = [str(a) for a in args if isinstance(a, (str, os.PathLike))]
+        Path(marker).write_text(json.dumps({"target": spec["target"], "args": names, "pid": os.getpid()}))
+        signal.alarm(300)  # never outlive a parent that forgot to kill us
+        while True:
+            signal.pause()
+
+    def wrapper(*args, **kwargs):
+        text = " ".join(str(a) for a in (*args, *kwargs.values()) if isinstance(a, (str, os.PathLike)))
+        hit = False
+        if re.search(match, text):
+            seen[0] += 1
+            hit = seen[0] == nth
+        if hit and when == "before":
+            block(args)
+        result = original(*args, **kwargs)
+        if hit and when == "after":
+            block(args)
+        return result
+
+    setattr(owner, attr, wrapper)
+
+
+def pause_here(marker: str, info: dict[str, Any]) -> None:
+    Path(marker).write_text(json.dumps({**info, "pid": os.getpid()}))
+    signal.alarm(300)
+    while True:
+        signal.pause()
+
+
+# --------------------------------------------------------------------------- the tiny training run
+VOCAB, SEQ = 128, 32
+
+
+def tiny_model(*, hidden: int = 64, constrained: bool = False):
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.nn.utils import parametrize
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    class Softplus(nn.Module):
+        def forward(self, v):
+            return F.softplus(v)
+
+        def right_inverse(self, w):
+            return torch.log(torch.expm1(w.abs() + 1e-6))
+
+    cfg = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=4 * hidden, max_position_embeddings=64,
+                        hidden_dropout=0.1, attention_dropout=0.1)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = GPTNeoXForCausalLM(cfg).float()
+    if constrained:
+        for layer in model.gpt_neox.layers:
+            parametrize.register_parametrization(layer.mlp.dense_h_to_4h, "weight", Softplus())
+    return model
+
+
+def tiny_data(n: int = 40, seed: int = 1):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    seq = (torch.randint(0, VOCAB, (n, 1), generator=g) + torch.arange(SEQ)) % VOCAB
+    return torch.where(torch.rand(n, SEQ, generator=g) < 0.2, torch.randint(0, VOCAB, (n, SEQ), generator=g), seq)
+
+
+def tiny_arm(**overrides):
+    from monolm.config import ArmConfig
+
+    # 40 sequences / 8 per step = 5 steps per epoch: 12 steps cross two epoch boundaries.
+    recipe = dict(lr=3e-3, epochs=3.0, max_steps=12, warmup_ratio=0.25, schedule="cosine", min_lr_ratio=0.1,
+                  micro_batch_size=4, grad_accum_steps=2, log_every_steps=1, eval_every_steps=4,
+                  checkpoint_every_steps=3, keep_last_checkpoints=3, gradient_checkpointing="off", bf16="off")
+    recipe.update(overrides)
+    return ArmConfig(**recipe)
+
+
+def run_train(spec: dict[str, Any]) -> int:
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    from monolm.training import train
+
+    torch.set_num_threads(1)
+    held_out = tiny_data(8, seed=99)
+
+    def evaluate(model) -> dict:
+        logits = model(input_ids=held_out, use_cache=False).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), held_out[:, 1:].reshape(-1)).item()
+        return {"loss": loss, "perplexity": math.exp(loss)}
+
+    pause_step = spec.get("pause_step")
+
+    def on_log(entry: dict) -> None:
+        if pause_step is not None and entry["kind"] == "train" and entry["step"] == pause_step:
+            pause_here(spec["marker"], {"step": entry["step"]})
+
+    # A new process starts from arbitrary global RNG states; a resume must not depend on them.
+    torch.manual_seed(int(time.time_ns() % 2**31))
+    model = tiny_model(hidden=spec.get("hidden", 64), constrained=spec.get("constrained", False))
+    result = train(model, tiny_data(seed=spec.get("data_seed", 1)), tiny_arm(**spec.get("arm", {})),
+                   Path(spec["out"]), seed=5, evaluate=evaluate, constrained=spec.get("constrained", False),
+                   device="cpu", progress=False, on_log=on_log)
+    print(json.dumps({"steps": result.steps, "completed": result.completed,
+                      "resumed_from": str(result.resumed_from) if result.resumed_from else None}))
+    return 0
+
+
+# --------------------------------------------------------------------------- entry points
+def child_main(mode: str, spec: dict[str, Any]) -> int:
+    """Run one mode with the instruments the spec asks for (the process's stdio is the caller's)."""
+    os.environ.update(spec.get("env", {}))
+    if spec.get("audit"):
+        install_audit(spec["audit"]["log"], spec["audit"]["root"])
+    for pause in spec.get("pauses", []):
+        install_pause(pause)
+    if mode == "train":
+        return run_train(spec)
+    if mode == "cli":
+        from monolm.cli import main
+
+        return main(spec["argv"])
+    raise SystemExit(f"unknown mode {mode!r}")
+
+
+def forked_entry(mode: str, spec: dict[str, Any], log_path: str) -> None:
+    """Target of a forkserver child: stdout/stderr to `log_path`, exit with the mode's status."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
+    sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
+    import logging
+
+    from monolm.runtime import setup_logging
+
+    setup_logging(logging.INFO)
+    try:
+        code = child_main(mode, spec)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    _mode, _spec = sys.argv[1], json.loads(sys.argv[2])
+    if _mode == "train":
+        import logging
+
+        from monolm.runtime import setup_logging
+
+        setup_logging(logging.INFO)
+    sys.exit(child_main(_mode, _spec))
