@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from monolm.artifacts import CorruptArtifact, atomic_write_json, read_json, sha256_file
 from monolm.checkpoint import (
     atomic_dir,
+    check_fingerprint,
     digest_json,
     latest_valid_checkpoint,
     list_checkpoints,
@@ -49,6 +50,7 @@ from monolm.checkpoint import (
     move_aside,
     recover_replaced,
     save_checkpoint,
+    verify_checkpoint,
 )
 from monolm.config import ArmConfig
 from monolm.runtime import autocast, derive_seed, pick_device, resolve_flag, seed_everything
@@ -346,6 +348,42 @@ def _read_best(out_dir: Path, fingerprint_digest: str) -> dict[str, Any] | None:
     return info
 
 
+def _replay_point_for_lost_best(out_dir: Path, ckpt_root: Path, latest: Path,
+                                fingerprint: dict[str, Any]) -> Path | None:
+    """The checkpoint to resume from when the best model this run already selected is missing or
+    damaged: the newest valid one *before* the recorded best step (None: from the start).
+
+    A damaged best model must never be re-blessed by a finished run. Resuming is exact, so
+    replaying from before the best step re-selects and rewrites the very same best model (its
+    evaluation is the minimum over all evaluations, hence over the replayed ones). Checkpoints
+    after the replay point are moved aside; they are re-written identically by the replay.
+    """
+    # Another model's/recipe's checkpoints are refused (CheckpointMismatch), never replayed over.
+    check_fingerprint(verify_checkpoint(latest)["fingerprint"], fingerprint, latest)
+    recorded = json.loads((latest / "state.json").read_text())["train"]["history"]["summary"].get("best_step")
+    if recorded is None:
+        return latest  # no best model was selected yet: nothing to recreate
+    point = None
+    for step_no, path in reversed(list_checkpoints(ckpt_root)):
+        if step_no >= recorded:
+            continue
+        try:
+            verify_checkpoint(path)
+        except (CorruptArtifact, OSError) as exc:
+            log.warning("skipping checkpoint %s: %s", path, exc)
+            continue
+        point = path
+        break
+    log.warning("%s: the best model (step %d) is missing or damaged; replaying from %s to recreate it exactly",
+                out_dir, recorded, point if point is not None else "the start")
+    if (out_dir / BEST_DIR).exists():
+        move_aside(out_dir / BEST_DIR, "missing or damaged files; recreated by replaying training")
+    for step_no, path in list_checkpoints(ckpt_root):
+        if point is None or step_no > int(point.name.split("-")[1]):
+            move_aside(path, f"superseded: replaying from {point.name if point else 'the start'} to recreate the best model")
+    return point
+
+
 # --------------------------------------------------------------------------- the loop
 def _new_interval() -> dict[str, Any]:
     return {"loss_sum": 0.0, "targets": 0, "tokens": 0, "steps": 0, "grad_norm_sum": 0.0,
@@ -430,6 +468,9 @@ def train(
 
     # ------------------------------------------------------------------ fresh start or resume
     latest = latest_valid_checkpoint(ckpt_root)
+    best = _read_best(out_dir, fp_digest)
+    if latest is not None and best is None and evaluate is not None:
+        latest = _replay_point_for_lost_best(out_dir, ckpt_root, latest, fingerprint)
     if latest is not None:
         loaded = load_checkpoint(latest, model=model, optimizer=optimizer, param_names=param_names,
                                  scheduler=scheduler, fingerprint=fingerprint)
@@ -464,7 +505,6 @@ def train(
             history["summary"]["min_constrained_weight"] = min_constrained_weight(model)
 
     summary = history["summary"]
-    best = _read_best(out_dir, fp_digest)
     if best is not None:
         summary["best_step"] = best["step"]
         summary["best_val_perplexity"] = best["metrics"].get("val_perplexity")
@@ -566,8 +606,8 @@ def train(
         bar.close()
 
     completed = step >= total_steps
-    if completed and not (out_dir / BEST_DIR / BEST_MARKER).is_file():
-        if evaluate is None:  # a finished run whose best/ was deleted: the final model is the best
+    if completed and _read_best(out_dir, fp_digest) is None:
+        if evaluate is None:  # a finished run whose best/ was deleted or damaged: the final model is the best
             _save_best(out_dir, model, save_model, step=step, metrics={}, fingerprint_digest=fp_digest)
             summary.update(best_step=step, best_val_perplexity=None)
         else:

@@ -203,3 +203,24 @@ def test_damaged_newest_checkpoint_is_named_skipped_and_resume_stays_exact(tmp_p
         assert warning and str(damaged) in warning[0], (name, text)
         assert list((out / "checkpoints" / ".invalid").iterdir()), name  # kept as evidence, never reused
         assert_identical(out, reference(False))
+
+
+# --------------------------------------------------------------------------- damaged best model
+@pytest.mark.parametrize("damage", ["bit-flipped best/model.safetensors", "deleted best/best.json"])
+def test_damaged_best_model_of_a_finished_run_is_recreated_not_reblessed(tmp_path, reference, damage):
+    """A finished run whose best model was damaged must not hand the damaged file on (the stage
+    would checksum it into a new manifest): it replays from the newest checkpoint before the
+    best step, which re-selects and rewrites the identical best model."""
+    out = tmp_path / "run"
+    shutil.copytree(reference(False), out)
+    best_step = json.loads((out / "best" / "best.json").read_text())["step"]
+    if damage.startswith("bit"):
+        flip_bit(out / "best" / "model.safetensors")
+    else:
+        (out / "best" / "best.json").unlink()
+    result, text = finish(out, tag="again")
+    replay_from = max((s for s in (3, 6, 9) if s < best_step), default=None)
+    assert result["resumed_from"] == (str(out / "checkpoints" / f"step-{replay_from:08d}") if replay_from else None)
+    assert f"the best model (step {best_step}) is missing or damaged" in text, text
+    assert any(p.name.startswith("best-") for p in (out / ".invalid").iterdir())  # the damaged copy, as evidence
+    assert_identical(out, reference(False))
