@@ -60,6 +60,23 @@ def submit(task, cfg: ExperimentConfig, stage: str, **params):
         return task.with_options(**stage_options(cfg, stage)).submit(cfg=cfg.model_dump(mode="json"), **params)
 
 
+def await_result(future, poll_seconds: float = 2.0):
+    """`future.result()`, but on a task runner that can tell when its workers will never come
+    (the `slurm` profile: a failed `sbatch` is otherwise only logged and the flow waits forever),
+    check that between short waits and fail the flow with the reason."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    check = getattr(ctx.task_runner, "check_workers", None) if ctx else None
+    if check is not None:
+        log = get_run_logger()
+        while not future.wrapped_future.done():
+            future.wait(timeout=poll_seconds)
+            if not future.wrapped_future.done():
+                check(warn=log.warning)
+    return future.result()
+
+
 @flow(name="experiment-stages")
 def run_stages(cfg_data: dict[str, Any]) -> dict[str, Any]:
     """Submit every stage of every seed at once; Prefect resolves the data dependencies."""
@@ -81,7 +98,7 @@ def run_stages(cfg_data: dict[str, Any]) -> dict[str, Any]:
         per_seed[seed] = f
     seeds_refs = [{stage: fut for stage, fut in f.items()} for f in per_seed.values()]
     aggregate_future = submit(aggregate_task, cfg, "aggregate", seed=None, seeds=seeds_refs)
-    summary = aggregate_future.result()
+    summary = await_result(aggregate_future)
     # Which stages executed and which were cache hits ("Completed" vs "Cached"), per seed.
     summary["stage_states"] = {str(seed): {stage: fut.state.name for stage, fut in f.items()}
                                for seed, f in per_seed.items()}
@@ -102,10 +119,17 @@ def experiment(
     profile: str | None = None,
     run_name: str | None = None,
     named_overrides: list[str] | None = None,
+    nightly: bool = False,
+    regression_tolerance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the whole study. `overrides` are `key=value` strings (as `monolm run --set`),
-    `named_overrides` names like `reference`; the config is validated before anything runs."""
+    `named_overrides` names like `reference`; the config is validated before anything runs.
+    `nightly`: name the run `nightly-<preset>-<scheduled time>` and, after stage 7, compare it with
+    the previous nightly run (`flows/nightly.py`; `regression_tolerance` overrides tolerances);
+    a regression fails the run."""
     log = get_run_logger()
+    if nightly:
+        run_name = _nightly_name(preset, run_name)
     try:
         cfg = resolve_config(preset, seeds, variant, overrides, profile, run_name, named_overrides)
     except ConfigError as exc:
@@ -114,7 +138,24 @@ def experiment(
     log.info("experiment %s: preset=%s model=%s variant=%s recipe=%s seeds=%s profile=%s", cfg.run_name, cfg.preset,
              cfg.model.name, cfg.constraint.variant, cfg.training.recipe, cfg.seeds, cfg.runner.profile)
     stages = run_stages.with_options(task_runner=make_task_runner(cfg), flow_run_name=f"{cfg.run_name}-stages")
-    return stages(cfg.model_dump(mode="json"))
+    result = stages(cfg.model_dump(mode="json"))
+    if nightly:
+        from flows.nightly import regression_check
+
+        result["regression"] = regression_check(cfg.store_url, result["run_id"], regression_tolerance)
+    return result
+
+
+def _nightly_name(preset: str, run_name: str | None) -> str:
+    """A nightly run's name starts with `nightly-` (that is how the next one finds it); by default
+    it is dated by the run's scheduled start, so a retry keeps its name."""
+    from flows.nightly import RUN_NAME_PREFIX, nightly_run_name
+
+    if run_name:
+        return run_name if run_name.startswith(RUN_NAME_PREFIX) else RUN_NAME_PREFIX + run_name
+    from prefect.runtime import flow_run
+
+    return nightly_run_name(preset, flow_run.scheduled_start_time)
 
 
 def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -124,8 +165,15 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     sets = _config_as_sets(cfg)
     result = experiment(seeds=cfg.seeds, preset=cfg.preset, overrides=sets, run_name=cfg.run_name)
     print_rows(f"{result['run_name']}: mean over {len(cfg.seeds)} seed(s)", result["table"])
-    print(f"report: {result['report']}")
+    print(f"stages executed (not cache hits): {', '.join(executed_stages(result)) or 'none'}")
     return result
+
+
+def executed_stages(result: dict[str, Any]) -> list[str]:
+    """`stage[seed]` for every stage that ran rather than being a cache hit."""
+    out = [f"{stage}[{seed}]" for seed, states in result["stage_states"].items() if isinstance(states, dict)
+           for stage, state in states.items() if state != "Cached"]
+    return out + (["aggregate"] if result["stage_states"]["aggregate"] != "Cached" else [])
 
 
 def _config_as_sets(cfg: ExperimentConfig) -> list[str]:

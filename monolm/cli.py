@@ -64,7 +64,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         prefect_environment()
         from flows.experiment import run_experiment
 
-        run_experiment(cfg)
+        from monolm.artifacts import stage_dir_for
+
+        result = run_experiment(cfg)
+        print_constrain(stage_dir_for(cfg, cfg.seeds[0], "constrain") / "report.json")
+        print(f"report: {result['report']}")
     print(f"wall time: {time.time() - started:.1f} s")
     return 0
 
@@ -155,6 +159,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_facing(exc: Exception) -> int | None:
+    """Exit code for errors caused by the user's input or machine, not by a bug (printed without a
+    traceback): 2 for bad data, a model that cannot be found, or a checkpoint of another model or
+    recipe in the run's folder; 1 for a stage stopped by a full disk or an unwritable folder. The
+    classes are looked up only if their module was loaded, so `monolm config` never imports torch."""
+    kinds = {("monolm.data", "DataError"): 2, ("monolm.models", "ModelError"): 2,
+             ("monolm.checkpoint", "CheckpointMismatch"): 2, ("monolm.stages.common", "StageFailed"): 1}
+    for (module, name), code in kinds.items():
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(exc, cls):
+            return code
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     from monolm.runtime import setup_logging
 
@@ -165,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"monolm: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        code = _user_facing(exc)
+        if code is None:
+            raise
+        print(f"monolm: {exc}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print("monolm: interrupted; finished stages are kept and a re-run resumes", file=sys.stderr)
         return 130
