@@ -120,6 +120,9 @@ def cmd_results(args: argparse.Namespace) -> int:
         rows = store.compare(*args.compare)
     else:
         rows = store.query(preset=args.preset, variant=args.variant, model=args.model, metric=args.metric)
+        print(format_table(rows, columns=["run_name", "preset", "variant", "recipe", "model", "seed", "stage",
+                                          "metric", "value"]))
+        return 0
     print(format_table(rows))
     return 0
 
@@ -149,12 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     config.set_defaults(func=cmd_config)
 
     results = sub.add_parser("results", help="query the results store")
-    results.add_argument("--store", help="SQLAlchemy URL (default: the tiny preset's runs root)")
-    results.add_argument("--preset")
-    results.add_argument("--variant")
-    results.add_argument("--model")
-    results.add_argument("--metric")
-    results.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"))
+    results.add_argument("--store", help="SQLAlchemy URL (default: sqlite:///runs/results.sqlite)")
+    results.add_argument("--preset", help="only this preset (tiny, quick, full)")
+    results.add_argument("--variant", help="only this constraint variant")
+    results.add_argument("--model", help="only this model: base, baseline or monotonic")
+    results.add_argument("--metric", help="only this metric, e.g. token_perplexity, abs_increase")
+    results.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="metric-by-metric difference of two runs")
     results.set_defaults(func=cmd_results, preset_for_store="tiny")
     return parser
 
