@@ -314,9 +314,9 @@ def compare_arms(values: Sequence[dict[str, Any]], seeds: Sequence[dict[str, Any
 
 # --------------------------------------------------------------------------- findings
 def _direction_words(stage: str, metric: str, diff: float) -> str:
-    if metric in LOWER_IS_BETTER:
-        return ("the constrained arm has higher held-out perplexity than the baseline (the constraint costs quality)"
-                if diff > 0 else "the constrained arm has lower held-out perplexity than the baseline")
+    if metric in LOWER_IS_BETTER or stage == "evaluate":  # quality (perplexity or per-document loss)
+        return ("the constrained arm has higher held-out loss than the baseline (the constraint costs quality)"
+                if diff > 0 else "the constrained arm has lower held-out loss than the baseline")
     attack = ATTACKS.get(stage, stage)
     if diff > 0:
         return f"{attack} did more damage to the constrained arm than to the baseline (less robust by this measure)"
