@@ -10,28 +10,42 @@ from typing import Any
 
 from monolm.config import ExperimentConfig
 from monolm.stages import constrain, evaluate, setup, train
-from monolm.stages.common import StageRef
+from monolm.artifacts import stage_dir_for
+from monolm.stages.common import StageRef, stage_errors
 
 
 def run_seed(cfg: ExperimentConfig, seed: int, *, stages: int = 6, progress: bool = True) -> dict[str, StageRef]:
-    """Run stages 0..`stages` for one seed; finished stages with valid manifests are reused."""
+    """Run stages 0..`stages` for one seed; finished stages with valid manifests are reused.
+    A full disk or an unwritable folder fails the stage with `StageFailed` naming it."""
     refs: dict[str, StageRef] = {}
-    refs["setup"] = setup.run(cfg, seed, progress=progress)
+
+    def guarded(stage: str):
+        return stage_errors(stage, seed, stage_dir_for(cfg, seed, stage))
+
+    with guarded("setup"):
+        refs["setup"] = setup.run(cfg, seed, progress=progress)
     if stages >= 1:
-        refs["constrain"] = constrain.run(cfg, seed, refs["setup"], progress=progress)
+        with guarded("constrain"):
+            refs["constrain"] = constrain.run(cfg, seed, refs["setup"], progress=progress)
     if stages >= 3:
-        refs["train_baseline"] = train.run(cfg, seed, "baseline", refs["setup"], progress=progress)
-        refs["train_monotonic"] = train.run(cfg, seed, "monotonic", refs["setup"], refs["constrain"], progress=progress)
+        with guarded("train_baseline"):
+            refs["train_baseline"] = train.run(cfg, seed, "baseline", refs["setup"], progress=progress)
+        with guarded("train_monotonic"):
+            refs["train_monotonic"] = train.run(cfg, seed, "monotonic", refs["setup"], refs["constrain"],
+                                                progress=progress)
     if stages >= 4:
-        refs["evaluate"] = evaluate.run(cfg, seed, refs["setup"], refs["train_baseline"], refs["train_monotonic"],
-                                        progress=progress)
+        with guarded("evaluate"):
+            refs["evaluate"] = evaluate.run(cfg, seed, refs["setup"], refs["train_baseline"],
+                                            refs["train_monotonic"], progress=progress)
     if stages >= 5:
         from monolm.stages import attack
 
         models = {"baseline": refs["train_baseline"], "monotonic": refs["train_monotonic"]}
-        refs["uat"] = attack.run_uat(cfg, seed, refs["setup"], models, progress=progress)
+        with guarded("uat"):
+            refs["uat"] = attack.run_uat(cfg, seed, refs["setup"], models, progress=progress)
         if stages >= 6:
-            refs["hotflip"] = attack.run_hotflip(cfg, seed, refs["setup"], models, progress=progress)
+            with guarded("hotflip"):
+                refs["hotflip"] = attack.run_hotflip(cfg, seed, refs["setup"], models, progress=progress)
     return refs
 
 

@@ -7,7 +7,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from monolm.stages.common import StageRef
+from monolm.artifacts import stage_dir_for
+from monolm.stages.common import StageRef, stage_errors
 from tasks.common import config_of, forward_logs, maybe_inject_fault, remember_result, worker_context
 
 
@@ -17,7 +18,9 @@ def run_stage(stage: str, cfg: dict[str, Any], seed: int | None, call: Callable[
         log.info("stage %s%s starting on %s", stage, f" seed {seed}" if seed is not None else "", worker_context()["host"])
         maybe_inject_fault(stage)
         started = time.time()
-        ref = call(config)
+        directory = stage_dir_for(config, seed, stage) if seed is not None else config.paths.results_root
+        with stage_errors(stage, seed, directory):
+            ref = call(config)
         result = ref.to_json() if hasattr(ref, "to_json") else ref
         result["worker"] = worker_context()
         log.info("stage %s done in %.1f s", stage, time.time() - started)

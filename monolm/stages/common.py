@@ -7,11 +7,15 @@ match their digests; anything else is re-run from scratch (or from its own check
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
+import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,3 +164,60 @@ def finish(
 def files_under(directory: Path, sub: str) -> list[str]:
     """Relative paths of every file under `directory/sub`, for a manifest's output list."""
     return sorted(str(p.relative_to(directory)) for p in (directory / sub).rglob("*") if p.is_file())
+
+
+# --------------------------------------------------------------------------- environment failures
+class StageFailed(RuntimeError):
+    """A stage stopped by its environment (disk full, a folder it may not write), said plainly:
+    which stage, where, and what a re-run resumes from."""
+
+
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+_NOT_PERMITTED = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def _environment_error(exc: BaseException) -> str | None:
+    """"full" or "denied" for errors the machine (not the code) caused, else None. safetensors
+    (Rust) reports a full disk as its own error type whose text carries the OS error."""
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+        return "full"
+    if isinstance(exc, OSError) and exc.errno in _NOT_PERMITTED:
+        return "denied"
+    if "No space left on device" in str(exc) or "os error 28" in str(exc):
+        return "full"
+    return None
+
+
+def _free_space(directory: Path) -> str:
+    probe = Path(directory)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return "unknown space"
+    return f"{free / 2**20:.1f} MiB free"
+
+
+@contextlib.contextmanager
+def stage_errors(stage: str, seed: int | None, directory: Path, setting: str = "paths.runs_root") -> Iterator[None]:
+    """Turn a full disk or a refused write inside a stage into `StageFailed` with a message a user
+    can act on, instead of a traceback ending in a bare `[Errno 28]` (or safetensors' I/O error)
+    that names neither the stage nor the folder. Everything finished before the failure is
+    intact, because every file is written atomically."""
+    try:
+        yield
+    except Exception as exc:
+        kind = _environment_error(exc)
+        if kind is None:
+            raise
+        where = f"stage {stage}" + (f" (seed {seed})" if seed is not None else "")
+        if kind == "full":
+            message = (f"{where} failed: no space left on device while writing under {directory} "
+                       f"({_free_space(directory)}). Everything written before is intact (finished stages, the "
+                       "last valid checkpoint, finished attack units); free some space and re-run to resume.")
+        else:
+            target = getattr(exc, "filename", None) or directory
+            message = (f"{where} failed: cannot write {target} ({getattr(exc, 'strerror', None) or exc}); "
+                       f"check that {setting} points to a folder you may write")
+        raise StageFailed(message) from exc

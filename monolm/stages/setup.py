@@ -82,14 +82,29 @@ def verify(cfg: ExperimentConfig, model_path: Path, tokenizer, splits: data_lib.
             "docs": counts}
 
 
+def _locate_model(cfg: ExperimentConfig) -> Path | None:
+    """The base model's directory (hub models fetched into the HF cache); None for tiny (built)."""
+    if cfg.model.source == "tiny":
+        return None
+    if cfg.model.source == "hub":
+        return models.fetch_hub_model(cfg.model.name, cfg.model.revision, cfg.hf_cache_dir)
+    path = Path(cfg.model.name).resolve()
+    if not (path / "config.json").is_file():
+        raise models.ModelError(f"model.name={cfg.model.name!r} is not a saved model directory")
+    return path
+
+
 def run(cfg: ExperimentConfig, seed: int, *, progress: bool = True) -> StageRef:
     done = existing(cfg, seed, STAGE, {})
     if done:
         log.info("stage setup (seed %d) already complete: %s", seed, done.dir)
         return done
     started = time.time()
-    out = prepare(cfg, seed, STAGE, {})
+    # Inputs first: a model id that does not exist or a bad corpus (empty, too small, not UTF-8)
+    # fails here, before the stage folder is created or anything is written into it.
+    path = _locate_model(cfg)
     splits = data_lib.load_splits(cfg.data, seed, cache_dir=cfg.hf_cache_dir / "datasets")
+    out = prepare(cfg, seed, STAGE, {})
     outputs = [f"data/{name}" for name in data_lib.save_splits(splits, out / "data")]
     metrics: dict[str, Any] = {}
     if cfg.model.source == "tiny":
@@ -103,12 +118,6 @@ def run(cfg: ExperimentConfig, seed: int, *, progress: bool = True) -> StageRef:
             shutil.rmtree(out / "pretrain" / "checkpoints", ignore_errors=True)
             outputs.append("pretrain/history.json")
     else:
-        if cfg.model.source == "hub":
-            path = models.fetch_hub_model(cfg.model.name, cfg.model.revision, cfg.hf_cache_dir)
-        else:
-            path = Path(cfg.model.name).resolve()
-            if not (path / "config.json").is_file():
-                raise models.ModelError(f"model.name={cfg.model.name!r} is not a saved model directory")
         tokenizer = models.load_tokenizer(path)
         # Weights live outside the stage folder (the HF cache); record their digests.
         metrics["model_files"] = {p.name: sha256_file(p) for p in sorted(path.glob("*.safetensors"))}

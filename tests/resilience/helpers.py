@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any
 TESTS = Path(__file__).resolve().parents[1]
 REPO = TESTS.parent
 sys.path.insert(0, str(TESTS))
-from conftest import MICRO, micro_sets  # noqa: E402  (the suite's shared micro configuration)
+from conftest import micro_sets  # noqa: E402  (the suite's shared micro configuration)
 
 ENV = {
     **os.environ,
@@ -124,7 +125,10 @@ def spawn_cli(argv: list[str], *, cwd: Path, log: Path, audit: dict | None = Non
 
 
 def run_cli(argv: list[str], *, cwd: Path, log: Path | None = None, timeout: float = 300, **kw) -> tuple[int, str]:
-    log = log or cwd / f".cli-{time.time_ns()}.log"
+    if log is None:  # outside `cwd`, so tests can check that nothing at all was written there
+        fd, name = tempfile.mkstemp(prefix="monolm-cli-", suffix=".log")
+        os.close(fd)
+        log = Path(name)
     proc = spawn_cli(argv, cwd=cwd, log=log, **kw)
     code = proc.wait(timeout)
     text = proc.output()
