@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from resilience.helpers import micro_argv, run_cli
+from resilience.trainruns import finish
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +18,19 @@ def micro_pipeline(tmp_path_factory) -> Path:
     code, out = run_cli(micro_argv(root), cwd=root)
     assert code == 0, out[-6000:]
     return root
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """The uninterrupted run of each arm, in its own process."""
+    runs: dict[bool, Path] = {}
+
+    def get(constrained: bool) -> Path:
+        if constrained not in runs:
+            out = tmp_path_factory.mktemp("reference") / ("constrained" if constrained else "baseline")
+            result, _ = finish(out, constrained=constrained)
+            assert result["resumed_from"] is None
+            runs[constrained] = out
+        return runs[constrained]
+
+    return get

@@ -109,9 +109,9 @@ def fork_worker(mode: str, spec: dict[str, Any], log: Path) -> Proc:
     return Proc(proc, log, forked=True)
 
 
-def spawn_cli(argv: list[str], *, cwd: Path, log: Path, audit: dict | None = None,
-              pauses: list[dict] | None = None, env: dict | None = None, user: int | None = None) -> Proc:
-    spec = {"argv": argv, "pauses": pauses or []}
+def spawn_cli(argv: list[str], *, cwd: Path, log: Path, audit: dict | None = None, pauses: list[dict] | None = None,
+              faults: list[dict] | None = None, env: dict | None = None, user: int | None = None) -> Proc:
+    spec = {"argv": argv, "pauses": pauses or [], "faults": faults or []}
     if audit:
         spec["audit"] = audit
     out = open(log, "ab")
@@ -244,4 +244,40 @@ def written_paths(records: list[dict[str, Any]]) -> set[str]:
                 out.add(rec["paths"][0])
         else:
             out.update(rec["paths"])
+    return out
+
+
+WALL_CLOCK = ("tokens_per_s", "wall_time_s", "seconds")
+
+
+def strip_wall_clock(obj: Any) -> Any:
+    """JSON minus wall-clock measurements and the record of resumes (which differ by design)."""
+    if isinstance(obj, dict):
+        return {k: strip_wall_clock(v) for k, v in obj.items() if k not in WALL_CLOCK and k != "resumes"}
+    if isinstance(obj, list):
+        return [strip_wall_clock(v) for v in obj]
+    return obj
+
+
+def stage_outputs(seed_folder: Path, stages: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """What each finished stage produced, comparable across runs: every output's sha256 as its
+    manifest records it, except the two files that carry the machine's state rather than results
+    (training histories hold wall-clock speeds, stage 0's verification the free disk space),
+    which are compared without those fields."""
+    out: dict[str, dict[str, Any]] = {}
+    for stage in stages:
+        path = seed_folder / stage / "manifest.json"
+        if not path.is_file():
+            continue
+        files: dict[str, Any] = {}
+        for rel, digest in json.loads(path.read_text())["outputs"].items():
+            if rel.endswith("history.json"):
+                files[rel] = strip_wall_clock(json.loads((seed_folder / stage / rel).read_text()))
+            elif rel == "verification.json":
+                report = json.loads((seed_folder / stage / rel).read_text())
+                report["checks"].pop("disk", None)
+                files[rel] = report
+            else:
+                files[rel] = digest
+        out[stage] = files
     return out

@@ -6,18 +6,22 @@ Two modes:
   uninterrupted run's.
 - `cli`: `monolm.cli.main(argv)`, i.e. exactly what a user runs (`monolm run --no-prefect ...`).
 
-Two instruments, both off unless the spec asks for them, neither changes what the code does:
-- a *pause point*: the n-th call of a named function whose path arguments contain a substring
-  writes a marker file and then blocks until the parent SIGKILLs the process. That is how a
-  kill lands deterministically *inside* a checkpoint write, a unit write or a directory swap,
-  instead of hoping a timer hits a window of a few milliseconds.
+Three instruments, all off unless the spec asks for them:
+- a *pause point*: the n-th call of a named function whose path arguments match a regex writes a
+  marker file and then blocks until the parent SIGKILLs the process. That is how a kill lands
+  deterministically *inside* a checkpoint write, a unit write or a directory swap, instead of
+  hoping a timer hits a window of a few milliseconds. It does not change what the code does.
 - an *audit log* (`sys.addaudithook`): every file open, rename, mkdir and removal under a root,
   one JSON line each, written immediately (a killed process leaves a complete log). The parent
-  uses it to prove which files a process read and wrote.
+  uses it to prove which files a process read and wrote. It does not change what the code does.
+- an *injected fault*, the one mock of the suite: the n-th matching call raises
+  OSError(ENOSPC), as a write on a full disk does (used where a real full tmpfs cannot aim at one
+  particular write).
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import os
@@ -70,8 +74,33 @@ def install_audit(log_path: str, root: str) -> None:
 
 
 def _resolve(target: str) -> tuple[Any, str]:
+    """"module:attr" or "module:Class.attr" -> (owner object, attribute name)."""
     module, _, attr = target.partition(":")
-    return importlib.import_module(module), attr
+    owner: Any = importlib.import_module(module)
+    *path, name = attr.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    return owner, name
+
+
+def install_fault(spec: dict[str, Any]) -> None:
+    """Make the `nth` call of `target` whose path arguments match `match` raise
+    OSError(`errno`) instead of running: a write that fails for lack of space (ENOSPC), exactly
+    as the kernel reports it to Python."""
+    owner, attr = _resolve(spec["target"])
+    original = getattr(owner, attr)
+    nth, match, code = spec.get("nth", 1), spec.get("match", ""), spec.get("errno", errno.ENOSPC)
+    seen = [0]
+
+    def wrapper(*args, **kwargs):
+        names = [str(a) for a in (*args, *kwargs.values()) if isinstance(a, (str, os.PathLike))]
+        if re.search(match, " ".join(names)):
+            seen[0] += 1
+            if seen[0] == nth:
+                raise OSError(code, os.strerror(code), names[0] if names else None)
+        return original(*args, **kwargs)
+
+    setattr(owner, attr, wrapper)
 
 
 def install_pause(spec: dict[str, Any]) -> None:
@@ -202,6 +231,8 @@ def child_main(mode: str, spec: dict[str, Any]) -> int:
         install_audit(spec["audit"]["log"], spec["audit"]["root"])
     for pause in spec.get("pauses", []):
         install_pause(pause)
+    for fault in spec.get("faults", []):
+        install_fault(fault)
     if mode == "train":
         return run_train(spec)
     if mode == "cli":
