@@ -1,8 +1,9 @@
 """Attacks (UAT, HotFlip): tests that fail if the attacks were wrong.
 
-One small GPT-NeoX is trained once per session (~200 steps on Python's own documentation prose,
-with a byte-level BPE tokenizer of 1000 tokens and an embedding padded to 1024 rows, so 24 rows
-are unused as in Pythia). Attack settings are small so the whole file stays around a minute.
+One small GPT-NeoX is trained once per session (200 steps of 16 x 32 tokens of Python's own
+documentation prose, with a byte-level BPE tokenizer of 1000 tokens and an embedding padded to
+1024 rows, so 24 rows are unused as in Pythia). Attack settings are small so the whole file
+stays well under a minute on an idle 2-core machine.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _trained():
     tok = data_lib.train_bpe_tokenizer(train, 1000)
     model = models.build_tiny_model(TinyModelConfig(vocab_size=1000), tok, seed=0)
     assert model.get_input_embeddings().weight.shape[0] == ROWS > len(tok)
-    blocks = data_lib.pack_blocks(data_lib.tokenize(tok, train), 64, tok.eos_token_id)
+    blocks = data_lib.pack_blocks(data_lib.tokenize(tok, train), 32, tok.eos_token_id)
     gen = torch.Generator().manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     steps = 200
@@ -170,6 +171,45 @@ def test_scoring_backs_off_on_out_of_memory(trained, monkeypatch, caplog):
     monkeypatch.setattr(common, "token_losses", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):  # not an OOM: never swallowed
         common.score_candidates_batched(model, b.input_ids, b.attention_mask, b.target_mask, batch_size=4)
+
+
+@pytest.mark.parametrize("has_prefix", [True, False])
+def test_flip_scoring_with_shared_prefix_equals_full_forward_loop(trained, has_prefix):
+    """HotFlip's scorer reuses the current text's keys/values before each batch's earliest flip;
+    it must give the losses of one full forward pass per candidate, on the same target sets."""
+    model, tok, held = trained
+    allowed = common.allowed_token_mask(tok, ROWS)
+    prefix = [tok.eos_token_id] if has_prefix else []
+    text = held[5][:30]
+    cur = torch.tensor(prefix + text)
+    targets = hotflip.base_targets(len(prefix), len(text))
+    targets[len(prefix) + 7] = False  # as after an earlier flip at 7
+    open_pos = torch.tensor([i for i in range(len(prefix), len(cur)) if i != len(prefix) + 7])
+    pos, new = hotflip._random_candidates(cur, open_pos, allowed, 40, torch.Generator().manual_seed(0))
+    if not has_prefix:
+        pos[0] = 0  # a flip of the very first token: no prefix to share
+    sizer = common.BatchSizer(6)
+    before, after = hotflip.score_flips(model, cur, targets, pos, new, sizer=sizer)
+    ids = cur.view(1, -1).repeat(len(pos), 1)
+    ids[torch.arange(len(pos)), pos] = new
+    masks = hotflip.flip_target_masks(targets, pos)
+    assert not masks[torch.arange(len(pos)), pos].any() and not (masks & ~targets).any()
+    ones = torch.ones_like(ids)
+    torch.testing.assert_close(after, common.score_candidates_loop(model, ids, ones, masks), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(before, common.score_candidates_loop(model, cur.repeat(len(pos), 1), ones, masks),
+                               atol=2e-5, rtol=1e-5)
+    assert before.shape == after.shape == (len(pos),)
+
+
+def test_plan_chunks_covers_candidates_in_bounded_batches():
+    pos = [1, 1, 2, 5, 9, 9, 20, 31, 40, 41]
+    for max_rows, overhead in ((3, 0), (4, 10), (10, 10**6), (1, 5)):
+        ends = hotflip.plan_chunks(pos, 50, max_rows, overhead)
+        starts = [0] + ends[:-1]
+        assert ends[-1] == len(pos) and all(0 < e - s <= max_rows for s, e in zip(starts, ends))
+    assert hotflip.plan_chunks(pos, 50, 10, 10**6) == [10]  # huge per-pass cost: one batch
+    # no per-pass cost: a new batch at every new position (equal positions stay together)
+    assert hotflip.plan_chunks(pos, 50, 10, 0) == [2, 3, 4, 6, 7, 8, 9, 10]
 
 
 def test_embedding_gradient_is_the_gradient_of_the_masked_objective(trained):

@@ -34,12 +34,17 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from monolm import stats
 from monolm.artifacts import atomic_write_text, atomic_write_json
 from monolm.attacks import units
 from monolm.attacks.common import (
     BatchSizer,
+    cross_entropy_fp32,
+    is_oom,
+    max_rows_for,
+    use_bf16,
     allowed_token_mask,
     attack_mode,
     check_texts,
@@ -55,7 +60,7 @@ from monolm.attacks.common import (
 )
 from monolm.attacks.effects import effect_summary
 from monolm.config import HotFlipConfig
-from monolm.runtime import generator
+from monolm.runtime import autocast, generator
 
 default_log = logging.getLogger("monolm.attacks")
 Method = Literal["gradient", "control"]
@@ -109,6 +114,109 @@ def _gradient_candidates(model: nn.Module, cur: torch.Tensor, targets: torch.Ten
     return open_pos[top // V], top % V
 
 
+def flip_target_masks(targets: torch.Tensor, cand_pos: torch.Tensor) -> torch.Tensor:
+    """[B, T]: the current targets minus each candidate's own position. A flipped token is never
+    scored, and the text before the flip is compared on exactly the same targets."""
+    masks = targets.view(1, -1).repeat(len(cand_pos), 1)
+    masks[torch.arange(len(cand_pos)), cand_pos] = False
+    return masks
+
+
+def plan_chunks(sorted_pos: Sequence[int], seq_len: int, max_rows: int, overhead: int) -> list[int]:
+    """Split candidates sorted by flip position into batches (returns the end index of each).
+
+    A batch starting at sorted position s costs `rows * (seq_len - s)` token-rows (it runs
+    positions s..T-1 for each row) plus `overhead` per forward pass; dynamic programming finds the
+    cheapest split with at most `max_rows` rows per batch. Large batches waste the prefix that the
+    later candidates could have skipped; tiny batches pay per-pass overhead."""
+    B = len(sorted_pos)
+    best = [0.0] + [float("inf")] * B
+    cut = [0] * (B + 1)
+    for b in range(1, B + 1):
+        for a in range(max(0, b - max_rows), b):
+            cost = best[a] + (b - a) * (seq_len - sorted_pos[a]) + overhead
+            if cost < best[b]:
+                best[b], cut[b] = cost, a
+    ends = []
+    b = B
+    while b > 0:
+        ends.append(b)
+        b = cut[b]
+    return ends[::-1]
+
+
+def _overhead_rows(device: torch.device) -> int:
+    """Per-forward-pass overhead in token-rows: small on CPU (compute-bound), large on a GPU
+    (launch latency and under-filled kernels)."""
+    return 4096 if device.type == "cuda" else 48
+
+
+def score_flips(
+    model: nn.Module,
+    cur: torch.Tensor,
+    targets: torch.Tensor,
+    cand_pos: torch.Tensor,
+    cand_tok: torch.Tensor,
+    *,
+    sizer: BatchSizer,
+    share_prefix: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact loss of the current text and of each single-flip candidate, both on the targets
+    without the candidate's position: returns `(before [B], after [B])`.
+
+    One forward pass of the current text gives its per-token losses and its key/value cache.
+    Candidates are sorted by position and scored in batches; a batch whose earliest flip is at
+    position s reuses the cached keys/values of positions < s and runs only positions s..T-1
+    (`share_prefix`), because everything before the first changed token is identical to the
+    current text. The result equals full forward passes up to float rounding (tested); it
+    roughly halves the work per candidate.
+    """
+    device = next(model.parameters()).device
+    T, B = len(cur), len(cand_pos)
+    masks = flip_target_masks(targets, cand_pos)
+    with torch.no_grad(), autocast(device, use_bf16(device)):
+        out = model(input_ids=cur.view(1, -1).to(device), use_cache=share_prefix)
+        tok0 = torch.zeros(T, dtype=torch.float32)
+        tok0[1:] = cross_entropy_fp32(out.logits[:, :-1], cur[1:].view(1, -1).to(device))[0].cpu()
+        cache = out.past_key_values if share_prefix else None
+        kv = None
+        if cache is not None and hasattr(cache, "layers"):
+            kv = [(layer.keys, layer.values) for layer in cache.layers]
+    tok = tok0.view(1, -1).repeat(B, 1)
+    order = torch.argsort(cand_pos, stable=True)
+    sorted_pos = cand_pos[order].tolist()
+    done = 0
+    while done < B:
+        rows_cap = min(sizer.size, max(1, max_rows_for(device) // T))
+        if kv is None:
+            end = min(B, done + rows_cap)
+        else:
+            end = plan_chunks(sorted_pos[done:], T, rows_cap, _overhead_rows(device))[0] + done
+        idx = order[done:end]
+        n = len(idx)
+        s = sorted_pos[done] if kv is not None else 0  # 0: no shared prefix, full rows
+        rows = cur[s:].view(1, -1).repeat(n, 1)
+        rows[torch.arange(n), cand_pos[idx] - s] = cand_tok[idx]
+        try:
+            with torch.no_grad(), autocast(device, use_bf16(device)):
+                kwargs: dict[str, Any] = {"use_cache": s > 0}
+                if s > 0:
+                    kwargs["past_key_values"] = DynamicCache(
+                        [(k[:, :, :s].expand(n, -1, -1, -1), v[:, :, :s].expand(n, -1, -1, -1)) for k, v in kv])
+                logits = model(input_ids=rows.to(device), **kwargs).logits[:, :-1]
+                ce = cross_entropy_fp32(logits, rows[:, 1:].to(device)).cpu()
+        except RuntimeError as exc:
+            if not is_oom(exc):
+                raise
+            sizer.shrink(exc)
+            continue
+        tok[idx, s + 1:] = ce  # positions <= s are predicted from the unchanged prefix
+        done = end
+    before = masked_mean(tok0.view(1, -1).expand(B, -1), masks)
+    after = masked_mean(tok, masks)
+    return before, after
+
+
 def attack_text(
     model: nn.Module,
     text_ids: Sequence[int],
@@ -148,14 +256,7 @@ def attack_text(
         if B == 0:
             stopped = "no_candidates"
             break
-        ids = cur.view(1, -1).repeat(B + 1, 1)
-        ids[torch.arange(1, B + 1), cand_pos] = cand_tok
-        tmask = targets.view(1, -1).repeat(B + 1, 1)
-        tmask[torch.arange(1, B + 1), cand_pos] = False  # the new flip is not a target ...
-        tok = score_candidates_batched(model, ids, torch.ones_like(ids), tmask, batch_size=sizer, per_token=True)
-        same = tmask[1:]  # ... and the current text is compared on exactly the same targets
-        before = masked_mean(tok[0].expand(B, -1), same)
-        after = masked_mean(tok[1:], same)
+        before, after = score_flips(model, cur, targets, cand_pos, cand_tok, sizer=sizer)
         gains = after - before
         best = int(torch.argmax(gains))
         if not bool(gains[best] > 0):

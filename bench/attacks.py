@@ -1,0 +1,207 @@
+"""Batched exact re-scoring vs. a per-candidate loop, for one UAT step and one HotFlip step.
+
+Both sides do the same work on the same model with the same candidates: the gradient, the
+first-order candidate selection, then the exact loss of every candidate sequence. They differ
+only in how candidates are scored:
+
+* batched  — what the attacks run: `common.score_candidates_batched` for UAT (many candidate
+  sequences per forward pass, length-sorted, each batch cut to its longest row) and
+  `hotflip.score_flips` for HotFlip (the same, plus reuse of the current text's keys/values
+  before the earliest flip of each batch);
+* loop     — `common.score_candidates_loop`: one forward pass per candidate sequence, the way
+  the original study scored candidates.
+
+The script asserts that both sides produce the same losses (to float tolerance) and choose the
+same candidate, interleaves the two sides (alternating which goes first), repeats, and reports
+medians. For UAT it also prints, for information, a third variant that runs one forward per
+candidate *trigger* over the whole text batch. It ends with the two lines
+`uat_speedup=<loop/batched>` and `hotflip_speedup=<loop/batched>` (whole-step time ratios).
+
+    .venv/bin/python bench/attacks.py [--repeats 5] [--train-steps 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import random
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from monolm import data as data_lib
+from monolm import models
+from monolm.attacks import common, hotflip, uat
+from monolm.config import TinyModelConfig
+
+
+def build_model(train_steps: int, seed: int = 0):
+    """GPT-NeoX, hidden 256, 4 layers, on a BPE tokenizer of the embedded corpus; briefly
+    trained so that losses and gradients look like a language model's, not random init's."""
+    docs = data_lib.embedded_documents()
+    random.Random(seed).shuffle(docs)
+    held, train = docs[:100], docs[100:]
+    tok = data_lib.train_bpe_tokenizer(train, 2000)
+    tiny = TinyModelConfig(vocab_size=2000, hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024)
+    model = models.build_tiny_model(tiny, tok, seed=seed)
+    if train_steps:
+        blocks = data_lib.pack_blocks(data_lib.tokenize(tok, train), 64, tok.eos_token_id)
+        gen = torch.Generator().manual_seed(seed)
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+        model.train()
+        for _ in range(train_steps):
+            batch = blocks[torch.randint(len(blocks), (16,), generator=gen)]
+            loss = model(input_ids=batch, labels=batch).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        print(f"trained {train_steps} steps, final train loss {loss.item():.3f}")
+    model.eval()
+    return model, tok, data_lib.tokenize(tok, held)
+
+
+Scorer = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def batched(model, ids, am, tm, per_token=False):
+    return common.score_candidates_batched(model, ids, am, tm, batch_size=128, per_token=per_token)
+
+
+def loop(model, ids, am, tm, per_token=False):
+    return common.score_candidates_loop(model, ids, am, tm, per_token=per_token)
+
+
+def uat_step(model, texts, trigger, position, top_k, allowed, prefix, scorer: Scorer):
+    """One UAT position step (gradient, top-k, exact scoring of all k triggers over the batch)."""
+    tt = uat._text_tensors(texts, True)
+    cur = uat._with_triggers(prefix, trigger.view(1, -1), tt)
+    grad, _ = common.embedding_gradient(model, cur.input_ids, cur.attention_mask, cur.target_mask)
+    g = grad[:, len(prefix) + position].mean(0, keepdim=True)
+    scores = common.first_order_scores(g, model.get_input_embeddings().weight, allowed)[0]
+    scores[trigger[position]] = float("-inf")
+    tokens = torch.cat([trigger[position].view(1), torch.topk(scores, top_k).indices])
+    cands = trigger.view(1, -1).repeat(len(tokens), 1)
+    cands[:, position] = tokens
+    b = uat._with_triggers(prefix, cands, tt)
+    losses = scorer(model, b.input_ids, b.attention_mask, b.target_mask).view(len(tokens), len(texts)).mean(1)
+    return losses, int(torch.argmax(losses))
+
+
+def uat_group_loop(model, ids, am, tm, n_texts):
+    """Informational variant: one forward per candidate trigger over all texts (padded)."""
+    out = []
+    for start in range(0, ids.shape[0], n_texts):
+        sl = slice(start, start + n_texts)
+        out.append(common.score_candidates_batched(model, ids[sl], am[sl], tm[sl], batch_size=n_texts))
+    return torch.cat(out)
+
+
+def hotflip_step(model, text, top_b, allowed, prefix, side: str):
+    """One HotFlip flip step (gradient, top-B swaps, exact scoring on matching target sets).
+
+    batched: `hotflip.score_flips` (what the attack runs: candidates sorted by position, batched,
+    reusing the current text's keys/values before the earliest flip of each batch);
+    loop: one full forward pass per candidate sequence."""
+    cur = torch.tensor([*prefix, *text])
+    targets = hotflip.base_targets(len(prefix), len(text))
+    open_pos = torch.arange(len(prefix), len(cur))
+    pos, tok = hotflip._gradient_candidates(model, cur, targets, open_pos, allowed, top_b)
+    if side == "batched":
+        before, after = hotflip.score_flips(model, cur, targets, pos, tok, sizer=common.BatchSizer(128))
+    else:
+        B = len(pos)
+        ids = cur.view(1, -1).repeat(B + 1, 1)
+        ids[torch.arange(1, B + 1), pos] = tok
+        tm = torch.cat([targets.view(1, -1), hotflip.flip_target_masks(targets, pos)])
+        tl = loop(model, ids, torch.ones_like(ids), tm, per_token=True)
+        before = common.masked_mean(tl[0].expand(B, -1), tm[1:])
+        after = common.masked_mean(tl[1:], tm[1:])
+    gains = after - before
+    return gains, int(torch.argmax(gains))
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def interleaved(sides: dict[str, Callable], repeats: int) -> tuple[dict[str, float], dict[str, object]]:
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    results: dict[str, object] = {}
+    names = list(sides)
+    for rep in range(repeats):
+        order = names if rep % 2 == 0 else names[::-1]
+        for name in order:
+            dt, out = timed(sides[name])
+            times[name].append(dt)
+            results[name] = out
+    return {name: statistics.median(ts) for name, ts in times.items()}, results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--train-steps", type=int, default=60)
+    parser.add_argument("--uat-texts", type=int, default=16)
+    parser.add_argument("--uat-top-k", type=int, default=64)
+    parser.add_argument("--hotflip-top-b", type=int, default=64)
+    parser.add_argument("--text-tokens", type=int, default=64)
+    args = parser.parse_args()
+
+    print(f"machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
+          f"torch {torch.__version__}")
+    model, tok, held = build_model(args.train_steps)
+    allowed = common.allowed_token_mask(tok, model.get_input_embeddings().weight.shape[0])
+    prefix = common.context_prefix(tok)
+    texts = common.truncate(held[: args.uat_texts], args.text_tokens)
+    gen = torch.Generator().manual_seed(0)
+    allowed_ids = torch.nonzero(allowed).flatten()
+    trigger = allowed_ids[torch.randint(len(allowed_ids), (5,), generator=gen)]
+    n_seq = (args.uat_top_k + 1) * len(texts)
+    print(f"model: GPT-NeoX hidden 256, 4 layers, {models.count_parameters(model) / 1e6:.1f}M parameters")
+
+    with common.attack_mode(model):
+        # ---------------------------------------------------------------- UAT
+        print(f"\nUAT step: trigger length 5, {len(texts)} texts of <= {args.text_tokens} tokens, "
+              f"top-k {args.uat_top_k} -> {n_seq} candidate sequences")
+        sides = {
+            "batched": lambda: uat_step(model, texts, trigger, 2, args.uat_top_k, allowed, prefix, batched),
+            "loop": lambda: uat_step(model, texts, trigger, 2, args.uat_top_k, allowed, prefix, loop),
+            "group-loop": lambda: uat_step(model, texts, trigger, 2, args.uat_top_k, allowed, prefix,
+                                           lambda m, i, a, t: uat_group_loop(m, i, a, t, len(texts))),
+        }
+        med, res = interleaved(sides, args.repeats)
+        for name in ("loop", "group-loop"):
+            torch.testing.assert_close(res["batched"][0], res[name][0], atol=5e-5, rtol=1e-5)
+            assert res["batched"][1] == res[name][1], f"{name} chose another candidate"
+        for name, t in med.items():
+            print(f"  {name:<11} median {t * 1000:8.1f} ms")
+        uat_speedup = med["loop"] / med["batched"]
+        print(f"  same losses and same chosen token; batched is {uat_speedup:.2f}x the per-candidate loop "
+              f"({med['group-loop'] / med['batched']:.2f}x one-forward-per-trigger)")
+
+        # ---------------------------------------------------------------- HotFlip
+        text = common.truncate([held[args.uat_texts]], args.text_tokens)[0]
+        print(f"\nHotFlip step: one text of {len(text)} tokens, top-B {args.hotflip_top_b} "
+              f"-> {args.hotflip_top_b + 1} candidate sequences")
+        sides = {
+            "batched": lambda: hotflip_step(model, text, args.hotflip_top_b, allowed, prefix, "batched"),
+            "loop": lambda: hotflip_step(model, text, args.hotflip_top_b, allowed, prefix, "loop"),
+        }
+        med, res = interleaved(sides, args.repeats)
+        torch.testing.assert_close(res["batched"][0], res["loop"][0], atol=5e-5, rtol=1e-5)
+        assert res["batched"][1] == res["loop"][1], "the loop chose another flip"
+        for name, t in med.items():
+            print(f"  {name:<11} median {t * 1000:8.1f} ms")
+        hotflip_speedup = med["loop"] / med["batched"]
+        print(f"  same gains and same chosen flip; batched is {hotflip_speedup:.2f}x the per-candidate loop")
+
+    print(f"\nuat_speedup={uat_speedup:.2f}")
+    print(f"hotflip_speedup={hotflip_speedup:.2f}")
+
+
+if __name__ == "__main__":
+    main()
