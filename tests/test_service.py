@@ -214,6 +214,27 @@ def test_nightly_schedule_defaults_and_configuration(monkeypatch):
     assert (custom["cron"], custom["timezone"]) == ("30 3 * * 1-5", "Asia/Tokyo")
 
 
+def test_crash_helper_recognises_dead_and_recycled_pids():
+    """A PID counts as the run's process only while it lives and started between the run's
+    creation and its start; otherwise (gone, zombie, or a later process reusing the number) the
+    run is dead."""
+    import datetime as dt
+
+    from deployments.crashed import parse_pid, process_started_at, run_process_alive
+
+    now = dt.datetime.now(dt.timezone.utc)
+    me = process_started_at(os.getpid())
+    assert me is not None and me <= now
+    assert run_process_alive(os.getpid(), created=me - dt.timedelta(seconds=5), started=me + dt.timedelta(seconds=1))[0]
+    # The run was created an hour after this process started: the PID was recycled.
+    recycled, why = run_process_alive(os.getpid(), created=now + dt.timedelta(hours=1), started=None)
+    assert not recycled and "belongs to a process started at" in why
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert run_process_alive(child.pid, created=me, started=None) == (False, f"process {child.pid} is gone")
+    assert (parse_pid("4242"), parse_pid("node7:4242"), parse_pid(None), parse_pid("pod/abc")) == (4242, 4242, None, None)
+
+
 # ----------------------------------------------------------------------------- the service
 @pytest.mark.service
 @pytest.mark.timeout(600)
