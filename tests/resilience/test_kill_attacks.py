@@ -1,0 +1,104 @@
+"""Attack resume after a real SIGKILL: `monolm run` is killed while stage 5 (UAT, 3 restarts per
+arm) or stage 6 (HotFlip, 4 blocks per method per arm) is part-way, once right after a unit
+finished and once inside a unit's write. The re-run reuses every finished unit (the files are
+not even rewritten), recomputes a unit damaged after the kill (with a warning naming it), never
+opens a temp file a killed writer left, and ends with exactly the outputs of a run that was never
+interrupted.
+
+Stages 0-4 are shared with the session's micro pipeline (copied; they are reused, not re-run).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from resilience.helpers import (kill_at_marker, micro_argv, pause, read_audit, run_cli, seed_dir, spawn_cli,
+                                stage_outputs, temp_reads, truncate)
+
+pytestmark = pytest.mark.resilience
+
+ATTACKS = ("attacks.uat.restarts=3", "attacks.hotflip.block_size=2")
+
+
+def argv(root: Path) -> list[str]:
+    return micro_argv(root, *ATTACKS, stages=6)
+
+
+def copy_pipeline(micro_pipeline: Path, root: Path) -> Path:
+    shutil.copytree(micro_pipeline / "runs", root / "runs")
+    return root
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(micro_pipeline, tmp_path_factory) -> Path:
+    root = copy_pipeline(micro_pipeline, tmp_path_factory.mktemp("attacks-uninterrupted"))
+    code, out = run_cli(argv(root), cwd=root)
+    assert code == 0, out[-4000:]
+    return root
+
+
+def units(stage_dir: Path, arm: str = "baseline") -> dict[str, tuple[int, int]]:
+    """unit file -> (inode, mtime_ns): a reused unit keeps both, a rewritten one gets a new inode."""
+    folder = stage_dir / arm / "units"
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(folder.glob("*.json"))}
+
+
+def test_uat_killed_twice_resumes_from_finished_restarts(tmp_path, micro_pipeline, uninterrupted):
+    root = copy_pipeline(micro_pipeline, tmp_path)
+    uat = seed_dir(root) / "uat"
+
+    # 1. Killed right after the baseline's second restart was written.
+    marker = tmp_path / "after-unit"
+    proc = spawn_cli(argv(root), cwd=root, log=tmp_path / "kill1.log",
+                     pauses=[pause("monolm.attacks.units:write_unit", marker, nth=2, when="after")])
+    kill_at_marker(proc, marker)
+    assert list(units(uat)) == ["uat-0000.json", "uat-0001.json"]
+    assert not (uat / "manifest.json").exists()
+    kept = units(uat)
+
+    # 2. The re-run is killed inside the write of restart 2 (temp file written, not renamed).
+    marker = tmp_path / "in-write"
+    proc = spawn_cli(argv(root), cwd=root, log=tmp_path / "kill2.log",
+                     pauses=[pause("os:replace", marker, match=r"/baseline/units/\.tmp-uat-0002\.json\.")])
+    kill_at_marker(proc, marker)
+    assert "uat restart 1/3: reused finished unit" in proc.output()
+    assert list((uat / "baseline" / "units").glob(".tmp-uat-0002.json.*"))
+    assert units(uat) == kept  # restarts 0 and 1 were reused, not rewritten
+
+    # 3. Damage restart 1 after the kill, then run to the end (audited).
+    truncate(uat / "baseline" / "units" / "uat-0001.json", 0.6)
+    audit = tmp_path / "final.audit"
+    code, out = run_cli(argv(root), cwd=root, audit={"log": str(audit), "root": str(root)})
+    assert code == 0, out[-4000:]
+    assert "uat restart 1/3: reused finished unit" in out
+    assert f"unit {uat / 'baseline' / 'units' / 'uat-0001.json'} is corrupt or truncated; recomputing it" in out
+    assert units(uat)["uat-0000.json"] == kept["uat-0000.json"]
+    assert temp_reads(read_audit(audit)) == []
+    assert not list(uat.rglob(".tmp-*"))
+    assert stage_outputs(seed_dir(root), ("uat", "hotflip")) == stage_outputs(seed_dir(uninterrupted), ("uat", "hotflip"))
+
+
+def test_hotflip_killed_mid_way_resumes_from_finished_blocks(tmp_path, micro_pipeline, uninterrupted):
+    root = copy_pipeline(micro_pipeline, tmp_path)
+    code, out = run_cli(micro_argv(root, *ATTACKS, stages=5), cwd=root)  # UAT done, HotFlip not started
+    assert code == 0, out[-4000:]
+    hotflip = seed_dir(root) / "hotflip"
+
+    # Killed after 3 of the baseline's 8 units (4 gradient blocks, then 4 control blocks).
+    marker = tmp_path / "after-unit"
+    proc = spawn_cli(argv(root), cwd=root, log=tmp_path / "kill.log",
+                     pauses=[pause("monolm.attacks.units:write_unit", marker, nth=3, when="after")])
+    kill_at_marker(proc, marker)
+    kept = units(hotflip)
+    assert list(kept) == ["hotflip-0000.json", "hotflip-0001.json", "hotflip-0002.json"]
+    assert not (hotflip / "manifest.json").exists()
+
+    audit = tmp_path / "final.audit"
+    code, out = run_cli(argv(root), cwd=root, audit={"log": str(audit), "root": str(root)})
+    assert code == 0, out[-4000:]
+    assert {k: v for k, v in units(hotflip).items() if k in kept} == kept  # reused, not recomputed
+    assert temp_reads(read_audit(audit)) == []
+    assert stage_outputs(seed_dir(root), ("uat", "hotflip")) == stage_outputs(seed_dir(uninterrupted), ("uat", "hotflip"))
