@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean serve serve-postgres stop slurm-up slurm-down
+.PHONY: install demo test bench clean serve serve-postgres stop slurm-up slurm-down mark-crashed serve-process
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,14 @@ serve-postgres: install
 # Stop exactly what `make serve` started (recorded PIDs), in reverse order.
 stop:
 	infra/serve.sh down
+
+# Mark flow runs whose process died (stuck Running after a worker or machine crash) as Crashed.
+mark-crashed: install
+	PREFECT_API_URL=$$(infra/server/prefect-server.sh url) $(PY) -m deployments.crashed
+
+# All deployments served from one process (instead of a worker); needs a running server.
+serve-process: install
+	PREFECT_API_URL=$$(infra/server/prefect-server.sh url) $(PY) -m deployments.serve --replace
 
 SLURM_ARGS ?= --cpus 2 --gpus 2
 # A one-node SLURM with fake A100s on loopback; then: eval "$$(infra/slurm/local-slurm.sh env)"

@@ -30,7 +30,8 @@ def default_run_name(cfg: ExperimentConfig) -> str:
 
 
 def resolve_config(preset: str, seeds: list[int] | None, variant: str | None, overrides: list[str] | None,
-                   profile: str | None, run_name: str | None, named_overrides: list[str] | None = None) -> ExperimentConfig:
+                   profile: str | None, run_name: str | None, named_overrides: list[str] | None = None,
+                   config_file: str | None = None) -> ExperimentConfig:
     extra: dict[str, Any] = {}
     if seeds:
         extra["seeds"] = seeds
@@ -40,7 +41,8 @@ def resolve_config(preset: str, seeds: list[int] | None, variant: str | None, ov
         extra["runner"] = {"profile": profile}
     if run_name:
         extra["run_name"] = run_name
-    cfg = load_config(preset, overrides=named_overrides or [], extra=extra, sets=overrides or [])
+    cfg = load_config(preset, overrides=named_overrides or [], config_file=config_file, extra=extra,
+                      sets=overrides or [])
     if not cfg.run_name:
         cfg = cfg.model_copy(update={"run_name": default_run_name(cfg)})
     return cfg
@@ -98,7 +100,14 @@ def run_stages(cfg_data: dict[str, Any]) -> dict[str, Any]:
         per_seed[seed] = f
     seeds_refs = [{stage: fut for stage, fut in f.items()} for f in per_seed.values()]
     aggregate_future = submit(aggregate_task, cfg, "aggregate", seed=None, seeds=seeds_refs)
-    summary = await_result(aggregate_future)
+    try:
+        summary = await_result(aggregate_future)
+    except Exception as exc:
+        failed = [f"{stage} (seed {seed}): {fut.state.message}" for seed, f in per_seed.items()
+                  for stage, fut in f.items() if fut.state.is_failed() or fut.state.is_crashed()]
+        if failed:  # name the stages that failed rather than "aggregate was never ready"
+            raise RuntimeError("stage(s) failed: " + "; ".join(failed)) from exc
+        raise
     # Which stages executed and which were cache hits ("Completed" vs "Cached"), per seed.
     summary["stage_states"] = {str(seed): {stage: fut.state.name for stage, fut in f.items()}
                                for seed, f in per_seed.items()}
@@ -119,11 +128,13 @@ def experiment(
     profile: str | None = None,
     run_name: str | None = None,
     named_overrides: list[str] | None = None,
+    config_file: str | None = None,
     nightly: bool = False,
     regression_tolerance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the whole study. `overrides` are `key=value` strings (as `monolm run --set`),
-    `named_overrides` names like `reference`; the config is validated before anything runs.
+    `named_overrides` names like `reference`, `config_file` a YAML of overrides (e.g. a site file
+    such as infra/site-a100.example.yaml); the config is validated before anything runs.
     `nightly`: name the run `nightly-<preset>-<scheduled time>` and, after stage 7, compare it with
     the previous nightly run (`flows/nightly.py`; `regression_tolerance` overrides tolerances);
     a regression fails the run."""
@@ -131,7 +142,7 @@ def experiment(
     if nightly:
         run_name = _nightly_name(preset, run_name)
     try:
-        cfg = resolve_config(preset, seeds, variant, overrides, profile, run_name, named_overrides)
+        cfg = resolve_config(preset, seeds, variant, overrides, profile, run_name, named_overrides, config_file)
     except ConfigError as exc:
         log.error("%s", exc)
         raise
