@@ -6,17 +6,53 @@ in `flows/` calls the very same stage functions, adding caching, retries and par
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import logging
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+from monolm.artifacts import seed_dir_for, stage_dir_for
 from monolm.config import ExperimentConfig
 from monolm.stages import constrain, evaluate, setup, train
-from monolm.artifacts import stage_dir_for
 from monolm.stages.common import StageRef, stage_errors
+
+log = logging.getLogger("monolm.pipeline")
+
+
+@contextlib.contextmanager
+def seed_lock(cfg: ExperimentConfig, seed: int) -> Iterator[None]:
+    """One `run_seed` per seed folder at a time on this machine: a second run of the same seed
+    waits, then reuses what the first finished. Without it both redo every stage and move each
+    other's stage folders aside mid-run. The lock file lives in the temp dir, so a run refused for
+    bad inputs leaves the runs root untouched; across machines, the Prefect flow's file locks
+    under `paths.runs_root` serialize stages instead."""
+    folder = str(seed_dir_for(cfg, seed).resolve())
+    path = Path(tempfile.gettempdir()) / f"monolm-seed-{hashlib.sha256(folder.encode()).hexdigest()[:16]}.lock"
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("seed %d (%s) is being run by another process; waiting for it to finish", seed, folder)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def run_seed(cfg: ExperimentConfig, seed: int, *, stages: int = 6, progress: bool = True) -> dict[str, StageRef]:
     """Run stages 0..`stages` for one seed; finished stages with valid manifests are reused.
-    A full disk or an unwritable folder fails the stage with `StageFailed` naming it."""
+    A full disk or an unwritable folder fails the stage with `StageFailed` naming it; a second
+    run of the same seed started meanwhile waits for this one (`seed_lock`)."""
+    with seed_lock(cfg, seed):
+        return _run_seed(cfg, seed, stages=stages, progress=progress)
+
+
+def _run_seed(cfg: ExperimentConfig, seed: int, *, stages: int, progress: bool) -> dict[str, StageRef]:
     refs: dict[str, StageRef] = {}
 
     def guarded(stage: str):
