@@ -186,6 +186,7 @@ def test_flip_scoring_with_shared_prefix_equals_full_forward_loop(trained, has_p
     targets[len(prefix) + 7] = False  # as after an earlier flip at 7
     open_pos = torch.tensor([i for i in range(len(prefix), len(cur)) if i != len(prefix) + 7])
     pos, new = hotflip._random_candidates(cur, open_pos, allowed, 40, torch.Generator().manual_seed(0))
+    pos[1], new[1] = len(cur) - 1, 3 if int(cur[-1]) != 3 else 4  # a flip of the last token: nothing after it
     if not has_prefix:
         pos[0] = 0  # a flip of the very first token: no prefix to share
     sizer = common.BatchSizer(6)
@@ -199,6 +200,22 @@ def test_flip_scoring_with_shared_prefix_equals_full_forward_loop(trained, has_p
     torch.testing.assert_close(before, common.score_candidates_loop(model, cur.repeat(len(pos), 1), ones, masks),
                                atol=2e-5, rtol=1e-5)
     assert before.shape == after.shape == (len(pos),)
+    if has_prefix:  # out of memory on batches of more than 2 rows: halve and retry, same result
+        real_forward = model.forward
+
+        def limited(*args, **kwargs):
+            ids = kwargs.get("input_ids")
+            if ids is not None and ids.shape[0] > 2:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB")
+            return real_forward(*args, **kwargs)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(model, "forward", limited)
+            small = common.BatchSizer(6)
+            b2, a2 = hotflip.score_flips(model, cur, targets, pos, new, sizer=small)
+        assert small.size == 1 or small.size == 2
+        torch.testing.assert_close(a2, after, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(b2, before)
 
 
 def test_plan_chunks_covers_candidates_in_bounded_batches():

@@ -212,6 +212,8 @@ def cross_entropy_fp32(logits: torch.Tensor, labels: torch.Tensor, max_elements:
     """Per-token CE [N, L] from logits [N, L, V], upcast to fp32 a slice at a time, so that a
     batch of bf16 logits over a 50k vocabulary is never copied to fp32 all at once."""
     N, L, V = logits.shape
+    if N * L == 0:  # e.g. a flip of the last token: nothing after it is predicted
+        return torch.zeros((N, L), dtype=torch.float32, device=logits.device)
     flat, flat_labels = logits.reshape(-1, V), labels.reshape(-1)
     step = max(1, max_elements // V)
     parts = [F.cross_entropy(flat[i : i + step].float(), flat_labels[i : i + step], reduction="none")
