@@ -102,13 +102,23 @@ def remember_result(cfg: ExperimentConfig, result: Any) -> None:
                                                     "files": r.get("files", [])} for r in refs])
 
 
+def _record_is_json(cfg: ExperimentConfig, key: str) -> bool:
+    """Prefect deserializes a cached result with whatever serializer its stored record names;
+    accept only JSON records, so a planted or old pickle record is a miss, never unpickled."""
+    record = cache_dirs(cfg)[1] / key
+    try:
+        return json.loads(record.read_bytes())["serializer"]["type"] == "json"
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def cached_result_still_valid(cfg: ExperimentConfig, key: str) -> bool:
     """A cache hit is allowed only if every folder the cached result names still has a valid
     manifest with the very digest that was returned (or, for stage 7, its files still exist)."""
     from monolm.artifacts import load_manifest
 
     sidecar = _ref_sidecar(cfg, key)
-    if not sidecar.is_file():
+    if not sidecar.is_file() or not _record_is_json(cfg, key):
         return False
     try:
         for ref in json.loads(sidecar.read_text()):
@@ -162,6 +172,8 @@ def stage_options(cfg: ExperimentConfig, stage: str) -> dict[str, Any]:
         "cache_policy": policy,
         "persist_result": True,
         "result_storage": result_storage_slug(results),
+        # Results are small JSON dicts: never pickle them, so a cache hit never unpickles anything.
+        "result_serializer": "json",
         "retries": cfg.runner.retries,
         "retry_delay_seconds": cfg.runner.retry_delay_seconds,
         "timeout_seconds": timeout_min * 60 if timeout_min else None,
