@@ -24,6 +24,7 @@ from typing import Any
 
 from prefect.cache_policies import CachePolicy
 from prefect.locking.filesystem import FileSystemLockManager
+from prefect.serializers import JSONSerializer
 
 from monolm.artifacts import atomic_write_json, seed_dir_for
 from monolm.config import ExperimentConfig, build_config
@@ -104,10 +105,12 @@ def remember_result(cfg: ExperimentConfig, result: Any) -> None:
 
 def _record_is_json(cfg: ExperimentConfig, key: str) -> bool:
     """Prefect deserializes a cached result with whatever serializer its stored record names;
-    accept only JSON records, so a planted or old pickle record is a miss, never unpickled."""
+    accept only plain-JSON records (no object decoder), so a planted or old pickle record is a
+    miss: never unpickled, never turned into objects."""
     record = cache_dirs(cfg)[1] / key
     try:
-        return json.loads(record.read_bytes())["serializer"]["type"] == "json"
+        serializer = json.loads(record.read_bytes())["serializer"]
+        return serializer["type"] == "json" and serializer.get("object_decoder") is None
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -172,8 +175,9 @@ def stage_options(cfg: ExperimentConfig, stage: str) -> dict[str, Any]:
         "cache_policy": policy,
         "persist_result": True,
         "result_storage": result_storage_slug(results),
-        # Results are small JSON dicts: never pickle them, so a cache hit never unpickles anything.
-        "result_serializer": "json",
+        # Results are small dicts of JSON types: plain JSON, no pickle and no class-instantiating
+        # decoder, so a cache hit never unpickles or constructs anything.
+        "result_serializer": JSONSerializer(object_encoder=None, object_decoder=None),
         "retries": cfg.runner.retries,
         "retry_delay_seconds": cfg.runner.retry_delay_seconds,
         "timeout_seconds": timeout_min * 60 if timeout_min else None,

@@ -112,3 +112,24 @@ def test_retry_resumes_instead_of_redoing(tmp_path, monkeypatch):
     # The retried flow result is identical to a clean run's (cached now, nothing executes).
     again = run(tmp_path)
     assert executed(again) == set()
+
+
+def test_cache_records_that_are_not_plain_json_are_never_trusted(tmp_path):
+    """Prefect deserializes a hit with the serializer its record names: a pickle record (or JSON
+    with a class-instantiating decoder) planted under the cache keys must be a miss."""
+    from monolm.artifacts import atomic_write_json
+    from tasks.common import _ref_sidecar, cache_dirs, cached_result_still_valid
+
+    cfg = micro_config(tmp_path)
+    keys = cache_dirs(cfg)[1]
+    keys.mkdir(parents=True)
+    output = tmp_path / "results.json"
+    output.write_text("{}")
+    atomic_write_json(_ref_sidecar(cfg, "k"), [{"dir": None, "digest": None, "files": [str(output)]}])
+    record = keys / "k"
+    record.write_text(json.dumps({"serializer": {"type": "json", "object_decoder": None}}))
+    assert cached_result_still_valid(cfg, "k")
+    for serializer in ({"type": "pickle", "picklelib": "cloudpickle"},
+                       {"type": "json", "object_decoder": "prefect.serializers.prefect_json_object_decoder"}):
+        record.write_text(json.dumps({"serializer": serializer}))
+        assert not cached_result_still_valid(cfg, "k")
