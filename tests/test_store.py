@@ -304,13 +304,40 @@ def test_format_table(store):
 
 
 # --------------------------------------------------------------------------- PostgreSQL
+@pytest.fixture(scope="module")
+def postgres_url():
+    """MONOLM_TEST_POSTGRES_URL if given (a disposable database, sync driver, e.g.
+    postgresql+psycopg://user:pw@127.0.0.1:5432/db); otherwise a throwaway PostgreSQL started by
+    infra/postgres/postgres.sh (installed with apt if missing) and stopped afterwards."""
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    if os.environ.get("MONOLM_TEST_POSTGRES_URL"):
+        yield os.environ["MONOLM_TEST_POSTGRES_URL"]
+        return
+    script = str(Path(__file__).resolve().parents[1] / "infra" / "postgres" / "postgres.sh")
+    state = Path(tempfile.mkdtemp(prefix="monolm-store-test-"))
+    state.chmod(0o755)  # PostgreSQL runs as the postgres system user
+    env = {**os.environ, "MONOLM_STATE_DIR": str(state)}
+    try:
+        install = subprocess.run([script, "install"], env=env, capture_output=True, text=True, timeout=900)
+        if install.returncode:
+            pytest.skip(f"PostgreSQL is not installed and could not be installed here: {install.stderr[-300:]}")
+        subprocess.run([script, "start"], env=env, capture_output=True, text=True, timeout=300, check=True)
+        url = subprocess.run([script, "url"], env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+        yield url.strip().replace("postgresql+asyncpg://", "postgresql+psycopg://")
+    finally:
+        subprocess.run([script, "stop"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(state, ignore_errors=True)
+
+
 @pytest.mark.postgres
-def test_postgresql_round_trip():
-    """Runs when MONOLM_TEST_POSTGRES_URL names a disposable database (sync driver, e.g.
-    postgresql+psycopg://user:pw@127.0.0.1:5432/db); the same code path as SQLite."""
-    url = os.environ.get("MONOLM_TEST_POSTGRES_URL")
-    if not url:
-        pytest.skip("MONOLM_TEST_POSTGRES_URL is not set")
+@pytest.mark.timeout(900)
+def test_postgresql_round_trip(postgres_url):
+    """The same code path as SQLite, on a real PostgreSQL."""
+    url = postgres_url
     with ResultsStore(url) as s:
         s.record_run(_run("pg-a", created_at="2026-01-01T00:00:00Z"),
                      _metrics({("baseline", "loss", 1): 3.0, ("baseline", "loss", 2): 4.0}))
