@@ -199,6 +199,18 @@ def main() -> None:
         hotflip_speedup = med["loop"] / med["batched"]
         print(f"  same gains and same chosen flip; batched is {hotflip_speedup:.2f}x the per-candidate loop")
 
+        # ---------------------------------------------------------------- ceiling
+        # How much can batching gain at all here? The same forward passes, one row at a time vs.
+        # the batched scorer: if the machine is compute-bound at batch 1, no batching can beat it.
+        b = uat._with_triggers(prefix, trigger.view(1, -1).repeat(4, 1), uat._text_tensors(texts, True))
+        rows = (b.input_ids, b.attention_mask, b.target_mask)
+        n_rows = b.input_ids.shape[0]
+        med, _ = interleaved({"batched": lambda: batched(model, *rows), "loop": lambda: loop(model, *rows)},
+                             args.repeats)
+        print(f"\nforward passes only ({n_rows} sequences): one at a time "
+              f"{med['loop'] / n_rows * 1000:.2f} ms/sequence, batched {med['batched'] / n_rows * 1000:.2f} "
+              f"ms/sequence -> batching alone can gain at most ~{med['loop'] / med['batched']:.2f}x on this machine")
+
     print(f"\nuat_speedup={uat_speedup:.2f}")
     print(f"hotflip_speedup={hotflip_speedup:.2f}")
 
