@@ -114,7 +114,7 @@ def test_prefect_cache_hit_requires_intact_files(tmp_path, micro_pipeline):
     from monolm.artifacts import load_manifest
     from monolm.config import load_config
     from resilience.helpers import micro_sets
-    from tasks.common import _ref_sidecar, cached_result_still_valid
+    from tasks.common import _ref_sidecar, cache_dirs, cached_result_still_valid
 
     root = copy_pipeline(micro_pipeline, tmp_path)
     cfg = load_config("tiny", sets=micro_sets(root))
@@ -122,6 +122,10 @@ def test_prefect_cache_hit_requires_intact_files(tmp_path, micro_pipeline):
     _, digest = load_manifest(stage)
     sidecar = _ref_sidecar(cfg, "key-1")
     sidecar.parent.mkdir(parents=True, exist_ok=True)
+    # Prefect's record of the cached result, as it writes one (plain JSON serializer).
+    record = cache_dirs(cfg)[1] / "key-1"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"storage_key": "key-1", "serializer": {"type": "json", "object_decoder": None}}))
 
     def remember() -> None:
         sidecar.write_text(json.dumps([{"dir": str(stage), "digest": digest, "files": []}]))
