@@ -17,9 +17,10 @@ from infra.profiles import gpu_resources, make_task_runner
 from monolm.config import ConfigError, ExperimentConfig, build_config, load_config
 from tasks.aggregate import aggregate_task
 from tasks.attack import hotflip_task, uat_task
-from tasks.common import stage_options
+from tasks.common import cache_dirs, stage_options
 from tasks.constrain import constrain_task
 from tasks.evaluate import evaluate_task
+from tasks.locks import LivenessLockManager
 from tasks.setup import setup_task
 from tasks.train import train_baseline_task, train_monotonic_task
 
@@ -58,8 +59,12 @@ def _annotate(cfg: ExperimentConfig, stage: str):
 
 
 def submit(task, cfg: ExperimentConfig, stage: str, **params):
+    options = stage_options(cfg, stage)
+    # Stage locks that die with their holder: a worker killed inside a stage (scancel, OOM, walltime)
+    # otherwise leaves a lock file that makes every later attempt of the stage wait forever.
+    options["cache_policy"] = options["cache_policy"].configure(lock_manager=LivenessLockManager(cache_dirs(cfg)[2]))
     with _annotate(cfg, stage):
-        return task.with_options(**stage_options(cfg, stage)).submit(cfg=cfg.model_dump(mode="json"), **params)
+        return task.with_options(**options).submit(cfg=cfg.model_dump(mode="json"), **params)
 
 
 def await_result(future, poll_seconds: float = 2.0):
@@ -148,6 +153,13 @@ def experiment(
         raise
     log.info("experiment %s: preset=%s model=%s variant=%s recipe=%s seeds=%s profile=%s", cfg.run_name, cfg.preset,
              cfg.model.name, cfg.constraint.variant, cfg.training.recipe, cfg.seeds, cfg.runner.profile)
+    if cfg.runner.profile == "slurm":
+        from tasks.common import GPU_STAGES
+
+        untimed = sorted(GPU_STAGES - set(cfg.runner.stage_timeout_minutes))
+        if untimed:
+            log.warning("no runner.stage_timeout_minutes for GPU stage(s) %s: a stuck one holds its GPU job until "
+                        "the walltime", ", ".join(untimed))
     stages = run_stages.with_options(task_runner=make_task_runner(cfg), flow_run_name=f"{cfg.run_name}-stages")
     result = stages(cfg.model_dump(mode="json"))
     if nightly:

@@ -10,7 +10,8 @@
   each worker advertises a `GPU=1` resource so GPU stages never share a worker, while CPU-light
   stages (0 download, 7 aggregate) carry no resource and do not wait for a GPU. Workers get
   `--lifetime` a little under the walltime so they drain before SLURM kills them, and the cluster
-  scales adaptively between `min_workers` and `max_workers`.
+  scales adaptively between `min_workers` and `max_workers`. The runner (`infra/slurm_runner.py`)
+  fails the flow with sbatch's message when no worker can ever start, and keeps workers' logs.
 """
 
 from __future__ import annotations
@@ -83,12 +84,28 @@ def make_task_runner(cfg: ExperimentConfig):
             cluster_kwargs={"n_workers": cfg.runner.dask_workers, "threads_per_worker": 1, "processes": True,
                             "dashboard_address": None},
         )
+    from infra.slurm_runner import SlurmTaskRunner
+
     slurm = cfg.runner.slurm
-    return DaskTaskRunner(
-        cluster_class="dask_jobqueue.SLURMCluster",
-        cluster_kwargs=slurm_cluster_kwargs(slurm),
+    return SlurmTaskRunner(
+        cluster_kwargs=slurm_cluster_kwargs(slurm, prefect_api_url()),
         adapt_kwargs={"minimum": slurm.min_workers, "maximum": slurm.max_workers},
     )
+
+
+def prefect_api_url() -> str:
+    """The API the flow itself talks to, which SLURM workers must report to as well. Read from
+    Prefect's settings, not only the environment: a profile or a test harness sets it there.
+    Without a server (ephemeral mode) workers have nothing to report to, so that is an error."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value() or os.environ.get("PREFECT_API_URL")
+    if not url:
+        raise RuntimeError(
+            "the slurm profile needs a Prefect server that the compute nodes can reach: start one "
+            "(`make serve`, or infra/server/prefect-server.sh start --host <address>) and set PREFECT_API_URL"
+        )
+    return url
 
 
 def gpu_resources(cfg: ExperimentConfig, stage: str) -> dict[str, int] | None:
