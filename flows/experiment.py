@@ -17,10 +17,9 @@ from infra.profiles import gpu_resources, make_task_runner
 from monolm.config import ConfigError, ExperimentConfig, build_config, load_config
 from tasks.aggregate import aggregate_task
 from tasks.attack import hotflip_task, uat_task
-from tasks.common import cache_dirs, stage_options
+from tasks.common import stage_options
 from tasks.constrain import constrain_task
 from tasks.evaluate import evaluate_task
-from tasks.locks import LivenessLockManager
 from tasks.setup import setup_task
 from tasks.train import train_baseline_task, train_monotonic_task
 
@@ -60,9 +59,6 @@ def _annotate(cfg: ExperimentConfig, stage: str):
 
 def submit(task, cfg: ExperimentConfig, stage: str, **params):
     options = stage_options(cfg, stage)
-    # Stage locks that die with their holder: a worker killed inside a stage (scancel, OOM, walltime)
-    # otherwise leaves a lock file that makes every later attempt of the stage wait forever.
-    options["cache_policy"] = options["cache_policy"].configure(lock_manager=LivenessLockManager(cache_dirs(cfg)[2]))
     with _annotate(cfg, stage):
         return task.with_options(**options).submit(cfg=cfg.model_dump(mode="json"), **params)
 

@@ -266,6 +266,14 @@ class RunnerConfig(Strict):
     stage_timeout_minutes: dict[str, PositiveFloat] = {}
     slurm: SlurmConfig = SlurmConfig()
 
+    @model_validator(mode="after")
+    def _known_stages(self) -> "RunnerConfig":
+        known = ("setup", "constrain", "train_baseline", "train_monotonic", "evaluate", "uat", "hotflip", "aggregate")
+        for stage in self.stage_timeout_minutes:
+            if stage not in known:
+                raise ValueError(f"runner.stage_timeout_minutes.{stage}: unknown stage; allowed: {', '.join(known)}")
+        return self
+
 
 # --------------------------------------------------------------------------- the whole thing
 class ExperimentConfig(Strict):

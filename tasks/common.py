@@ -23,14 +23,18 @@ from pathlib import Path
 from typing import Any
 
 from prefect.cache_policies import CachePolicy
-from prefect.locking.filesystem import FileSystemLockManager
 from prefect.serializers import JSONSerializer
 
 from monolm.artifacts import atomic_write_json, seed_dir_for
 from monolm.config import ExperimentConfig, build_config
+from monolm.stages.common import STAGE_CONFIG as _STAGE_CONFIG_KNOWN
 from monolm.stages.common import stage_code_version, stage_config
+from tasks.locks import LivenessLockManager
 
-GPU_STAGES = frozenset({"train_baseline", "train_monotonic", "evaluate", "uat", "hotflip"})
+# Stages that need a whole GPU worker. `constrain` is one too: it computes with the model and
+# uses parametrizations, which must not share a process with another stage (parametrize.cached
+# is process-global).
+GPU_STAGES = frozenset({"constrain", "train_baseline", "train_monotonic", "evaluate", "uat", "hotflip"})
 
 
 def config_of(cfg: dict[str, Any] | ExperimentConfig) -> ExperimentConfig:
@@ -65,8 +69,6 @@ def _aggregate_code_version() -> str:
 
     return code_digest("stats", "report", "plots", "store", "stages.aggregate")
 
-
-from monolm.stages.common import STAGE_CONFIG as _STAGE_CONFIG_KNOWN  # noqa: E402
 
 
 @dataclass
@@ -168,7 +170,8 @@ def stage_options(cfg: ExperimentConfig, stage: str) -> dict[str, Any]:
     for d in (results, keys, locks):
         d.mkdir(parents=True, exist_ok=True)
     policy = StageCachePolicy(stage=stage).configure(
-        key_storage=str(keys), isolation_level="SERIALIZABLE", lock_manager=FileSystemLockManager(lock_files_directory=locks)
+        # Locks die with their holder (a scancel'ed worker must not lock its stage forever).
+        key_storage=str(keys), isolation_level="SERIALIZABLE", lock_manager=LivenessLockManager(locks)
     )
     timeout_min = cfg.runner.stage_timeout_minutes.get(stage)
     return {
