@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from monolm.artifacts import TMP_PREFIX, CorruptArtifact, sha256_file
+from monolm.artifacts import TMP_PREFIX, CorruptArtifact, fsync_dir, fsync_tree, sha256_file
 
 log = logging.getLogger("monolm.checkpoint")
 
@@ -76,29 +76,6 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
 
 
 # --------------------------------------------------------------------------- atomic directories
-def _fsync_tree(directory: Path) -> None:
-    for path in sorted(directory.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-    for d in [directory, *[p for p in directory.rglob("*") if p.is_dir()]]:
-        with contextlib.suppress(OSError):
-            fd = os.open(d, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def move_aside(path: Path, reason: str) -> Path:
     """Move an untrusted directory to `<parent>/.invalid/` (kept as evidence, never overwritten)."""
     dest_root = path.parent / INVALID_DIR
@@ -123,7 +100,7 @@ def atomic_dir(target: str | Path, *, existing: Literal["error", "replace", "mov
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}-", dir=target.parent))
     try:
         yield tmp
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         old: Path | None = None
         if target.exists():
             if existing == "error":
@@ -134,7 +111,7 @@ def atomic_dir(target: str | Path, *, existing: Literal["error", "replace", "mov
                 old = target.parent / f".old-{target.name}-{uuid.uuid4().hex[:8]}"
                 os.replace(target, old)
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:

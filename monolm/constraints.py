@@ -47,6 +47,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from monolm.artifacts import fsync_tree
+
 Init = Literal["abs", "clamp"]
 
 # variant -> the roles it constrains. Roles are resolved structurally by `role_index`.
@@ -365,18 +367,6 @@ def merge(model: nn.Module) -> nn.Module:
 
 
 # --------------------------------------------------------------------------- save / load
-def _fsync_tree(directory: Path) -> None:
-    for path in directory.iterdir():
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_constrained(model: nn.Module, tokenizer: Any, out_dir: str | Path, spec: dict[str, Any]) -> Path:
     """Write a constrained model so that it reloads *still parametrized* (V, not W, is stored).
 
@@ -411,7 +401,7 @@ def save_constrained(model: nn.Module, tokenizer: Any, out_dir: str | Path, spec
             "targets": [t.name for t in constrained_targets(model)],
         }
         (tmp / CONSTRAINT_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         old = None
         if out_dir.exists():  # swap: the old folder is moved aside, then removed
             old = out_dir.parent / f".tmp-{out_dir.name}.old.{uuid.uuid4().hex}"
