@@ -24,7 +24,7 @@ from monolm.stages.setup import load_setup, model_dir
 STAGE = "constrain"
 NOTE = ("Non-negative weights make each constrained Linear map monotone, but GELU (negative slope "
         "below about -0.75), LayerNorm and residual paths make the FFN block and the model "
-        "non-monotone; 'violation_rate' below measures how often sampled ordered input pairs "
+        "non-monotone; the reported violation rates measure how often sampled ordered input pairs "
         "(x <= x') produce out-of-order outputs.")
 
 
