@@ -98,10 +98,11 @@ def atomic_write_text(path: str | Path, text: str) -> str:
 
 
 def atomic_write_json(path: str | Path, obj: Any, *, indent: int | None = 2) -> str:
-    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False, default=_json_default) + "\n")
+    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False, default=json_default) + "\n")
 
 
-def _json_default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
+    """`json.dumps(default=...)` for what monolm writes: paths, numpy/torch scalars and arrays."""
     if isinstance(obj, Path):
         return str(obj)
     if hasattr(obj, "item"):  # numpy / torch scalars

@@ -50,6 +50,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
+from monolm.artifacts import json_default
+
 SCHEMA_VERSION = 1
 RUN_STATUSES = ("running", "completed", "failed", "partial")
 INSERT_CHUNK = 500  # metric rows per INSERT statement
@@ -133,19 +135,9 @@ def _iso(value: dt.datetime | None) -> str | None:
 def _json_safe(value: Any, what: str) -> Any:
     """JSON columns must hold strict JSON (PostgreSQL rejects NaN/Infinity)."""
     try:
-        return json.loads(json.dumps(value, allow_nan=False, default=_json_default))
+        return json.loads(json.dumps(value, allow_nan=False, default=json_default))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{what} is not JSON-serializable ({exc}): {value!r}") from None
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item"):  # numpy / torch scalars
-        return obj.item()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    raise TypeError(f"{type(obj).__name__} is not JSON-serializable")
 
 
 def _run_row(run: dict[str, Any]) -> dict[str, Any]:
