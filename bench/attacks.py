@@ -8,13 +8,16 @@ only in how candidates are scored:
   sequences per forward pass, length-sorted, each batch cut to its longest row) and
   `hotflip.score_flips` for HotFlip (the same, plus reuse of the current text's keys/values
   before the earliest flip of each batch);
-* loop     — `common.score_candidates_loop`: one forward pass per candidate sequence, the way
-  the original study scored candidates.
+* loop     — `common.score_candidates_loop`: one forward pass per candidate sequence (for UAT,
+  per candidate trigger and text). The original study's UAT scored one candidate trigger at a
+  time over its texts, 8 per forward pass, which is *faster* on this CPU than one per pass and is
+  printed as "original"; its HotFlip re-scored no candidates at all.
 
 The script asserts that both sides produce the same losses (to float tolerance) and choose the
 same candidate, interleaves the two sides (alternating which goes first), repeats, and reports
-medians. For UAT it also prints, for information, a third variant that runs one forward per
-candidate *trigger* over the whole text batch. It ends with the two lines
+medians. For UAT it also prints, for information, the original study's own scoring
+(`compute_trigger_loss` in its stage 5: one candidate trigger at a time, its texts 8 per forward
+pass) and one forward per candidate trigger over the whole text batch. It ends with the two lines
 `uat_speedup=<loop/batched>` and `hotflip_speedup=<loop/batched>` (whole-step time ratios).
 
     .venv/bin/python bench/attacks.py [--repeats 5] [--train-steps 60]
@@ -89,12 +92,14 @@ def uat_step(model, texts, trigger, position, top_k, allowed, prefix, scorer: Sc
     return losses, int(torch.argmax(losses))
 
 
-def uat_group_loop(model, ids, am, tm, n_texts):
-    """Informational variant: one forward per candidate trigger over all texts (padded)."""
+def uat_group_loop(model, ids, am, tm, n_texts, texts_per_forward):
+    """Informational variants: one candidate trigger at a time, its `n_texts` texts
+    `texts_per_forward` per forward pass (8: the original study's scoring; n_texts: one forward
+    per trigger). Rows of a trigger are length-sorted, which only helps these variants."""
     out = []
     for start in range(0, ids.shape[0], n_texts):
         sl = slice(start, start + n_texts)
-        out.append(common.score_candidates_batched(model, ids[sl], am[sl], tm[sl], batch_size=n_texts))
+        out.append(common.score_candidates_batched(model, ids[sl], am[sl], tm[sl], batch_size=texts_per_forward))
     return torch.cat(out)
 
 
@@ -170,18 +175,21 @@ def main() -> None:
         sides = {
             "batched": lambda: uat_step(model, texts, trigger, 2, args.uat_top_k, allowed, prefix, batched),
             "loop": lambda: uat_step(model, texts, trigger, 2, args.uat_top_k, allowed, prefix, loop),
+            "original": lambda: uat_step(model, texts, trigger, 2, args.uat_top_k, allowed, prefix,
+                                         lambda m, i, a, t: uat_group_loop(m, i, a, t, len(texts), 8)),
             "group-loop": lambda: uat_step(model, texts, trigger, 2, args.uat_top_k, allowed, prefix,
-                                           lambda m, i, a, t: uat_group_loop(m, i, a, t, len(texts))),
+                                           lambda m, i, a, t: uat_group_loop(m, i, a, t, len(texts), len(texts))),
         }
         med, res = interleaved(sides, args.repeats)
-        for name in ("loop", "group-loop"):
+        for name in ("loop", "original", "group-loop"):
             torch.testing.assert_close(res["batched"][0], res[name][0], atol=5e-5, rtol=1e-5)
             assert res["batched"][1] == res[name][1], f"{name} chose another candidate"
         for name, t in med.items():
             print(f"  {name:<11} median {t * 1000:8.1f} ms")
         uat_speedup = med["loop"] / med["batched"]
-        print(f"  same losses and same chosen token; batched is {uat_speedup:.2f}x the per-candidate loop "
-              f"({med['group-loop'] / med['batched']:.2f}x one-forward-per-trigger)")
+        print(f"  same losses and same chosen token; batched is {uat_speedup:.2f}x the per-candidate loop, "
+              f"{med['original'] / med['batched']:.2f}x the original study's scoring (8 texts per forward), "
+              f"{med['group-loop'] / med['batched']:.2f}x one forward per trigger")
 
         # ---------------------------------------------------------------- HotFlip
         text = common.truncate([held[args.uat_texts]], args.text_tokens)[0]

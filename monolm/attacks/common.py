@@ -371,8 +371,8 @@ def score_candidates_loop(
     *,
     per_token: bool = False,
 ) -> torch.Tensor:
-    """Reference: one forward pass per candidate sequence, unpadded (the way the original study
-    scored candidates). Only the benchmark and the equality test use it."""
+    """Reference: one forward pass per candidate sequence, unpadded (a per-candidate loop like the
+    original study's). Only the benchmark and the equality test use it."""
     device = _model_device(model)
     N, T = input_ids.shape
     out = torch.zeros((N, T), dtype=torch.float32)
