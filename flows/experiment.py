@@ -14,7 +14,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from infra.profiles import gpu_resources, make_task_runner
-from monolm.config import ConfigError, ExperimentConfig, build_config, load_config
+from monolm.config import ConfigError, ExperimentConfig, build_config, check_output_folders, load_config
 from tasks.aggregate import aggregate_task
 from tasks.attack import hotflip_task, uat_task
 from tasks.common import stage_options
@@ -144,6 +144,7 @@ def experiment(
         run_name = _nightly_name(preset, run_name)
     try:
         cfg = resolve_config(preset, seeds, variant, overrides, profile, run_name, named_overrides, config_file)
+        check_output_folders(cfg)
     except ConfigError as exc:
         log.error("%s", exc)
         raise

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from monolm.config import ConfigError, ExperimentConfig, config_to_yaml, load_config
+from monolm.config import ConfigError, ExperimentConfig, check_output_folders, config_to_yaml, load_config
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -49,6 +49,7 @@ def prefect_environment() -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)  # validated before any compute
+    check_output_folders(cfg, results=not args.no_prefect)  # --no-prefect stops before stage 7
     started = time.time()
     if args.no_prefect:
         from monolm.pipeline import run_seed, summary_rows

@@ -476,3 +476,25 @@ def load_config(
 
 def config_to_yaml(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def check_output_folders(cfg: ExperimentConfig, *, results: bool = True) -> None:
+    """Refuse output folders that cannot be written before any compute, naming the setting:
+    otherwise a read-only `paths.results_root` would only surface in stage 7, after every seed
+    has trained and been attacked. Checks the nearest existing folder of each path (nothing is
+    created here) for write permission and a read-only file system."""
+    import os
+
+    settings = {"paths.runs_root": cfg.paths.runs_root}
+    if results:
+        settings["paths.results_root"] = cfg.paths.results_root
+    for setting, path in settings.items():
+        probe = Path(path).expanduser().resolve()
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir():
+            raise ConfigError(f"{setting}={str(path)!r}: {probe} exists and is not a folder")
+        if os.statvfs(probe).f_flag & os.ST_RDONLY:
+            raise ConfigError(f"{setting}={str(path)!r}: cannot write under {probe} (read-only file system)")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise ConfigError(f"{setting}={str(path)!r}: cannot write under {probe} (permission denied)")

@@ -19,7 +19,7 @@ from monolm import models
 from monolm.artifacts import atomic_write_json, sha256_file
 from monolm.config import ArmConfig, ConfigError, ExperimentConfig
 from monolm.runtime import derive_seed
-from monolm.stages.common import StageRef, existing, files_under, finish, prepare
+from monolm.stages.common import StageFailed, StageRef, existing, files_under, finish, prepare
 
 log = logging.getLogger("monolm.stages.setup")
 STAGE = "setup"
@@ -52,11 +52,48 @@ def _pretrain_tiny(cfg: ExperimentConfig, seed: int, splits: data_lib.Splits, ou
     return model, tokenizer, result
 
 
-def verify(cfg: ExperimentConfig, model_path: Path, tokenizer, splits: data_lib.Splits) -> dict[str, Any]:
-    """Checks that later stages rely on, each pass/fail with the reason."""
+MIN_FREE_BYTES = 1 << 30
+
+
+def _raise_failed(checks: dict[str, Any]) -> None:
+    """A failed check is the machine's or the input's problem, not a bug: say it without a traceback."""
+    failed = [name for name, c in checks.items() if not c["ok"]]
+    if failed:
+        raise StageFailed("stage setup failed its checks: " + "; ".join(f"{n}: {checks[n]['detail']}" for n in failed))
+
+
+def check_disk(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Free space under the runs folder (its nearest existing parent). Run before anything is
+    downloaded, trained or written, so a full disk fails in a second, not after pre-training."""
+    where = cfg.paths.runs_root.resolve()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    checks = {"disk": {"ok": free > MIN_FREE_BYTES,
+                       "detail": f"{free / 2**30:.1f} GiB free under {cfg.paths.runs_root} "
+                                 f"(at least {MIN_FREE_BYTES / 2**30:.0f} GiB needed)"}}
+    _raise_failed(checks)
+    return checks
+
+
+def check_splits(cfg: ExperimentConfig, splits: data_lib.Splits) -> dict[str, Any]:
+    """Enough held-out attack texts for both attacks; checked before any model is trained."""
+    counts = {name: len(docs) for name, docs in splits.as_dict().items()}
+    needed = cfg.attacks.uat.n_opt_texts + max(cfg.attacks.uat.n_eval_texts, cfg.attacks.hotflip.n_texts)
+    checks = {"attack_texts": {"ok": counts["attack"] >= needed,
+                               "detail": f"{counts['attack']} held-out attack texts, attacks need {needed}"},
+              "splits_disjoint": {"ok": True, "detail": f"documents per split: {counts}"}}
+    _raise_failed(checks)
+    return checks
+
+
+def verify(cfg: ExperimentConfig, model_path: Path, tokenizer, splits: data_lib.Splits,
+           earlier: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Checks that later stages rely on, each pass/fail with the reason; `earlier` holds the
+    checks already passed before the model was fetched or built."""
     from transformers import AutoConfig
 
-    checks: dict[str, Any] = {}
+    checks: dict[str, Any] = dict(earlier or {})
     config = AutoConfig.from_pretrained(model_path)
     model_max = models.max_sequence_length(config)
     try:
@@ -68,16 +105,8 @@ def verify(cfg: ExperimentConfig, model_path: Path, tokenizer, splits: data_lib.
     checks["vocab"] = {"ok": len(tokenizer) <= rows,
                        "detail": f"tokenizer has {len(tokenizer)} tokens, embedding has {rows} rows "
                                  f"({rows - len(tokenizer)} unused)"}
+    _raise_failed(checks)
     counts = {name: len(docs) for name, docs in splits.as_dict().items()}
-    needed = cfg.attacks.uat.n_opt_texts + max(cfg.attacks.uat.n_eval_texts, cfg.attacks.hotflip.n_texts)
-    checks["attack_texts"] = {"ok": counts["attack"] >= needed,
-                              "detail": f"{counts['attack']} held-out attack texts, attacks need {needed}"}
-    checks["splits_disjoint"] = {"ok": True, "detail": f"documents per split: {counts}"}
-    free = shutil.disk_usage(cfg.paths.runs_root if cfg.paths.runs_root.exists() else ".").free
-    checks["disk"] = {"ok": free > 1 << 30, "detail": f"{free / 2**30:.1f} GiB free under {cfg.paths.runs_root}"}
-    failed = [name for name, c in checks.items() if not c["ok"]]
-    if failed:
-        raise RuntimeError("setup verification failed: " + "; ".join(f"{n}: {checks[n]['detail']}" for n in failed))
     return {"checks": checks, "model_max_len": model_max, "embedding_rows": rows, "tokenizer_size": len(tokenizer),
             "docs": counts}
 
@@ -100,10 +129,13 @@ def run(cfg: ExperimentConfig, seed: int, *, progress: bool = True) -> StageRef:
         log.info("stage setup (seed %d) already complete: %s", seed, done.dir)
         return done
     started = time.time()
-    # Inputs first: a model id that does not exist or a bad corpus (empty, too small, not UTF-8)
-    # fails here, before the stage folder is created or anything is written into it.
+    # Inputs first: a full disk, a model id that does not exist, a bad corpus (empty, too small,
+    # not UTF-8) or too few attack texts fails here, before the stage folder is created or
+    # anything is trained or written into it.
+    checks = check_disk(cfg)
     path = _locate_model(cfg)
     splits = data_lib.load_splits(cfg.data, seed, cache_dir=cfg.hf_cache_dir / "datasets")
+    checks.update(check_splits(cfg, splits))
     out = prepare(cfg, seed, STAGE, {})
     outputs = [f"data/{name}" for name in data_lib.save_splits(splits, out / "data")]
     metrics: dict[str, Any] = {}
@@ -122,7 +154,7 @@ def run(cfg: ExperimentConfig, seed: int, *, progress: bool = True) -> StageRef:
         # Weights live outside the stage folder (the HF cache); record their digests.
         metrics["model_files"] = {p.name: sha256_file(p) for p in sorted(path.glob("*.safetensors"))}
     metrics["model_dir"] = str(Path(path).resolve())
-    report = verify(cfg, Path(path), tokenizer, splits)
+    report = verify(cfg, Path(path), tokenizer, splits, checks)
     atomic_write_json(out / "verification.json", report)
     outputs.append("verification.json")
     metrics.update({"docs": report["docs"], "tokenizer_size": report["tokenizer_size"],

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import micro_sets
 from resilience.helpers import fork_worker, micro_argv, run_cli, seed_dir, snapshot
 
 pytestmark = pytest.mark.resilience
@@ -190,8 +191,10 @@ def test_local_model_path_that_is_not_a_model(tmp_path):
 
 
 # --------------------------------------------------------------------------- folders
-def test_runs_root_that_is_not_writable(tmp_path):
-    """A read-only file system (root ignores permission bits; a non-root user gets a 0555 folder)."""
+@pytest.fixture
+def readonly_folder(tmp_path):
+    """A folder nobody may write: a read-only tmpfs when root (root ignores permission bits), a
+    0555 folder otherwise. Yields (path, the reason `monolm` should give)."""
     readonly = tmp_path / "readonly"
     readonly.mkdir()
     mounted = False
@@ -203,14 +206,58 @@ def test_runs_root_that_is_not_writable(tmp_path):
     else:
         readonly.chmod(0o555)
     try:
-        refused(tmp_path, [*micro_argv(tmp_path), "--set", f"paths.runs_root={readonly / 'runs'}"], 1,
-                "stage setup (seed 42) failed: cannot write", str(readonly / "runs"),
-                "Read-only file system" if mounted else "Permission denied", "paths.runs_root")
-        assert list(readonly.iterdir()) == []
+        yield readonly, "read-only file system" if mounted else "permission denied"
     finally:
         if mounted:
             subprocess.run(["umount", str(readonly)], check=True)
         readonly.chmod(0o755)
+
+
+@pytest.mark.parametrize("setting", ["paths.runs_root", "paths.results_root"])
+def test_output_folder_that_is_not_writable_is_refused_before_any_compute(tmp_path, readonly_folder, setting):
+    """An unwritable runs folder, or results folder (written only by stage 7, after every seed
+    has trained and been attacked), is refused up front, naming the setting and the reason."""
+    readonly, reason = readonly_folder
+    target = readonly / "out"
+    argv = ["run", "-q"]  # the flow's path: refused before a Prefect server is even started
+    for assignment in micro_sets(tmp_path, f"{setting}={target}"):
+        argv += ["--set", assignment]
+    start = time.monotonic()
+    refused(tmp_path, argv, 2,
+            f"{setting}={str(target)!r}: cannot write under {readonly} ({reason})", process=False)
+    assert time.monotonic() - start < 30  # a config-level refusal: nothing was computed
+    assert list(readonly.iterdir()) == []
+
+
+def test_runs_root_that_becomes_unwritable_fails_the_stage_naming_the_folder(tmp_path, readonly_folder,
+                                                                            monkeypatch):
+    """The same folder turning read-only after the up-front checks (a remount, a quota) still
+    fails cleanly: the stage names the folder and the setting, and nothing half-written stays."""
+    import monolm.cli as cli
+    from monolm.stages import setup
+
+    readonly, _ = readonly_folder
+    monkeypatch.setattr(cli, "check_output_folders", lambda *a, **k: None)  # passed, then the mount changed
+    monkeypatch.setattr(setup, "MIN_FREE_BYTES", 0)  # the tiny tmpfs would fail the free-space check first
+    out = io.StringIO()
+    with contextlib.redirect_stderr(out), contextlib.redirect_stdout(out):
+        code = cli.main([*micro_argv(tmp_path), "--set", f"paths.runs_root={readonly / 'runs'}"])
+    text = out.getvalue()
+    assert code == 1, text[-3000:]
+    assert "stage setup (seed 42) failed: cannot write" in text and "paths.runs_root" in text, text[-3000:]
+    assert "Traceback" not in text
+    assert list(readonly.iterdir()) == []
+
+
+def test_too_little_free_disk_is_refused_before_pretraining(tmp_path, monkeypatch):
+    """Stage 0 checks free space before it downloads or pre-trains anything."""
+    from monolm.stages import setup
+
+    monkeypatch.setattr(setup, "MIN_FREE_BYTES", 1 << 62)
+    monkeypatch.setattr(setup, "_pretrain_tiny", lambda *a, **k: pytest.fail("pre-trained despite a full disk"))
+    out = refused(tmp_path, micro_argv(tmp_path), 1, "stage setup failed its checks: disk:", "GiB free under",
+                  process=False)
+    assert f"at least {2**32} GiB needed" in out
 
 
 # --------------------------------------------------------------------------- checkpoints of another run
