@@ -178,7 +178,7 @@ def _user_facing(exc: Exception) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from monolm.runtime import setup_logging
+    from monolm.logs import setup_logging
 
     args = build_parser().parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import re
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -36,8 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from monolm.runtime import autocast, log, pick_device, resolve_flag
+from monolm.runtime import autocast, pick_device, resolve_flag
 
+log = logging.getLogger("monolm.evaluation")
 ModelOrLoader = nn.Module | Callable[[], nn.Module]
 
 

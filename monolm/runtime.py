@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
 import os
 import random
 from collections.abc import Iterator
@@ -18,7 +17,6 @@ from typing import Literal
 import numpy as np
 import torch
 
-log = logging.getLogger("monolm")
 
 
 def pick_device(preferred: str | None = None) -> torch.device:
@@ -71,14 +69,6 @@ def deterministic(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         torch.use_deterministic_algorithms(previous, warn_only=True)
-
-
-def setup_logging(level: int = logging.INFO) -> None:
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-        log.addHandler(handler)
-    log.setLevel(level)
 
 
 _threads_configured = False

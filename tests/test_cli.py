@@ -29,6 +29,15 @@ def test_bad_config_refused_before_anything_is_written(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_bad_config_is_refused_without_loading_torch(tmp_path):
+    """A typo in a setting is answered at once: validation never waits for torch to import."""
+    probe = ("import sys; from monolm.cli import main; code = main(['run', '--set', 'training.common.lr=0']); "
+             "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded'); sys.exit(code)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "training.common.lr" in out.stderr
+    assert out.stdout.strip() == "torch not loaded"
+
+
 def test_config_show_prints_the_resolved_config(tmp_path):
     out = monolm("config", "show", "--preset", "full", "--override", "reference", cwd=tmp_path)
     assert out.returncode == 0 and "recipe: reference" in out.stdout and "EleutherAI/pythia-1.4b" in out.stdout

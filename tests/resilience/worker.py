@@ -251,7 +251,7 @@ def forked_entry(mode: str, spec: dict[str, Any], log_path: str) -> None:
     sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
     import logging
 
-    from monolm.runtime import setup_logging
+    from monolm.logs import setup_logging
 
     setup_logging(logging.INFO)
     try:
@@ -271,7 +271,7 @@ if __name__ == "__main__":
     if _mode == "train":
         import logging
 
-        from monolm.runtime import setup_logging
+        from monolm.logs import setup_logging
 
         setup_logging(logging.INFO)
     sys.exit(child_main(_mode, _spec))
