@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
@@ -341,7 +342,10 @@ def save_checkpoint(
 def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     """Return the checkpoint's `checkpoint.json` after checking every listed file's sha256.
 
-    Raises `CorruptArtifact` (with a reason) for incomplete, truncated or altered checkpoints.
+    Raises `CorruptArtifact` (with a reason) for incomplete, truncated or altered checkpoints,
+    and for tensor files that are not safetensors even though the digests match (a planted
+    pickle with a forged checkpoint.json): only headers are read, before anything is loaded,
+    so such a checkpoint is skipped like any other invalid one instead of failing the resume.
     """
     path = Path(path)
     manifest_path = path / CHECKPOINT_JSON
@@ -367,6 +371,12 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
             raise CorruptArtifact(file, "listed in checkpoint.json but missing")
         if sha256_file(file) != expected:
             raise CorruptArtifact(file, "sha256 differs from checkpoint.json (truncated or altered)")
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(str(file), framework="pt"):
+                    pass
+            except Exception as exc:  # safetensors raises its own SafetensorError
+                raise CorruptArtifact(file, f"not a safetensors file ({exc})") from None
     return manifest
 
 

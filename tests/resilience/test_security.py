@@ -96,12 +96,13 @@ def test_pickle_planted_as_the_newest_checkpoint_is_never_unpickled(tmp_path, re
     assert result["resumed_from"] == str(newest) and "skipping checkpoint" in text and "step-00000099" in text
     assert not marker.exists()
 
-    # 2. With a forged, self-consistent checkpoint.json: loading refuses the non-safetensors file.
+    # 2. With a forged, self-consistent checkpoint.json: the digests match, but the tensor files
+    #    are not safetensors, so the checkpoint is skipped all the same and the run resumes from 12.
     shutil.rmtree(ckpts / ".invalid", ignore_errors=True)
     _plant_checkpoint(newest, ckpts / "step-00000098", marker, consistent=True)
-    proc = start(out, tag="forged")
-    assert proc.wait() != 0
-    assert "SafetensorError" in proc.output() and "deserializing header" in proc.output(), proc.output()[-3000:]
+    result, text = finish(out, tag="forged")
+    assert result["resumed_from"] == str(newest), text[-3000:]
+    assert "skipping checkpoint" in text and "step-00000098" in text and "not a safetensors file" in text
     assert not marker.exists()
 
 
