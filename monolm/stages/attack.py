@@ -67,8 +67,28 @@ def normalize(effect: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _load_arms(refs: dict[str, StageRef], device) -> dict[str, Any]:
-    return {arm: models_lib.load_model(Path(refs[arm].metrics["model_dir"]), device) for arm in ARMS}
+def _attack_inputs(setup: StageRef, trained: dict[str, StageRef]) -> dict[str, StageRef]:
+    return {"setup": setup, "train_baseline": trained["baseline"], "train_monotonic": trained["monotonic"]}
+
+
+def _open_stage(cfg: ExperimentConfig, seed: int, stage: str, inputs: dict[str, StageRef]):
+    """The stage folder (not fresh: finished units are reused), the tokenizer, the
+    (optimisation, held-out) attack texts and both trained arms on the device."""
+    out = prepare(cfg, seed, stage, inputs)
+    device = pick_device()
+    tokenizer, splits = load_setup(inputs["setup"])
+    texts = attack_texts(cfg, tokenizer, splits.attack)
+    models = {arm: models_lib.load_model(Path(inputs[f"train_{arm}"].metrics["model_dir"]), device) for arm in ARMS}
+    return out, tokenizer, texts, models
+
+
+def _transfer_means(transfer: dict[str, Any]) -> dict[str, dict[str, float]]:
+    return {src: {dst: cell["abs_increase"]["mean"] for dst, cell in row.items()} for src, row in transfer["cells"].items()}
+
+
+def _outputs(out: Path, files: list[str]) -> list[str]:
+    """The stage's own files plus each arm's, without the resumable units (work in progress)."""
+    return files + [p for arm in ARMS for p in files_under(out, arm) if "/units/" not in p]
 
 
 def run_uat(cfg: ExperimentConfig, seed: int, setup: StageRef, trained: dict[str, StageRef],
@@ -77,16 +97,12 @@ def run_uat(cfg: ExperimentConfig, seed: int, setup: StageRef, trained: dict[str
     from monolm.attacks.common import context_prefix
 
     stage = "uat"
-    inputs = {"setup": setup, "train_baseline": trained["baseline"], "train_monotonic": trained["monotonic"]}
+    inputs = _attack_inputs(setup, trained)
     done = existing(cfg, seed, stage, inputs)
     if done:
         return done
     started = time.time()
-    out = prepare(cfg, seed, stage, inputs)  # not fresh: finished restarts (units) are reused
-    device = pick_device()
-    tokenizer, splits = load_setup(setup)
-    opt, held_out = attack_texts(cfg, tokenizer, splits.attack)
-    models = _load_arms(trained, device)
+    out, tokenizer, (opt, held_out), models = _open_stage(cfg, seed, stage, inputs)
     results = {arm: uat.run(model, tokenizer, opt, held_out, cfg.attacks.uat, seed=seed, out_dir=out / arm,
                             success_threshold=cfg.attacks.success_threshold, progress=progress)
                for arm, model in models.items()}
@@ -103,12 +119,10 @@ def run_uat(cfg: ExperimentConfig, seed: int, setup: StageRef, trained: dict[str
                                                  for arm, r in results.items()})
     metrics = {
         "per_model": {arm: normalize(r["eval"]) for arm, r in results.items()},
-        "transfer": {src: {dst: cell["abs_increase"]["mean"] for dst, cell in row.items()}
-                     for src, row in transfer["cells"].items()},
+        "transfer": _transfer_means(transfer),
         "triggers": {arm: r["trigger_text"] for arm, r in results.items()},
     }
-    outputs = ["triggers.json", "uat_results.json", "transfer.json", "per_example.json"]
-    outputs += [p for arm in ARMS for p in files_under(out, arm) if "/units/" not in p]
+    outputs = _outputs(out, ["triggers.json", "uat_results.json", "transfer.json", "per_example.json"])
     return finish(cfg, seed, stage, out, inputs=inputs, outputs=outputs, metrics=metrics, started=started)
 
 
@@ -123,16 +137,12 @@ def run_hotflip(cfg: ExperimentConfig, seed: int, setup: StageRef, trained: dict
     from monolm.attacks.common import context_prefix
 
     stage = "hotflip"
-    inputs = {"setup": setup, "train_baseline": trained["baseline"], "train_monotonic": trained["monotonic"]}
+    inputs = _attack_inputs(setup, trained)
     done = existing(cfg, seed, stage, inputs)
     if done:
         return done
     started = time.time()
-    out = prepare(cfg, seed, stage, inputs)
-    device = pick_device()
-    tokenizer, splits = load_setup(setup)
-    _, held_out = attack_texts(cfg, tokenizer, splits.attack)
-    models = _load_arms(trained, device)
+    out, tokenizer, (_, held_out), models = _open_stage(cfg, seed, stage, inputs)
     results = {arm: hotflip.run(model, tokenizer, held_out, cfg.attacks.hotflip, seed=seed, out_dir=out / arm,
                                 success_threshold=cfg.attacks.success_threshold, progress=progress)
                for arm, model in models.items()}
@@ -149,9 +159,7 @@ def run_hotflip(cfg: ExperimentConfig, seed: int, setup: StageRef, trained: dict
         "per_model": {arm: normalize(r["gradient"]) for arm, r in results.items()},
         "control": {arm: normalize(r["control"]) for arm, r in results.items()} if with_control else None,
         "mean_flips": {arm: r["gradient"]["mean_flips"] for arm, r in results.items()},
-        "transfer": {src: {dst: cell["abs_increase"]["mean"] for dst, cell in row.items()}
-                     for src, row in transfer["cells"].items()},
+        "transfer": _transfer_means(transfer),
     }
-    outputs = ["hotflip_results.json", "transfer.json", "per_example.json"]
-    outputs += [p for arm in ARMS for p in files_under(out, arm) if "/units/" not in p]
+    outputs = _outputs(out, ["hotflip_results.json", "transfer.json", "per_example.json"])
     return finish(cfg, seed, stage, out, inputs=inputs, outputs=outputs, metrics=metrics, started=started)
