@@ -12,13 +12,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 STAGES = (
     "setup",  # 0
@@ -84,6 +87,55 @@ def fsync_tree(directory: Path) -> None:
                 os.fsync(fh.fileno())
     for d in [Path(directory), *[p for p in Path(directory).rglob("*") if p.is_dir()]]:
         fsync_dir(d)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path, *,
+               existing: Literal["error", "replace"] | Callable[[Path], Any] = "error") -> Iterator[Path]:
+    """Yield a temp directory beside `target`; on success fsync it and rename it to `target`, so
+    readers see the whole folder or none of it (models, constrained models, checkpoints).
+
+    `existing` says what happens to a directory already at `target`: `error` refuses, `replace`
+    swaps it out and deletes it (for a folder we own and mean to supersede, like `best/`), a
+    callable moves it out of the way itself (checkpoints keep it under `.invalid/`).
+    On any exception the temp directory is removed and `target` is untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        old: Path | None = None
+        if target.exists():
+            if existing == "error":
+                raise FileExistsError(f"{target} already exists")
+            if existing == "replace":
+                old = target.parent / f".old-{target.name}-{uuid.uuid4().hex[:8]}"
+                os.replace(target, old)
+            else:
+                existing(target)
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def recover_replaced(target: str | Path) -> bool:
+    """If a crash hit between the two renames of `atomic_dir(existing="replace")`, put the old
+    directory back. Returns True when something was restored."""
+    target = Path(target)
+    if target.exists() or not target.parent.is_dir():
+        return False
+    olds = sorted(target.parent.glob(f".old-{target.name}-*"), key=lambda p: p.stat().st_mtime)
+    if not olds:
+        return False
+    os.replace(olds[-1], target)
+    logging.getLogger("monolm.artifacts").warning("restored %s from %s (an interrupted replacement)", target, olds[-1])
+    return True
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> str:

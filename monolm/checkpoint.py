@@ -17,7 +17,7 @@ Why this shape:
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -25,13 +25,12 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from monolm.artifacts import TMP_PREFIX, CorruptArtifact, fsync_dir, fsync_tree, sha256_file
+from monolm.artifacts import TMP_PREFIX, CorruptArtifact, atomic_dir, sha256_file
 
 log = logging.getLogger("monolm.checkpoint")
 
@@ -87,54 +86,6 @@ def move_aside(path: Path, reason: str) -> Path:
     return dest
 
 
-@contextlib.contextmanager
-def atomic_dir(target: str | Path, *, existing: Literal["error", "replace", "move_aside"] = "error") -> Iterator[Path]:
-    """Yield a temp directory beside `target`; on success fsync it and rename it to `target`.
-
-    `existing` says what happens to a directory already at `target`: `error` refuses, `replace`
-    swaps it out and deletes it (for a directory we own and mean to supersede, like `best/`),
-    `move_aside` keeps it under `.invalid/` with a warning (nothing is silently overwritten).
-    On any exception the temp directory is removed and `target` is untouched.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}-", dir=target.parent))
-    try:
-        yield tmp
-        fsync_tree(tmp)
-        old: Path | None = None
-        if target.exists():
-            if existing == "error":
-                raise FileExistsError(f"{target} already exists")
-            if existing == "move_aside":
-                move_aside(target, "superseded by a newly written directory of the same name")
-            else:
-                old = target.parent / f".old-{target.name}-{uuid.uuid4().hex[:8]}"
-                os.replace(target, old)
-        os.replace(tmp, target)
-        fsync_dir(target.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def recover_replaced(target: str | Path) -> bool:
-    """If a crash hit between the two renames of `atomic_dir(existing="replace")`, put the old
-    directory back. Returns True when something was restored."""
-    target = Path(target)
-    if target.exists() or not target.parent.is_dir():
-        return False
-    olds = sorted(target.parent.glob(f".old-{target.name}-*"), key=lambda p: p.stat().st_mtime)
-    if not olds:
-        return False
-    os.replace(olds[-1], target)
-    log.warning("restored %s from %s (an interrupted replacement)", target, olds[-1])
-    return True
-
-
-# --------------------------------------------------------------------------- fingerprints
 def model_signature(model: nn.Module) -> dict[str, str]:
     """`name -> "dtype[shape]"` for every entry of the state_dict (parametrization originals
     included), which is what a checkpoint's weights must fit."""
@@ -314,7 +265,8 @@ def save_checkpoint(
     """
     root = Path(root)
     target = root / checkpoint_dir_name(step)
-    with atomic_dir(target, existing="move_aside") as tmp:
+    superseded = functools.partial(move_aside, reason="superseded by a newly written directory of the same name")
+    with atomic_dir(target, existing=superseded) as tmp:
         save_model(model, str(tmp / MODEL_FILE), metadata={"format": "monolm-checkpoint", "step": str(step)})
         opt_tensors, opt_meta = optimizer_to_safe(optimizer, param_names, scheduler)
         save_file(opt_tensors, str(tmp / OPTIMIZER_TENSORS))

@@ -34,9 +34,6 @@ model are not monotone; see `monolm.monotonicity` for the empirical violation ra
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from monolm.artifacts import fsync_tree
+from monolm.artifacts import atomic_dir
 
 Init = Literal["abs", "clamp"]
 
@@ -383,10 +380,7 @@ def save_constrained(model: nn.Module, tokenizer: Any, out_dir: str | Path, spec
     if not is_constrained(model):
         raise ValueError("save_constrained needs a constrained model (apply_constraint first)")
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".tmp-{out_dir.name}.{uuid.uuid4().hex}"
-    tmp.mkdir()
-    try:
+    with atomic_dir(out_dir, existing="replace") as tmp:
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -401,17 +395,6 @@ def save_constrained(model: nn.Module, tokenizer: Any, out_dir: str | Path, spec
             "targets": [t.name for t in constrained_targets(model)],
         }
         (tmp / CONSTRAINT_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        fsync_tree(tmp)
-        old = None
-        if out_dir.exists():  # swap: the old folder is moved aside, then removed
-            old = out_dir.parent / f".tmp-{out_dir.name}.old.{uuid.uuid4().hex}"
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

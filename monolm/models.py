@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from monolm.artifacts import atomic_dir
 from monolm.config import TinyModelConfig
 
 log = logging.getLogger("monolm.models")
@@ -123,31 +122,14 @@ def load_tokenizer(path: str | Path):
 
 
 def save_model(model: nn.Module, tokenizer, out_dir: str | Path) -> list[str]:
-    """Save an (unconstrained) model + tokenizer as safetensors, atomically: written into a temp
-    directory beside `out_dir`, then renamed into place. Returns the saved files (relative)."""
+    """Save an (unconstrained) model + tokenizer as safetensors, atomically (`atomic_dir`: built
+    beside `out_dir`, then renamed into place). Returns the saved files (relative)."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-" + out_dir.name + ".", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir, existing="replace") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file())
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Put directory `src` at `dst`, replacing an older `dst` without ever leaving a half one."""
-    if dst.exists():
-        old = dst.with_name(".old-" + dst.name + f".{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 def count_parameters(model: nn.Module) -> int:

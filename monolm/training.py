@@ -38,9 +38,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from monolm.artifacts import CorruptArtifact, atomic_write_json, read_json, sha256_file
+from monolm.artifacts import CorruptArtifact, atomic_dir, atomic_write_json, read_json, recover_replaced, sha256_file
 from monolm.checkpoint import (
-    atomic_dir,
     check_fingerprint,
     digest_json,
     latest_valid_checkpoint,
@@ -48,7 +47,6 @@ from monolm.checkpoint import (
     load_checkpoint,
     make_fingerprint,
     move_aside,
-    recover_replaced,
     save_checkpoint,
     verify_checkpoint,
 )

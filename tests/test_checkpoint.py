@@ -17,15 +17,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from monolm.artifacts import CorruptArtifact
+from monolm.artifacts import CorruptArtifact, atomic_dir, recover_replaced
 from monolm.checkpoint import (
     CheckpointMismatch,
-    atomic_dir,
     latest_valid_checkpoint,
     list_checkpoints,
     optimizer_from_safe,
     optimizer_to_safe,
-    recover_replaced,
     verify_checkpoint,
 )
 from monolm.config import ArmConfig
