@@ -249,16 +249,36 @@ def constrained_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
                 yield f"{name}.weight", module.weight.detach()
 
 
+class ConstraintViolation(ValueError):
+    """A constrained weight is negative or non-finite, or a model that should be constrained has
+    none: the arm no longer tests what it claims."""
+
+
+def constrained_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every module whose weight is parametrized. In monolm that is only the
+    non-negative constraint; the training loop accepts any reparametrization that must stay >= 0."""
+    return [(name, m) for name, m in model.named_modules() if parametrize.is_parametrized(m, "weight")]
+
+
 def min_constrained_weight(model: nn.Module) -> float:
-    """Smallest materialized constrained weight. Reads the real weights (the original study's
-    check read none and logged +inf); raises if the model has no constrained weight."""
-    mins = [float(w.min()) for _, w in constrained_weights(model)]
-    if not mins:
-        raise ValueError(f"{type(model).__name__} has no constrained weights")
-    value = min(mins)
-    if value != value or value in (float("inf"), float("-inf")):  # NaN or inf: weights are broken
-        raise ValueError(f"minimum constrained weight is not finite ({value})")
-    return value
+    """Smallest materialized constrained weight, read from the real weights (the original study's
+    check read none and logged +inf). Training calls it after every optimizer step, so all
+    modules are reduced on the device and synchronised once. Raises `ConstraintViolation` naming
+    the module if an entry is negative or non-finite, or if the model has no constrained weight."""
+    mods = constrained_modules(model)
+    if not mods:
+        raise ConstraintViolation(f"{type(model).__name__} has no constrained weights")
+    with torch.no_grad():
+        extrema = torch.stack([torch.stack(torch.aminmax(m.weight.float())) for _, m in mods])  # [M, 2]
+        lo = extrema[:, 0]
+        bad = (lo < 0) | ~torch.isfinite(extrema).all(dim=1)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise ConstraintViolation(
+                f"constrained weight {mods[i][0]}.weight has min {float(extrema[i, 0])}, "
+                f"max {float(extrema[i, 1])} (must be finite and >= 0)"
+            )
+        return float(lo.min())
 
 
 @dataclass

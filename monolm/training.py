@@ -51,6 +51,7 @@ from monolm.checkpoint import (
     verify_checkpoint,
 )
 from monolm.config import ArmConfig
+from monolm.constraints import ConstraintViolation, constrained_modules, min_constrained_weight
 from monolm.runtime import autocast, derive_seed, pick_device, resolve_flag, seed_everything
 
 log = logging.getLogger("monolm.training")
@@ -66,10 +67,6 @@ WALL_CLOCK_FIELDS = ("tokens_per_s", "wall_time_s")
 
 Evaluate = Callable[[nn.Module], dict]
 SaveModel = Callable[[nn.Module, Path], list[str]]
-
-
-class ConstraintViolation(RuntimeError):
-    """A constrained weight became negative or non-finite: the arm no longer tests what it claims."""
 
 
 class TrainingDiverged(FloatingPointError):
@@ -169,29 +166,6 @@ class DataOrder:
 
 
 # --------------------------------------------------------------------------- model helpers
-def constrained_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(name, m) for name, m in model.named_modules() if parametrize.is_parametrized(m, "weight")]
-
-
-def min_constrained_weight(model: nn.Module) -> float:
-    """Minimum over all materialized constrained weights; raises `ConstraintViolation` if any
-    entry is negative or non-finite (naming the module)."""
-    mods = constrained_modules(model)
-    if not mods:
-        raise ConstraintViolation("constrained arm but no module has a parametrized weight")
-    with torch.no_grad():
-        extrema = torch.stack([torch.stack(torch.aminmax(m.weight.float())) for _, m in mods])  # [M, 2]
-        lo = extrema[:, 0]
-        bad = (lo < 0) | ~torch.isfinite(extrema).all(dim=1)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0])
-            raise ConstraintViolation(
-                f"constrained weight {mods[i][0]}.weight has min {float(extrema[i, 0])}, "
-                f"max {float(extrema[i, 1])} (must be finite and >= 0)"
-            )
-        return float(lo.min())
-
-
 def _param_groups(model: nn.Module, weight_decay: float) -> tuple[list[str], list[dict[str, Any]]]:
     """Decay matrices (incl. parametrization originals V and embeddings), not biases/norms —
     the usual rule, identical for both arms."""
