@@ -166,6 +166,23 @@ def _accepts_logits_to_keep(cls: type) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
+def cache_argument(cls: type) -> str | None:
+    """The forward's keyword for a key/value cache: `cache` from transformers 5.24 (where
+    `past_key_values` is deprecated), `past_key_values` before (where an unknown `cache=` would be
+    silently ignored, giving wrong losses). None when the model takes neither."""
+    try:
+        params = inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def output_cache(out: Any) -> Any:
+    """The key/value cache of a forward's output, under either name (see `cache_argument`)."""
+    return out.get("cache") if "cache" in out else out.get("past_key_values")
+
+
 def _forward_logits(
     model: nn.Module,
     *,

@@ -41,6 +41,7 @@ from monolm.artifacts import atomic_write_text, atomic_write_json
 from monolm.attacks import units
 from monolm.attacks.common import (
     BatchSizer,
+    cache_argument,
     cross_entropy_fp32,
     is_oom,
     max_rows_for,
@@ -54,6 +55,7 @@ from monolm.attacks.common import (
     first_order_scores,
     masked_mean,
     model_fingerprint,
+    output_cache,
     pad_batch,
     score_candidates_batched,
     truncate,
@@ -175,11 +177,13 @@ def score_flips(
     device = next(model.parameters()).device
     T, B = len(cur), len(cand_pos)
     masks = flip_target_masks(targets, cand_pos)
+    cache_arg = cache_argument(type(model))
+    share_prefix = share_prefix and cache_arg is not None
     with torch.no_grad(), autocast(device, use_bf16(device)):
         out = model(input_ids=cur.view(1, -1).to(device), use_cache=share_prefix)
         tok0 = torch.zeros(T, dtype=torch.float32)
         tok0[1:] = cross_entropy_fp32(out.logits[:, :-1], cur[1:].view(1, -1).to(device))[0].cpu()
-        cache = out.past_key_values if share_prefix else None
+        cache = output_cache(out) if share_prefix else None
         kv = None
         if cache is not None and hasattr(cache, "layers"):
             kv = [(layer.keys, layer.values) for layer in cache.layers]
@@ -202,7 +206,7 @@ def score_flips(
             with torch.no_grad(), autocast(device, use_bf16(device)):
                 kwargs: dict[str, Any] = {"use_cache": s > 0}
                 if s > 0:
-                    kwargs["past_key_values"] = DynamicCache(
+                    kwargs[cache_arg] = DynamicCache(
                         [(k[:, :, :s].expand(n, -1, -1, -1), v[:, :, :s].expand(n, -1, -1, -1)) for k, v in kv])
                 logits = model(input_ids=rows.to(device), **kwargs).logits[:, :-1]
                 ce = cross_entropy_fp32(logits, rows[:, 1:].to(device)).cpu()
