@@ -89,6 +89,15 @@ def fsync_tree(directory: Path) -> None:
         fsync_dir(d)
 
 
+def nearest_existing(path: str | Path) -> Path:
+    """`path` or its closest existing parent: the file system a folder yet to be created will be
+    on, for free-space and permission checks made before anything is written."""
+    probe = Path(path).expanduser().resolve()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path, *,
                existing: Literal["error", "replace"] | Callable[[Path], Any] = "error") -> Iterator[Path]:

@@ -86,6 +86,7 @@ def move_aside(path: Path, reason: str) -> Path:
     return dest
 
 
+# --------------------------------------------------------------------------- fingerprints
 def model_signature(model: nn.Module) -> dict[str, str]:
     """`name -> "dtype[shape]"` for every entry of the state_dict (parametrization originals
     included), which is what a checkpoint's weights must fit."""

@@ -13,11 +13,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
+
+from monolm.artifacts import nearest_existing
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 OVERRIDES_DIR = PRESETS_DIR / "overrides"
@@ -483,15 +486,11 @@ def check_output_folders(cfg: ExperimentConfig, *, results: bool = True) -> None
     otherwise a read-only `paths.results_root` would only surface in stage 7, after every seed
     has trained and been attacked. Checks the nearest existing folder of each path (nothing is
     created here) for write permission and a read-only file system."""
-    import os
-
     settings = {"paths.runs_root": cfg.paths.runs_root}
     if results:
         settings["paths.results_root"] = cfg.paths.results_root
     for setting, path in settings.items():
-        probe = Path(path).expanduser().resolve()
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
+        probe = nearest_existing(path)
         if not probe.is_dir():
             raise ConfigError(f"{setting}={str(path)!r}: {probe} exists and is not a folder")
         if os.statvfs(probe).f_flag & os.ST_RDONLY:

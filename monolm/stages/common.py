@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from monolm.artifacts import (CorruptArtifact, atomic_write_json, clean_temp_files, load_manifest, stage_dir_for,
-                              write_manifest)
+from monolm.artifacts import (CorruptArtifact, atomic_write_json, clean_temp_files, load_manifest, nearest_existing,
+                              stage_dir_for, write_manifest)
 from monolm.config import ExperimentConfig
 from monolm.provenance import code_digest
 from monolm.runtime import configure_threads
@@ -189,11 +189,8 @@ def _environment_error(exc: BaseException) -> str | None:
 
 
 def _free_space(directory: Path) -> str:
-    probe = Path(directory)
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
     try:
-        free = shutil.disk_usage(probe).free
+        free = shutil.disk_usage(nearest_existing(directory)).free
     except OSError:
         return "unknown space"
     return f"{free / 2**20:.1f} MiB free"

@@ -16,7 +16,7 @@ from typing import Any
 
 from monolm import data as data_lib
 from monolm import models
-from monolm.artifacts import atomic_write_json, sha256_file
+from monolm.artifacts import atomic_write_json, nearest_existing, sha256_file
 from monolm.config import ArmConfig, ConfigError, ExperimentConfig
 from monolm.runtime import derive_seed
 from monolm.stages.common import StageFailed, StageRef, existing, files_under, finish, prepare
@@ -65,10 +65,7 @@ def _raise_failed(checks: dict[str, Any]) -> None:
 def check_disk(cfg: ExperimentConfig) -> dict[str, Any]:
     """Free space under the runs folder (its nearest existing parent). Run before anything is
     downloaded, trained or written, so a full disk fails in a second, not after pre-training."""
-    where = cfg.paths.runs_root.resolve()
-    while not where.exists() and where != where.parent:
-        where = where.parent
-    free = shutil.disk_usage(where).free
+    free = shutil.disk_usage(nearest_existing(cfg.paths.runs_root)).free
     checks = {"disk": {"ok": free > MIN_FREE_BYTES,
                        "detail": f"{free / 2**30:.1f} GiB free under {cfg.paths.runs_root} "
                                  f"(at least {MIN_FREE_BYTES / 2**30:.0f} GiB needed)"}}
