@@ -25,9 +25,9 @@ one-window-at-a-time result (tested to 1e-5).
 
 from __future__ import annotations
 
+import logging
 import math
 import re
-import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 
-
 def pick_device(preferred: str | None = None) -> torch.device:
     """`MONOLM_DEVICE` or `preferred` if given, else cuda when available, else cpu."""
     name = preferred or os.environ.get("MONOLM_DEVICE")

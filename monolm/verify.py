@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from monolm.artifacts import nearest_existing
 from monolm.config import ExperimentConfig
 
 
@@ -101,12 +102,12 @@ def run_checks(cfg: ExperimentConfig, timeout: float = 30.0) -> list[Check]:
     add("dataset readable", dataset, timeout * 2)
 
     def disk() -> str:
-        root = cfg.paths.runs_root if cfg.paths.runs_root.exists() else Path(".")
+        root = nearest_existing(cfg.paths.runs_root)  # the file system the runs folder will be on
         free = shutil.disk_usage(root).free / 2**30
         need = 1 if m.source == "tiny" else 40
         if free < need:
-            raise OSError(f"{free:.1f} GiB free under {root.resolve()}, need about {need} GiB")
-        return f"{free:.1f} GiB free under {root.resolve()} (need about {need} GiB)"
+            raise OSError(f"{free:.1f} GiB free under {root}, need about {need} GiB")
+        return f"{free:.1f} GiB free under {root} (need about {need} GiB)"
 
     add("disk space", disk)
     return checks
