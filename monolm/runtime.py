@@ -85,3 +85,31 @@ def configure_threads() -> int:
         torch.set_num_threads(int(os.environ.get("MONOLM_TORCH_THREADS", default)))
         _threads_configured = True
     return torch.get_num_threads()
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where `model`'s parameters live (CPU for a model without parameters)."""
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """`model.eval()` for the duration, then the training flag it had before (also on error):
+    evaluation and attacks run on a model whose caller may be in the middle of training it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for a device out-of-memory error (CUDA raises `torch.OutOfMemoryError`; some kernels
+    and other backends raise a plain RuntimeError saying so): the callers back off and retry
+    with a smaller batch instead of failing the stage."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
