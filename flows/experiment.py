@@ -15,18 +15,10 @@ from prefect import flow, get_run_logger
 
 from infra.profiles import gpu_resources, make_task_runner
 from monolm.config import ConfigError, ExperimentConfig, build_config, check_output_folders, load_config
+from monolm.stages.registry import GPU_STAGES, SEED_STAGES
 from tasks.aggregate import aggregate_task
-from tasks.attack import hotflip_task, uat_task
 from tasks.common import stage_options
-from tasks.constrain import constrain_task
-from tasks.evaluate import evaluate_task
-from tasks.setup import setup_task
-from tasks.train import train_baseline_task, train_monotonic_task
-
-
-def default_run_name(cfg: ExperimentConfig) -> str:
-    seeds = "-".join(str(s) for s in cfg.seeds)
-    return f"{cfg.preset}-{cfg.model.slug}-{cfg.constraint.variant}-{cfg.training.recipe}-seeds-{seeds}"
+from tasks.seed_stages import STAGE_TASKS
 
 
 def resolve_config(preset: str, seeds: list[int] | None, variant: str | None, overrides: list[str] | None,
@@ -44,7 +36,7 @@ def resolve_config(preset: str, seeds: list[int] | None, variant: str | None, ov
     cfg = load_config(preset, overrides=named_overrides or [], config_file=config_file, extra=extra,
                       sets=overrides or [])
     if not cfg.run_name:
-        cfg = cfg.model_copy(update={"run_name": default_run_name(cfg)})
+        cfg = cfg.model_copy(update={"run_name": cfg.default_run_name})
     return cfg
 
 
@@ -87,17 +79,9 @@ def run_stages(cfg_data: dict[str, Any]) -> dict[str, Any]:
     per_seed: dict[int, dict[str, Any]] = {}
     for seed in cfg.seeds:
         f: dict[str, Any] = {}
-        f["setup"] = submit(setup_task, cfg, "setup", seed=seed)
-        f["constrain"] = submit(constrain_task, cfg, "constrain", seed=seed, setup=f["setup"])
-        f["train_baseline"] = submit(train_baseline_task, cfg, "train_baseline", seed=seed, setup=f["setup"])
-        f["train_monotonic"] = submit(train_monotonic_task, cfg, "train_monotonic", seed=seed, setup=f["setup"],
-                                      constrain=f["constrain"])
-        f["evaluate"] = submit(evaluate_task, cfg, "evaluate", seed=seed, setup=f["setup"],
-                               train_baseline=f["train_baseline"], train_monotonic=f["train_monotonic"])
-        f["uat"] = submit(uat_task, cfg, "uat", seed=seed, setup=f["setup"],
-                          train_baseline=f["train_baseline"], train_monotonic=f["train_monotonic"])
-        f["hotflip"] = submit(hotflip_task, cfg, "hotflip", seed=seed, setup=f["setup"],
-                              train_baseline=f["train_baseline"], train_monotonic=f["train_monotonic"])
+        for spec in SEED_STAGES:
+            f[spec.name] = submit(STAGE_TASKS[spec.name], cfg, spec.name, seed=seed,
+                                  inputs={name: f[name] for name in spec.inputs})
         per_seed[seed] = f
     seeds_refs = [{stage: fut for stage, fut in f.items()} for f in per_seed.values()]
     aggregate_future = submit(aggregate_task, cfg, "aggregate", seed=None, seeds=seeds_refs)
@@ -151,8 +135,6 @@ def experiment(
     log.info("experiment %s: preset=%s model=%s variant=%s recipe=%s seeds=%s profile=%s", cfg.run_name, cfg.preset,
              cfg.model.name, cfg.constraint.variant, cfg.training.recipe, cfg.seeds, cfg.runner.profile)
     if cfg.runner.profile == "slurm":
-        from tasks.common import GPU_STAGES
-
         untimed = sorted(GPU_STAGES - set(cfg.runner.stage_timeout_minutes))
         if untimed:
             log.warning("no runner.stage_timeout_minutes for GPU stage(s) %s: a stuck one holds its GPU job until "

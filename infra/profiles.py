@@ -22,6 +22,7 @@ import sys
 from typing import Any
 
 from monolm.config import ExperimentConfig, SlurmConfig
+from monolm.stages.registry import GPU_STAGES
 
 
 def _minutes(walltime: str) -> int:
@@ -110,8 +111,6 @@ def prefect_api_url() -> str:
 
 def gpu_resources(cfg: ExperimentConfig, stage: str) -> dict[str, int] | None:
     """Dask resource annotation for a stage: GPU stages need a whole GPU worker on `slurm`."""
-    from tasks.common import GPU_STAGES
-
     if cfg.runner.profile == "slurm" and stage in GPU_STAGES:
         return {"GPU": 1}
     return None

@@ -23,15 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-STAGES = (
-    "setup",  # 0
-    "constrain",  # 1
-    "train_baseline",  # 2
-    "train_monotonic",  # 3
-    "evaluate",  # 4
-    "uat",  # 5
-    "hotflip",  # 6
-)
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
 
@@ -191,25 +182,6 @@ def read_json(path: str | Path, expected_sha256: str | None = None) -> Any:
         return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorruptArtifact(path, f"not valid JSON ({exc})") from None
-
-
-# --------------------------------------------------------------------------- stage folders
-def stage_dir(runs_root: Path, preset: str, model_slug: str, variant: str, seed: int, stage: str) -> Path:
-    """`<runs_root>/<preset>/<model-slug>/<variant>/seed-<n>/<stage>/`."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
-    return Path(runs_root) / preset / model_slug / variant / f"seed-{seed}" / stage
-
-
-def seed_dir_for(cfg: Any, seed: int) -> Path:
-    """The seed folder of an ExperimentConfig (duck-typed to avoid an import cycle)."""
-    return Path(cfg.paths.runs_root) / cfg.preset / cfg.model.slug / cfg.constraint.variant / f"seed-{seed}"
-
-
-def stage_dir_for(cfg: Any, seed: int, stage: str) -> Path:
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
-    return seed_dir_for(cfg, seed) / stage
 
 
 # --------------------------------------------------------------------------- manifests

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
 from monolm.artifacts import nearest_existing
+from monolm.stages.registry import STAGE_NAMES
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 OVERRIDES_DIR = PRESETS_DIR / "overrides"
@@ -271,10 +272,11 @@ class RunnerConfig(Strict):
 
     @model_validator(mode="after")
     def _known_stages(self) -> "RunnerConfig":
-        known = ("setup", "constrain", "train_baseline", "train_monotonic", "evaluate", "uat", "hotflip", "aggregate")
         for stage in self.stage_timeout_minutes:
-            if stage not in known:
-                raise ValueError(f"runner.stage_timeout_minutes.{stage}: unknown stage; allowed: {', '.join(known)}")
+            if stage not in STAGE_NAMES:
+                raise ValueError(
+                    f"runner.stage_timeout_minutes.{stage}: unknown stage; allowed: {', '.join(STAGE_NAMES)}"
+                )
         return self
 
 
@@ -334,6 +336,12 @@ class ExperimentConfig(Strict):
                     f"{field}={value} exceeds the model's maximum sequence length {model_max} "
                     f"(allowed: 1..{model_max})"
                 )
+
+    @property
+    def default_run_name(self) -> str:
+        """`<preset>-<model>-<variant>-<recipe>-seeds-<a>-<b>`: the results folder of a run named by no one."""
+        seeds = "-".join(str(s) for s in self.seeds)
+        return f"{self.preset}-{self.model.slug}-{self.constraint.variant}-{self.training.recipe}-seeds-{seeds}"
 
     @property
     def eval_seq_len(self) -> int:

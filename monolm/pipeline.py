@@ -15,28 +15,28 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from monolm.artifacts import seed_dir_for, stage_dir_for
 from monolm.config import ExperimentConfig
-from monolm.stages import constrain, evaluate, setup, train
+from monolm.layout import CellPaths, cell_paths
 from monolm.stages.common import StageRef, stage_errors
+from monolm.stages.registry import ATTACKS, SEED_STAGES
 
 log = logging.getLogger("monolm.pipeline")
 
 
 @contextlib.contextmanager
-def seed_lock(cfg: ExperimentConfig, seed: int) -> Iterator[None]:
-    """One `run_seed` per seed folder at a time on this machine: a second run of the same seed
+def cell_lock(cell: CellPaths) -> Iterator[None]:
+    """One `run_seed` per cell folder at a time on this machine: a second run of the same seed
     waits, then reuses what the first finished. Without it both redo every stage and move each
     other's stage folders aside mid-run. The lock file lives in the temp dir, so a run refused for
     bad inputs leaves the runs root untouched; across machines, the Prefect flow's file locks
     under `paths.runs_root` serialize stages instead."""
-    folder = str(seed_dir_for(cfg, seed).resolve())
+    folder = str(cell.root.resolve())
     path = Path(tempfile.gettempdir()) / f"monolm-seed-{hashlib.sha256(folder.encode()).hexdigest()[:16]}.lock"
     with open(path, "a") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.info("seed %d (%s) is being run by another process; waiting for it to finish", seed, folder)
+            log.info("seed %d (%s) is being run by another process; waiting for it to finish", cell.seed, folder)
             fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -45,43 +45,18 @@ def seed_lock(cfg: ExperimentConfig, seed: int) -> Iterator[None]:
 
 
 def run_seed(cfg: ExperimentConfig, seed: int, *, stages: int = 6, progress: bool = True) -> dict[str, StageRef]:
-    """Run stages 0..`stages` for one seed; finished stages with valid manifests are reused.
-    A full disk or an unwritable folder fails the stage with `StageFailed` naming it; a second
-    run of the same seed started meanwhile waits for this one (`seed_lock`)."""
-    with seed_lock(cfg, seed):
-        return _run_seed(cfg, seed, stages=stages, progress=progress)
-
-
-def _run_seed(cfg: ExperimentConfig, seed: int, *, stages: int, progress: bool) -> dict[str, StageRef]:
+    """Run stages 0..`stages` for one seed, in order; finished stages with valid manifests are
+    reused. A full disk or an unwritable folder fails the stage with `StageFailed` naming it; a
+    second run of the same seed started meanwhile waits for this one (`cell_lock`)."""
+    cell = cell_paths(cfg, seed)
     refs: dict[str, StageRef] = {}
-
-    def guarded(stage: str):
-        return stage_errors(stage, seed, stage_dir_for(cfg, seed, stage))
-
-    with guarded("setup"):
-        refs["setup"] = setup.run(cfg, seed, progress=progress)
-    if stages >= 1:
-        with guarded("constrain"):
-            refs["constrain"] = constrain.run(cfg, seed, refs["setup"], progress=progress)
-    if stages >= 3:
-        with guarded("train_baseline"):
-            refs["train_baseline"] = train.run(cfg, seed, "baseline", refs["setup"], progress=progress)
-        with guarded("train_monotonic"):
-            refs["train_monotonic"] = train.run(cfg, seed, "monotonic", refs["setup"], refs["constrain"],
-                                                progress=progress)
-    if stages >= 4:
-        with guarded("evaluate"):
-            refs["evaluate"] = evaluate.run(cfg, seed, refs["setup"], refs["train_baseline"],
-                                            refs["train_monotonic"], progress=progress)
-    if stages >= 5:
-        from monolm.stages import attack
-
-        models = {"baseline": refs["train_baseline"], "monotonic": refs["train_monotonic"]}
-        with guarded("uat"):
-            refs["uat"] = attack.run_uat(cfg, seed, refs["setup"], models, progress=progress)
-        if stages >= 6:
-            with guarded("hotflip"):
-                refs["hotflip"] = attack.run_hotflip(cfg, seed, refs["setup"], models, progress=progress)
+    with cell_lock(cell):
+        for spec in SEED_STAGES:
+            if spec.number > stages:
+                break
+            inputs = {name: refs[name] for name in spec.inputs}
+            with stage_errors(spec.name, seed, cell.stage(spec.name)):
+                refs[spec.name] = spec.function()(cfg, cell, inputs, progress=progress)
     return refs
 
 
@@ -94,7 +69,7 @@ def summary_rows(refs: dict[str, StageRef]) -> list[dict[str, Any]]:
         if ev:
             row["perplexity"] = ev.metrics.get(f"{name}_token_perplexity")
             row["bits_per_byte"] = ev.metrics.get(f"{name}_bits_per_byte")
-        for attack in ("uat", "hotflip"):
+        for attack in ATTACKS:
             ref = refs.get(attack)
             if ref and name in ref.metrics.get("per_model", {}):
                 row[f"{attack}_delta_nats"] = ref.metrics["per_model"][name].get("abs_increase")

@@ -10,6 +10,7 @@ from typing import Any
 from prefect import task
 
 from monolm.stages import aggregate
+from tasks.common import config_of
 from tasks.stage import as_ref, run_stage
 
 MAX_KEY = 100
@@ -44,6 +45,7 @@ def aggregate_task(cfg: dict, seed: int | None = None, seeds: list[dict] | None 
     """`seeds`: one {stage name: stage task result} per seed. Returns the stage result (with
     "dir" and "files", which the cache-validity check uses) and the artifact keys."""
     per_seed = [{stage: as_ref(ref) for stage, ref in refs.items()} for refs in (seeds or [])]
-    result = run_stage("aggregate", cfg, None, lambda c: aggregate.run(c, per_seed))
+    config = config_of(cfg)
+    result = run_stage("aggregate", config, None, Path(config.paths.results_root), lambda c: aggregate.run(c, per_seed))
     result["artifacts"] = publish_artifacts(result)
     return result

@@ -25,16 +25,11 @@ from typing import Any
 from prefect.cache_policies import CachePolicy
 from prefect.serializers import JSONSerializer
 
-from monolm.artifacts import atomic_write_json, seed_dir_for
+from monolm.artifacts import atomic_write_json
 from monolm.config import ExperimentConfig, build_config
-from monolm.stages.common import STAGE_CONFIG as _STAGE_CONFIG_KNOWN
+from monolm.layout import cell_paths
 from monolm.stages.common import stage_code_version, stage_config
 from tasks.locks import LivenessLockManager
-
-# Stages that need a whole GPU worker. `constrain` is one too: it computes with the model and
-# uses parametrizations, which must not share a process with another stage (parametrize.cached
-# is process-global).
-GPU_STAGES = frozenset({"constrain", "train_baseline", "train_monotonic", "evaluate", "uat", "hotflip"})
 
 
 def config_of(cfg: dict[str, Any] | ExperimentConfig) -> ExperimentConfig:
@@ -42,14 +37,15 @@ def config_of(cfg: dict[str, Any] | ExperimentConfig) -> ExperimentConfig:
 
 
 def stage_key(cfg: ExperimentConfig, stage: str, seed: int | None, refs: dict[str, Any]) -> str:
-    """The deterministic part of a stage's cache key."""
+    """The deterministic part of a stage's cache key: the stage, its folder, its config subset, the
+    digests of its inputs and its code version."""
     payload = {
         "stage": stage,
         "seed": seed,
-        "folder": str(seed_dir_for(cfg, seed).resolve()) if seed is not None else None,
-        "config": stage_config(cfg, stage) if stage in _STAGE_CONFIG_KNOWN else cfg.model_dump(mode="json"),
+        "folder": str(cell_paths(cfg, seed).stage(stage).resolve()) if seed is not None else None,
+        "config": stage_config(cfg, stage),
         "inputs": {name: _digest_of(ref) for name, ref in sorted(refs.items())},
-        "code": stage_code_version(stage) if stage in _STAGE_CONFIG_KNOWN else _aggregate_code_version(),
+        "code": stage_code_version(stage),
     }
     return f"{stage}-" + hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -62,13 +58,6 @@ def _digest_of(ref: Any) -> Any:
     if isinstance(ref, dict):
         return {k: _digest_of(v) for k, v in sorted(ref.items())}
     return ref
-
-
-def _aggregate_code_version() -> str:
-    from monolm.provenance import code_digest
-
-    return code_digest("stats", "report", "plots", "store", "stages.aggregate")
-
 
 
 @dataclass

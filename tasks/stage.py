@@ -5,20 +5,39 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from monolm.artifacts import stage_dir_for
+from monolm.config import ExperimentConfig
+from monolm.layout import cell_paths
 from monolm.stages.common import StageRef, stage_errors
-from tasks.common import config_of, forward_logs, maybe_inject_fault, remember_result, worker_context
+from monolm.stages.registry import stage as stage_spec
+from tasks.common import config_of, fault_after_step, forward_logs, maybe_inject_fault, remember_result, worker_context
 
 
-def run_stage(stage: str, cfg: dict[str, Any], seed: int | None, call: Callable[..., Any]) -> dict[str, Any]:
+def run_seed_stage(stage: str, cfg: dict[str, Any], seed: int, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Run per-seed `stage` of `seed` on the results of its input stages (task results, as JSON)."""
+    config = config_of(cfg)
+    cell = cell_paths(config, seed)
+    refs = {name: as_ref(result) for name, result in inputs.items()}
+    entry = stage_spec(stage).function()
+
+    def call(c: ExperimentConfig) -> StageRef:
+        return entry(c, cell, refs, progress=False, on_log=fault_after_step(stage))
+
+    return run_stage(stage, config, seed, cell.stage(stage), call)
+
+
+def run_stage(stage: str, cfg: dict[str, Any] | ExperimentConfig, seed: int | None, directory: Path,
+              call: Callable[[ExperimentConfig], Any]) -> dict[str, Any]:
+    """`call(config)` with the library's logs in the task run, test faults injected, a full disk
+    or refused write reported as `StageFailed` naming `directory`, and the result remembered for
+    the cache-validity check."""
     config = config_of(cfg)
     with forward_logs() as log:
         log.info("stage %s%s starting on %s", stage, f" seed {seed}" if seed is not None else "", worker_context()["host"])
         maybe_inject_fault(stage)
         started = time.time()
-        directory = stage_dir_for(config, seed, stage) if seed is not None else config.paths.results_root
         with stage_errors(stage, seed, directory):
             ref = call(config)
         result = ref.to_json() if hasattr(ref, "to_json") else ref

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-MONOLM = [sys.executable, "-m", "monolm.cli"]
+MONOLM = [sys.executable, "-m", "flows.cli"]
 
 
 def monolm(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -31,7 +31,7 @@ def test_bad_config_refused_before_anything_is_written(tmp_path):
 
 def test_bad_config_is_refused_without_loading_torch(tmp_path):
     """A typo in a setting is answered at once: validation never waits for torch to import."""
-    probe = ("import sys; from monolm.cli import main; code = main(['run', '--set', 'training.common.lr=0']); "
+    probe = ("import sys; from flows.cli import main; code = main(['run', '--set', 'training.common.lr=0']); "
              "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded'); sys.exit(code)")
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "training.common.lr" in out.stderr

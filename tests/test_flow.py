@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import micro_config, micro_sets
+from helpers import micro_config, micro_sets, stage_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_backend")]
 
@@ -56,15 +56,14 @@ def test_caching_reruns_exactly_what_changed(tmp_path):
 
     # 4. Deleting a stage's output folder forces that stage to re-run (a hit verifies its files).
     cfg = micro_config(tmp_path, "attacks.success_threshold=0.05", "attacks.uat.top_k=4", "training.common.lr=1e-3")
-    from monolm.artifacts import stage_dir_for
 
-    shutil.rmtree(stage_dir_for(cfg, 42, "evaluate"))
+    shutil.rmtree(stage_dir(cfg, 42, "evaluate"))
     deleted = run(tmp_path, "attacks.success_threshold=0.05", "attacks.uat.top_k=4", "training.common.lr=1e-3")
     assert "evaluate" in executed(deleted) and not executed(deleted) & {"setup", "constrain", "train_baseline"}
-    assert (stage_dir_for(cfg, 42, "evaluate") / "manifest.json").is_file()
+    assert (stage_dir(cfg, 42, "evaluate") / "manifest.json").is_file()
 
     # 5. An altered (not deleted) output is a miss too.
-    report = stage_dir_for(cfg, 42, "constrain") / "report.json"
+    report = stage_dir(cfg, 42, "constrain") / "report.json"
     report.write_text(report.read_text().replace('"variant"', '"variant" ', 1))
     altered = run(tmp_path, "attacks.success_threshold=0.05", "attacks.uat.top_k=4", "training.common.lr=1e-3")
     assert "constrain" in executed(altered) and "setup" not in executed(altered)
@@ -103,9 +102,8 @@ def test_retry_resumes_instead_of_redoing(tmp_path, monkeypatch):
     assert json.loads(faults.read_text()) == {"train_monotonic@3": 0, "uat": 0}  # both faults fired
 
     cfg = micro_config(tmp_path)
-    from monolm.artifacts import stage_dir_for
 
-    history = json.loads((stage_dir_for(cfg, 42, "train_monotonic") / "history.json").read_text())
+    history = json.loads((stage_dir(cfg, 42, "train_monotonic") / "history.json").read_text())
     assert [r["step"] for r in history["resumes"]] == [2]  # resumed from the step-2 checkpoint
     assert history["summary"]["steps_done"] == 4
 

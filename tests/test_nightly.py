@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import micro_sets
+from helpers import micro_sets
 from flows.nightly import (
     DEFAULT_TOLERANCES,
     Tolerance,

@@ -15,12 +15,13 @@ import pytest
 from PIL import Image
 
 from monolm import report
-from monolm.artifacts import CorruptArtifact, stage_dir_for, write_manifest
+from monolm.artifacts import CorruptArtifact, write_manifest
 from monolm.config import load_config
 from monolm.runtime import derive_seed
 from monolm.stages import aggregate
 from monolm.stages.common import StageRef
 from monolm.store import ResultsStore
+from helpers import stage_dir
 
 N_TEXTS = 40
 T_975_DF2 = 4.302652729911275  # Student t quantile, 97.5%, 2 degrees of freedom (tables)
@@ -58,7 +59,7 @@ def _losses(seed: int, arm: str, tag: str, mean_increase: float, n: int = N_TEXT
 
 
 def _stage(cfg, seed: int, stage: str, files: dict[str, Any], metrics: dict[str, Any], wall: float = 1.0) -> StageRef:
-    directory = stage_dir_for(cfg, seed, stage)
+    directory = stage_dir(cfg, seed, stage)
     directory.mkdir(parents=True, exist_ok=True)
     for rel, obj in files.items():
         (directory / rel).write_text(json.dumps(obj))

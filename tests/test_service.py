@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from conftest import micro_sets
+from helpers import micro_sets
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = REPO / ".venv/bin/prefect"

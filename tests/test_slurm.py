@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import micro_sets
+from helpers import micro_sets
+from helpers import stage_dir as stage_folder
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("prefect_backend")]
 
@@ -146,9 +147,8 @@ def config(root: Path, *extra: str):
 
 
 def manifest(cfg, seed: int, stage: str) -> dict:
-    from monolm.artifacts import stage_dir_for
 
-    return json.loads((stage_dir_for(cfg, seed, stage) / "manifest.json").read_text())
+    return json.loads((stage_folder(cfg, seed, stage) / "manifest.json").read_text())
 
 
 def flow_logs(flow_run_name: str) -> list:
@@ -307,12 +307,11 @@ def test_cancelled_worker_job_mid_training_is_retried_elsewhere_and_resumes(slur
     """`scancel` the job whose worker is training the constrained arm (after its first
     checkpoint): dask reschedules the stage on another worker, training resumes from the
     checkpoint, and the run completes with every result exactly once."""
-    from monolm.artifacts import stage_dir_for
     from monolm.store import ResultsStore
 
     longer = LONGER
     cfg = config(root, *longer)
-    stage_dir = stage_dir_for(cfg, 42, "train_monotonic")
+    stage_dir = stage_folder(cfg, 42, "train_monotonic")
     name = unique_name("slurm-scancel")
     kill = Kill()
     killer = threading.Thread(target=kill_worker_running,
@@ -425,6 +424,5 @@ def test_gpu_stage_timeout_fails_the_stage_on_a_slurm_worker(slurm, root):
 
 
 def stage_dir_for_test(root: Path, *extra: str, stage: str = "train_monotonic", seed: int = 42) -> Path:
-    from monolm.artifacts import stage_dir_for
 
-    return stage_dir_for(config(root, *extra), seed, stage)
+    return stage_folder(config(root, *extra), seed, stage)

@@ -30,26 +30,21 @@ from typing import Any
 import numpy as np
 
 from monolm import plots, report
-from monolm.artifacts import MANIFEST, STAGES, CorruptArtifact, atomic_write_json, atomic_write_text, load_manifest, \
+from monolm.artifacts import MANIFEST, CorruptArtifact, atomic_write_json, atomic_write_text, load_manifest, \
     read_json, write_manifest
 from monolm.config import ExperimentConfig, config_to_yaml
-from monolm.provenance import code_digest, git_revision, provenance
-from monolm.stages.common import StageRef
+from monolm.provenance import git_revision, provenance
+from monolm.stages.common import StageRef, stage_code_version
+from monolm.stages.registry import SEED_STAGE_NAMES as STAGES
+from monolm.stages.registry import SEED_STAGES
 from monolm.store import ResultsStore
 
 log = logging.getLogger("monolm.stages")
 
 STAGE = "aggregate"
 # The file stage 7 reads from each stage folder (besides the manifest's metrics).
-STAGE_FILES = {"constrain": "report.json", "evaluate": "evaluation.json", "train_baseline": "history.json",
-               "train_monotonic": "history.json", "uat": "per_example.json", "hotflip": "per_example.json"}
+STAGE_FILES = {s.name: s.reads for s in SEED_STAGES if s.reads}
 RESULT_FILES = ("results.json", "summary.csv", "report.md", "tables.tex", "config.yaml")
-
-
-def default_run_name(cfg: ExperimentConfig) -> str:
-    """The same default as the `experiment` flow, for notebook callers that set no run name."""
-    seeds = "-".join(str(s) for s in cfg.seeds)
-    return f"{cfg.preset}-{cfg.model.slug}-{cfg.constraint.variant}-{cfg.training.recipe}-seeds-{seeds}"
 
 
 def run_id_for(cfg: ExperimentConfig, run_name: str) -> str:
@@ -248,7 +243,7 @@ def run(cfg: ExperimentConfig, seeds: Sequence[Mapping[str, StageRef | Mapping[s
     seed_ids = [d["seed"] for d in data]
     if len(set(seed_ids)) != len(seed_ids):
         raise ValueError(f"seed(s) passed more than once: {sorted(s for s in set(seed_ids) if seed_ids.count(s) > 1)}")
-    run_name = _safe_name(cfg.run_name or default_run_name(cfg))
+    run_name = _safe_name(cfg.run_name or cfg.default_run_name)
     root = Path(cfg.paths.results_root).resolve()
     final = root / run_name
     gaps = [f"seed {d['seed']} lacks {', '.join(s for s in STAGES if s not in d['stages'])}"
@@ -271,7 +266,7 @@ def run(cfg: ExperimentConfig, seeds: Sequence[Mapping[str, StageRef | Mapping[s
         "success_threshold": cfg.attacks.success_threshold,
         "config_digest": cfg.digest(),
         "code_revision": git_revision(),
-        "aggregate_code_version": code_digest("stats", "report", "plots", "store", "stages.aggregate"),
+        "aggregate_code_version": stage_code_version(STAGE),
         "stage_revisions": revisions,
         "seeds": sorted(seed_ids),
         "configured_seeds": list(cfg.seeds),

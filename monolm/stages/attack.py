@@ -22,10 +22,12 @@ from monolm import data as data_lib, models as models_lib
 from monolm.artifacts import atomic_write_json
 from monolm.config import ExperimentConfig
 from monolm.runtime import pick_device
-from monolm.stages.common import StageRef, existing, files_under, finish, prepare
+from monolm.layout import CellPaths
+from monolm.stages.common import Inputs, OnLog, StageRef, existing, files_under, finish, prepare
+from monolm.stages.registry import TRAIN_STAGES
 from monolm.stages.setup import load_setup
 
-ARMS = ("baseline", "monotonic")
+ARMS = tuple(TRAIN_STAGES)
 
 
 def attack_texts(cfg: ExperimentConfig, tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[int]]]:
@@ -67,18 +69,14 @@ def normalize(effect: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _attack_inputs(setup: StageRef, trained: dict[str, StageRef]) -> dict[str, StageRef]:
-    return {"setup": setup, "train_baseline": trained["baseline"], "train_monotonic": trained["monotonic"]}
-
-
-def _open_stage(cfg: ExperimentConfig, seed: int, stage: str, inputs: dict[str, StageRef]):
+def _open_stage(cfg: ExperimentConfig, cell: CellPaths, stage: str, inputs: Inputs):
     """The stage folder (not fresh: finished units are reused), the tokenizer, the
     (optimisation, held-out) attack texts and both trained arms on the device."""
-    out = prepare(cfg, seed, stage, inputs)
+    out = prepare(cfg, cell, stage, inputs)
     device = pick_device()
     tokenizer, splits = load_setup(inputs["setup"])
     texts = attack_texts(cfg, tokenizer, splits.attack)
-    models = {arm: models_lib.load_model(Path(inputs[f"train_{arm}"].metrics["model_dir"]), device) for arm in ARMS}
+    models = {arm: models_lib.load_model(Path(inputs[TRAIN_STAGES[arm]].metrics["model_dir"]), device) for arm in ARMS}
     return out, tokenizer, texts, models
 
 
@@ -91,18 +89,18 @@ def _outputs(out: Path, files: list[str]) -> list[str]:
     return files + [p for arm in ARMS for p in files_under(out, arm) if "/units/" not in p]
 
 
-def run_uat(cfg: ExperimentConfig, seed: int, setup: StageRef, trained: dict[str, StageRef],
-            *, progress: bool = True) -> StageRef:
+def run_uat(cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: bool = True,
+            on_log: OnLog | None = None) -> StageRef:
+    """Stage 5: a universal trigger per arm, reported on held-out texts, and its transfer."""
     from monolm.attacks import uat
     from monolm.attacks.common import context_prefix
 
-    stage = "uat"
-    inputs = _attack_inputs(setup, trained)
-    done = existing(cfg, seed, stage, inputs)
+    stage, seed = "uat", cell.seed
+    done = existing(cfg, cell, stage, inputs)
     if done:
         return done
     started = time.time()
-    out, tokenizer, (opt, held_out), models = _open_stage(cfg, seed, stage, inputs)
+    out, tokenizer, (opt, held_out), models = _open_stage(cfg, cell, stage, inputs)
     results = {arm: uat.run(model, tokenizer, opt, held_out, cfg.attacks.uat, seed=seed, out_dir=out / arm,
                             success_threshold=cfg.attacks.success_threshold, progress=progress)
                for arm, model in models.items()}
@@ -123,7 +121,7 @@ def run_uat(cfg: ExperimentConfig, seed: int, setup: StageRef, trained: dict[str
         "triggers": {arm: r["trigger_text"] for arm, r in results.items()},
     }
     outputs = _outputs(out, ["triggers.json", "uat_results.json", "transfer.json", "per_example.json"])
-    return finish(cfg, seed, stage, out, inputs=inputs, outputs=outputs, metrics=metrics, started=started)
+    return finish(cfg, cell, stage, inputs=inputs, outputs=outputs, metrics=metrics, started=started)
 
 
 def _read_examples(path: Path) -> list[dict[str, Any]]:
@@ -131,18 +129,18 @@ def _read_examples(path: Path) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["index"])
 
 
-def run_hotflip(cfg: ExperimentConfig, seed: int, setup: StageRef, trained: dict[str, StageRef],
-                *, progress: bool = True) -> StageRef:
+def run_hotflip(cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: bool = True,
+                on_log: OnLog | None = None) -> StageRef:
+    """Stage 6: greedy first-order token flips per held-out text and arm, and their transfer."""
     from monolm.attacks import hotflip
     from monolm.attacks.common import context_prefix
 
-    stage = "hotflip"
-    inputs = _attack_inputs(setup, trained)
-    done = existing(cfg, seed, stage, inputs)
+    stage, seed = "hotflip", cell.seed
+    done = existing(cfg, cell, stage, inputs)
     if done:
         return done
     started = time.time()
-    out, tokenizer, (_, held_out), models = _open_stage(cfg, seed, stage, inputs)
+    out, tokenizer, (_, held_out), models = _open_stage(cfg, cell, stage, inputs)
     results = {arm: hotflip.run(model, tokenizer, held_out, cfg.attacks.hotflip, seed=seed, out_dir=out / arm,
                                 success_threshold=cfg.attacks.success_threshold, progress=progress)
                for arm, model in models.items()}
@@ -162,4 +160,4 @@ def run_hotflip(cfg: ExperimentConfig, seed: int, setup: StageRef, trained: dict
         "transfer": _transfer_means(transfer),
     }
     outputs = _outputs(out, ["hotflip_results.json", "transfer.json", "per_example.json"])
-    return finish(cfg, seed, stage, out, inputs=inputs, outputs=outputs, metrics=metrics, started=started)
+    return finish(cfg, cell, stage, inputs=inputs, outputs=outputs, metrics=metrics, started=started)

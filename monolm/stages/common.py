@@ -15,42 +15,23 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from monolm.artifacts import (CorruptArtifact, atomic_write_json, clean_temp_files, load_manifest, nearest_existing,
-                              stage_dir_for, write_manifest)
+                              write_manifest)
 from monolm.config import ExperimentConfig
+from monolm.layout import CellPaths
 from monolm.provenance import code_digest
 from monolm.runtime import configure_threads
+from monolm.stages.registry import stage as stage_spec
 
 log = logging.getLogger("monolm.stages")
 
-# Which config sections and which library modules determine each stage's output. This is the
-# single source of truth for manifests and for the orchestrator's cache keys.
-STAGE_CONFIG: dict[str, tuple[str, ...]] = {
-    "setup": ("model", "data"),
-    "constrain": ("constraint",),
-    "train_baseline": ("training", "data.seq_len"),
-    "train_monotonic": ("training", "data.seq_len", "constraint"),
-    "evaluate": ("evaluation", "data.seq_len"),
-    "uat": ("attacks.uat", "attacks.success_threshold"),
-    "hotflip": ("attacks.hotflip", "attacks.success_threshold", "attacks.uat.n_opt_texts"),
-}
-# Library modules whose code determines each stage's output (the code-version part of its key).
-_SHARED_CODE = ("config", "models", "data", "artifacts", "runtime", "stages.common")
-STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "setup": (*_SHARED_CODE, "training", "checkpoint", "stages.setup"),
-    "constrain": (*_SHARED_CODE, "constraints", "monotonicity", "stages.constrain"),
-    "train_baseline": (*_SHARED_CODE, "training", "checkpoint", "evaluation", "stages.train"),
-    "train_monotonic": (*_SHARED_CODE, "training", "checkpoint", "evaluation", "constraints", "monotonicity",
-                        "stages.train"),
-    "evaluate": (*_SHARED_CODE, "evaluation", "constraints", "monotonicity", "stages.evaluate"),
-    "uat": (*_SHARED_CODE, "attacks", "stats", "stages.attack"),
-    "hotflip": (*_SHARED_CODE, "attacks", "stats", "stages.attack"),
-}
+# A stage's progress callback: training log and evaluation entries ({"kind": "train"|"eval", ...}).
+OnLog = Callable[[dict[str, Any]], None]
 
 
 @dataclass
@@ -73,18 +54,23 @@ class StageRef:
         return Path(self.dir)
 
 
+Inputs = Mapping[str, StageRef]
+
+
 def stage_config(cfg: ExperimentConfig, stage: str) -> dict[str, Any]:
-    return cfg.subset(*STAGE_CONFIG[stage])
+    """The part of the config that decides `stage`'s output (the whole config for stage 7)."""
+    sections = stage_spec(stage).config
+    return cfg.model_dump(mode="json") if sections is None else cfg.subset(*sections)
 
 
 def stage_code_version(stage: str) -> str:
-    return code_digest(*STAGE_CODE[stage])
+    return code_digest(*stage_spec(stage).code)
 
 
-def existing(cfg: ExperimentConfig, seed: int, stage: str, inputs: dict[str, StageRef]) -> StageRef | None:
+def existing(cfg: ExperimentConfig, cell: CellPaths, stage: str, inputs: Inputs) -> StageRef | None:
     """The stage's earlier result if it finished with the same config, inputs and code, and its
     files still match their digests; else None (and a warning when something was corrupt)."""
-    directory = stage_dir_for(cfg, seed, stage)
+    directory = cell.stage(stage)
     try:
         manifest, digest = load_manifest(directory)
     except FileNotFoundError:
@@ -96,17 +82,17 @@ def existing(cfg: ExperimentConfig, seed: int, stage: str, inputs: dict[str, Sta
     if (manifest.config != stage_config(cfg, stage) or manifest.inputs != expected_inputs
             or manifest.metrics.get("code_version") != stage_code_version(stage)):
         return None
-    return StageRef(stage, seed, str(directory), digest, manifest.metrics)
+    return StageRef(stage, cell.seed, str(directory), digest, manifest.metrics)
 
 
-def work_key(cfg: ExperimentConfig, stage: str, inputs: dict[str, StageRef]) -> str:
+def work_key(cfg: ExperimentConfig, stage: str, inputs: Inputs) -> str:
     """What a stage folder's content is computed from: config subset, input digests, code."""
     payload = {"config": stage_config(cfg, stage), "inputs": {k: r.digest for k, r in sorted(inputs.items())},
                "code": stage_code_version(stage)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def prepare(cfg: ExperimentConfig, seed: int, stage: str, inputs: dict[str, StageRef] | None = None) -> Path:
+def prepare(cfg: ExperimentConfig, cell: CellPaths, stage: str, inputs: Inputs) -> Path:
     """The stage folder, ready for (re)computation.
 
     Leftovers of a killed writer (temp files) are removed, and a stale manifest first, so that a
@@ -117,8 +103,8 @@ def prepare(cfg: ExperimentConfig, seed: int, stage: str, inputs: dict[str, Stag
     deleted.
     """
     configure_threads()
-    directory = stage_dir_for(cfg, seed, stage)
-    key = work_key(cfg, stage, inputs or {})
+    directory = cell.stage(stage)
+    key = work_key(cfg, stage, inputs)
     marker = directory / ".work.json"
     if directory.exists():
         try:
@@ -132,21 +118,22 @@ def prepare(cfg: ExperimentConfig, seed: int, stage: str, inputs: dict[str, Stag
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "manifest.json").unlink(missing_ok=True)
     clean_temp_files(directory)
-    atomic_write_json(marker, {"key": key, "stage": stage, "seed": seed})
+    atomic_write_json(marker, {"key": key, "stage": stage, "seed": cell.seed})
     return directory
 
 
 def finish(
     cfg: ExperimentConfig,
-    seed: int,
+    cell: CellPaths,
     stage: str,
-    directory: Path,
     *,
-    inputs: dict[str, StageRef],
+    inputs: Inputs,
     outputs: list[str],
     metrics: dict[str, Any],
     started: float,
 ) -> StageRef:
+    """Write the stage's manifest (last, atomically) and return the reference downstream stages get."""
+    directory = cell.stage(stage)
     metrics = {**metrics, "code_version": stage_code_version(stage)}
     _, digest = write_manifest(
         directory,
@@ -157,8 +144,8 @@ def finish(
         metrics=metrics,
         wall_time_s=time.time() - started,
     )
-    log.info("stage %s (seed %d) finished in %.1f s -> %s", stage, seed, time.time() - started, directory)
-    return StageRef(stage, seed, str(directory), digest, metrics)
+    log.info("stage %s (seed %d) finished in %.1f s -> %s", stage, cell.seed, time.time() - started, directory)
+    return StageRef(stage, cell.seed, str(directory), digest, metrics)
 
 
 def files_under(directory: Path, sub: str) -> list[str]:

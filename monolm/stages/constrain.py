@@ -18,7 +18,8 @@ from monolm.artifacts import atomic_write_json
 from monolm.monotonicity import monotonicity_violation_rate
 from monolm.config import ExperimentConfig
 from monolm.runtime import generator, pick_device
-from monolm.stages.common import StageRef, existing, files_under, finish, prepare
+from monolm.layout import CellPaths
+from monolm.stages.common import Inputs, OnLog, StageRef, existing, files_under, finish, prepare
 from monolm.stages.setup import load_setup, model_dir
 
 STAGE = "constrain"
@@ -34,13 +35,15 @@ def drift_blocks(cfg: ExperimentConfig, tokenizer, texts: list[str]) -> torch.Te
     return data_lib.pack_blocks(docs, min(cfg.data.seq_len, 128), tokenizer.eos_token_id)
 
 
-def run(cfg: ExperimentConfig, seed: int, setup: StageRef, *, progress: bool = True) -> StageRef:
-    inputs = {"setup": setup}
-    done = existing(cfg, seed, STAGE, inputs)
+def run(cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: bool = True,
+        on_log: OnLog | None = None) -> StageRef:
+    """Stage 1 from stage 0's base model (`inputs["setup"]`)."""
+    done = existing(cfg, cell, STAGE, inputs)
     if done:
         return done
     started = time.time()
-    out = prepare(cfg, seed, STAGE, inputs)
+    setup = inputs["setup"]
+    out = prepare(cfg, cell, STAGE, inputs)
     device = pick_device()
     tokenizer, splits = load_setup(setup)
     base = models.load_model(model_dir(setup), device)
@@ -50,7 +53,7 @@ def run(cfg: ExperimentConfig, seed: int, setup: StageRef, *, progress: bool = T
     blocks = drift_blocks(cfg, tokenizer, splits.eval).to(device)
     drift = constraints.function_drift(base, constrained, blocks)
     monotonicity = monotonicity_violation_rate(
-        constrained, cfg.constraint.monotonicity_pairs, generator(seed, STAGE, "monotonicity"),
+        constrained, cfg.constraint.monotonicity_pairs, generator(cell.seed, STAGE, "monotonicity"),
         inputs=blocks[:4])
     del base
     constraints.save_constrained(constrained, tokenizer, out / "model", spec=cfg.constraint.model_dump(mode="json"))
@@ -72,5 +75,5 @@ def run(cfg: ExperimentConfig, seed: int, setup: StageRef, *, progress: bool = T
         "min_constrained_weight": report["min_constrained_weight"],
         "model_dir": str((out / "model").resolve()),
     }
-    return finish(cfg, seed, STAGE, out, inputs=inputs, outputs=["report.json", *files_under(out, "model")],
+    return finish(cfg, cell, STAGE, inputs=inputs, outputs=["report.json", *files_under(out, "model")],
                   metrics=metrics, started=started)

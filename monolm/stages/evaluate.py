@@ -16,26 +16,29 @@ from monolm.artifacts import atomic_write_json
 from monolm.monotonicity import monotonicity_violation_rate
 from monolm.config import ExperimentConfig
 from monolm.runtime import generator, pick_device
-from monolm.stages.common import StageRef, existing, finish, prepare
+from monolm.stages.registry import TRAIN_STAGES
+from monolm.layout import CellPaths
+from monolm.stages.common import Inputs, OnLog, StageRef, existing, finish, prepare
 from monolm.stages.setup import load_setup, model_dir
 
 STAGE = "evaluate"
 
 
-def run(cfg: ExperimentConfig, seed: int, setup: StageRef, baseline: StageRef, monotonic: StageRef,
-        *, progress: bool = True) -> StageRef:
-    inputs = {"setup": setup, "train_baseline": baseline, "train_monotonic": monotonic}
-    done = existing(cfg, seed, STAGE, inputs)
+def run(cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: bool = True,
+        on_log: OnLog | None = None) -> StageRef:
+    """Stage 4 on the base model (`inputs["setup"]`) and both trained arms."""
+    done = existing(cfg, cell, STAGE, inputs)
     if done:
         return done
     started = time.time()
-    out = prepare(cfg, seed, STAGE, inputs)
+    setup = inputs["setup"]
+    out = prepare(cfg, cell, STAGE, inputs)
     device = pick_device()
     tokenizer, splits = load_setup(setup)
     texts = splits.eval[: cfg.evaluation.max_docs]
     docs = data_lib.tokenize(tokenizer, texts)
-    paths = {"base": model_dir(setup), "baseline": Path(baseline.metrics["model_dir"]),
-             "monotonic": Path(monotonic.metrics["model_dir"])}
+    paths = {"base": model_dir(setup), **{arm: Path(inputs[name].metrics["model_dir"])
+                                          for arm, name in TRAIN_STAGES.items()}}
     results: dict[str, Any] = {}
     extra: dict[str, Any] = {}
     for name, path in paths.items():
@@ -47,7 +50,7 @@ def run(cfg: ExperimentConfig, seed: int, setup: StageRef, baseline: StageRef, m
             blocks = data_lib.pack_blocks(docs[:8], min(cfg.data.seq_len, 128), tokenizer.eos_token_id).to(device)
             extra["min_constrained_weight"] = constraints.min_constrained_weight(model)
             extra["monotonicity"] = monotonicity_violation_rate(
-                model, cfg.constraint.monotonicity_pairs, generator(seed, STAGE, "monotonicity"), inputs=blocks[:4])
+                model, cfg.constraint.monotonicity_pairs, generator(cell.seed, STAGE, "monotonicity"), inputs=blocks[:4])
         del model
     report = {"models": results, "n_docs": len(docs), "recipe": cfg.training.recipe, **extra}
     atomic_write_json(out / "evaluation.json", report)
@@ -55,4 +58,4 @@ def run(cfg: ExperimentConfig, seed: int, setup: StageRef, baseline: StageRef, m
                if key in r}
     metrics["min_constrained_weight"] = extra["min_constrained_weight"]
     metrics["n_docs"] = len(docs)
-    return finish(cfg, seed, STAGE, out, inputs=inputs, outputs=["evaluation.json"], metrics=metrics, started=started)
+    return finish(cfg, cell, STAGE, inputs=inputs, outputs=["evaluation.json"], metrics=metrics, started=started)

@@ -19,7 +19,8 @@ from monolm import models
 from monolm.artifacts import atomic_write_json, nearest_existing, sha256_file
 from monolm.config import ArmConfig, ConfigError, ExperimentConfig
 from monolm.runtime import derive_seed
-from monolm.stages.common import StageFailed, StageRef, existing, files_under, finish, prepare
+from monolm.layout import CellPaths
+from monolm.stages.common import Inputs, OnLog, StageFailed, StageRef, existing, files_under, finish, prepare
 
 log = logging.getLogger("monolm.stages.setup")
 STAGE = "setup"
@@ -31,7 +32,8 @@ def model_dir(ref: StageRef) -> Path:
     return Path(ref.metrics["model_dir"])
 
 
-def _pretrain_tiny(cfg: ExperimentConfig, seed: int, splits: data_lib.Splits, out: Path, progress: bool):
+def _pretrain_tiny(cfg: ExperimentConfig, seed: int, splits: data_lib.Splits, out: Path, progress: bool,
+                   on_log: OnLog | None):
     from monolm.training import train
 
     tiny = cfg.model.tiny
@@ -48,7 +50,7 @@ def _pretrain_tiny(cfg: ExperimentConfig, seed: int, splits: data_lib.Splits, ou
     result = None
     if tiny.pretrain_steps > 0:
         result = train(model, blocks, arm, out / "pretrain", seed=derive_seed(seed, "pretrain"),
-                       evaluate=None, constrained=False, progress=progress)
+                       evaluate=None, constrained=False, progress=progress, on_log=on_log)
     return model, tokenizer, result
 
 
@@ -120,8 +122,11 @@ def _locate_model(cfg: ExperimentConfig) -> Path | None:
     return path
 
 
-def run(cfg: ExperimentConfig, seed: int, *, progress: bool = True) -> StageRef:
-    done = existing(cfg, seed, STAGE, {})
+def run(cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: bool = True,
+        on_log: OnLog | None = None) -> StageRef:
+    """Stage 0 (no inputs); `on_log` receives the tiny model's pre-training log entries."""
+    seed = cell.seed
+    done = existing(cfg, cell, STAGE, inputs)
     if done:
         log.info("stage setup (seed %d) already complete: %s", seed, done.dir)
         return done
@@ -133,11 +138,11 @@ def run(cfg: ExperimentConfig, seed: int, *, progress: bool = True) -> StageRef:
     path = _locate_model(cfg)
     splits = data_lib.load_splits(cfg.data, seed, cache_dir=cfg.hf_cache_dir / "datasets")
     checks.update(check_splits(cfg, splits))
-    out = prepare(cfg, seed, STAGE, {})
+    out = prepare(cfg, cell, STAGE, inputs)
     outputs = [f"data/{name}" for name in data_lib.save_splits(splits, out / "data")]
     metrics: dict[str, Any] = {}
     if cfg.model.source == "tiny":
-        model, tokenizer, pretrain = _pretrain_tiny(cfg, seed, splits, out, progress)
+        model, tokenizer, pretrain = _pretrain_tiny(cfg, seed, splits, out, progress, on_log)
         models.save_model(model, tokenizer, out / "model")
         path = out / "model"
         outputs += files_under(out, "model")
@@ -156,7 +161,7 @@ def run(cfg: ExperimentConfig, seed: int, *, progress: bool = True) -> StageRef:
     outputs.append("verification.json")
     metrics.update({"docs": report["docs"], "tokenizer_size": report["tokenizer_size"],
                     "embedding_rows": report["embedding_rows"]})
-    return finish(cfg, seed, STAGE, out, inputs={}, outputs=outputs, metrics=metrics, started=started)
+    return finish(cfg, cell, STAGE, inputs=inputs, outputs=outputs, metrics=metrics, started=started)
 
 
 def load_setup(ref: StageRef):

@@ -8,41 +8,50 @@ from the base model, the monotonic arm from stage 1's constrained initialisation
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 from monolm import data as data_lib, evaluation, models
 from monolm.config import ExperimentConfig
 from monolm.runtime import derive_seed, pick_device
-from monolm.stages.common import StageRef, existing, files_under, finish, prepare
+from monolm.layout import CellPaths
+from monolm.stages.common import Inputs, OnLog, StageRef, existing, files_under, finish, prepare
+from monolm.stages.registry import TRAIN_STAGES
 from monolm.stages.setup import load_setup, model_dir
 
 Arm = Literal["baseline", "monotonic"]
 
 
-def stage_name(arm: Arm) -> str:
-    return f"train_{arm}"
+def run_baseline(cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: bool = True,
+                 on_log: OnLog | None = None) -> StageRef:
+    """Stage 2: the baseline arm, from stage 0's base model."""
+    return run(cfg, cell, "baseline", inputs, progress=progress, on_log=on_log)
 
 
-def run(cfg: ExperimentConfig, seed: int, arm: Arm, setup: StageRef, constrain: StageRef | None = None,
-        *, progress: bool = True, on_log: Callable[[dict], None] | None = None) -> StageRef:
+def run_monotonic(cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: bool = True,
+                  on_log: OnLog | None = None) -> StageRef:
+    """Stage 3: the constrained arm, from stage 1's constrained initialisation."""
+    return run(cfg, cell, "monotonic", inputs, progress=progress, on_log=on_log)
+
+
+def run(cfg: ExperimentConfig, cell: CellPaths, arm: Arm, inputs: Inputs, *, progress: bool = True,
+        on_log: OnLog | None = None) -> StageRef:
     from monolm.training import train
 
-    stage = stage_name(arm)
-    if arm == "monotonic" and constrain is None:
-        raise ValueError("the monotonic arm starts from stage 1's constrained model: pass `constrain`")
-    inputs = {"setup": setup} if arm == "baseline" else {"setup": setup, "constrain": constrain}
-    done = existing(cfg, seed, stage, inputs)
+    stage = TRAIN_STAGES[arm]
+    if arm == "monotonic" and "constrain" not in inputs:
+        raise ValueError("the monotonic arm starts from stage 1's constrained model: pass inputs['constrain']")
+    done = existing(cfg, cell, stage, inputs)
     if done:
         return done
     started = time.time()
-    # Not `fresh`: a retried stage resumes from its last valid checkpoint in this folder.
-    out = prepare(cfg, seed, stage, inputs)
+    setup = inputs["setup"]
+    # Not a fresh folder: a retried stage resumes from its last valid checkpoint in this folder.
+    out = prepare(cfg, cell, stage, inputs)
     device = pick_device()
     recipe = cfg.training.arm(arm)
     tokenizer, splits = load_setup(setup)
-    init_dir = model_dir(setup) if arm == "baseline" else Path(constrain.metrics["model_dir"])
+    init_dir = model_dir(setup) if arm == "baseline" else Path(inputs["constrain"].metrics["model_dir"])
     model = models.load_model(init_dir, device)
     blocks = data_lib.pack_blocks(data_lib.tokenize(tokenizer, splits.train), cfg.data.seq_len, tokenizer.eos_token_id)
     val_texts = splits.eval[: recipe.eval_max_docs]
@@ -62,7 +71,7 @@ def run(cfg: ExperimentConfig, seed: int, arm: Arm, setup: StageRef, constrain: 
         return models.save_model(m, tokenizer, directory)
 
     # Both arms see the same data order: the data seed does not depend on the arm.
-    result = train(model, blocks, recipe, out, seed=derive_seed(seed, "finetune"), evaluate=evaluate,
+    result = train(model, blocks, recipe, out, seed=derive_seed(cell.seed, "finetune"), evaluate=evaluate,
                    constrained=(arm == "monotonic"), device=device, progress=progress, save_model=save,
                    on_log=on_log)
     metrics = {
@@ -75,5 +84,5 @@ def run(cfg: ExperimentConfig, seed: int, arm: Arm, setup: StageRef, constrain: 
         "final": result.final_metrics,
         "model_dir": str((out / "best").resolve()),
     }
-    return finish(cfg, seed, stage, out, inputs=inputs, outputs=["history.json", *files_under(out, "best")],
+    return finish(cfg, cell, stage, inputs=inputs, outputs=["history.json", *files_under(out, "best")],
                   metrics=metrics, started=started)

@@ -29,7 +29,7 @@ from typing import Any
 TESTS = Path(__file__).resolve().parents[1]
 REPO = TESTS.parent
 sys.path.insert(0, str(TESTS))
-from conftest import micro_sets  # noqa: E402  (the suite's shared micro configuration)
+from helpers import micro_sets  # noqa: E402  (the suite's shared micro configuration)
 
 ENV = {
     **os.environ,

@@ -3,7 +3,7 @@ that the message names the problem (field, value, file:line, model id), that no 
 printed, and that *nothing* was written: the working directory (where runs, caches and Prefect
 state would go) holds exactly the files the test put there.
 
-Every case runs through `monolm.cli.main`, the command line's own entry point; a representative
+Every case runs through `flows.cli.main`, the command line's own entry point; a representative
 subset also runs as a separate `monolm` process (each costs a ~3 s interpreter start), so the
 catalogue stays fast while the process-level behaviour (exit status, stderr) is still proven.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import micro_sets
+from helpers import micro_sets
 from resilience.helpers import fork_worker, micro_argv, run_cli, seed_dir, snapshot
 
 pytestmark = pytest.mark.resilience
@@ -37,7 +37,7 @@ def refused(cwd: Path, argv: list[str], code: int, *needles: str, env: dict | No
     if process:
         got, out = run_cli(argv, cwd=cwd, env=env)
     else:
-        from monolm.cli import main
+        from flows.cli import main
 
         buffer = io.StringIO()
         previous = Path.cwd()
@@ -233,7 +233,7 @@ def test_runs_root_that_becomes_unwritable_fails_the_stage_naming_the_folder(tmp
                                                                             monkeypatch):
     """The same folder turning read-only after the up-front checks (a remount, a quota) still
     fails cleanly: the stage names the folder and the setting, and nothing half-written stays."""
-    import monolm.cli as cli
+    import flows.cli as cli
     from monolm.stages import setup
 
     readonly, _ = readonly_folder

@@ -4,7 +4,7 @@ Two modes:
 - `train`: `monolm.training.train()` on a tiny GPT-NeoX (dropout on, so a resume that lost an
   RNG state would diverge) for a fixed recipe; the parent compares the files it leaves with an
   uninterrupted run's.
-- `cli`: `monolm.cli.main(argv)`, i.e. exactly what a user runs (`monolm run --no-prefect ...`).
+- `cli`: `flows.cli.main(argv)`, i.e. exactly what a user runs (`monolm run --no-prefect ...`).
 
 Three instruments, all off unless the spec asks for them:
 - a *pause point*: the n-th call of a named function whose path arguments match a regex writes a
@@ -236,7 +236,7 @@ def child_main(mode: str, spec: dict[str, Any]) -> int:
     if mode == "train":
         return run_train(spec)
     if mode == "cli":
-        from monolm.cli import main
+        from flows.cli import main
 
         return main(spec["argv"])
     raise SystemExit(f"unknown mode {mode!r}")

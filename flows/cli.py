@@ -1,4 +1,8 @@
-"""The `monolm` command line: run the experiment, verify a site, show configs, query results."""
+"""The `monolm` command line: run the experiment, verify a site, show configs, query results.
+
+It lives in the orchestration layer because `monolm run` starts the Prefect flow; the library in
+`monolm/` never imports Prefect. Only `run` (without `--no-prefect`) imports it: answering a bad
+config, `config show`, `verify` and `results` stay quick."""
 
 from __future__ import annotations
 
@@ -64,11 +68,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         prefect_environment()
         from flows.experiment import run_experiment
-
-        from monolm.artifacts import stage_dir_for
+        from monolm.layout import cell_paths
 
         result = run_experiment(cfg)
-        print_constrain(stage_dir_for(cfg, cfg.seeds[0], "constrain") / "report.json")
+        print_constrain(cell_paths(cfg, cfg.seeds[0]).stage("constrain") / "report.json")
         print(f"report: {result['report']}")
     print(f"wall time: {time.time() - started:.1f} s")
     return 0

@@ -1,0 +1,61 @@
+"""One Prefect task per per-seed stage (0-6). Each is a thin call of the library's stage function
+(`monolm.stages.registry`) on the results of its input stages; `STAGE_TASKS` maps stage names to
+tasks for the flow. Training resumes from checkpoints on retry, attacks from finished units."""
+
+from __future__ import annotations
+
+from prefect import Task, task
+
+from monolm.stages.registry import SEED_STAGE_NAMES
+from tasks.stage import run_seed_stage
+
+
+@task(name="setup", task_run_name="setup-seed-{seed}")
+def setup_task(cfg: dict, seed: int, inputs: dict) -> dict:
+    """Stage 0: fetch or build the base model, cut and verify the data splits."""
+    return run_seed_stage("setup", cfg, seed, inputs)
+
+
+@task(name="constrain", task_run_name="constrain-seed-{seed}")
+def constrain_task(cfg: dict, seed: int, inputs: dict) -> dict:
+    """Stage 1: apply the non-negativity constraint and report its effect."""
+    return run_seed_stage("constrain", cfg, seed, inputs)
+
+
+@task(name="train_baseline", task_run_name="train-baseline-seed-{seed}")
+def train_baseline_task(cfg: dict, seed: int, inputs: dict) -> dict:
+    """Stage 2: train the baseline arm."""
+    return run_seed_stage("train_baseline", cfg, seed, inputs)
+
+
+@task(name="train_monotonic", task_run_name="train-monotonic-seed-{seed}")
+def train_monotonic_task(cfg: dict, seed: int, inputs: dict) -> dict:
+    """Stage 3: train the constrained arm."""
+    return run_seed_stage("train_monotonic", cfg, seed, inputs)
+
+
+@task(name="evaluate", task_run_name="evaluate-seed-{seed}")
+def evaluate_task(cfg: dict, seed: int, inputs: dict) -> dict:
+    """Stage 4: perplexity of the base model and both arms on held-out text."""
+    return run_seed_stage("evaluate", cfg, seed, inputs)
+
+
+@task(name="uat", task_run_name="uat-seed-{seed}")
+def uat_task(cfg: dict, seed: int, inputs: dict) -> dict:
+    """Stage 5: Universal Adversarial Triggers against both arms."""
+    return run_seed_stage("uat", cfg, seed, inputs)
+
+
+@task(name="hotflip", task_run_name="hotflip-seed-{seed}")
+def hotflip_task(cfg: dict, seed: int, inputs: dict) -> dict:
+    """Stage 6: HotFlip against both arms."""
+    return run_seed_stage("hotflip", cfg, seed, inputs)
+
+
+STAGE_TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (setup_task, constrain_task, train_baseline_task, train_monotonic_task, evaluate_task, uat_task,
+              hotflip_task)
+}
+if set(STAGE_TASKS) != set(SEED_STAGE_NAMES):  # a stage added to the registry needs its task here
+    raise ImportError(f"tasks for stages {sorted(set(SEED_STAGE_NAMES) ^ set(STAGE_TASKS))} are missing or unknown")
