@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean serve serve-postgres stop slurm-up slurm-down mark-crashed serve-process
+.PHONY: install demo test test-fast lint format bench clean serve serve-postgres stop slurm-up slurm-down mark-crashed serve-process
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,20 @@ demo: install
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Everything but the tests that start services, SLURM or PostgreSQL, or inject faults (a minute or two).
+test-fast: install
+	$(PY) -m pytest -m "not service and not slurm and not postgres and not resilience" $(PYTEST_ARGS)
+
+# ruff lint (pyflakes, pycodestyle, isort, bugbear, pyupgrade, simplify, complexity) and format check.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# Apply ruff's safe fixes and format the tree.
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 bench: install
 	$(PY) bench/train_step.py

@@ -6,7 +6,7 @@
 
 Why: a Prefect process worker reports a flow run as Crashed when the run's process exits badly,
 but if the worker dies too (OOM killer, `kill -9` of a process group, a reboot), nobody is left
-to report it: the server shows the run `Running` forever (seen with prefect 3.8.8), its stage
+to report it: the server shows the run `Running` forever, its stage
 task runs too, and the UI offers no Retry for a run that looks alive.
 
 How a dead run is recognised: a process worker records the PID of each flow run's process as the

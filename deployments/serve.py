@@ -7,9 +7,10 @@
 Why: `prefect deploy --all` + `prefect worker start` needs a work pool and a second long-running
 process; on one laptop or workstation a single `serve` process that owns the deployments and runs
 their flow runs as subprocesses is simpler. The deployments are the very ones of `prefect.yaml`
-(same names, parameters, schedules): this module runs its build steps with Prefect's own step
-runner (so the nightly cron and time zone come from MONOLM_NIGHTLY_CRON / MONOLM_NIGHTLY_TZ with
-the YAML's defaults) and templates the deployments with their outputs. Only what `serve` cannot
+(same names, parameters, schedules): this module runs the YAML's build steps (shell steps, run
+with Prefect's `run_shell_script`, so the nightly cron and time zone come from
+MONOLM_NIGHTLY_CRON / MONOLM_NIGHTLY_TZ with the YAML's defaults) and templates the deployments
+with their outputs. Only what `serve` cannot
 express is dropped: the work pool (served runs never go through one) and the pull steps (flow
 runs start in this checkout, which is the working directory of this process).
 
@@ -110,7 +111,7 @@ async def worker_bound(names: Sequence[str], replace: bool) -> list[str]:
     """Deployments of these names (`flow/deployment`) that exist on the server bound to a work
     pool. Served and worker deployments of one name replace each other only in part: the served
     upsert keeps the old work pool but drops the pull steps, so a worker would take the run and
-    start it in a temporary directory without the code (seen with prefect 3.8.8). With `replace`
+    start it in a temporary directory without the code. With `replace`
     they are deleted first (their past flow runs stay)."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound

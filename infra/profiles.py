@@ -3,7 +3,7 @@
 - `local`: in-process, one stage at a time (tests, `make demo`). Not threads in parallel on purpose:
   `torch.nn.utils.parametrize.cached()` is process-global, so a stage training the constrained
   arm in one thread makes another thread's weight reads cached too, and they can come back stale
-  (seen here as a float64/float32 mix-up when a freed module's id was reused).
+  (a freed module's id reused by another module reads the other's cached weight).
 - `dask-local`: prefect-dask's `DaskTaskRunner` on a `distributed.LocalCluster` of single-threaded
   processes: stages 2||3, 5||6 and seeds really run in parallel.
 - `slurm`: a dask-jobqueue `SLURMCluster`. One GPU per worker job (`--gres=gpu:<type>:<n>`), and

@@ -1,8 +1,7 @@
 """The `slurm` profile's task runner: dask-jobqueue's `SLURMCluster`, made to fail loudly and to
 keep its workers' logs.
 
-Two failure modes of the plain `DaskTaskRunner(cluster_class=SLURMCluster)` seen against a real
-SLURM (22.05, dask-jobqueue 0.9, distributed 2026.8):
+Two failure modes of the plain `DaskTaskRunner(cluster_class=SLURMCluster)` against a real SLURM:
 
 - A failed `sbatch` (controller down, impossible `--gres`, unknown partition/account) is only
   logged. The failed job stays in the cluster's worker list, so adaptive scaling counts it as
@@ -13,14 +12,14 @@ SLURM (22.05, dask-jobqueue 0.9, distributed 2026.8):
   `SlurmWorkerError` naming the dead jobs) once no worker is connected and no submitted job is
   still queued or running, i.e. once nothing can ever make progress. While another worker runs
   or a job is queued, a failure is only reported (a busy cluster may queue jobs for hours).
-- Task logs that Prefect's API log handler had batched on a worker were lost when the cluster
-  shut down at flow end (0 of 6 lines arrived): the handler sends every
+- Task logs that Prefect's API log handler had batched on a worker are lost when the cluster
+  shuts down at flow end: the handler sends every
   `PREFECT_LOGGING_TO_API_BATCH_INTERVAL` seconds from a background thread, and the worker
   process is gone before the next batch. The runner drains that queue on every worker before
   teardown, and a worker plugin drains it whenever a worker closes (adaptive scale-down,
   `--lifetime`). dask closes a retired worker's job right after retiring it, and the `scancel`
-  SIGTERM killed the worker ~5 ms later, mid-drain; a retired worker's job now gets a few
-  seconds to end by itself first.
+  SIGTERM would kill the worker mid-drain, so a retired worker's job gets a few seconds to end
+  by itself first.
 
 Also installed on every worker: Prefect's task timeouts made to hold in worker threads
 (`install_persistent_task_timeouts`), and the flow uses stage locks that die with their holder

@@ -1,7 +1,7 @@
 """What produced an artifact: package versions, git revision, and a digest of the library code.
 
 The code digest is part of every stage's cache key: hashing only a task function's own source
-misses edits to the `monolm` helpers it calls (a stale result seen with Prefect's TASK_SOURCE).
+misses edits to the `monolm` helpers it calls (Prefect's TASK_SOURCE policy returns stale results).
 """
 
 from __future__ import annotations

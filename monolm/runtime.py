@@ -76,8 +76,9 @@ _threads_configured = False
 def configure_threads() -> int:
     """Set torch's intra-op threads once per process: `MONOLM_TORCH_THREADS`, else half the cores.
 
-    Why: stages 2||3 and 5||6 run concurrently, and two processes each spinning 2 OpenMP threads on
-    a 2-core machine ran ~10x slower than 1 thread each (433 vs 4850 tokens/s measured here).
+    Why: stages 2||3 and 5||6 run concurrently, and processes whose OpenMP threads together
+    oversubscribe the cores spin against each other and run many times slower than one thread
+    each (README, "Profiles").
     """
     global _threads_configured
     if not _threads_configured:
