@@ -244,62 +244,10 @@ def run(cfg: ExperimentConfig, seeds: Sequence[Mapping[str, StageRef | Mapping[s
     if len(set(seed_ids)) != len(seed_ids):
         raise ValueError(f"seed(s) passed more than once: {sorted(s for s in set(seed_ids) if seed_ids.count(s) > 1)}")
     run_name = _safe_name(cfg.run_name or cfg.default_run_name)
-    root = Path(cfg.paths.results_root).resolve()
-    final = root / run_name
-    gaps = [f"seed {d['seed']} lacks {', '.join(s for s in STAGES if s not in d['stages'])}"
-            for d in sorted(data, key=lambda d: d["seed"]) if not set(STAGES) <= set(d["stages"])]
-    absent = sorted(set(cfg.seeds) - set(seed_ids))
-    if absent:
-        gaps.append(f"configured seed(s) {', '.join(map(str, absent))} not aggregated")
-    complete = not gaps
-    revisions = sorted({st["git_revision"] for d in data for st in d["stages"].values() if st["git_revision"]})
-    meta = {
-        "run_name": run_name,
-        "run_id": run_id_for(cfg, run_name),
-        "preset": cfg.preset,
-        "model": cfg.model.name,
-        "model_slug": cfg.model.slug,
-        "variant": cfg.constraint.variant,
-        "init": cfg.constraint.init,
-        "recipe": cfg.training.recipe,
-        "arms": {arm: cfg.training.arm(arm).model_dump(mode="json") for arm in report.ARMS},
-        "success_threshold": cfg.attacks.success_threshold,
-        "config_digest": cfg.digest(),
-        "code_revision": git_revision(),
-        "aggregate_code_version": stage_code_version(STAGE),
-        "stage_revisions": revisions,
-        "seeds": sorted(seed_ids),
-        "configured_seeds": list(cfg.seeds),
-        "status": "completed" if complete else "partial",
-        "incomplete": "; ".join(gaps) or None,
-        "config_path": str(final / "config.yaml"),
-        "inputs": {str(d["seed"]): {name: {"dir": st["dir"], "digest": st["digest"], "code_version": st["code_version"]}
-                                    for name, st in d["stages"].items()} for d in sorted(data, key=lambda d: d["seed"])},
-    }
+    final = Path(cfg.paths.results_root).resolve() / run_name
+    meta = run_meta(cfg, data, run_name, final)
     results = report.analyze(data, meta)
-    histories = {d["seed"]: d["histories"] for d in data}
-
-    root.mkdir(parents=True, exist_ok=True)
-    _clean_leftovers(root, run_name)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{run_name}-", dir=root))
-    store: ResultsStore | None = None
-    try:
-        rel_files = _write_folder(tmp, cfg, results, histories, final / "config.yaml")
-        write_manifest(tmp, stage=STAGE, config=cfg.model_dump(mode="json"),
-                       inputs={f"seed-{d['seed']}/{name}": st["digest"] for d in data for name, st in d["stages"].items()},
-                       outputs=rel_files, metrics=report.headline(results), wall_time_s=time.time() - started,
-                       provenance=provenance())
-        digest = hashlib.sha256((tmp / "results.json").read_bytes()).hexdigest()
-        store = ResultsStore(cfg.store_url)  # opened (schema checked) before anything is put in place
-        run_row = {"run_id": meta["run_id"], "run_name": run_name, "preset": cfg.preset, "model": cfg.model.name,
-                   "variant": cfg.constraint.variant, "recipe": cfg.training.recipe, "config_digest": meta["config_digest"],
-                   "code_revision": meta["code_revision"], "seeds": meta["seeds"], "status": meta["status"]}
-        with published(tmp, final):
-            n_rows = store.record_run(run_row, store_rows(results))  # one transaction
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already unless something failed before the rename
-        if store is not None:
-            store.close()
+    rel_files, digest, n_rows = _publish(cfg, data, results, meta, final, started)
     files = [str(final / rel) for rel in [*rel_files, MANIFEST]]
     log.info("aggregate: %d seed(s) -> %s (%d store rows in %s)", len(data), final, n_rows, cfg.store_url)
     return {
@@ -314,3 +262,73 @@ def run(cfg: ExperimentConfig, seeds: Sequence[Mapping[str, StageRef | Mapping[s
         "digest": digest,
         "metrics": report.headline(results),
     }
+
+
+def _gaps(cfg: ExperimentConfig, data: list[dict[str, Any]]) -> list[str]:
+    """What keeps the run from being complete: seeds lacking stages, configured seeds not given."""
+    gaps = [f"seed {d['seed']} lacks {', '.join(s for s in STAGES if s not in d['stages'])}"
+            for d in sorted(data, key=lambda d: d["seed"]) if not set(STAGES) <= set(d["stages"])]
+    absent = sorted(set(cfg.seeds) - {d["seed"] for d in data})
+    if absent:
+        gaps.append(f"configured seed(s) {', '.join(map(str, absent))} not aggregated")
+    return gaps
+
+
+def run_meta(cfg: ExperimentConfig, data: list[dict[str, Any]], run_name: str, final: Path) -> dict[str, Any]:
+    """What the report says about the run as a whole: names, recipe, code and config versions,
+    seeds, completeness and the exact stage folders it summarises."""
+    gaps = _gaps(cfg, data)
+    revisions = sorted({st["git_revision"] for d in data for st in d["stages"].values() if st["git_revision"]})
+    return {
+        "run_name": run_name,
+        "run_id": run_id_for(cfg, run_name),
+        "preset": cfg.preset,
+        "model": cfg.model.name,
+        "model_slug": cfg.model.slug,
+        "variant": cfg.constraint.variant,
+        "init": cfg.constraint.init,
+        "recipe": cfg.training.recipe,
+        "arms": {arm: cfg.training.arm(arm).model_dump(mode="json") for arm in report.ARMS},
+        "success_threshold": cfg.attacks.success_threshold,
+        "config_digest": cfg.digest(),
+        "code_revision": git_revision(),
+        "aggregate_code_version": stage_code_version(STAGE),
+        "stage_revisions": revisions,
+        "seeds": sorted(d["seed"] for d in data),
+        "configured_seeds": list(cfg.seeds),
+        "status": "partial" if gaps else "completed",
+        "incomplete": "; ".join(gaps) or None,
+        "config_path": str(final / "config.yaml"),
+        "inputs": {str(d["seed"]): {name: {"dir": st["dir"], "digest": st["digest"], "code_version": st["code_version"]}
+                                    for name, st in d["stages"].items()} for d in sorted(data, key=lambda d: d["seed"])},
+    }
+
+
+def _publish(cfg: ExperimentConfig, data: list[dict[str, Any]], results: dict[str, Any], meta: dict[str, Any],
+             final: Path, started: float) -> tuple[list[str], str, int]:
+    """Write the results folder beside `final`, then put it in place and record the store rows in
+    one step (`published`). Returns (relative file names, sha256 of results.json, store rows)."""
+    root = final.parent
+    root.mkdir(parents=True, exist_ok=True)
+    _clean_leftovers(root, final.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    store: ResultsStore | None = None
+    try:
+        histories = {d["seed"]: d["histories"] for d in data}
+        rel_files = _write_folder(tmp, cfg, results, histories, final / "config.yaml")
+        write_manifest(tmp, stage=STAGE, config=cfg.model_dump(mode="json"),
+                       inputs={f"seed-{d['seed']}/{name}": st["digest"] for d in data for name, st in d["stages"].items()},
+                       outputs=rel_files, metrics=report.headline(results), wall_time_s=time.time() - started,
+                       provenance=provenance())
+        digest = hashlib.sha256((tmp / "results.json").read_bytes()).hexdigest()
+        store = ResultsStore(cfg.store_url)  # opened (schema checked) before anything is put in place
+        run_row = {"run_id": meta["run_id"], "run_name": meta["run_name"], "preset": cfg.preset, "model": cfg.model.name,
+                   "variant": cfg.constraint.variant, "recipe": cfg.training.recipe, "config_digest": meta["config_digest"],
+                   "code_revision": meta["code_revision"], "seeds": meta["seeds"], "status": meta["status"]}
+        with published(tmp, final):
+            n_rows = store.record_run(run_row, store_rows(results))  # one transaction
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already unless something failed before the rename
+        if store is not None:
+            store.close()
+    return rel_files, digest, n_rows
