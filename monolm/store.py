@@ -108,11 +108,6 @@ class SchemaVersionError(RuntimeError):
     """The database was written by a different (newer) schema than this code understands."""
 
 
-def default_url(runs_root: str | Path) -> str:
-    """`sqlite:///<runs_root>/results.sqlite` (absolute, so the working directory does not matter)."""
-    return f"sqlite:///{(Path(runs_root) / 'results.sqlite').resolve()}"
-
-
 # --------------------------------------------------------------------------- value conversion
 def _utc_naive(value: Any) -> dt.datetime:
     """Timestamps are stored as naive UTC: SQLite has no time zones, and one convention on all

@@ -12,12 +12,17 @@ from sqlalchemy import create_engine, event, text, update
 
 from monolm import store as store_mod
 from monolm.config import load_config
-from monolm.store import ResultsStore, SchemaVersionError, default_url, format_table, schema_version_table
+from monolm.store import ResultsStore, SchemaVersionError, format_table, schema_version_table
+
+
+def _store_url(runs_root) -> str:
+    """The store URL a config with this runs_root names by default (the default lives in the config)."""
+    return load_config("tiny", sets=[f"paths.runs_root={runs_root}"]).store_url
 
 
 @pytest.fixture
 def store(tmp_path):
-    s = ResultsStore(default_url(tmp_path / "runs"))
+    s = ResultsStore(_store_url(tmp_path / "runs"))
     yield s
     s.close()
 
@@ -153,7 +158,7 @@ def test_recording_same_run_replaces_it(store):
 
 
 def test_concurrent_writers_on_one_sqlite_file(tmp_path):
-    url = default_url(tmp_path)
+    url = _store_url(tmp_path)
     ResultsStore(url).close()
     errors: list[BaseException] = []
 
@@ -177,7 +182,7 @@ def test_concurrent_writers_on_one_sqlite_file(tmp_path):
 
 # --------------------------------------------------------------------------- schema versioning
 def test_newer_schema_is_refused_without_changes(tmp_path):
-    url = default_url(tmp_path)
+    url = _store_url(tmp_path)
     with ResultsStore(url) as s:
         s.record_run(_run("r1"), [])
         with s.engine.begin() as conn:
@@ -205,7 +210,7 @@ def test_foreign_database_is_refused(tmp_path):
 def test_concurrent_first_open_creates_schema_once(tmp_path, attempt):
     """Several processes opening a fresh store race on CREATE TABLE (seen for real on SQLite and
     PostgreSQL); every opener must succeed and exactly one version row must exist."""
-    url = default_url(tmp_path / f"fresh-{attempt}")
+    url = _store_url(tmp_path / f"fresh-{attempt}")
     barrier = threading.Barrier(8)
     errors: list[BaseException] = []
 
@@ -227,7 +232,7 @@ def test_concurrent_first_open_creates_schema_once(tmp_path, attempt):
 
 
 def test_schema_version_row_is_single(tmp_path):
-    url = default_url(tmp_path)
+    url = _store_url(tmp_path)
     for _ in range(3):
         ResultsStore(url).close()
     with ResultsStore(url) as s:
