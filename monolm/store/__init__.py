@@ -7,7 +7,7 @@ Core: one code path for SQLite (the default, a file under the runs root, nothing
 PostgreSQL or any other backend (a team server), chosen only by the URL. Use a synchronous
 driver, e.g. `postgresql+psycopg://user@host/db`.
 
-Modules: `schema` (tables, schema version), `rows` (validating what callers record),
+Modules: `schema` (tables, schema version and migrations), `rows` (validating what callers record),
 `results_store` (`ResultsStore`: record and query), `display` (text tables for the terminal).
 """
 

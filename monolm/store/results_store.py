@@ -4,7 +4,7 @@ Guarantees:
 * `record_run` is one transaction: a run's row and all its metric rows are stored together or
   not at all (a crash midway cannot leave half a run), and recording the same `run_id` again
   replaces the previous version (re-running the aggregate stage is idempotent).
-* The schema is created or checked when the store is opened (`monolm.store.schema`).
+* The schema is created, checked or upgraded when the store is opened (`monolm.store.schema`).
 """
 
 from __future__ import annotations
@@ -101,8 +101,8 @@ class ResultsStore:
         model: str | None = None,
         run_name_prefix: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Runs matching all given filters, oldest first. `model` is the model name here (the
-        runs table has one model; the per-arm name lives in metric rows)."""
+        """Runs matching all given filters, oldest first (`model`: the model name, e.g.
+        EleutherAI/pythia-1.4b)."""
         r = runs_table.c
         query = select(runs_table).where(*_equals(r, preset=preset, status=status, variant=variant, model=model))
         if run_name_prefix is not None:
@@ -115,7 +115,7 @@ class ResultsStore:
         self,
         preset: str | None = None,
         variant: str | None = None,
-        model: str | None = None,
+        arm: str | None = None,
         metric: str | None = None,
         *,
         run_id: str | None = None,
@@ -123,16 +123,16 @@ class ResultsStore:
         seed: int | None = None,
         recipe: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Metric rows matching all given filters (`model` is the arm: base/baseline/monotonic),
+        """Metric rows matching all given filters (`arm`: base, baseline, monotonic, monotonic-baseline),
         with their run's name, creation time and code revision, oldest run first."""
         m, r = metrics_table.c, runs_table.c
         query = (
             select(m.run_id, r.run_name, r.created_at, r.code_revision, m.preset, m.variant, m.recipe,
-                   m.model, m.seed, m.stage, m.metric, m.value, m.extra)
+                   m.arm, m.seed, m.stage, m.metric, m.value, m.extra)
             .join_from(metrics_table, runs_table, m.run_id == r.run_id)
-            .where(*_equals(m, preset=preset, variant=variant, model=model, metric=metric, run_id=run_id,
+            .where(*_equals(m, preset=preset, variant=variant, arm=arm, metric=metric, run_id=run_id,
                             stage=stage, seed=seed, recipe=recipe))
-            .order_by(r.created_at, m.run_id, m.model, m.stage, m.metric, m.seed, m.id)
+            .order_by(r.created_at, m.run_id, m.arm, m.stage, m.metric, m.seed, m.id)
         )
         with self.engine.connect() as conn:
             rows = conn.execute(query).mappings().all()
@@ -151,8 +151,8 @@ class ResultsStore:
             (n_a, mean_a), (n_b, mean_b) = means[run_a].get(key, (0, None)), means[run_b].get(key, (0, None))
             diff = mean_b - mean_a if mean_a is not None and mean_b is not None else None
             rel = diff / abs(mean_a) if diff is not None and mean_a else None
-            model, stage, metric = key
-            out.append({"model": model, "stage": stage, "metric": metric, "n_a": n_a, "mean_a": mean_a,
+            arm, stage, metric = key
+            out.append({"arm": arm, "stage": stage, "metric": metric, "n_a": n_a, "mean_a": mean_a,
                         "n_b": n_b, "mean_b": mean_b, "diff": diff, "rel_diff": rel})
         return out
 
@@ -195,7 +195,7 @@ def _equals(columns: Any, **filters: Any) -> list[Any]:
 def _means(rows: Sequence[dict[str, Any]]) -> dict[tuple[Any, Any, Any], tuple[int, float | None]]:
     groups: dict[tuple[Any, Any, Any], list[float]] = defaultdict(list)
     for row in rows:
-        values = groups[(row["model"], row["stage"], row["metric"])]  # listed even if all None
+        values = groups[(row["arm"], row["stage"], row["metric"])]  # listed even if all None
         if row["value"] is not None:
             values.append(row["value"])
     return {k: (len(v), math.fsum(v) / len(v) if v else None) for k, v in groups.items()}

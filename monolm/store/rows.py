@@ -16,7 +16,7 @@ from monolm.store.schema import runs_table
 
 RUN_STATUSES = ("running", "completed", "failed", "partial")
 RUN_FIELDS = tuple(c.name for c in runs_table.columns)
-METRIC_FIELDS = ("seed", "model", "variant", "preset", "recipe", "stage", "metric", "value", "extra")
+METRIC_FIELDS = ("seed", "arm", "variant", "preset", "recipe", "stage", "metric", "value", "extra")
 INHERITED = ("variant", "preset", "recipe")  # metric rows default to their run's values
 
 
@@ -72,7 +72,8 @@ def metric_row(run: dict[str, Any], metric: dict[str, Any], index: int) -> dict[
     unknown = set(metric) - set(METRIC_FIELDS)
     if unknown:
         allowed = ", ".join(METRIC_FIELDS)
-        raise ValueError(f"record_run: {where} has unknown field(s) {sorted(unknown)}; allowed: {allowed}")
+        renamed = " (the arm's field is 'arm')" if "model" in unknown else ""
+        raise ValueError(f"record_run: {where} has unknown field(s) {sorted(unknown)}{renamed}; allowed: {allowed}")
     name = metric.get("metric")
     if not isinstance(name, str) or not name:
         raise ValueError(f"record_run: {where} needs a non-empty 'metric' name, got {name!r}")
@@ -94,7 +95,7 @@ def metric_row(run: dict[str, Any], metric: dict[str, Any], index: int) -> dict[
     row = {
         "run_id": run["run_id"],
         "seed": int(seed) if seed is not None else None,
-        "model": metric.get("model"),
+        "arm": metric.get("arm"),
         "stage": metric.get("stage"),
         "metric": name,
         "value": value,

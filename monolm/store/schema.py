@@ -1,16 +1,24 @@
 """The results store's tables and their version: created on first use, checked on every open.
 
-The version lives in the one-row table `schema_version`. A store written by a newer monolm is
-refused with a clear error instead of being misread or altered.
+The version lives in the one-row table `schema_version`. A store written by an older monolm is
+upgraded in place when opened, one version step after another (`MIGRATIONS`), in one
+transaction; a store written by a newer monolm is refused with a clear error instead of being
+misread or altered.
+
+Versions: 1, the first; 2, the metrics table's arm column renamed from `model` to `arm` (the runs
+table and the config use `model` for the Hugging Face model).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from sqlalchemy import (
     JSON,
     Column,
+    Connection,
     DateTime,
     Double,
     Engine,
@@ -23,10 +31,12 @@ from sqlalchemy import (
     insert,
     inspect,
     select,
+    text,
+    update,
 )
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 metadata = MetaData()
 
@@ -60,7 +70,7 @@ metrics_table = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("run_id", String(200), ForeignKey("runs.run_id", ondelete="CASCADE"), nullable=False, index=True),
     Column("seed", Integer),  # None for across-seed aggregates
-    Column("model", String(100)),  # the arm: base / baseline / monotonic
+    Column("arm", String(100)),  # base / baseline / monotonic, or monotonic-baseline for a comparison
     Column("variant", String(100)),
     Column("preset", String(100)),
     Column("recipe", String(50)),
@@ -73,7 +83,17 @@ Index("ix_metrics_lookup", metrics_table.c.preset, metrics_table.c.variant, metr
 
 
 class SchemaVersionError(RuntimeError):
-    """The database was written by a different (newer) schema than this code understands."""
+    """The database is not a store this code can use: written by a newer monolm, of a version no
+    migration covers, or not a monolm results store at all."""
+
+
+def _rename_arm_column(conn: Connection) -> None:
+    """Version 1 -> 2: the metrics table's arm column was called `model`."""
+    conn.execute(text("ALTER TABLE metrics RENAME COLUMN model TO arm"))
+
+
+# version n -> the step that upgrades a store of version n to version n + 1
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _rename_arm_column}
 
 
 def read_version(engine: Engine) -> int | None:
@@ -100,7 +120,10 @@ def ensure_schema(engine: Engine, url: str) -> None:
 def _create_or_check_schema(engine: Engine, url: str) -> None:
     tables = set(inspect(engine).get_table_names())
     if "schema_version" in tables:
-        _check_version(read_version(engine), url)
+        version = read_version(engine)
+        _check_version(version, url)
+        if version is not None and version < SCHEMA_VERSION:
+            migrate(engine, url)
     elif tables & {"runs", "metrics"}:
         raise SchemaVersionError(
             f"{url} has tables {sorted(tables & {'runs', 'metrics'})} but no schema_version "
@@ -127,8 +150,40 @@ def _check_version(version: int | None, url: str) -> None:
             f"results store {url} has schema version {version}, but this monolm understands "
             f"up to version {SCHEMA_VERSION}; upgrade monolm (the store was not modified)"
         )
-    if version < SCHEMA_VERSION:  # no older versions exist yet; a migration would go here
-        raise SchemaVersionError(
-            f"results store {url} has schema version {version} < {SCHEMA_VERSION} and no "
-            "migration is available"
-        )
+
+
+def migrate(engine: Engine, url: str) -> None:
+    """Upgrade an older store to `SCHEMA_VERSION` in place: every step and the new version number
+    in one transaction that holds the write lock, so a failure leaves the store as it was, and of
+    several processes opening an old store at once the first upgrades it and the others find it
+    current. Existing rows keep their values."""
+    with _ddl_transaction(engine) as conn:
+        version_row = select(schema_version_table.c.version).where(schema_version_table.c.id == 1)
+        found = version = conn.execute(version_row.with_for_update()).scalar_one()
+        while version < SCHEMA_VERSION:
+            if version not in MIGRATIONS:
+                raise SchemaVersionError(
+                    f"results store {url} has schema version {version} and no migration to "
+                    f"version {version + 1} exists (the store was not modified)"
+                )
+            MIGRATIONS[version](conn)
+            version += 1
+        if version != found:
+            conn.execute(update(schema_version_table).where(schema_version_table.c.id == 1).values(version=version))
+
+
+@contextmanager
+def _ddl_transaction(engine: Engine) -> Iterator[Connection]:
+    """A transaction that covers schema changes too, committed at the end or rolled back.
+    Python's sqlite3 driver begins a transaction only before INSERT/UPDATE/DELETE, so an ALTER
+    TABLE would commit on its own: on SQLite the transaction is begun explicitly, and IMMEDIATE
+    takes the write lock at once. PostgreSQL's DDL is transactional as it is."""
+    with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.rollback()
+            raise
+        conn.commit()
