@@ -123,8 +123,8 @@ def cmd_results(args: argparse.Namespace) -> int:
     if args.compare:
         rows = store.compare(*args.compare)
     else:
-        rows = store.query(preset=args.preset, variant=args.variant, model=args.model, metric=args.metric)
-        print(format_table(rows, columns=["run_name", "preset", "variant", "recipe", "model", "seed", "stage",
+        rows = store.query(preset=args.preset, variant=args.variant, arm=args.arm, metric=args.metric)
+        print(format_table(rows, columns=["run_name", "preset", "variant", "recipe", "arm", "seed", "stage",
                                           "metric", "value"]))
         return 0
     print(format_table(rows))
@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--store", help="SQLAlchemy URL (default: sqlite:///runs/results.sqlite)")
     results.add_argument("--preset", help="only this preset (tiny, quick, full)")
     results.add_argument("--variant", help="only this constraint variant")
-    results.add_argument("--model", help="only this model: base, baseline or monotonic")
+    results.add_argument("--arm", help="only this arm: base, baseline or monotonic")
+    results.add_argument("--model", dest="arm", help=argparse.SUPPRESS)  # deprecated alias of --arm, for one release
     results.add_argument("--metric", help="only this metric, e.g. token_perplexity, abs_increase")
     results.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="metric-by-metric difference of two runs")
     results.set_defaults(func=cmd_results, preset_for_store="tiny")

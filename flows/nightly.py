@@ -110,8 +110,8 @@ def key_metrics(rows: Iterable[Mapping[str, Any]]) -> dict[MetricKey, float | No
     wanted = {(stage, metric + SUMMARY) for stage, metric in KEY_METRICS}
     out: dict[MetricKey, float | None] = {}
     for row in rows:
-        if row.get("seed") is None and (row.get("stage"), row.get("metric")) in wanted and row.get("model"):
-            out[(row["stage"], row["model"], row["metric"][: -len(SUMMARY)])] = row.get("value")
+        if row.get("seed") is None and (row.get("stage"), row.get("metric")) in wanted and row.get("arm"):
+            out[(row["stage"], row["arm"], row["metric"][: -len(SUMMARY)])] = row.get("value")
     return out
 
 

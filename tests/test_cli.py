@@ -58,3 +58,20 @@ def test_verify_tiny_passes_offline(tmp_path):
     out = monolm("verify", "--preset", "tiny", cwd=tmp_path)
     assert out.returncode == 0, out.stdout
     assert "FAIL" not in out.stdout
+
+
+def test_results_filters_by_arm_and_still_takes_model_for_one_release(tmp_path):
+    from monolm.store import ResultsStore
+
+    url = f"sqlite:///{tmp_path / 'results.sqlite'}"
+    with ResultsStore(url) as store:
+        store.record_run({"run_id": "r1", "run_name": "cli-run", "preset": "tiny"},
+                         [{"seed": 42, "arm": arm, "stage": "evaluate", "metric": "token_perplexity", "value": value}
+                          for arm, value in (("baseline", 21.5), ("monotonic", 23.25))])
+    by_arm = monolm("results", "--store", url, "--arm", "monotonic", cwd=tmp_path)
+    assert by_arm.returncode == 0, by_arm.stderr
+    assert "23.25" in by_arm.stdout and "21.5" not in by_arm.stdout and " arm " in by_arm.stdout
+    by_model = monolm("results", "--store", url, "--model", "monotonic", cwd=tmp_path)  # the deprecated alias
+    assert by_model.returncode == 0 and by_model.stdout == by_arm.stdout
+    help_text = monolm("results", "--help", cwd=tmp_path).stdout
+    assert "--arm" in help_text and "--model" not in help_text

@@ -39,12 +39,12 @@ def rows(values: dict, seeds=(42, 1337)) -> list[dict]:
     out = []
     for (stage, model, metric), value in values.items():
         for i, seed in enumerate(seeds):
-            out.append({"seed": seed, "model": model, "stage": stage, "metric": metric, "value": value * (1 + 0.5 * i)})
-        out.append({"seed": None, "model": model, "stage": stage, "metric": f"{metric}:mean", "value": value})
-        out.append({"seed": None, "model": model, "stage": stage, "metric": f"{metric}:std", "value": value / 10})
-        out.append({"seed": None, "model": model, "stage": stage, "metric": f"{metric}:ci_high", "value": value * 9})
-    out.append({"seed": None, "model": "baseline", "stage": "uat", "metric": "success_rate:mean", "value": 0.9})
-    out.append({"seed": None, "model": "monotonic-baseline", "stage": "evaluate", "metric": "token_perplexity:diff",
+            out.append({"seed": seed, "arm": model, "stage": stage, "metric": metric, "value": value * (1 + 0.5 * i)})
+        out.append({"seed": None, "arm": model, "stage": stage, "metric": f"{metric}:mean", "value": value})
+        out.append({"seed": None, "arm": model, "stage": stage, "metric": f"{metric}:std", "value": value / 10})
+        out.append({"seed": None, "arm": model, "stage": stage, "metric": f"{metric}:ci_high", "value": value * 9})
+    out.append({"seed": None, "arm": "baseline", "stage": "uat", "metric": "success_rate:mean", "value": 0.9})
+    out.append({"seed": None, "arm": "monotonic-baseline", "stage": "evaluate", "metric": "token_perplexity:diff",
                 "value": 1e6})
     return out
 
@@ -185,10 +185,10 @@ def test_nightly_experiment_flow_end_to_end(tmp_path):
     # A previous nightly run whose monotonic perplexity was 20 % lower than what the code gives now.
     store_url = f"sqlite:///{tmp_path / 'runs' / 'results.sqlite'}"
     with ResultsStore(store_url) as store:
-        better = [{k: r[k] for k in ("seed", "model", "stage", "metric", "value", "extra")}
+        better = [{k: r[k] for k in ("seed", "arm", "stage", "metric", "value", "extra")}
                   for r in store.query(run_id=second["run_id"])]
         for row in better:
-            if row["model"] == "monotonic" and row["metric"] == "token_perplexity:mean":
+            if row["arm"] == "monotonic" and row["metric"] == "token_perplexity:mean":
                 row["value"] *= 0.8
         run = store.get_run(second["run_id"])
         store.record_run({**run, "run_id": "nightly-tiny-better", "run_name": "nightly-tiny-better",

@@ -311,12 +311,12 @@ def test_store_rows(three_seeds):
         run = store.get_run(out["run_id"])
         assert run["status"] == "completed" and run["seeds"] == [42, 1337, 2024] and run["recipe"] == "fair"
         assert run["config_digest"] == cfg.digest() and run["variant"] == "mlp_in" and run["preset"] == "tiny"
-        rows = store.query(run_id=out["run_id"], model="monotonic", metric="token_perplexity")
+        rows = store.query(run_id=out["run_id"], arm="monotonic", metric="token_perplexity")
         assert sorted((r["seed"], r["value"]) for r in rows) == [(42, 23.0), (1337, 24.5), (2024, 25.0)]
         assert all(r["stage"] == "evaluate" and r["recipe"] == "fair" for r in rows)
-        mean = store.query(run_id=out["run_id"], model="monotonic", metric="token_perplexity:mean")
+        mean = store.query(run_id=out["run_id"], arm="monotonic", metric="token_perplexity:mean")
         assert len(mean) == 1 and mean[0]["seed"] is None and mean[0]["value"] == pytest.approx(24.1666666)
-        test = store.query(run_id=out["run_id"], model="monotonic-baseline", metric="abs_increase:t_p", stage="uat")
+        test = store.query(run_id=out["run_id"], arm="monotonic-baseline", metric="abs_increase:t_p", stage="uat")
         assert {r["seed"] for r in test} == {None, 42, 1337, 2024}
         assert len(store.query(run_id=out["run_id"])) == len(aggregate.store_rows(results))
 

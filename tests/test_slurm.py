@@ -354,7 +354,7 @@ def test_cancelled_worker_job_mid_training_is_retried_elsewhere_and_resumes(slur
         rows = store.query(run_id=result["run_id"])
     finally:
         store.close()
-    row_keys = [(r["seed"], r["model"], r["stage"], r["metric"]) for r in rows if r["seed"] is not None]
+    row_keys = [(r["seed"], r["arm"], r["stage"], r["metric"]) for r in rows if r["seed"] is not None]
     assert row_keys and len(row_keys) == len(set(row_keys))
     assert slurm.wait_all_ended(sorted(slurm.jobs())) < 15
 

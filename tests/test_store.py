@@ -8,16 +8,40 @@ import os
 import threading
 
 import pytest
-from sqlalchemy import create_engine, event, text, update
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    event,
+    insert,
+    inspect,
+    make_url,
+    text,
+    update,
+)
 
 from monolm import store as store_mod
 from monolm.config import load_config
-from monolm.store import ResultsStore, SchemaVersionError, default_url, format_table, schema_version_table
+from monolm.store import ResultsStore, SchemaVersionError, format_table, schema_version_table
+from monolm.store import schema as store_schema
+
+
+def _store_url(runs_root) -> str:
+    """The store URL a config with this runs_root names by default (the default lives in the config)."""
+    return load_config("tiny", sets=[f"paths.runs_root={runs_root}"]).store_url
 
 
 @pytest.fixture
 def store(tmp_path):
-    s = ResultsStore(default_url(tmp_path / "runs"))
+    s = ResultsStore(_store_url(tmp_path / "runs"))
     yield s
     s.close()
 
@@ -30,7 +54,7 @@ def _run(run_id: str, **kw) -> dict:
 
 
 def _metrics(values: dict[tuple[str, str, int], float], stage: str = "evaluate") -> list[dict]:
-    return [{"seed": seed, "model": arm, "stage": stage, "metric": metric, "value": value}
+    return [{"seed": seed, "arm": arm, "stage": stage, "metric": metric, "value": value}
             for (arm, metric, seed), value in values.items()]
 
 
@@ -46,25 +70,25 @@ def test_record_and_query_round_trip(store, tmp_path):
     n = store.record_run(
         _run("r1", created_at=dt.datetime(2026, 3, 1, 14, 0, tzinfo=dt.timezone(dt.timedelta(hours=2)))),
         [
-            {"seed": 42, "model": "baseline", "stage": "evaluate", "metric": "loss", "value": 3.25},
-            {"seed": 42, "model": "monotonic", "stage": "evaluate", "metric": "loss", "value": 3.5,
+            {"seed": 42, "arm": "baseline", "stage": "evaluate", "metric": "loss", "value": 3.25},
+            {"seed": 42, "arm": "monotonic", "stage": "evaluate", "metric": "loss", "value": 3.5,
              "extra": {"tokens": 1234, "note": "ünïcode"}},
-            {"seed": 0, "model": "monotonic", "stage": "uat", "metric": "loss_increase", "value": 0.7,
+            {"seed": 0, "arm": "monotonic", "stage": "uat", "metric": "loss_increase", "value": 0.7,
              "variant": "mlp_both"},
-            {"seed": None, "model": "monotonic", "stage": "aggregate", "metric": "t_p", "value": None},
+            {"seed": None, "arm": "monotonic", "stage": "aggregate", "metric": "t_p", "value": None},
         ],
     )
     assert n == 4
     rows = store.query(metric="loss")
-    assert [(r["model"], r["value"]) for r in rows] == [("baseline", 3.25), ("monotonic", 3.5)]
+    assert [(r["arm"], r["value"]) for r in rows] == [("baseline", 3.25), ("monotonic", 3.5)]
     row = rows[1]
     assert row["extra"] == {"tokens": 1234, "note": "ünïcode"}
     assert (row["preset"], row["variant"], row["recipe"]) == ("tiny", "mlp_in", "fair")  # inherited
     assert row["created_at"] == "2026-03-01T12:00:00+00:00"  # stored as UTC
     assert row["run_name"] == "r1" and row["code_revision"] == "deadbeef"
-    assert [r["metric"] for r in store.query(model="monotonic")] == ["t_p", "loss", "loss_increase"]
+    assert [r["metric"] for r in store.query(arm="monotonic")] == ["t_p", "loss", "loss_increase"]
     assert store.query(variant="mlp_both")[0]["seed"] == 0
-    assert len(store.query(preset="tiny", variant="mlp_in", model="monotonic")) == 2
+    assert len(store.query(preset="tiny", variant="mlp_in", arm="monotonic")) == 2
     assert store.query(preset="full") == []
     assert store.query(seed=0)[0]["metric"] == "loss_increase"
     run = store.get_run("r1")
@@ -83,8 +107,8 @@ def test_store_persists_across_instances_and_from_config(tmp_path):
 
 def test_nonfinite_values_are_kept_visible_not_lost(store):
     store.record_run(_run("r1"), [
-        {"metric": "loss", "value": float("nan"), "model": "monotonic"},
-        {"metric": "grad_norm", "value": float("inf"), "model": "monotonic"},
+        {"metric": "loss", "value": float("nan"), "arm": "monotonic"},
+        {"metric": "grad_norm", "value": float("inf"), "arm": "monotonic"},
     ])
     rows = {r["metric"]: r for r in store.query()}
     assert rows["loss"]["value"] is None and rows["loss"]["extra"] == {"nonfinite": "nan"}
@@ -97,7 +121,8 @@ def test_nonfinite_values_are_kept_visible_not_lost(store):
         (_run("r1", colour="red"), [], "unknown run field"),
         (_run(""), [], "run_id"),
         (_run("r1", status="done"), [], "status='done'"),
-        (_run("r1"), [{"metric": "loss", "value": 1.0, "arm": "x"}], r"metrics\[0\] has unknown field"),
+        (_run("r1"), [{"metric": "loss", "value": 1.0, "colour": "x"}], r"metrics\[0\] has unknown field"),
+        (_run("r1"), [{"metric": "loss", "value": 1.0, "model": "monotonic"}], r"'model'\] \(the arm's field is 'arm'"),
         (_run("r1"), [{"metric": "loss"}], "no 'value'"),
         (_run("r1"), [{"value": 1.0}], "metric"),
         (_run("r1"), [{"metric": "loss", "value": "high"}], "not a number"),
@@ -142,7 +167,8 @@ def test_failure_from_generator_midway(store):
 
 
 def test_recording_same_run_replaces_it(store):
-    store.record_run(_run("r1", status="running"), _metrics({("baseline", "loss", 42): 3.0, ("baseline", "acc", 42): 0.1}))
+    store.record_run(_run("r1", status="running"),
+                     _metrics({("baseline", "loss", 42): 3.0, ("baseline", "acc", 42): 0.1}))
     store.record_run(_run("r1"), _metrics({("baseline", "loss", 42): 2.5}))
     store.record_run(_run("r1"), _metrics({("baseline", "loss", 42): 2.5}))
     assert _count(store, "runs") == 1
@@ -153,7 +179,7 @@ def test_recording_same_run_replaces_it(store):
 
 
 def test_concurrent_writers_on_one_sqlite_file(tmp_path):
-    url = default_url(tmp_path)
+    url = _store_url(tmp_path)
     ResultsStore(url).close()
     errors: list[BaseException] = []
 
@@ -161,7 +187,8 @@ def test_concurrent_writers_on_one_sqlite_file(tmp_path):
         try:
             with ResultsStore(url) as s:  # its own engine, like another seed's process
                 for i in range(4):
-                    s.record_run(_run(f"w{worker}-{i}"), _metrics({("baseline", "loss", k): float(k) for k in range(150)}))
+                    values = {("baseline", "loss", k): float(k) for k in range(150)}
+                    s.record_run(_run(f"w{worker}-{i}"), _metrics(values))
         except BaseException as exc:  # noqa: BLE001 - surfaced below
             errors.append(exc)
 
@@ -177,16 +204,17 @@ def test_concurrent_writers_on_one_sqlite_file(tmp_path):
 
 # --------------------------------------------------------------------------- schema versioning
 def test_newer_schema_is_refused_without_changes(tmp_path):
-    url = default_url(tmp_path)
+    url = _store_url(tmp_path)
     with ResultsStore(url) as s:
         s.record_run(_run("r1"), [])
         with s.engine.begin() as conn:
             conn.execute(update(schema_version_table).values(version=store_mod.SCHEMA_VERSION + 1))
-    with pytest.raises(SchemaVersionError, match=r"schema version 2.*upgrade monolm"):
+    newer = store_mod.SCHEMA_VERSION + 1
+    with pytest.raises(SchemaVersionError, match=rf"schema version {newer}.*upgrade monolm"):
         ResultsStore(url)
     engine = create_engine(url)
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT version FROM schema_version")).scalar_one() == 2
+        assert conn.execute(text("SELECT version FROM schema_version")).scalar_one() == newer
         assert conn.execute(text("SELECT COUNT(*) FROM runs")).scalar_one() == 1
     engine.dispose()
 
@@ -205,7 +233,7 @@ def test_foreign_database_is_refused(tmp_path):
 def test_concurrent_first_open_creates_schema_once(tmp_path, attempt):
     """Several processes opening a fresh store race on CREATE TABLE (seen for real on SQLite and
     PostgreSQL); every opener must succeed and exactly one version row must exist."""
-    url = default_url(tmp_path / f"fresh-{attempt}")
+    url = _store_url(tmp_path / f"fresh-{attempt}")
     barrier = threading.Barrier(8)
     errors: list[BaseException] = []
 
@@ -227,11 +255,167 @@ def test_concurrent_first_open_creates_schema_once(tmp_path, attempt):
 
 
 def test_schema_version_row_is_single(tmp_path):
-    url = default_url(tmp_path)
+    url = _store_url(tmp_path)
     for _ in range(3):
         ResultsStore(url).close()
     with ResultsStore(url) as s:
         assert _count(s, "schema_version") == 1
+
+
+# --------------------------------------------------------------------------- migration from version 1
+# The fixture: the schema exactly as monolm created it at schema version 1 (the Table definitions
+# of monolm/store.py at that version, copied), where the metrics table called the arm `model`.
+V1 = MetaData()
+Table("schema_version", V1,
+      Column("id", Integer, primary_key=True, autoincrement=False),
+      Column("version", Integer, nullable=False),
+      Column("created_at", DateTime, nullable=False))
+Table("runs", V1,
+      Column("run_id", String(200), primary_key=True),
+      Column("run_name", String(200), index=True),
+      Column("created_at", DateTime, nullable=False, index=True),
+      Column("preset", String(100), index=True),
+      Column("model", String(300)),
+      Column("variant", String(100)),
+      Column("recipe", String(50)),
+      Column("config_digest", String(64)),
+      Column("code_revision", String(100)),
+      Column("seeds", JSON),
+      Column("status", String(20), nullable=False))
+V1_METRICS = Table("metrics", V1,
+                   Column("id", Integer, primary_key=True, autoincrement=True),
+                   Column("run_id", String(200), ForeignKey("runs.run_id", ondelete="CASCADE"), nullable=False,
+                          index=True),
+                   Column("seed", Integer),
+                   Column("model", String(100)),
+                   Column("variant", String(100)),
+                   Column("preset", String(100)),
+                   Column("recipe", String(50)),
+                   Column("stage", String(50)),
+                   Column("metric", String(200), nullable=False),
+                   Column("value", Double),
+                   Column("extra", JSON))
+Index("ix_metrics_lookup", V1_METRICS.c.preset, V1_METRICS.c.variant, V1_METRICS.c.metric)
+
+V1_ROWS = [  # (run_id, seed, arm, stage, metric, value, extra)
+    ("v1-a", 42, "baseline", "evaluate", "token_perplexity", 23.5, None),
+    ("v1-a", 42, "monotonic", "evaluate", "token_perplexity", 24.0, None),
+    ("v1-a", None, "monotonic-baseline", "evaluate", "token_perplexity:t_p", None, {"nonfinite": "nan"}),
+    ("v1-b", 42, "baseline", "evaluate", "token_perplexity", 22.0, {"n": 3}),
+]
+
+
+def _write_v1_store(url: str) -> None:
+    """A store as monolm wrote it at schema version 1: two runs and their metric rows."""
+    engine = create_engine(url)
+    V1.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(insert(V1.tables["schema_version"]),
+                     [{"id": 1, "version": 1, "created_at": dt.datetime(2026, 1, 1)}])
+        conn.execute(insert(V1.tables["runs"]), [
+            {"run_id": run_id, "run_name": run_id, "created_at": dt.datetime(2026, 1, day), "preset": "quick",
+             "model": "EleutherAI/pythia-1.4b", "variant": "mlp_in", "recipe": "fair", "seeds": [42],
+             "status": "completed"} for day, run_id in enumerate(("v1-a", "v1-b"), start=1)])
+        conn.execute(insert(V1_METRICS), [
+            {"run_id": run_id, "seed": seed, "model": arm, "variant": "mlp_in", "preset": "quick", "recipe": "fair",
+             "stage": stage, "metric": metric, "value": value, "extra": extra}
+            for run_id, seed, arm, stage, metric, value, extra in V1_ROWS])
+    engine.dispose()
+
+
+def _columns(url: str, table: str) -> list[str]:
+    engine = create_engine(url)
+    try:
+        return [c["name"] for c in inspect(engine).get_columns(table)]
+    finally:
+        engine.dispose()
+
+
+def _assert_v1_store_is_upgraded_in_place(url: str, fresh_url: str) -> None:
+    _write_v1_store(url)
+    assert "model" in _columns(url, "metrics")
+    expected = sorted((run_id, seed or 0, arm, metric, value, extra)
+                      for run_id, seed, arm, _, metric, value, extra in V1_ROWS)
+    for _ in range(2):  # the second open finds the store current and changes nothing
+        with ResultsStore(url) as s:
+            assert s.schema_version() == store_mod.SCHEMA_VERSION
+            rows = s.query()
+            assert sorted((r["run_id"], r["seed"] or 0, r["arm"], r["metric"], r["value"], r["extra"])
+                          for r in rows) == expected
+            assert all("model" not in r for r in rows)
+            assert [r["value"] for r in s.query(arm="monotonic", metric="token_perplexity")] == [24.0]
+            assert s.get_run("v1-b")["model"] == "EleutherAI/pythia-1.4b"  # the runs table keeps `model`
+            base = next(r for r in s.compare("v1-a", "v1-b") if r["arm"] == "baseline")
+            assert base["diff"] == pytest.approx(-1.5)
+            assert _count(s, "schema_version") == 1
+    with ResultsStore(fresh_url):
+        pass
+    assert _columns(url, "metrics") == _columns(fresh_url, "metrics")  # as if created by this version
+    with ResultsStore(url) as s:  # and it takes new runs
+        s.record_run(_run("v2-c"), _metrics({("monotonic", "loss", 1): 1.0}))
+        assert [r["arm"] for r in s.query(run_id="v2-c")] == ["monotonic"]
+
+
+def _assert_failed_upgrade_leaves_v1_store_as_it_was(url: str, monkeypatch) -> None:
+    _write_v1_store(url)
+    rename = store_schema.MIGRATIONS[1]
+
+    def rename_then_fail(conn) -> None:
+        rename(conn)
+        raise RuntimeError("killed midway")
+
+    monkeypatch.setitem(store_schema.MIGRATIONS, 1, rename_then_fail)
+    with pytest.raises(RuntimeError, match="killed midway"):
+        ResultsStore(url)
+    assert "model" in _columns(url, "metrics") and "arm" not in _columns(url, "metrics")
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT version FROM schema_version")).scalar_one() == 1
+        assert conn.execute(text("SELECT COUNT(*) FROM metrics")).scalar_one() == len(V1_ROWS)
+    engine.dispose()
+    monkeypatch.setitem(store_schema.MIGRATIONS, 1, rename)
+    with ResultsStore(url) as s:
+        assert s.schema_version() == store_mod.SCHEMA_VERSION and len(s.query()) == len(V1_ROWS)
+
+
+def test_v1_fixture_is_the_current_schema_but_for_the_arm_column():
+    """Guards the fixture: version 1 differs from the current schema only in the arm's name."""
+    current = {name: [c.name for c in table.columns] for name, table in store_mod.metadata.tables.items()}
+    old = {name: [c.name for c in table.columns] for name, table in V1.tables.items()}
+    assert old == {**current, "metrics": [("model" if c == "arm" else c) for c in current["metrics"]]}
+    assert store_mod.SCHEMA_VERSION == 2
+
+
+def test_v1_store_is_upgraded_in_place(tmp_path):
+    _assert_v1_store_is_upgraded_in_place(_store_url(tmp_path), _store_url(tmp_path / "fresh"))
+
+
+def test_failed_upgrade_leaves_the_store_as_it_was(tmp_path, monkeypatch):
+    _assert_failed_upgrade_leaves_v1_store_as_it_was(_store_url(tmp_path), monkeypatch)
+
+
+def test_concurrent_openers_upgrade_a_v1_store_once(tmp_path):
+    url = _store_url(tmp_path)
+    _write_v1_store(url)
+    barrier = threading.Barrier(6)
+    errors: list[BaseException] = []
+
+    def opener() -> None:
+        try:
+            barrier.wait()
+            with ResultsStore(url) as s:
+                assert len(s.query(arm="baseline")) == 2
+        except BaseException as exc:  # noqa: BLE001 - surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=opener) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    with ResultsStore(url) as s:
+        assert s.schema_version() == store_mod.SCHEMA_VERSION and len(s.query()) == len(V1_ROWS)
 
 
 # --------------------------------------------------------------------------- queries across runs
@@ -253,7 +437,7 @@ def test_compare_means_and_differences(store):
                                           ("monotonic", "loss", 1): 5.0, ("monotonic", "acc", 1): 0.5}))
     store.record_run(_run("b"), _metrics({("baseline", "loss", 1): 2.0, ("baseline", "loss", 2): 2.5,
                                           ("monotonic", "loss", 1): 5.0, ("monotonic", "new", 1): 1.0}))
-    rows = {(r["model"], r["metric"]): r for r in store.compare("a", "b")}
+    rows = {(r["arm"], r["metric"]): r for r in store.compare("a", "b")}
     base = rows[("baseline", "loss")]
     assert (base["n_a"], base["mean_a"], base["n_b"], base["mean_b"]) == (2, 3.5, 2, 2.25)
     assert base["diff"] == pytest.approx(-1.25) and base["rel_diff"] == pytest.approx(-1.25 / 3.5)
@@ -289,14 +473,14 @@ def test_previous_run_for_nightly_regression(store):
 # --------------------------------------------------------------------------- display
 def test_format_table(store):
     assert format_table([]) == "(no results)"
-    store.record_run(_run("r1"), [{"seed": 42, "model": "monotonic", "stage": "uat", "metric": "loss_increase",
+    store.record_run(_run("r1"), [{"seed": 42, "arm": "monotonic", "stage": "uat", "metric": "loss_increase",
                                    "value": 0.123456789, "extra": {"k": [1, 2]}},
-                                  {"seed": 42, "model": "baseline", "stage": "uat", "metric": "loss_increase",
+                                  {"seed": 42, "arm": "baseline", "stage": "uat", "metric": "loss_increase",
                                    "value": None}])
-    out = format_table(store.query(), columns=["run_id", "model", "metric", "value", "extra"], title="results")
+    out = format_table(store.query(), columns=["run_id", "arm", "metric", "value", "extra"], title="results")
     lines = out.splitlines()
     assert "results" in lines[0]
-    assert all(h in out for h in ("run_id", "model", "metric", "value", "extra"))
+    assert all(h in out for h in ("run_id", "arm", "metric", "value", "extra"))
     assert "0.123457" in out and '{"k":[1,2]}' in out and "—" in out
     assert "seed" not in out  # only the requested columns
     baseline_line = next(line for line in lines if "baseline" in line)
@@ -357,3 +541,38 @@ def test_postgresql_round_trip(postgres_url):
             s.delete_run(run_id)
     with ResultsStore(url) as again:
         assert again.schema_version() == store_mod.SCHEMA_VERSION
+
+
+@pytest.fixture
+def postgres_schemas(postgres_url):
+    """URLs of the throwaway database that see only fresh, empty PostgreSQL schemas (one per call
+    of the returned function), so these tests never meet the tables of the round trip above."""
+    engine = create_engine(postgres_url)
+    created: list[str] = []
+
+    def new_schema_url() -> str:
+        name = f"monolm_test_{len(created)}_{os.getpid()}"
+        with engine.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA IF EXISTS {name} CASCADE"))
+            conn.execute(text(f"CREATE SCHEMA {name}"))
+        created.append(name)
+        url = make_url(postgres_url).update_query_dict({"options": f"-csearch_path={name}"})
+        return url.render_as_string(hide_password=False)
+
+    yield new_schema_url
+    with engine.begin() as conn:
+        for name in created:
+            conn.execute(text(f"DROP SCHEMA IF EXISTS {name} CASCADE"))
+    engine.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(900)
+def test_postgresql_v1_store_is_upgraded_in_place(postgres_schemas):
+    _assert_v1_store_is_upgraded_in_place(postgres_schemas(), postgres_schemas())
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(900)
+def test_postgresql_failed_upgrade_leaves_the_store_as_it_was(postgres_schemas, monkeypatch):
+    _assert_failed_upgrade_leaves_v1_store_as_it_was(postgres_schemas(), monkeypatch)

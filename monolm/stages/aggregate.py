@@ -149,19 +149,20 @@ def read_seed(refs: Mapping[str, StageRef | Mapping[str, Any]]) -> dict[str, Any
 def store_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Every number for the results store: per-seed values as they are, across-seed summaries as
     `<metric>:mean|std|ci_low|ci_high` (seed NULL), tests as `<metric>:diff|t_p|wilcoxon_p` under
-    model `monotonic-baseline` (seed NULL across seeds, the seed for a test over its examples)."""
-    rows = [{k: v[k] for k in ("seed", "model", "stage", "metric", "value")} for v in results["values"]]
+    arm `monotonic-baseline` (seed NULL across seeds, the seed for a test over its examples)."""
+    rows = [{"seed": v["seed"], "arm": v["model"], "stage": v["stage"], "metric": v["metric"], "value": v["value"]}
+            for v in results["values"]]
     for s in results["summaries"]:
         extra = {"n": s["n"], "ci_method": s["ci_method"], "seeds": s["seeds"]}
         for stat in ("mean", "std", "ci_low", "ci_high"):
-            rows.append({"seed": None, "model": s["model"], "stage": s["stage"], "metric": f"{s['metric']}:{stat}",
+            rows.append({"seed": None, "arm": s["model"], "stage": s["stage"], "metric": f"{s['metric']}:{stat}",
                          "value": s[stat], "extra": extra})
     for c in results["comparisons"]:
-        model = f"{c['a']}-{c['b']}".replace(" ", "_")
+        arm = f"{c['a']}-{c['b']}".replace(" ", "_")
         extra = {"n": c["n"], "scope": c["scope"], "significant": c["significant"], "ci": [c["ci_low"], c["ci_high"]],
                  "test": c["test"]}
         for stat, key in (("diff", "mean_diff"), ("t_p", "t_p"), ("wilcoxon_p", "wilcoxon_p")):
-            rows.append({"seed": c["seed"], "model": model, "stage": c["stage"], "metric": f"{c['metric']}:{stat}",
+            rows.append({"seed": c["seed"], "arm": arm, "stage": c["stage"], "metric": f"{c['metric']}:{stat}",
                          "value": c[key], "extra": extra})
     return rows
 
