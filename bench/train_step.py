@@ -24,8 +24,9 @@ from torch.nn.utils import parametrize
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from monolm.config import ArmConfig
+from monolm.constraints import constrained_modules
 from monolm.runtime import pick_device, resolve_flag
-from monolm.training import build_optimizer, constrained_modules, training_step
+from monolm.training import build_optimizer, training_step
 
 
 class _Softplus(nn.Module):
@@ -119,7 +120,7 @@ def main() -> None:
         med[name] = statistics.median(ts)
         print(f"{name:<12} {med[name] * 1e3:>15.1f} {min(ts) * 1e3:>8.1f} {max(ts) * 1e3:>8.1f} "
               f"{tokens / med[name]:>10.0f}")
-    per_round = [c / b for b, c in zip(times["baseline"], times["constrained"])]
+    per_round = [c / b for b, c in zip(times["baseline"], times["constrained"], strict=True)]
     print(f"per-round ratios: {' '.join(f'{x:.3f}' for x in per_round)} (median {statistics.median(per_round):.3f})")
     print(f"train_step_ratio={med['constrained'] / med['baseline']:.3f}")
 

@@ -1,0 +1,47 @@
+"""The one training loop both arms use (stages 2 and 3), so the only difference between them is the
+model handed in.
+
+Why it looks like this:
+- Precision: parameters and AdamW state are fp32, always; bf16 is only autocast compute. Pure-bf16
+  AdamW drops updates smaller than bf16's spacing (updates of ~5e-5 vanish for V in [-9, -2]),
+  which would freeze the constrained weights. A model handed in as bf16 is upcast.
+- Gradient accumulation is token-weighted: every micro-batch's summed loss is divided by the
+  number of predicted tokens in the *whole* optimizer batch, so k micro-batches of b sequences
+  give the same update as one batch of k*b (up to float summation order).
+- Data order is a permutation per epoch drawn from an explicit generator seeded with
+  `derive_seed(seed, "data", epoch)`; the position is (epoch, index into the permutation). With
+  model, optimizer, scheduler, RNG states and position checkpointed, a resumed run is bitwise
+  identical to an uninterrupted one on CPU.
+- The constrained arm computes each softplus(V) once per forward+backward
+  (`parametrize.cached()`; it matters with gradient checkpointing, which re-runs the forward), and
+  after every optimizer step checks the *materialized* constrained weights: negative or
+  non-finite values abort the run, and the interval minimum is logged as evidence.
+
+Modules: `schedule` (step budget, lr schedule, data order), `step` (one optimizer step and the
+optimizer), `best` (the best model on disk), `loop` (`train()` and its phases).
+"""
+
+from monolm.training.best import BEST_DIR, BEST_MARKER, SaveModel
+from monolm.training.loop import CHECKPOINTS_DIR, HISTORY_FILE, WALL_CLOCK_FIELDS, Evaluate, TrainResult, train
+from monolm.training.schedule import DataOrder, LRSchedule, total_steps_for
+from monolm.training.step import ADAM_EPS, TrainingDiverged, accumulate_gradients, build_optimizer, training_step
+
+__all__ = [
+    "ADAM_EPS",
+    "BEST_DIR",
+    "BEST_MARKER",
+    "CHECKPOINTS_DIR",
+    "HISTORY_FILE",
+    "WALL_CLOCK_FIELDS",
+    "DataOrder",
+    "Evaluate",
+    "LRSchedule",
+    "SaveModel",
+    "TrainResult",
+    "TrainingDiverged",
+    "accumulate_gradients",
+    "build_optimizer",
+    "total_steps_for",
+    "train",
+    "training_step",
+]
