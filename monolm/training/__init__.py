@@ -17,12 +17,15 @@ Why it looks like this:
   after every optimizer step checks the *materialized* constrained weights: negative or
   non-finite values abort the run, and the interval minimum is logged as evidence.
 
-Modules: `schedule` (step budget, lr schedule, data order), `step` (one optimizer step and the
-optimizer), `best` (the best model on disk), `loop` (`train()` and its phases).
+Modules, in the order a run uses them: `run` (input checks, model and optimizer set-up, the run's
+fingerprint), `state` (start or resume, the loop state, checkpoints), `schedule` (step budget, lr
+schedule, data order), `step` (one optimizer step), `loop` (`train()`: the loop, logging, evaluation
+and best-model selection), `best` (the best model on disk).
 """
 
 from monolm.training.best import BEST_DIR, BEST_MARKER, SaveModel
-from monolm.training.loop import CHECKPOINTS_DIR, HISTORY_FILE, WALL_CLOCK_FIELDS, Evaluate, TrainResult, train
+from monolm.training.loop import WALL_CLOCK_FIELDS, TrainResult, train
+from monolm.training.run import CHECKPOINTS_DIR, HISTORY_FILE, Evaluate
 from monolm.training.schedule import DataOrder, LRSchedule, total_steps_for
 from monolm.training.step import ADAM_EPS, TrainingDiverged, accumulate_gradients, build_optimizer, training_step
 

@@ -1,14 +1,13 @@
-"""The training loop: resume or start, step, log, evaluate and keep the best, checkpoint."""
+"""`train()`: set the run up, start or resume, then step, log, evaluate and keep the best, and
+checkpoint, until the budget (or this call's share of it) is done."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,44 +18,17 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from monolm.artifacts import atomic_write_json
-from monolm.checkpoint import (
-    digest_json,
-    latest_valid_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    make_fingerprint,
-    move_aside,
-    save_checkpoint,
-)
 from monolm.config import ArmConfig
-from monolm.constraints import ConstraintViolation, constrained_modules, min_constrained_weight
-from monolm.runtime import derive_seed, pick_device, resolve_flag, seed_everything
-from monolm.training.best import (
-    BEST_DIR,
-    SaveModel,
-    default_save_model,
-    read_best,
-    replay_point_for_lost_best,
-    save_best,
-)
-from monolm.training.schedule import DataOrder, total_steps_for
-from monolm.training.step import (
-    TrainingDiverged,
-    build_optimizer,
-    enable_gradient_checkpointing,
-    ensure_fp32,
-    training_step,
-)
+from monolm.constraints import ConstraintViolation
+from monolm.training.best import SaveModel, read_best, save_best
+from monolm.training.run import Evaluate, OnLog, TrainingRun, prepare_run
+from monolm.training.state import Interval, LoopState, checkpoint_due, save_loop_checkpoint, start_or_resume
+from monolm.training.step import TrainingDiverged, training_step
 
 log = logging.getLogger(__name__)
 
-HISTORY_FILE = "history.json"
-CHECKPOINTS_DIR = "checkpoints"
-# Arm fields that only decide *when* checkpoints are written; changing them must not block a resume.
-_CADENCE_FIELDS = {"checkpoint_every_steps", "checkpoint_every_minutes", "keep_last_checkpoints"}
+# The fields of a history log entry that measure wall-clock time, not the computation.
 WALL_CLOCK_FIELDS = ("tokens_per_s", "wall_time_s")
-
-Evaluate = Callable[[nn.Module], dict]
 
 
 @dataclass
@@ -73,29 +45,6 @@ class TrainResult:
     history: dict[str, Any] = field(repr=False, default_factory=dict)
 
 
-def _data_digest(blocks: torch.Tensor) -> str:
-    return hashlib.sha256(blocks.contiguous().numpy().tobytes()).hexdigest()
-
-
-# --------------------------------------------------------------------------- the loop
-def _new_interval() -> dict[str, Any]:
-    return {"loss_sum": 0.0, "targets": 0, "tokens": 0, "steps": 0, "grad_norm_sum": 0.0,
-            "seconds": 0.0, "min_w": None}
-
-
-def _final_metrics(history: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if history["log"]:
-        out["train_loss"] = history["log"][-1]["train_loss"]
-    if history["eval"]:
-        out.update({k: v for k, v in history["eval"][-1].items() if k != "step"})
-    s = history["summary"]
-    out.update(best_step=s["best_step"], best_val_perplexity=s["best_val_perplexity"])
-    if "min_constrained_weight" in s:
-        out["min_constrained_weight"] = s["min_constrained_weight"]
-    return out
-
-
 def train(
     model: nn.Module,
     train_blocks: torch.LongTensor,
@@ -107,7 +56,7 @@ def train(
     constrained: bool = False,
     device: torch.device | str | None = None,
     progress: bool = True,
-    on_log: Callable[[dict], None] | None = None,
+    on_log: OnLog | None = None,
     save_model: SaveModel | None = None,
     max_steps_this_call: int | None = None,
 ) -> TrainResult:
@@ -125,199 +74,138 @@ def train(
     "train")`; a resume restores them, the optimizer, scheduler and data position from the
     checkpoint, so the continuation is the same computation as an uninterrupted run.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device) if device is not None else pick_device()
-    save_model = save_model or default_save_model
-    if train_blocks.dtype != torch.long or train_blocks.ndim != 2 or train_blocks.shape[1] < 2:
-        raise ValueError(f"train_blocks must be a LongTensor [N, T>=2], got {train_blocks.dtype} "
-                         f"{list(train_blocks.shape)}")
-    n_seq, seq_len = train_blocks.shape
-    train_blocks = train_blocks.cpu()
-    has_constraint = bool(constrained_modules(model))
-    if constrained != has_constraint:
-        raise ValueError(
-            f"constrained={constrained} but the model "
-            f"{'has' if has_constraint else 'has no'} parametrized weights; wrong model for this arm?"
-        )
-
-    ensure_fp32(model)
-    model.to(device)
-    use_amp = resolve_flag(arm.bf16, device)
-    if resolve_flag(arm.gradient_checkpointing, device):
-        enable_gradient_checkpointing(model)
-
-    eff = arm.effective_batch_size
-    total_steps = total_steps_for(arm, n_seq)
-    param_names, optimizer, scheduler = build_optimizer(model, arm, total_steps)
-    fingerprint = make_fingerprint(
-        model,
-        config={k: v for k, v in arm.model_dump(mode="json").items() if k not in _CADENCE_FIELDS},
-        run={"seed": seed, "constrained": constrained, "data_shape": [n_seq, seq_len],
-             "data_sha256": _data_digest(train_blocks), "total_steps": total_steps},
-    )
-    fp_digest = digest_json(fingerprint)
-    ckpt_root = out_dir / CHECKPOINTS_DIR
-
-    # ------------------------------------------------------------------ fresh start or resume
-    latest = latest_valid_checkpoint(ckpt_root)
-    best = read_best(out_dir, fp_digest)
-    if latest is not None and best is None and evaluate is not None:
-        latest = replay_point_for_lost_best(out_dir, ckpt_root, latest, fingerprint)
-    if latest is not None:
-        loaded = load_checkpoint(latest, model=model, optimizer=optimizer, param_names=param_names,
-                                 scheduler=scheduler, fingerprint=fingerprint)
-        st = loaded.state
-        for step_no, path in list_checkpoints(ckpt_root):  # newer ones were skipped as invalid
-            if step_no > loaded.step:
-                move_aside(path, f"not valid; resumed from {latest.name} instead")
-        order = DataOrder(n_seq, seed, **st["data_position"])
-        if loaded.data_generator_state is None or not torch.equal(order.generator_state, loaded.data_generator_state):
-            raise RuntimeError(f"{latest}: the data order would differ from the checkpointed run "
-                               "(data permutation generator state mismatch)")
-        step, tokens_seen, history = st["step"], st["tokens_seen"], st["history"]
-        interval, wall_before = st["interval"], st["wall_time_s"]
-        history.setdefault("resumes", []).append({"step": step, "checkpoint": str(latest)})
-        log.info("resuming %s from %s (step %d/%d)", out_dir, latest, step, total_steps)
-    else:
-        seed_everything(derive_seed(seed, "train"))
-        order = DataOrder(n_seq, seed)
-        step, tokens_seen, interval, wall_before = 0, 0, _new_interval(), 0.0
-        history = {
-            "log": [],
-            "eval": [],
-            "summary": {
-                "effective_batch_size": eff, "micro_batch_size": arm.micro_batch_size,
-                "grad_accum_steps": arm.grad_accum_steps, "seq_len": seq_len, "n_sequences": n_seq,
-                "total_steps": total_steps, "tokens_seen": 0, "steps_done": 0, "constrained": constrained,
-                "seed": seed, "bf16_autocast": use_amp, "best_step": None, "best_val_perplexity": None,
-            },
-            "resumes": [],
-        }
-        if constrained:
-            history["summary"]["min_constrained_weight"] = min_constrained_weight(model)
-
-    summary = history["summary"]
-    if best is not None:
-        summary["best_step"] = best["step"]
-        summary["best_val_perplexity"] = best["metrics"].get("val_perplexity")
-    elif summary["best_step"] is not None:
-        log.warning("history records best step %s but %s is missing or invalid; best model selection "
-                    "restarts from the next evaluation", summary["best_step"], out_dir / BEST_DIR)
-        summary["best_step"] = summary["best_val_perplexity"] = None
-
-    history_path = out_dir / HISTORY_FILE
-    if latest is not None:  # drop entries a lost attempt wrote after the resumed checkpoint
-        atomic_write_json(history_path, history)
-    stop_at = total_steps if max_steps_this_call is None else min(total_steps, step + max_steps_this_call)
-    call_start = time.perf_counter()
-    last_ckpt = time.monotonic()
-
-    def wall() -> float:
-        return wall_before + (time.perf_counter() - call_start)
-
-    def train_state() -> dict[str, Any]:
-        return {"step": step, "tokens_seen": tokens_seen, "data_position": order.position,
-                "interval": interval, "wall_time_s": wall(), "history": history}
-
-    def emit(kind: str, entry: dict[str, Any]) -> None:
-        if on_log is not None:
-            on_log({"kind": kind, **entry})
+    run = prepare_run(model, train_blocks, arm, out_dir, seed=seed, evaluate=evaluate, constrained=constrained,
+                      device=device, save_model=save_model, on_log=on_log)
+    state = start_or_resume(run)
+    total = run.total_steps
+    stop_at = total if max_steps_this_call is None else min(total, state.step + max_steps_this_call)
+    state.start_clocks()
 
     model.train()
-    bar = tqdm(total=total_steps, initial=step, disable=None if progress else True,
-               desc="train (constrained)" if constrained else "train", unit="step", dynamic_ncols=True)
+    bar = _progress_bar(run, state, progress)
     try:
-        while step < stop_at:
-            t0 = time.perf_counter()
-            batch = train_blocks[order.take(eff)]
-            lr = scheduler.get_last_lr()[0]
-            try:
-                loss_value, norm_value, mw = training_step(model, optimizer, scheduler, batch, arm,
-                                                           constrained=constrained, use_amp=use_amp)
-            except (ConstraintViolation, TrainingDiverged) as exc:
-                raise type(exc)(f"optimizer step {step + 1}: {exc}") from None
-            step += 1
-            tokens_seen += eff * seq_len
-            if constrained:
-                interval["min_w"] = mw if interval["min_w"] is None else min(interval["min_w"], mw)
-                summary["min_constrained_weight"] = min(summary["min_constrained_weight"], mw)
-            interval["loss_sum"] += loss_value
-            interval["targets"] += eff * (seq_len - 1)
-            interval["tokens"] += eff * seq_len
-            interval["steps"] += 1
-            interval["grad_norm_sum"] += norm_value
-            interval["seconds"] += time.perf_counter() - t0
-            summary.update(tokens_seen=tokens_seen, steps_done=step)
-            touched = False
+        while state.step < stop_at:
+            lr = take_step(run, state)
+            step = state.step
+            history_changed = False
 
-            if step % arm.log_every_steps == 0 or step == total_steps:
-                entry = {
-                    "step": step,
-                    "epoch": order.epochs_done,
-                    "lr": lr,
-                    "train_loss": interval["loss_sum"] / interval["targets"],
-                    "tokens_seen": tokens_seen,
-                    "tokens_per_s": interval["tokens"] / max(interval["seconds"], 1e-9),
-                    "wall_time_s": wall(),
-                    "grad_norm": interval["grad_norm_sum"] / interval["steps"],
-                }
-                if constrained:
-                    entry["min_constrained_weight"] = interval["min_w"]
-                history["log"].append(entry)
-                emit("train", entry)
-                bar.set_postfix(loss=f"{entry['train_loss']:.4f}", tok_s=f"{entry['tokens_per_s']:.0f}")
-                interval = _new_interval()
-                touched = True
+            if step % arm.log_every_steps == 0 or step == total:
+                log_step(run, state, lr, bar)
+                history_changed = True
+            if evaluate is not None and (step % arm.eval_every_steps == 0 or step == total):
+                evaluate_and_keep_best(run, state)
+                history_changed = True
+            if evaluate is None and step == total:
+                keep_final_as_best(run, state)
+                history_changed = True
 
-            if evaluate is not None and (step % arm.eval_every_steps == 0 or step == total_steps):
-                metrics = _run_eval(model, evaluate, constrained)
-                entry = {"step": step, **metrics}
-                history["eval"].append(entry)
-                emit("eval", entry)
-                ppl = metrics["val_perplexity"]
-                if summary["best_val_perplexity"] is None or ppl < summary["best_val_perplexity"]:
-                    save_best(out_dir, model, save_model, step=step, metrics=metrics, fingerprint_digest=fp_digest)
-                    summary.update(best_step=step, best_val_perplexity=ppl)
-                touched = True
-
-            if evaluate is None and step == total_steps:
-                save_best(out_dir, model, save_model, step=step, metrics={}, fingerprint_digest=fp_digest)
-                summary.update(best_step=step, best_val_perplexity=None)
-                touched = True
-
-            if touched:
-                atomic_write_json(history_path, history)
-            due_minutes = (time.monotonic() - last_ckpt) / 60.0 >= arm.checkpoint_every_minutes
-            if step % arm.checkpoint_every_steps == 0 or due_minutes or step == stop_at:
-                save_checkpoint(ckpt_root, step, model=model, optimizer=optimizer, param_names=param_names,
-                                scheduler=scheduler, state=train_state(), fingerprint=fingerprint,
-                                data_generator_state=order.generator_state, keep_last=arm.keep_last_checkpoints)
-                last_ckpt = time.monotonic()
+            if history_changed:
+                atomic_write_json(run.history_path, state.history)
+            if checkpoint_due(run, state, stop_at):
+                save_loop_checkpoint(run, state)
             bar.update(1)
     finally:
         bar.close()
+    return _finish(run, state)
 
-    completed = step >= total_steps
-    if completed and read_best(out_dir, fp_digest) is None:
-        if evaluate is None:  # a finished run whose best/ was deleted or damaged: the final model is the best
-            save_best(out_dir, model, save_model, step=step, metrics={}, fingerprint_digest=fp_digest)
-            summary.update(best_step=step, best_val_perplexity=None)
+
+def _progress_bar(run: TrainingRun, state: LoopState, progress: bool) -> tqdm:
+    desc = "train (constrained)" if run.constrained else "train"
+    return tqdm(total=run.total_steps, initial=state.step, disable=None if progress else True, desc=desc,
+                unit="step", dynamic_ncols=True)
+
+
+def take_step(run: TrainingRun, state: LoopState) -> float:
+    """One optimizer step on the next batch of the data order; returns the learning rate it used."""
+    t0 = time.perf_counter()
+    batch = run.train_blocks[state.order.take(run.effective_batch)]
+    lr = run.scheduler.get_last_lr()[0]
+    try:
+        loss_sum, grad_norm, min_w = training_step(run.model, run.optimizer, run.scheduler, batch, run.arm,
+                                                   constrained=run.constrained, use_amp=run.bf16)
+    except (ConstraintViolation, TrainingDiverged) as exc:
+        raise type(exc)(f"optimizer step {state.step + 1}: {exc}") from None
+    state.record_step(loss_sum, grad_norm, min_w, sequences=run.effective_batch, seq_len=run.seq_len,
+                      seconds=time.perf_counter() - t0)
+    return lr
+
+
+def log_step(run: TrainingRun, state: LoopState, lr: float, bar: tqdm) -> None:
+    """Append the averages of the interval that ends at this step to the history; start a new one."""
+    interval = state.interval
+    entry = {
+        "step": state.step,
+        "epoch": state.order.epochs_done,
+        "lr": lr,
+        "train_loss": interval.train_loss,
+        "tokens_seen": state.tokens_seen,
+        "tokens_per_s": interval.tokens_per_s,
+        "wall_time_s": state.wall_time(),
+        "grad_norm": interval.grad_norm,
+    }
+    if run.constrained:
+        entry["min_constrained_weight"] = interval.min_w
+    state.history["log"].append(entry)
+    run.emit("train", entry)
+    bar.set_postfix(loss=f"{entry['train_loss']:.4f}", tok_s=f"{entry['tokens_per_s']:.0f}")
+    state.interval = Interval()
+
+
+def evaluate_and_keep_best(run: TrainingRun, state: LoopState) -> None:
+    """Evaluate, record the metrics, and save the model as `best/` if its perplexity is the lowest."""
+    metrics = _run_eval(run.model, run.evaluate, run.constrained)
+    entry = {"step": state.step, **metrics}
+    state.history["eval"].append(entry)
+    run.emit("eval", entry)
+    ppl = metrics["val_perplexity"]
+    summary = state.summary
+    if summary["best_val_perplexity"] is None or ppl < summary["best_val_perplexity"]:
+        save_best(run.out_dir, run.model, run.save_model, step=state.step, metrics=metrics,
+                  fingerprint_digest=run.fingerprint_digest)
+        summary.update(best_step=state.step, best_val_perplexity=ppl)
+
+
+def keep_final_as_best(run: TrainingRun, state: LoopState) -> None:
+    """Without an evaluation the final model is the best one."""
+    save_best(run.out_dir, run.model, run.save_model, step=state.step, metrics={},
+              fingerprint_digest=run.fingerprint_digest)
+    state.summary.update(best_step=state.step, best_val_perplexity=None)
+
+
+def _finish(run: TrainingRun, state: LoopState) -> TrainResult:
+    """Make sure a finished run has a best model, write the history a last time, and report."""
+    completed = state.step >= run.total_steps
+    if completed and read_best(run.out_dir, run.fingerprint_digest) is None:
+        if run.evaluate is None:  # a finished run whose best/ was deleted or damaged: the final model is the best
+            keep_final_as_best(run, state)
         else:
-            log.warning("%s: training finished but no valid best model exists", out_dir)
-    atomic_write_json(history_path, history)
+            log.warning("%s: training finished but no valid best model exists", run.out_dir)
+    atomic_write_json(run.history_path, state.history)
     return TrainResult(
-        history_path=history_path,
-        best_dir=out_dir / BEST_DIR,
-        final_metrics=_final_metrics(history),
-        steps=step,
-        total_steps=total_steps,
-        tokens_seen=tokens_seen,
-        effective_batch_size=eff,
-        resumed_from=latest,
+        history_path=run.history_path,
+        best_dir=run.best_dir,
+        final_metrics=_final_metrics(state.history),
+        steps=state.step,
+        total_steps=run.total_steps,
+        tokens_seen=state.tokens_seen,
+        effective_batch_size=run.effective_batch,
+        resumed_from=state.resumed_from,
         completed=completed,
-        history=history,
+        history=state.history,
     )
+
+
+def _final_metrics(history: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if history["log"]:
+        out["train_loss"] = history["log"][-1]["train_loss"]
+    if history["eval"]:
+        out.update({k: v for k, v in history["eval"][-1].items() if k != "step"})
+    s = history["summary"]
+    out.update(best_step=s["best_step"], best_val_perplexity=s["best_val_perplexity"])
+    if "min_constrained_weight" in s:
+        out["min_constrained_weight"] = s["min_constrained_weight"]
+    return out
 
 
 def _run_eval(model: nn.Module, evaluate: Evaluate, constrained: bool) -> dict[str, Any]:
