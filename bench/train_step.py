@@ -79,7 +79,7 @@ def main() -> None:
     how = constrain(cons, args.variant)
     arm = ArmConfig(lr=5e-5, max_steps=10**6, warmup_ratio=0.0, micro_batch_size=args.batch, grad_accum_steps=1,
                     bf16="auto", gradient_checkpointing="off")
-    use_amp = resolve_flag(arm.bf16, device)
+    bf16 = resolve_flag(arm.bf16, device)
     batch = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
 
     sides = {}
@@ -94,7 +94,7 @@ def main() -> None:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(steps):
-            training_step(model, opt, sched, batch, arm, constrained=constrained, use_amp=use_amp)
+            training_step(model, opt, sched, batch, arm, constrained=constrained, bf16=bf16)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return (time.perf_counter() - t0) / steps
@@ -110,7 +110,7 @@ def main() -> None:
     n_constrained = sum(m.weight.numel() for _, m in constrained_modules(cons))
     n_params = sum(p.numel() for p in base.parameters())
     tokens = args.batch * args.seq
-    print(f"device={device} threads={torch.get_num_threads()} bf16_autocast={use_amp} torch={torch.__version__}")
+    print(f"device={device} threads={torch.get_num_threads()} bf16_autocast={bf16} torch={torch.__version__}")
     print(f"GPT-NeoX hidden={args.hidden} layers={args.layers} vocab={args.vocab} seq={args.seq} "
           f"batch={args.batch}; {n_params / 1e6:.2f}M params, {n_constrained / 1e6:.2f}M constrained ({how})")
     print(f"{args.rounds} interleaved rounds x {args.steps} steps per side after {args.warmup} warm-up steps")

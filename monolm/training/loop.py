@@ -4,7 +4,6 @@ checkpoint, until the budget (or this call's share of it) is done."""
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
@@ -20,6 +19,7 @@ from tqdm.auto import tqdm
 from monolm.artifacts import atomic_write_json
 from monolm.config import ArmConfig
 from monolm.constraints import ConstraintViolation
+from monolm.runtime import eval_mode
 from monolm.training.best import SaveModel, read_best, save_best
 from monolm.training.run import Evaluate, OnLog, TrainingRun, prepare_run
 from monolm.training.state import Interval, LoopState, checkpoint_due, save_loop_checkpoint, start_or_resume
@@ -122,7 +122,7 @@ def take_step(run: TrainingRun, state: LoopState) -> float:
     lr = run.scheduler.get_last_lr()[0]
     try:
         loss_sum, grad_norm, min_w = training_step(run.model, run.optimizer, run.scheduler, batch, run.arm,
-                                                   constrained=run.constrained, use_amp=run.bf16)
+                                                   constrained=run.constrained, bf16=run.bf16)
     except (ConstraintViolation, TrainingDiverged) as exc:
         raise type(exc)(f"optimizer step {state.step + 1}: {exc}") from None
     state.record_step(loss_sum, grad_norm, min_w, sequences=run.effective_batch, seq_len=run.seq_len,
@@ -210,13 +210,9 @@ def _final_metrics(history: dict[str, Any]) -> dict[str, Any]:
 
 def _run_eval(model: nn.Module, evaluate: Evaluate, constrained: bool) -> dict[str, Any]:
     """Call `evaluate` in eval mode without autograd (softplus cached once for the whole pass)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), (parametrize.cached() if constrained else contextlib.nullcontext()):
-            raw = evaluate(model)
-    finally:
-        model.train(was_training)
+    cache = parametrize.cached() if constrained else contextlib.nullcontext()
+    with eval_mode(model), torch.no_grad(), cache:
+        raw = evaluate(model)
     if "perplexity" not in raw:
         raise KeyError(f"evaluate() must return 'perplexity' (best-model selection uses it); got {sorted(raw)}")
     metrics = {f"val_{k}": (float(v) if isinstance(v, (int, float)) or hasattr(v, "item") else v)
@@ -224,7 +220,3 @@ def _run_eval(model: nn.Module, evaluate: Evaluate, constrained: bool) -> dict[s
     if not math.isfinite(metrics["val_perplexity"]):
         log.warning("validation perplexity is %s", metrics["val_perplexity"])
     return metrics
-
-
-def load_history(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())

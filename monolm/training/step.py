@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 
 from monolm.config import ArmConfig
 from monolm.constraints import constrained_modules, min_constrained_weight
-from monolm.runtime import autocast
+from monolm.runtime import autocast, model_device
 from monolm.training.schedule import LRSchedule
 
 log = logging.getLogger(__name__)
@@ -76,14 +76,15 @@ def accumulate_gradients(
     batch: torch.LongTensor,
     micro_batch_size: int,
     *,
-    autocast_enabled: bool = False,
+    bf16: bool = False,
     cache_parametrizations: bool = False,
 ) -> torch.Tensor:
     """Forward+backward `batch` [B, T] in micro-batches, adding into `.grad`; returns the summed
     next-token loss (a detached scalar). Each micro-batch's summed loss is divided by the number
     of predicted tokens in the whole batch, so the accumulated gradient is that of the batch mean.
-    Every position predicts the next token (packed blocks have no padding)."""
-    device = next(model.parameters()).device
+    Every position predicts the next token (packed blocks have no padding). `bf16`: autocast the
+    forward in bf16 (the loss is computed in fp32 either way)."""
+    device = model_device(model)
     n_targets = batch.shape[0] * (batch.shape[1] - 1)
     total = torch.zeros((), dtype=torch.float32, device=device)
     for start in range(0, batch.shape[0], micro_batch_size):
@@ -96,7 +97,7 @@ def accumulate_gradients(
                 # and its recomputation (served from the cache) would save different tensors.
                 for _, module in constrained_modules(model):
                     module.weight  # noqa: B018 - fills parametrize's cache
-            with autocast(device, autocast_enabled):
+            with autocast(device, bf16):
                 logits = _lm_logits(model, ids)
             loss_sum = F.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
@@ -114,15 +115,15 @@ def training_step(
     arm: ArmConfig,
     *,
     constrained: bool,
-    use_amp: bool,
+    bf16: bool,
 ) -> tuple[float, float, float | None]:
     """One optimizer step on `batch` (all micro-batches): accumulate, clip, AdamW, schedule, and for
     the constrained arm the check of the materialized weights. Returns (summed loss over predicted
-    tokens, pre-clip gradient norm, min constrained weight or None). The loop and `bench/` share it.
+    tokens, pre-clip gradient norm, min constrained weight or None). `bf16`: autocast compute, as
+    resolved from the arm's `bf16` setting for the device. The loop and `bench/` share it.
     """
     optimizer.zero_grad(set_to_none=True)
-    loss_sum = accumulate_gradients(model, batch, arm.micro_batch_size, autocast_enabled=use_amp,
-                                    cache_parametrizations=constrained)
+    loss_sum = accumulate_gradients(model, batch, arm.micro_batch_size, bf16=bf16, cache_parametrizations=constrained)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if arm.grad_clip is not None:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, arm.grad_clip)
