@@ -33,6 +33,8 @@ WALL_CLOCK_FIELDS = ("tokens_per_s", "wall_time_s")
 
 @dataclass
 class TrainResult:
+    """What one call of `train()` did and where it left the history and the best model."""
+
     history_path: Path
     best_dir: Path
     final_metrics: dict[str, Any]
