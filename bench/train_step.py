@@ -24,8 +24,9 @@ from torch.nn.utils import parametrize
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from monolm.config import ArmConfig
+from monolm.constraints import constrained_modules
 from monolm.runtime import pick_device, resolve_flag
-from monolm.training import build_optimizer, constrained_modules, training_step
+from monolm.training import build_optimizer, training_step
 
 
 class _Softplus(nn.Module):
@@ -78,7 +79,7 @@ def main() -> None:
     how = constrain(cons, args.variant)
     arm = ArmConfig(lr=5e-5, max_steps=10**6, warmup_ratio=0.0, micro_batch_size=args.batch, grad_accum_steps=1,
                     bf16="auto", gradient_checkpointing="off")
-    use_amp = resolve_flag(arm.bf16, device)
+    bf16 = resolve_flag(arm.bf16, device)
     batch = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
 
     sides = {}
@@ -93,7 +94,7 @@ def main() -> None:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(steps):
-            training_step(model, opt, sched, batch, arm, constrained=constrained, use_amp=use_amp)
+            training_step(model, opt, sched, batch, arm, constrained=constrained, bf16=bf16)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return (time.perf_counter() - t0) / steps
@@ -109,7 +110,7 @@ def main() -> None:
     n_constrained = sum(m.weight.numel() for _, m in constrained_modules(cons))
     n_params = sum(p.numel() for p in base.parameters())
     tokens = args.batch * args.seq
-    print(f"device={device} threads={torch.get_num_threads()} bf16_autocast={use_amp} torch={torch.__version__}")
+    print(f"device={device} threads={torch.get_num_threads()} bf16_autocast={bf16} torch={torch.__version__}")
     print(f"GPT-NeoX hidden={args.hidden} layers={args.layers} vocab={args.vocab} seq={args.seq} "
           f"batch={args.batch}; {n_params / 1e6:.2f}M params, {n_constrained / 1e6:.2f}M constrained ({how})")
     print(f"{args.rounds} interleaved rounds x {args.steps} steps per side after {args.warmup} warm-up steps")
@@ -119,7 +120,7 @@ def main() -> None:
         med[name] = statistics.median(ts)
         print(f"{name:<12} {med[name] * 1e3:>15.1f} {min(ts) * 1e3:>8.1f} {max(ts) * 1e3:>8.1f} "
               f"{tokens / med[name]:>10.0f}")
-    per_round = [c / b for b, c in zip(times["baseline"], times["constrained"])]
+    per_round = [c / b for b, c in zip(times["baseline"], times["constrained"], strict=True)]
     print(f"per-round ratios: {' '.join(f'{x:.3f}' for x in per_round)} (median {statistics.median(per_round):.3f})")
     print(f"train_step_ratio={med['constrained'] / med['baseline']:.3f}")
 

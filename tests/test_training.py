@@ -15,15 +15,8 @@ from torch.nn.utils import parametrize
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from monolm.config import ArmConfig
-from monolm.training import (
-    ConstraintViolation,
-    DataOrder,
-    LRSchedule,
-    accumulate_gradients,
-    constrained_modules,
-    total_steps_for,
-    train,
-)
+from monolm.constraints import ConstraintViolation, constrained_modules
+from monolm.training import DataOrder, LRSchedule, accumulate_gradients, total_steps_for, train
 
 VOCAB, SEQ = 128, 32
 
@@ -82,7 +75,7 @@ def test_lr_schedule_warmup_then_decay_to_min():
     assert [s(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert s(4) == pytest.approx(1.0)
     values = [s(i) for i in range(4, 20)]
-    assert all(a >= b for a, b in zip(values, values[1:]))  # monotone decay
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))  # monotone decay
     assert s(20) == pytest.approx(0.1) and values[-1] > 0.1
     lin = LRSchedule(10, 0, "linear", 0.0)
     assert [lin(i) for i in (0, 5)] == [1.0, 0.5]
@@ -129,7 +122,7 @@ def test_training_with_accumulation_matches_one_batch_update(tmp_path):
     (m1, r1), (m2, r2) = results
     # Adam divides by sqrt(v): entries whose true gradient is ~0 (e.g. the attention key bias,
     # which softmax ignores) turn float summation noise into +-lr steps. Everything else matches.
-    diffs = torch.cat([(a - b).abs().flatten() for a, b in zip(m1.parameters(), m2.parameters())])
+    diffs = torch.cat([(a - b).abs().flatten() for a, b in zip(m1.parameters(), m2.parameters(), strict=True)])
     assert (diffs > 1e-6).float().mean() < 1e-3
     assert diffs.max() <= 3 * 3e-3  # never more than one Adam step (lr=1e-3) per step apart
     losses = [[e["train_loss"] for e in r.history["log"]] for r in (r1, r2)]
