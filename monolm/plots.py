@@ -25,7 +25,9 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import EngFormatter
 
 from monolm.artifacts import atomic_path
-from monolm.report import ARM_LABEL, ARMS, ATTACKS, MODELS, summary, value
+from monolm.report.labels import ARM_LABEL, ARMS, ATTACKS, MODELS
+from monolm.report.summaries import summary
+from monolm.report.values import value
 
 COLORS = {"base": "#7f7f7f", "baseline": "#1f77b4", "monotonic": "#d95f02"}
 SHORT = {"base": "base", "baseline": "baseline", "monotonic": "monotonic\n(non-neg. FFN)"}

@@ -1,0 +1,86 @@
+"""Paired tests monotonic − baseline: across seeds where at least two seeds have both values, and
+within every seed over its examples (the same attacked texts or evaluation documents, in the same
+order, for both arms). Each result keeps the sentence `monolm.stats.describe_difference` makes of
+it, which names the test and n and says "not significant" when the test says so."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from monolm import stats
+from monolm.report.labels import ARMS, ATTACKS, metric_label
+from monolm.report.summaries import ALPHA, CONFIDENCE
+from monolm.report.values import doc_losses, example_effects
+
+
+@dataclass
+class Comparison:
+    stage: str
+    metric: str
+    a: str
+    b: str
+    scope: str  # "seeds", "texts" or "documents"
+    seed: int | None  # None across seeds; the seed for a within-seed test
+    result: dict[str, Any]
+    label: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        sentence = stats.describe_difference(self.a, self.b, self.label or self.metric, self.result, ALPHA,
+                                             unit=self.scope)
+        return {"stage": self.stage, "metric": self.metric, "a": self.a, "b": self.b, "scope": self.scope,
+                "seed": self.seed, **{k: v for k, v in self.result.items() if k != "test_names"},
+                "test": stats.TEST_NAMES["t"], "secondary_test": stats.TEST_NAMES["wilcoxon"], "sentence": sentence}
+
+
+ACROSS_SEEDS = (("evaluate", "token_perplexity"), ("evaluate", "loss"), ("evaluate", "bits_per_byte"),
+                ("uat", "abs_increase"), ("uat", "rel_increase"), ("uat", "success_rate"),
+                ("hotflip", "abs_increase"), ("hotflip", "rel_increase"), ("hotflip", "success_rate"),
+                ("hotflip", "control_abs_increase"))
+
+
+def compare_arms(values: Sequence[dict[str, Any]], seeds: Sequence[dict[str, Any]]) -> list[Comparison]:
+    """Paired tests monotonic vs baseline: across seeds (n >= 2 seeds), and within every seed
+    across its examples (the same texts/documents in the same order for both arms)."""
+    lookup = {(r["seed"], r["stage"], r["model"], r["metric"]): r["value"] for r in values}
+    seed_ids = [int(d["seed"]) for d in seeds]
+    out: list[Comparison] = []
+    # Across seeds only where at least 2 seeds have both values (a stage may be missing in some seeds).
+    for stage, metric in ACROSS_SEEDS:
+        pairs = [(lookup[(s, stage, "monotonic", metric)], lookup[(s, stage, "baseline", metric)]) for s in seed_ids
+                 if (s, stage, "monotonic", metric) in lookup and (s, stage, "baseline", metric) in lookup]
+        if len(pairs) >= 2:
+            mono, base = zip(*pairs, strict=True)
+            out.append(Comparison(stage, metric, "monotonic", "baseline", "seeds", None,
+                                  stats.paired_test(mono, base, alpha=ALPHA, confidence=CONFIDENCE),
+                                  metric_label(stage, metric)))
+    for arm in ARMS:  # does the gradient search beat query-only random search? (gradient masking check)
+        pairs = [(lookup[(s, "hotflip", arm, "abs_increase")], lookup[(s, "hotflip", arm, "control_abs_increase")])
+                 for s in seed_ids if (s, "hotflip", arm, "control_abs_increase") in lookup
+                 and (s, "hotflip", arm, "abs_increase") in lookup]
+        if len(pairs) >= 2:
+            grad, ctrl = zip(*pairs, strict=True)
+            out.append(Comparison("hotflip", f"gradient_vs_control_{arm}", "gradient HotFlip", "random control",
+                                  "seeds", None, stats.paired_test(grad, ctrl, alpha=ALPHA, confidence=CONFIDENCE),
+                                  f"{arm} arm absolute loss increase (nats/token)"))
+    for data in seeds:
+        seed = int(data["seed"])
+        for stage in ATTACKS:
+            per_example = (data.get("per_example") or {}).get(stage)
+            if not per_example or not all(arm in per_example for arm in ARMS):
+                continue
+            mono, base = example_effects(per_example, "monotonic"), example_effects(per_example, "baseline")
+            for metric in ("abs_increase", "rel_increase"):
+                out.append(Comparison(stage, metric, "monotonic", "baseline", "texts", seed,
+                                      stats.paired_test(mono[metric], base[metric], alpha=ALPHA, confidence=CONFIDENCE),
+                                      f"{metric_label(stage, metric)} (seed {seed})"))
+        ev = data.get("evaluation")
+        if ev:
+            mono_docs, base_docs = doc_losses(ev, "monotonic"), doc_losses(ev, "baseline")
+            if mono_docs is not None and base_docs is not None:
+                out.append(Comparison("evaluate", "doc_loss", "monotonic", "baseline", "documents", seed,
+                                      stats.paired_test(mono_docs[0] / mono_docs[1], base_docs[0] / base_docs[1],
+                                                        alpha=ALPHA, confidence=CONFIDENCE),
+                                      f"per-document loss (nats/token, seed {seed})"))
+    return out
