@@ -5,7 +5,7 @@ and the per-example arrays (texts, documents) that the within-seed statistics us
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -52,7 +52,8 @@ def monotonicity_rates(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
         pairs = sum(r.get("n_pairs", 0) for r in items)
         prefix = f"monotonicity_{role}_{sublayer}"
         if coords:
-            out[f"{prefix}_coord_violation_rate"] = sum(r["coord_violation_rate"] * r["n_coords"] for r in items) / coords
+            coord_violations = sum(r["coord_violation_rate"] * r["n_coords"] for r in items)
+            out[f"{prefix}_coord_violation_rate"] = coord_violations / coords
         if pairs:
             out[f"{prefix}_pair_violation_rate"] = sum(r["pair_violation_rate"] * r["n_pairs"] for r in items) / pairs
         out[f"{prefix}_max_relative_drop"] = max(float(r.get("max_relative_drop", 0.0)) for r in items)
@@ -63,6 +64,69 @@ def _number(value: Any) -> float | None:
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         return None
     return float(value)
+
+
+# add(stage, model, metric, value): record one number (anything that is not a number is skipped)
+Add = Callable[[str, str | None, str, Any], None]
+
+
+def _constrain_values(report: dict[str, Any], add: Add) -> None:
+    """Stage 1's report.json: how much was constrained, the function drift, the smallest weight
+    and the pooled monotonicity violation rates."""
+    summary = report.get("summary") or {}
+    for key in CONSTRAIN_KEYS:
+        add("constrain", "monotonic", key, summary.get(key))
+    for key, value in (report.get("drift") or {}).items():
+        add("constrain", "monotonic", f"drift_{key}", value)
+    add("constrain", "monotonic", "min_constrained_weight", report.get("min_constrained_weight"))
+    for key, value in monotonicity_rates(report.get("monotonicity") or []).items():
+        add("constrain", "monotonic", key, value)
+
+
+def _train_values(arm: str, stage: dict[str, Any], add: Add) -> None:
+    """A training stage's manifest metrics: steps, tokens, lr, batch, final numbers, wall time."""
+    name = f"train_{arm}"
+    metrics = stage["metrics"]
+    for key in TRAIN_KEYS:
+        add(name, arm, key, metrics.get(key))
+    for key, value in (metrics.get("final") or {}).items():
+        add(name, arm, f"final_{key}", value)
+    add(name, arm, "wall_time_s", stage.get("wall_time_s"))
+
+
+def _evaluation_values(evaluation: dict[str, Any], add: Add) -> None:
+    """Stage 4's evaluation.json: held-out quality of every model, the smallest constrained weight
+    and the pooled monotonicity violation rates after training."""
+    for model in MODELS:
+        for key in EVAL_KEYS:
+            add("evaluate", model, key, (evaluation.get("models") or {}).get(model, {}).get(key))
+    add("evaluate", "monotonic", "min_constrained_weight", evaluation.get("min_constrained_weight"))
+    for key, value in monotonicity_rates(evaluation.get("monotonicity") or []).items():
+        add("evaluate", "monotonic", key, value)
+
+
+def _attack_effects(attack: str, arm: str, prefix: str, rec: dict[str, Any], add: Add) -> None:
+    """One arm's attack effects with their stage-computed intervals; `prefix` is "control_" for
+    the random-candidate control."""
+    for key in ATTACK_KEYS:
+        add(attack, arm, prefix + key, rec.get(key))
+        ci = rec.get(f"{key}_ci") or [None, None]
+        add(attack, arm, f"{prefix}{key}_ci_low", ci[0])
+        add(attack, arm, f"{prefix}{key}_ci_high", ci[1])
+    add(attack, arm, prefix + "n_texts", rec.get("n"))
+
+
+def _attack_values(attack: str, metrics: dict[str, Any], add: Add) -> None:
+    """An attack stage's manifest metrics: effects per arm (and of its control), mean flips, and
+    the transfer matrix (crafted on `source`, evaluated on `target`)."""
+    for prefix, block in (("", metrics.get("per_model")), ("control_", metrics.get("control"))):
+        for arm, rec in (block or {}).items():
+            _attack_effects(attack, arm, prefix, rec, add)
+    for arm, value in (metrics.get("mean_flips") or {}).items():
+        add(attack, arm, "mean_flips", value)
+    for source, row in (metrics.get("transfer") or {}).items():
+        for target, value in row.items():
+            add(attack, target, f"transfer_from_{source}", value)
 
 
 def seed_values(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -77,50 +141,16 @@ def seed_values(data: dict[str, Any]) -> list[dict[str, Any]]:
             out.append({"seed": seed, "stage": stage, "model": model, "metric": metric, "value": number})
 
     stages = data.get("stages", {})
-    cr = data.get("constrain")
-    if cr:
-        summary = cr.get("summary") or {}
-        for key in CONSTRAIN_KEYS:
-            add("constrain", "monotonic", key, summary.get(key))
-        for key, value in (cr.get("drift") or {}).items():
-            add("constrain", "monotonic", f"drift_{key}", value)
-        add("constrain", "monotonic", "min_constrained_weight", cr.get("min_constrained_weight"))
-        for key, value in monotonicity_rates(cr.get("monotonicity") or []).items():
-            add("constrain", "monotonic", key, value)
+    if data.get("constrain"):
+        _constrain_values(data["constrain"], add)
     for arm in ARMS:
-        stage = f"train_{arm}"
-        if stage in stages:
-            metrics = stages[stage]["metrics"]
-            for key in TRAIN_KEYS:
-                add(stage, arm, key, metrics.get(key))
-            for key, value in (metrics.get("final") or {}).items():
-                add(stage, arm, f"final_{key}", value)
-            add(stage, arm, "wall_time_s", stages[stage].get("wall_time_s"))
-    ev = data.get("evaluation")
-    if ev:
-        for model in MODELS:
-            for key in EVAL_KEYS:
-                add("evaluate", model, key, (ev.get("models") or {}).get(model, {}).get(key))
-        add("evaluate", "monotonic", "min_constrained_weight", ev.get("min_constrained_weight"))
-        for key, value in monotonicity_rates(ev.get("monotonicity") or []).items():
-            add("evaluate", "monotonic", key, value)
+        if f"train_{arm}" in stages:
+            _train_values(arm, stages[f"train_{arm}"], add)
+    if data.get("evaluation"):
+        _evaluation_values(data["evaluation"], add)
     for attack in ATTACKS:
-        if attack not in stages:
-            continue
-        metrics = stages[attack]["metrics"]
-        for prefix, block in (("", metrics.get("per_model")), ("control_", metrics.get("control"))):
-            for arm, rec in (block or {}).items():
-                for key in ATTACK_KEYS:
-                    add(attack, arm, prefix + key, rec.get(key))
-                    ci = rec.get(f"{key}_ci") or [None, None]
-                    add(attack, arm, f"{prefix}{key}_ci_low", ci[0])
-                    add(attack, arm, f"{prefix}{key}_ci_high", ci[1])
-                add(attack, arm, prefix + "n_texts", rec.get("n"))
-        for arm, value in (metrics.get("mean_flips") or {}).items():
-            add(attack, arm, "mean_flips", value)
-        for source, row in (metrics.get("transfer") or {}).items():
-            for target, value in row.items():
-                add(attack, target, f"transfer_from_{source}", value)
+        if attack in stages:
+            _attack_values(attack, stages[attack]["metrics"], add)
     for stage in ("setup", "constrain", "evaluate", *ATTACKS):
         if stage in stages:
             add(stage, None, "wall_time_s", stages[stage].get("wall_time_s"))
