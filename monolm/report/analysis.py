@@ -59,7 +59,9 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
     for comp in results["comparisons"]:
         if comp["scope"] == "seeds" and comp["metric"] in ("token_perplexity", "abs_increase"):
             key = f"{comp['stage']}_{comp['metric']}"
-            out[f"{key}_diff"], out[f"{key}_t_p"], out[f"{key}_significant"] = comp["mean_diff"], comp["t_p"], comp["significant"]
+            out[f"{key}_diff"] = comp["mean_diff"]
+            out[f"{key}_t_p"] = comp["t_p"]
+            out[f"{key}_significant"] = comp["significant"]
     return out
 
 

@@ -75,52 +75,84 @@ def summary_csv(results: dict[str, Any]) -> str:
     return buffer.getvalue()
 
 
-def markdown(results: dict[str, Any], *, plots: dict[str, str], config_yaml: str, config_path: str) -> str:
-    """report.md: recipe and provenance first, then findings, tables, plots, methods, config."""
+SECTIONS = {"quality": "Quality", "attack-uat": "Robustness", "attack-hotflip": "Robustness",
+            "tests": "Paired tests", "transfer-uat": "Transfer", "transfer-hotflip": "Transfer",
+            "monotonicity": "The constraint", "constraint": "The constraint", "training": "Training",
+            "per-seed": "Per-seed values"}  # table key -> report.md section (tables of one section follow each other)
+PLOT_CAPTIONS = {
+    "perplexity": "Held-out token perplexity per arm (points: seeds; bars: 95% CI)",
+    "attacks": "Absolute loss increase under attack per arm, nats/token (95% CIs; HotFlip with its random control)",
+    "training": "Training curves of both arms (validation perplexity and training loss vs tokens seen)",
+}
+
+
+def _provenance_lines(results: dict[str, Any], config_path: str) -> list[str]:
+    """The title, the recipe statement, and what was run: model, seeds, status, config and code."""
     meta = results["meta"]
     n = len(meta["seeds"])
-    lines = [f"# monolm results: {meta['run_name']}", "",
-             f"> {results['recipe_statement']}", "",
-             f"- Question: does constraining the FFN weights to be non-negative make the model harder to attack, "
-             f"and what does it cost?",
-             f"- Model: `{meta['model']}` (preset `{meta['preset']}`); constraint variant `{meta['variant']}` "
-             f"(init `{meta.get('init')}`): non-negative FFN weights.",
-             f"- Seeds: {', '.join(str(s) for s in meta['seeds'])} (n = {n}).",
-             *([f"- **Status: partial** — {meta['incomplete']}."] if meta.get("incomplete") else []),
-             f"- Config digest `{meta['config_digest']}`; full config: `{config_path}` (also at the end of this report).",
-             f"- Code revision: `{meta['code_revision']}`"
-             + (f" (stage outputs were produced at: {', '.join('`' + r + '`' for r in meta['stage_revisions'])})"
-                if meta.get("stage_revisions") and meta["stage_revisions"] != [meta["code_revision"]] else "") + ".",
-             "", "## Findings", ""]
+    revisions = meta.get("stage_revisions")
+    stage_revisions = (f" (stage outputs were produced at: {', '.join('`' + r + '`' for r in revisions)})"
+                       if revisions and revisions != [meta["code_revision"]] else "")
+    return [f"# monolm results: {meta['run_name']}", "",
+            f"> {results['recipe_statement']}", "",
+            "- Question: does constraining the FFN weights to be non-negative make the model harder to attack, "
+            "and what does it cost?",
+            f"- Model: `{meta['model']}` (preset `{meta['preset']}`); constraint variant `{meta['variant']}` "
+            f"(init `{meta.get('init')}`): non-negative FFN weights.",
+            f"- Seeds: {', '.join(str(s) for s in meta['seeds'])} (n = {n}).",
+            *([f"- **Status: partial** — {meta['incomplete']}."] if meta.get("incomplete") else []),
+            f"- Config digest `{meta['config_digest']}`; full config: `{config_path}` "
+            "(also at the end of this report).",
+            f"- Code revision: `{meta['code_revision']}`" + stage_revisions + ".",
+            ""]
+
+
+def _findings_lines(results: dict[str, Any]) -> list[str]:
+    lines = ["## Findings", ""]
     lines += [f"- {s}" for s in results["findings"]] or ["- No comparisons could be computed."]
-    lines += ["", f"- {results['monotonicity_statement']}", ""]
-    sections = {"quality": "Quality", "attack-uat": "Robustness", "attack-hotflip": "Robustness",
-                "tests": "Paired tests", "transfer-uat": "Transfer", "transfer-hotflip": "Transfer",
-                "monotonicity": "The constraint", "constraint": "The constraint", "training": "Training",
-                "per-seed": "Per-seed values"}
+    return [*lines, "", f"- {results['monotonicity_statement']}", ""]
+
+
+def _table_lines(results: dict[str, Any]) -> list[str]:
+    """Every table under its section heading."""
+    lines: list[str] = []
     done: set[str] = set()
     for t in tables(results):
-        heading = sections.get(t.key, t.title)
+        heading = SECTIONS.get(t.key, t.title)
         if heading not in done:
             lines += [f"## {heading}", ""]
             done.add(heading)
         lines += [table_markdown(t), ""]
-    if plots:
-        lines += ["## Plots", ""]
-        captions = {"perplexity": "Held-out token perplexity per arm (points: seeds; bars: 95% CI)",
-                    "attacks": "Absolute loss increase under attack per arm, nats/token (95% CIs; HotFlip with its random control)",
-                    "training": "Training curves of both arms (validation perplexity and training loss vs tokens seen)"}
-        for name, rel in plots.items():
-            lines += [f"![{captions.get(name, name)}]({rel})", "", f"_{captions.get(name, name)}._", ""]
-    lines += ["## Methods", "",
-              "- Differences are monotonic − baseline. Across seeds: mean ± std (ddof = 1), Student-t 95% CI, paired "
-              "t-test (primary, decides significance) and Wilcoxon signed-rank test (scipy.stats). Within a seed: the "
-              "same paired tests over the attacked texts (identical texts, same order, for both arms).",
-              "- With one seed, confidence intervals are bootstrap (BCa, 10,000 resamples, seeded) over texts or "
-              "documents; they describe one trained pair of models, not variation between training seeds.",
-              f"- Attack effects are measured on the original text tokens only (trigger and flipped tokens are never "
-              f"scored). The absolute loss increase (nats/token) is primary; relative increase and success rate "
-              f"(relative increase above {fmt_pct(meta.get('success_threshold'))}) are secondary.",
-              f"- Significance level α = {ALPHA}; no correction for multiple comparisons.", "",
-              "## Configuration", "", "```yaml", config_yaml.rstrip(), "```", ""]
+    return lines
+
+
+def _plot_lines(plots: dict[str, str]) -> list[str]:
+    """Every figure ({name: path relative to report.md}) with its caption."""
+    if not plots:
+        return []
+    lines = ["## Plots", ""]
+    for name, rel in plots.items():
+        caption = PLOT_CAPTIONS.get(name, name)
+        lines += [f"![{caption}]({rel})", "", f"_{caption}._", ""]
+    return lines
+
+
+def _methods_lines(meta: dict[str, Any]) -> list[str]:
+    return ["## Methods", "",
+            "- Differences are monotonic − baseline. Across seeds: mean ± std (ddof = 1), Student-t 95% CI, paired "
+            "t-test (primary, decides significance) and Wilcoxon signed-rank test (scipy.stats). Within a seed: the "
+            "same paired tests over the attacked texts (identical texts, same order, for both arms).",
+            "- With one seed, confidence intervals are bootstrap (BCa, 10,000 resamples, seeded) over texts or "
+            "documents; they describe one trained pair of models, not variation between training seeds.",
+            "- Attack effects are measured on the original text tokens only (trigger and flipped tokens are never "
+            "scored). The absolute loss increase (nats/token) is primary; relative increase and success rate "
+            f"(relative increase above {fmt_pct(meta.get('success_threshold'))}) are secondary.",
+            f"- Significance level α = {ALPHA}; no correction for multiple comparisons.", ""]
+
+
+def markdown(results: dict[str, Any], *, plots: dict[str, str], config_yaml: str, config_path: str) -> str:
+    """report.md: recipe and provenance first, then findings, tables, plots, methods, config."""
+    lines = [*_provenance_lines(results, config_path), *_findings_lines(results), *_table_lines(results),
+             *_plot_lines(plots), *_methods_lines(results["meta"]),
+             "## Configuration", "", "```yaml", config_yaml.rstrip(), "```", ""]
     return "\n".join(lines)

@@ -35,43 +35,49 @@ def finding(comp: dict[str, Any], *, headline: str) -> str:
     return f"{headline}: {lead}. {comp['sentence']}."
 
 
-def findings(results: dict[str, Any]) -> list[str]:
-    """The report's finding sentences, in reading order: quality, then absolute attack effects,
-    then relative effects and success rates, then the gradient-vs-control check."""
+FINDING_ORDER = (("evaluate", "token_perplexity"), ("uat", "abs_increase"), ("hotflip", "abs_increase"),
+                 ("uat", "rel_increase"), ("hotflip", "rel_increase"), ("uat", "success_rate"),
+                 ("hotflip", "success_rate"))
+
+
+def _within_seed_count(within: Sequence[dict[str, Any]]) -> str:
+    """In how many seeds the within-seed tests found a difference, and in which direction."""
+    higher = sum(c["significant"] and (c["mean_diff"] or 0) > 0 for c in within)
+    lower = sum(c["significant"] and (c["mean_diff"] or 0) < 0 for c in within)
+    return (f" Within single seeds (paired t-tests over {within[0]['scope']}), the difference was "
+            f"significant in {higher + lower} of {len(within)} seeds"
+            + (f" ({higher} with the constrained arm higher, {lower} lower)" if higher + lower else "")
+            + ".")
+
+
+def _metric_findings(results: dict[str, Any], stage: str, metric: str) -> list[str]:
+    """The findings on one metric: the across-seed test (with a count of the within-seed ones),
+    else each within-seed test, else the bare means of a headline metric without any test."""
     comps = results["comparisons"]
-    out: list[str] = []
-    order = [("evaluate", "token_perplexity"), ("uat", "abs_increase"), ("hotflip", "abs_increase"),
-             ("uat", "rel_increase"), ("hotflip", "rel_increase"), ("uat", "success_rate"), ("hotflip", "success_rate")]
-    for stage, metric in order:
-        headline = f"{ATTACKS[stage]} {METRIC_LABEL[metric]}" if stage in ATTACKS else METRIC_LABEL[metric].capitalize()
-        across = [c for c in comps if c["stage"] == stage and c["metric"] == metric and c["scope"] == "seeds"]
-        within = [c for c in comps if c["stage"] == stage and c["metric"] == metric and c["scope"] != "seeds"]
-        if stage == "evaluate":  # within a seed, quality is compared per document
-            within = [c for c in comps if c["stage"] == "evaluate" and c["metric"] == "doc_loss"]
-        if across:
-            sentence = finding(across[0], headline=headline)
-            if within:
-                higher = sum(c["significant"] and (c["mean_diff"] or 0) > 0 for c in within)
-                lower = sum(c["significant"] and (c["mean_diff"] or 0) < 0 for c in within)
-                sentence += (f" Within single seeds (paired t-tests over {within[0]['scope']}), the difference was "
-                             f"significant in {higher + lower} of {len(within)} seeds"
-                             + (f" ({higher} with the constrained arm higher, {lower} lower)" if higher + lower else "")
-                             + ".")
-            out.append(sentence)
-        elif within:
-            for comp in within:
-                out.append(finding(comp, headline=headline) + (
-                    f" This test is within seed {comp['seed']} (the only seed with this measurement): it is over "
-                    f"{comp['scope']} for one trained pair of models and says nothing about variation between "
-                    "training seeds."))
-        elif metric in ("token_perplexity", "abs_increase"):
-            means = {r["model"]: r for r in results["summaries"] if r["stage"] == stage and r["metric"] == metric}
-            if means:
-                n = max(r["n"] for r in means.values())
-                shown = ", ".join(f"{m} {fmt_num(means[m]['mean'])}" for m in MODELS if m in means)
-                out.append(f"{headline}: {shown} (n={n} seed{'s' if n != 1 else ''}); no paired test possible "
-                           "(fewer than 2 seeds and no per-example values), so no difference is claimed.")
-    out.extend(_disagreement(comps, results["summaries"]))
+    headline = f"{ATTACKS[stage]} {METRIC_LABEL[metric]}" if stage in ATTACKS else METRIC_LABEL[metric].capitalize()
+    across = [c for c in comps if c["stage"] == stage and c["metric"] == metric and c["scope"] == "seeds"]
+    within = [c for c in comps if c["stage"] == stage and c["metric"] == metric and c["scope"] != "seeds"]
+    if stage == "evaluate":  # within a seed, quality is compared per document
+        within = [c for c in comps if c["stage"] == "evaluate" and c["metric"] == "doc_loss"]
+    if across:
+        return [finding(across[0], headline=headline) + (_within_seed_count(within) if within else "")]
+    if within:
+        return [finding(comp, headline=headline) + (
+                f" This test is within seed {comp['seed']} (the only seed with this measurement): it is over "
+                f"{comp['scope']} for one trained pair of models and says nothing about variation between "
+                "training seeds.") for comp in within]
+    means = {r["model"]: r for r in results["summaries"] if r["stage"] == stage and r["metric"] == metric}
+    if metric not in ("token_perplexity", "abs_increase") or not means:
+        return []
+    n = max(r["n"] for r in means.values())
+    shown = ", ".join(f"{m} {fmt_num(means[m]['mean'])}" for m in MODELS if m in means)
+    return [f"{headline}: {shown} (n={n} seed{'s' if n != 1 else ''}); no paired test possible "
+            "(fewer than 2 seeds and no per-example values), so no difference is claimed."]
+
+
+def _control_findings(comps: Sequence[dict[str, Any]]) -> list[str]:
+    """Did gradient-guided HotFlip beat its query-only random control? (a gradient masking check)"""
+    out = []
     for comp in comps:
         if comp["metric"].startswith("gradient_vs_control_"):
             arm = comp["metric"].removeprefix("gradient_vs_control_")
@@ -82,6 +88,15 @@ def findings(results: dict[str, Any]) -> list[str]:
             else:
                 lead = "the gradient-guided search did not differ significantly from query-only random search"
             out.append(f"HotFlip vs its random-candidate control on the {arm} arm: {lead}. {comp['sentence']}.")
+    return out
+
+
+def findings(results: dict[str, Any]) -> list[str]:
+    """The report's finding sentences, in reading order: quality, then absolute attack effects,
+    then relative effects and success rates, then the gradient-vs-control check."""
+    out = [sentence for stage, metric in FINDING_ORDER for sentence in _metric_findings(results, stage, metric)]
+    out.extend(_disagreement(results["comparisons"], results["summaries"]))
+    out.extend(_control_findings(results["comparisons"]))
     return out
 
 
@@ -98,11 +113,11 @@ def _disagreement(comps: Sequence[dict[str, Any]], summaries: Sequence[dict[str,
             clean = {arm: summary_of(summaries, stage, arm, "clean_loss") for arm in ARMS}
             if all(clean.values()):
                 higher = max(ARMS, key=lambda arm: clean[arm]["mean"])
-                out.append(f"{name}: the relative loss increase differs significantly between the arms but the absolute "
-                           f"one does not. The relative increase divides by the clean loss, which is higher for the "
-                           f"{higher} arm (baseline {fmt_num(clean['baseline']['mean'])}, monotonic "
-                           f"{fmt_num(clean['monotonic']['mean'])} nats/token), so the relative difference can come from "
-                           "the clean loss alone; the absolute increase is the primary measure.")
+                out.append(f"{name}: the relative loss increase differs significantly between the arms but the "
+                           "absolute one does not. The relative increase divides by the clean loss, which is higher "
+                           f"for the {higher} arm (baseline {fmt_num(clean['baseline']['mean'])}, monotonic "
+                           f"{fmt_num(clean['monotonic']['mean'])} nats/token), so the relative difference can come "
+                           "from the clean loss alone; the absolute increase is the primary measure.")
         if a and r and a["mean_diff"] and r["mean_diff"] and (a["mean_diff"] > 0) != (r["mean_diff"] > 0):
             out.append(f"{name}: the absolute and relative loss increases point in opposite directions "
                        f"(monotonic − baseline: {fmt_num(a['mean_diff'], sign=True)} nats/token absolute, "
@@ -151,8 +166,8 @@ def monotonicity_statement(results: dict[str, Any]) -> str:
             "residual paths keep the model non-monotone, so it is not described as monotone.")
     if after:
         when = "after training" if after[0]["stage"] == "evaluate" else "after constraining (before training)"
-        parts = [f"{r['metric'].removeprefix('monotonicity_').removesuffix('_coord_violation_rate').replace('_', ' ')}: "
-                 f"{fmt_pct(r['mean'])}" for r in after]
+        names = [r["metric"].removeprefix("monotonicity_").removesuffix("_coord_violation_rate") for r in after]
+        parts = [f"{name.replace('_', ' ')}: {fmt_pct(r['mean'])}" for name, r in zip(names, after, strict=True)]
         text += (f" Measured share of output coordinates that decreased when the input increased ({when}, mean over "
                  f"{after[0]['n']} seed{'s' if after[0]['n'] != 1 else ''}): " + "; ".join(parts) + ".")
     return text
