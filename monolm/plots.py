@@ -137,7 +137,8 @@ def plot_perplexity(results: dict[str, Any], path: str | Path) -> Path | None:
                     ax.plot([ib + offsets[k], im + offsets[k]], [yb, ym], color="0.6", lw=0.6, alpha=0.6, zorder=2)
             top = max(_top(results, "evaluate", m, "token_perplexity") for m in ("baseline", "monotonic"))
             bottom, upper = _limits(ax)
-            label = _p_label(_primary(results, "evaluate", "token_perplexity") or _primary(results, "evaluate", "doc_loss"))
+            comp = _primary(results, "evaluate", "token_perplexity") or _primary(results, "evaluate", "doc_loss")
+            label = _p_label(comp)
             if label:
                 span = upper - bottom
                 _bracket(ax, ib, im + 0.32, top + 0.04 * span, label, 0.03 * span)
@@ -175,16 +176,17 @@ def plot_attacks(results: dict[str, Any], path: str | Path) -> Path | None:
         fig = _figure(3.6 * len(attacks) + 0.4, 3.6)
         axes = fig.subplots(1, len(attacks), squeeze=False)[0]
         multi = False
-        for ax, attack in zip(axes, attacks):
+        for ax, attack in zip(axes, attacks, strict=True):
             # only the seeds that have this attack (a stage can be missing in some seeds)
-            seeds = sorted({s for arm in ARMS for s in (summary(results, attack, arm, "abs_increase") or {}).get("seeds", [])})
+            seeds = sorted({s for arm in ARMS
+                            for s in (summary(results, attack, arm, "abs_increase") or {}).get("seeds", [])})
             offsets = _jitter(len(seeds), 0.12)
             multi = multi or len(seeds) > 1
             has_control = any(summary(results, attack, arm, "control_abs_increase") for arm in ARMS)
             variants = [("", 0.0, False, "gradient attack")] + ([("control_", 0.42, True, "random control")]
                                                                  if has_control else [])
             for i, arm in enumerate(ARMS):
-                for prefix, shift, hollow, name in variants:
+                for prefix, shift, hollow, _name in variants:
                     rec = summary(results, attack, arm, prefix + "abs_increase")
                     if rec is None:
                         continue
@@ -203,8 +205,8 @@ def plot_attacks(results: dict[str, Any], path: str | Path) -> Path | None:
                                         alpha=0.35, elinewidth=0.8, zorder=2)
                         ax.scatter([x], [y], s=14, color="white" if hollow else COLORS[arm], edgecolors=COLORS[arm],
                                    alpha=0.7, lw=0.8, zorder=3)
-                    _mean_ci(ax, x0 + (0.08 if len(seeds) > 1 else 0.0), rec, COLORS[arm], marker="s" if hollow else "D",
-                             hollow=hollow)
+                    _mean_ci(ax, x0 + (0.08 if len(seeds) > 1 else 0.0), rec, COLORS[arm],
+                             marker="s" if hollow else "D", hollow=hollow)
             ax.axhline(0.0, color="0.3", lw=0.8, zorder=1)
             comp = _primary(results, attack, "abs_increase")
             label = _p_label(comp)
@@ -278,7 +280,7 @@ def plot_training(histories: dict[int, dict[str, dict[str, Any]]], path: str | P
     with matplotlib.rc_context(STYLE | {"axes.grid.axis": "both"}):
         fig = _figure(3.6 * len(panels) + 0.4, 3.3)
         axes = fig.subplots(1, len(panels), squeeze=False)[0]
-        for ax, (key, label) in zip(axes, panels):
+        for ax, (key, label) in zip(axes, panels, strict=True):
             for arm in ARMS:
                 series = [c[arm][key] for c in curves.values() if arm in c and key in c[arm]]
                 for x, y in series:
