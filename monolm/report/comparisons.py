@@ -17,6 +17,8 @@ from monolm.report.values import doc_losses, example_effects
 
 @dataclass
 class Comparison:
+    """One paired test of `a` against `b` (a − b) on one metric; `result` is `stats.paired_test`'s."""
+
     stage: str
     metric: str
     a: str

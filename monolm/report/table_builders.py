@@ -16,6 +16,8 @@ from monolm.report.values import value
 
 @dataclass
 class Table:
+    """One report table: `key` names it in LaTeX labels and picks its report.md section."""
+
     key: str
     title: str
     columns: list[str]
