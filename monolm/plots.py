@@ -25,7 +25,9 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import EngFormatter
 
 from monolm.artifacts import atomic_path
-from monolm.report import ARM_LABEL, ARMS, ATTACKS, MODELS, summary, value
+from monolm.report.labels import ARM_LABEL, ARMS, ATTACKS, MODELS
+from monolm.report.summaries import summary
+from monolm.report.values import value
 
 COLORS = {"base": "#7f7f7f", "baseline": "#1f77b4", "monotonic": "#d95f02"}
 SHORT = {"base": "base", "baseline": "baseline", "monotonic": "monotonic\n(non-neg. FFN)"}
@@ -135,7 +137,8 @@ def plot_perplexity(results: dict[str, Any], path: str | Path) -> Path | None:
                     ax.plot([ib + offsets[k], im + offsets[k]], [yb, ym], color="0.6", lw=0.6, alpha=0.6, zorder=2)
             top = max(_top(results, "evaluate", m, "token_perplexity") for m in ("baseline", "monotonic"))
             bottom, upper = _limits(ax)
-            label = _p_label(_primary(results, "evaluate", "token_perplexity") or _primary(results, "evaluate", "doc_loss"))
+            comp = _primary(results, "evaluate", "token_perplexity") or _primary(results, "evaluate", "doc_loss")
+            label = _p_label(comp)
             if label:
                 span = upper - bottom
                 _bracket(ax, ib, im + 0.32, top + 0.04 * span, label, 0.03 * span)
@@ -162,6 +165,61 @@ def _limits(ax: Any) -> tuple[float, float]:
     return ax.get_ylim()
 
 
+def _seed_points(ax: Any, results: dict[str, Any], attack: str, arm: str, prefix: str, x0: float,
+                 seeds: Sequence[int], *, hollow: bool) -> None:
+    """Each seed's absolute loss increase with its own CI over texts (nothing with one seed: the
+    one seed is the mean, and its CI is over texts)."""
+    if len(seeds) == 1:
+        return
+    offsets = _jitter(len(seeds), 0.12)
+    for k, s in enumerate(seeds):
+        y = value(results, s, attack, arm, prefix + "abs_increase")
+        if y is None:
+            continue
+        lo = value(results, s, attack, arm, prefix + "abs_increase_ci_low")
+        hi = value(results, s, attack, arm, prefix + "abs_increase_ci_high")
+        x = x0 - 0.14 + offsets[k] * 0.6
+        if lo is not None and hi is not None:
+            ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], fmt="none", ecolor=COLORS[arm],
+                        alpha=0.35, elinewidth=0.8, zorder=2)
+        ax.scatter([x], [y], s=14, color="white" if hollow else COLORS[arm], edgecolors=COLORS[arm],
+                   alpha=0.7, lw=0.8, zorder=3)
+
+
+def _attack_panel(ax: Any, results: dict[str, Any], attack: str) -> int:
+    """One attack's panel: per arm the gradient attack and, where there is one, its random
+    control beside it; the paired test as a bracket. Returns the number of seeds shown."""
+    # only the seeds that have this attack (a stage can be missing in some seeds)
+    seeds = sorted({s for arm in ARMS for s in (summary(results, attack, arm, "abs_increase") or {}).get("seeds", [])})
+    has_control = any(summary(results, attack, arm, "control_abs_increase") for arm in ARMS)
+    variants = [("", 0.0, False)] + ([("control_", 0.42, True)] if has_control else [])
+    for i, arm in enumerate(ARMS):
+        for prefix, shift, hollow in variants:
+            rec = summary(results, attack, arm, prefix + "abs_increase")
+            if rec is None:
+                continue
+            x0 = i + shift - (0.21 if has_control else 0.0)
+            _seed_points(ax, results, attack, arm, prefix, x0, seeds, hollow=hollow)
+            _mean_ci(ax, x0 + (0.08 if len(seeds) > 1 else 0.0), rec, COLORS[arm],
+                     marker="s" if hollow else "D", hollow=hollow)
+    ax.axhline(0.0, color="0.3", lw=0.8, zorder=1)
+    label = _p_label(_primary(results, attack, "abs_increase"))
+    if label:
+        bottom, upper = _limits(ax)
+        span = upper - bottom
+        top = max(_top(results, attack, arm, "abs_increase") for arm in ARMS)
+        x_b = (0.08 if len(seeds) > 1 else 0.0) - (0.21 if has_control else 0.0)
+        _bracket(ax, x_b, x_b + 1.0, top + 0.05 * span, label, 0.03 * span)
+        ax.set_ylim(min(bottom, 0 - 0.05 * span), max(upper, top + 0.34 * span))
+    ax.set_xticks(range(len(ARMS)), [SHORT[a] for a in ARMS])
+    ax.set_xlim(-0.6, len(ARMS) - 0.4)
+    ax.set_ylabel("Absolute loss increase (nats/token)")
+    n_texts = summary(results, attack, "baseline", "n_texts")
+    texts = f", {n_texts['mean']:.0f} texts/seed" if n_texts and n_texts["mean"] is not None else ""
+    ax.set_title(f"{ATTACKS[attack]} ({_n_text(len(seeds))}{texts})")
+    return len(seeds)
+
+
 def plot_attacks(results: dict[str, Any], path: str | Path) -> Path | None:
     """Absolute loss increase (nats/token) per arm, one panel per attack: each seed's value with
     its own CI over texts, the across-seed mean with its 95% CI, and for HotFlip the
@@ -172,62 +230,15 @@ def plot_attacks(results: dict[str, Any], path: str | Path) -> Path | None:
     with matplotlib.rc_context(STYLE):
         fig = _figure(3.6 * len(attacks) + 0.4, 3.6)
         axes = fig.subplots(1, len(attacks), squeeze=False)[0]
-        multi = False
-        for ax, attack in zip(axes, attacks):
-            # only the seeds that have this attack (a stage can be missing in some seeds)
-            seeds = sorted({s for arm in ARMS for s in (summary(results, attack, arm, "abs_increase") or {}).get("seeds", [])})
-            offsets = _jitter(len(seeds), 0.12)
-            multi = multi or len(seeds) > 1
-            has_control = any(summary(results, attack, arm, "control_abs_increase") for arm in ARMS)
-            variants = [("", 0.0, False, "gradient attack")] + ([("control_", 0.42, True, "random control")]
-                                                                 if has_control else [])
-            for i, arm in enumerate(ARMS):
-                for prefix, shift, hollow, name in variants:
-                    rec = summary(results, attack, arm, prefix + "abs_increase")
-                    if rec is None:
-                        continue
-                    x0 = i + shift - (0.21 if has_control else 0.0)
-                    for k, s in enumerate(seeds):
-                        y = value(results, s, attack, arm, prefix + "abs_increase")
-                        if y is None:
-                            continue
-                        lo = value(results, s, attack, arm, prefix + "abs_increase_ci_low")
-                        hi = value(results, s, attack, arm, prefix + "abs_increase_ci_high")
-                        x = x0 - 0.14 + offsets[k] * 0.6
-                        if len(seeds) == 1:
-                            break  # the one seed is the mean (its CI is over texts)
-                        if lo is not None and hi is not None:
-                            ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], fmt="none", ecolor=COLORS[arm],
-                                        alpha=0.35, elinewidth=0.8, zorder=2)
-                        ax.scatter([x], [y], s=14, color="white" if hollow else COLORS[arm], edgecolors=COLORS[arm],
-                                   alpha=0.7, lw=0.8, zorder=3)
-                    _mean_ci(ax, x0 + (0.08 if len(seeds) > 1 else 0.0), rec, COLORS[arm], marker="s" if hollow else "D",
-                             hollow=hollow)
-            ax.axhline(0.0, color="0.3", lw=0.8, zorder=1)
-            comp = _primary(results, attack, "abs_increase")
-            label = _p_label(comp)
-            if label:
-                bottom, upper = _limits(ax)
-                span = upper - bottom
-                top = max(_top(results, attack, arm, "abs_increase") for arm in ARMS)
-                x_b = (0.08 if len(seeds) > 1 else 0.0) - (0.21 if has_control else 0.0)
-                x_m = x_b + 1.0
-                _bracket(ax, x_b, x_m, top + 0.05 * span, label, 0.03 * span)
-                ax.set_ylim(min(bottom, 0 - 0.05 * span), max(upper, top + 0.34 * span))
-            ax.set_xticks(range(len(ARMS)), [SHORT[a] for a in ARMS])
-            ax.set_xlim(-0.6, len(ARMS) - 0.4)
-            ax.set_ylabel("Absolute loss increase (nats/token)")
-            n_texts = summary(results, attack, "baseline", "n_texts")
-            texts = f", {n_texts['mean']:.0f} texts/seed" if n_texts and n_texts["mean"] is not None else ""
-            ax.set_title(f"{ATTACKS[attack]} ({_n_text(len(seeds))}{texts})")
+        n_seeds = [_attack_panel(ax, results, attack) for ax, attack in zip(axes, attacks, strict=True)]
         recs = [summary(results, a, arm, "abs_increase") for a in attacks for arm in ARMS]
         handles = [Line2D([], [], marker="D", color="0.3", ls="none", ms=6, label=_mean_label(recs))]
-        if multi:
+        if max(n_seeds) > 1:
             handles.append(Line2D([], [], marker="o", color="0.3", ls="none", ms=4, alpha=0.7,
                                   label="per seed (thin bar: its CI over texts)"))
         if any(summary(results, a, arm, "control_abs_increase") for a in attacks for arm in ARMS):
             handles.append(Line2D([], [], marker="s", color="0.3", mfc="white", ls="none", ms=6,
-                                                   label="random-candidate control (HotFlip)"))
+                                  label="random-candidate control (HotFlip)"))
         fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
         return _save(fig, Path(path))
 
@@ -276,7 +287,7 @@ def plot_training(histories: dict[int, dict[str, dict[str, Any]]], path: str | P
     with matplotlib.rc_context(STYLE | {"axes.grid.axis": "both"}):
         fig = _figure(3.6 * len(panels) + 0.4, 3.3)
         axes = fig.subplots(1, len(panels), squeeze=False)[0]
-        for ax, (key, label) in zip(axes, panels):
+        for ax, (key, label) in zip(axes, panels, strict=True):
             for arm in ARMS:
                 series = [c[arm][key] for c in curves.values() if arm in c and key in c[arm]]
                 for x, y in series:

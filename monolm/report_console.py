@@ -1,4 +1,5 @@
-"""Printing result tables in the terminal (rich when attached to a terminal, plain otherwise)."""
+"""Printing result tables in the terminal with rich, always as a rich table 160 columns wide; rich
+itself leaves out colours and styles when the output is not a terminal (a pipe or a log file)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ def _fmt(value: Any) -> str:
 
 
 def print_rows(title: str, rows: list[dict[str, Any]]) -> None:
+    """One table with a column per key of any row (first-seen order): the model, module and metric
+    columns left-aligned, the others right-aligned; floats with 4 significant digits, "-" for None."""
     from rich.console import Console
     from rich.table import Table
 

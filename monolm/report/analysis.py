@@ -1,0 +1,81 @@
+"""The whole analysis of stage 7 as one JSON-able dict (the content of results.json), and the
+headline numbers and console rows handed back with the stage result."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from monolm.report.comparisons import compare_arms
+from monolm.report.labels import ARMS, ATTACKS, MODELS
+from monolm.report.sentences import findings, monotonicity_statement, recipe_statement
+from monolm.report.summaries import ALPHA, CONFIDENCE, summarize_values, summary
+from monolm.report.values import seed_values
+
+SCHEMA_VERSION = 1
+
+
+def analyze(seeds: Sequence[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
+    """Everything stage 7 reports, as one JSON-able dict (the content of results.json).
+
+    Every per-seed value, summary and comparison carries the run's variant, preset, recipe,
+    config digest and code revision, so a number copied out of the file keeps its provenance.
+    """
+    seeds = sorted(seeds, key=lambda d: int(d["seed"]))
+    tags = {k: meta[k] for k in ("variant", "preset", "recipe", "config_digest", "code_revision")}
+    values = [v for data in seeds for v in seed_values(data)]
+    summaries = summarize_values(values, seeds)
+    comparisons = [c.to_json() for c in compare_arms(values, seeds)]
+    results: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "run_name": meta["run_name"],
+        "run_id": meta["run_id"],
+        "meta": meta,
+        "alpha": ALPHA,
+        "confidence": CONFIDENCE,
+        "values": [{**v, **tags} for v in values],
+        "summaries": [{**s, **tags} for s in summaries],
+        "comparisons": [{**c, **tags} for c in comparisons],
+    }
+    results["findings"] = findings(results)
+    results["recipe_statement"] = recipe_statement(meta, values)
+    results["monotonicity_statement"] = monotonicity_statement(results)
+    return results
+
+
+def headline(results: dict[str, Any]) -> dict[str, Any]:
+    """Headline numbers (means over seeds, and the primary tests' p-values) for the stage result."""
+    out: dict[str, Any] = {"n_seeds": len(results["meta"]["seeds"])}
+    for model in MODELS:
+        rec = summary(results, "evaluate", model, "token_perplexity")
+        if rec:
+            out[f"{model}_token_perplexity"] = rec["mean"]
+    for attack in ATTACKS:
+        for arm in ARMS:
+            for metric in ("abs_increase", "rel_increase", "success_rate"):
+                rec = summary(results, attack, arm, metric)
+                if rec:
+                    out[f"{arm}_{attack}_{metric}"] = rec["mean"]
+    for comp in results["comparisons"]:
+        if comp["scope"] == "seeds" and comp["metric"] in ("token_perplexity", "abs_increase"):
+            key = f"{comp['stage']}_{comp['metric']}"
+            out[f"{key}_diff"] = comp["mean_diff"]
+            out[f"{key}_t_p"] = comp["t_p"]
+            out[f"{key}_significant"] = comp["significant"]
+    return out
+
+
+def console_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per model for the terminal and the Prefect table artifact (means over seeds)."""
+    rows = []
+    for model in MODELS:
+        ppl = summary(results, "evaluate", model, "token_perplexity")
+        row: dict[str, Any] = {"model": model, "seeds": ppl["n"] if ppl else 0,
+                               "perplexity": ppl["mean"] if ppl else None}
+        for attack in ATTACKS:
+            if model in ARMS:
+                for metric, col in (("abs_increase", "delta_nats"), ("success_rate", "success")):
+                    rec = summary(results, attack, model, metric)
+                    row[f"{attack}_{col}"] = rec["mean"] if rec else None
+        rows.append(row)
+    return rows

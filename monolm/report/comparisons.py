@@ -1,0 +1,116 @@
+"""Paired tests monotonic − baseline: across seeds where at least two seeds have both values, and
+within every seed over its examples (the same attacked texts or evaluation documents, in the same
+order, for both arms). Each result keeps the sentence `monolm.stats.describe_difference` makes of
+it, which names the test and n and says "not significant" when the test says so."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from monolm import stats
+from monolm.report.labels import ARMS, ATTACKS, metric_label
+from monolm.report.summaries import ALPHA, CONFIDENCE
+from monolm.report.values import doc_losses, example_effects
+
+
+@dataclass
+class Comparison:
+    """One paired test of `a` against `b` (a − b) on one metric; `result` is `stats.paired_test`'s."""
+
+    stage: str
+    metric: str
+    a: str
+    b: str
+    scope: str  # "seeds", "texts" or "documents"
+    seed: int | None  # None across seeds; the seed for a within-seed test
+    result: dict[str, Any]
+    label: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        sentence = stats.describe_difference(self.a, self.b, self.label or self.metric, self.result, ALPHA,
+                                             unit=self.scope)
+        return {"stage": self.stage, "metric": self.metric, "a": self.a, "b": self.b, "scope": self.scope,
+                "seed": self.seed, **{k: v for k, v in self.result.items() if k != "test_names"},
+                "test": stats.TEST_NAMES["t"], "secondary_test": stats.TEST_NAMES["wilcoxon"], "sentence": sentence}
+
+
+ACROSS_SEEDS = (("evaluate", "token_perplexity"), ("evaluate", "loss"), ("evaluate", "bits_per_byte"),
+                ("uat", "abs_increase"), ("uat", "rel_increase"), ("uat", "success_rate"),
+                ("hotflip", "abs_increase"), ("hotflip", "rel_increase"), ("hotflip", "success_rate"),
+                ("hotflip", "control_abs_increase"))
+
+
+Lookup = dict[tuple[int, str, str | None, str], float]  # (seed, stage, model, metric) -> value
+
+
+def _paired_over_seeds(lookup: Lookup, seed_ids: Sequence[int], stage: str, a: tuple[str, str],
+                       b: tuple[str, str]) -> list[tuple[float, float]]:
+    """(a, b) value pairs, a and b given as (model, metric), of every seed that has both."""
+    return [(lookup[(s, stage, *a)], lookup[(s, stage, *b)]) for s in seed_ids
+            if (s, stage, *a) in lookup and (s, stage, *b) in lookup]
+
+
+def _across_seeds(lookup: Lookup, seed_ids: Sequence[int]) -> list[Comparison]:
+    """Monotonic vs baseline over seeds, where at least 2 seeds have both values (a stage may be
+    missing in some seeds)."""
+    out = []
+    for stage, metric in ACROSS_SEEDS:
+        pairs = _paired_over_seeds(lookup, seed_ids, stage, ("monotonic", metric), ("baseline", metric))
+        if len(pairs) >= 2:
+            mono, base = zip(*pairs, strict=True)
+            out.append(Comparison(stage, metric, "monotonic", "baseline", "seeds", None,
+                                  stats.paired_test(mono, base, alpha=ALPHA, confidence=CONFIDENCE),
+                                  metric_label(stage, metric)))
+    return out
+
+
+def _gradient_vs_control(lookup: Lookup, seed_ids: Sequence[int]) -> list[Comparison]:
+    """Does gradient-guided HotFlip beat its query-only random control on each arm? (a check for
+    gradient masking)"""
+    out = []
+    for arm in ARMS:
+        pairs = _paired_over_seeds(lookup, seed_ids, "hotflip", (arm, "abs_increase"), (arm, "control_abs_increase"))
+        if len(pairs) >= 2:
+            grad, ctrl = zip(*pairs, strict=True)
+            out.append(Comparison("hotflip", f"gradient_vs_control_{arm}", "gradient HotFlip", "random control",
+                                  "seeds", None, stats.paired_test(grad, ctrl, alpha=ALPHA, confidence=CONFIDENCE),
+                                  f"{arm} arm absolute loss increase (nats/token)"))
+    return out
+
+
+def _within_seed(data: dict[str, Any]) -> list[Comparison]:
+    """Monotonic vs baseline within one seed: over the attacked texts of each attack, and over
+    the evaluation documents when stage 4 stored per-document losses."""
+    seed = int(data["seed"])
+    out = []
+    for stage in ATTACKS:
+        per_example = (data.get("per_example") or {}).get(stage)
+        if not per_example or not all(arm in per_example for arm in ARMS):
+            continue
+        mono, base = example_effects(per_example, "monotonic"), example_effects(per_example, "baseline")
+        for metric in ("abs_increase", "rel_increase"):
+            out.append(Comparison(stage, metric, "monotonic", "baseline", "texts", seed,
+                                  stats.paired_test(mono[metric], base[metric], alpha=ALPHA, confidence=CONFIDENCE),
+                                  f"{metric_label(stage, metric)} (seed {seed})"))
+    ev = data.get("evaluation")
+    if ev:
+        mono_docs, base_docs = doc_losses(ev, "monotonic"), doc_losses(ev, "baseline")
+        if mono_docs is not None and base_docs is not None:
+            out.append(Comparison("evaluate", "doc_loss", "monotonic", "baseline", "documents", seed,
+                                  stats.paired_test(mono_docs[0] / mono_docs[1], base_docs[0] / base_docs[1],
+                                                    alpha=ALPHA, confidence=CONFIDENCE),
+                                  f"per-document loss (nats/token, seed {seed})"))
+    return out
+
+
+def compare_arms(values: Sequence[dict[str, Any]], seeds: Sequence[dict[str, Any]]) -> list[Comparison]:
+    """Paired tests monotonic vs baseline: across seeds (n >= 2 seeds), and within every seed
+    across its examples (the same texts/documents in the same order for both arms)."""
+    lookup: Lookup = {(r["seed"], r["stage"], r["model"], r["metric"]): r["value"] for r in values}
+    seed_ids = [int(d["seed"]) for d in seeds]
+    out = _across_seeds(lookup, seed_ids) + _gradient_vs_control(lookup, seed_ids)
+    for data in seeds:
+        out += _within_seed(data)
+    return out

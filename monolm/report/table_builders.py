@@ -1,0 +1,210 @@
+"""The report's tables as plain data (a key, a title, columns, rows of strings and a note), built
+once from results.json and shared by the Markdown and LaTeX renderers so the two can never
+disagree."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from monolm.report.formatting import fmt_ci, fmt_mean_std, fmt_num, fmt_p, fmt_pct
+from monolm.report.labels import ARM_LABEL, ARMS, ATTACKS, MODELS, metric_label
+from monolm.report.summaries import ALPHA, summary
+from monolm.report.values import value
+
+
+@dataclass
+class Table:
+    """One report table: `key` names it in LaTeX labels and picks its report.md section."""
+
+    key: str
+    title: str
+    columns: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    note: str = ""
+
+
+def ci_note(recs: Iterable[dict[str, Any] | None]) -> str:
+    """How the intervals of these records were obtained, for a table's note."""
+    methods = sorted({r["ci_method"] for r in recs if r and r.get("ci_method")})
+    if not methods:
+        return "No confidence interval (n=1 seed and no per-example values)."
+    return "95% CI: " + "; ".join(methods) + "."
+
+
+def quality_table(results: dict[str, Any]) -> Table | None:
+    """Held-out perplexity, loss and bits per byte of every model."""
+    n_seeds = len(results["meta"]["seeds"])
+    quality = Table("quality", f"Held-out quality (n = {n_seeds} seed{'s' if n_seeds != 1 else ''})",
+                    ["Model", "n", "Token perplexity (mean ± std)", "95% CI", "Loss (nats/token)", "Bits/byte"])
+    recs = []
+    for model in MODELS:
+        ppl = summary(results, "evaluate", model, "token_perplexity")
+        if ppl is None:
+            continue
+        recs.append(ppl)
+        quality.rows.append([ARM_LABEL[model], str(ppl["n"]), fmt_mean_std(ppl), fmt_ci(ppl),
+                             fmt_mean_std(summary(results, "evaluate", model, "loss")),
+                             fmt_mean_std(summary(results, "evaluate", model, "bits_per_byte"))])
+    if not quality.rows:
+        return None
+    quality.note = ci_note(recs)
+    return quality
+
+
+def _attack_row(results: dict[str, Any], attack: str, arm: str, prefix: str, rec: dict[str, Any]) -> list[str]:
+    rel = summary(results, attack, arm, prefix + "rel_increase")
+    succ = summary(results, attack, arm, prefix + "success_rate")
+    n_texts = summary(results, attack, arm, prefix + "n_texts")
+    return [str(rec["n"]), fmt_num(n_texts["mean"]) if n_texts else "—", fmt_mean_std(rec), fmt_ci(rec),
+            fmt_mean_std(rel, pct=True), fmt_ci(rel, pct=True), fmt_mean_std(succ, pct=True)]
+
+
+def attack_table(results: dict[str, Any], attack: str) -> Table | None:
+    """One attack's effect per arm (absolute first), then its random control where it has one."""
+    name = ATTACKS[attack]
+    threshold = results["meta"].get("success_threshold")
+    t = Table(f"attack-{attack}", f"{name}: effect on the original text tokens (absolute first)",
+              ["Model", "n seeds", "n texts", "Δ loss, nats/token (mean ± std)", "95% CI",
+               "Relative increase", "95% CI", f"Success rate (rel. > {fmt_pct(threshold)})"])
+    recs = []
+    for prefix, suffix in (("", ""), ("control_", " — random control")):
+        for arm in ARMS:
+            rec = summary(results, attack, arm, prefix + "abs_increase")
+            if rec is None:
+                continue
+            recs.append(rec)
+            t.rows.append([ARM_LABEL[arm] + suffix, *_attack_row(results, attack, arm, prefix, rec)])
+    if not t.rows:
+        return None
+    t.note = ci_note(recs) + (" The random control is the same greedy search with random (query-only) "
+                              "candidates instead of gradient-ranked ones." if attack == "hotflip" else "")
+    return t
+
+
+def _test_row(c: dict[str, Any]) -> list[str]:
+    scope = "across seeds" if c["scope"] == "seeds" else f"seed {c['seed']}, over {c['scope']}"
+    metric = (f"HotFlip gradient − control ({c['metric'].removeprefix('gradient_vs_control_')})"
+              if c["metric"].startswith("gradient_vs_control_") else metric_label(c["stage"], c["metric"]))
+    verdict = "significant" if c["significant"] else "not significant"
+    ci = f"[{fmt_num(c['ci_low'])}, {fmt_num(c['ci_high'])}]" if c["ci_low"] is not None else "—"
+    return [metric, scope, str(c["n"]), fmt_num(c["mean_diff"], sign=True), ci, fmt_p(c["t_p"]),
+            fmt_p(c["wilcoxon_p"]), verdict]
+
+
+def tests_table(results: dict[str, Any]) -> Table | None:
+    """Every paired test: difference, its CI, both p-values and the verdict."""
+    tests = Table("tests", "Paired tests, monotonic − baseline (primary: paired t-test; also Wilcoxon signed-rank)",
+                  ["Metric", "Scope", "n", "Difference", "95% CI", "t-test p", "Wilcoxon p", "Verdict"])
+    tests.rows = [_test_row(c) for c in results["comparisons"]]
+    if not tests.rows:
+        return None
+    tests.note = (f"α = {ALPHA}; tests are not corrected for multiple comparisons. With n = 5 seeds the exact "
+                  "two-sided Wilcoxon p-value cannot be below 0.0625.")
+    return tests
+
+
+def transfer_table(results: dict[str, Any], attack: str) -> Table | None:
+    """Damage of the attack crafted on one arm (row) to each arm (column)."""
+    sources = sorted({r["metric"].removeprefix("transfer_from_") for r in results["summaries"]
+                      if r["stage"] == attack and r["metric"].startswith("transfer_from_")})
+    if not sources:
+        return None
+    t = Table(f"transfer-{attack}",
+              f"{ATTACKS[attack]} transfer: Δ loss (nats/token) on the target model, mean over seeds",
+              ["Crafted on (row) / evaluated on (column)", *ARMS, "n"])
+    for source in sources:
+        recs = [summary(results, attack, target, f"transfer_from_{source}") for target in ARMS]
+        t.rows.append([source, *(fmt_mean_std(r) for r in recs), str(max((r["n"] for r in recs if r), default=0))])
+    return t
+
+
+def monotonicity_table(results: dict[str, Any]) -> Table | None:
+    """Measured violation rates of the constrained sublayers, after constraining and after training."""
+    mono = [r for r in results["summaries"] if r["metric"].startswith("monotonicity_")
+            and r["metric"].endswith("_coord_violation_rate")]
+    if not mono:
+        return None
+    t = Table("monotonicity", "Empirical monotonicity violations of the constrained sublayers "
+              "(share of output coordinates that decreased when the input increased)",
+              ["When", "Sublayer", "n seeds", "Coordinate rate", "Pair rate", "Max relative drop"])
+    for r in mono:
+        base = r["metric"].removesuffix("_coord_violation_rate")
+        when = "after training" if r["stage"] == "evaluate" else "after constraining"
+        pair = summary(results, r["stage"], r["model"], base + "_pair_violation_rate")
+        drop = summary(results, r["stage"], r["model"], base + "_max_relative_drop")
+        t.rows.append([when, base.removeprefix("monotonicity_").replace("_", " "), str(r["n"]),
+                       fmt_mean_std(r, pct=True), fmt_mean_std(pair, pct=True), fmt_mean_std(drop)])
+    t.note = ("'linear' is the constrained Linear alone (must be 0); 'block' is the enclosing FFN/attention block as "
+              "the model computes it, which non-negative weights do not make monotone.")
+    return t
+
+
+CONSTRAINT_ROWS = (("share_of_params", "share of parameters constrained"),
+                   ("frac_negative_before", "fraction of constrained weights negative before"),
+                   ("rel_change", "relative change of the constrained weights"),
+                   ("drift_kl_mean", "KL(base ‖ constrained) per token, nats"),
+                   ("drift_ppl_ratio", "perplexity ratio constrained/base"),
+                   ("min_constrained_weight", "minimum constrained weight"))
+
+
+def constraint_table(results: dict[str, Any]) -> Table | None:
+    """What stage 1 did to the weights and the function, and the smallest weight after training."""
+    cons = Table("constraint", "What constraining did (stage 1, before training)",
+                 ["Quantity", "n seeds", "Mean ± std"])
+    for metric, label in CONSTRAINT_ROWS:
+        rec = summary(results, "constrain", "monotonic", metric)
+        if rec:
+            cons.rows.append([label, str(rec["n"]), fmt_mean_std(rec)])
+    rec = summary(results, "evaluate", "monotonic", "min_constrained_weight")
+    if rec:
+        cons.rows.append(["minimum constrained weight after training", str(rec["n"]), fmt_mean_std(rec)])
+    return cons if cons.rows else None
+
+
+def training_table(results: dict[str, Any]) -> Table | None:
+    """How both arms were trained: steps, tokens, lr, final and best validation perplexity, time."""
+    train = Table("training", "Training of both arms",
+                  ["Arm", "n seeds", "Steps", "Tokens seen", "lr", "Final val. perplexity", "Best val. perplexity",
+                   "Wall time (s)"])
+    for arm in ARMS:
+        stage = f"train_{arm}"
+        steps = summary(results, stage, arm, "steps")
+        if steps is None:
+            continue
+        train.rows.append([ARM_LABEL[arm], str(steps["n"]), fmt_mean_std(steps),
+                           *(fmt_mean_std(summary(results, stage, arm, metric))
+                             for metric in ("tokens_seen", "lr", "final_val_perplexity", "final_best_val_perplexity",
+                                            "wall_time_s"))])
+    return train if train.rows else None
+
+
+PER_SEED_COLUMNS = (("evaluate", "token_perplexity"), ("uat", "abs_increase"), ("hotflip", "abs_increase"))
+
+
+def per_seed_table(results: dict[str, Any]) -> Table:
+    """The headline numbers of every seed, so a reader can see whether one seed drives a mean."""
+    per_seed = Table("per-seed", "Per-seed values", ["Seed", "PPL baseline", "PPL monotonic", "UAT Δ baseline",
+                                                     "UAT Δ monotonic", "HotFlip Δ baseline", "HotFlip Δ monotonic"])
+    for seed in results["meta"]["seeds"]:
+        per_seed.rows.append([str(seed), *(fmt_num(value(results, seed, stage, arm, metric))
+                                           for stage, metric in PER_SEED_COLUMNS for arm in ARMS)])
+    per_seed.note = "Δ: absolute loss increase in nats/token on the attacked texts."
+    return per_seed
+
+
+def tables(results: dict[str, Any]) -> list[Table]:
+    """The report's tables in reading order, shared by Markdown and LaTeX so the two can never
+    disagree; a table without data is left out (the per-seed table is always there)."""
+    candidates = [
+        quality_table(results),
+        *(attack_table(results, attack) for attack in ATTACKS),
+        tests_table(results),
+        *(transfer_table(results, attack) for attack in ATTACKS),
+        monotonicity_table(results),
+        constraint_table(results),
+        training_table(results),
+        per_seed_table(results),
+    ]
+    return [t for t in candidates if t is not None]
