@@ -36,6 +36,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from monolm.stages.registry import ATTACKS
 from monolm.store import METRIC_FIELDS, ResultsStore
 from tasks.aggregate import artifact_key
 
@@ -43,8 +44,7 @@ RUN_NAME_PREFIX = "nightly-"
 # (stage, metric) pairs compared; every model/arm the store holds for them is compared.
 KEY_METRICS: tuple[tuple[str, str], ...] = (
     ("evaluate", "token_perplexity"),
-    ("uat", "abs_increase"),
-    ("hotflip", "abs_increase"),
+    *((attack, "abs_increase") for attack in ATTACKS),
 )
 SUMMARY = ":mean"  # the across-seed mean stage 7 records (seed NULL)
 

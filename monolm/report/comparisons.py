@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from monolm import stats
-from monolm.report.labels import ARMS, ATTACKS, metric_label
+from monolm.report.labels import ARMS, ATTACK_METRICS, ATTACKS, metric_label
 from monolm.report.summaries import ALPHA, CONFIDENCE
 from monolm.report.values import doc_losses, example_effects
 
@@ -36,10 +36,11 @@ class Comparison:
                 "test": stats.TEST_NAMES["t"], "secondary_test": stats.TEST_NAMES["wilcoxon"], "sentence": sentence}
 
 
-ACROSS_SEEDS = (("evaluate", "token_perplexity"), ("evaluate", "loss"), ("evaluate", "bits_per_byte"),
-                ("uat", "abs_increase"), ("uat", "rel_increase"), ("uat", "success_rate"),
-                ("hotflip", "abs_increase"), ("hotflip", "rel_increase"), ("hotflip", "success_rate"),
-                ("hotflip", "control_abs_increase"))
+ACROSS_SEEDS = (
+    *(("evaluate", metric) for metric in ("token_perplexity", "loss", "bits_per_byte")),
+    *((attack, metric) for attack in ATTACKS for metric in ATTACK_METRICS),
+    ("hotflip", "control_abs_increase"),
+)
 
 
 Lookup = dict[tuple[int, str, str | None, str], float]  # (seed, stage, model, metric) -> value

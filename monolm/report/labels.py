@@ -4,9 +4,10 @@ figure can never call the same thing by two names."""
 
 from __future__ import annotations
 
+from monolm.stages.registry import ATTACKS  # attack stage -> its name in the report
+
 ARMS = ("baseline", "monotonic")  # the two trained arms; differences are always monotonic − baseline
 MODELS = ("base", "baseline", "monotonic")  # the arms plus the pre-trained model they start from
-ATTACKS = {"uat": "UAT", "hotflip": "HotFlip"}  # attack stage -> its name in the report
 ARM_LABEL = {"base": "base (pre-trained)", "baseline": "baseline", "monotonic": "monotonic (non-negative FFN weights)"}
 METRIC_LABEL = {
     "token_perplexity": "held-out token perplexity",
@@ -18,6 +19,7 @@ METRIC_LABEL = {
     "control_abs_increase": "random-control absolute loss increase (nats/token)",
 }
 LOWER_IS_BETTER = {"token_perplexity", "loss", "bits_per_byte"}  # quality metrics
+ATTACK_METRICS = ("abs_increase", "rel_increase", "success_rate")  # reported for every attack
 
 
 def metric_label(stage: str, metric: str) -> str:

@@ -9,6 +9,7 @@ from typing import Any
 
 from monolm.report.formatting import fmt_pct
 from monolm.report.summaries import ALPHA
+from monolm.report.labels import ATTACKS
 from monolm.report.table_builders import Table, tables
 
 
@@ -75,10 +76,11 @@ def summary_csv(results: dict[str, Any]) -> str:
     return buffer.getvalue()
 
 
-SECTIONS = {"quality": "Quality", "attack-uat": "Robustness", "attack-hotflip": "Robustness",
-            "tests": "Paired tests", "transfer-uat": "Transfer", "transfer-hotflip": "Transfer",
+# table key -> report.md section (tables of one section follow each other)
+SECTIONS = {"quality": "Quality", **{f"attack-{attack}": "Robustness" for attack in ATTACKS},
+            "tests": "Paired tests", **{f"transfer-{attack}": "Transfer" for attack in ATTACKS},
             "monotonicity": "The constraint", "constraint": "The constraint", "training": "Training",
-            "per-seed": "Per-seed values"}  # table key -> report.md section (tables of one section follow each other)
+            "per-seed": "Per-seed values"}
 PLOT_CAPTIONS = {
     "perplexity": "Held-out token perplexity per arm (points: seeds; bars: 95% CI)",
     "attacks": "Absolute loss increase under attack per arm, nats/token (95% CIs; HotFlip with its random control)",

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from monolm.report.formatting import fmt_num, fmt_pct
-from monolm.report.labels import ARMS, ATTACKS, LOWER_IS_BETTER, METRIC_LABEL, MODELS
+from monolm.report.labels import ARMS, ATTACK_METRICS, ATTACKS, LOWER_IS_BETTER, METRIC_LABEL, MODELS
 from monolm.report.summaries import summary_of
 
 
@@ -35,9 +35,8 @@ def finding(comp: dict[str, Any], *, headline: str) -> str:
     return f"{headline}: {lead}. {comp['sentence']}."
 
 
-FINDING_ORDER = (("evaluate", "token_perplexity"), ("uat", "abs_increase"), ("hotflip", "abs_increase"),
-                 ("uat", "rel_increase"), ("hotflip", "rel_increase"), ("uat", "success_rate"),
-                 ("hotflip", "success_rate"))
+# Quality first, then each attack metric for every attack (absolute before relative before rates).
+FINDING_ORDER = (("evaluate", "token_perplexity"), *((attack, metric) for metric in ATTACK_METRICS for attack in ATTACKS))
 
 
 def _within_seed_count(within: Sequence[dict[str, Any]]) -> str:

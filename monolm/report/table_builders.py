@@ -180,16 +180,18 @@ def training_table(results: dict[str, Any]) -> Table | None:
     return train if train.rows else None
 
 
-PER_SEED_COLUMNS = (("evaluate", "token_perplexity"), ("uat", "abs_increase"), ("hotflip", "abs_increase"))
+# (stage, metric, column title) of the per-seed table; each column is shown for every arm.
+PER_SEED_COLUMNS = (("evaluate", "token_perplexity", "PPL"),
+                    *((attack, "abs_increase", f"{label} Δ") for attack, label in ATTACKS.items()))
 
 
 def per_seed_table(results: dict[str, Any]) -> Table:
     """The headline numbers of every seed, so a reader can see whether one seed drives a mean."""
-    per_seed = Table("per-seed", "Per-seed values", ["Seed", "PPL baseline", "PPL monotonic", "UAT Δ baseline",
-                                                     "UAT Δ monotonic", "HotFlip Δ baseline", "HotFlip Δ monotonic"])
+    titles = [f"{title} {arm}" for _, _, title in PER_SEED_COLUMNS for arm in ARMS]
+    per_seed = Table("per-seed", "Per-seed values", ["Seed", *titles])
     for seed in results["meta"]["seeds"]:
         per_seed.rows.append([str(seed), *(fmt_num(value(results, seed, stage, arm, metric))
-                                           for stage, metric in PER_SEED_COLUMNS for arm in ARMS)])
+                                           for stage, metric, _ in PER_SEED_COLUMNS for arm in ARMS)])
     per_seed.note = "Δ: absolute loss increase in nats/token on the attacked texts."
     return per_seed
 
