@@ -36,7 +36,7 @@ import torch
 
 from monolm import data as data_lib
 from monolm import models
-from monolm.attacks import common, flip_scoring, hotflip, uat
+from monolm.attacks import common, flip_scoring, flip_search, trigger_search
 from monolm.config import TinyModelConfig
 from monolm.runtime import bf16_enabled, model_device
 
@@ -84,8 +84,8 @@ def loop(model, batch, per_token=False):
 
 def uat_step(model, texts, trigger, position, top_k, allowed, prefix, scorer: Scorer):
     """One UAT position step (gradient, top-k, exact scoring of all k triggers over the batch)."""
-    tt = uat._text_batch(texts, True)
-    cur = uat._with_triggers(prefix, trigger.view(1, -1), tt)
+    tt = trigger_search.text_batch(texts, True)
+    cur = trigger_search.with_triggers(prefix, trigger.view(1, -1), tt)
     grad, _ = common.embedding_gradient(model, cur.input_ids, cur.attention_mask, cur.target_mask, bf16=bf16(model))
     g = grad[:, len(prefix) + position].mean(0, keepdim=True)
     scores = common.first_order_scores(g, model.get_input_embeddings().weight, allowed)[0]
@@ -93,7 +93,7 @@ def uat_step(model, texts, trigger, position, top_k, allowed, prefix, scorer: Sc
     tokens = torch.cat([trigger[position].view(1), torch.topk(scores, top_k).indices])
     cands = trigger.view(1, -1).repeat(len(tokens), 1)
     cands[:, position] = tokens
-    b = uat._with_triggers(prefix, cands, tt)
+    b = trigger_search.with_triggers(prefix, cands, tt)
     losses = scorer(model, b).view(len(tokens), len(texts)).mean(1)
     return losses, int(torch.argmax(losses))
 
@@ -116,9 +116,9 @@ def hotflip_step(model, text, top_b, allowed, prefix, side: str):
     reusing the current text's keys/values before the earliest flip of each batch);
     loop: one full forward pass per candidate sequence."""
     cur = torch.tensor([*prefix, *text])
-    targets = hotflip.base_targets(len(prefix), len(text))
+    targets = flip_search.base_targets(len(prefix), len(text))
     open_pos = torch.arange(len(prefix), len(cur))
-    pos, tok = hotflip._gradient_candidates(model, cur, targets, open_pos, allowed, top_b, bf16=bf16(model))
+    pos, tok = flip_search._gradient_candidates(model, cur, targets, open_pos, allowed, top_b, bf16=bf16(model))
     if side == "batched":
         before, after = flip_scoring.score_flips(model, cur, targets, pos, tok, sizer=common.BatchSizer(128),
                                                  bf16=bf16(model))
@@ -203,7 +203,7 @@ def bench_hotflip(model, text, allowed, prefix, top_b: int, repeats: int) -> flo
 def bench_ceiling(model, texts, trigger, prefix, repeats: int) -> None:
     """How much can batching gain at all here? The same forward passes, one row at a time vs. the
     batched scorer: if the machine is compute-bound at batch 1, no batching can beat it."""
-    b = uat._with_triggers(prefix, trigger.view(1, -1).repeat(4, 1), uat._text_batch(texts, True))
+    b = trigger_search.with_triggers(prefix, trigger.view(1, -1).repeat(4, 1), trigger_search.text_batch(texts, True))
     n_rows = b.input_ids.shape[0]
     med, _ = interleaved({"batched": lambda: batched(model, b), "loop": lambda: loop(model, b)}, repeats)
     print(f"\nforward passes only ({n_rows} sequences): one at a time "

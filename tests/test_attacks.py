@@ -19,7 +19,7 @@ from scipy.stats import spearmanr
 
 from monolm import data as data_lib
 from monolm import models
-from monolm.attacks import common, flip_scoring, hotflip, uat, units
+from monolm.attacks import common, flip_scoring, flip_search, hotflip, trigger_search, uat, units
 from monolm.config import HotFlipConfig, TinyModelConfig, UATConfig
 
 ROWS = 1024
@@ -101,7 +101,7 @@ def test_trigger_batch_scores_only_the_text_tokens(trained):
     prefix = common.context_prefix(tok)
     assert prefix == [tok.eos_token_id]
     texts = [held[0][:10], held[1][:7]]
-    b = uat.trigger_batch(prefix, [5, 6, 7], texts)
+    b = trigger_search.trigger_batch(prefix, [5, 6, 7], texts)
     for row, text in enumerate(texts):
         n_head = len(prefix) + 3
         assert not b.target_mask[row, :n_head].any()
@@ -182,10 +182,10 @@ def test_flip_scoring_with_shared_prefix_equals_full_forward_loop(trained, has_p
     prefix = [tok.eos_token_id] if has_prefix else []
     text = held[5][:30]
     cur = torch.tensor(prefix + text)
-    targets = hotflip.base_targets(len(prefix), len(text))
+    targets = flip_search.base_targets(len(prefix), len(text))
     targets[len(prefix) + 7] = False  # as after an earlier flip at 7
     open_pos = torch.tensor([i for i in range(len(prefix), len(cur)) if i != len(prefix) + 7])
-    pos, new = hotflip._random_candidates(cur, open_pos, allowed, 40, torch.Generator().manual_seed(0))
+    pos, new = flip_search._random_candidates(cur, open_pos, allowed, 40, torch.Generator().manual_seed(0))
     pos[1], new[1] = len(cur) - 1, 3 if int(cur[-1]) != 3 else 4  # a flip of the last token: nothing after it
     if not has_prefix:
         pos[0] = 0  # a flip of the very first token: no prefix to share
@@ -269,7 +269,7 @@ def test_first_order_scores_rank_exact_loss_increases(trained):
     top_gains, random_gains, rhos = [], [], []
     for text in held[30:34]:
         seq = torch.tensor(prefix + text[:24])
-        targets = hotflip.base_targets(1, len(seq) - 1)
+        targets = flip_search.base_targets(1, len(seq) - 1)
         grad, _ = common.embedding_gradient(model, seq[None], None, targets[None])
         pos = torch.arange(1, len(seq))
         scores = common.first_order_scores(grad[0, pos], E, allowed, current=seq[pos])
@@ -423,13 +423,14 @@ def test_hotflip_never_scores_flipped_positions_and_keeps_only_exact_gains(train
         orig = torch.tensor(prefix + text)
         calls = _record_masks(monkeypatch)
         for method in ("gradient", "control"):
-            rec = hotflip.attack_text(model, text, HF_CFG, prefix=prefix, allowed=allowed, method=method,
-                                      gen=torch.Generator().manual_seed(i))
+            setup = common.AttackSetup(model, prefix, common.BatchSizer(HF_CFG.score_batch_size))
+            rec = flip_search.attack_text(setup, text, HF_CFG, allowed=allowed, method=method,
+                                          gen=torch.Generator().manual_seed(i))
             assert rec["flips_used"] >= 1
             assert len(set(rec["positions"])) == rec["flips_used"]
             assert all(allowed[t] for t in rec["new_ids"])
             # replay the trajectory: each accepted flip raised the exact loss on the same targets
-            cur, targets = orig.clone(), hotflip.base_targets(1, len(text))
+            cur, targets = orig.clone(), flip_search.base_targets(1, len(text))
             for step in rec["trajectory"]:
                 p = step["position"] + 1
                 targets = targets.clone()

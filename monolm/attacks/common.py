@@ -20,16 +20,15 @@ Why these choices (each one changes what the attack numbers mean):
   Right padding cannot change a causal model's outputs at real positions, so the batched losses
   equal one-forward-per-candidate losses up to float rounding (tested);
   `score_candidates_loop` is that per-candidate reference and is used only by tests and the bench.
-* bf16 autocast only on CUDA (`monolm.runtime`); losses are always reduced in fp32.
+* bf16 autocast only where the caller's resolved `bf16` flag says so (`runtime.bf16_enabled`:
+  on CUDA only for the attacks); losses are always reduced in fp32.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import inspect
-import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from monolm.runtime import autocast, eval_mode, is_oom, model_device
+from monolm.runtime import Bf16, autocast, bf16_enabled, eval_mode, is_oom, model_device
 
 log = logging.getLogger("monolm.attacks")
 
@@ -176,9 +175,9 @@ def _accepts_logits_to_keep(cls: type) -> bool:
 
 @functools.cache
 def cache_argument(cls: type) -> str | None:
-    """The forward's keyword for a key/value cache: `cache` from transformers 5.24 (where
-    `past_key_values` is deprecated), `past_key_values` before (where an unknown `cache=` would be
-    silently ignored, giving wrong losses). None when the model takes neither."""
+    """The forward's keyword for a key/value cache: `cache` where the forward takes it (the newer
+    name, which deprecates `past_key_values`), else `past_key_values` (a forward that does not
+    know `cache=` would silently ignore it, giving wrong losses). None when it takes neither."""
     try:
         params = inspect.signature(cls.forward).parameters
     except (TypeError, ValueError):
@@ -310,9 +309,8 @@ def first_order_scores(grad: torch.Tensor, embedding_matrix: torch.Tensor, allow
 
 # --------------------------------------------------------------------------- batched scoring
 # On CPU, throughput per sequence peaks at about a thousand tokens per forward pass and then
-# falls again as activations leave the cache (hidden 256, 4 layers, 70-token rows on 2 cores:
-# 6.3 ms/row at batch 1, 3.3 at 16, 4.3 at 128). On a GPU, bigger is better up to memory, which
-# the OOM back-off handles.
+# falls again once the activations no longer fit in the CPU's caches. On a GPU, bigger is better
+# up to memory, which the OOM back-off handles.
 CPU_TOKENS_PER_BATCH = 1024
 
 
@@ -391,6 +389,27 @@ def score_candidates_loop(
     return out if per_token else masked_mean(out, batch.target_mask.cpu())
 
 
+@dataclass(frozen=True)
+class AttackSetup:
+    """What every step of one attack run shares: the model, the context prefix every sequence
+    starts with, one batch sizer for the whole run and the resolved bf16 autocast flag."""
+
+    model: nn.Module
+    prefix: list[int]
+    sizer: BatchSizer
+    bf16: bool = False
+
+    @classmethod
+    def of(cls, model: nn.Module, prefix: Sequence[int], batch_size: int | BatchSizer, bf16: Bf16) -> AttackSetup:
+        """The setup of a run on `model` with the `bf16` setting (autocast on CUDA only)."""
+        sizer = batch_size if isinstance(batch_size, BatchSizer) else BatchSizer(batch_size)
+        return cls(model, list(prefix), sizer, bf16_enabled(bf16, model_device(model), cuda_only=True))
+
+    def losses(self, batch: TextBatch, *, per_token: bool = False) -> torch.Tensor:
+        """`score_candidates_batched` of `batch` with this run's model, sizer and bf16 flag."""
+        return score_candidates_batched(self.model, batch, batch_size=self.sizer, per_token=per_token, bf16=self.bf16)
+
+
 # --------------------------------------------------------------------------- model state
 @contextlib.contextmanager
 def _params_frozen(model: nn.Module) -> Iterator[None]:
@@ -412,29 +431,3 @@ def attack_mode(model: nn.Module) -> Iterator[None]:
     model's training flag afterwards."""
     with eval_mode(model), _params_frozen(model), parametrize.cached():
         yield
-
-
-def model_fingerprint(model: nn.Module, sample: int = 512) -> str:
-    """A cheap digest that tells trained models apart (names, shapes, and the first and last
-    `sample` values of every tensor), used to key resumable units: a unit computed on another
-    model is never reused. Hashing all weights of a 1.4B model would cost more than a unit."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        flat = tensor.detach().reshape(-1)
-        h.update(name.encode())
-        h.update(str(tuple(tensor.shape)).encode())
-        h.update(str(tensor.dtype).encode())
-        head = flat[:sample].float().cpu().numpy().tobytes()
-        tail = flat[-sample:].float().cpu().numpy().tobytes()
-        h.update(head)
-        h.update(tail)
-    return h.hexdigest()
-
-
-def digest_json(obj: Any) -> str:
-    """sha256 of a canonical JSON encoding (sorted keys, no whitespace)."""
-    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
-
-
-def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))

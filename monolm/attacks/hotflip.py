@@ -1,12 +1,12 @@
 """HotFlip (Ebrahimi et al. 2018), stage 6, with a query-only control.
 
 Per text (prefixed with the one-token context of `common.context_prefix`), up to `max_flips`
-greedy flips:
+greedy flips (`flip_search`):
 
 1. the gradient of the loss on the still-unflipped text tokens w.r.t. the input embeddings gives
    the first-order score `g_i · (E_v - E_{x_i})` of every swap (position i, token v) at every
    not-yet-flipped text position and every allowed token;
-2. the top `top_b` swaps are re-scored exactly, all in one batched forward pass;
+2. the top `top_b` swaps are re-scored exactly, in batched forward passes (`flip_scoring`);
 3. the best one is applied if it raises the loss. A flip at position i removes i from the scored
    targets (a flipped token is never scored), so "raises" compares the loss before and after on
    the *same* target set, the unflipped tokens without i, both from the same forward pass.
@@ -24,12 +24,13 @@ tokens minus flipped positions). Blocks of `block_size` examples are resumable u
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,154 +40,24 @@ from monolm import stats
 from monolm.artifacts import atomic_write_json, atomic_write_text
 from monolm.attacks import units
 from monolm.attacks.common import (
+    AttackSetup,
     BatchSizer,
     TextBatch,
     attack_mode,
     check_texts,
     checked_allowed_mask,
     context_prefix,
-    digest_json,
-    embedding_gradient,
-    first_order_scores,
-    model_fingerprint,
     pad_batch,
-    score_candidates_batched,
-    text_target_mask,
     truncate,
 )
 from monolm.attacks.effects import effect_summary
-from monolm.attacks.flip_scoring import score_flips
+from monolm.attacks.flip_search import Method, attack_text, base_targets
 from monolm.config import HotFlipConfig
-from monolm.runtime import Bf16, bf16_enabled, generator, model_device
+from monolm.runtime import Bf16, generator
 
 default_log = logging.getLogger("monolm.attacks")
-Method = Literal["gradient", "control"]
 KINDS: dict[str, str] = {"gradient": "hotflip", "control": "hotflip_control"}
 EXAMPLE_FILES: dict[str, str] = {"gradient": "hotflip_examples.jsonl", "control": "hotflip_control_examples.jsonl"}
-
-
-def base_targets(n_prefix: int, n_text: int) -> torch.Tensor:
-    """Targets of the unattacked `prefix + text`: every text token (minus the first one when there
-    is no prefix, since nothing predicts it)."""
-    return torch.tensor(text_target_mask(n_prefix, n_text, has_prefix=n_prefix > 0), dtype=torch.bool)
-
-
-def _random_candidates(cur: torch.Tensor, open_pos: torch.Tensor, allowed: torch.Tensor, n: int,
-                       gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """`n` uniformly random (position, token) swaps: an open position, and an allowed token other
-    than the one already there. Duplicates are dropped (order kept)."""
-    allowed_ids = torch.nonzero(allowed).flatten()
-    pos = open_pos[torch.randint(len(open_pos), (n,), generator=gen)]
-    current = cur[pos]
-    in_allowed = allowed[current]
-    count = len(allowed_ids) - in_allowed.long()
-    r = torch.floor(torch.rand(n, generator=gen, dtype=torch.float64) * count).long()
-    rank = torch.searchsorted(allowed_ids, current)
-    r = r + (in_allowed & (r >= rank)).long()  # skip the current token
-    tok = allowed_ids[r]
-    seen: set[tuple[int, int]] = set()
-    keep = []
-    for i, pair in enumerate(zip(pos.tolist(), tok.tolist(), strict=True)):
-        if pair not in seen:
-            seen.add(pair)
-            keep.append(i)
-    keep_t = torch.as_tensor(keep, dtype=torch.long)
-    return pos[keep_t], tok[keep_t]
-
-
-def _gradient_candidates(model: nn.Module, cur: torch.Tensor, targets: torch.Tensor, open_pos: torch.Tensor,
-                         allowed: torch.Tensor, n: int, *, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `n` swaps with the highest first-order score `g_i · (E_v - E_{x_i})`."""
-    device = model_device(model)
-    E = model.get_input_embeddings().weight.detach()
-    grad, _ = embedding_gradient(model, cur.view(1, -1).to(device), None, targets.view(1, -1).to(device), bf16=bf16)
-    scores = first_order_scores(grad[0, open_pos.to(device)], E, allowed, current=cur[open_pos].to(device))
-    V = scores.shape[1]
-    flat = scores.flatten()
-    k = min(n, int(torch.isfinite(flat).sum()))
-    top = torch.topk(flat, k).indices.cpu()
-    return open_pos[top // V], top % V
-
-
-def _flip_search(
-    model: nn.Module, orig: torch.Tensor, base: torch.Tensor, cfg: HotFlipConfig, *, n_prefix: int,
-    allowed: torch.Tensor, method: Method, gen: torch.Generator | None, sizer: BatchSizer, bf16: bool,
-) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]], str]:
-    """Up to `cfg.max_flips` greedy flips of the text tokens of `orig` (`prefix + text`, targets
-    `base`); returns the attacked ids, the flipped positions, the trajectory and why it stopped."""
-    positions = torch.arange(n_prefix, len(orig))
-    cur = orig.clone()
-    flipped = torch.zeros_like(base)
-    trajectory: list[dict[str, Any]] = []
-    for _ in range(cfg.max_flips):
-        targets = base & ~flipped
-        # a flip must leave at least one scored token
-        open_pos = positions[~flipped[positions] & ((targets.sum() - targets[positions].long()) >= 1)]
-        if len(open_pos) == 0:
-            return cur, flipped, trajectory, "no_positions"
-        if method == "control":
-            cand_pos, cand_tok = _random_candidates(cur, open_pos, allowed, cfg.top_b, gen)
-        else:
-            cand_pos, cand_tok = _gradient_candidates(model, cur, targets, open_pos, allowed, cfg.top_b, bf16=bf16)
-        if len(cand_pos) == 0:
-            return cur, flipped, trajectory, "no_candidates"
-        before, after = score_flips(model, cur, targets, cand_pos, cand_tok, sizer=sizer, bf16=bf16)
-        gains = after - before
-        best = int(torch.argmax(gains))
-        if not bool(gains[best] > 0):
-            return cur, flipped, trajectory, "no_gain"
-        pos, new = int(cand_pos[best]), int(cand_tok[best])
-        trajectory.append({"position": pos - n_prefix, "old_id": int(cur[pos]), "new_id": new,
-                           "loss_before": float(before[best]), "loss_after": float(after[best]),
-                           "n_candidates": len(cand_pos)})
-        cur[pos] = new
-        flipped[pos] = True
-    return cur, flipped, trajectory, "max_flips"
-
-
-def attack_text(
-    model: nn.Module,
-    text_ids: Sequence[int],
-    cfg: HotFlipConfig,
-    *,
-    prefix: Sequence[int],
-    allowed: torch.Tensor,
-    method: Method = "gradient",
-    gen: torch.Generator | None = None,
-    sizer: BatchSizer | None = None,
-    success_threshold: float = 0.15,
-    bf16: bool = False,
-) -> dict[str, Any]:
-    """Greedy flips on one text; returns the example record (see SCHEMA.md)."""
-    if method == "control" and gen is None:
-        raise ValueError("the control draws random candidates and needs an explicit generator")
-    sizer = sizer or BatchSizer(cfg.score_batch_size)
-    P, n = len(prefix), len(text_ids)
-    orig = torch.as_tensor([*prefix, *text_ids], dtype=torch.long)
-    base = base_targets(P, n)
-    cur, flipped, trajectory, stopped = _flip_search(model, orig, base, cfg, n_prefix=P, allowed=allowed,
-                                                     method=method, gen=gen, sizer=sizer, bf16=bf16)
-    final = base & ~flipped
-    pair = torch.stack([orig, cur])
-    losses = score_candidates_batched(model, TextBatch(pair, torch.ones_like(pair), final.view(1, -1).repeat(2, 1)),
-                                      batch_size=sizer, bf16=bf16)
-    clean, attacked = float(losses[0]), float(losses[1])
-    return {
-        "n_tokens": n,
-        "text_ids": list(text_ids),
-        "clean_loss": clean,
-        "attacked_loss": attacked,
-        "abs_increase": attacked - clean,
-        "rel_increase": (attacked - clean) / clean,
-        "success": (attacked - clean) / clean > success_threshold,
-        "flips_used": len(trajectory),
-        "positions": [t["position"] for t in trajectory],
-        "original_ids": [t["old_id"] for t in trajectory],
-        "new_ids": [t["new_id"] for t in trajectory],
-        "n_targets": int(final.sum()),
-        "stopped": stopped,
-        "trajectory": trajectory,
-    }
 
 
 # --------------------------------------------------------------------------- replay / transfer
@@ -212,11 +83,9 @@ def replay_flips(model: nn.Module, examples: Sequence[Mapping[str, Any]], *, pre
                  batch_size: int | BatchSizer = 64, bf16: Bf16 = "auto") -> dict[str, list[float]]:
     """Clean and attacked loss of recorded adversarial examples on another model (transfer)."""
     clean_b, adv_b = adversarial_batch(examples, prefix)
-    sizer = batch_size if isinstance(batch_size, BatchSizer) else BatchSizer(batch_size)
-    on = bf16_enabled(bf16, model_device(model), cuda_only=True)
+    setup = AttackSetup.of(model, prefix, batch_size, bf16)
     with attack_mode(model):
-        clean = score_candidates_batched(model, clean_b, batch_size=sizer, bf16=on)
-        attacked = score_candidates_batched(model, adv_b, batch_size=sizer, bf16=on)
+        clean, attacked = setup.losses(clean_b), setup.losses(adv_b)
     return {"index": [ex.get("index") for ex in examples], "clean": clean.tolist(), "attacked": attacked.tolist()}
 
 
@@ -252,15 +121,17 @@ def summarize_examples(records: Sequence[Mapping[str, Any]], *, threshold: float
 
 def run_key(model: nn.Module, texts: Sequence[Sequence[int]], cfg: HotFlipConfig, *, seed: int,
             prefix: Sequence[int], allowed: torch.Tensor, method: Method, threshold: float) -> str:
-    return digest_json({
+    """Digest of everything a block's result depends on (see `units`)."""
+    return units.digest_json({
         "attack": KINDS[method], "cfg": cfg.model_dump(mode="json", exclude={"random_control"}), "seed": seed,
-        "model": model_fingerprint(model), "texts": digest_json([list(t) for t in texts]), "prefix": list(prefix),
-        "allowed": digest_json(torch.nonzero(allowed).flatten().tolist()), "threshold": threshold,
+        "model": units.model_fingerprint(model), "texts": units.digest_json([list(t) for t in texts]),
+        "prefix": list(prefix), "allowed": units.digest_json(torch.nonzero(allowed).flatten().tolist()),
+        "threshold": threshold,
     })
 
 
 def _block_units(
-    attack: Callable[[int], dict[str, Any]], kind: str, n_texts: int, block_size: int, *, key: str, out_dir: Path,
+    attack: Callable[[int], dict[str, Any]], kind: str, n_texts: int, block_size: int, key: str, out_dir: Path,
     budget: int | None, progress: bool, log: logging.Logger,
 ) -> tuple[list[dict[str, Any]], int, bool]:
     """`(records, blocks computed, complete)` of one method: each block of `block_size` texts is a
@@ -323,34 +194,33 @@ def run(
     check_texts(texts, prefix, "texts")
     allowed = checked_allowed_mask(model, tokenizer, allowed)
     methods: list[Method] = ["gradient", "control"] if control else ["gradient"]
-    sizer = BatchSizer(cfg.score_batch_size)
-    on = bf16_enabled(bf16, model_device(model), cuda_only=True)
+    setup = AttackSetup.of(model, prefix, cfg.score_batch_size, bf16)
     records: dict[str, list[dict[str, Any]]] = {}
     computed = 0
     with attack_mode(model):
         for method in methods:
-
-            def attack(i: int, method: Method = method) -> dict[str, Any]:
-                gen = generator(seed, KINDS["control"], i) if method == "control" else None
-                return attack_text(model, texts[i], cfg, prefix=prefix, allowed=allowed, method=method, gen=gen,
-                                   sizer=sizer, success_threshold=success_threshold, bf16=on)
-
+            attack = functools.partial(_attack_example, setup, texts, cfg, allowed, method, seed, success_threshold)
             key = run_key(model, texts, cfg, seed=seed, prefix=prefix, allowed=allowed, method=method,
                           threshold=success_threshold)
             budget = None if max_units is None else max_units - computed
-            records[method], done, complete = _block_units(attack, KINDS[method], len(texts), cfg.block_size,
-                                                           key=key, out_dir=out_dir, budget=budget,
-                                                           progress=progress, log=log)
+            records[method], done, complete = _block_units(attack, KINDS[method], len(texts), cfg.block_size, key,
+                                                           out_dir, budget, progress, log)
             computed += done
             if not complete:
                 return {"complete": False, "units_done": computed}
-    results = _write_results(out_dir, records, cfg, seed=seed, prefix=prefix, n_texts=len(texts),
-                             n_allowed=int(allowed.sum()), success_threshold=success_threshold)
+    results = _write_results(out_dir, records, cfg, seed, prefix, len(texts), int(allowed.sum()), success_threshold)
     _log_results(log, results)
     return results
 
 
-def _write_results(out_dir: Path, records: dict[str, list[dict[str, Any]]], cfg: HotFlipConfig, *, seed: int,
+def _attack_example(setup: AttackSetup, texts: Sequence[Sequence[int]], cfg: HotFlipConfig, allowed: torch.Tensor,
+                    method: Method, seed: int, threshold: float, i: int) -> dict[str, Any]:
+    """Text `i` attacked with `method`; the control draws from its own generator per text."""
+    gen = generator(seed, KINDS["control"], i) if method == "control" else None
+    return attack_text(setup, texts[i], cfg, allowed=allowed, method=method, gen=gen, success_threshold=threshold)
+
+
+def _write_results(out_dir: Path, records: dict[str, list[dict[str, Any]]], cfg: HotFlipConfig, seed: int,
                    prefix: list[int], n_texts: int, n_allowed: int, success_threshold: float) -> dict[str, Any]:
     """Write each method's examples (`EXAMPLE_FILES`) and `hotflip_results.json`; return the results."""
     results: dict[str, Any] = {

@@ -2,7 +2,7 @@
 
 A trigger of `trigger_len` tokens is prepended to every text (after the one-token context
 prefix, see `common.context_prefix`) and optimised to *raise* the model's loss on the original
-text tokens. Per restart, per sweep, per trigger position:
+text tokens. Per restart, per sweep, per trigger position (`trigger_search`):
 
 1. the gradient of the mean loss over a batch of optimisation texts w.r.t. the input embeddings
    gives the first-order score `g_p · E_v` of every allowed token `v` at position `p`;
@@ -31,75 +31,33 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from monolm.artifacts import atomic_write_json
 from monolm.attacks import units
 from monolm.attacks.common import (
+    AttackSetup,
     BatchSizer,
     TextBatch,
     attack_mode,
     check_texts,
     checked_allowed_mask,
     context_prefix,
-    digest_json,
-    embedding_gradient,
-    first_order_scores,
-    model_fingerprint,
-    pad_batch,
-    score_candidates_batched,
-    text_target_mask,
     truncate,
 )
 from monolm.attacks.effects import effect_summary, per_text_effects
+from monolm.attacks.trigger_search import NO_TRIGGER, optimise_restart, text_batch, trigger_row, with_triggers
 from monolm.config import UATConfig
-from monolm.runtime import Bf16, bf16_enabled, generator, model_device
+from monolm.runtime import Bf16, generator
 
 default_log = logging.getLogger("monolm.attacks")
 KIND = "uat"
 STAGE = "uat"
-NO_TRIGGER = torch.zeros((1, 0), dtype=torch.long)
-
-
-# --------------------------------------------------------------------------- sequences
-def _text_batch(texts: Sequence[Sequence[int]], has_prefix: bool) -> TextBatch:
-    """The texts alone, right-padded, with their target masks (every text token, except the
-    first one when there is no prefix to predict it from)."""
-    return pad_batch(texts, [text_target_mask(0, len(t), has_prefix=has_prefix) for t in texts])
-
-
-def _with_triggers(prefix: Sequence[int], triggers: torch.Tensor, texts: TextBatch) -> TextBatch:
-    """Rows `prefix + triggers[c] + texts[b]`, candidate-major (row = c * n_texts + b).
-
-    Prefix and trigger positions are attended but never targets; only text tokens are."""
-    C, L = triggers.shape
-    B = texts.input_ids.shape[0]
-    head = torch.cat([torch.as_tensor(list(prefix), dtype=torch.long).view(1, -1).expand(C, -1), triggers], 1)
-    n_head = head.shape[1]
-    ids = torch.cat([head.repeat_interleave(B, 0), texts.input_ids.repeat(C, 1)], 1)
-    am = torch.cat([torch.ones((C * B, n_head), dtype=torch.long), texts.attention_mask.repeat(C, 1)], 1)
-    tm = torch.cat([torch.zeros((C * B, n_head), dtype=torch.bool), texts.target_mask.repeat(C, 1)], 1)
-    return TextBatch(ids, am, tm)
-
-
-def _trigger_row(trigger_ids: Sequence[int]) -> torch.Tensor:
-    return torch.as_tensor(list(trigger_ids), dtype=torch.long).view(1, -1)
-
-
-def trigger_batch(prefix: Sequence[int], trigger_ids: Sequence[int], texts: Sequence[Sequence[int]]) -> TextBatch:
-    """`prefix + trigger + text` for each text, with the target mask the attack scores (public so
-    tests can check that no trigger or prefix position is ever a target)."""
-    return _with_triggers(prefix, _trigger_row(trigger_ids), _text_batch(texts, bool(prefix)))
 
 
 # --------------------------------------------------------------------------- evaluation, transfer
-def _clean_and_attacked(
-    model: nn.Module, trigger_ids: Sequence[int], texts: TextBatch, *, prefix: Sequence[int], sizer: BatchSizer,
-    bf16: bool,
-) -> dict[str, list[float]]:
-    clean = score_candidates_batched(model, _with_triggers(prefix, NO_TRIGGER, texts), batch_size=sizer, bf16=bf16)
-    attacked = score_candidates_batched(model, _with_triggers(prefix, _trigger_row(trigger_ids), texts),
-                                        batch_size=sizer, bf16=bf16)
+def _clean_and_attacked(setup: AttackSetup, trigger_ids: Sequence[int], texts: TextBatch) -> dict[str, list[float]]:
+    clean = setup.losses(with_triggers(setup.prefix, NO_TRIGGER, texts))
+    attacked = setup.losses(with_triggers(setup.prefix, trigger_row(trigger_ids), texts))
     return {"clean": clean.tolist(), "attacked": attacked.tolist()}
 
 
@@ -114,10 +72,9 @@ def evaluate_trigger(
 ) -> dict[str, list[float]]:
     """Per-text clean and attacked loss (mean CE over the same original text tokens)."""
     check_texts(texts, prefix, "texts")
-    sizer = batch_size if isinstance(batch_size, BatchSizer) else BatchSizer(batch_size)
+    setup = AttackSetup.of(model, prefix, batch_size, bf16)
     with attack_mode(model):
-        return _clean_and_attacked(model, trigger_ids, _text_batch(texts, bool(prefix)), prefix=prefix, sizer=sizer,
-                                   bf16=bf16_enabled(bf16, model_device(model), cuda_only=True))
+        return _clean_and_attacked(setup, trigger_ids, text_batch(texts, bool(prefix)))
 
 
 def transfer_matrix(
@@ -148,89 +105,14 @@ def transfer_matrix(
             "n_texts": len(texts), "prefix_ids": list(prefix), "cells": cells, "per_text": per_text}
 
 
-# --------------------------------------------------------------------------- optimisation
-def _grad_batch(n: int, size: int, gen: torch.Generator) -> torch.Tensor:
-    """Indices of the optimisation texts used for one position step (all of them if they fit)."""
-    if size >= n:
-        return torch.arange(n)
-    return torch.sort(torch.randperm(n, generator=gen)[:size]).values
-
-
-def _position_step(
-    model: nn.Module, texts: TextBatch, trigger: torch.Tensor, p: int, k: int, *, prefix: Sequence[int],
-    allowed: torch.Tensor, sizer: BatchSizer, bf16: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The current token at trigger position `p` and its top-`k` first-order replacements
-    (candidate 0 is the current token), with each candidate trigger's exact mean loss over `texts`."""
-    cur = _with_triggers(prefix, trigger.view(1, -1), texts).to(model_device(model))
-    grad, _ = embedding_gradient(model, cur.input_ids, cur.attention_mask, cur.target_mask, bf16=bf16)
-    g = grad[:, len(prefix) + p, :].mean(0, keepdim=True)  # gradient of the mean loss
-    scores = first_order_scores(g, model.get_input_embeddings().weight.detach(), allowed)[0]
-    scores[trigger[p]] = float("-inf")
-    top = torch.topk(scores, k).indices.cpu()
-    tokens = torch.cat([trigger[p].view(1), top])  # candidate 0 = the current trigger
-    cands = trigger.view(1, -1).repeat(len(tokens), 1)
-    cands[:, p] = tokens
-    batch = _with_triggers(prefix, cands, texts)
-    losses = score_candidates_batched(model, batch, batch_size=sizer, bf16=bf16)
-    return tokens, losses.view(len(tokens), texts.input_ids.shape[0]).mean(1)
-
-
-def optimise_restart(
-    model: nn.Module,
-    opt: TextBatch,
-    cfg: UATConfig,
-    *,
-    prefix: Sequence[int],
-    allowed: torch.Tensor,
-    gen: torch.Generator,
-    sizer: BatchSizer,
-    bf16: bool = False,
-    progress: bool = False,
-    desc: str = "uat",
-) -> dict[str, Any]:
-    """One restart: random allowed initial trigger, then greedy sweeps until no change."""
-    allowed_ids = torch.nonzero(allowed).flatten()
-    trigger = allowed_ids[torch.randint(len(allowed_ids), (cfg.trigger_len,), generator=gen)]
-    initial = trigger.tolist()
-    n = opt.input_ids.shape[0]
-    k = min(cfg.top_k, int(allowed.sum()) - 1)
-    steps: list[dict[str, Any]] = []
-    converged = False
-    sweeps = 0
-    bar = tqdm(total=cfg.max_sweeps * cfg.trigger_len, desc=desc, disable=(not progress) or None, leave=False)
-    for sweep in range(cfg.max_sweeps):
-        sweeps += 1
-        changed = False
-        for p in range(cfg.trigger_len):
-            idx = _grad_batch(n, cfg.grad_batch_size, gen)
-            tokens, losses = _position_step(model, opt.rows(idx), trigger, p, k, prefix=prefix, allowed=allowed,
-                                            sizer=sizer, bf16=bf16)
-            best = int(torch.argmax(losses[1:])) + 1
-            accept = bool(losses[best] > losses[0])
-            steps.append({"sweep": sweep, "position": p, "n_texts": len(idx), "loss_before": float(losses[0]),
-                          "best_candidate_loss": float(losses[best]), "token_before": int(trigger[p]),
-                          "token_after": int(tokens[best]) if accept else int(trigger[p]), "accepted": accept})
-            if accept:
-                trigger[p] = tokens[best]
-                changed = True
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(losses[best] if accept else losses[0]):.3f}")
-        if not changed:
-            converged = True
-            break
-    bar.close()
-    return {"initial_trigger_ids": initial, "trigger_ids": trigger.tolist(), "sweeps": sweeps,
-            "converged": converged, "steps": steps}
-
-
 def run_key(model: nn.Module, opt_texts: Sequence[Sequence[int]], cfg: UATConfig, *, seed: int,
             prefix: Sequence[int], allowed: torch.Tensor) -> str:
     """Digest of everything a restart's result depends on (see `units`)."""
-    return digest_json({
-        "attack": KIND, "cfg": cfg.model_dump(mode="json"), "seed": seed, "model": model_fingerprint(model),
-        "opt_texts": digest_json([list(t) for t in opt_texts]), "prefix": list(prefix),
-        "allowed": digest_json(torch.nonzero(allowed).flatten().tolist()),
+    return units.digest_json({
+        "attack": KIND, "cfg": cfg.model_dump(mode="json"), "seed": seed,
+        "model": units.model_fingerprint(model), "opt_texts": units.digest_json([list(t) for t in opt_texts]),
+        "prefix": list(prefix),
+        "allowed": units.digest_json(torch.nonzero(allowed).flatten().tolist()),
     })
 
 
@@ -249,18 +131,17 @@ def _held_out_texts(opt_texts: Sequence[Sequence[int]], eval_texts: Sequence[Seq
     return opt, ev
 
 
-def _restart(model: nn.Module, opt: TextBatch, cfg: UATConfig, r: int, *, seed: int, prefix: Sequence[int],
-             allowed: torch.Tensor, sizer: BatchSizer, bf16: bool, progress: bool) -> dict[str, Any]:
+def _restart(setup: AttackSetup, opt: TextBatch, cfg: UATConfig, allowed: torch.Tensor, seed: int, progress: bool,
+             r: int) -> dict[str, Any]:
     """Restart `r` from its own seeded generator, with its trigger's loss over all optimisation texts."""
-    result = optimise_restart(model, opt, cfg, prefix=prefix, allowed=allowed, gen=generator(seed, STAGE, r),
-                              sizer=sizer, bf16=bf16, progress=progress, desc=f"uat restart {r}")
-    batch = _with_triggers(prefix, _trigger_row(result["trigger_ids"]), opt)
-    per_text = score_candidates_batched(model, batch, batch_size=sizer, bf16=bf16).tolist()
+    gen = generator(seed, STAGE, r)
+    result = optimise_restart(setup, opt, cfg, allowed=allowed, gen=gen, progress=progress, desc=f"uat restart {r}")
+    per_text = setup.losses(with_triggers(setup.prefix, trigger_row(result["trigger_ids"]), opt)).tolist()
     result.update(restart=r, opt_loss=sum(per_text) / len(per_text))
     return result
 
 
-def _restart_units(compute: Callable[[int], dict[str, Any]], tokenizer: Any, n_restarts: int, *, key: str,
+def _restart_units(compute: Callable[[int], dict[str, Any]], tokenizer: Any, n_restarts: int, key: str,
                    out_dir: Path, max_units: int | None, log: logging.Logger) -> tuple[list[dict[str, Any]], bool]:
     """`(payloads, complete)`: restart r's finished unit is reused, a missing one is computed with
     `compute(r)` and written. Incomplete once `max_units` restarts were computed and more are missing."""
@@ -314,22 +195,17 @@ def run(
     prefix = context_prefix(tokenizer)
     opt, ev = _held_out_texts(opt_texts, eval_texts, cfg, prefix)
     allowed = checked_allowed_mask(model, tokenizer, allowed)
-    sizer = BatchSizer(cfg.score_batch_size)
-    opt_batch = _text_batch(opt, bool(prefix))
-    on = bf16_enabled(bf16, model_device(model), cuda_only=True)
+    setup = AttackSetup.of(model, prefix, cfg.score_batch_size, bf16)
+    opt_batch = text_batch(opt, bool(prefix))
     with attack_mode(model):
         key = run_key(model, opt, cfg, seed=seed, prefix=prefix, allowed=allowed)
-        compute = functools.partial(_restart, model, opt_batch, cfg, seed=seed, prefix=prefix, allowed=allowed,
-                                    sizer=sizer, bf16=on, progress=progress)
-        restarts, complete = _restart_units(compute, tokenizer, cfg.restarts, key=key, out_dir=out_dir,
-                                            max_units=max_units, log=log)
+        compute = functools.partial(_restart, setup, opt_batch, cfg, allowed, seed, progress)
+        restarts, complete = _restart_units(compute, tokenizer, cfg.restarts, key, out_dir, max_units, log)
         if not complete:
             return {"complete": False, "units_done": len(restarts)}
         best = max(restarts, key=lambda u: (u["opt_loss"], -u["restart"]))
-        clean_opt = score_candidates_batched(model, _with_triggers(prefix, NO_TRIGGER, opt_batch), batch_size=sizer,
-                                             bf16=on).tolist()
-        evaluation = _clean_and_attacked(model, best["trigger_ids"], _text_batch(ev, bool(prefix)), prefix=prefix,
-                                         sizer=sizer, bf16=on)
+        clean_opt = setup.losses(with_triggers(prefix, NO_TRIGGER, opt_batch)).tolist()
+        evaluation = _clean_and_attacked(setup, best["trigger_ids"], text_batch(ev, bool(prefix)))
     triggers = _triggers_record(tokenizer, cfg, prefix, restarts, best)
     results = {
         "attack": "uat",
