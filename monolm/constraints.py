@@ -427,9 +427,9 @@ def read_constraint_spec(model_dir: str | Path) -> dict[str, Any]:
 
 
 def _no_init_weights():
-    try:  # transformers >= 5
+    try:  # its current home
         from transformers.initialization import no_init_weights
-    except ImportError:  # transformers 4.x
+    except ImportError:  # its older home
         from transformers.modeling_utils import no_init_weights
     return no_init_weights()
 
@@ -444,9 +444,9 @@ def load_constrained(model_dir: str | Path, device: str | torch.device | None = 
     spec = read_constraint_spec(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
     # Random initialization is pure waste here (a strict load overwrites every parameter and
-    # persistent buffer) and costs about a minute for a 1B model on CPU; skip it as
-    # `from_pretrained` does. The uninitialized target weights are set to a finite value so the
-    # conversion in apply_constraint is well defined before the load replaces V.
+    # persistent buffer) and slow for a large model; skip it as `from_pretrained` does. The
+    # uninitialized target weights are set to a finite value so the conversion in
+    # apply_constraint is well defined before the load replaces V.
     with _no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.tie_weights()  # skipped with init_weights; a no-op unless config.tie_word_embeddings

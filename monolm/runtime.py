@@ -95,8 +95,8 @@ _threads_configured = False
 def configure_threads() -> int:
     """Set torch's intra-op threads once per process: `MONOLM_TORCH_THREADS`, else half the cores.
 
-    Why: stages 2||3 and 5||6 run concurrently, and two processes each spinning 2 OpenMP threads on
-    a 2-core machine ran ~10x slower than 1 thread each (433 vs 4850 tokens/s measured here).
+    Why: stages 2||3 and 5||6 run concurrently, and two processes that each spin as many OpenMP
+    threads as there are cores oversubscribe them and run several times slower than with half.
     """
     global _threads_configured
     if not _threads_configured:
