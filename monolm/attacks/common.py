@@ -265,12 +265,6 @@ def token_losses(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
         return _token_losses_from(model, target_mask, input_ids, input_ids=input_ids, attention_mask=attention_mask)
 
 
-def loss_on_text(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                 target_mask: torch.Tensor, *, bf16: bool = False) -> torch.Tensor:
-    """The attack objective per sequence: mean CE over the target (original text) tokens [N]."""
-    return masked_mean(token_losses(model, input_ids, attention_mask, target_mask, bf16=bf16), target_mask)
-
-
 def embedding_gradient(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                        target_mask: torch.Tensor, *, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient of each sequence's objective w.r.t. its input embeddings.
