@@ -6,12 +6,12 @@ only in how candidates are scored:
 
 * batched  — what the attacks run: `common.score_candidates_batched` for UAT (many candidate
   sequences per forward pass, length-sorted, each batch cut to its longest row) and
-  `hotflip.score_flips` for HotFlip (the same, plus reuse of the current text's keys/values
+  `flip_scoring.score_flips` for HotFlip (the same, plus reuse of the current text's keys/values
   before the earliest flip of each batch);
 * loop     — `common.score_candidates_loop`: one forward pass per candidate sequence (for UAT,
   per candidate trigger and text). The original study's UAT scored one candidate trigger at a
-  time over its texts, 8 per forward pass, which is *faster* on this CPU than one per pass and is
-  printed as "original"; its HotFlip re-scored no candidates at all.
+  time over its texts, 8 per forward pass, which is printed as "original"; its HotFlip
+  re-scored no candidates at all.
 
 The script asserts that both sides produce the same losses (to float tolerance) and choose the
 same candidate, interleaves the two sides (alternating which goes first), repeats, and reports
@@ -36,8 +36,9 @@ import torch
 
 from monolm import data as data_lib
 from monolm import models
-from monolm.attacks import common, hotflip, uat
+from monolm.attacks import common, flip_scoring, flip_search, trigger_search
 from monolm.config import TinyModelConfig
+from monolm.runtime import bf16_enabled, model_device
 
 
 def build_model(train_steps: int, seed: int = 0):
@@ -65,62 +66,68 @@ def build_model(train_steps: int, seed: int = 0):
     return model, tok, data_lib.tokenize(tok, held)
 
 
-Scorer = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Scorer = Callable[[torch.nn.Module, common.TextBatch], torch.Tensor]
 
 
-def batched(model, ids, am, tm, per_token=False):
-    return common.score_candidates_batched(model, ids, am, tm, batch_size=128, per_token=per_token)
+def bf16(model) -> bool:
+    """The attacks' default: bf16 autocast on CUDA only."""
+    return bf16_enabled("auto", model_device(model), cuda_only=True)
 
 
-def loop(model, ids, am, tm, per_token=False):
-    return common.score_candidates_loop(model, ids, am, tm, per_token=per_token)
+def batched(model, batch, per_token=False):
+    return common.score_candidates_batched(model, batch, batch_size=128, per_token=per_token, bf16=bf16(model))
+
+
+def loop(model, batch, per_token=False):
+    return common.score_candidates_loop(model, batch, per_token=per_token, bf16=bf16(model))
 
 
 def uat_step(model, texts, trigger, position, top_k, allowed, prefix, scorer: Scorer):
     """One UAT position step (gradient, top-k, exact scoring of all k triggers over the batch)."""
-    tt = uat._text_tensors(texts, True)
-    cur = uat._with_triggers(prefix, trigger.view(1, -1), tt)
-    grad, _ = common.embedding_gradient(model, cur.input_ids, cur.attention_mask, cur.target_mask)
+    tt = trigger_search.text_batch(texts, True)
+    cur = trigger_search.with_triggers(prefix, trigger.view(1, -1), tt)
+    grad, _ = common.embedding_gradient(model, cur.input_ids, cur.attention_mask, cur.target_mask, bf16=bf16(model))
     g = grad[:, len(prefix) + position].mean(0, keepdim=True)
     scores = common.first_order_scores(g, model.get_input_embeddings().weight, allowed)[0]
     scores[trigger[position]] = float("-inf")
     tokens = torch.cat([trigger[position].view(1), torch.topk(scores, top_k).indices])
     cands = trigger.view(1, -1).repeat(len(tokens), 1)
     cands[:, position] = tokens
-    b = uat._with_triggers(prefix, cands, tt)
-    losses = scorer(model, b.input_ids, b.attention_mask, b.target_mask).view(len(tokens), len(texts)).mean(1)
+    b = trigger_search.with_triggers(prefix, cands, tt)
+    losses = scorer(model, b).view(len(tokens), len(texts)).mean(1)
     return losses, int(torch.argmax(losses))
 
 
-def uat_group_loop(model, ids, am, tm, n_texts, texts_per_forward):
+def uat_group_loop(model, batch, n_texts, texts_per_forward):
     """Informational variants: one candidate trigger at a time, its `n_texts` texts
     `texts_per_forward` per forward pass (8: the original study's scoring; n_texts: one forward
     per trigger). Rows of a trigger are length-sorted, which only helps these variants."""
     out = []
-    for start in range(0, ids.shape[0], n_texts):
-        sl = slice(start, start + n_texts)
-        out.append(common.score_candidates_batched(model, ids[sl], am[sl], tm[sl], batch_size=texts_per_forward))
+    for start in range(0, batch.input_ids.shape[0], n_texts):
+        rows = batch.rows(slice(start, start + n_texts))
+        out.append(common.score_candidates_batched(model, rows, batch_size=texts_per_forward, bf16=bf16(model)))
     return torch.cat(out)
 
 
 def hotflip_step(model, text, top_b, allowed, prefix, side: str):
     """One HotFlip flip step (gradient, top-B swaps, exact scoring on matching target sets).
 
-    batched: `hotflip.score_flips` (what the attack runs: candidates sorted by position, batched,
+    batched: `flip_scoring.score_flips` (what the attack runs: candidates sorted by position, batched,
     reusing the current text's keys/values before the earliest flip of each batch);
     loop: one full forward pass per candidate sequence."""
     cur = torch.tensor([*prefix, *text])
-    targets = hotflip.base_targets(len(prefix), len(text))
+    targets = flip_search.base_targets(len(prefix), len(text))
     open_pos = torch.arange(len(prefix), len(cur))
-    pos, tok = hotflip._gradient_candidates(model, cur, targets, open_pos, allowed, top_b)
+    pos, tok = flip_search._gradient_candidates(model, cur, targets, open_pos, allowed, top_b, bf16=bf16(model))
     if side == "batched":
-        before, after = hotflip.score_flips(model, cur, targets, pos, tok, sizer=common.BatchSizer(128))
+        before, after = flip_scoring.score_flips(model, cur, targets, pos, tok, sizer=common.BatchSizer(128),
+                                                 bf16=bf16(model))
     else:
         B = len(pos)
         ids = cur.view(1, -1).repeat(B + 1, 1)
         ids[torch.arange(1, B + 1), pos] = tok
-        tm = torch.cat([targets.view(1, -1), hotflip.flip_target_masks(targets, pos)])
-        tl = loop(model, ids, torch.ones_like(ids), tm, per_token=True)
+        tm = torch.cat([targets.view(1, -1), flip_scoring.flip_target_masks(targets, pos)])
+        tl = loop(model, common.TextBatch(ids, torch.ones_like(ids), tm), per_token=True)
         before = common.masked_mean(tl[0].expand(B, -1), tm[1:])
         after = common.masked_mean(tl[1:], tm[1:])
     gains = after - before
@@ -146,6 +153,64 @@ def interleaved(sides: dict[str, Callable], repeats: int) -> tuple[dict[str, flo
     return {name: statistics.median(ts) for name, ts in times.items()}, results
 
 
+def bench_uat(model, texts, trigger, allowed, prefix, args: argparse.Namespace) -> float:
+    """Batched vs. per-candidate scoring of one UAT step; returns the loop/batched time ratio."""
+    top_k = args.uat_top_k
+    print(f"\nUAT step: trigger length {len(trigger)}, {len(texts)} texts of <= {args.text_tokens} tokens, "
+          f"top-k {top_k} -> {(top_k + 1) * len(texts)} candidate sequences")
+
+    def step(scorer: Scorer):
+        return lambda: uat_step(model, texts, trigger, 2, top_k, allowed, prefix, scorer)
+
+    sides = {
+        "batched": step(batched),
+        "loop": step(loop),
+        "original": step(lambda m, b: uat_group_loop(m, b, len(texts), 8)),
+        "group-loop": step(lambda m, b: uat_group_loop(m, b, len(texts), len(texts))),
+    }
+    med, res = interleaved(sides, args.repeats)
+    for name in ("loop", "original", "group-loop"):
+        torch.testing.assert_close(res["batched"][0], res[name][0], atol=5e-5, rtol=1e-5)
+        assert res["batched"][1] == res[name][1], f"{name} chose another candidate"
+    for name, t in med.items():
+        print(f"  {name:<11} median {t * 1000:8.1f} ms")
+    speedup = med["loop"] / med["batched"]
+    print(f"  same losses and same chosen token; batched is {speedup:.2f}x the per-candidate loop, "
+          f"{med['original'] / med['batched']:.2f}x the original study's scoring (8 texts per forward), "
+          f"{med['group-loop'] / med['batched']:.2f}x one forward per trigger")
+    return speedup
+
+
+def bench_hotflip(model, text, allowed, prefix, top_b: int, repeats: int) -> float:
+    """Batched (prefix-reusing) vs. per-candidate scoring of one HotFlip step; returns the
+    loop/batched time ratio."""
+    print(f"\nHotFlip step: one text of {len(text)} tokens, top-B {top_b} "
+          f"-> {top_b + 1} candidate sequences")
+    sides = {
+        "batched": lambda: hotflip_step(model, text, top_b, allowed, prefix, "batched"),
+        "loop": lambda: hotflip_step(model, text, top_b, allowed, prefix, "loop"),
+    }
+    med, res = interleaved(sides, repeats)
+    torch.testing.assert_close(res["batched"][0], res["loop"][0], atol=5e-5, rtol=1e-5)
+    assert res["batched"][1] == res["loop"][1], "the loop chose another flip"
+    for name, t in med.items():
+        print(f"  {name:<11} median {t * 1000:8.1f} ms")
+    speedup = med["loop"] / med["batched"]
+    print(f"  same gains and same chosen flip; batched is {speedup:.2f}x the per-candidate loop")
+    return speedup
+
+
+def bench_ceiling(model, texts, trigger, prefix, repeats: int) -> None:
+    """How much can batching gain at all here? The same forward passes, one row at a time vs. the
+    batched scorer: if the machine is compute-bound at batch 1, no batching can beat it."""
+    b = trigger_search.with_triggers(prefix, trigger.view(1, -1).repeat(4, 1), trigger_search.text_batch(texts, True))
+    n_rows = b.input_ids.shape[0]
+    med, _ = interleaved({"batched": lambda: batched(model, b), "loop": lambda: loop(model, b)}, repeats)
+    print(f"\nforward passes only ({n_rows} sequences): one at a time "
+          f"{med['loop'] / n_rows * 1000:.2f} ms/sequence, batched {med['batched'] / n_rows * 1000:.2f} "
+          f"ms/sequence -> batching alone can gain at most ~{med['loop'] / med['batched']:.2f}x on this machine")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -165,60 +230,12 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     allowed_ids = torch.nonzero(allowed).flatten()
     trigger = allowed_ids[torch.randint(len(allowed_ids), (5,), generator=gen)]
-    n_seq = (args.uat_top_k + 1) * len(texts)
+    text = common.truncate([held[args.uat_texts]], args.text_tokens)[0]
     print(f"model: GPT-NeoX hidden 256, 4 layers, {models.count_parameters(model) / 1e6:.1f}M parameters")
-
     with common.attack_mode(model):
-        # ---------------------------------------------------------------- UAT
-        print(f"\nUAT step: trigger length 5, {len(texts)} texts of <= {args.text_tokens} tokens, "
-              f"top-k {args.uat_top_k} -> {n_seq} candidate sequences")
-        sides = {
-            "batched": lambda: uat_step(model, texts, trigger, 2, args.uat_top_k, allowed, prefix, batched),
-            "loop": lambda: uat_step(model, texts, trigger, 2, args.uat_top_k, allowed, prefix, loop),
-            "original": lambda: uat_step(model, texts, trigger, 2, args.uat_top_k, allowed, prefix,
-                                         lambda m, i, a, t: uat_group_loop(m, i, a, t, len(texts), 8)),
-            "group-loop": lambda: uat_step(model, texts, trigger, 2, args.uat_top_k, allowed, prefix,
-                                           lambda m, i, a, t: uat_group_loop(m, i, a, t, len(texts), len(texts))),
-        }
-        med, res = interleaved(sides, args.repeats)
-        for name in ("loop", "original", "group-loop"):
-            torch.testing.assert_close(res["batched"][0], res[name][0], atol=5e-5, rtol=1e-5)
-            assert res["batched"][1] == res[name][1], f"{name} chose another candidate"
-        for name, t in med.items():
-            print(f"  {name:<11} median {t * 1000:8.1f} ms")
-        uat_speedup = med["loop"] / med["batched"]
-        print(f"  same losses and same chosen token; batched is {uat_speedup:.2f}x the per-candidate loop, "
-              f"{med['original'] / med['batched']:.2f}x the original study's scoring (8 texts per forward), "
-              f"{med['group-loop'] / med['batched']:.2f}x one forward per trigger")
-
-        # ---------------------------------------------------------------- HotFlip
-        text = common.truncate([held[args.uat_texts]], args.text_tokens)[0]
-        print(f"\nHotFlip step: one text of {len(text)} tokens, top-B {args.hotflip_top_b} "
-              f"-> {args.hotflip_top_b + 1} candidate sequences")
-        sides = {
-            "batched": lambda: hotflip_step(model, text, args.hotflip_top_b, allowed, prefix, "batched"),
-            "loop": lambda: hotflip_step(model, text, args.hotflip_top_b, allowed, prefix, "loop"),
-        }
-        med, res = interleaved(sides, args.repeats)
-        torch.testing.assert_close(res["batched"][0], res["loop"][0], atol=5e-5, rtol=1e-5)
-        assert res["batched"][1] == res["loop"][1], "the loop chose another flip"
-        for name, t in med.items():
-            print(f"  {name:<11} median {t * 1000:8.1f} ms")
-        hotflip_speedup = med["loop"] / med["batched"]
-        print(f"  same gains and same chosen flip; batched is {hotflip_speedup:.2f}x the per-candidate loop")
-
-        # ---------------------------------------------------------------- ceiling
-        # How much can batching gain at all here? The same forward passes, one row at a time vs.
-        # the batched scorer: if the machine is compute-bound at batch 1, no batching can beat it.
-        b = uat._with_triggers(prefix, trigger.view(1, -1).repeat(4, 1), uat._text_tensors(texts, True))
-        rows = (b.input_ids, b.attention_mask, b.target_mask)
-        n_rows = b.input_ids.shape[0]
-        med, _ = interleaved({"batched": lambda: batched(model, *rows), "loop": lambda: loop(model, *rows)},
-                             args.repeats)
-        print(f"\nforward passes only ({n_rows} sequences): one at a time "
-              f"{med['loop'] / n_rows * 1000:.2f} ms/sequence, batched {med['batched'] / n_rows * 1000:.2f} "
-              f"ms/sequence -> batching alone can gain at most ~{med['loop'] / med['batched']:.2f}x on this machine")
-
+        uat_speedup = bench_uat(model, texts, trigger, allowed, prefix, args)
+        hotflip_speedup = bench_hotflip(model, text, allowed, prefix, args.hotflip_top_b, args.repeats)
+        bench_ceiling(model, texts, trigger, prefix, args.repeats)
     print(f"\nuat_speedup={uat_speedup:.2f}")
     print(f"hotflip_speedup={hotflip_speedup:.2f}")
 

@@ -39,6 +39,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from monolm.artifacts import TMP_PREFIX, CorruptArtifact, atomic_dir, sha256_file
+from monolm.runtime import model_device
 
 log = logging.getLogger("monolm.checkpoint")
 
@@ -364,7 +365,7 @@ def load_checkpoint(
     path = Path(path)
     manifest = verify_checkpoint(path)
     check_fingerprint(manifest["fingerprint"], fingerprint, path)
-    device = next(model.parameters()).device
+    device = model_device(model)
     missing, unexpected = load_model(model, str(path / MODEL_FILE), strict=True, device=str(device))
     if missing or unexpected:  # strict=True raises first; kept for clarity
         raise CheckpointMismatch(f"{path}: missing {missing}, unexpected {unexpected}")

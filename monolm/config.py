@@ -203,6 +203,7 @@ class EvalConfig(Strict):
     max_docs: PositiveInt = 500
     batch_size: PositiveInt = 8
     seq_len: PositiveInt | None = None  # window length; None -> data.seq_len
+    bf16: Literal["auto", "on", "off"] = "auto"  # autocast compute; on CUDA only, fp32 elsewhere
 
 
 class UATConfig(Strict):
@@ -229,6 +230,7 @@ class HotFlipConfig(Strict):
 
 class AttackConfig(Strict):
     success_threshold: PositiveFloat = 0.15  # relative loss increase that counts as a success
+    bf16: Literal["auto", "on", "off"] = "auto"  # autocast compute; on CUDA only, fp32 elsewhere
     uat: UATConfig = UATConfig()
     hotflip: HotFlipConfig = HotFlipConfig()
 

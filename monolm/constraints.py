@@ -45,6 +45,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from monolm.artifacts import atomic_dir
+from monolm.drift import function_drift as function_drift  # re-exported: stages call constraints.function_drift
 
 Init = Literal["abs", "clamp"]
 
@@ -164,7 +165,7 @@ def _is_mlp_class(module: nn.Module) -> bool:
     return name.endswith("mlp") or "feedforward" in name
 
 
-def _mlp_roles(module: nn.Module) -> dict[str, str] | None:
+def mlp_roles(module: nn.Module) -> dict[str, str] | None:
     """role -> child attribute for an FFN block, or None if `module` is not one."""
     gated = {attr: _linear_child(module, attr) for attr in _GATED}
     if all(gated.values()):
@@ -190,7 +191,7 @@ def role_index(model: nn.Module) -> list[Target]:
     """
     found: list[Target] = []
     for block_name, block in model.named_modules():
-        roles = _mlp_roles(block)
+        roles = mlp_roles(block)
         if roles is None and _is_attention(block):
             attr = next((a for a in _ATTN_OUT if _linear_child(block, a) is not None), None)
             roles = {"attn_out": attr} if attr else None
@@ -226,25 +227,29 @@ def resolve_targets(model: nn.Module, variant: str) -> list[Target]:
 
 
 # --------------------------------------------------------------------------- apply / inspect
-def _constraint_of(module: nn.Module) -> NonNegativeSoftplus | None:
-    if not parametrize.is_parametrized(module, "weight"):
-        return None
-    return next((p for p in module.parametrizations.weight if isinstance(p, NonNegativeSoftplus)), None)
+def is_constrained_module(module: nn.Module) -> bool:
+    """Whether `module.weight` is reparametrized: the one meaning of "constrained" everywhere.
+
+    In monolm the parametrization is `NonNegativeSoftplus`. The training loop accepts any
+    parametrization meant to keep the weight >= 0 (its tests use their own softplus and a broken
+    one), and `min_constrained_weight` checks every such weight, so this does not look inside.
+    """
+    return parametrize.is_parametrized(module, "weight")
 
 
 def is_constrained(model: nn.Module) -> bool:
-    return any(_constraint_of(m) is not None for m in model.modules())
+    return any(is_constrained_module(m) for m in model.modules())
 
 
 def constrained_targets(model: nn.Module) -> list[Target]:
     """The recognised targets of an already-constrained model (roles and blocks included)."""
-    return [t for t in role_index(model) if _constraint_of(t.module) is not None]
+    return [t for t in role_index(model) if is_constrained_module(t.module)]
 
 
 def constrained_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """(qualified weight name, materialized W = softplus(V)) for every constrained Linear."""
     for name, module in model.named_modules():
-        if _constraint_of(module) is not None:
+        if is_constrained_module(module):
             with torch.no_grad():
                 yield f"{name}.weight", module.weight.detach()
 
@@ -255,9 +260,8 @@ class ConstraintViolation(ValueError):
 
 
 def constrained_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every module whose weight is parametrized. In monolm that is only the
-    non-negative constraint; the training loop accepts any reparametrization that must stay >= 0."""
-    return [(name, m) for name, m in model.named_modules() if parametrize.is_parametrized(m, "weight")]
+    """(name, module) of every constrained module (`is_constrained_module`), in module order."""
+    return [(name, m) for name, m in model.named_modules() if is_constrained_module(m)]
 
 
 def min_constrained_weight(model: nn.Module) -> float:
@@ -378,7 +382,7 @@ def merge(model: nn.Module) -> nn.Module:
     The merged model computes the same function but is no longer constrained during training.
     """
     for module in model.modules():
-        if _constraint_of(module) is not None:
+        if is_constrained_module(module):
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
     return model
 
@@ -423,9 +427,9 @@ def read_constraint_spec(model_dir: str | Path) -> dict[str, Any]:
 
 
 def _no_init_weights():
-    try:  # transformers >= 5
+    try:  # its current home
         from transformers.initialization import no_init_weights
-    except ImportError:  # transformers 4.x
+    except ImportError:  # its older home
         from transformers.modeling_utils import no_init_weights
     return no_init_weights()
 
@@ -440,9 +444,9 @@ def load_constrained(model_dir: str | Path, device: str | torch.device | None = 
     spec = read_constraint_spec(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
     # Random initialization is pure waste here (a strict load overwrites every parameter and
-    # persistent buffer) and costs about a minute for a 1B model on CPU; skip it as
-    # `from_pretrained` does. The uninitialized target weights are set to a finite value so the
-    # conversion in apply_constraint is well defined before the load replaces V.
+    # persistent buffer) and slow for a large model; skip it as `from_pretrained` does. The
+    # uninitialized target weights are set to a finite value so the conversion in
+    # apply_constraint is well defined before the load replaces V.
     with _no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.tie_weights()  # skipped with init_weights; a no-op unless config.tie_word_embeddings
@@ -457,82 +461,3 @@ def load_constrained(model_dir: str | Path, device: str | torch.device | None = 
     if device is not None:
         model.to(device)
     return model.eval()
-
-
-# --------------------------------------------------------------------------- monotonicity
-def monotonicity_violation_rate(model: nn.Module, n_pairs: int, generator: torch.Generator, inputs: Any = None,
-                                **kwargs: Any) -> list[dict[str, Any]]:
-    """Empirical monotonicity violation rates of the constrained sublayers; see
-    `monolm.monotonicity.monotonicity_violation_rate` (imported lazily: that module builds on this
-    one). GELU, LayerNorm and attention make the blocks non-monotone even with W >= 0."""
-    from monolm.monotonicity import monotonicity_violation_rate as measure
-
-    return measure(model, n_pairs, generator, inputs, **kwargs)
-
-
-# --------------------------------------------------------------------------- function drift
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
-def function_drift(
-    base_model: nn.Module,
-    constrained_model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    batch_size: int = 8,
-) -> dict[str, float]:
-    """How much constraining changed the function, on held-out token ids [B, T].
-
-    `kl_mean`: mean over real positions of KL(p_base || p_constrained) of the next-token
-    distribution, in nats. `nll_base` / `nll_constrained`: mean next-token NLL (nats/token) over
-    positions whose target is a real token; `ppl_ratio` = exp(nll_constrained - nll_base).
-    """
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    modes = (base_model.training, constrained_model.training)
-    base_model.eval()
-    constrained_model.eval()
-    kl_sum = kl_max = nll_b = nll_c = 0.0
-    n_kl = n_nll = 0
-    try:
-        with parametrize.cached():
-            for start in range(0, input_ids.shape[0], batch_size):
-                ids = input_ids[start : start + batch_size]
-                mask = attention_mask[start : start + batch_size]
-                logp = []
-                for model in (base_model, constrained_model):
-                    dev = _device_of(model)
-                    out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
-                    logp.append(torch.log_softmax(out.logits.float(), dim=-1).cpu())
-                lp_b, lp_c = logp
-                valid = mask.bool().cpu()
-                kl = (lp_b.exp() * (lp_b - lp_c)).sum(-1)[valid]
-                kl_sum += float(kl.sum())
-                kl_max = max(kl_max, float(kl.max())) if kl.numel() else kl_max
-                n_kl += int(kl.numel())
-                tgt = ids[:, 1:].cpu()
-                tvalid = valid[:, 1:] & valid[:, :-1]
-                nll_b += float(-lp_b[:, :-1].gather(-1, tgt[..., None])[..., 0][tvalid].sum())
-                nll_c += float(-lp_c[:, :-1].gather(-1, tgt[..., None])[..., 0][tvalid].sum())
-                n_nll += int(tvalid.sum())
-    finally:
-        base_model.train(modes[0])
-        constrained_model.train(modes[1])
-    if n_kl == 0 or n_nll == 0:
-        raise ValueError("function_drift: no real tokens to compare (empty mask or T < 2)")
-    mean_b, mean_c = nll_b / n_nll, nll_c / n_nll
-    return {
-        "kl_mean": kl_sum / n_kl,
-        "kl_max": kl_max,
-        "nll_base": mean_b,
-        "nll_constrained": mean_c,
-        "ppl_base": float(torch.tensor(mean_b).exp()),
-        "ppl_constrained": float(torch.tensor(mean_c).exp()),
-        "ppl_ratio": float(torch.tensor(mean_c - mean_b).exp()),
-        "n_positions": n_kl,
-        "n_targets": n_nll,
-    }

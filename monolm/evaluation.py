@@ -28,16 +28,16 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from monolm.runtime import autocast, pick_device, resolve_flag
+from monolm.runtime import Bf16, autocast, bf16_enabled, eval_mode, is_oom, model_device, pick_device
 
 log = logging.getLogger("monolm.evaluation")
 ModelOrLoader = nn.Module | Callable[[], nn.Module]
@@ -82,12 +82,6 @@ def count_words(text: str) -> int:
     """lm-eval's word count for perplexity tasks: `len(re.split(r"\\s+", text))` (kept verbatim,
     leading/trailing whitespace included, so word perplexities are comparable)."""
     return len(re.split(r"\s+", text))
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for param in model.parameters():
-        return param.device
-    return torch.device("cpu")
 
 
 def _max_positions(model: nn.Module) -> int | None:
@@ -141,10 +135,6 @@ def score_windows(
     return sums
 
 
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
 def doc_nll(
     model: nn.Module,
     docs: Sequence[Sequence[int]],
@@ -153,7 +143,7 @@ def doc_nll(
     batch_size: int,
     prefix_token_id: int,
     device: torch.device | str | None = None,
-    bf16: Literal["auto", "on", "off"] = "auto",
+    bf16: Bf16 = "auto",
     progress: bool = True,
 ) -> tuple[list[float], list[int]]:
     """Per-document summed NLL (nats) and number of predicted tokens.
@@ -161,19 +151,16 @@ def doc_nll(
     The model is moved to `device` if given (default: where its parameters already are), put in
     eval mode for the duration and restored afterwards. On an out-of-memory error the batch size
     is halved and the batch retried (down to 1), so a too-large `batch_size` costs time, not a run.
+    bf16 autocast is used on CUDA only (`runtime.bf16_enabled(..., cuda_only=True)`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     max_pos = _max_positions(model)
     if max_pos is not None and seq_len > max_pos:
         raise ValueError(f"seq_len={seq_len} exceeds the model's max_position_embeddings={max_pos}")
-    device = torch.device(device) if device is not None else _model_device(model)
-    if _model_device(model) != device:
+    device = torch.device(device) if device is not None else model_device(model)
+    if model_device(model) != device:
         model.to(device)
-    use_bf16 = device.type == "cuda" and resolve_flag(bf16, device)
-    if bf16 == "on" and device.type != "cuda":
-        log.warning("evaluation: bf16 autocast is used on CUDA only; computing in fp32 on %s", device)
-
     windows = [
         Window(i, tuple(inp), tuple(tgt))
         for i, doc in enumerate(docs)
@@ -181,35 +168,42 @@ def doc_nll(
     ]
     # longest first (stable): similar lengths share a batch, and OOM shows up immediately
     windows.sort(key=lambda w: -len(w.input_ids))
-
     nll = [0.0] * len(docs)
     counts = [0] * len(docs)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         bar = tqdm(total=len(windows), desc="perplexity", unit="win", disable=None if progress else True)
-        start, size = 0, batch_size
-        while start < len(windows):
-            batch = windows[start : start + size]
-            try:
-                sums = score_windows(model, batch, device=device, bf16=use_bf16, pad_token_id=prefix_token_id)
-            except (torch.OutOfMemoryError, RuntimeError) as exc:
-                if not _is_oom(exc) or len(batch) == 1:
-                    raise
-                size = max(1, len(batch) // 2)
-                log.warning("evaluation: out of memory; retrying with batch size %d", size)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                continue
-            for w, s in zip(batch, sums):
+        for batch, sums in _scored_batches(model, windows, batch_size, device=device,
+                                           bf16=bf16_enabled(bf16, device, cuda_only=True),
+                                           pad_token_id=prefix_token_id):
+            for w, s in zip(batch, sums, strict=True):
                 nll[w.doc_index] += s
                 counts[w.doc_index] += len(w.targets)
-            start += len(batch)
             bar.update(len(batch))
         bar.close()
-    finally:
-        model.train(was_training)
     return nll, counts
+
+
+def _scored_batches(
+    model: nn.Module, windows: Sequence[Window], batch_size: int, *, device: torch.device, bf16: bool,
+    pad_token_id: int,
+) -> Iterator[tuple[Sequence[Window], list[float]]]:
+    """`(batch, summed NLL per window)` over consecutive batches of `windows`; a batch that runs
+    out of memory is retried at half its size, and later batches keep the smaller size."""
+    start, size = 0, batch_size
+    while start < len(windows):
+        batch = windows[start : start + size]
+        try:
+            sums = score_windows(model, batch, device=device, bf16=bf16, pad_token_id=pad_token_id)
+        except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
+            if not is_oom(exc) or len(batch) == 1:
+                raise
+            size = max(1, len(batch) // 2)
+            log.warning("evaluation: out of memory; retrying with batch size %d", size)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        yield batch, sums
+        start += len(batch)
 
 
 def perplexity(
@@ -222,7 +216,7 @@ def perplexity(
     texts: list[str] | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
-    bf16: Literal["auto", "on", "off"] = "auto",
+    bf16: Bf16 = "auto",
     return_per_doc: bool = False,
 ) -> dict[str, Any]:
     """Token-weighted perplexity of `model` on held-out `docs` (token id lists), lm-eval style.
@@ -253,7 +247,7 @@ def perplexity(
         out["bits_per_byte"] = total_nll / n_bytes / math.log(2)
     out.update(token_perplexity=math.exp(loss), loss=loss, tokens=total_tokens, docs=len(docs))
     if return_per_doc:
-        out["per_doc"] = [{"nll": s, "tokens": c} for s, c in zip(nll, counts)]
+        out["per_doc"] = [{"nll": s, "tokens": c} for s, c in zip(nll, counts, strict=True)]
     return out
 
 
@@ -267,7 +261,7 @@ def evaluate_models(
     texts: list[str] | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
-    bf16: Literal["auto", "on", "off"] = "auto",
+    bf16: Bf16 = "auto",
     return_per_doc: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate several models (base, baseline, monotonic) on the very same documents.

@@ -35,8 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from monolm.constraints import Target, _mlp_roles, constrained_targets
-
+from monolm.constraints import Target, constrained_targets, mlp_roles
+from monolm.runtime import eval_mode, model_device
 
 _CHUNK_ELEMENTS = 1 << 22  # input elements per evaluated chunk (32 MiB in float64)
 
@@ -138,21 +138,19 @@ def capture_inputs(
             handles.append(
                 t.block.register_forward_pre_hook(block_hook(t.block_name, _is_sequence_block(t)), with_kwargs=True)
             )
-    was_training = model.training
-    model.eval()
     try:
-        device = next(model.parameters()).device
-        mask = attention_mask.to(device) if attention_mask is not None else None
-        model(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False)
+        with eval_mode(model):
+            device = model_device(model)
+            mask = attention_mask.to(device) if attention_mask is not None else None
+            model(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return CapturedInputs(linear, blocks)
 
 
 def _block_input_dim(target: Target) -> int:
-    roles = _mlp_roles(target.block) or {}
+    roles = mlp_roles(target.block) or {}
     attr = roles.get("mlp_in") or roles.get("mlp_up")
     if attr is None:
         raise ValueError(f"cannot tell the input width of block {target.block_name}")
@@ -273,7 +271,7 @@ def monotonicity_violation_rate(
     targets = constrained_targets(model)
     if not targets:
         raise ValueError(f"{type(model).__name__} has no constrained modules")
-    device = next(model.parameters()).device
+    device = model_device(model)
     if inputs is None:
         inputs = _standard_normal_inputs(model, targets, n_pairs, generator, seq_len)
     elif isinstance(inputs, torch.Tensor):
@@ -287,31 +285,39 @@ def monotonicity_violation_rate(
             raise KeyError(f"no captured inputs for {t.name} / {t.block_name}")
         lin64 = copy.deepcopy(t.module).to(device, torch.float64).eval()
         lin_call = BlockCall(inputs.linear[t.name])
-        res = _measure(lambda x, _i: lin64(x), lin_call, n_pairs, generator, step, rel_tol, chunk, device)
+        res = _measure(lambda x, _i, f=lin64: f(x), lin_call, n_pairs, generator, step, rel_tol, chunk, device)
         del lin64
         rows.append(_row(t, "linear", t.name, t.module, inputs.source, res))
-
         if t.block_name not in block_results:
             call = inputs.blocks[t.block_name]
-            block64 = copy.deepcopy(t.block).to(device, torch.float64).eval()
-            if _is_sequence_block(t):
-                batch = call.hidden.shape[0]
-                args64, kwargs64 = _to64(call.args, device), _to64(call.kwargs, device)
-
-                def fn(x: torch.Tensor, idx: torch.Tensor, block64=block64, a=args64, kw=kwargs64, b=batch):
-                    out = block64(x, *_index_batch(a, idx, b), **_index_batch(kw, idx, b))
-                    return out[0] if isinstance(out, tuple) else out
-
-            else:
-
-                def fn(x: torch.Tensor, _idx: torch.Tensor, block64=block64):
-                    out = block64(x)
-                    return out[0] if isinstance(out, tuple) else out
-
+            fn = _block_function(t, call, device)
             block_results[t.block_name] = _measure(fn, call, n_pairs, generator, step, rel_tol, chunk, device)
-            del block64
+            del fn
         rows.append(_row(t, "block", t.block_name, t.block, inputs.source, block_results[t.block_name]))
     return rows
+
+
+def _block_function(
+    target: Target, call: BlockCall, device: torch.device
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`f(x, idx)`: the target's enclosing block on a float64 copy. An attention block is called
+    with the rest of its captured call (rows `idx` of it), a token-wise FFN block with `x` alone."""
+    block64 = copy.deepcopy(target.block).to(device, torch.float64).eval()
+    if not _is_sequence_block(target):
+
+        def ffn(x: torch.Tensor, _idx: torch.Tensor) -> torch.Tensor:
+            out = block64(x)
+            return out[0] if isinstance(out, tuple) else out
+
+        return ffn
+    batch = call.hidden.shape[0]
+    args64, kwargs64 = _to64(call.args, device), _to64(call.kwargs, device)
+
+    def attention(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        out = block64(x, *_index_batch(args64, idx, batch), **_index_batch(kwargs64, idx, batch))
+        return out[0] if isinstance(out, tuple) else out
+
+    return attention
 
 
 def _row(t: Target, sublayer: str, name: str, module: nn.Module, source: str, res: dict[str, float]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import random
 from collections.abc import Iterator
@@ -16,6 +17,11 @@ from typing import Literal
 
 import numpy as np
 import torch
+
+log = logging.getLogger("monolm.runtime")
+
+# The one name of the bf16 setting (training arms, evaluation, attacks); `bf16_enabled` resolves it.
+Bf16 = Literal["auto", "on", "off"]
 
 
 def pick_device(preferred: str | None = None) -> torch.device:
@@ -31,6 +37,19 @@ def resolve_flag(setting: Literal["auto", "on", "off"], device: torch.device) ->
     if setting == "auto":
         return device.type == "cuda"
     return setting == "on"
+
+
+def bf16_enabled(setting: Bf16, device: torch.device, *, cuda_only: bool = False) -> bool:
+    """The resolved `bf16` setting: whether compute on `device` runs under bf16 autocast.
+
+    `auto` is on for CUDA only; `on` and `off` are what they say. With `cuda_only` (scoring:
+    evaluation and the attacks), `on` is on for CUDA only too: elsewhere the scores are computed
+    in fp32, with a warning that the setting was not honoured.
+    """
+    if cuda_only and setting == "on" and device.type != "cuda":
+        log.warning("bf16 autocast is used on CUDA only when scoring; computing in fp32 on %s", device)
+        return False
+    return resolve_flag(setting, device)
 
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:

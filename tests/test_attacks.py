@@ -19,7 +19,7 @@ from scipy.stats import spearmanr
 
 from monolm import data as data_lib
 from monolm import models
-from monolm.attacks import common, hotflip, uat, units
+from monolm.attacks import common, flip_scoring, flip_search, hotflip, trigger_search, uat, units
 from monolm.config import HotFlipConfig, TinyModelConfig, UATConfig
 
 ROWS = 1024
@@ -101,7 +101,7 @@ def test_trigger_batch_scores_only_the_text_tokens(trained):
     prefix = common.context_prefix(tok)
     assert prefix == [tok.eos_token_id]
     texts = [held[0][:10], held[1][:7]]
-    b = uat.trigger_batch(prefix, [5, 6, 7], texts)
+    b = trigger_search.trigger_batch(prefix, [5, 6, 7], texts)
     for row, text in enumerate(texts):
         n_head = len(prefix) + 3
         assert not b.target_mask[row, :n_head].any()
@@ -127,13 +127,11 @@ def test_batched_scoring_equals_per_candidate_loop(trained):
         masks.append(m)
     b = common.pad_batch(seqs, masks)
     assert (b.attention_mask == 0).any(), "the test must exercise padding"
-    batched = common.score_candidates_batched(model, b.input_ids, b.attention_mask, b.target_mask, batch_size=6)
-    loop = common.score_candidates_loop(model, b.input_ids, b.attention_mask, b.target_mask)
+    batched = common.score_candidates_batched(model, b, batch_size=6)
+    loop = common.score_candidates_loop(model, b)
     torch.testing.assert_close(batched, loop, atol=2e-5, rtol=1e-5)
-    per_tok = common.score_candidates_batched(model, b.input_ids, b.attention_mask, b.target_mask,
-                                              batch_size=6, per_token=True)
-    torch.testing.assert_close(per_tok, common.score_candidates_loop(
-        model, b.input_ids, b.attention_mask, b.target_mask, per_token=True), atol=2e-5, rtol=1e-5)
+    per_tok = common.score_candidates_batched(model, b, batch_size=6, per_token=True)
+    torch.testing.assert_close(per_tok, common.score_candidates_loop(model, b, per_token=True), atol=2e-5, rtol=1e-5)
     assert (per_tok[~b.target_mask] == 0).all()
     # the objective is the mean CE of the targets, as a plain HF forward computes it
     row = 3
@@ -148,29 +146,29 @@ def test_scoring_backs_off_on_out_of_memory(trained, monkeypatch, caplog):
     model, _, held = trained
     seqs = [h[:12] for h in held[:10]]
     b = common.pad_batch(seqs, [common.text_target_mask(0, len(s), has_prefix=False) for s in seqs])
-    expected = common.score_candidates_loop(model, b.input_ids, b.attention_mask, b.target_mask)
+    expected = common.score_candidates_loop(model, b)
     real = common.token_losses
     sizes = []
 
-    def limited(model, ids, *args):
+    def limited(model, ids, *args, **kwargs):
         sizes.append(ids.shape[0])
         if ids.shape[0] > 3:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(model, ids, *args)
+        return real(model, ids, *args, **kwargs)
 
     monkeypatch.setattr(common, "token_losses", limited)
     sizer = common.BatchSizer(16)
     with caplog.at_level(logging.WARNING, logger="monolm.attacks"):
-        got = common.score_candidates_batched(model, b.input_ids, b.attention_mask, b.target_mask, batch_size=sizer)
+        got = common.score_candidates_batched(model, b, batch_size=sizer)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
     assert sizer.size == 2 and sizes[:3] == [10, 8, 4] and "halved" in caplog.text
 
-    def broken(model, ids, *args):
+    def broken(model, ids, *args, **kwargs):
         raise RuntimeError("shape mismatch")
 
     monkeypatch.setattr(common, "token_losses", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):  # not an OOM: never swallowed
-        common.score_candidates_batched(model, b.input_ids, b.attention_mask, b.target_mask, batch_size=4)
+        common.score_candidates_batched(model, b, batch_size=4)
 
 
 @pytest.mark.parametrize("has_prefix", [True, False])
@@ -184,23 +182,23 @@ def test_flip_scoring_with_shared_prefix_equals_full_forward_loop(trained, has_p
     prefix = [tok.eos_token_id] if has_prefix else []
     text = held[5][:30]
     cur = torch.tensor(prefix + text)
-    targets = hotflip.base_targets(len(prefix), len(text))
+    targets = flip_search.base_targets(len(prefix), len(text))
     targets[len(prefix) + 7] = False  # as after an earlier flip at 7
     open_pos = torch.tensor([i for i in range(len(prefix), len(cur)) if i != len(prefix) + 7])
-    pos, new = hotflip._random_candidates(cur, open_pos, allowed, 40, torch.Generator().manual_seed(0))
+    pos, new = flip_search._random_candidates(cur, open_pos, allowed, 40, torch.Generator().manual_seed(0))
     pos[1], new[1] = len(cur) - 1, 3 if int(cur[-1]) != 3 else 4  # a flip of the last token: nothing after it
     if not has_prefix:
         pos[0] = 0  # a flip of the very first token: no prefix to share
     sizer = common.BatchSizer(6)
-    before, after = hotflip.score_flips(model, cur, targets, pos, new, sizer=sizer)
+    before, after = flip_scoring.score_flips(model, cur, targets, pos, new, sizer=sizer)
     ids = cur.view(1, -1).repeat(len(pos), 1)
     ids[torch.arange(len(pos)), pos] = new
-    masks = hotflip.flip_target_masks(targets, pos)
+    masks = flip_scoring.flip_target_masks(targets, pos)
     assert not masks[torch.arange(len(pos)), pos].any() and not (masks & ~targets).any()
     ones = torch.ones_like(ids)
-    torch.testing.assert_close(after, common.score_candidates_loop(model, ids, ones, masks), atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(before, common.score_candidates_loop(model, cur.repeat(len(pos), 1), ones, masks),
-                               atol=2e-5, rtol=1e-5)
+    flipped, current = common.TextBatch(ids, ones, masks), common.TextBatch(cur.repeat(len(pos), 1), ones, masks)
+    torch.testing.assert_close(after, common.score_candidates_loop(model, flipped), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(before, common.score_candidates_loop(model, current), atol=2e-5, rtol=1e-5)
     assert before.shape == after.shape == (len(pos),)
     if has_prefix:  # out of memory on batches of more than 2 rows: halve and retry, same result
         real_forward = model.forward
@@ -214,7 +212,7 @@ def test_flip_scoring_with_shared_prefix_equals_full_forward_loop(trained, has_p
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(model, "forward", limited)
             small = common.BatchSizer(6)
-            b2, a2 = hotflip.score_flips(model, cur, targets, pos, new, sizer=small)
+            b2, a2 = flip_scoring.score_flips(model, cur, targets, pos, new, sizer=small)
         assert small.size == 1 or small.size == 2
         torch.testing.assert_close(a2, after, atol=2e-5, rtol=1e-5)
         torch.testing.assert_close(b2, before)
@@ -223,12 +221,12 @@ def test_flip_scoring_with_shared_prefix_equals_full_forward_loop(trained, has_p
 def test_plan_chunks_covers_candidates_in_bounded_batches():
     pos = [1, 1, 2, 5, 9, 9, 20, 31, 40, 41]
     for max_rows, overhead in ((3, 0), (4, 10), (10, 10**6), (1, 5)):
-        ends = hotflip.plan_chunks(pos, 50, max_rows, overhead)
+        ends = flip_scoring.plan_chunks(pos, 50, max_rows, overhead)
         starts = [0] + ends[:-1]
         assert ends[-1] == len(pos) and all(0 < e - s <= max_rows for s, e in zip(starts, ends))
-    assert hotflip.plan_chunks(pos, 50, 10, 10**6) == [10]  # huge per-pass cost: one batch
+    assert flip_scoring.plan_chunks(pos, 50, 10, 10**6) == [10]  # huge per-pass cost: one batch
     # no per-pass cost: a new batch at every new position (equal positions stay together)
-    assert hotflip.plan_chunks(pos, 50, 10, 0) == [2, 3, 4, 6, 7, 8, 9, 10]
+    assert flip_scoring.plan_chunks(pos, 50, 10, 0) == [2, 3, 4, 6, 7, 8, 9, 10]
 
 
 def test_embedding_gradient_is_the_gradient_of_the_masked_objective(trained):
@@ -271,7 +269,7 @@ def test_first_order_scores_rank_exact_loss_increases(trained):
     top_gains, random_gains, rhos = [], [], []
     for text in held[30:34]:
         seq = torch.tensor(prefix + text[:24])
-        targets = hotflip.base_targets(1, len(seq) - 1)
+        targets = flip_search.base_targets(1, len(seq) - 1)
         grad, _ = common.embedding_gradient(model, seq[None], None, targets[None])
         pos = torch.arange(1, len(seq))
         scores = common.first_order_scores(grad[0, pos], E, allowed, current=seq[pos])
@@ -287,7 +285,8 @@ def test_first_order_scores_rank_exact_loss_increases(trained):
         ids[torch.arange(1, len(cand) + 1), p] = v
         tm = targets.repeat(len(cand) + 1, 1)
         tm[torch.arange(1, len(cand) + 1), p] = False
-        tok_losses = common.score_candidates_batched(model, ids, torch.ones_like(ids), tm, per_token=True)
+        tok_losses = common.score_candidates_batched(model, common.TextBatch(ids, torch.ones_like(ids), tm),
+                                                     per_token=True)
         gains = common.masked_mean(tok_losses[1:], tm[1:]) - common.masked_mean(tok_losses[0].expand(len(cand), -1), tm[1:])
         random_gains.append(gains[:150].mean())
         top_gains.append(gains[150:].mean())
@@ -424,13 +423,14 @@ def test_hotflip_never_scores_flipped_positions_and_keeps_only_exact_gains(train
         orig = torch.tensor(prefix + text)
         calls = _record_masks(monkeypatch)
         for method in ("gradient", "control"):
-            rec = hotflip.attack_text(model, text, HF_CFG, prefix=prefix, allowed=allowed, method=method,
-                                      gen=torch.Generator().manual_seed(i))
+            setup = common.AttackSetup(model, prefix, common.BatchSizer(HF_CFG.score_batch_size))
+            rec = flip_search.attack_text(setup, text, HF_CFG, allowed=allowed, method=method,
+                                          gen=torch.Generator().manual_seed(i))
             assert rec["flips_used"] >= 1
             assert len(set(rec["positions"])) == rec["flips_used"]
             assert all(allowed[t] for t in rec["new_ids"])
             # replay the trajectory: each accepted flip raised the exact loss on the same targets
-            cur, targets = orig.clone(), hotflip.base_targets(1, len(text))
+            cur, targets = orig.clone(), flip_search.base_targets(1, len(text))
             for step in rec["trajectory"]:
                 p = step["position"] + 1
                 targets = targets.clone()
@@ -438,7 +438,8 @@ def test_hotflip_never_scores_flipped_positions_and_keeps_only_exact_gains(train
                 nxt = cur.clone()
                 nxt[p] = step["new_id"]
                 ids = torch.stack([cur, nxt])
-                ref = common.score_candidates_loop(model, ids, torch.ones_like(ids), targets.repeat(2, 1))
+                pair = common.TextBatch(ids, torch.ones_like(ids), targets.repeat(2, 1))
+                ref = common.score_candidates_loop(model, pair)
                 torch.testing.assert_close(ref, torch.tensor([step["loss_before"], step["loss_after"]]),
                                            atol=2e-5, rtol=1e-5)
                 assert step["loss_after"] > step["loss_before"]

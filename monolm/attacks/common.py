@@ -20,16 +20,15 @@ Why these choices (each one changes what the attack numbers mean):
   Right padding cannot change a causal model's outputs at real positions, so the batched losses
   equal one-forward-per-candidate losses up to float rounding (tested);
   `score_candidates_loop` is that per-candidate reference and is used only by tests and the bench.
-* bf16 autocast only on CUDA (`monolm.runtime`); losses are always reduced in fp32.
+* bf16 autocast only where the caller's resolved `bf16` flag says so (`runtime.bf16_enabled`:
+  on CUDA only for the attacks); losses are always reduced in fp32.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import inspect
-import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from monolm.runtime import autocast, resolve_flag
+from monolm.runtime import Bf16, autocast, bf16_enabled, eval_mode, is_oom, model_device
 
 log = logging.getLogger("monolm.attacks")
 
@@ -84,6 +83,17 @@ def allowed_token_mask(
     return mask
 
 
+def checked_allowed_mask(model: nn.Module, tokenizer: Any, allowed: torch.Tensor | None) -> torch.Tensor:
+    """An attack's vocabulary on the CPU: `allowed` (bool over the model's embedding rows), by
+    default `allowed_token_mask(tokenizer, rows)`; a mask of another length is an error."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if allowed is None:
+        allowed = allowed_token_mask(tokenizer, rows)
+    if allowed.shape != (rows,):
+        raise ValueError(f"allowed mask has shape {tuple(allowed.shape)}, the embedding has {rows} rows")
+    return allowed.cpu()
+
+
 def context_prefix(tokenizer: Any) -> list[int]:
     """The one-token context every attacked and clean sequence starts with.
 
@@ -108,12 +118,13 @@ class TextBatch:
     attention_mask: torch.Tensor  # long, 1 on real tokens
     target_mask: torch.Tensor  # bool, True where the token at t is scored (predicted from t-1)
 
-    @property
-    def lengths(self) -> torch.Tensor:
-        return self.attention_mask.sum(1)
-
-    def to(self, device: torch.device | str) -> "TextBatch":
+    def to(self, device: torch.device | str) -> TextBatch:
         return TextBatch(self.input_ids.to(device), self.attention_mask.to(device), self.target_mask.to(device))
+
+    def rows(self, index: torch.Tensor | slice, width: int | None = None) -> TextBatch:
+        """The rows `index`, cut to their first `width` positions (all of them by default)."""
+        cols = slice(None, width)
+        return TextBatch(self.input_ids[index, cols], self.attention_mask[index, cols], self.target_mask[index, cols])
 
 
 def pad_batch(sequences: Sequence[Sequence[int]], target_masks: Sequence[Sequence[bool]], pad_id: int = 0) -> TextBatch:
@@ -124,7 +135,7 @@ def pad_batch(sequences: Sequence[Sequence[int]], target_masks: Sequence[Sequenc
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     am = torch.zeros((len(sequences), width), dtype=torch.long)
     tm = torch.zeros((len(sequences), width), dtype=torch.bool)
-    for row, (seq, mask) in enumerate(zip(sequences, target_masks)):
+    for row, (seq, mask) in enumerate(zip(sequences, target_masks, strict=True)):
         if len(mask) != len(seq):
             raise ValueError(f"sequence {row}: target mask has {len(mask)} entries for {len(seq)} tokens")
         ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
@@ -154,11 +165,7 @@ def check_texts(texts: Sequence[Sequence[int]], prefix: Sequence[int], what: str
 
 
 # --------------------------------------------------------------------------- the objective
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _accepts_logits_to_keep(cls: type) -> bool:
     try:
         return "logits_to_keep" in inspect.signature(cls.forward).parameters
@@ -166,11 +173,11 @@ def _accepts_logits_to_keep(cls: type) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cache_argument(cls: type) -> str | None:
-    """The forward's keyword for a key/value cache: `cache` from transformers 5.24 (where
-    `past_key_values` is deprecated), `past_key_values` before (where an unknown `cache=` would be
-    silently ignored, giving wrong losses). None when the model takes neither."""
+    """The forward's keyword for a key/value cache: `cache` where the forward takes it (the newer
+    name, which deprecates `past_key_values`), else `past_key_values` (a forward that does not
+    know `cache=` would silently ignore it, giving wrong losses). None when it takes neither."""
     try:
         params = inspect.signature(cls.forward).parameters
     except (TypeError, ValueError):
@@ -210,7 +217,9 @@ def _forward_logits(
     return logits[:, logits.shape[1] - (T - keep_from):]
 
 
-def _token_losses_from(model: nn.Module, target_mask: torch.Tensor, labels: torch.Tensor, **inputs: Any) -> torch.Tensor:
+def _token_losses_from(
+    model: nn.Module, target_mask: torch.Tensor, labels: torch.Tensor, **inputs: Any
+) -> torch.Tensor:
     """Per-token cross-entropy [N, T] in fp32; zero where `target_mask` is False."""
     if target_mask[:, 0].any():
         raise ValueError("position 0 cannot be a target: no position predicts it")
@@ -233,8 +242,10 @@ def cross_entropy_fp32(logits: torch.Tensor, labels: torch.Tensor, max_elements:
         return torch.zeros((N, L), dtype=torch.float32, device=logits.device)
     flat, flat_labels = logits.reshape(-1, V), labels.reshape(-1)
     step = max(1, max_elements // V)
-    parts = [F.cross_entropy(flat[i : i + step].float(), flat_labels[i : i + step], reduction="none")
-             for i in range(0, flat.shape[0], step)]
+    parts = [
+        F.cross_entropy(flat[i : i + step].float(), flat_labels[i : i + step], reduction="none")
+        for i in range(0, flat.shape[0], step)
+    ]
     return torch.cat(parts).view(N, L)
 
 
@@ -244,41 +255,29 @@ def masked_mean(token_losses: torch.Tensor, target_mask: torch.Tensor) -> torch.
     return (token_losses * mask).sum(1) / mask.sum(1)
 
 
-def use_bf16(device: torch.device) -> bool:
-    return resolve_flag("auto", device)
-
-
 def token_losses(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                 target_mask: torch.Tensor) -> torch.Tensor:
-    """Per-token CE [N, T] of one batch, no gradient (bf16 autocast on CUDA only).
+                 target_mask: torch.Tensor, *, bf16: bool = False) -> torch.Tensor:
+    """Per-token CE [N, T] of one batch, no gradient (under bf16 autocast when `bf16`).
 
     `no_grad`, not `inference_mode`: inside `attack_mode` the constrained weights are cached on
     first use, and an inference tensor could not be reused by the next gradient computation."""
-    device = input_ids.device
-    with torch.no_grad(), autocast(device, use_bf16(device)):
+    with torch.no_grad(), autocast(input_ids.device, bf16):
         return _token_losses_from(model, target_mask, input_ids, input_ids=input_ids, attention_mask=attention_mask)
 
 
-def loss_on_text(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                 target_mask: torch.Tensor) -> torch.Tensor:
-    """The attack objective per sequence: mean CE over the target (original text) tokens [N]."""
-    return masked_mean(token_losses(model, input_ids, attention_mask, target_mask), target_mask)
-
-
 def embedding_gradient(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                       target_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                       target_mask: torch.Tensor, *, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient of each sequence's objective w.r.t. its input embeddings.
 
     Returns `(grad [N, T, H] fp32, losses [N])`. The sum of the per-sequence losses is
     differentiated, so row n holds the gradient of row n's own loss (rows do not interact). Only
     the embeddings require a gradient: no parameter gradients are built or accumulated.
     """
-    device = input_ids.device
     embed = model.get_input_embeddings()
     with torch.no_grad():
         base = embed(input_ids).detach()
     embeds = base.clone().requires_grad_(True)
-    with _params_frozen(model), torch.enable_grad(), autocast(device, use_bf16(device)):
+    with _params_frozen(model), torch.enable_grad(), autocast(input_ids.device, bf16):
         tok = _token_losses_from(model, target_mask, input_ids, inputs_embeds=embeds, attention_mask=attention_mask)
         losses = masked_mean(tok, target_mask)
         (grad,) = torch.autograd.grad(losses.sum(), embeds)
@@ -303,17 +302,9 @@ def first_order_scores(grad: torch.Tensor, embedding_matrix: torch.Tensor, allow
 
 
 # --------------------------------------------------------------------------- batched scoring
-def is_oom(exc: BaseException) -> bool:
-    oom_type = getattr(torch.cuda, "OutOfMemoryError", None)
-    if oom_type is not None and isinstance(exc, oom_type):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
 # On CPU, throughput per sequence peaks at about a thousand tokens per forward pass and then
-# falls again as activations leave the cache (hidden 256, 4 layers, 70-token rows on 2 cores:
-# 6.3 ms/row at batch 1, 3.3 at 16, 4.3 at 128). On a GPU, bigger is better up to memory, which
-# the OOM back-off handles.
+# falls again once the activations no longer fit in the CPU's caches. On a GPU, bigger is better
+# up to memory, which the OOM back-off handles.
 CPU_TOKENS_PER_BATCH = 1024
 
 
@@ -340,12 +331,11 @@ class BatchSizer:
 
 def score_candidates_batched(
     model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    target_mask: torch.Tensor,
+    batch: TextBatch,
     *,
     batch_size: int | BatchSizer = 128,
     per_token: bool = False,
+    bf16: bool = False,
 ) -> torch.Tensor:
     """Exact losses of many candidate sequences, many per forward pass.
 
@@ -355,9 +345,9 @@ def score_candidates_batched(
     loss over target positions [N] (fp32, on CPU), or with `per_token` the per-token losses [N, T].
     """
     sizer = batch_size if isinstance(batch_size, BatchSizer) else BatchSizer(int(batch_size))
-    device = _model_device(model)
-    N, T = input_ids.shape
-    lengths = attention_mask.sum(1)
+    device = model_device(model)
+    N, T = batch.input_ids.shape
+    lengths = batch.attention_mask.sum(1)
     order = torch.argsort(-lengths, stable=True)
     out = torch.zeros((N, T), dtype=torch.float32)
     start = 0
@@ -365,11 +355,9 @@ def score_candidates_batched(
     while start < N:
         width = int(lengths[order[start]])  # longest remaining row
         idx = order[start : start + min(sizer.size, max(1, cap // width))]
-        ids = input_ids[idx, :width].to(device)
-        am = attention_mask[idx, :width].to(device)
-        tm = target_mask[idx, :width].to(device)
+        chunk = batch.rows(idx, width).to(device)
         try:
-            tok = token_losses(model, ids, am, tm)
+            tok = token_losses(model, chunk.input_ids, chunk.attention_mask, chunk.target_mask, bf16=bf16)
         except RuntimeError as exc:
             if not is_oom(exc):
                 raise
@@ -377,28 +365,43 @@ def score_candidates_batched(
             continue
         out[idx, :width] = tok.cpu()
         start += len(idx)
-    return out if per_token else masked_mean(out, target_mask.cpu())
+    return out if per_token else masked_mean(out, batch.target_mask.cpu())
 
 
 def score_candidates_loop(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    target_mask: torch.Tensor,
-    *,
-    per_token: bool = False,
+    model: nn.Module, batch: TextBatch, *, per_token: bool = False, bf16: bool = False
 ) -> torch.Tensor:
     """Reference: one forward pass per candidate sequence, unpadded (a per-candidate loop like the
     original study's). Only the benchmark and the equality test use it."""
-    device = _model_device(model)
-    N, T = input_ids.shape
+    device = model_device(model)
+    N, T = batch.input_ids.shape
     out = torch.zeros((N, T), dtype=torch.float32)
     for row in range(N):
-        width = int(attention_mask[row].sum())
-        tok = token_losses(model, input_ids[row : row + 1, :width].to(device), None,
-                           target_mask[row : row + 1, :width].to(device))
-        out[row, :width] = tok[0].cpu()
-    return out if per_token else masked_mean(out, target_mask.cpu())
+        width = int(batch.attention_mask[row].sum())
+        one = batch.rows(slice(row, row + 1), width).to(device)
+        out[row, :width] = token_losses(model, one.input_ids, None, one.target_mask, bf16=bf16)[0].cpu()
+    return out if per_token else masked_mean(out, batch.target_mask.cpu())
+
+
+@dataclass(frozen=True)
+class AttackSetup:
+    """What every step of one attack run shares: the model, the context prefix every sequence
+    starts with, one batch sizer for the whole run and the resolved bf16 autocast flag."""
+
+    model: nn.Module
+    prefix: list[int]
+    sizer: BatchSizer
+    bf16: bool = False
+
+    @classmethod
+    def of(cls, model: nn.Module, prefix: Sequence[int], batch_size: int | BatchSizer, bf16: Bf16) -> AttackSetup:
+        """The setup of a run on `model` with the `bf16` setting (autocast on CUDA only)."""
+        sizer = batch_size if isinstance(batch_size, BatchSizer) else BatchSizer(batch_size)
+        return cls(model, list(prefix), sizer, bf16_enabled(bf16, model_device(model), cuda_only=True))
+
+    def losses(self, batch: TextBatch, *, per_token: bool = False) -> torch.Tensor:
+        """`score_candidates_batched` of `batch` with this run's model, sizer and bf16 flag."""
+        return score_candidates_batched(self.model, batch, batch_size=self.sizer, per_token=per_token, bf16=self.bf16)
 
 
 # --------------------------------------------------------------------------- model state
@@ -420,36 +423,5 @@ def attack_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode, frozen parameters, and constrained weights materialised once for the whole
     attack (`parametrize.cached`: softplus(V) is not recomputed on every forward). Restores the
     model's training flag afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with _params_frozen(model), parametrize.cached():
-            yield
-    finally:
-        model.train(was_training)
-
-
-def model_fingerprint(model: nn.Module, sample: int = 512) -> str:
-    """A cheap digest that tells trained models apart (names, shapes, and the first and last
-    `sample` values of every tensor), used to key resumable units: a unit computed on another
-    model is never reused. Hashing all weights of a 1.4B model would cost more than a unit."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        flat = tensor.detach().reshape(-1)
-        h.update(name.encode())
-        h.update(str(tuple(tensor.shape)).encode())
-        h.update(str(tensor.dtype).encode())
-        head = flat[:sample].float().cpu().numpy().tobytes()
-        tail = flat[-sample:].float().cpu().numpy().tobytes()
-        h.update(head)
-        h.update(tail)
-    return h.hexdigest()
-
-
-def digest_json(obj: Any) -> str:
-    """sha256 of a canonical JSON encoding (sorted keys, no whitespace)."""
-    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
-
-
-def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+    with eval_mode(model), _params_frozen(model), parametrize.cached():
+        yield

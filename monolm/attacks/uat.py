@@ -2,7 +2,7 @@
 
 A trigger of `trigger_len` tokens is prepended to every text (after the one-token context
 prefix, see `common.context_prefix`) and optimised to *raise* the model's loss on the original
-text tokens. Per restart, per sweep, per trigger position:
+text tokens. Per restart, per sweep, per trigger position (`trigger_search`):
 
 1. the gradient of the mean loss over a batch of optimisation texts w.r.t. the input embeddings
    gives the first-order score `g_p · E_v` of every allowed token `v` at position `p`;
@@ -23,78 +23,44 @@ stopped and ends with exactly the result of an uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from monolm.artifacts import atomic_write_json
 from monolm.attacks import units
 from monolm.attacks.common import (
+    AttackSetup,
     BatchSizer,
     TextBatch,
-    allowed_token_mask,
     attack_mode,
     check_texts,
+    checked_allowed_mask,
     context_prefix,
-    digest_json,
-    embedding_gradient,
-    first_order_scores,
-    model_fingerprint,
-    score_candidates_batched,
     truncate,
 )
 from monolm.attacks.effects import effect_summary, per_text_effects
+from monolm.attacks.trigger_search import NO_TRIGGER, optimise_restart, text_batch, trigger_row, with_triggers
 from monolm.config import UATConfig
-from monolm.runtime import generator
+from monolm.runtime import Bf16, generator
 
 default_log = logging.getLogger("monolm.attacks")
 KIND = "uat"
 STAGE = "uat"
 
 
-# --------------------------------------------------------------------------- sequences
-def _text_tensors(texts: Sequence[Sequence[int]], has_prefix: bool) -> TextBatch:
-    """The texts alone, right-padded, with their target masks (every text token, except the
-    first one when there is no prefix to predict it from)."""
-    width = max(len(t) for t in texts)
-    ids = torch.zeros((len(texts), width), dtype=torch.long)
-    am = torch.zeros((len(texts), width), dtype=torch.long)
-    for i, text in enumerate(texts):
-        ids[i, : len(text)] = torch.as_tensor(list(text), dtype=torch.long)
-        am[i, : len(text)] = 1
-    tm = am.bool().clone()
-    if not has_prefix:
-        tm[:, 0] = False
-    return TextBatch(ids, am, tm)
-
-
-def _with_triggers(prefix: Sequence[int], triggers: torch.Tensor, texts: TextBatch) -> TextBatch:
-    """Rows `prefix + triggers[c] + texts[b]`, candidate-major (row = c * n_texts + b).
-
-    Prefix and trigger positions are attended but never targets; only text tokens are."""
-    C, L = triggers.shape
-    B = texts.input_ids.shape[0]
-    head = torch.cat([torch.as_tensor(list(prefix), dtype=torch.long).view(1, -1).expand(C, -1), triggers], 1)
-    n_head = head.shape[1]
-    ids = torch.cat([head.repeat_interleave(B, 0), texts.input_ids.repeat(C, 1)], 1)
-    am = torch.cat([torch.ones((C * B, n_head), dtype=torch.long), texts.attention_mask.repeat(C, 1)], 1)
-    tm = torch.cat([torch.zeros((C * B, n_head), dtype=torch.bool), texts.target_mask.repeat(C, 1)], 1)
-    return TextBatch(ids, am, tm)
-
-
-def trigger_batch(prefix: Sequence[int], trigger_ids: Sequence[int], texts: Sequence[Sequence[int]]) -> TextBatch:
-    """`prefix + trigger + text` for each text, with the target mask the attack scores (public so
-    tests can check that no trigger or prefix position is ever a target)."""
-    trig = torch.as_tensor(list(trigger_ids), dtype=torch.long).view(1, -1)
-    return _with_triggers(prefix, trig, _text_tensors(texts, bool(prefix)))
-
-
 # --------------------------------------------------------------------------- evaluation, transfer
+def _clean_and_attacked(setup: AttackSetup, trigger_ids: Sequence[int], texts: TextBatch) -> dict[str, list[float]]:
+    clean = setup.losses(with_triggers(setup.prefix, NO_TRIGGER, texts))
+    attacked = setup.losses(with_triggers(setup.prefix, trigger_row(trigger_ids), texts))
+    return {"clean": clean.tolist(), "attacked": attacked.tolist()}
+
+
 def evaluate_trigger(
     model: nn.Module,
     trigger_ids: Sequence[int],
@@ -102,19 +68,13 @@ def evaluate_trigger(
     *,
     prefix: Sequence[int],
     batch_size: int | BatchSizer = 64,
+    bf16: Bf16 = "auto",
 ) -> dict[str, list[float]]:
     """Per-text clean and attacked loss (mean CE over the same original text tokens)."""
     check_texts(texts, prefix, "texts")
-    tt = _text_tensors(texts, bool(prefix))
-    sizer = batch_size if isinstance(batch_size, BatchSizer) else BatchSizer(batch_size)
+    setup = AttackSetup.of(model, prefix, batch_size, bf16)
     with attack_mode(model):
-        clean_b = _with_triggers(prefix, torch.zeros((1, 0), dtype=torch.long), tt)
-        attacked_b = _with_triggers(prefix, torch.as_tensor(list(trigger_ids), dtype=torch.long).view(1, -1), tt)
-        clean = score_candidates_batched(model, clean_b.input_ids, clean_b.attention_mask, clean_b.target_mask,
-                                         batch_size=sizer)
-        attacked = score_candidates_batched(model, attacked_b.input_ids, attacked_b.attention_mask,
-                                            attacked_b.target_mask, batch_size=sizer)
-    return {"clean": clean.tolist(), "attacked": attacked.tolist()}
+        return _clean_and_attacked(setup, trigger_ids, text_batch(texts, bool(prefix)))
 
 
 def transfer_matrix(
@@ -127,6 +87,7 @@ def transfer_matrix(
     success_threshold: float = 0.15,
     text_max_tokens: int | None = None,
     batch_size: int = 64,
+    bf16: Bf16 = "auto",
 ) -> dict[str, Any]:
     """Every trigger on every model: `cells[trigger_source][target_model]` is the effect summary
     (absolute increase first) and `per_text` the paired per-text losses, for paired tests."""
@@ -136,7 +97,7 @@ def transfer_matrix(
     for src, trig in triggers.items():
         cells[src], per_text[src] = {}, {}
         for name, model in models.items():
-            res = evaluate_trigger(model, trig, texts, prefix=prefix, batch_size=batch_size)
+            res = evaluate_trigger(model, trig, texts, prefix=prefix, batch_size=batch_size, bf16=bf16)
             cells[src][name] = effect_summary(res["clean"], res["attacked"], threshold=success_threshold,
                                               seed=seed, tag=f"uat-transfer:{src}:{name}")
             per_text[src][name] = res
@@ -144,91 +105,63 @@ def transfer_matrix(
             "n_texts": len(texts), "prefix_ids": list(prefix), "cells": cells, "per_text": per_text}
 
 
-# --------------------------------------------------------------------------- optimisation
-def _grad_batch(n: int, size: int, gen: torch.Generator) -> torch.Tensor:
-    """Indices of the optimisation texts used for one position step (all of them if they fit)."""
-    if size >= n:
-        return torch.arange(n)
-    return torch.sort(torch.randperm(n, generator=gen)[:size]).values
-
-
-def optimise_restart(
-    model: nn.Module,
-    opt: TextBatch,
-    cfg: UATConfig,
-    *,
-    prefix: Sequence[int],
-    allowed: torch.Tensor,
-    gen: torch.Generator,
-    sizer: BatchSizer,
-    progress: bool = False,
-    desc: str = "uat",
-) -> dict[str, Any]:
-    """One restart: random allowed initial trigger, then greedy sweeps until no change."""
-    device = next(model.parameters()).device
-    E = model.get_input_embeddings().weight.detach()
-    allowed_ids = torch.nonzero(allowed).flatten()
-    trigger = allowed_ids[torch.randint(len(allowed_ids), (cfg.trigger_len,), generator=gen)]
-    initial = trigger.tolist()
-    P, L = len(prefix), cfg.trigger_len
-    n = opt.input_ids.shape[0]
-    k = min(cfg.top_k, int(allowed.sum()) - 1)
-    steps: list[dict[str, Any]] = []
-    converged = False
-    sweeps = 0
-    bar = tqdm(total=cfg.max_sweeps * L, desc=desc, disable=(not progress) or None, leave=False)
-    for sweep in range(cfg.max_sweeps):
-        sweeps += 1
-        changed = False
-        for p in range(L):
-            idx = _grad_batch(n, cfg.grad_batch_size, gen)
-            texts = TextBatch(opt.input_ids[idx], opt.attention_mask[idx], opt.target_mask[idx])
-            cur = _with_triggers(prefix, trigger.view(1, -1), texts)
-            grad, _ = embedding_gradient(model, cur.input_ids.to(device), cur.attention_mask.to(device),
-                                         cur.target_mask.to(device))
-            g = grad[:, P + p, :].mean(0, keepdim=True)  # gradient of the mean loss
-            scores = first_order_scores(g, E, allowed)[0]
-            scores[trigger[p]] = float("-inf")
-            top = torch.topk(scores, k).indices.cpu()
-            tokens = torch.cat([trigger[p].view(1), top])  # candidate 0 = the current trigger
-            cands = trigger.view(1, -1).repeat(len(tokens), 1)
-            cands[:, p] = tokens
-            batch = _with_triggers(prefix, cands, texts)
-            losses = score_candidates_batched(model, batch.input_ids, batch.attention_mask, batch.target_mask,
-                                              batch_size=sizer).view(len(tokens), len(idx)).mean(1)
-            best = int(torch.argmax(losses[1:])) + 1
-            accept = bool(losses[best] > losses[0])
-            steps.append({"sweep": sweep, "position": p, "n_texts": len(idx), "loss_before": float(losses[0]),
-                          "best_candidate_loss": float(losses[best]), "token_before": int(trigger[p]),
-                          "token_after": int(tokens[best]) if accept else int(trigger[p]), "accepted": accept})
-            if accept:
-                trigger[p] = tokens[best]
-                changed = True
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(losses[best] if accept else losses[0]):.3f}")
-        if not changed:
-            converged = True
-            break
-    bar.close()
-    return {"initial_trigger_ids": initial, "trigger_ids": trigger.tolist(), "sweeps": sweeps,
-            "converged": converged, "steps": steps}
-
-
-def _opt_loss(model: nn.Module, trigger_ids: Sequence[int], opt: TextBatch, prefix: Sequence[int],
-              sizer: BatchSizer) -> list[float]:
-    batch = _with_triggers(prefix, torch.as_tensor(list(trigger_ids), dtype=torch.long).view(1, -1), opt)
-    return score_candidates_batched(model, batch.input_ids, batch.attention_mask, batch.target_mask,
-                                    batch_size=sizer).tolist()
-
-
 def run_key(model: nn.Module, opt_texts: Sequence[Sequence[int]], cfg: UATConfig, *, seed: int,
             prefix: Sequence[int], allowed: torch.Tensor) -> str:
     """Digest of everything a restart's result depends on (see `units`)."""
-    return digest_json({
-        "attack": KIND, "cfg": cfg.model_dump(mode="json"), "seed": seed, "model": model_fingerprint(model),
-        "opt_texts": digest_json([list(t) for t in opt_texts]), "prefix": list(prefix),
-        "allowed": digest_json(torch.nonzero(allowed).flatten().tolist()),
+    return units.digest_json({
+        "attack": KIND, "cfg": cfg.model_dump(mode="json"), "seed": seed,
+        "model": units.model_fingerprint(model), "opt_texts": units.digest_json([list(t) for t in opt_texts]),
+        "prefix": list(prefix),
+        "allowed": units.digest_json(torch.nonzero(allowed).flatten().tolist()),
     })
+
+
+# --------------------------------------------------------------------------- the stage
+def _held_out_texts(opt_texts: Sequence[Sequence[int]], eval_texts: Sequence[Sequence[int]], cfg: UATConfig,
+                    prefix: Sequence[int]) -> tuple[list[list[int]], list[list[int]]]:
+    """The optimisation and evaluation texts, cut to size, checked to be scorable and disjoint."""
+    opt = truncate(opt_texts[: cfg.n_opt_texts], cfg.text_max_tokens)
+    ev = truncate(eval_texts[: cfg.n_eval_texts], cfg.text_max_tokens)
+    check_texts(opt, prefix, "opt_texts")
+    check_texts(ev, prefix, "eval_texts")
+    shared = {tuple(t) for t in opt} & {tuple(t) for t in ev}
+    if shared:
+        raise ValueError(f"{len(shared)} evaluation texts also occur among the optimisation texts; "
+                         "the trigger must be reported on held-out texts")
+    return opt, ev
+
+
+def _restart(setup: AttackSetup, opt: TextBatch, cfg: UATConfig, allowed: torch.Tensor, seed: int, progress: bool,
+             r: int) -> dict[str, Any]:
+    """Restart `r` from its own seeded generator, with its trigger's loss over all optimisation texts."""
+    gen = generator(seed, STAGE, r)
+    result = optimise_restart(setup, opt, cfg, allowed=allowed, gen=gen, progress=progress, desc=f"uat restart {r}")
+    per_text = setup.losses(with_triggers(setup.prefix, trigger_row(result["trigger_ids"]), opt)).tolist()
+    result.update(restart=r, opt_loss=sum(per_text) / len(per_text))
+    return result
+
+
+def _restart_units(compute: Callable[[int], dict[str, Any]], tokenizer: Any, n_restarts: int, key: str,
+                   out_dir: Path, max_units: int | None, log: logging.Logger) -> tuple[list[dict[str, Any]], bool]:
+    """`(payloads, complete)`: restart r's finished unit is reused, a missing one is computed with
+    `compute(r)` and written. Incomplete once `max_units` restarts were computed and more are missing."""
+    restarts: list[dict[str, Any]] = []
+    computed = 0
+    for r in range(n_restarts):
+        payload = units.read_unit(out_dir, KIND, r, key)
+        if payload is not None:
+            log.info("uat restart %d/%d: reused finished unit (opt loss %.4f)", r + 1, n_restarts,
+                     payload["opt_loss"])
+        elif max_units is not None and computed >= max_units:
+            return restarts, False
+        else:
+            payload = units.write_unit(out_dir, KIND, r, key, compute(r))
+            computed += 1
+            log.info("uat restart %d/%d: opt loss %.4f after %d sweeps%s, trigger %r", r + 1, n_restarts,
+                     payload["opt_loss"], payload["sweeps"], " (converged)" if payload["converged"] else "",
+                     tokenizer.decode(payload["trigger_ids"]))
+        restarts.append(payload)
+    return restarts, True
 
 
 def run(
@@ -245,6 +178,7 @@ def run(
     progress: bool = True,
     log: logging.Logger | None = None,
     max_units: int | None = None,
+    bf16: Bf16 = "auto",
 ) -> dict[str, Any]:
     """Learn a universal trigger on `opt_texts` and report its effect on `eval_texts`.
 
@@ -253,67 +187,26 @@ def run(
     `allowed_token_mask(tokenizer, rows)`. Writes `units/uat-<r>.json` per restart, then
     `triggers.json` and `uat_results.json` (schemas in SCHEMA.md) and returns the results.
     `max_units` stops after computing that many new restarts (returns `{"complete": False}`),
-    which is how tests simulate a run killed part-way.
+    which is how tests simulate a run killed part-way. `bf16` is the autocast setting
+    (`runtime.bf16_enabled`: on CUDA only).
     """
     log = log or default_log
     out_dir = Path(out_dir)
     prefix = context_prefix(tokenizer)
-    opt = truncate(opt_texts[: cfg.n_opt_texts], cfg.text_max_tokens)
-    ev = truncate(eval_texts[: cfg.n_eval_texts], cfg.text_max_tokens)
-    check_texts(opt, prefix, "opt_texts")
-    check_texts(ev, prefix, "eval_texts")
-    shared = {tuple(t) for t in opt} & {tuple(t) for t in ev}
-    if shared:
-        raise ValueError(f"{len(shared)} evaluation texts also occur among the optimisation texts; "
-                         "the trigger must be reported on held-out texts")
-    rows = model.get_input_embeddings().weight.shape[0]
-    if allowed is None:
-        allowed = allowed_token_mask(tokenizer, rows)
-    if allowed.shape != (rows,):
-        raise ValueError(f"allowed mask has shape {tuple(allowed.shape)}, the embedding has {rows} rows")
-    allowed = allowed.cpu()
-    sizer = BatchSizer(cfg.score_batch_size)
-    opt_batch = _text_tensors(opt, bool(prefix))
-
+    opt, ev = _held_out_texts(opt_texts, eval_texts, cfg, prefix)
+    allowed = checked_allowed_mask(model, tokenizer, allowed)
+    setup = AttackSetup.of(model, prefix, cfg.score_batch_size, bf16)
+    opt_batch = text_batch(opt, bool(prefix))
     with attack_mode(model):
         key = run_key(model, opt, cfg, seed=seed, prefix=prefix, allowed=allowed)
-        restarts: list[dict[str, Any]] = []
-        computed = 0
-        for r in range(cfg.restarts):
-            payload = units.read_unit(out_dir, KIND, r, key)
-            if payload is None:
-                if max_units is not None and computed >= max_units:
-                    return {"complete": False, "units_done": len(restarts)}
-                gen = generator(seed, STAGE, r)
-                result = optimise_restart(model, opt_batch, cfg, prefix=prefix, allowed=allowed, gen=gen,
-                                          sizer=sizer, progress=progress, desc=f"uat restart {r}")
-                per_text = _opt_loss(model, result["trigger_ids"], opt_batch, prefix, sizer)
-                result.update(restart=r, opt_loss=sum(per_text) / len(per_text))
-                payload = units.write_unit(out_dir, KIND, r, key, result)
-                computed += 1
-                log.info("uat restart %d/%d: opt loss %.4f after %d sweeps%s, trigger %r", r + 1, cfg.restarts,
-                         payload["opt_loss"], payload["sweeps"], " (converged)" if payload["converged"] else "",
-                         tokenizer.decode(payload["trigger_ids"]))
-            else:
-                log.info("uat restart %d/%d: reused finished unit (opt loss %.4f)", r + 1, cfg.restarts,
-                         payload["opt_loss"])
-            restarts.append(payload)
-
+        compute = functools.partial(_restart, setup, opt_batch, cfg, allowed, seed, progress)
+        restarts, complete = _restart_units(compute, tokenizer, cfg.restarts, key, out_dir, max_units, log)
+        if not complete:
+            return {"complete": False, "units_done": len(restarts)}
         best = max(restarts, key=lambda u: (u["opt_loss"], -u["restart"]))
-        clean_opt = score_candidates_batched(model, *_clean(opt_batch, prefix), batch_size=sizer).tolist()
-        evaluation = evaluate_trigger(model, best["trigger_ids"], ev, prefix=prefix, batch_size=sizer)
-
-    trig_text = tokenizer.decode(best["trigger_ids"])
-    triggers = {
-        "prefix_ids": prefix,
-        "trigger_len": cfg.trigger_len,
-        "restarts": [{"restart": u["restart"], "initial_trigger_ids": u["initial_trigger_ids"],
-                      "trigger_ids": u["trigger_ids"], "trigger_text": tokenizer.decode(u["trigger_ids"]),
-                      "opt_loss": u["opt_loss"], "sweeps": u["sweeps"], "converged": u["converged"]}
-                     for u in restarts],
-        "best": {"restart": best["restart"], "trigger_ids": best["trigger_ids"], "trigger_text": trig_text,
-                 "opt_loss": best["opt_loss"]},
-    }
+        clean_opt = setup.losses(with_triggers(prefix, NO_TRIGGER, opt_batch)).tolist()
+        evaluation = _clean_and_attacked(setup, best["trigger_ids"], text_batch(ev, bool(prefix)))
+    triggers = _triggers_record(tokenizer, cfg, prefix, restarts, best)
     results = {
         "attack": "uat",
         "complete": True,
@@ -327,7 +220,7 @@ def run(
         "n_allowed_tokens": int(allowed.sum()),
         "best_restart": best["restart"],
         "trigger_ids": best["trigger_ids"],
-        "trigger_text": trig_text,
+        "trigger_text": triggers["best"]["trigger_text"],
         "opt": {"clean_loss": sum(clean_opt) / len(clean_opt), "attacked_loss": best["opt_loss"]},
         "eval": effect_summary(evaluation["clean"], evaluation["attacked"], threshold=success_threshold,
                                seed=seed, tag="uat-eval"),
@@ -336,13 +229,26 @@ def run(
     }
     atomic_write_json(out_dir / "triggers.json", triggers)
     atomic_write_json(out_dir / "uat_results.json", results)
-    e = results["eval"]
-    log.info("uat on %d held-out texts: clean %.4f -> attacked %.4f nats/token (+%.4f, %+.1f%%), success %.0f%%",
-             e["n_texts"], e["clean_loss"]["mean"], e["attacked_loss"]["mean"], e["abs_increase"]["mean"],
-             100 * e["rel_increase"]["mean"], 100 * e["success_rate"]["rate"])
+    _log_effect(log, results["eval"])
     return results
 
 
-def _clean(texts: TextBatch, prefix: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    b = _with_triggers(prefix, torch.zeros((1, 0), dtype=torch.long), texts)
-    return b.input_ids, b.attention_mask, b.target_mask
+def _triggers_record(tokenizer: Any, cfg: UATConfig, prefix: Sequence[int], restarts: list[dict[str, Any]],
+                     best: dict[str, Any]) -> dict[str, Any]:
+    """`triggers.json`: every restart's initial and final trigger, and the best one."""
+    return {
+        "prefix_ids": prefix,
+        "trigger_len": cfg.trigger_len,
+        "restarts": [{"restart": u["restart"], "initial_trigger_ids": u["initial_trigger_ids"],
+                      "trigger_ids": u["trigger_ids"], "trigger_text": tokenizer.decode(u["trigger_ids"]),
+                      "opt_loss": u["opt_loss"], "sweeps": u["sweeps"], "converged": u["converged"]}
+                     for u in restarts],
+        "best": {"restart": best["restart"], "trigger_ids": best["trigger_ids"],
+                 "trigger_text": tokenizer.decode(best["trigger_ids"]), "opt_loss": best["opt_loss"]},
+    }
+
+
+def _log_effect(log: logging.Logger, e: dict[str, Any]) -> None:
+    log.info("uat on %d held-out texts: clean %.4f -> attacked %.4f nats/token (+%.4f, %+.1f%%), success %.0f%%",
+             e["n_texts"], e["clean_loss"]["mean"], e["attacked_loss"]["mean"], e["abs_increase"]["mean"],
+             100 * e["rel_increase"]["mean"], 100 * e["success_rate"]["rate"])

@@ -15,13 +15,15 @@ payload, so an interrupted-and-resumed run gives exactly the result of an uninte
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from monolm.artifacts import atomic_write_json
-from monolm.attacks.common import canonical_json, digest_json
 
 log = logging.getLogger("monolm.attacks")
 UNITS_DIR = "units"
@@ -66,3 +68,29 @@ def read_unit(out_dir: str | Path, kind: str, index: int, key: str) -> Any | Non
         log.info("unit %s belongs to a different run (config, model or texts changed); recomputing", path)
         return None
     return payload
+
+
+def model_fingerprint(model: nn.Module, sample: int = 512) -> str:
+    """A cheap digest that tells trained models apart (names, shapes, and the first and last
+    `sample` values of every tensor), used to key resumable units: a unit computed on another
+    model is never reused. Hashing all weights of a 1.4B model would cost more than a unit."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(str(tensor.dtype).encode())
+        head = flat[:sample].float().cpu().numpy().tobytes()
+        tail = flat[-sample:].float().cpu().numpy().tobytes()
+        h.update(head)
+        h.update(tail)
+    return h.hexdigest()
+
+
+def digest_json(obj: Any) -> str:
+    """sha256 of a canonical JSON encoding (sorted keys, no whitespace)."""
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))

@@ -1,0 +1,127 @@
+"""The search of one UAT restart (`optimise_restart`; the algorithm is described in
+`monolm.attacks.uat`) and the sequences it scores: `prefix + trigger + text` rows whose context
+prefix and trigger are attended but never targets, so only original text tokens are scored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from monolm.attacks.common import (
+    AttackSetup,
+    TextBatch,
+    embedding_gradient,
+    first_order_scores,
+    pad_batch,
+    text_target_mask,
+)
+from monolm.config import UATConfig
+from monolm.runtime import model_device
+
+NO_TRIGGER = torch.zeros((1, 0), dtype=torch.long)
+
+
+# --------------------------------------------------------------------------- sequences
+def text_batch(texts: Sequence[Sequence[int]], has_prefix: bool) -> TextBatch:
+    """The texts alone, right-padded, with their target masks (every text token, except the
+    first one when there is no prefix to predict it from)."""
+    return pad_batch(texts, [text_target_mask(0, len(t), has_prefix=has_prefix) for t in texts])
+
+
+def with_triggers(prefix: Sequence[int], triggers: torch.Tensor, texts: TextBatch) -> TextBatch:
+    """Rows `prefix + triggers[c] + texts[b]`, candidate-major (row = c * n_texts + b).
+
+    Prefix and trigger positions are attended but never targets; only text tokens are."""
+    C, L = triggers.shape
+    B = texts.input_ids.shape[0]
+    head = torch.cat([torch.as_tensor(list(prefix), dtype=torch.long).view(1, -1).expand(C, -1), triggers], 1)
+    n_head = head.shape[1]
+    ids = torch.cat([head.repeat_interleave(B, 0), texts.input_ids.repeat(C, 1)], 1)
+    am = torch.cat([torch.ones((C * B, n_head), dtype=torch.long), texts.attention_mask.repeat(C, 1)], 1)
+    tm = torch.cat([torch.zeros((C * B, n_head), dtype=torch.bool), texts.target_mask.repeat(C, 1)], 1)
+    return TextBatch(ids, am, tm)
+
+
+def trigger_row(trigger_ids: Sequence[int]) -> torch.Tensor:
+    return torch.as_tensor(list(trigger_ids), dtype=torch.long).view(1, -1)
+
+
+def trigger_batch(prefix: Sequence[int], trigger_ids: Sequence[int], texts: Sequence[Sequence[int]]) -> TextBatch:
+    """`prefix + trigger + text` for each text, with the target mask the attack scores (public so
+    tests can check that no trigger or prefix position is ever a target)."""
+    return with_triggers(prefix, trigger_row(trigger_ids), text_batch(texts, bool(prefix)))
+
+
+# --------------------------------------------------------------------------- optimisation
+def _grad_batch(n: int, size: int, gen: torch.Generator) -> torch.Tensor:
+    """Indices of the optimisation texts used for one position step (all of them if they fit)."""
+    if size >= n:
+        return torch.arange(n)
+    return torch.sort(torch.randperm(n, generator=gen)[:size]).values
+
+
+def _position_step(
+    setup: AttackSetup, texts: TextBatch, trigger: torch.Tensor, p: int, k: int, allowed: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The current token at trigger position `p` and its top-`k` first-order replacements
+    (candidate 0 is the current token), with each candidate trigger's exact mean loss over `texts`."""
+    model, prefix = setup.model, setup.prefix
+    cur = with_triggers(prefix, trigger.view(1, -1), texts).to(model_device(model))
+    grad, _ = embedding_gradient(model, cur.input_ids, cur.attention_mask, cur.target_mask, bf16=setup.bf16)
+    g = grad[:, len(prefix) + p, :].mean(0, keepdim=True)  # gradient of the mean loss
+    scores = first_order_scores(g, model.get_input_embeddings().weight.detach(), allowed)[0]
+    scores[trigger[p]] = float("-inf")
+    top = torch.topk(scores, k).indices.cpu()
+    tokens = torch.cat([trigger[p].view(1), top])  # candidate 0 = the current trigger
+    cands = trigger.view(1, -1).repeat(len(tokens), 1)
+    cands[:, p] = tokens
+    losses = setup.losses(with_triggers(prefix, cands, texts))
+    return tokens, losses.view(len(tokens), texts.input_ids.shape[0]).mean(1)
+
+
+def optimise_restart(
+    setup: AttackSetup,
+    opt: TextBatch,
+    cfg: UATConfig,
+    *,
+    allowed: torch.Tensor,
+    gen: torch.Generator,
+    progress: bool = False,
+    desc: str = "uat",
+) -> dict[str, Any]:
+    """One restart: random allowed initial trigger, then greedy sweeps until no change."""
+    allowed_ids = torch.nonzero(allowed).flatten()
+    trigger = allowed_ids[torch.randint(len(allowed_ids), (cfg.trigger_len,), generator=gen)]
+    initial = trigger.tolist()
+    n = opt.input_ids.shape[0]
+    k = min(cfg.top_k, int(allowed.sum()) - 1)
+    steps: list[dict[str, Any]] = []
+    converged = False
+    sweeps = 0
+    bar = tqdm(total=cfg.max_sweeps * cfg.trigger_len, desc=desc, disable=(not progress) or None, leave=False)
+    for sweep in range(cfg.max_sweeps):
+        sweeps += 1
+        changed = False
+        for p in range(cfg.trigger_len):
+            idx = _grad_batch(n, cfg.grad_batch_size, gen)
+            tokens, losses = _position_step(setup, opt.rows(idx), trigger, p, k, allowed)
+            best = int(torch.argmax(losses[1:])) + 1
+            accept = bool(losses[best] > losses[0])
+            steps.append({"sweep": sweep, "position": p, "n_texts": len(idx), "loss_before": float(losses[0]),
+                          "best_candidate_loss": float(losses[best]), "token_before": int(trigger[p]),
+                          "token_after": int(tokens[best]) if accept else int(trigger[p]), "accepted": accept})
+            if accept:
+                trigger[p] = tokens[best]
+                changed = True
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(losses[best] if accept else losses[0]):.3f}")
+        if not changed:
+            converged = True
+            break
+    bar.close()
+    return {"initial_trigger_ids": initial, "trigger_ids": trigger.tolist(), "sweeps": sweeps,
+            "converged": converged, "steps": steps}
