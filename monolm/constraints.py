@@ -45,7 +45,6 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from monolm.artifacts import atomic_dir
-from monolm.drift import function_drift as function_drift  # re-exported: stages call constraints.function_drift
 
 Init = Literal["abs", "clamp"]
 

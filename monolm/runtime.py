@@ -13,15 +13,16 @@ import logging
 import os
 import random
 from collections.abc import Iterator
-from typing import Literal
 
 import numpy as np
 import torch
 
+from monolm.config.schema import Switch
+
 log = logging.getLogger("monolm.runtime")
 
 # The one name of the bf16 setting (training arms, evaluation, attacks); `bf16_enabled` resolves it.
-Bf16 = Literal["auto", "on", "off"]
+Bf16 = Switch  # a bf16 setting: auto, on or off
 
 
 def pick_device(preferred: str | None = None) -> torch.device:
@@ -32,7 +33,7 @@ def pick_device(preferred: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def resolve_flag(setting: Literal["auto", "on", "off"], device: torch.device) -> bool:
+def resolve_flag(setting: Switch, device: torch.device) -> bool:
     """`auto` means on for CUDA only (bf16 autocast, gradient checkpointing)."""
     if setting == "auto":
         return device.type == "cuda"

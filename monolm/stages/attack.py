@@ -102,12 +102,12 @@ def run_uat(cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress:
     started = time.time()
     out, tokenizer, (opt, held_out), models = _open_stage(cfg, cell, stage, inputs)
     results = {arm: uat.run(model, tokenizer, opt, held_out, cfg.attacks.uat, seed=seed, out_dir=out / arm,
-                            success_threshold=cfg.attacks.success_threshold, progress=progress)
+                            success_threshold=cfg.attacks.success_threshold, bf16=cfg.attacks.bf16, progress=progress)
                for arm, model in models.items()}
     transfer = uat.transfer_matrix(models, {arm: r["trigger_ids"] for arm, r in results.items()},
                                    held_out[: cfg.attacks.uat.n_eval_texts], prefix=context_prefix(tokenizer), seed=seed,
                                    success_threshold=cfg.attacks.success_threshold,
-                                   text_max_tokens=cfg.attacks.uat.text_max_tokens)
+                                   text_max_tokens=cfg.attacks.uat.text_max_tokens, bf16=cfg.attacks.bf16)
     atomic_write_json(out / "triggers.json", {arm: {"trigger_ids": r["trigger_ids"], "trigger_text": r["trigger_text"]}
                                               for arm, r in results.items()})
     atomic_write_json(out / "uat_results.json", results)
@@ -142,11 +142,12 @@ def run_hotflip(cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progr
     started = time.time()
     out, tokenizer, (_, held_out), models = _open_stage(cfg, cell, stage, inputs)
     results = {arm: hotflip.run(model, tokenizer, held_out, cfg.attacks.hotflip, seed=seed, out_dir=out / arm,
-                                success_threshold=cfg.attacks.success_threshold, progress=progress)
+                                success_threshold=cfg.attacks.success_threshold, bf16=cfg.attacks.bf16,
+                                progress=progress)
                for arm, model in models.items()}
     examples = {arm: _read_examples(out / arm / "hotflip_examples.jsonl") for arm in ARMS}
     transfer = hotflip.transfer_matrix(models, examples, prefix=context_prefix(tokenizer), seed=seed,
-                                       success_threshold=cfg.attacks.success_threshold)
+                                       success_threshold=cfg.attacks.success_threshold, bf16=cfg.attacks.bf16)
     atomic_write_json(out / "hotflip_results.json", results)
     atomic_write_json(out / "transfer.json", transfer)
     atomic_write_json(out / "per_example.json", {arm: {"clean": [r["clean_loss"] for r in rows],

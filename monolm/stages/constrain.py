@@ -15,6 +15,7 @@ import torch
 
 from monolm import constraints, data as data_lib, models
 from monolm.artifacts import atomic_write_json
+from monolm.drift import function_drift
 from monolm.monotonicity import monotonicity_violation_rate
 from monolm.config import ExperimentConfig
 from monolm.runtime import generator, pick_device
@@ -51,7 +52,7 @@ def run(cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: boo
     summary = constraints.apply_constraint(constrained, cfg.constraint.variant, init=cfg.constraint.init,
                                            eps=cfg.constraint.eps)
     blocks = drift_blocks(cfg, tokenizer, splits.eval).to(device)
-    drift = constraints.function_drift(base, constrained, blocks)
+    drift = function_drift(base, constrained, blocks)
     monotonicity = monotonicity_violation_rate(
         constrained, cfg.constraint.monotonicity_pairs, generator(cell.seed, STAGE, "monotonicity"),
         inputs=blocks[:4])

@@ -45,7 +45,7 @@ def run(cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: boo
         model = models.load_model(path, device)
         results[name] = evaluation.perplexity(model, docs, seq_len=cfg.eval_seq_len, batch_size=cfg.evaluation.batch_size,
                                               prefix_token_id=tokenizer.eos_token_id, texts=texts, device=device,
-                                              progress=progress, return_per_doc=True)
+                                              progress=progress, return_per_doc=True, bf16=cfg.evaluation.bf16)
         if name == "monotonic":
             blocks = data_lib.pack_blocks(docs[:8], min(cfg.data.seq_len, 128), tokenizer.eos_token_id).to(device)
             extra["min_constrained_weight"] = constraints.min_constrained_weight(model)

@@ -59,7 +59,8 @@ def run(cfg: ExperimentConfig, cell: CellPaths, arm: Arm, inputs: Inputs, *, pro
 
     def evaluate(m) -> dict:
         result = evaluation.perplexity(m, val_docs, seq_len=cfg.data.seq_len, batch_size=cfg.evaluation.batch_size,
-                                       prefix_token_id=tokenizer.eos_token_id, device=device, progress=False)
+                                       prefix_token_id=tokenizer.eos_token_id, device=device, progress=False,
+                                       bf16=recipe.bf16)  # validation in the arm's own precision
         return {"perplexity": result["token_perplexity"], "loss": result["loss"], "tokens": result["tokens"]}
 
     def save(m, directory: Path) -> list[str]:

@@ -1,35 +1,25 @@
-"""One typed, validated configuration for the whole experiment.
+"""The typed configuration: every field, its default (the `full` paper run) and its checks.
 
-Layers, later wins: the defaults below (the `full` paper run) <- a preset YAML
-(`monolm/presets/<name>.yaml`) <- named overrides (`monolm/presets/overrides/<name>.yaml`, e.g.
-`reference`, the original study's asymmetric recipe) <- a user YAML file <- `--set a.b=value`.
-
-Everything is validated before any compute. Errors name the field, the value and what is allowed
-(`ConfigError`), because a typo discovered after six GPU-hours of training is a lost day.
+Errors name the field, the value and what is allowed (`ConfigError`), because a typo discovered
+after six GPU-hours of training is a lost day.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
-from monolm.artifacts import nearest_existing
 from monolm.stages.registry import STAGE_NAMES
-
-PRESETS_DIR = Path(__file__).parent / "presets"
-OVERRIDES_DIR = PRESETS_DIR / "overrides"
 
 PositiveInt = Annotated[StrictInt, Field(gt=0)]
 NonNegInt = Annotated[StrictInt, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
+Switch = Literal["auto", "on", "off"]  # auto: on for CUDA only (bf16 autocast, gradient checkpointing)
 
 VARIANTS = ("mlp_in", "mlp_both", "mlp_in_attn_out", "gated_updown", "gated_all")
 Variant = Literal["mlp_in", "mlp_both", "mlp_in_attn_out", "gated_updown", "gated_all"]
@@ -148,8 +138,8 @@ class ArmConfig(Strict):
     adam_beta2: Fraction = 0.95
     micro_batch_size: PositiveInt = 4
     grad_accum_steps: PositiveInt = 8  # effective batch = micro_batch_size * grad_accum_steps
-    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA only
-    bf16: Literal["auto", "on", "off"] = "auto"  # autocast compute only; auto: on for CUDA only
+    gradient_checkpointing: Switch = "auto"
+    bf16: Switch = "auto"  # autocast compute only; parameters and optimizer state stay fp32
     log_every_steps: PositiveInt = 10
     eval_every_steps: PositiveInt = 200
     eval_max_docs: PositiveInt = 200
@@ -203,7 +193,7 @@ class EvalConfig(Strict):
     max_docs: PositiveInt = 500
     batch_size: PositiveInt = 8
     seq_len: PositiveInt | None = None  # window length; None -> data.seq_len
-    bf16: Literal["auto", "on", "off"] = "auto"  # autocast compute; on CUDA only, fp32 elsewhere
+    bf16: Switch = "auto"  # autocast compute; on CUDA only, fp32 elsewhere
 
 
 class UATConfig(Strict):
@@ -230,7 +220,7 @@ class HotFlipConfig(Strict):
 
 class AttackConfig(Strict):
     success_threshold: PositiveFloat = 0.15  # relative loss increase that counts as a success
-    bf16: Literal["auto", "on", "off"] = "auto"  # autocast compute; on CUDA only, fp32 elsewhere
+    bf16: Switch = "auto"  # autocast compute; on CUDA only, fp32 elsewhere
     uat: UATConfig = UATConfig()
     hotflip: HotFlipConfig = HotFlipConfig()
 
@@ -372,138 +362,3 @@ class ExperimentConfig(Strict):
     def digest(self, *sections: str) -> str:
         payload = self.subset(*sections) if sections else self.model_dump(mode="json")
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-# --------------------------------------------------------------------------- loading
-def available_presets() -> list[str]:
-    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
-
-
-def available_overrides() -> list[str]:
-    return sorted(p.stem for p in OVERRIDES_DIR.glob("*.yaml"))
-
-
-def _read_yaml(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{what}: file {path} does not exist") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{what}: {path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{what}: {path} must contain a mapping, got {type(data).__name__}")
-    return data
-
-
-def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def parse_set(assignment: str) -> dict[str, Any]:
-    """`a.b.c=value` -> {"a": {"b": {"c": value}}}; the value is parsed as YAML (numbers, lists,
-    booleans, null), so `--set seeds=[1,2]` and `--set training.common.lr=1e-4` work."""
-    key, sep, raw = assignment.partition("=")
-    key = key.strip()
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(
-            f"invalid override {assignment!r}: expected KEY=VALUE with a dotted key, "
-            "e.g. --set training.common.lr=1e-4"
-        )
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"invalid override {assignment!r}: value is not valid YAML ({exc})") from None
-    # PyYAML reads 1e-4 (no dot) as a string; accept it as the float the user meant.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value.lower() for c in "e.") and value.strip() else value
-        except ValueError:
-            pass
-    node: dict[str, Any] = {}
-    root = node
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node[part] = {}
-        node = node[part]
-    node[parts[-1]] = value
-    return root
-
-
-def _format_validation_error(exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "config"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            lines.append(f"{loc}: unknown field (value {err['input']!r}); check the spelling "
-                         "against `monolm config show`")
-        elif err["type"] in ("literal_error", "enum"):
-            lines.append(f"{loc}: {err['input']!r} is not allowed; {msg}")
-        elif err["type"] == "value_error":
-            lines.append(msg.removeprefix("Value error, "))
-        else:
-            lines.append(f"{loc}: {msg} (got {err.get('input')!r})")
-    return "invalid configuration:\n  " + "\n  ".join(lines)
-
-
-def build_config(data: dict[str, Any]) -> ExperimentConfig:
-    try:
-        return ExperimentConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc)) from None
-
-
-def load_config(
-    preset: str = "tiny",
-    *,
-    overrides: list[str] | tuple[str, ...] = (),
-    config_file: str | Path | None = None,
-    sets: list[str] | tuple[str, ...] = (),
-    extra: dict[str, Any] | None = None,
-) -> ExperimentConfig:
-    """Resolve preset <- named overrides <- YAML file <- `extra` dict <- `--set` assignments."""
-    if preset not in available_presets():
-        raise ConfigError(f"preset: unknown preset {preset!r}; allowed: {', '.join(available_presets())}")
-    data = _read_yaml(PRESETS_DIR / f"{preset}.yaml", f"preset {preset}")
-    data["preset"] = preset
-    for name in overrides:
-        if name not in available_overrides():
-            raise ConfigError(
-                f"override: unknown named override {name!r}; allowed: {', '.join(available_overrides())}"
-            )
-        data = deep_merge(data, _read_yaml(OVERRIDES_DIR / f"{name}.yaml", f"override {name}"))
-    if config_file is not None:
-        data = deep_merge(data, _read_yaml(Path(config_file), "config file"))
-    if extra:
-        data = deep_merge(data, extra)
-    for assignment in sets:
-        data = deep_merge(data, parse_set(assignment))
-    return build_config(data)
-
-
-def config_to_yaml(cfg: ExperimentConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
-def check_output_folders(cfg: ExperimentConfig, *, results: bool = True) -> None:
-    """Refuse output folders that cannot be written before any compute, naming the setting:
-    otherwise a read-only `paths.results_root` would only surface in stage 7, after every seed
-    has trained and been attacked. Checks the nearest existing folder of each path (nothing is
-    created here) for write permission and a read-only file system."""
-    settings = {"paths.runs_root": cfg.paths.runs_root}
-    if results:
-        settings["paths.results_root"] = cfg.paths.results_root
-    for setting, path in settings.items():
-        probe = nearest_existing(path)
-        if not probe.is_dir():
-            raise ConfigError(f"{setting}={str(path)!r}: {probe} exists and is not a folder")
-        if os.statvfs(probe).f_flag & os.ST_RDONLY:
-            raise ConfigError(f"{setting}={str(path)!r}: cannot write under {probe} (read-only file system)")
-        if not os.access(probe, os.W_OK | os.X_OK):
-            raise ConfigError(f"{setting}={str(path)!r}: cannot write under {probe} (permission denied)")
