@@ -1,9 +1,16 @@
 """What many test files share: the `micro` configuration of the tiny preset (the whole pipeline
-in seconds: same code, smaller numbers) and where a cell's stage folders are."""
+in seconds: same code, smaller numbers), where a cell's stage folders are, and a tiny GPT-NeoX
+(Pythia's architecture) with a learnable toy corpus for the training, checkpoint, evaluation and
+resilience tests."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
 
 # Everything the full pipeline does, on numbers small enough for a test.
 MICRO = [
@@ -39,3 +46,49 @@ def stage_dir(cfg, seed: int, stage: str) -> Path:
     from monolm.layout import cell_paths
 
     return cell_paths(cfg, seed).stage(stage)
+
+
+# --------------------------------------------------------------------------- a tiny GPT-NeoX
+VOCAB, SEQ = 128, 32
+
+
+def tiny_neox(*, seed: int = 0, hidden: int = 64, vocab: int = VOCAB, layers: int = 2, heads: int = 4,
+              max_positions: int = 64, dropout: float = 0.0, constrained: bool = False, **config):
+    """A fp32 GPT-NeoX built from a config (no download), seeded under a forked RNG so building it
+    leaves the global RNG alone; `constrained` puts `Softplus` on every FFN input projection.
+    Extra keyword arguments go to `GPTNeoXConfig` (e.g. `initializer_range`)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    cfg = GPTNeoXConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=4 * hidden, max_position_embeddings=max_positions,
+                        hidden_dropout=dropout, attention_dropout=dropout, **config)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = GPTNeoXForCausalLM(cfg).float()
+    return constrain(model) if constrained else model
+
+
+class Softplus(nn.Module):
+    """W = softplus(V); V initialised from |W| like the study's `abs` init."""
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return F.softplus(v)
+
+    def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
+        return torch.log(torch.expm1(w.abs() + 1e-6))
+
+
+def constrain(model: nn.Module, parametrization: type[nn.Module] = Softplus) -> nn.Module:
+    """Reparametrize every FFN input projection of a GPT-NeoX with `parametrization`."""
+    for layer in model.gpt_neox.layers:
+        parametrize.register_parametrization(layer.mlp.dense_h_to_4h, "weight", parametrization())
+    return model
+
+
+def counter_blocks(n: int = 48, seed: int = 1, *, seq: int = SEQ, vocab: int = VOCAB) -> torch.Tensor:
+    """[n, seq] token blocks of a noisy counter: structured enough to learn, so a loss moves."""
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, vocab, (n, 1), generator=g)
+    counting = (start + torch.arange(seq)) % vocab
+    noise = torch.randint(0, vocab, (n, seq), generator=g)
+    return torch.where(torch.rand(n, seq, generator=g) < 0.2, noise, counting)

@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import VOCAB, counter_blocks, tiny_neox
 from safetensors.torch import load_file
 from torch import nn
-from torch.nn.utils import parametrize
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from monolm.artifacts import CorruptArtifact, atomic_dir, recover_replaced
 from monolm.checkpoint import (
@@ -29,38 +28,13 @@ from monolm.checkpoint import (
 from monolm.config import ArmConfig
 from monolm.training import WALL_CLOCK_FIELDS, train
 
-VOCAB, SEQ = 128, 32
-
-
-class Softplus(nn.Module):
-    def forward(self, v):
-        return F.softplus(v)
-
-    def right_inverse(self, w):
-        return torch.log(torch.expm1(w.abs() + 1e-6))
-
 
 def model_(constrained: bool = False, hidden: int = 64, dropout: float = 0.1) -> nn.Module:
     # Dropout on, so a resume that failed to restore the torch RNG would diverge.
-    cfg = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=4 * hidden, max_position_embeddings=64,
-                        hidden_dropout=dropout, attention_dropout=dropout)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = GPTNeoXForCausalLM(cfg).float()
-    if constrained:
-        for layer in model.gpt_neox.layers:
-            parametrize.register_parametrization(layer.mlp.dense_h_to_4h, "weight", Softplus())
-    return model
+    return tiny_neox(hidden=hidden, dropout=dropout, constrained=constrained)
 
 
-def data_(n: int = 40, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    seq = (torch.randint(0, VOCAB, (n, 1), generator=g) + torch.arange(SEQ)) % VOCAB
-    return torch.where(torch.rand(n, SEQ, generator=g) < 0.2, torch.randint(0, VOCAB, (n, SEQ), generator=g), seq)
-
-
-HELD_OUT = data_(8, seed=99)
+HELD_OUT = counter_blocks(8, seed=99)
 
 
 def evaluate(model) -> dict:
@@ -81,7 +55,7 @@ def arm_(**kw) -> ArmConfig:
 
 def run(out: Path, *, constrained: bool = False, model=None, arm=None, data=None, stop=None, **kw):
     model = model if model is not None else model_(constrained)
-    res = train(model, data if data is not None else data_(), arm or arm_(), out, seed=5, evaluate=evaluate,
+    res = train(model, data if data is not None else counter_blocks(40), arm or arm_(), out, seed=5, evaluate=evaluate,
                 constrained=constrained, device="cpu", progress=False, max_steps_this_call=stop, **kw)
     return model, res
 
@@ -228,7 +202,7 @@ def test_resuming_a_different_model_or_recipe_fails_naming_the_difference(tmp_pa
     with pytest.raises(CheckpointMismatch, match=r"config\.lr: checkpoint 0\.003 vs now 0\.001"):
         run(tmp_path, arm=arm_(lr=1e-3))
     with pytest.raises(CheckpointMismatch, match=r"run\.data_sha256"):
-        run(tmp_path, data=data_(seed=2))
+        run(tmp_path, data=counter_blocks(40, seed=2))
     # Checkpoint cadence is not part of the recipe: changing it still resumes.
     _, res = run(tmp_path, arm=arm_(checkpoint_every_steps=3, keep_last_checkpoints=5))
     assert res.resumed_from.name == "step-00000004" and res.completed

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 from torch.nn.utils import parametrize
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from monolm.constraints import (
     NonNegativeSoftplus,
@@ -31,30 +31,23 @@ from monolm.constraints import (
 from monolm.drift import function_drift
 from monolm.monotonicity import capture_inputs, monotonicity_violation_rate
 
+from helpers import tiny_neox
+
 LAYERS = 4
 
 
-def neox_config(**overrides) -> GPTNeoXConfig:
-    kw = dict(
-        vocab_size=2048,
-        hidden_size=128,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        intermediate_size=512,
-        max_position_embeddings=256,
-    )
-    kw.update(overrides)
-    return GPTNeoXConfig(**kw)
+def neox(**overrides) -> GPTNeoXForCausalLM:
+    """A randomly initialised GPT-NeoX of this file's shape (4 layers, hidden 128, vocab 2,048)."""
+    return tiny_neox(vocab=2048, hidden=128, layers=LAYERS, max_positions=256, **overrides)
 
 
 @pytest.fixture(scope="module")
 def neox_state() -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)
-    return GPTNeoXForCausalLM(neox_config()).state_dict()
+    return neox().state_dict()
 
 
 def make_neox(state: dict[str, torch.Tensor], **overrides) -> GPTNeoXForCausalLM:
-    model = GPTNeoXForCausalLM(neox_config(**overrides))
+    model = neox(**overrides)
     model.load_state_dict(state)
     return model.eval()
 
@@ -311,7 +304,7 @@ def test_merge_gives_plain_linears_with_identical_logits(neox_state):
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, before)
     # the merged state dict is a plain HF state dict
-    fresh = GPTNeoXForCausalLM(neox_config())
+    fresh = neox(seed=1)
     fresh.load_state_dict(model.state_dict(), strict=True)
 
 

@@ -7,10 +7,12 @@ import math
 
 import pytest
 import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import GPTNeoXForCausalLM
 
 from monolm import evaluation
 from monolm.evaluation import Window, count_words, evaluate_models, perplexity, rolling_windows, score_windows
+
+from helpers import tiny_neox
 
 VOCAB = 512
 PREFIX = 0  # plays the EOS/BOS role
@@ -18,14 +20,9 @@ MAX_POS = 64
 
 
 def _model(seed: int = 0) -> GPTNeoXForCausalLM:
-    torch.manual_seed(seed)
     # initializer_range 0.2 (not 0.02) so that logits depend strongly on the context: a test that
     # used the wrong context or position would be off by far more than the tolerance.
-    cfg = GPTNeoXConfig(
-        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=256, max_position_embeddings=MAX_POS, initializer_range=0.2,
-    )
-    return GPTNeoXForCausalLM(cfg).eval()
+    return tiny_neox(seed=seed, vocab=VOCAB, max_positions=MAX_POS, initializer_range=0.2).eval()
 
 
 @pytest.fixture(scope="module")

@@ -9,49 +9,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import SEQ, constrain, counter_blocks, tiny_neox
 from safetensors.torch import load_file
 from torch import nn
-from torch.nn.utils import parametrize
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from monolm.config import ArmConfig
 from monolm.constraints import ConstraintViolation, constrained_modules
 from monolm.training import DataOrder, LRSchedule, accumulate_gradients, total_steps_for, train
-
-VOCAB, SEQ = 128, 32
-
-
-def tiny_model(seed: int = 0, hidden: int = 64) -> nn.Module:
-    cfg = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=4 * hidden, max_position_embeddings=64)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return GPTNeoXForCausalLM(cfg).float()
-
-
-class Softplus(nn.Module):
-    """W = softplus(V); V initialised from |W| like the study's `abs` init."""
-
-    def forward(self, v: torch.Tensor) -> torch.Tensor:
-        return F.softplus(v)
-
-    def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
-        return torch.log(torch.expm1(w.abs() + 1e-6))
-
-
-def constrain(model: nn.Module, parametrization: type[nn.Module] = Softplus) -> nn.Module:
-    for layer in model.gpt_neox.layers:
-        parametrize.register_parametrization(layer.mlp.dense_h_to_4h, "weight", parametrization())
-    return model
-
-
-def blocks(n: int = 48, seed: int = 1) -> torch.Tensor:
-    # Structured enough to learn (a noisy counter), so the loss actually moves.
-    g = torch.Generator().manual_seed(seed)
-    start = torch.randint(0, VOCAB, (n, 1), generator=g)
-    seq = (start + torch.arange(SEQ)) % VOCAB
-    noise = torch.randint(0, VOCAB, (n, SEQ), generator=g)
-    return torch.where(torch.rand(n, SEQ, generator=g) < 0.2, noise, seq)
 
 
 def arm(**kw) -> ArmConfig:
@@ -98,10 +62,10 @@ def test_data_order_is_a_seeded_permutation_per_epoch():
 # --------------------------------------------------------------------------- accumulation
 @pytest.mark.parametrize("constrained", [False, True])
 def test_gradient_accumulation_equals_one_big_batch(constrained):
-    data = blocks(8)
+    data = counter_blocks(8)
     grads = []
     for micro in (8, 2):
-        model = tiny_model()
+        model = tiny_neox()
         if constrained:
             constrain(model)
         accumulate_gradients(model, data, micro, cache_parametrizations=constrained)
@@ -111,10 +75,10 @@ def test_gradient_accumulation_equals_one_big_batch(constrained):
 
 
 def test_training_with_accumulation_matches_one_batch_update(tmp_path):
-    data = blocks(32)
+    data = counter_blocks(32)
     results = []
     for micro, accum in ((8, 1), (2, 4)):
-        model = tiny_model()
+        model = tiny_neox()
         res = train(model, data, arm(micro_batch_size=micro, grad_accum_steps=accum, max_steps=3, lr=1e-3),
                     tmp_path / f"{micro}x{accum}", seed=3, evaluate=None, device="cpu", progress=False)
         assert res.effective_batch_size == 8
@@ -132,10 +96,10 @@ def test_training_with_accumulation_matches_one_batch_update(tmp_path):
 # --------------------------------------------------------------------------- precision
 def test_small_lr_moves_most_weights_in_fp32_even_from_a_bf16_model(tmp_path):
     """The original study's bug: pure-bf16 AdamW at lr=5e-5 left V frozen. Here both arms must move."""
-    data = blocks(16)
+    data = counter_blocks(16)
     recipe = arm(lr=5e-5, max_steps=3, log_every_steps=1)
     for constrained in (False, True):
-        model = tiny_model(seed=2)
+        model = tiny_neox(seed=2)
         if constrained:
             constrain(model)
         model.to(torch.bfloat16)  # handed in low-precision: the loop must train fp32 anyway
@@ -158,8 +122,8 @@ def test_small_lr_moves_most_weights_in_fp32_even_from_a_bf16_model(tmp_path):
 
 
 def test_bf16_autocast_keeps_fp32_params_and_optimizer_state(tmp_path):
-    model = constrain(tiny_model())
-    res = train(model, blocks(16), arm(bf16="on", max_steps=2), tmp_path, seed=0, evaluate=None,
+    model = constrain(tiny_neox())
+    res = train(model, counter_blocks(16), arm(bf16="on", max_steps=2), tmp_path, seed=0, evaluate=None,
                 constrained=True, device="cpu", progress=False)
     assert res.history["summary"]["bf16_autocast"] is True
     assert all(p.dtype == torch.float32 for p in model.parameters())
@@ -170,8 +134,8 @@ def test_bf16_autocast_keeps_fp32_params_and_optimizer_state(tmp_path):
 
 # --------------------------------------------------------------------------- constrained arm
 def test_constrained_arm_logs_min_materialized_weight(tmp_path):
-    model = constrain(tiny_model())
-    res = train(model, blocks(16), arm(max_steps=4, log_every_steps=2, lr=1e-2), tmp_path, seed=0,
+    model = constrain(tiny_neox())
+    res = train(model, counter_blocks(16), arm(max_steps=4, log_every_steps=2, lr=1e-2), tmp_path, seed=0,
                 evaluate=None, constrained=True, device="cpu", progress=False)
     logged = [e["min_constrained_weight"] for e in res.history["log"]]
     assert len(logged) == 2 and all(0 <= w < 1e-3 for w in logged)
@@ -191,24 +155,24 @@ class ShiftedSoftplus(nn.Module):
 
 
 def test_negative_constrained_weight_aborts_training(tmp_path):
-    model = constrain(tiny_model(), ShiftedSoftplus)
+    model = constrain(tiny_neox(), ShiftedSoftplus)
     with pytest.raises(ConstraintViolation, match=r"optimizer step 1: .*dense_h_to_4h\.weight"):
-        train(model, blocks(16), arm(lr=1e-2), tmp_path, seed=0, evaluate=None, constrained=True,
+        train(model, counter_blocks(16), arm(lr=1e-2), tmp_path, seed=0, evaluate=None, constrained=True,
               device="cpu", progress=False)
 
 
 def test_arm_flag_must_match_the_model(tmp_path):
     with pytest.raises(ValueError, match="constrained=True"):
-        train(tiny_model(), blocks(8), arm(), tmp_path, seed=0, evaluate=None, constrained=True, device="cpu")
+        train(tiny_neox(), counter_blocks(8), arm(), tmp_path, seed=0, evaluate=None, constrained=True, device="cpu")
     with pytest.raises(ValueError, match="constrained=False"):
-        train(constrain(tiny_model()), blocks(8), arm(), tmp_path, seed=0, evaluate=None, device="cpu")
+        train(constrain(tiny_neox()), counter_blocks(8), arm(), tmp_path, seed=0, evaluate=None, device="cpu")
 
 
 def test_gradient_checkpointing_gives_the_same_training(tmp_path):
     losses = {}
     for gc in ("off", "on"):
-        model = constrain(tiny_model())
-        res = train(model, blocks(16), arm(gradient_checkpointing=gc, max_steps=3, log_every_steps=1),
+        model = constrain(tiny_neox())
+        res = train(model, counter_blocks(16), arm(gradient_checkpointing=gc, max_steps=3, log_every_steps=1),
                     tmp_path / gc, seed=0, evaluate=None, constrained=True, device="cpu", progress=False)
         flag = getattr(model, "is_activation_checkpointing", None)
         assert (flag if flag is not None else model.is_gradient_checkpointing) == (gc == "on")
@@ -228,8 +192,8 @@ def test_history_and_best_model_selection(tmp_path):
         ppl = next(scripted)
         return {"perplexity": ppl, "loss": math.log(ppl)}
 
-    model = tiny_model()
-    res = train(model, blocks(32), arm(max_steps=8, eval_every_steps=2, log_every_steps=3), tmp_path, seed=0,
+    model = tiny_neox()
+    res = train(model, counter_blocks(32), arm(max_steps=8, eval_every_steps=2, log_every_steps=3), tmp_path, seed=0,
                 evaluate=evaluate, device="cpu", progress=False, on_log=logs.append)
     assert res.completed and res.steps == res.total_steps == 8
     assert res.tokens_seen == 8 * 8 * SEQ
@@ -266,7 +230,7 @@ def test_caller_save_model_writes_the_best_dir(tmp_path):
         (directory / "weights" / "w.txt").write_text(str(float(model.get_output_embeddings().weight.detach().sum())))
         return ["weights/w.txt"]
 
-    res = train(tiny_model(), blocks(16), arm(max_steps=2), tmp_path, seed=0, evaluate=None, device="cpu",
+    res = train(tiny_neox(), counter_blocks(16), arm(max_steps=2), tmp_path, seed=0, evaluate=None, device="cpu",
                 progress=False, save_model=save)
     assert len(calls) == 1 and (res.best_dir / "weights" / "w.txt").is_file()
     assert json.loads((res.best_dir / "best.json").read_text())["files"].keys() == {"weights/w.txt"}
@@ -275,5 +239,5 @@ def test_caller_save_model_writes_the_best_dir(tmp_path):
 
 def test_evaluate_must_report_perplexity(tmp_path):
     with pytest.raises(KeyError, match="perplexity"):
-        train(tiny_model(), blocks(16), arm(max_steps=3), tmp_path, seed=0, evaluate=lambda m: {"loss": 1.0},
+        train(tiny_neox(), counter_blocks(16), arm(max_steps=3), tmp_path, seed=0, evaluate=lambda m: {"loss": 1.0},
               device="cpu", progress=False)

@@ -25,7 +25,7 @@ import torch
 from monolm.artifacts import sha256_file
 from monolm.checkpoint import list_checkpoints
 from resilience.helpers import ENV, REPO
-from resilience.trainruns import finish, start
+from resilience.trainruns import finish
 
 pytestmark = pytest.mark.resilience
 

@@ -142,41 +142,20 @@ def pause_here(marker: str, info: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- the tiny training run
-VOCAB, SEQ = 128, 32
+from helpers import VOCAB  # noqa: E402  (the suite's tiny GPT-NeoX and toy corpus)
 
 
 def tiny_model(*, hidden: int = 64, constrained: bool = False):
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-    from torch.nn.utils import parametrize
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    """The suite's tiny GPT-NeoX, with dropout on: a resume that failed to restore the RNG diverges."""
+    from helpers import tiny_neox
 
-    class Softplus(nn.Module):
-        def forward(self, v):
-            return F.softplus(v)
-
-        def right_inverse(self, w):
-            return torch.log(torch.expm1(w.abs() + 1e-6))
-
-    cfg = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=4 * hidden, max_position_embeddings=64,
-                        hidden_dropout=0.1, attention_dropout=0.1)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = GPTNeoXForCausalLM(cfg).float()
-    if constrained:
-        for layer in model.gpt_neox.layers:
-            parametrize.register_parametrization(layer.mlp.dense_h_to_4h, "weight", Softplus())
-    return model
+    return tiny_neox(hidden=hidden, dropout=0.1, constrained=constrained)
 
 
 def tiny_data(n: int = 40, seed: int = 1):
-    import torch
+    from helpers import counter_blocks
 
-    g = torch.Generator().manual_seed(seed)
-    seq = (torch.randint(0, VOCAB, (n, 1), generator=g) + torch.arange(SEQ)) % VOCAB
-    return torch.where(torch.rand(n, SEQ, generator=g) < 0.2, torch.randint(0, VOCAB, (n, SEQ), generator=g), seq)
+    return counter_blocks(n, seed)
 
 
 def tiny_arm(**overrides):
