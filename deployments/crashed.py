@@ -62,7 +62,7 @@ def process_started_at(pid: int) -> dt.datetime | None:
         return None
     ticks = int(fields[19])  # field 22: start time in clock ticks since boot
     seconds = _boot_time() + ticks / os.sysconf("SC_CLK_TCK")
-    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc)
+    return dt.datetime.fromtimestamp(seconds, dt.UTC)
 
 
 def run_process_alive(pid: int, created: dt.datetime, started: dt.datetime | None) -> tuple[bool, str]:
@@ -70,7 +70,7 @@ def run_process_alive(pid: int, created: dt.datetime, started: dt.datetime | Non
     began = process_started_at(pid)
     if began is None:
         return False, f"process {pid} is gone"
-    latest = (started or dt.datetime.now(dt.timezone.utc)) + SLACK
+    latest = (started or dt.datetime.now(dt.UTC)) + SLACK
     if not created - SLACK <= began <= latest:
         return False, f"process {pid} is gone (the PID now belongs to a process started at {began:%Y-%m-%d %H:%M:%S} UTC)"
     return True, f"process {pid} is alive"
@@ -98,7 +98,7 @@ class DeadRun:
 def _utc(value: dt.datetime | None) -> dt.datetime | None:
     if value is None:
         return None
-    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 async def find_dead_runs(client: Any, pools: Sequence[str]) -> list[DeadRun]:

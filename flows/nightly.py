@@ -94,10 +94,10 @@ def parse_tolerances(spec: Mapping[str, Any] | None) -> dict[str, Tolerance]:
 def nightly_run_name(preset: str, when: dt.datetime | None = None) -> str:
     """`nightly-<preset>-<UTC time>`: one name per scheduled slot, so a retried nightly run keeps
     its name (and replaces its own store rows) while each night gets a new one."""
-    when = when or dt.datetime.now(dt.timezone.utc)
+    when = when or dt.datetime.now(dt.UTC)
     if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
-    return f"{RUN_NAME_PREFIX}{preset}-{when.astimezone(dt.timezone.utc):%Y%m%dT%H%M%SZ}"
+        when = when.replace(tzinfo=dt.UTC)
+    return f"{RUN_NAME_PREFIX}{preset}-{when.astimezone(dt.UTC):%Y%m%dT%H%M%SZ}"
 
 
 # --------------------------------------------------------------------------- comparison

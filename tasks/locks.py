@@ -37,7 +37,7 @@ _registry = threading.Lock()
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _expired(fd: int) -> bool:

@@ -267,16 +267,14 @@ def test_optimizer_round_trip_is_exact():
 
 def test_atomic_dir_leaves_nothing_on_failure_and_recovers_an_interrupted_swap(tmp_path):
     target = tmp_path / "best"
-    with pytest.raises(RuntimeError):
-        with atomic_dir(target) as tmp:
-            (tmp / "x").write_text("half")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "x").write_text("half")
+        raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
     with atomic_dir(target) as tmp:
         (tmp / "x").write_text("one")
-    with pytest.raises(FileExistsError):
-        with atomic_dir(target) as tmp:
-            pass
+    with pytest.raises(FileExistsError), atomic_dir(target) as tmp:
+        pass
     with atomic_dir(target, existing="replace") as tmp:
         (tmp / "x").write_text("two")
     assert (target / "x").read_text() == "two" and sorted(p.name for p in tmp_path.iterdir()) == ["best"]

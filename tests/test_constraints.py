@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_neox
 from safetensors import safe_open
 from torch import nn
 from torch.nn.utils import parametrize
@@ -30,8 +31,6 @@ from monolm.constraints import (
 )
 from monolm.drift import function_drift
 from monolm.monotonicity import capture_inputs, monotonicity_violation_rate
-
-from helpers import tiny_neox
 
 LAYERS = 4
 

@@ -7,12 +7,11 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_neox
 from transformers import GPTNeoXForCausalLM
 
 from monolm import evaluation
 from monolm.evaluation import Window, count_words, evaluate_models, perplexity, rolling_windows, score_windows
-
-from helpers import tiny_neox
 
 VOCAB = 512
 PREFIX = 0  # plays the EOS/BOS role

@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from helpers import micro_config, micro_sets, stage_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_backend")]

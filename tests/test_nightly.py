@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from helpers import micro_sets
+
 from flows.nightly import (
     DEFAULT_TOLERANCES,
     Tolerance,

@@ -124,9 +124,8 @@ def test_slurm_runner_reports_to_the_flows_own_api(monkeypatch):
     copy = runner.duplicate()
     assert isinstance(copy, SlurmTaskRunner) and copy.cluster_class is WatchedSLURMCluster
 
-    with temporary_settings({PREFECT_API_URL: None}):
-        with pytest.raises(RuntimeError, match="needs a Prefect server"):
-            make_task_runner(cfg)
+    with temporary_settings({PREFECT_API_URL: None}), pytest.raises(RuntimeError, match="needs a Prefect server"):
+        make_task_runner(cfg)
 
 
 def test_sbatch_message_is_the_commands_stderr():

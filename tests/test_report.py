@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import stage_dir
 from PIL import Image
 
 from monolm import report
@@ -21,7 +22,6 @@ from monolm.runtime import derive_seed
 from monolm.stages import aggregate
 from monolm.stages.common import StageRef
 from monolm.store import ResultsStore
-from helpers import stage_dir
 
 N_TEXTS = 40
 T_975_DF2 = 4.302652729911275  # Student t quantile, 97.5%, 2 degrees of freedom (tables)

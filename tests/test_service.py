@@ -22,7 +22,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from helpers import micro_sets
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,8 +129,12 @@ class Service:
 
     def stage_states(self, flow_run_id: str) -> dict[str, str]:
         """State name per stage in the newest `experiment-stages` sub-flow run of a flow run."""
-        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter, \
-            TaskRunFilterFlowRunId
+        from prefect.client.schemas.filters import (
+            FlowRunFilter,
+            FlowRunFilterParentFlowRunId,
+            TaskRunFilter,
+            TaskRunFilterFlowRunId,
+        )
 
         async def go(client):
             subs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
@@ -221,7 +224,7 @@ def test_crash_helper_recognises_dead_and_recycled_pids():
 
     from deployments.crashed import parse_pid, process_started_at, run_process_alive
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     me = process_started_at(os.getpid())
     assert me is not None and me <= now
     assert run_process_alive(os.getpid(), created=me - dt.timedelta(seconds=5), started=me + dt.timedelta(seconds=1))[0]
@@ -262,8 +265,12 @@ def test_deployed_tiny_run_completes(service, shared_runs):
     with ResultsStore(f"sqlite:///{shared_runs / 'runs/results.sqlite'}") as store:
         assert [r["status"] for r in store.runs("tiny")] == ["completed"]
     # The results table and report are published on the run for the UI.
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, \
-        FlowRunFilterParentFlowRunId
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+    )
 
     async def artifact_keys(client):
         subs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
 from helpers import micro_sets
 from helpers import stage_dir as stage_folder
 

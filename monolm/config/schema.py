@@ -49,7 +49,7 @@ class TinyModelConfig(Strict):
     pretrain_batch_size: PositiveInt = 16
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "TinyModelConfig":
+    def _heads_divide(self) -> TinyModelConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"model.tiny.hidden_size={self.hidden_size} must be divisible by "
@@ -95,7 +95,7 @@ class DataConfig(Strict):
     embedded_attack_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.15
 
     @model_validator(mode="after")
-    def _held_out(self) -> "DataConfig":
+    def _held_out(self) -> DataConfig:
         if self.eval_split == self.train_split:
             raise ValueError(
                 f"data.eval_split={self.eval_split!r} overlaps data.train_split="
@@ -171,7 +171,7 @@ class TrainingConfig(Strict):
     monotonic: ArmOverride = ArmOverride()
 
     @model_validator(mode="after")
-    def _fairness(self) -> "TrainingConfig":
+    def _fairness(self) -> TrainingConfig:
         if self.recipe == "fair":
             for arm in ("baseline", "monotonic"):
                 for field, value in getattr(self, arm).model_dump(exclude_none=True).items():
@@ -263,7 +263,7 @@ class RunnerConfig(Strict):
     slurm: SlurmConfig = SlurmConfig()
 
     @model_validator(mode="after")
-    def _known_stages(self) -> "RunnerConfig":
+    def _known_stages(self) -> RunnerConfig:
         for stage in self.stage_timeout_minutes:
             if stage not in STAGE_NAMES:
                 raise ValueError(
@@ -287,7 +287,7 @@ class ExperimentConfig(Strict):
     runner: RunnerConfig = RunnerConfig()
 
     @model_validator(mode="after")
-    def _cross_field(self) -> "ExperimentConfig":
+    def _cross_field(self) -> ExperimentConfig:
         if not self.seeds:
             raise ValueError("seeds: at least one seed is required")
         if len(set(self.seeds)) != len(self.seeds):

@@ -8,8 +8,8 @@ import io
 from typing import Any
 
 from monolm.report.formatting import fmt_pct
-from monolm.report.summaries import ALPHA
 from monolm.report.labels import ATTACKS
+from monolm.report.summaries import ALPHA
 from monolm.report.table_builders import Table, tables
 
 

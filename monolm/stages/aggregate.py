@@ -30,8 +30,15 @@ from typing import Any
 import numpy as np
 
 from monolm import plots, report
-from monolm.artifacts import MANIFEST, CorruptArtifact, atomic_write_json, atomic_write_text, load_manifest, \
-    read_json, write_manifest
+from monolm.artifacts import (
+    MANIFEST,
+    CorruptArtifact,
+    atomic_write_json,
+    atomic_write_text,
+    load_manifest,
+    read_json,
+    write_manifest,
+)
 from monolm.config import ExperimentConfig, config_to_yaml
 from monolm.provenance import git_revision, provenance
 from monolm.stages.common import StageRef, stage_code_version

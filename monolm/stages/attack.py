@@ -18,11 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from monolm import data as data_lib, models as models_lib
+from monolm import data as data_lib
+from monolm import models as models_lib
 from monolm.artifacts import atomic_write_json
 from monolm.config import ExperimentConfig
-from monolm.runtime import pick_device
 from monolm.layout import CellPaths
+from monolm.runtime import pick_device
 from monolm.stages.common import Inputs, OnLog, StageRef, existing, files_under, finish, prepare
 from monolm.stages.registry import TRAIN_STAGES
 from monolm.stages.setup import load_setup

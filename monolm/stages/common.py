@@ -20,8 +20,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from monolm.artifacts import (CorruptArtifact, atomic_write_json, clean_temp_files, load_manifest, nearest_existing,
-                              write_manifest)
+from monolm.artifacts import (
+    CorruptArtifact,
+    atomic_write_json,
+    clean_temp_files,
+    load_manifest,
+    nearest_existing,
+    write_manifest,
+)
 from monolm.config import ExperimentConfig
 from monolm.layout import CellPaths
 from monolm.provenance import code_digest
@@ -46,7 +52,7 @@ class StageRef:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "StageRef":
+    def from_json(cls, data: dict[str, Any]) -> StageRef:
         return cls(**data)
 
     @property

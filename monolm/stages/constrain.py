@@ -13,13 +13,14 @@ from typing import Any
 
 import torch
 
-from monolm import constraints, data as data_lib, models
+from monolm import constraints, models
+from monolm import data as data_lib
 from monolm.artifacts import atomic_write_json
-from monolm.drift import function_drift
-from monolm.monotonicity import monotonicity_violation_rate
 from monolm.config import ExperimentConfig
-from monolm.runtime import generator, pick_device
+from monolm.drift import function_drift
 from monolm.layout import CellPaths
+from monolm.monotonicity import monotonicity_violation_rate
+from monolm.runtime import generator, pick_device
 from monolm.stages.common import Inputs, OnLog, StageRef, existing, files_under, finish, prepare
 from monolm.stages.setup import load_setup, model_dir
 

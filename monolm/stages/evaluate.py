@@ -11,14 +11,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from monolm import constraints, data as data_lib, evaluation, models
+from monolm import constraints, evaluation, models
+from monolm import data as data_lib
 from monolm.artifacts import atomic_write_json
-from monolm.monotonicity import monotonicity_violation_rate
 from monolm.config import ExperimentConfig
-from monolm.runtime import generator, pick_device
-from monolm.stages.registry import TRAIN_STAGES
 from monolm.layout import CellPaths
+from monolm.monotonicity import monotonicity_violation_rate
+from monolm.runtime import generator, pick_device
 from monolm.stages.common import Inputs, OnLog, StageRef, existing, finish, prepare
+from monolm.stages.registry import TRAIN_STAGES
 from monolm.stages.setup import load_setup, model_dir
 
 STAGE = "evaluate"

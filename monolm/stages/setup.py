@@ -18,8 +18,8 @@ from monolm import data as data_lib
 from monolm import models
 from monolm.artifacts import atomic_write_json, nearest_existing, sha256_file
 from monolm.config import ArmConfig, ConfigError, ExperimentConfig
-from monolm.runtime import derive_seed
 from monolm.layout import CellPaths
+from monolm.runtime import derive_seed
 from monolm.stages.common import Inputs, OnLog, StageFailed, StageRef, existing, files_under, finish, prepare
 
 log = logging.getLogger("monolm.stages.setup")

@@ -11,10 +11,11 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from monolm import data as data_lib, evaluation, models
+from monolm import data as data_lib
+from monolm import evaluation, models
 from monolm.config import ExperimentConfig
-from monolm.runtime import derive_seed, pick_device
 from monolm.layout import CellPaths
+from monolm.runtime import derive_seed, pick_device
 from monolm.stages.common import Inputs, OnLog, StageRef, existing, files_under, finish, prepare
 from monolm.stages.registry import TRAIN_STAGES
 from monolm.stages.setup import load_setup, model_dir

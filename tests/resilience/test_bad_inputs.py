@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import micro_sets
+
 from resilience.helpers import fork_worker, micro_argv, run_cli, seed_dir, snapshot
 
 pytestmark = pytest.mark.resilience

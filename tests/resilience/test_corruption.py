@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from resilience.helpers import (flip_bit, micro_argv, read_audit, run_cli, seed_dir, stage_outputs, temp_reads,
-                                truncate)
+from resilience.helpers import flip_bit, micro_argv, read_audit, run_cli, seed_dir, stage_outputs, temp_reads, truncate
 
 pytestmark = pytest.mark.resilience
 

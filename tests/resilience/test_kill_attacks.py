@@ -15,8 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from resilience.helpers import (kill_at_marker, micro_argv, pause, read_audit, run_cli, seed_dir, spawn_cli,
-                                stage_outputs, temp_reads, truncate)
+from resilience.helpers import (
+    kill_at_marker,
+    micro_argv,
+    pause,
+    read_audit,
+    run_cli,
+    seed_dir,
+    spawn_cli,
+    stage_outputs,
+    temp_reads,
+    truncate,
+)
 
 pytestmark = pytest.mark.resilience
 

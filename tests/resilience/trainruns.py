@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from monolm.checkpoint import list_checkpoints
 from resilience.helpers import fork_worker, strip_wall_clock
 
+
 def start(out: Path, *, constrained: bool = False, pauses: list | None = None, pause_step: int | None = None,
           marker: Path | None = None, audit: bool = False, tag: str = "run"):
     spec = {"out": str(out), "constrained": constrained, "pauses": pauses or []}
