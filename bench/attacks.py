@@ -120,8 +120,9 @@ def hotflip_step(model, text, top_b, allowed, prefix, side: str):
     open_pos = torch.arange(len(prefix), len(cur))
     pos, tok = flip_search._gradient_candidates(model, cur, targets, open_pos, allowed, top_b, bf16=bf16(model))
     if side == "batched":
-        before, after = flip_scoring.score_flips(model, cur, targets, pos, tok, sizer=common.BatchSizer(128),
-                                                 bf16=bf16(model))
+        before, after = flip_scoring.score_flips(
+            model, cur, targets, pos, tok, sizer=common.BatchSizer(128), bf16=bf16(model)
+        )
     else:
         B = len(pos)
         ids = cur.view(1, -1).repeat(B + 1, 1)
@@ -156,8 +157,10 @@ def interleaved(sides: dict[str, Callable], repeats: int) -> tuple[dict[str, flo
 def bench_uat(model, texts, trigger, allowed, prefix, args: argparse.Namespace) -> float:
     """Batched vs. per-candidate scoring of one UAT step; returns the loop/batched time ratio."""
     top_k = args.uat_top_k
-    print(f"\nUAT step: trigger length {len(trigger)}, {len(texts)} texts of <= {args.text_tokens} tokens, "
-          f"top-k {top_k} -> {(top_k + 1) * len(texts)} candidate sequences")
+    print(
+        f"\nUAT step: trigger length {len(trigger)}, {len(texts)} texts of <= {args.text_tokens} tokens, "
+        f"top-k {top_k} -> {(top_k + 1) * len(texts)} candidate sequences"
+    )
 
     def step(scorer: Scorer):
         return lambda: uat_step(model, texts, trigger, 2, top_k, allowed, prefix, scorer)
@@ -175,17 +178,18 @@ def bench_uat(model, texts, trigger, allowed, prefix, args: argparse.Namespace) 
     for name, t in med.items():
         print(f"  {name:<11} median {t * 1000:8.1f} ms")
     speedup = med["loop"] / med["batched"]
-    print(f"  same losses and same chosen token; batched is {speedup:.2f}x the per-candidate loop, "
-          f"{med['original'] / med['batched']:.2f}x the original study's scoring (8 texts per forward), "
-          f"{med['group-loop'] / med['batched']:.2f}x one forward per trigger")
+    print(
+        f"  same losses and same chosen token; batched is {speedup:.2f}x the per-candidate loop, "
+        f"{med['original'] / med['batched']:.2f}x the original study's scoring (8 texts per forward), "
+        f"{med['group-loop'] / med['batched']:.2f}x one forward per trigger"
+    )
     return speedup
 
 
 def bench_hotflip(model, text, allowed, prefix, top_b: int, repeats: int) -> float:
     """Batched (prefix-reusing) vs. per-candidate scoring of one HotFlip step; returns the
     loop/batched time ratio."""
-    print(f"\nHotFlip step: one text of {len(text)} tokens, top-B {top_b} "
-          f"-> {top_b + 1} candidate sequences")
+    print(f"\nHotFlip step: one text of {len(text)} tokens, top-B {top_b} -> {top_b + 1} candidate sequences")
     sides = {
         "batched": lambda: hotflip_step(model, text, top_b, allowed, prefix, "batched"),
         "loop": lambda: hotflip_step(model, text, top_b, allowed, prefix, "loop"),
@@ -206,9 +210,11 @@ def bench_ceiling(model, texts, trigger, prefix, repeats: int) -> None:
     b = trigger_search.with_triggers(prefix, trigger.view(1, -1).repeat(4, 1), trigger_search.text_batch(texts, True))
     n_rows = b.input_ids.shape[0]
     med, _ = interleaved({"batched": lambda: batched(model, b), "loop": lambda: loop(model, b)}, repeats)
-    print(f"\nforward passes only ({n_rows} sequences): one at a time "
-          f"{med['loop'] / n_rows * 1000:.2f} ms/sequence, batched {med['batched'] / n_rows * 1000:.2f} "
-          f"ms/sequence -> batching alone can gain at most ~{med['loop'] / med['batched']:.2f}x on this machine")
+    print(
+        f"\nforward passes only ({n_rows} sequences): one at a time "
+        f"{med['loop'] / n_rows * 1000:.2f} ms/sequence, batched {med['batched'] / n_rows * 1000:.2f} "
+        f"ms/sequence -> batching alone can gain at most ~{med['loop'] / med['batched']:.2f}x on this machine"
+    )
 
 
 def main() -> None:
@@ -221,8 +227,10 @@ def main() -> None:
     parser.add_argument("--text-tokens", type=int, default=64)
     args = parser.parse_args()
 
-    print(f"machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
-          f"torch {torch.__version__}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
+        f"torch {torch.__version__}"
+    )
     model, tok, held = build_model(args.train_steps)
     allowed = common.allowed_token_mask(tok, model.get_input_embeddings().weight.shape[0])
     prefix = common.context_prefix(tok)

@@ -37,11 +37,18 @@ SCRIPT = REPO / "infra/slurm/local-slurm.sh"
 
 def slurm_sets(root: Path) -> list[str]:
     venv = Path(sys.executable).parent
-    return ["runner.profile=slurm", "runner.slurm.partition=gpu", "runner.slurm.cores=1", "runner.slurm.memory=3GB",
-            "runner.slurm.walltime=00:20:00", "runner.slurm.lifetime_margin_minutes=5", "runner.slurm.max_workers=2",
-            f"runner.slurm.python={sys.executable}",
-            f"runner.slurm.prologue={json.dumps([f'source {venv}/activate', 'export MONOLM_TORCH_THREADS=1'])}",
-            f"runner.slurm.log_directory={root / 'slurm-logs'}"]
+    return [
+        "runner.profile=slurm",
+        "runner.slurm.partition=gpu",
+        "runner.slurm.cores=1",
+        "runner.slurm.memory=3GB",
+        "runner.slurm.walltime=00:20:00",
+        "runner.slurm.lifetime_margin_minutes=5",
+        "runner.slurm.max_workers=2",
+        f"runner.slurm.python={sys.executable}",
+        f"runner.slurm.prologue={json.dumps([f'source {venv}/activate', 'export MONOLM_TORCH_THREADS=1'])}",
+        f"runner.slurm.log_directory={root / 'slurm-logs'}",
+    ]
 
 
 def one_run(profile: str, root: Path) -> float:
@@ -49,8 +56,9 @@ def one_run(profile: str, root: Path) -> float:
 
     extra = slurm_sets(root) if profile == "slurm" else ["runner.profile=local"]
     t0 = time.perf_counter()
-    result = experiment(seeds=[42, 1337], preset="tiny", overrides=micro_sets(root, *extra),
-                        run_name=f"bench-{profile}-{root.name}")
+    result = experiment(
+        seeds=[42, 1337], preset="tiny", overrides=micro_sets(root, *extra), run_name=f"bench-{profile}-{root.name}"
+    )
     wall = time.perf_counter() - t0
     states = {s for seed, v in result["stage_states"].items() if isinstance(v, dict) for s in v.values()}
     assert states == {"Completed"}, result["stage_states"]
@@ -67,8 +75,13 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="monolm-bench-runs-"))
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, "MONOLM_STATE_DIR": str(state)}
     try:
-        subprocess.run([str(SCRIPT), "start", "--cpus", "2", "--gpus", "2", "--memory", "8192"], env=env, check=True,
-                       capture_output=True, text=True)
+        subprocess.run(
+            [str(SCRIPT), "start", "--cpus", "2", "--gpus", "2", "--memory", "8192"],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         os.environ["SLURM_CONF"] = str(state / "slurm/etc/slurm.conf")
         from prefect.testing.utilities import prefect_test_harness
 
@@ -81,9 +94,16 @@ def main() -> None:
                     walls[profile].append(wall)
                     print(f"round {r + 1}: {profile:5s} {wall:6.1f} s", flush=True)
         med = {p: statistics.median(w) for p, w in walls.items()}
-        print(json.dumps({"runs_s": {p: [round(x, 1) for x in w] for p, w in walls.items()},
-                          "median_s": {p: round(m, 1) for p, m in med.items()},
-                          "ratio_slurm_over_local": round(med["slurm"] / med["local"], 2)}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "runs_s": {p: [round(x, 1) for x in w] for p, w in walls.items()},
+                    "median_s": {p: round(m, 1) for p, m in med.items()},
+                    "ratio_slurm_over_local": round(med["slurm"] / med["local"], 2),
+                },
+                indent=1,
+            )
+        )
     finally:
         subprocess.run([str(SCRIPT), "stop"], env=env, capture_output=True, text=True)
         shutil.rmtree(state, ignore_errors=True)

@@ -70,15 +70,27 @@ def main() -> None:
     args = ap.parse_args()
 
     device = pick_device(args.device)
-    cfg = GPTNeoXConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                        num_attention_heads=max(1, args.hidden // 64), intermediate_size=4 * args.hidden,
-                        max_position_embeddings=max(256, args.seq))
+    cfg = GPTNeoXConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=max(1, args.hidden // 64),
+        intermediate_size=4 * args.hidden,
+        max_position_embeddings=max(256, args.seq),
+    )
     torch.manual_seed(0)
     base = GPTNeoXForCausalLM(cfg).float()
     cons = copy.deepcopy(base)
     how = constrain(cons, args.variant)
-    arm = ArmConfig(lr=5e-5, max_steps=10**6, warmup_ratio=0.0, micro_batch_size=args.batch, grad_accum_steps=1,
-                    bf16="auto", gradient_checkpointing="off")
+    arm = ArmConfig(
+        lr=5e-5,
+        max_steps=10**6,
+        warmup_ratio=0.0,
+        micro_batch_size=args.batch,
+        grad_accum_steps=1,
+        bf16="auto",
+        gradient_checkpointing="off",
+    )
     bf16 = resolve_flag(arm.bf16, device)
     batch = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
 
@@ -111,15 +123,19 @@ def main() -> None:
     n_params = sum(p.numel() for p in base.parameters())
     tokens = args.batch * args.seq
     print(f"device={device} threads={torch.get_num_threads()} bf16_autocast={bf16} torch={torch.__version__}")
-    print(f"GPT-NeoX hidden={args.hidden} layers={args.layers} vocab={args.vocab} seq={args.seq} "
-          f"batch={args.batch}; {n_params / 1e6:.2f}M params, {n_constrained / 1e6:.2f}M constrained ({how})")
+    print(
+        f"GPT-NeoX hidden={args.hidden} layers={args.layers} vocab={args.vocab} seq={args.seq} "
+        f"batch={args.batch}; {n_params / 1e6:.2f}M params, {n_constrained / 1e6:.2f}M constrained ({how})"
+    )
     print(f"{args.rounds} interleaved rounds x {args.steps} steps per side after {args.warmup} warm-up steps")
     print(f"{'side':<12} {'median ms/step':>15} {'min':>8} {'max':>8} {'tokens/s':>10}")
     med = {}
     for name, ts in times.items():
         med[name] = statistics.median(ts)
-        print(f"{name:<12} {med[name] * 1e3:>15.1f} {min(ts) * 1e3:>8.1f} {max(ts) * 1e3:>8.1f} "
-              f"{tokens / med[name]:>10.0f}")
+        print(
+            f"{name:<12} {med[name] * 1e3:>15.1f} {min(ts) * 1e3:>8.1f} {max(ts) * 1e3:>8.1f} "
+            f"{tokens / med[name]:>10.0f}"
+        )
     per_round = [c / b for b, c in zip(times["baseline"], times["constrained"], strict=True)]
     print(f"per-round ratios: {' '.join(f'{x:.3f}' for x in per_round)} (median {statistics.median(per_round):.3f})")
     print(f"train_step_ratio={med['constrained'] / med['baseline']:.3f}")

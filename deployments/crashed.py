@@ -72,7 +72,10 @@ def run_process_alive(pid: int, created: dt.datetime, started: dt.datetime | Non
         return False, f"process {pid} is gone"
     latest = (started or dt.datetime.now(dt.UTC)) + SLACK
     if not created - SLACK <= began <= latest:
-        return False, f"process {pid} is gone (the PID now belongs to a process started at {began:%Y-%m-%d %H:%M:%S} UTC)"
+        return (
+            False,
+            f"process {pid} is gone (the PID now belongs to a process started at {began:%Y-%m-%d %H:%M:%S} UTC)",
+        )
     return True, f"process {pid} is alive"
 
 
@@ -144,15 +147,21 @@ async def _active_descendants(client: Any, root: UUID) -> tuple[list[Any], list[
     subflows: list[Any] = []
     frontier = [root]
     while frontier:
-        children = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier),
-            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=list(ACTIVE)))))
+        children = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier),
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=list(ACTIVE))),
+            )
+        )
         children = [c for c in children if c.id not in {s.id for s in subflows}]
         subflows += children
         frontier = [c.id for c in children]
-    task_runs = await client.read_task_runs(task_run_filter=TaskRunFilter(
-        flow_run_id=TaskRunFilterFlowRunId(any_=[root, *(s.id for s in subflows)]),
-        state=TaskRunFilterState(type=TaskRunFilterStateType(any_=list(ACTIVE)))))
+    task_runs = await client.read_task_runs(
+        task_run_filter=TaskRunFilter(
+            flow_run_id=TaskRunFilterFlowRunId(any_=[root, *(s.id for s in subflows)]),
+            state=TaskRunFilterState(type=TaskRunFilterStateType(any_=list(ACTIVE))),
+        )
+    )
     return subflows, task_runs
 
 
@@ -162,15 +171,20 @@ async def mark_crashed(client: Any, dead: Sequence[DeadRun]) -> None:
 
     host = socket.gethostname()
     for item in dead:
-        message = (f"{item.reason} on {host}: the flow run's process died without reporting a final state "
-                   "(marked Crashed by deployments.crashed). Retry it to resume from the cached stages.")
+        message = (
+            f"{item.reason} on {host}: the flow run's process died without reporting a final state "
+            "(marked Crashed by deployments.crashed). Retry it to resume from the cached stages."
+        )
         for task_run in item.task_runs:
             await client.set_task_run_state(task_run.id, Crashed(message=message))
         for sub in reversed(item.subflow_runs):
             await client.set_flow_run_state(sub.id, Crashed(message=message))
         result = await client.set_flow_run_state(item.flow_run.id, Crashed(message=message))
-        item.outcome = "marked Crashed" if result.state and result.state.is_crashed() else \
-            f"not changed ({result.status.value}: {getattr(result.details, 'reason', '')})"
+        item.outcome = (
+            "marked Crashed"
+            if result.state and result.state.is_crashed()
+            else f"not changed ({result.status.value}: {getattr(result.details, 'reason', '')})"
+        )
 
 
 async def sweep(pools: Sequence[str], dry_run: bool = False, client: Any = None) -> list[DeadRun]:
@@ -188,21 +202,30 @@ async def sweep(pools: Sequence[str], dry_run: bool = False, client: Any = None)
 
 def describe(item: DeadRun) -> str:
     run = item.flow_run
-    return (f"{item.outcome}: flow run '{run.name}' ({run.id}, {run.state_name}); {item.reason}; "
-            f"{len(item.subflow_runs)} sub-flow run(s), {len(item.task_runs)} task run(s)")
+    return (
+        f"{item.outcome}: flow run '{run.name}' ({run.id}, {run.state_name}); {item.reason}; "
+        f"{len(item.subflow_runs)} sub-flow run(s), {len(item.task_runs)} task run(s)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deployments.crashed",
-                                     description="Mark flow runs whose process died (stuck Pending/Running) as Crashed.")
-    parser.add_argument("--pool", action="append", dest="pools",
-                        help="work pool whose worker runs on this machine (repeatable; default: local)")
+    parser = argparse.ArgumentParser(
+        prog="python -m deployments.crashed",
+        description="Mark flow runs whose process died (stuck Pending/Running) as Crashed.",
+    )
+    parser.add_argument(
+        "--pool",
+        action="append",
+        dest="pools",
+        help="work pool whose worker runs on this machine (repeatable; default: local)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="list the dead runs, change nothing")
     parser.add_argument("--watch", type=float, metavar="SECONDS", help="repeat every SECONDS until interrupted")
     args = parser.parse_args(argv)
     if not os.environ.get("PREFECT_API_URL"):
-        print("PREFECT_API_URL is not set (export PREFECT_API_URL=$(infra/server/prefect-server.sh url))",
-              file=sys.stderr)
+        print(
+            "PREFECT_API_URL is not set (export PREFECT_API_URL=$(infra/server/prefect-server.sh url))", file=sys.stderr
+        )
         return 2
     pools = args.pools or ["local"]
     while True:

@@ -54,7 +54,7 @@ def build_outputs(project: Mapping[str, Any]) -> dict[str, Any]:
 
     outputs: dict[str, Any] = {}
     for step in project.get("build") or []:
-        (fqn, inputs), = step.items()
+        ((fqn, inputs),) = step.items()
         if fqn != SHELL_STEP:
             raise ValueError(f"build step {fqn} is not supported by deployments.serve (only {SHELL_STEP})")
         inputs = dict(inputs)
@@ -69,7 +69,9 @@ def build_outputs(project: Mapping[str, Any]) -> dict[str, Any]:
     return outputs
 
 
-def deployment_specs(project: Mapping[str, Any] | None = None, outputs: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+def deployment_specs(
+    project: Mapping[str, Any] | None = None, outputs: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
     """Each deployment of `prefect.yaml` with its templates filled in: name, entrypoint,
     parameters, description, tags, schedules (cron, timezone, parameters, slug, active)."""
     from prefect.utilities.templating import apply_values
@@ -82,8 +84,9 @@ def deployment_specs(project: Mapping[str, Any] | None = None, outputs: Mapping[
         for schedule in spec.get("schedules") or []:
             if "cron" not in schedule:
                 raise ValueError(f"deployment {spec['name']}: only cron schedules can be served, got {schedule}")
-        specs.append({key: spec.get(key) for key in ("name", "entrypoint", "parameters", "description", "tags",
-                                                     "schedules")})
+        specs.append(
+            {key: spec.get(key) for key in ("name", "entrypoint", "parameters", "description", "tags", "schedules")}
+        )
     return specs
 
 
@@ -98,12 +101,25 @@ def runner_deployments(specs: Sequence[Mapping[str, Any]]) -> list[Any]:
         entrypoint = spec["entrypoint"]
         if entrypoint not in flows:
             flows[entrypoint] = load_flow_from_entrypoint(str(REPO / entrypoint))
-        schedules = [Cron(s["cron"], timezone=s.get("timezone"), parameters=s.get("parameters") or {},
-                          slug=s.get("slug"), active=s.get("active", True)) for s in spec.get("schedules") or []]
-        out.append(flows[entrypoint].to_deployment(
-            name=spec["name"], parameters=spec.get("parameters") or {}, description=spec.get("description"),
-            tags=spec.get("tags"), schedules=schedules or None,
-        ))
+        schedules = [
+            Cron(
+                s["cron"],
+                timezone=s.get("timezone"),
+                parameters=s.get("parameters") or {},
+                slug=s.get("slug"),
+                active=s.get("active", True),
+            )
+            for s in spec.get("schedules") or []
+        ]
+        out.append(
+            flows[entrypoint].to_deployment(
+                name=spec["name"],
+                parameters=spec.get("parameters") or {},
+                description=spec.get("description"),
+                tags=spec.get("tags"),
+                schedules=schedules or None,
+            )
+        )
     return out
 
 
@@ -131,24 +147,37 @@ async def worker_bound(names: Sequence[str], replace: bool) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deployments.serve",
-                                     description="Serve all deployments of prefect.yaml from this process.")
-    parser.add_argument("--limit", type=int, default=1,
-                        help="flow runs executed at once (default 1: a small machine runs one study at a time)")
+    parser = argparse.ArgumentParser(
+        prog="python -m deployments.serve", description="Serve all deployments of prefect.yaml from this process."
+    )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=1,
+        help="flow runs executed at once (default 1: a small machine runs one study at a time)",
+    )
     parser.add_argument("--list", action="store_true", help="print the deployments and schedules, then exit")
-    parser.add_argument("--replace", action="store_true",
-                        help="delete deployments of the same names that `prefect deploy` bound to a work pool")
+    parser.add_argument(
+        "--replace",
+        action="store_true",
+        help="delete deployments of the same names that `prefect deploy` bound to a work pool",
+    )
     args = parser.parse_args(argv)
     specs = deployment_specs()
     if args.list:
         for spec in specs:
-            schedules = ", ".join(f"cron '{s['cron']}' {s.get('timezone') or 'UTC'} {s.get('parameters') or {}}"
-                                  for s in spec.get("schedules") or [])
+            schedules = ", ".join(
+                f"cron '{s['cron']}' {s.get('timezone') or 'UTC'} {s.get('parameters') or {}}"
+                for s in spec.get("schedules") or []
+            )
             print(f"experiment/{spec['name']}: {spec['parameters']}" + (f"; {schedules}" if schedules else ""))
         return 0
     if not os.environ.get("PREFECT_API_URL"):
-        print("PREFECT_API_URL is not set: start a server first (infra/server/prefect-server.sh start) and "
-              "export PREFECT_API_URL=$(infra/server/prefect-server.sh url)", file=sys.stderr)
+        print(
+            "PREFECT_API_URL is not set: start a server first (infra/server/prefect-server.sh start) and "
+            "export PREFECT_API_URL=$(infra/server/prefect-server.sh url)",
+            file=sys.stderr,
+        )
         return 2
     os.chdir(REPO)  # served flow runs start in the checkout (their entrypoints are relative to it)
     sys.path.insert(0, str(REPO))
@@ -157,9 +186,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     deployments = runner_deployments(specs)
     bound = asyncio.run(worker_bound([f"{d.flow_name}/{d.name}" for d in deployments], args.replace))
     if bound and not args.replace:
-        print("these deployments exist on the server bound to a work pool (`prefect deploy`), so a worker would "
-              f"take their runs: {', '.join(bound)}. Stop the worker and pass --replace to delete and serve them.",
-              file=sys.stderr)
+        print(
+            "these deployments exist on the server bound to a work pool (`prefect deploy`), so a worker would "
+            f"take their runs: {', '.join(bound)}. Stop the worker and pass --replace to delete and serve them.",
+            file=sys.stderr,
+        )
         return 2
     serve(*deployments, limit=args.limit)
     return 0

@@ -19,11 +19,22 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="tiny", help="tiny (offline, CPU), quick (nightly) or full (paper)")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: the preset's)")
     p.add_argument("--variant", help="constraint variant: mlp_in, mlp_both, mlp_in_attn_out, gated_updown, gated_all")
-    p.add_argument("--override", action="append", default=[], metavar="NAME",
-                   help="named override, e.g. 'reference' (the original study's recipe); repeatable")
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="named override, e.g. 'reference' (the original study's recipe); repeatable",
+    )
     p.add_argument("--config", type=Path, metavar="FILE", help="YAML file of overrides")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
-                   help="override one field, e.g. --set training.common.lr=1e-4; repeatable")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="sets",
+        help="override one field, e.g. --set training.common.lr=1e-4; repeatable",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
@@ -61,8 +72,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         for seed in cfg.seeds:
             refs = run_seed(cfg, seed, stages=args.stages, progress=not args.quiet)
-            print_rows(f"seed {seed} ({cfg.preset}, {cfg.model.slug}, {cfg.constraint.variant}, "
-                       f"recipe {cfg.training.recipe})", summary_rows(refs))
+            print_rows(
+                f"seed {seed} ({cfg.preset}, {cfg.model.slug}, {cfg.constraint.variant}, recipe {cfg.training.recipe})",
+                summary_rows(refs),
+            )
             if "constrain" in refs:
                 print_constrain(refs["constrain"].path / "report.json")
     else:
@@ -85,14 +98,24 @@ def print_constrain(path: Path) -> None:
     report = json.loads(path.read_text())
     summary = report["summary"]
     blocks = {r["target"]: r for r in report["monotonicity"] if r["sublayer"] == "block"}
-    print_rows(f"stage 1: non-negative weights, variant {report['variant']} (init {report['init']})", [
-        {"module": row["name"], "role": row["role"], "params": row["n_params"],
-         "negative_before": row["frac_negative_before"], "rel_change": row["rel_change"],
-         "block_coord_violation_rate": blocks.get(row["name"], {}).get("coord_violation_rate")}
-        for row in summary["modules"]
-    ])
-    print(f"constrained share of parameters: {summary['share_of_params']:.3f}; function drift: "
-          + ", ".join(f"{k}={v:.4g}" for k, v in report["drift"].items() if isinstance(v, float)))
+    print_rows(
+        f"stage 1: non-negative weights, variant {report['variant']} (init {report['init']})",
+        [
+            {
+                "module": row["name"],
+                "role": row["role"],
+                "params": row["n_params"],
+                "negative_before": row["frac_negative_before"],
+                "rel_change": row["rel_change"],
+                "block_coord_violation_rate": blocks.get(row["name"], {}).get("coord_violation_rate"),
+            }
+            for row in summary["modules"]
+        ],
+    )
+    print(
+        f"constrained share of parameters: {summary['share_of_params']:.3f}; function drift: "
+        + ", ".join(f"{k}={v:.4g}" for k, v in report["drift"].items() if isinstance(v, float))
+    )
     print(report["note"])
 
 
@@ -124,8 +147,11 @@ def cmd_results(args: argparse.Namespace) -> int:
         rows = store.compare(*args.compare)
     else:
         rows = store.query(preset=args.preset, variant=args.variant, arm=args.arm, metric=args.metric)
-        print(format_table(rows, columns=["run_name", "preset", "variant", "recipe", "arm", "seed", "stage",
-                                          "metric", "value"]))
+        print(
+            format_table(
+                rows, columns=["run_name", "preset", "variant", "recipe", "arm", "seed", "stage", "metric", "value"]
+            )
+        )
         return 0
     print(format_table(rows))
     return 0
@@ -162,7 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--arm", help="only this arm: base, baseline or monotonic")
     results.add_argument("--model", dest="arm", help=argparse.SUPPRESS)  # deprecated alias of --arm, for one release
     results.add_argument("--metric", help="only this metric, e.g. token_perplexity, abs_increase")
-    results.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="metric-by-metric difference of two runs")
+    results.add_argument(
+        "--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="metric-by-metric difference of two runs"
+    )
     results.set_defaults(func=cmd_results, preset_for_store="tiny")
     return parser
 
@@ -172,8 +200,12 @@ def _user_facing(exc: Exception) -> int | None:
     traceback): 2 for bad data, a model that cannot be found, or a checkpoint of another model or
     recipe in the run's folder; 1 for a stage stopped by a full disk or an unwritable folder. The
     classes are looked up only if their module was loaded, so `monolm config` never imports torch."""
-    kinds = {("monolm.data", "DataError"): 2, ("monolm.models", "ModelError"): 2,
-             ("monolm.checkpoint", "CheckpointMismatch"): 2, ("monolm.stages.common", "StageFailed"): 1}
+    kinds = {
+        ("monolm.data", "DataError"): 2,
+        ("monolm.models", "ModelError"): 2,
+        ("monolm.checkpoint", "CheckpointMismatch"): 2,
+        ("monolm.stages.common", "StageFailed"): 1,
+    }
     for (module, name), code in kinds.items():
         cls = getattr(sys.modules.get(module), name, None)
         if cls is not None and isinstance(exc, cls):

@@ -21,9 +21,16 @@ from tasks.common import stage_options
 from tasks.seed_stages import STAGE_TASKS
 
 
-def resolve_config(preset: str, seeds: list[int] | None, variant: str | None, overrides: list[str] | None,
-                   profile: str | None, run_name: str | None, named_overrides: list[str] | None = None,
-                   config_file: str | None = None) -> ExperimentConfig:
+def resolve_config(
+    preset: str,
+    seeds: list[int] | None,
+    variant: str | None,
+    overrides: list[str] | None,
+    profile: str | None,
+    run_name: str | None,
+    named_overrides: list[str] | None = None,
+    config_file: str | None = None,
+) -> ExperimentConfig:
     extra: dict[str, Any] = {}
     if seeds:
         extra["seeds"] = seeds
@@ -33,8 +40,9 @@ def resolve_config(preset: str, seeds: list[int] | None, variant: str | None, ov
         extra["runner"] = {"profile": profile}
     if run_name:
         extra["run_name"] = run_name
-    cfg = load_config(preset, overrides=named_overrides or [], config_file=config_file, extra=extra,
-                      sets=overrides or [])
+    cfg = load_config(
+        preset, overrides=named_overrides or [], config_file=config_file, extra=extra, sets=overrides or []
+    )
     if not cfg.run_name:
         cfg = cfg.model_copy(update={"run_name": cfg.default_run_name})
     return cfg
@@ -80,22 +88,28 @@ def run_stages(cfg_data: dict[str, Any]) -> dict[str, Any]:
     for seed in cfg.seeds:
         f: dict[str, Any] = {}
         for spec in SEED_STAGES:
-            f[spec.name] = submit(STAGE_TASKS[spec.name], cfg, spec.name, seed=seed,
-                                  inputs={name: f[name] for name in spec.inputs})
+            f[spec.name] = submit(
+                STAGE_TASKS[spec.name], cfg, spec.name, seed=seed, inputs={name: f[name] for name in spec.inputs}
+            )
         per_seed[seed] = f
     seeds_refs = [{stage: fut for stage, fut in f.items()} for f in per_seed.values()]
     aggregate_future = submit(aggregate_task, cfg, "aggregate", seed=None, seeds=seeds_refs)
     try:
         summary = await_result(aggregate_future)
     except Exception as exc:
-        failed = [f"{stage} (seed {seed}): {fut.state.message}" for seed, f in per_seed.items()
-                  for stage, fut in f.items() if fut.state.is_failed() or fut.state.is_crashed()]
+        failed = [
+            f"{stage} (seed {seed}): {fut.state.message}"
+            for seed, f in per_seed.items()
+            for stage, fut in f.items()
+            if fut.state.is_failed() or fut.state.is_crashed()
+        ]
         if failed:  # name the stages that failed rather than "aggregate was never ready"
             raise RuntimeError("stage(s) failed: " + "; ".join(failed)) from exc
         raise
     # Which stages executed and which were cache hits ("Completed" vs "Cached"), per seed.
-    summary["stage_states"] = {str(seed): {stage: fut.state.name for stage, fut in f.items()}
-                               for seed, f in per_seed.items()}
+    summary["stage_states"] = {
+        str(seed): {stage: fut.state.name for stage, fut in f.items()} for seed, f in per_seed.items()
+    }
     summary["stage_states"]["aggregate"] = aggregate_future.state.name
     if aggregate_future.state.name == "Cached":  # a cache hit ran no task: publish on this run too
         from tasks.aggregate import publish_artifacts
@@ -132,13 +146,23 @@ def experiment(
     except ConfigError as exc:
         log.error("%s", exc)
         raise
-    log.info("experiment %s: preset=%s model=%s variant=%s recipe=%s seeds=%s profile=%s", cfg.run_name, cfg.preset,
-             cfg.model.name, cfg.constraint.variant, cfg.training.recipe, cfg.seeds, cfg.runner.profile)
+    log.info(
+        "experiment %s: preset=%s model=%s variant=%s recipe=%s seeds=%s profile=%s",
+        cfg.run_name,
+        cfg.preset,
+        cfg.model.name,
+        cfg.constraint.variant,
+        cfg.training.recipe,
+        cfg.seeds,
+        cfg.runner.profile,
+    )
     if cfg.runner.profile == "slurm":
         untimed = sorted(GPU_STAGES - set(cfg.runner.stage_timeout_minutes))
         if untimed:
-            log.warning("no runner.stage_timeout_minutes for GPU stage(s) %s: a stuck one holds its GPU job until "
-                        "the walltime", ", ".join(untimed))
+            log.warning(
+                "no runner.stage_timeout_minutes for GPU stage(s) %s: a stuck one holds its GPU job until the walltime",
+                ", ".join(untimed),
+            )
     stages = run_stages.with_options(task_runner=make_task_runner(cfg), flow_run_name=f"{cfg.run_name}-stages")
     result = stages(cfg.model_dump(mode="json"))
     if nightly:
@@ -173,8 +197,13 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
 
 def executed_stages(result: dict[str, Any]) -> list[str]:
     """`stage[seed]` for every stage that ran rather than being a cache hit."""
-    out = [f"{stage}[{seed}]" for seed, states in result["stage_states"].items() if isinstance(states, dict)
-           for stage, state in states.items() if state != "Cached"]
+    out = [
+        f"{stage}[{seed}]"
+        for seed, states in result["stage_states"].items()
+        if isinstance(states, dict)
+        for stage, state in states.items()
+        if state != "Cached"
+    ]
     return out + (["aggregate"] if result["stage_states"]["aggregate"] != "Cached" else [])
 
 

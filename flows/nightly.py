@@ -83,8 +83,9 @@ def parse_tolerances(spec: Mapping[str, Any] | None) -> dict[str, Tolerance]:
         elif isinstance(value, Mapping) and set(value) <= {"rel", "abs"}:
             tol = Tolerance(rel=float(value.get("rel", out[metric].rel)), abs=float(value.get("abs", out[metric].abs)))
         else:
-            raise ValueError(f"regression_tolerance[{metric!r}] must be a number (relative) or "
-                             f"{{'rel': r, 'abs': a}}, got {value!r}")
+            raise ValueError(
+                f"regression_tolerance[{metric!r}] must be a number (relative) or {{'rel': r, 'abs': a}}, got {value!r}"
+            )
         if tol.rel < 0 or tol.abs < 0 or not (math.isfinite(tol.rel) and math.isfinite(tol.abs)):
             raise ValueError(f"regression_tolerance[{metric!r}] must be finite and >= 0, got {value!r}")
         out[metric] = tol
@@ -139,8 +140,10 @@ class Finding:
         where = f"{self.stage} {self.metric} ({self.model})"
         if self.status == "beyond tolerance":
             rel = f", {self.change / abs(self.previous):+.1%}" if self.previous else ""
-            return (f"{where}: {_num(self.previous)} -> {_num(self.current)} (change {self.change:+.4g}{rel}; "
-                    f"tolerance ±{_num(self.allowed)})")
+            return (
+                f"{where}: {_num(self.previous)} -> {_num(self.current)} (change {self.change:+.4g}{rel}; "
+                f"tolerance ±{_num(self.allowed)})"
+            )
         if self.status == "missing now":
             return f"{where}: {_num(self.previous)} before, not measured now"
         if self.status == "not finite":
@@ -148,8 +151,11 @@ class Finding:
         return f"{where}: {_num(self.previous)} -> {_num(self.current)}"
 
 
-def compare(current: Mapping[MetricKey, float | None], previous: Mapping[MetricKey, float | None],
-            tolerances: Mapping[str, Tolerance] | None = None) -> list[Finding]:
+def compare(
+    current: Mapping[MetricKey, float | None],
+    previous: Mapping[MetricKey, float | None],
+    tolerances: Mapping[str, Tolerance] | None = None,
+) -> list[Finding]:
     """One finding per key metric in either run, sorted by stage, metric, model."""
     tolerances = tolerances or DEFAULT_TOLERANCES
     findings = []
@@ -188,13 +194,19 @@ class RegressionResult:
 
     def message(self) -> str:
         if self.previous is None:
-            return (f"no regression: {self.run['run_name']} is the first nightly run of preset "
-                    f"{self.run['preset']}, nothing to compare with")
+            return (
+                f"no regression: {self.run['run_name']} is the first nightly run of preset "
+                f"{self.run['preset']}, nothing to compare with"
+            )
         if self.passed:
-            return (f"no regression: {len(self.findings)} key metrics of {self.run['run_name']} are within "
-                    f"tolerance of {self.previous['run_name']}")
-        lines = [f"regression: {len(self.regressions)} of {len(self.findings)} key metrics of "
-                 f"{self.run['run_name']} moved beyond tolerance since {self.previous['run_name']}:"]
+            return (
+                f"no regression: {len(self.findings)} key metrics of {self.run['run_name']} are within "
+                f"tolerance of {self.previous['run_name']}"
+            )
+        lines = [
+            f"regression: {len(self.regressions)} of {len(self.findings)} key metrics of "
+            f"{self.run['run_name']} moved beyond tolerance since {self.previous['run_name']}:"
+        ]
         lines += [f"- {f.describe()}" for f in self.regressions]
         return "\n".join(lines)
 
@@ -202,35 +214,54 @@ class RegressionResult:
         run, prev = self.run, self.previous
         out = [f"# Nightly regression check: {run['run_name']}", ""]
         if prev is None:
-            out += [f"**No regression**: this is the first nightly run of preset `{run['preset']}` "
-                    f"(model `{run.get('model')}`, variant `{run.get('variant')}`), so there is nothing to compare "
-                    "with. Tomorrow's run is compared with this one.", ""]
+            out += [
+                f"**No regression**: this is the first nightly run of preset `{run['preset']}` "
+                f"(model `{run.get('model')}`, variant `{run.get('variant')}`), so there is nothing to compare "
+                "with. Tomorrow's run is compared with this one.",
+                "",
+            ]
         elif self.passed:
-            out += [f"**No regression**: all {len(self.findings)} key metrics are within tolerance of the previous "
-                    f"nightly run `{prev['run_name']}`.", ""]
+            out += [
+                f"**No regression**: all {len(self.findings)} key metrics are within tolerance of the previous "
+                f"nightly run `{prev['run_name']}`.",
+                "",
+            ]
         else:
-            out += [f"**Regression**: {len(self.regressions)} of {len(self.findings)} key metrics moved beyond "
-                    f"tolerance since the previous nightly run `{prev['run_name']}`:", ""]
+            out += [
+                f"**Regression**: {len(self.regressions)} of {len(self.findings)} key metrics moved beyond "
+                f"tolerance since the previous nightly run `{prev['run_name']}`:",
+                "",
+            ]
             out += [f"- {f.describe()}" for f in self.regressions] + [""]
         out += [f"- this run: `{run['run_id']}` ({run.get('created_at')}, code {run.get('code_revision') or '?'})"]
         if prev is not None:
-            out += [f"- compared with: `{prev['run_id']}` ({prev.get('created_at')}, code "
-                    f"{prev.get('code_revision') or '?'})"]
+            out += [
+                f"- compared with: `{prev['run_id']}` ({prev.get('created_at')}, code "
+                f"{prev.get('code_revision') or '?'})"
+            ]
         tol = "; ".join(f"{m}: ±max({t.abs:g}, {t.rel:.0%} of previous)" for m, t in self.tolerances.items())
         out += [f"- tolerances (two-sided): {tol}", ""]
         if self.findings:
-            out += ["| stage | model | metric | previous | now | change | tolerance | verdict |",
-                    "|---|---|---|---:|---:|---:|---:|---|"]
+            out += [
+                "| stage | model | metric | previous | now | change | tolerance | verdict |",
+                "|---|---|---|---:|---:|---:|---:|---|",
+            ]
             for f in self.findings:
                 change = "—" if f.change is None else f"{f.change:+.4g}"
-                out.append(f"| {f.stage} | {f.model} | {f.metric} | {_num(f.previous)} | {_num(f.current)} | {change} "
-                           f"| ±{_num(f.allowed)} | {f.status} |")
+                out.append(
+                    f"| {f.stage} | {f.model} | {f.metric} | {_num(f.previous)} | {_num(f.current)} | {change} "
+                    f"| ±{_num(f.allowed)} | {f.status} |"
+                )
         return "\n".join(out) + "\n"
 
     def summary(self) -> dict[str, Any]:
-        return {"passed": self.passed, "run_id": self.run["run_id"],
-                "previous_run_id": self.previous["run_id"] if self.previous else None,
-                "message": self.message(), "findings": [{**asdict(f), "regression": f.regression} for f in self.findings]}
+        return {
+            "passed": self.passed,
+            "run_id": self.run["run_id"],
+            "previous_run_id": self.previous["run_id"] if self.previous else None,
+            "message": self.message(),
+            "findings": [{**asdict(f), "regression": f.regression} for f in self.findings],
+        }
 
 
 def _num(x: float | None) -> str:
@@ -240,8 +271,13 @@ def _num(x: float | None) -> str:
 def previous_nightly(store: ResultsStore, run: Mapping[str, Any]) -> dict[str, Any] | None:
     """The latest `completed` nightly run created before `run`, with the same preset, variant
     and model (comparing different models' perplexities would say nothing)."""
-    candidates = store.runs(run["preset"], status="completed", variant=run.get("variant"), model=run.get("model"),
-                            run_name_prefix=RUN_NAME_PREFIX)
+    candidates = store.runs(
+        run["preset"],
+        status="completed",
+        variant=run.get("variant"),
+        model=run.get("model"),
+        run_name_prefix=RUN_NAME_PREFIX,
+    )
     pivot = (dt.datetime.fromisoformat(run["created_at"]), run["run_id"])
     earlier = [r for r in candidates if (dt.datetime.fromisoformat(r["created_at"]), r["run_id"]) < pivot]
     return earlier[-1] if earlier else None
@@ -256,8 +292,9 @@ def check_store(store: ResultsStore, run_id: str, tolerance: Mapping[str, Any] |
     previous = previous_nightly(store, run)
     if previous is None:
         return RegressionResult(run, None, [], tolerances)
-    findings = compare(key_metrics(store.query(run_id=run_id)), key_metrics(store.query(run_id=previous["run_id"])),
-                       tolerances)
+    findings = compare(
+        key_metrics(store.query(run_id=run_id)), key_metrics(store.query(run_id=previous["run_id"])), tolerances
+    )
     return RegressionResult(run, previous, findings, tolerances)
 
 
@@ -278,8 +315,11 @@ def regression_check(store_url: str, run_id: str, tolerance: dict[str, Any] | No
     regressed run is marked `failed` in the store so that it never becomes a baseline."""
     with ResultsStore(store_url) as store:
         result = check_store(store, run_id, tolerance)
-        create_markdown_artifact(markdown=result.markdown(), key=artifact_key("nightly-regression", result.run["preset"]),
-                                 description=result.message().splitlines()[0])
+        create_markdown_artifact(
+            markdown=result.markdown(),
+            key=artifact_key("nightly-regression", result.run["preset"]),
+            description=result.message().splitlines()[0],
+        )
         if not result.passed:
             set_status(store, run_id, "failed")
             raise RegressionError(result.message())
@@ -293,8 +333,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.nightly", description=main.__doc__)
     parser.add_argument("command", choices=("check", "accept"))
     parser.add_argument("run_id")
-    parser.add_argument("--store", required=True, help="results store URL (paths.store_url; default "
-                        "sqlite:///<runs_root>/results.sqlite)")
+    parser.add_argument(
+        "--store",
+        required=True,
+        help="results store URL (paths.store_url; default sqlite:///<runs_root>/results.sqlite)",
+    )
     args = parser.parse_args(argv)
     with ResultsStore(args.store) as store:
         if args.command == "accept":

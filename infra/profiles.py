@@ -60,8 +60,14 @@ def slurm_cluster_kwargs(slurm: SlurmConfig, api_url: str | None = None) -> dict
         "job_extra_directives": extra,
         "job_directives_skip": list(slurm.job_directives_skip),
         "job_script_prologue": prologue,
-        "worker_extra_args": ["--resources", f"GPU={slurm.gpus_per_job}",
-                              "--lifetime", f"{lifetime}m", "--lifetime-stagger", f"{stagger}m"],
+        "worker_extra_args": [
+            "--resources",
+            f"GPU={slurm.gpus_per_job}",
+            "--lifetime",
+            f"{lifetime}m",
+            "--lifetime-stagger",
+            f"{stagger}m",
+        ],
         "python": slurm.python or sys.executable,
     }
     if slurm.local_directory:
@@ -82,8 +88,12 @@ def make_task_runner(cfg: ExperimentConfig):
     if profile == "dask-local":
         return DaskTaskRunner(
             cluster_class="distributed.LocalCluster",
-            cluster_kwargs={"n_workers": cfg.runner.dask_workers, "threads_per_worker": 1, "processes": True,
-                            "dashboard_address": None},
+            cluster_kwargs={
+                "n_workers": cfg.runner.dask_workers,
+                "threads_per_worker": 1,
+                "processes": True,
+                "dashboard_address": None,
+            },
         )
     from infra.slurm_runner import SlurmTaskRunner
 

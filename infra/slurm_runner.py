@@ -29,6 +29,7 @@ Also installed on every worker: Prefect's task timeouts made to hold in worker t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import subprocess
@@ -47,8 +48,21 @@ from prefect_dask import DaskTaskRunner
 log = logging.getLogger("monolm.slurm")
 
 # squeue states in which a job may still start (or already runs) a worker.
-ALIVE_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
-                          "REQUEUE_FED", "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT"})
+ALIVE_STATES = frozenset(
+    {
+        "PENDING",
+        "CONFIGURING",
+        "RUNNING",
+        "COMPLETING",
+        "REQUEUED",
+        "REQUEUE_HOLD",
+        "REQUEUE_FED",
+        "RESIZING",
+        "SUSPENDED",
+        "SIGNALING",
+        "STAGE_OUT",
+    }
+)
 FLUSH_TIMEOUT_S = 10.0
 # How long a retired worker's job may take to end by itself before it is cancelled (~3 s seen:
 # the nanny closes gracefully, then the job script ends).
@@ -194,8 +208,12 @@ def squeue_states(job_ids: list[str]) -> dict[str, str] | None:
     if not job_ids:
         return {}
     try:
-        proc = subprocess.run(["squeue", "-h", "--states=all", "-j", ",".join(job_ids), "-o", "%i %T"],
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            ["squeue", "-h", "--states=all", "-j", ",".join(job_ids), "-o", "%i %T"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     if proc.returncode != 0:
@@ -226,10 +244,8 @@ class FlushPrefectLogsOnClose(WorkerPlugin):
     name = "monolm-flush-prefect-logs"
 
     async def teardown(self, worker: Any) -> None:
-        try:
+        with contextlib.suppress(Exception):  # never block a worker's shutdown on the API
             await asyncio.wait_for(drain_prefect_logs(at_exit=True), FLUSH_TIMEOUT_S + 5)
-        except Exception:  # never block a worker's shutdown on the API
-            pass
 
 
 def install_persistent_task_timeouts(resend_seconds: float = 2.0) -> bool:
@@ -318,8 +334,9 @@ class SlurmTaskRunner(DaskTaskRunner):
             return  # queued or starting: waiting for SLURM is legitimate
         if failures:
             raise SlurmSubmitError(self._submit_message(failures))
-        dead = ", ".join(f"job {job} ({states.get(job, 'no longer known to SLURM')})"
-                         for _, job in sorted(waiting.items()))
+        dead = ", ".join(
+            f"job {job} ({states.get(job, 'no longer known to SLURM')})" for _, job in sorted(waiting.items())
+        )
         raise SlurmWorkerError(
             f"SLURM worker jobs ended before their dask worker connected to the scheduler: {dead}. "
             "Check the jobs' output (runner.slurm.log_directory), the interpreter (runner.slurm.python) "
@@ -329,8 +346,10 @@ class SlurmTaskRunner(DaskTaskRunner):
     @staticmethod
     def _submit_message(failures: list[SubmitFailure]) -> str:
         last = failures[-1]
-        return (f"SLURM job submission failed ({len(failures)} sbatch failure(s), no worker left to run "
-                f"the remaining stages): {last.message}")
+        return (
+            f"SLURM job submission failed ({len(failures)} sbatch failure(s), no worker left to run "
+            f"the remaining stages): {last.message}"
+        )
 
     def _report(self, message: str, warn: Callable[[str], None] | None) -> None:
         if message not in self._reported:

@@ -90,8 +90,9 @@ def nearest_existing(path: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str | Path, *,
-               existing: Literal["error", "replace"] | Callable[[Path], Any] = "error") -> Iterator[Path]:
+def atomic_dir(
+    target: str | Path, *, existing: Literal["error", "replace"] | Callable[[Path], Any] = "error"
+) -> Iterator[Path]:
     """Yield a temp directory beside `target`; on success fsync it and rename it to `target`, so
     readers see the whole folder or none of it (models, constrained models, checkpoints).
 
@@ -218,10 +219,7 @@ def write_manifest(
     from monolm.provenance import provenance as _prov
 
     directory = Path(directory)
-    if isinstance(outputs, dict):
-        digests = dict(outputs)
-    else:
-        digests = {rel: sha256_file(directory / rel) for rel in outputs}
+    digests = dict(outputs) if isinstance(outputs, dict) else {rel: sha256_file(directory / rel) for rel in outputs}
     manifest = Manifest(
         stage=stage,
         config=config,

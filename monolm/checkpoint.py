@@ -91,10 +91,7 @@ def move_aside(path: Path, reason: str) -> Path:
 def model_signature(model: nn.Module) -> dict[str, str]:
     """`name -> "dtype[shape]"` for every entry of the state_dict (parametrization originals
     included), which is what a checkpoint's weights must fit."""
-    return {
-        name: f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
-        for name, t in model.state_dict().items()
-    }
+    return {name: f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}" for name, t in model.state_dict().items()}
 
 
 def digest_json(obj: Any) -> str:
@@ -113,8 +110,11 @@ def check_fingerprint(recorded: dict[str, Any], current: dict[str, Any], where: 
     if rec_model != cur_model:
         missing = [k for k in rec_model if k not in cur_model]
         extra = [k for k in cur_model if k not in rec_model]
-        changed = [f"{k}: checkpoint {rec_model[k]} vs model {cur_model[k]}"
-                   for k in rec_model if k in cur_model and rec_model[k] != cur_model[k]]
+        changed = [
+            f"{k}: checkpoint {rec_model[k]} vs model {cur_model[k]}"
+            for k in rec_model
+            if k in cur_model and rec_model[k] != cur_model[k]
+        ]
         if missing:
             problems.append(f"model lacks {len(missing)} checkpoint tensor(s), e.g. {missing[:3]}")
         if extra:
@@ -125,8 +125,9 @@ def check_fingerprint(recorded: dict[str, Any], current: dict[str, Any], where: 
         rec, cur = recorded.get(section, {}), current.get(section, {})
         for key in sorted(set(rec) | set(cur)):
             if rec.get(key, "<absent>") != cur.get(key, "<absent>"):
-                problems.append(f"{section}.{key}: checkpoint {rec.get(key, '<absent>')!r} "
-                                f"vs now {cur.get(key, '<absent>')!r}")
+                problems.append(
+                    f"{section}.{key}: checkpoint {rec.get(key, '<absent>')!r} vs now {cur.get(key, '<absent>')!r}"
+                )
     if problems:
         raise CheckpointMismatch(
             f"checkpoint {where} was written by a different model/recipe/run and cannot be resumed:\n  "
@@ -234,8 +235,11 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         if len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
         else:
-            log.warning("checkpoint has %d CUDA RNG states but %d devices are visible; CUDA RNG not restored",
-                        len(cuda), torch.cuda.device_count())
+            log.warning(
+                "checkpoint has %d CUDA RNG states but %d devices are visible; CUDA RNG not restored",
+                len(cuda),
+                torch.cuda.device_count(),
+            )
 
 
 # --------------------------------------------------------------------------- save / verify / load
@@ -310,8 +314,12 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorruptArtifact(manifest_path, f"unreadable ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
-        raise CorruptArtifact(manifest_path, f"unknown checkpoint format {manifest.get('format')!r}"
-                              if isinstance(manifest, dict) else "not a JSON object")
+        raise CorruptArtifact(
+            manifest_path,
+            f"unknown checkpoint format {manifest.get('format')!r}"
+            if isinstance(manifest, dict)
+            else "not a JSON object",
+        )
     match = _STEP_DIR.match(path.name)
     if match and int(match.group(1)) != manifest.get("step"):
         raise CorruptArtifact(manifest_path, f"records step {manifest.get('step')} but the folder is {path.name}")

@@ -78,8 +78,10 @@ def embedded_documents(max_chars: int = 1500, min_chars: int = 200) -> list[str]
 # --------------------------------------------------------------------------- local and hub
 def _pile_text(row: dict[str, Any], text_field: str, where: str) -> str:
     if text_field not in row:
-        raise DataError(f"{where}: row has no field {text_field!r} (fields: {sorted(row)}); "
-                        "expected Pile format {\"text\": ..., \"meta\": {...}}")
+        raise DataError(
+            f"{where}: row has no field {text_field!r} (fields: {sorted(row)}); "
+            'expected Pile format {"text": ..., "meta": {...}}'
+        )
     text = row[text_field]
     if not isinstance(text, str):
         raise DataError(f"{where}: field {text_field!r} is {type(text).__name__}, not text")
@@ -161,9 +163,11 @@ def _carve(docs: list[str], cfg: DataConfig, seed: int) -> Splits:
     n_eval = max(1, round(len(docs) * cfg.embedded_eval_fraction))
     n_attack = max(1, round(len(docs) * cfg.embedded_attack_fraction))
     if len(docs) < n_eval + n_attack + 2:
-        raise DataError(f"corpus too small: {len(docs)} documents of >= {cfg.min_doc_chars} characters; "
-                        "need at least a few for each of train, eval and attack")
-    ev, at, tr = docs[:n_eval], docs[n_eval:n_eval + n_attack], docs[n_eval + n_attack:]
+        raise DataError(
+            f"corpus too small: {len(docs)} documents of >= {cfg.min_doc_chars} characters; "
+            "need at least a few for each of train, eval and attack"
+        )
+    ev, at, tr = docs[:n_eval], docs[n_eval : n_eval + n_attack], docs[n_eval + n_attack :]
     return Splits(train=tr[: cfg.n_train_docs], eval=ev[: cfg.n_eval_docs], attack=at[: cfg.n_attack_docs])
 
 
@@ -182,17 +186,24 @@ def load_splits(cfg: DataConfig, seed: int, cache_dir: Path | None = None) -> Sp
             for name, split in (("train", cfg.train_split), ("eval", cfg.eval_split), ("attack", cfg.attack_split)):
                 files = _local_split_files(root, split)
                 if not files:
-                    raise DataError(f"data.dataset={cfg.dataset!r}: no {split}.jsonl, {split}.parquet or "
-                                    f"{split}/*.jsonl for split {split!r}")
+                    raise DataError(
+                        f"data.dataset={cfg.dataset!r}: no {split}.jsonl, {split}.parquet or "
+                        f"{split}/*.jsonl for split {split!r}"
+                    )
                 parts[name] = list(_iter_local(files, cfg.text_field))
             splits = _from_named_splits(parts, cfg, seed)
     else:
         parts = {
-            name: _take(_iter_hub(cfg, split, cache_dir, seed), n + (cfg.n_attack_docs if name == "eval" else 0),
-                        cfg.min_doc_chars)
-            for name, split, n in (("train", cfg.train_split, cfg.n_train_docs),
-                                   ("eval", cfg.eval_split, cfg.n_eval_docs),
-                                   ("attack", cfg.attack_split, cfg.n_attack_docs))
+            name: _take(
+                _iter_hub(cfg, split, cache_dir, seed),
+                n + (cfg.n_attack_docs if name == "eval" else 0),
+                cfg.min_doc_chars,
+            )
+            for name, split, n in (
+                ("train", cfg.train_split, cfg.n_train_docs),
+                ("eval", cfg.eval_split, cfg.n_eval_docs),
+                ("attack", cfg.attack_split, cfg.n_attack_docs),
+            )
         }
         splits = _from_named_splits(parts, cfg, seed, shuffled=True)
     check_splits(splits)
@@ -202,23 +213,28 @@ def load_splits(cfg: DataConfig, seed: int, cache_dir: Path | None = None) -> Sp
 def _from_named_splits(parts: dict[str, list[str]], cfg: DataConfig, seed: int, shuffled: bool = False) -> Splits:
     rng = random.Random(derive_seed(seed, "splits"))
     out = {}
-    for name, n in (("train", cfg.n_train_docs), ("eval", cfg.n_eval_docs), ("attack", cfg.n_attack_docs)):
+    for name in ("train", "eval", "attack"):
         docs = list(dict.fromkeys(d for d in parts[name] if len(d) >= cfg.min_doc_chars))
         if not shuffled:
             rng.shuffle(docs)
         out[name] = docs
     if cfg.eval_split == cfg.attack_split:  # one held-out split serves both: carve it disjointly
         pool = out["eval"]
-        out["eval"], out["attack"] = pool[: cfg.n_eval_docs], pool[cfg.n_eval_docs:]
-    splits = Splits(train=out["train"][: cfg.n_train_docs], eval=out["eval"][: cfg.n_eval_docs],
-                    attack=out["attack"][: cfg.n_attack_docs])
+        out["eval"], out["attack"] = pool[: cfg.n_eval_docs], pool[cfg.n_eval_docs :]
+    splits = Splits(
+        train=out["train"][: cfg.n_train_docs],
+        eval=out["eval"][: cfg.n_eval_docs],
+        attack=out["attack"][: cfg.n_attack_docs],
+    )
     # A held-out split can still contain a document that also appears in train (duplicates are
     # common in web corpora): drop it from the held-out side rather than trust the split names.
     train_hashes = {_hash(t) for t in splits.train}
     for name in ("eval", "attack"):
         kept = [t for t in getattr(splits, name) if _hash(t) not in train_hashes]
         if len(kept) < len(getattr(splits, name)):
-            log.warning("dropped %d %s documents that also occur in train", len(getattr(splits, name)) - len(kept), name)
+            log.warning(
+                "dropped %d %s documents that also occur in train", len(getattr(splits, name)) - len(kept), name
+            )
         setattr(splits, name, kept)
     attack_only = {_hash(t) for t in splits.eval}
     splits.attack = [t for t in splits.attack if _hash(t) not in attack_only]
@@ -292,6 +308,7 @@ def pack_blocks(docs: list[list[int]], seq_len: int, eos_id: int) -> torch.Tenso
         stream.append(eos_id)
     n_blocks = len(stream) // seq_len
     if n_blocks == 0:
-        raise DataError(f"training text too short: {len(stream)} tokens cannot fill one block of "
-                        f"data.seq_len={seq_len}")
+        raise DataError(
+            f"training text too short: {len(stream)} tokens cannot fill one block of data.seq_len={seq_len}"
+        )
     return torch.tensor(stream[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)

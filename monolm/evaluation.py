@@ -172,9 +172,14 @@ def doc_nll(
     counts = [0] * len(docs)
     with eval_mode(model):
         bar = tqdm(total=len(windows), desc="perplexity", unit="win", disable=None if progress else True)
-        for batch, sums in _scored_batches(model, windows, batch_size, device=device,
-                                           bf16=bf16_enabled(bf16, device, cuda_only=True),
-                                           pad_token_id=prefix_token_id):
+        for batch, sums in _scored_batches(
+            model,
+            windows,
+            batch_size,
+            device=device,
+            bf16=bf16_enabled(bf16, device, cuda_only=True),
+            pad_token_id=prefix_token_id,
+        ):
             for w, s in zip(batch, sums, strict=True):
                 nll[w.doc_index] += s
                 counts[w.doc_index] += len(w.targets)
@@ -184,7 +189,12 @@ def doc_nll(
 
 
 def _scored_batches(
-    model: nn.Module, windows: Sequence[Window], batch_size: int, *, device: torch.device, bf16: bool,
+    model: nn.Module,
+    windows: Sequence[Window],
+    batch_size: int,
+    *,
+    device: torch.device,
+    bf16: bool,
     pad_token_id: int,
 ) -> Iterator[tuple[Sequence[Window], list[float]]]:
     """`(batch, summed NLL per window)` over consecutive batches of `windows`; a batch that runs
@@ -230,8 +240,14 @@ def perplexity(
     if texts is not None and len(texts) != len(docs):
         raise ValueError(f"texts has {len(texts)} entries but docs has {len(docs)}")
     nll, counts = doc_nll(
-        model, docs, seq_len=seq_len, batch_size=batch_size, prefix_token_id=prefix_token_id,
-        device=device, bf16=bf16, progress=progress,
+        model,
+        docs,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        prefix_token_id=prefix_token_id,
+        device=device,
+        bf16=bf16,
+        progress=progress,
     )
     total_tokens = sum(counts)
     if total_tokens == 0:
@@ -280,14 +296,27 @@ def evaluate_models(
         target = device if device is not None else (pick_device() if loaded else None)
         try:
             results[name] = perplexity(
-                model, docs, seq_len=seq_len, batch_size=batch_size, prefix_token_id=prefix_token_id,
-                texts=texts, device=target, progress=progress, bf16=bf16, return_per_doc=return_per_doc,
+                model,
+                docs,
+                seq_len=seq_len,
+                batch_size=batch_size,
+                prefix_token_id=prefix_token_id,
+                texts=texts,
+                device=target,
+                progress=progress,
+                bf16=bf16,
+                return_per_doc=return_per_doc,
             )
         finally:
             if loaded:
                 del model
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-        log.info("evaluation: %s loss=%.4f token_perplexity=%.3f over %d tokens",
-                 name, results[name]["loss"], results[name]["token_perplexity"], results[name]["tokens"])
+        log.info(
+            "evaluation: %s loss=%.4f token_perplexity=%.3f over %d tokens",
+            name,
+            results[name]["loss"],
+            results[name]["token_perplexity"],
+            results[name]["tokens"],
+        )
     return results

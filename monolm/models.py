@@ -80,8 +80,9 @@ def fetch_hub_model(name: str, revision: str, cache_dir: Path) -> Path:
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "60")
     try:
-        path = Path(snapshot_download(repo_id=name, revision=revision, cache_dir=str(cache_dir),
-                                      allow_patterns=HUB_PATTERNS))
+        path = Path(
+            snapshot_download(repo_id=name, revision=revision, cache_dir=str(cache_dir), allow_patterns=HUB_PATTERNS)
+        )
     except RepositoryNotFoundError:
         raise ModelError(f"model {name!r} (revision {revision!r}) does not exist on the hub or is private") from None
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:

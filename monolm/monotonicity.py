@@ -322,5 +322,12 @@ def _block_function(
 
 def _row(t: Target, sublayer: str, name: str, module: nn.Module, source: str, res: dict[str, float]) -> dict[str, Any]:
     cls = type(module).__name__.removeprefix("Parametrized")
-    return {"target": t.name, "role": t.role, "sublayer": sublayer, "module": name, "module_class": cls,
-            "input_source": source, **res}
+    return {
+        "target": t.name,
+        "role": t.role,
+        "sublayer": sublayer,
+        "module": name,
+        "module_class": cls,
+        "input_source": source,
+        **res,
+    }

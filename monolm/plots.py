@@ -32,9 +32,19 @@ from monolm.report.values import value
 COLORS = {"base": "#7f7f7f", "baseline": "#1f77b4", "monotonic": "#d95f02"}
 SHORT = {"base": "base", "baseline": "baseline", "monotonic": "monotonic\n(non-neg. FFN)"}
 STYLE = {
-    "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8, "xtick.labelsize": 8.5,
-    "ytick.labelsize": 8.5, "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True,
-    "axes.grid.axis": "y", "grid.alpha": 0.3, "grid.linewidth": 0.6, "savefig.dpi": 200,
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "legend.fontsize": 8,
+    "xtick.labelsize": 8.5,
+    "ytick.labelsize": 8.5,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "axes.grid.axis": "y",
+    "grid.alpha": 0.3,
+    "grid.linewidth": 0.6,
+    "savefig.dpi": 200,
 }
 DPI = 200
 METADATA = {"Software": None}  # no version string: identical inputs give identical files
@@ -98,14 +108,33 @@ def _mean_label(recs: Sequence[dict[str, Any] | None]) -> str:
     return "mean (no CI: one seed)"
 
 
-def _mean_ci(ax: Any, x: float, rec: dict[str, Any], color: str, *, marker: str = "D", hollow: bool = False,
-             label: str | None = None, size: float = 7) -> None:
+def _mean_ci(
+    ax: Any,
+    x: float,
+    rec: dict[str, Any],
+    color: str,
+    *,
+    marker: str = "D",
+    hollow: bool = False,
+    label: str | None = None,
+    size: float = 7,
+) -> None:
     mean = rec["mean"]
     if rec.get("ci_low") is not None:
         err = np.array([[mean - rec["ci_low"]], [rec["ci_high"] - mean]])
         ax.errorbar([x], [mean], yerr=err, fmt="none", ecolor=color, elinewidth=1.8, capsize=5, capthick=1.5, zorder=4)
-    ax.plot([x], [mean], marker=marker, ms=size, color=color, mfc="white" if hollow else color, mew=1.6,
-            ls="none", zorder=5, label=label)
+    ax.plot(
+        [x],
+        [mean],
+        marker=marker,
+        ms=size,
+        color=color,
+        mfc="white" if hollow else color,
+        mew=1.6,
+        ls="none",
+        zorder=5,
+        label=label,
+    )
 
 
 def plot_perplexity(results: dict[str, Any], path: str | Path) -> Path | None:
@@ -124,10 +153,23 @@ def plot_perplexity(results: dict[str, Any], path: str | Path) -> Path | None:
             ys = [value(results, s, "evaluate", model, "token_perplexity") for s in seeds]
             xs = [i + offsets[k] for k, y in enumerate(ys) if y is not None]
             if len(seeds) > 1:
-                ax.scatter(xs, [y for y in ys if y is not None], s=18, color=COLORS[model], alpha=0.55, lw=0, zorder=3,
-                           label="per seed" if i == 0 else None)
-            _mean_ci(ax, i + (0.32 if len(seeds) > 1 else 0.0), rec, COLORS[model],
-                     label=_mean_label([rec]) if i == 0 else None)
+                ax.scatter(
+                    xs,
+                    [y for y in ys if y is not None],
+                    s=18,
+                    color=COLORS[model],
+                    alpha=0.55,
+                    lw=0,
+                    zorder=3,
+                    label="per seed" if i == 0 else None,
+                )
+            _mean_ci(
+                ax,
+                i + (0.32 if len(seeds) > 1 else 0.0),
+                rec,
+                COLORS[model],
+                label=_mean_label([rec]) if i == 0 else None,
+            )
         if "baseline" in models and "monotonic" in models:
             ib, im = models.index("baseline"), models.index("monotonic")
             for k, s in enumerate(seeds):
@@ -165,8 +207,17 @@ def _limits(ax: Any) -> tuple[float, float]:
     return ax.get_ylim()
 
 
-def _seed_points(ax: Any, results: dict[str, Any], attack: str, arm: str, prefix: str, x0: float,
-                 seeds: Sequence[int], *, hollow: bool) -> None:
+def _seed_points(
+    ax: Any,
+    results: dict[str, Any],
+    attack: str,
+    arm: str,
+    prefix: str,
+    x0: float,
+    seeds: Sequence[int],
+    *,
+    hollow: bool,
+) -> None:
     """Each seed's absolute loss increase with its own CI over texts (nothing with one seed: the
     one seed is the mean, and its CI is over texts)."""
     if len(seeds) == 1:
@@ -180,10 +231,26 @@ def _seed_points(ax: Any, results: dict[str, Any], attack: str, arm: str, prefix
         hi = value(results, s, attack, arm, prefix + "abs_increase_ci_high")
         x = x0 - 0.14 + offsets[k] * 0.6
         if lo is not None and hi is not None:
-            ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], fmt="none", ecolor=COLORS[arm],
-                        alpha=0.35, elinewidth=0.8, zorder=2)
-        ax.scatter([x], [y], s=14, color="white" if hollow else COLORS[arm], edgecolors=COLORS[arm],
-                   alpha=0.7, lw=0.8, zorder=3)
+            ax.errorbar(
+                [x],
+                [y],
+                yerr=[[y - lo], [hi - y]],
+                fmt="none",
+                ecolor=COLORS[arm],
+                alpha=0.35,
+                elinewidth=0.8,
+                zorder=2,
+            )
+        ax.scatter(
+            [x],
+            [y],
+            s=14,
+            color="white" if hollow else COLORS[arm],
+            edgecolors=COLORS[arm],
+            alpha=0.7,
+            lw=0.8,
+            zorder=3,
+        )
 
 
 def _attack_panel(ax: Any, results: dict[str, Any], attack: str) -> int:
@@ -200,8 +267,14 @@ def _attack_panel(ax: Any, results: dict[str, Any], attack: str) -> int:
                 continue
             x0 = i + shift - (0.21 if has_control else 0.0)
             _seed_points(ax, results, attack, arm, prefix, x0, seeds, hollow=hollow)
-            _mean_ci(ax, x0 + (0.08 if len(seeds) > 1 else 0.0), rec, COLORS[arm],
-                     marker="s" if hollow else "D", hollow=hollow)
+            _mean_ci(
+                ax,
+                x0 + (0.08 if len(seeds) > 1 else 0.0),
+                rec,
+                COLORS[arm],
+                marker="s" if hollow else "D",
+                hollow=hollow,
+            )
     ax.axhline(0.0, color="0.3", lw=0.8, zorder=1)
     label = _p_label(_primary(results, attack, "abs_increase"))
     if label:
@@ -234,11 +307,31 @@ def plot_attacks(results: dict[str, Any], path: str | Path) -> Path | None:
         recs = [summary(results, a, arm, "abs_increase") for a in attacks for arm in ARMS]
         handles = [Line2D([], [], marker="D", color="0.3", ls="none", ms=6, label=_mean_label(recs))]
         if max(n_seeds) > 1:
-            handles.append(Line2D([], [], marker="o", color="0.3", ls="none", ms=4, alpha=0.7,
-                                  label="per seed (thin bar: its CI over texts)"))
+            handles.append(
+                Line2D(
+                    [],
+                    [],
+                    marker="o",
+                    color="0.3",
+                    ls="none",
+                    ms=4,
+                    alpha=0.7,
+                    label="per seed (thin bar: its CI over texts)",
+                )
+            )
         if any(summary(results, a, arm, "control_abs_increase") for a in attacks for arm in ARMS):
-            handles.append(Line2D([], [], marker="s", color="0.3", mfc="white", ls="none", ms=6,
-                                  label="random-candidate control (HotFlip)"))
+            handles.append(
+                Line2D(
+                    [],
+                    [],
+                    marker="s",
+                    color="0.3",
+                    mfc="white",
+                    ls="none",
+                    ms=6,
+                    label="random-candidate control (HotFlip)",
+                )
+            )
         fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
         return _save(fig, Path(path))
 
@@ -260,8 +353,15 @@ def history_curves(history: dict[str, Any]) -> tuple[dict[str, tuple[np.ndarray,
             per_step = with_tokens[-1]["tokens_seen"] / with_tokens[-1]["step"]
 
     def xs(entries: Sequence[dict[str, Any]]) -> np.ndarray:
-        return np.asarray([e["tokens_seen"] if e.get("tokens_seen") is not None and per_step else
-                           (e["step"] * per_step if per_step else e["step"]) for e in entries], dtype=float)
+        return np.asarray(
+            [
+                e["tokens_seen"]
+                if e.get("tokens_seen") is not None and per_step
+                else (e["step"] * per_step if per_step else e["step"])
+                for e in entries
+            ],
+            dtype=float,
+        )
 
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     loss = [e for e in log if e.get("train_loss") is not None]
@@ -291,12 +391,25 @@ def plot_training(histories: dict[int, dict[str, dict[str, Any]]], path: str | P
             for arm in ARMS:
                 series = [c[arm][key] for c in curves.values() if arm in c and key in c[arm]]
                 for x, y in series:
-                    ax.plot(x, y, color=COLORS[arm], lw=0.8, alpha=0.35 if len(series) > 1 else 1.0,
-                            marker="o" if key == "val_perplexity" else None, ms=2.5)
-                if len(series) > 1 and all(len(s[0]) == len(series[0][0]) and np.allclose(s[0], series[0][0])
-                                           for s in series):
-                    ax.plot(series[0][0], np.mean([s[1] for s in series], axis=0), color=COLORS[arm], lw=2.0,
-                            label=f"{ARM_LABEL[arm]}, mean of {len(series)}")
+                    ax.plot(
+                        x,
+                        y,
+                        color=COLORS[arm],
+                        lw=0.8,
+                        alpha=0.35 if len(series) > 1 else 1.0,
+                        marker="o" if key == "val_perplexity" else None,
+                        ms=2.5,
+                    )
+                if len(series) > 1 and all(
+                    len(s[0]) == len(series[0][0]) and np.allclose(s[0], series[0][0]) for s in series
+                ):
+                    ax.plot(
+                        series[0][0],
+                        np.mean([s[1] for s in series], axis=0),
+                        color=COLORS[arm],
+                        lw=2.0,
+                        label=f"{ARM_LABEL[arm]}, mean of {len(series)}",
+                    )
                 elif series:
                     ax.plot([], [], color=COLORS[arm], lw=2.0, label=ARM_LABEL[arm])
             ax.set_xlabel("Tokens seen" if token_axis else "Optimizer step")
@@ -312,8 +425,9 @@ def plot_training(histories: dict[int, dict[str, dict[str, Any]]], path: str | P
         return _save(fig, Path(path))
 
 
-def render_all(results: dict[str, Any], histories: dict[int, dict[str, dict[str, Any]]],
-               directory: str | Path) -> dict[str, Path]:
+def render_all(
+    results: dict[str, Any], histories: dict[int, dict[str, dict[str, Any]]], directory: str | Path
+) -> dict[str, Path]:
     """Every figure that has data, as {name: path} (perplexity.png, attacks.png, training.png)."""
     directory = Path(directory)
     made = {

@@ -6,6 +6,7 @@ misses edits to the `monolm` helpers it calls (Prefect's TASK_SOURCE policy retu
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
@@ -30,7 +31,11 @@ def git_revision() -> str:
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO_ROOT, capture_output=True, text=True, timeout=5, check=True,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         ).stdout.strip()
         return f"{sha}-dirty" if dirty else sha
     except (OSError, subprocess.SubprocessError):
@@ -41,10 +46,8 @@ def git_revision() -> str:
 def package_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in ("monolm", "torch", "transformers", "tokenizers", "datasets", "safetensors", "prefect"):
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
     return versions
 
 

@@ -43,8 +43,16 @@ def summarize(values: Sequence[float], *, confidence: float = 0.95) -> dict[str,
     """
     arr = _as_array(values)
     n = int(arr.size)
-    out: dict[str, Any] = {"n": n, "mean": _f(arr.mean()) if n else None, "std": None, "sem": None,
-                           "ci_low": None, "ci_high": None, "confidence": confidence, "reason": None}
+    out: dict[str, Any] = {
+        "n": n,
+        "mean": _f(arr.mean()) if n else None,
+        "std": None,
+        "sem": None,
+        "ci_low": None,
+        "ci_high": None,
+        "confidence": confidence,
+        "reason": None,
+    }
     if n < 2:
         out["reason"] = f"n={n}: a standard deviation and confidence interval need at least 2 values"
         return out
@@ -81,7 +89,11 @@ def bootstrap_ci(
         point = float(statistic(arr))
         return point, point
     res = stats.bootstrap(
-        (arr,), statistic, n_resamples=n_resamples, confidence_level=confidence, method=method,
+        (arr,),
+        statistic,
+        n_resamples=n_resamples,
+        confidence_level=confidence,
+        method=method,
         rng=np.random.default_rng(seed),
     )
     low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
@@ -90,8 +102,9 @@ def bootstrap_ci(
     return low, high
 
 
-def paired_test(a: Sequence[float], b: Sequence[float], *, alpha: float = 0.05,
-                confidence: float = 0.95) -> dict[str, Any]:
+def paired_test(
+    a: Sequence[float], b: Sequence[float], *, alpha: float = 0.05, confidence: float = 0.95
+) -> dict[str, Any]:
     """Paired comparison of `a` against `b` (same seeds or same examples, in the same order).
 
     Reports the mean difference a - b with a t confidence interval, the paired t-test
@@ -107,10 +120,20 @@ def paired_test(a: Sequence[float], b: Sequence[float], *, alpha: float = 0.05,
     n = int(d.size)
     diff = summarize(d, confidence=confidence)
     out: dict[str, Any] = {
-        "n": n, "mean_diff": diff["mean"], "ci_low": diff["ci_low"], "ci_high": diff["ci_high"],
-        "confidence": confidence, "t_stat": None, "t_p": None, "t_reason": None,
-        "wilcoxon_stat": None, "wilcoxon_p": None, "wilcoxon_reason": None,
-        "test_names": dict(TEST_NAMES), "alpha": alpha, "significant": False,
+        "n": n,
+        "mean_diff": diff["mean"],
+        "ci_low": diff["ci_low"],
+        "ci_high": diff["ci_high"],
+        "confidence": confidence,
+        "t_stat": None,
+        "t_p": None,
+        "t_reason": None,
+        "wilcoxon_stat": None,
+        "wilcoxon_p": None,
+        "wilcoxon_reason": None,
+        "test_names": dict(TEST_NAMES),
+        "alpha": alpha,
+        "significant": False,
     }
     if n < 2:
         out["t_reason"] = out["wilcoxon_reason"] = f"n={n}: a paired test needs at least 2 pairs"
@@ -149,8 +172,9 @@ def _p(p: float) -> str:
     return f"{p:.3g}" if p >= 0.001 else f"{p:.1e}"
 
 
-def describe_difference(name_a: str, name_b: str, metric: str, result: dict[str, Any], alpha: float = 0.05,
-                        *, unit: str = "seeds") -> str:
+def describe_difference(
+    name_a: str, name_b: str, metric: str, result: dict[str, Any], alpha: float = 0.05, *, unit: str = "seeds"
+) -> str:
     """One sentence, computed from `paired_test(a, b)`'s numbers, for reports.
 
     e.g. "monotonic − baseline perplexity: +1.23 (95% CI [0.12, 2.34]), paired t-test p=0.041,

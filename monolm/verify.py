@@ -53,6 +53,7 @@ def run_checks(cfg: ExperimentConfig, timeout: float = 30.0) -> list[Check]:
 
     m, d = cfg.model, cfg.data
     if m.source == "hub" or d.source == "hub":
+
         def hub() -> str:
             from huggingface_hub import HfApi
 
@@ -63,6 +64,7 @@ def run_checks(cfg: ExperimentConfig, timeout: float = 30.0) -> list[Check]:
     if m.source == "tiny":
         add("model", lambda: "tiny GPT-NeoX is built offline in stage 0")
     else:
+
         def model() -> str:
             from transformers import AutoConfig
 

@@ -30,9 +30,10 @@ def publish_artifacts(result: dict[str, Any]) -> dict[str, str]:
     run_name = result["run_name"]
     keys = {"table": artifact_key("results", run_name), "report": artifact_key("report", run_name)}
     create_table_artifact(
-        table=result["table"], key=keys["table"],
+        table=result["table"],
+        key=keys["table"],
         description=f"{run_name}: per model, mean over seeds (perplexity; UAT/HotFlip absolute loss increase in "
-                    f"nats/token and success rate). Report: {result['report']}",
+        f"nats/token and success rate). Report: {result['report']}",
     )
     report_md = Path(result["report"]).read_text(encoding="utf-8")
     note = f"\n\n---\nResults folder: `{result['dir']}` (plots: perplexity.png, attacks.png, training.png)\n"

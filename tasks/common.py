@@ -90,8 +90,10 @@ def remember_result(cfg: ExperimentConfig, result: Any) -> None:
     key = txn.key if txn else None
     if key:
         refs = result if isinstance(result, list) else [result]
-        atomic_write_json(_ref_sidecar(cfg, key), [{"dir": r.get("dir"), "digest": r.get("digest"),
-                                                    "files": r.get("files", [])} for r in refs])
+        atomic_write_json(
+            _ref_sidecar(cfg, key),
+            [{"dir": r.get("dir"), "digest": r.get("digest"), "files": r.get("files", [])} for r in refs],
+        )
 
 
 def _record_is_json(cfg: ExperimentConfig, key: str) -> bool:
@@ -160,7 +162,9 @@ def stage_options(cfg: ExperimentConfig, stage: str) -> dict[str, Any]:
         d.mkdir(parents=True, exist_ok=True)
     policy = StageCachePolicy(stage=stage).configure(
         # Locks die with their holder (a scancel'ed worker must not lock its stage forever).
-        key_storage=str(keys), isolation_level="SERIALIZABLE", lock_manager=LivenessLockManager(locks)
+        key_storage=str(keys),
+        isolation_level="SERIALIZABLE",
+        lock_manager=LivenessLockManager(locks),
     )
     timeout_min = cfg.runner.stage_timeout_minutes.get(stage)
     return {
@@ -230,6 +234,7 @@ def maybe_inject_fault(stage: str) -> None:
 def fault_after_step(stage: str):
     """An `on_log` hook for training: `MONOLM_FAULTS` entry {"<stage>@<step>": n} fails the stage
     (n times) once training has logged that step, i.e. mid-run, after checkpoints were written."""
+
     def hook(entry: dict) -> None:
         path = os.environ.get("MONOLM_FAULTS")
         if not path or not Path(path).is_file():

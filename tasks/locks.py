@@ -19,6 +19,7 @@ flock would not, and because a probe there must never close a descriptor the hol
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import fcntl
 import json
@@ -83,8 +84,13 @@ class LivenessLockManager(FileSystemLockManager):
                 os.close(fd)
                 return False
             expiration = None if hold_timeout is None else (_now() + dt.timedelta(seconds=hold_timeout)).isoformat()
-            record = {"holder": holder, "expiration": expiration, "host": socket.gethostname(), "pid": os.getpid(),
-                      "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+            record = {
+                "holder": holder,
+                "expiration": expiration,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            }
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(record).encode(), 0)
             _held[path] = (holder, fd)
@@ -99,13 +105,12 @@ class LivenessLockManager(FileSystemLockManager):
 
     def _unlink_if_same(self, path: str, fd: int) -> None:
         if self._is_current(path, fd):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-            except FileNotFoundError:
-                pass
 
-    def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
-                     hold_timeout: float | None = None) -> bool:
+    def acquire_lock(
+        self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
+    ) -> bool:
         """Take the lock, waiting up to `acquire_timeout` seconds (None: as long as it takes; a
         dead holder's lock is taken over at once)."""
         deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
@@ -115,8 +120,9 @@ class LivenessLockManager(FileSystemLockManager):
             time.sleep(self.poll_seconds)
         return True
 
-    async def aacquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
-                            hold_timeout: float | None = None) -> bool:
+    async def aacquire_lock(
+        self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
+    ) -> bool:
         deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
         while not self._try_take(key, holder, hold_timeout):
             if deadline is not None and time.monotonic() >= deadline:

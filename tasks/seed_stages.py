@@ -54,8 +54,15 @@ def hotflip_task(cfg: dict, seed: int, inputs: dict) -> dict:
 
 STAGE_TASKS: dict[str, Task] = {
     t.name: t
-    for t in (setup_task, constrain_task, train_baseline_task, train_monotonic_task, evaluate_task, uat_task,
-              hotflip_task)
+    for t in (
+        setup_task,
+        constrain_task,
+        train_baseline_task,
+        train_monotonic_task,
+        evaluate_task,
+        uat_task,
+        hotflip_task,
+    )
 }
 if set(STAGE_TASKS) != set(SEED_STAGE_NAMES):  # a stage added to the registry needs its task here
     raise ImportError(f"tasks for stages {sorted(set(SEED_STAGE_NAMES) ^ set(STAGE_TASKS))} are missing or unknown")

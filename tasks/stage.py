@@ -28,14 +28,21 @@ def run_seed_stage(stage: str, cfg: dict[str, Any], seed: int, inputs: dict[str,
     return run_stage(stage, config, seed, cell.stage(stage), call)
 
 
-def run_stage(stage: str, cfg: dict[str, Any] | ExperimentConfig, seed: int | None, directory: Path,
-              call: Callable[[ExperimentConfig], Any]) -> dict[str, Any]:
+def run_stage(
+    stage: str,
+    cfg: dict[str, Any] | ExperimentConfig,
+    seed: int | None,
+    directory: Path,
+    call: Callable[[ExperimentConfig], Any],
+) -> dict[str, Any]:
     """`call(config)` with the library's logs in the task run, test faults injected, a full disk
     or refused write reported as `StageFailed` naming `directory`, and the result remembered for
     the cache-validity check."""
     config = config_of(cfg)
     with forward_logs() as log:
-        log.info("stage %s%s starting on %s", stage, f" seed {seed}" if seed is not None else "", worker_context()["host"])
+        log.info(
+            "stage %s%s starting on %s", stage, f" seed {seed}" if seed is not None else "", worker_context()["host"]
+        )
         maybe_inject_fault(stage)
         started = time.time()
         with stage_errors(stage, seed, directory):

@@ -14,20 +14,41 @@ from torch.nn.utils import parametrize
 
 # Everything the full pipeline does, on numbers small enough for a test.
 MICRO = [
-    "model.tiny.hidden_size=64", "model.tiny.num_layers=2", "model.tiny.num_heads=2",
-    "model.tiny.intermediate_size=256", "model.tiny.vocab_size=500", "model.tiny.pretrain_steps=40",
-    "model.tiny.pretrain_batch_size=8", "model.tiny.max_position_embeddings=128",
-    "data.seq_len=64", "data.n_eval_docs=12", "data.n_attack_docs=20",
-    "constraint.drift_docs=4", "constraint.monotonicity_pairs=32",
-    "training.common.max_steps=4", "training.common.micro_batch_size=4", "training.common.grad_accum_steps=1",
-    "training.common.eval_every_steps=2", "training.common.eval_max_docs=6", "training.common.checkpoint_every_steps=2",
+    "model.tiny.hidden_size=64",
+    "model.tiny.num_layers=2",
+    "model.tiny.num_heads=2",
+    "model.tiny.intermediate_size=256",
+    "model.tiny.vocab_size=500",
+    "model.tiny.pretrain_steps=40",
+    "model.tiny.pretrain_batch_size=8",
+    "model.tiny.max_position_embeddings=128",
+    "data.seq_len=64",
+    "data.n_eval_docs=12",
+    "data.n_attack_docs=20",
+    "constraint.drift_docs=4",
+    "constraint.monotonicity_pairs=32",
+    "training.common.max_steps=4",
+    "training.common.micro_batch_size=4",
+    "training.common.grad_accum_steps=1",
+    "training.common.eval_every_steps=2",
+    "training.common.eval_max_docs=6",
+    "training.common.checkpoint_every_steps=2",
     "training.common.log_every_steps=1",
     "evaluation.max_docs=8",
-    "attacks.uat.trigger_len=2", "attacks.uat.top_k=6", "attacks.uat.restarts=1", "attacks.uat.max_sweeps=1",
-    "attacks.uat.n_opt_texts=6", "attacks.uat.n_eval_texts=8", "attacks.uat.text_max_tokens=24",
-    "attacks.hotflip.max_flips=2", "attacks.hotflip.top_b=6", "attacks.hotflip.n_texts=8",
-    "attacks.hotflip.text_max_tokens=20", "attacks.hotflip.block_size=4",
-    "runner.retries=1", "runner.retry_delay_seconds=0",
+    "attacks.uat.trigger_len=2",
+    "attacks.uat.top_k=6",
+    "attacks.uat.restarts=1",
+    "attacks.uat.max_sweeps=1",
+    "attacks.uat.n_opt_texts=6",
+    "attacks.uat.n_eval_texts=8",
+    "attacks.uat.text_max_tokens=24",
+    "attacks.hotflip.max_flips=2",
+    "attacks.hotflip.top_b=6",
+    "attacks.hotflip.n_texts=8",
+    "attacks.hotflip.text_max_tokens=20",
+    "attacks.hotflip.block_size=4",
+    "runner.retries=1",
+    "runner.retry_delay_seconds=0",
 ]
 
 
@@ -52,16 +73,34 @@ def stage_dir(cfg, seed: int, stage: str) -> Path:
 VOCAB, SEQ = 128, 32
 
 
-def tiny_neox(*, seed: int = 0, hidden: int = 64, vocab: int = VOCAB, layers: int = 2, heads: int = 4,
-              max_positions: int = 64, dropout: float = 0.0, constrained: bool = False, **config):
+def tiny_neox(
+    *,
+    seed: int = 0,
+    hidden: int = 64,
+    vocab: int = VOCAB,
+    layers: int = 2,
+    heads: int = 4,
+    max_positions: int = 64,
+    dropout: float = 0.0,
+    constrained: bool = False,
+    **config,
+):
     """A fp32 GPT-NeoX built from a config (no download), seeded under a forked RNG so building it
     leaves the global RNG alone; `constrained` puts `Softplus` on every FFN input projection.
     Extra keyword arguments go to `GPTNeoXConfig` (e.g. `initializer_range`)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    cfg = GPTNeoXConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                        intermediate_size=4 * hidden, max_position_embeddings=max_positions,
-                        hidden_dropout=dropout, attention_dropout=dropout, **config)
+    cfg = GPTNeoXConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=max_positions,
+        hidden_dropout=dropout,
+        attention_dropout=dropout,
+        **config,
+    )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = GPTNeoXForCausalLM(cfg).float()

@@ -28,15 +28,19 @@ def harness():
 
 
 def test_artifact_keys_are_prefect_safe():
-    assert artifact_key("results", "tiny-tiny-neox-mlp_in-fair-seeds-42") == "results-tiny-tiny-neox-mlp-in-fair-seeds-42"
+    assert (
+        artifact_key("results", "tiny-tiny-neox-mlp_in-fair-seeds-42") == "results-tiny-tiny-neox-mlp-in-fair-seeds-42"
+    )
     assert artifact_key("report", "Run 7/A") == "report-run-7-a"
     assert len(artifact_key("results", "x" * 300)) <= 100
 
 
 def _setup(tmp_path):
     cfg = make_cfg(tmp_path, [42, 1337])
-    seeds = [{stage: {**ref.to_json(), "worker": {"host": "test"}} for stage, ref in make_seed(cfg, s, NUMBERS[s]).items()}
-             for s in (42, 1337)]
+    seeds = [
+        {stage: {**ref.to_json(), "worker": {"host": "test"}} for stage, ref in make_seed(cfg, s, NUMBERS[s]).items()}
+        for s in (42, 1337)
+    ]
     cfg_data = cfg.model_dump(mode="json")
     options = stage_options(cfg, "aggregate")
 

@@ -29,8 +29,15 @@ def test_manifest_roundtrip_and_tamper_detection(tmp_path):
     (tmp_path / "a.txt").write_text("hello")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.bin").write_bytes(b"\x00" * 10)
-    _, digest = artifacts.write_manifest(tmp_path, stage="setup", config={"x": 1}, inputs={},
-                                         outputs=["a.txt", "sub/b.bin"], metrics={"m": 1.5}, wall_time_s=0.1)
+    _, digest = artifacts.write_manifest(
+        tmp_path,
+        stage="setup",
+        config={"x": 1},
+        inputs={},
+        outputs=["a.txt", "sub/b.bin"],
+        metrics={"m": 1.5},
+        wall_time_s=0.1,
+    )
     manifest, again = artifacts.load_manifest(tmp_path)
     assert again == digest and manifest.metrics == {"m": 1.5} and manifest.provenance["versions"]["torch"]
     (tmp_path / "sub" / "b.bin").write_bytes(b"\x00" * 9)  # truncated

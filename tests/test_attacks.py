@@ -23,8 +23,17 @@ from monolm.attacks import common, flip_scoring, flip_search, hotflip, trigger_s
 from monolm.config import HotFlipConfig, TinyModelConfig, UATConfig
 
 ROWS = 1024
-UAT_CFG = UATConfig(trigger_len=2, top_k=8, restarts=2, max_sweeps=2, n_opt_texts=8, n_eval_texts=16,
-                    text_max_tokens=24, grad_batch_size=8, score_batch_size=32)
+UAT_CFG = UATConfig(
+    trigger_len=2,
+    top_k=8,
+    restarts=2,
+    max_sweeps=2,
+    n_opt_texts=8,
+    n_eval_texts=16,
+    text_max_tokens=24,
+    grad_batch_size=8,
+    score_batch_size=32,
+)
 HF_CFG = HotFlipConfig(max_flips=3, top_b=8, n_texts=6, text_max_tokens=20, block_size=2, score_batch_size=32)
 
 
@@ -71,8 +80,7 @@ def _record_masks(monkeypatch):
     real = common._token_losses_from
 
     def spy(model, target_mask, labels, **inputs):
-        calls.append((labels.detach().cpu().clone(), target_mask.detach().cpu().clone(),
-                      inputs.get("attention_mask")))
+        calls.append((labels.detach().cpu().clone(), target_mask.detach().cpu().clone(), inputs.get("attention_mask")))
         return real(model, target_mask, labels, **inputs)
 
     monkeypatch.setattr(common, "_token_losses_from", spy)
@@ -84,7 +92,7 @@ def test_allowed_mask_excludes_special_unused_rows_and_extra(trained):
     _, tok, _ = trained
     mask = common.allowed_token_mask(tok, ROWS)
     assert mask.shape == (ROWS,) and mask.dtype == torch.bool
-    assert not mask[len(tok):].any(), "padded embedding rows must never be candidates"
+    assert not mask[len(tok) :].any(), "padded embedding rows must never be candidates"
     for special in tok.all_special_ids:
         assert not mask[special]
     assert int(mask.sum()) == len(tok) - len(set(tok.all_special_ids))
@@ -105,8 +113,8 @@ def test_trigger_batch_scores_only_the_text_tokens(trained):
     for row, text in enumerate(texts):
         n_head = len(prefix) + 3
         assert not b.target_mask[row, :n_head].any()
-        assert b.target_mask[row, n_head:n_head + len(text)].all()
-        assert not b.target_mask[row, n_head + len(text):].any()  # padding
+        assert b.target_mask[row, n_head : n_head + len(text)].all()
+        assert not b.target_mask[row, n_head + len(text) :].any()  # padding
         assert b.input_ids[row][b.target_mask[row]].tolist() == text
     # without a prefix, the first text token is not scored (nothing predicts it in the clean text)
     assert common.text_target_mask(0, 3, has_prefix=False) == [False, True, True]
@@ -223,7 +231,7 @@ def test_plan_chunks_covers_candidates_in_bounded_batches():
     for max_rows, overhead in ((3, 0), (4, 10), (10, 10**6), (1, 5)):
         ends = flip_scoring.plan_chunks(pos, 50, max_rows, overhead)
         starts = [0] + ends[:-1]
-        assert ends[-1] == len(pos) and all(0 < e - s <= max_rows for s, e in zip(starts, ends))
+        assert ends[-1] == len(pos) and all(0 < e - s <= max_rows for s, e in zip(starts, ends, strict=True))
     assert flip_scoring.plan_chunks(pos, 50, 10, 10**6) == [10]  # huge per-pass cost: one batch
     # no per-pass cost: a new batch at every new position (equal positions stay together)
     assert flip_scoring.plan_chunks(pos, 50, 10, 0) == [2, 3, 4, 6, 7, 8, 9, 10]
@@ -285,9 +293,12 @@ def test_first_order_scores_rank_exact_loss_increases(trained):
         ids[torch.arange(1, len(cand) + 1), p] = v
         tm = targets.repeat(len(cand) + 1, 1)
         tm[torch.arange(1, len(cand) + 1), p] = False
-        tok_losses = common.score_candidates_batched(model, common.TextBatch(ids, torch.ones_like(ids), tm),
-                                                     per_token=True)
-        gains = common.masked_mean(tok_losses[1:], tm[1:]) - common.masked_mean(tok_losses[0].expand(len(cand), -1), tm[1:])
+        tok_losses = common.score_candidates_batched(
+            model, common.TextBatch(ids, torch.ones_like(ids), tm), per_token=True
+        )
+        gains = common.masked_mean(tok_losses[1:], tm[1:]) - common.masked_mean(
+            tok_losses[0].expand(len(cand), -1), tm[1:]
+        )
         random_gains.append(gains[:150].mean())
         top_gains.append(gains[150:].mean())
         rhos.append(spearmanr(flat[sample].numpy(), gains[:150].numpy())[0])
@@ -316,7 +327,7 @@ def test_uat_raises_held_out_loss_of_a_trained_model(trained, uat_spied):
     assert e["abs_increase"]["ci_low"] > 0
     assert res["opt"]["attacked_loss"] > res["opt"]["clean_loss"]
     n = len(_opt_eval(held)[1])
-    assert sum(a > c for a, c in zip(res["per_text"]["attacked"], res["per_text"]["clean"])) > n * 0.7
+    assert sum(a > c for a, c in zip(res["per_text"]["attacked"], res["per_text"]["clean"], strict=True)) > n * 0.7
     assert list(e)[:2] == ["n_texts", "abs_increase"], "absolute increase is reported first"
     trig = json.loads((out / "triggers.json").read_text())
     assert trig["best"]["trigger_ids"] == res["trigger_ids"] and len(trig["restarts"]) == UAT_CFG.restarts
@@ -370,8 +381,9 @@ def test_uat_same_seed_resume_and_disallowed_tokens(trained, uat_spied, tmp_path
     allowed = common.allowed_token_mask(tok, ROWS)
     opt = common.truncate(opt, UAT_CFG.text_max_tokens)
     key = uat.run_key(model, opt, UAT_CFG, seed=3, prefix=[tok.eos_token_id], allowed=allowed)
-    other = uat.run_key(model, opt, UAT_CFG.model_copy(update={"top_k": 4}), seed=3, prefix=[tok.eos_token_id],
-                        allowed=allowed)
+    other = uat.run_key(
+        model, opt, UAT_CFG.model_copy(update={"top_k": 4}), seed=3, prefix=[tok.eos_token_id], allowed=allowed
+    )
     assert units.read_unit(tmp_path / "res", "uat", 0, key) is not None
     assert units.read_unit(tmp_path / "res", "uat", 0, other) is None
     # ban every token the free run used, plus a random third of the vocabulary
@@ -401,9 +413,14 @@ def test_uat_transfer_matrix(trained, uat_spied):
     res = uat_spied[0]
     untrained = models.build_tiny_model(TinyModelConfig(vocab_size=1000), tok, seed=1).eval()
     trig_other = [int(t) for t in torch.nonzero(common.allowed_token_mask(tok, ROWS)).flatten()[:2]]
-    m = uat.transfer_matrix({"trained": model, "untrained": untrained}, {"trained": res["trigger_ids"],
-                            "other": trig_other}, ev, prefix=[tok.eos_token_id], seed=3,
-                            text_max_tokens=UAT_CFG.text_max_tokens)
+    m = uat.transfer_matrix(
+        {"trained": model, "untrained": untrained},
+        {"trained": res["trigger_ids"], "other": trig_other},
+        ev,
+        prefix=[tok.eos_token_id],
+        seed=3,
+        text_max_tokens=UAT_CFG.text_max_tokens,
+    )
     assert set(m["cells"]) == {"trained", "other"} and set(m["cells"]["other"]) == {"trained", "untrained"}
     same = m["per_text"]["trained"]["trained"]
     torch.testing.assert_close(torch.tensor(same["attacked"]), torch.tensor(res["per_text"]["attacked"]))
@@ -424,8 +441,9 @@ def test_hotflip_never_scores_flipped_positions_and_keeps_only_exact_gains(train
         calls = _record_masks(monkeypatch)
         for method in ("gradient", "control"):
             setup = common.AttackSetup(model, prefix, common.BatchSizer(HF_CFG.score_batch_size))
-            rec = flip_search.attack_text(setup, text, HF_CFG, allowed=allowed, method=method,
-                                          gen=torch.Generator().manual_seed(i))
+            rec = flip_search.attack_text(
+                setup, text, HF_CFG, allowed=allowed, method=method, gen=torch.Generator().manual_seed(i)
+            )
             assert rec["flips_used"] >= 1
             assert len(set(rec["positions"])) == rec["flips_used"]
             assert all(allowed[t] for t in rec["new_ids"])
@@ -440,8 +458,9 @@ def test_hotflip_never_scores_flipped_positions_and_keeps_only_exact_gains(train
                 ids = torch.stack([cur, nxt])
                 pair = common.TextBatch(ids, torch.ones_like(ids), targets.repeat(2, 1))
                 ref = common.score_candidates_loop(model, pair)
-                torch.testing.assert_close(ref, torch.tensor([step["loss_before"], step["loss_after"]]),
-                                           atol=2e-5, rtol=1e-5)
+                torch.testing.assert_close(
+                    ref, torch.tensor([step["loss_before"], step["loss_after"]]), atol=2e-5, rtol=1e-5
+                )
                 assert step["loss_after"] > step["loss_before"]
                 cur = nxt
             assert rec["n_targets"] == int(targets.sum())
@@ -508,32 +527,56 @@ def test_hotflip_same_seed_resume_and_disallowed_tokens(trained, hotflip_full, t
     hotflip.run(model, tok, texts, small, seed=12, out_dir=tmp_path / "other", progress=False)
     exs, ctrl = _jsonl(full_dir / "hotflip_examples.jsonl"), _jsonl(full_dir / "hotflip_control_examples.jsonl")
     assert _jsonl(tmp_path / "other" / "hotflip_examples.jsonl") == exs[:2]
-    assert [e["new_ids"] for e in _jsonl(tmp_path / "other" / "hotflip_control_examples.jsonl")] != \
-        [e["new_ids"] for e in ctrl[:2]]
+    assert [e["new_ids"] for e in _jsonl(tmp_path / "other" / "hotflip_control_examples.jsonl")] != [
+        e["new_ids"] for e in ctrl[:2]
+    ]
     # disallowed tokens never appear
     banned = {t for e in exs + ctrl for t in e["new_ids"]} | set(random.Random(1).sample(range(len(tok)), 300))
     allowed = common.allowed_token_mask(tok, ROWS, disallow=sorted(banned))
-    hotflip.run(model, tok, texts, small.model_copy(update={"n_texts": 4}), seed=11, out_dir=tmp_path / "ban",
-                allowed=allowed, progress=False)
-    used = [t for name in ("hotflip_examples.jsonl", "hotflip_control_examples.jsonl")
-            for e in _jsonl(tmp_path / "ban" / name) for t in e["new_ids"]]
+    hotflip.run(
+        model,
+        tok,
+        texts,
+        small.model_copy(update={"n_texts": 4}),
+        seed=11,
+        out_dir=tmp_path / "ban",
+        allowed=allowed,
+        progress=False,
+    )
+    used = [
+        t
+        for name in ("hotflip_examples.jsonl", "hotflip_control_examples.jsonl")
+        for e in _jsonl(tmp_path / "ban" / name)
+        for t in e["new_ids"]
+    ]
     assert used and all(allowed[t] and t not in banned and t < len(tok) for t in used)
 
 
 def test_hotflip_replay_and_transfer(trained, hotflip_full, tmp_path):
     model, tok, held = trained
-    res = hotflip.run(model, tok, held[40:42], HF_CFG.model_copy(update={"n_texts": 2}), seed=2, out_dir=tmp_path,
-                      progress=False, control=False)
+    res = hotflip.run(
+        model,
+        tok,
+        held[40:42],
+        HF_CFG.model_copy(update={"n_texts": 2}),
+        seed=2,
+        out_dir=tmp_path,
+        progress=False,
+        control=False,
+    )
     assert res["control"] is None and res["gradient_vs_control"] is None
     assert not (tmp_path / "hotflip_control_examples.jsonl").exists()
     exs = _jsonl(hotflip_full[1] / "hotflip_examples.jsonl")
     replay = hotflip.replay_flips(model, exs, prefix=[tok.eos_token_id])
-    torch.testing.assert_close(torch.tensor(replay["clean"]), torch.tensor([e["clean_loss"] for e in exs]),
-                               atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(torch.tensor(replay["attacked"]), torch.tensor([e["attacked_loss"] for e in exs]),
-                               atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(replay["clean"]), torch.tensor([e["clean_loss"] for e in exs]), atol=2e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(
+        torch.tensor(replay["attacked"]), torch.tensor([e["attacked_loss"] for e in exs]), atol=2e-5, rtol=1e-5
+    )
     untrained = models.build_tiny_model(TinyModelConfig(vocab_size=1000), tok, seed=1).eval()
-    m = hotflip.transfer_matrix({"trained": model, "untrained": untrained}, {"trained": exs},
-                                prefix=[tok.eos_token_id], seed=2)
+    m = hotflip.transfer_matrix(
+        {"trained": model, "untrained": untrained}, {"trained": exs}, prefix=[tok.eos_token_id], seed=2
+    )
     assert set(m["cells"]["trained"]) == {"trained", "untrained"}
     assert m["cells"]["trained"]["untrained"]["clean_loss"]["mean"] > 6.0

@@ -46,17 +46,41 @@ def evaluate(model) -> dict:
 
 def arm_(**kw) -> ArmConfig:
     # 40 sequences / batch 8 = 5 steps per epoch: 12 steps cross two epoch boundaries.
-    base = dict(lr=3e-3, epochs=3.0, max_steps=12, warmup_ratio=0.25, schedule="cosine", min_lr_ratio=0.1,
-                micro_batch_size=4, grad_accum_steps=2, log_every_steps=5, eval_every_steps=4,
-                checkpoint_every_steps=4, keep_last_checkpoints=3, gradient_checkpointing="off", bf16="off")
+    base = dict(
+        lr=3e-3,
+        epochs=3.0,
+        max_steps=12,
+        warmup_ratio=0.25,
+        schedule="cosine",
+        min_lr_ratio=0.1,
+        micro_batch_size=4,
+        grad_accum_steps=2,
+        log_every_steps=5,
+        eval_every_steps=4,
+        checkpoint_every_steps=4,
+        keep_last_checkpoints=3,
+        gradient_checkpointing="off",
+        bf16="off",
+    )
     base.update(kw)
     return ArmConfig(**base)
 
 
 def run(out: Path, *, constrained: bool = False, model=None, arm=None, data=None, stop=None, **kw):
     model = model if model is not None else model_(constrained)
-    res = train(model, data if data is not None else counter_blocks(40), arm or arm_(), out, seed=5, evaluate=evaluate,
-                constrained=constrained, device="cpu", progress=False, max_steps_this_call=stop, **kw)
+    res = train(
+        model,
+        data if data is not None else counter_blocks(40),
+        arm or arm_(),
+        out,
+        seed=5,
+        evaluate=evaluate,
+        constrained=constrained,
+        device="cpu",
+        progress=False,
+        max_steps_this_call=stop,
+        **kw,
+    )
     return model, res
 
 
@@ -147,13 +171,15 @@ def _incomplete(ckpt: Path) -> None:
     (ckpt / "checkpoint.json").unlink()
 
 
-@pytest.mark.parametrize(("damage", "reason"), [
-    (_bit_flip, "sha256 differs"),
-    (_truncate, "sha256 differs"),
-    (_incomplete, "incomplete"),
-])
-def test_corrupt_latest_checkpoint_is_skipped_and_resume_stays_exact(tmp_path, caplog, damage, reason,
-                                                                    uninterrupted):
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (_bit_flip, "sha256 differs"),
+        (_truncate, "sha256 differs"),
+        (_incomplete, "incomplete"),
+    ],
+)
+def test_corrupt_latest_checkpoint_is_skipped_and_resume_stays_exact(tmp_path, caplog, damage, reason, uninterrupted):
     _, straight, _ = uninterrupted(False)
     out = tmp_path / "broken"
     run(out, stop=10)  # checkpoints at 4, 8 and 10
@@ -196,8 +222,11 @@ def test_resuming_a_different_model_or_recipe_fails_naming_the_difference(tmp_pa
     run(tmp_path, stop=4)
     with pytest.raises(CheckpointMismatch, match=r"differ in dtype/shape.*gpt_neox\.embed_in\.weight"):
         run(tmp_path, model=model_(hidden=32))
-    with pytest.raises(CheckpointMismatch, match=r"checkpoint tensor.*parametrizations\.weight\.original|"
-                                                 r"parametrizations\.weight\.original"):
+    with pytest.raises(
+        CheckpointMismatch,
+        match=r"checkpoint tensor.*parametrizations\.weight\.original|"
+        r"parametrizations\.weight\.original",
+    ):
         run(tmp_path, constrained=True)
     with pytest.raises(CheckpointMismatch, match=r"config\.lr: checkpoint 0\.003 vs now 0\.001"):
         run(tmp_path, arm=arm_(lr=1e-3))
@@ -213,8 +242,11 @@ def test_keep_last_pruning_and_time_based_checkpoints(tmp_path):
     run(tmp_path / "steps", arm=arm_(checkpoint_every_steps=2, keep_last_checkpoints=2))
     assert [s for s, _ in list_checkpoints(tmp_path / "steps" / "checkpoints")] == [10, 12]
     # every step is "due" by time when the interval is a microsecond
-    run(tmp_path / "time", arm=arm_(checkpoint_every_steps=1000, checkpoint_every_minutes=1e-8,
-                                    keep_last_checkpoints=100), stop=3)
+    run(
+        tmp_path / "time",
+        arm=arm_(checkpoint_every_steps=1000, checkpoint_every_minutes=1e-8, keep_last_checkpoints=100),
+        stop=3,
+    )
     assert [s for s, _ in list_checkpoints(tmp_path / "time" / "checkpoints")] == [1, 2, 3]
 
 
@@ -223,8 +255,14 @@ def test_checkpoint_holds_everything_and_nothing_is_pickled(tmp_path):
     run(tmp_path, constrained=True, stop=5)
     ckpt = tmp_path / "checkpoints" / "step-00000005"
     names = sorted(p.name for p in ckpt.iterdir())
-    assert names == ["checkpoint.json", "model.safetensors", "optimizer.json", "optimizer.safetensors",
-                     "rng.safetensors", "state.json"]
+    assert names == [
+        "checkpoint.json",
+        "model.safetensors",
+        "optimizer.json",
+        "optimizer.safetensors",
+        "rng.safetensors",
+        "state.json",
+    ]
     assert all(n.endswith((".json", ".safetensors")) for n in names)
     manifest = json.loads((ckpt / "checkpoint.json").read_text())
     assert set(manifest["files"]) == set(names) - {"checkpoint.json"}

@@ -13,13 +13,23 @@ MONOLM = [sys.executable, "-m", "flows.cli"]
 
 
 def monolm(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([*MONOLM, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [*MONOLM, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
 
 
 def test_bad_config_refused_before_anything_is_written(tmp_path):
-    out = monolm("run", "--no-prefect", "--preset", "tiny", "--set", "data.seq_len=999",
-                 "--set", f"paths.runs_root={tmp_path / 'runs'}", cwd=tmp_path)
+    out = monolm(
+        "run",
+        "--no-prefect",
+        "--preset",
+        "tiny",
+        "--set",
+        "data.seq_len=999",
+        "--set",
+        f"paths.runs_root={tmp_path / 'runs'}",
+        cwd=tmp_path,
+    )
     assert out.returncode == 2
     assert "data.seq_len=999 exceeds the model's maximum sequence length 256" in out.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / ".state").exists()
@@ -31,8 +41,10 @@ def test_bad_config_refused_before_anything_is_written(tmp_path):
 
 def test_bad_config_is_refused_without_loading_torch(tmp_path):
     """A typo in a setting is answered at once: validation never waits for torch to import."""
-    probe = ("import sys; from flows.cli import main; code = main(['run', '--set', 'training.common.lr=0']); "
-             "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded'); sys.exit(code)")
+    probe = (
+        "import sys; from flows.cli import main; code = main(['run', '--set', 'training.common.lr=0']); "
+        "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded'); sys.exit(code)"
+    )
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "training.common.lr" in out.stderr
     assert out.stdout.strip() == "torch not loaded"
@@ -65,9 +77,13 @@ def test_results_filters_by_arm_and_still_takes_model_for_one_release(tmp_path):
 
     url = f"sqlite:///{tmp_path / 'results.sqlite'}"
     with ResultsStore(url) as store:
-        store.record_run({"run_id": "r1", "run_name": "cli-run", "preset": "tiny"},
-                         [{"seed": 42, "arm": arm, "stage": "evaluate", "metric": "token_perplexity", "value": value}
-                          for arm, value in (("baseline", 21.5), ("monotonic", 23.25))])
+        store.record_run(
+            {"run_id": "r1", "run_name": "cli-run", "preset": "tiny"},
+            [
+                {"seed": 42, "arm": arm, "stage": "evaluate", "metric": "token_perplexity", "value": value}
+                for arm, value in (("baseline", 21.5), ("monotonic", 23.25))
+            ],
+        )
     by_arm = monolm("results", "--store", url, "--arm", "monotonic", cwd=tmp_path)
     assert by_arm.returncode == 0, by_arm.stderr
     assert "23.25" in by_arm.stdout and "21.5" not in by_arm.stdout and " arm " in by_arm.stdout

@@ -97,8 +97,13 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_the_library_imports_no_orchestrator_module():
     graph = import_graph()
-    edges = sorted(f"{src} -> {dst}" for src, dsts in graph.items() if src.split(".")[0] == "monolm"
-                   for dst in dsts if dst.split(".")[0] != "monolm")
+    edges = sorted(
+        f"{src} -> {dst}"
+        for src, dsts in graph.items()
+        if src.split(".")[0] == "monolm"
+        for dst in dsts
+        if dst.split(".")[0] != "monolm"
+    )
     assert edges == []
 
 

@@ -19,18 +19,21 @@ def test_presets_load_and_differ():
     assert full.seeds == [42, 1337, 2024, 8888, 12345]
 
 
-@pytest.mark.parametrize("assignment, field, fragment", [
-    ("bogus.key=1", "bogus", "unknown field"),
-    ("training.common.lr=0", "training.common.lr", "greater than 0"),
-    ("training.common.lr=-1e-4", "training.common.lr", "greater than 0"),
-    ("constraint.variant=mlp_out", "constraint.variant", "'mlp_in', 'mlp_both'"),
-    ("data.seq_len=100000", "data.seq_len=100000", "maximum sequence length 256"),
-    ("seeds=[1, 2.5]", "seeds.1", "valid integer"),
-    ("seeds=[\"a\"]", "seeds.0", "valid integer"),
-    ("data.eval_split=train", "data.eval_split='train'", "held-out"),
-    ("training.common.micro_batch_size=0", "training.common.micro_batch_size", "greater than 0"),
-    ("attacks.uat.trigger_len=60", "attacks.uat.trigger_len=60", "not shorter than the texts"),
-])
+@pytest.mark.parametrize(
+    "assignment, field, fragment",
+    [
+        ("bogus.key=1", "bogus", "unknown field"),
+        ("training.common.lr=0", "training.common.lr", "greater than 0"),
+        ("training.common.lr=-1e-4", "training.common.lr", "greater than 0"),
+        ("constraint.variant=mlp_out", "constraint.variant", "'mlp_in', 'mlp_both'"),
+        ("data.seq_len=100000", "data.seq_len=100000", "maximum sequence length 256"),
+        ("seeds=[1, 2.5]", "seeds.1", "valid integer"),
+        ('seeds=["a"]', "seeds.0", "valid integer"),
+        ("data.eval_split=train", "data.eval_split='train'", "held-out"),
+        ("training.common.micro_batch_size=0", "training.common.micro_batch_size", "greater than 0"),
+        ("attacks.uat.trigger_len=60", "attacks.uat.trigger_len=60", "not shorter than the texts"),
+    ],
+)
 def test_bad_values_name_the_field(assignment, field, fragment):
     message = refused(assignment)
     assert field in message and fragment in message

@@ -174,7 +174,9 @@ def test_mlp_in_and_mlp_in_attn_out_targets(neox_state):
 def test_gated_variants_on_llama():
     model = make_llama()
     apply_constraint(model, "gated_updown")
-    assert parametrized_names(model) == {f"model.layers.{i}.mlp.{n}" for i in range(2) for n in ("up_proj", "down_proj")}
+    assert parametrized_names(model) == {
+        f"model.layers.{i}.mlp.{n}" for i in range(2) for n in ("up_proj", "down_proj")
+    }
     model = make_llama()
     apply_constraint(model, "gated_all")
     assert parametrized_names(model) == {

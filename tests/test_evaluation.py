@@ -41,7 +41,7 @@ def _naive_nll(model, input_ids: list[int], targets: list[int]) -> float:
     logp = torch.log_softmax(logits, dim=-1)
     p = len(targets)
     positions = range(len(input_ids) - p, len(input_ids))
-    return -sum(float(logp[j, t]) for j, t in zip(positions, targets))
+    return -sum(float(logp[j, t]) for j, t in zip(positions, targets, strict=True))
 
 
 # --------------------------------------------------------------------------- windows
@@ -64,7 +64,7 @@ def test_windows_predict_every_token_once_and_fit(n):
     predecessor = {t: t - 1 for t in tokens} | {100: -1}  # what each token is predicted from
     for inp, tgt in windows:
         assert 1 <= len(tgt) <= len(inp) <= 10
-        assert inp[-len(tgt):] == [predecessor[t] for t in tgt]
+        assert inp[-len(tgt) :] == [predecessor[t] for t in tgt]
     if n:
         assert windows[0][0][0] == -1  # first token predicted from the prefix
 
@@ -88,8 +88,9 @@ def test_short_doc_matches_naive_logits(model):
 def test_long_doc_windowed_like_lm_eval(model):
     seq_len = 16
     doc = _docs([16 * 2 + 5])[0]  # two full windows and a short last one with extra context
-    out = perplexity(model, [doc], seq_len=seq_len, batch_size=3, prefix_token_id=PREFIX,
-                     progress=False, return_per_doc=True)
+    out = perplexity(
+        model, [doc], seq_len=seq_len, batch_size=3, prefix_token_id=PREFIX, progress=False, return_per_doc=True
+    )
     # reference: windows written out by hand from lm-eval's definition, one unpadded forward each
     ref = (
         _naive_nll(model, [PREFIX, *doc[:15]], doc[:16])
@@ -101,7 +102,8 @@ def test_long_doc_windowed_like_lm_eval(model):
     assert out["loss"] == pytest.approx(ref / 37, rel=1e-5)
     # the reference is sensitive: scoring the last block without its extra context differs
     no_context = (
-        _naive_nll(model, [PREFIX, *doc[:15]], doc[:16]) + _naive_nll(model, doc[15:31], doc[16:32])
+        _naive_nll(model, [PREFIX, *doc[:15]], doc[:16])
+        + _naive_nll(model, doc[15:31], doc[16:32])
         + _naive_nll(model, doc[31:36], doc[32:37])
     )
     assert abs(no_context - ref) > 1e-3
@@ -133,7 +135,7 @@ def test_batched_equals_one_by_one(model):
     many = perplexity(model, docs, batch_size=5, **kw)
     assert one["tokens"] == many["tokens"] == sum(map(len, docs))
     assert many["loss"] == pytest.approx(one["loss"], rel=1e-5, abs=1e-6)
-    for a, b in zip(one["per_doc"], many["per_doc"]):
+    for a, b in zip(one["per_doc"], many["per_doc"], strict=True):
         assert b["tokens"] == a["tokens"]
         assert b["nll"] == pytest.approx(a["nll"], rel=1e-5, abs=1e-5)
     assert one["per_doc"][7] == {"nll": 0.0, "tokens": 0}  # an empty document predicts nothing
@@ -212,13 +214,22 @@ def test_evaluate_models_same_docs_modules_and_loaders(model):
         loaded.append("other")
         return _model(seed=3)
 
-    out = evaluate_models({"base": model, "other": loader}, docs, seq_len=16, batch_size=2,
-                          prefix_token_id=PREFIX, texts=texts, device="cpu", progress=False)
+    out = evaluate_models(
+        {"base": model, "other": loader},
+        docs,
+        seq_len=16,
+        batch_size=2,
+        prefix_token_id=PREFIX,
+        texts=texts,
+        device="cpu",
+        progress=False,
+    )
     assert list(out) == ["base", "other"] and loaded == ["other"]
     assert out["base"]["tokens"] == out["other"]["tokens"] == 27
     direct = perplexity(model, docs, seq_len=16, batch_size=2, prefix_token_id=PREFIX, texts=texts, progress=False)
     assert out["base"]["loss"] == pytest.approx(direct["loss"], rel=1e-6)
     assert out["other"]["loss"] != pytest.approx(out["base"]["loss"], rel=1e-3)  # really another model
     with pytest.raises(TypeError, match="bad"):
-        evaluate_models({"bad": lambda: "not a model"}, docs, seq_len=16, batch_size=2, prefix_token_id=PREFIX,
-                        progress=False)
+        evaluate_models(
+            {"bad": lambda: "not a model"}, docs, seq_len=16, batch_size=2, prefix_token_id=PREFIX, progress=False
+        )

@@ -126,7 +126,9 @@ def test_cache_records_that_are_not_plain_json_are_never_trusted(tmp_path):
     record = keys / "k"
     record.write_text(json.dumps({"serializer": {"type": "json", "object_decoder": None}}))
     assert cached_result_still_valid(cfg, "k")
-    for serializer in ({"type": "pickle", "picklelib": "cloudpickle"},
-                       {"type": "json", "object_decoder": "prefect.serializers.prefect_json_object_decoder"}):
+    for serializer in (
+        {"type": "pickle", "picklelib": "cloudpickle"},
+        {"type": "json", "object_decoder": "prefect.serializers.prefect_json_object_decoder"},
+    ):
         record.write_text(json.dumps({"serializer": serializer}))
         assert not cached_result_still_valid(cfg, "k")

@@ -5,6 +5,7 @@ checks that stopping leaves none of the processes it started."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -39,9 +40,7 @@ def _env(state: Path) -> dict[str, str]:
 
 
 def run(script: str, *args: str, state: Path, timeout: float = 180, check: bool = True):
-    proc = subprocess.run(
-        [str(REPO / script), *args], env=_env(state), capture_output=True, text=True, timeout=timeout
-    )
+    proc = subprocess.run([str(REPO / script), *args], env=_env(state), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{script} {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
@@ -138,8 +137,7 @@ def install_or_skip(script: str, state: Path, what: str) -> None:
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_help_exits_zero_and_names_commands(script, tmp_path):
     state = tmp_path / "state"
-    proc = subprocess.run([str(REPO / script), "--help"], capture_output=True, text=True,
-                          env=_env(state), timeout=30)
+    proc = subprocess.run([str(REPO / script), "--help"], capture_output=True, text=True, env=_env(state), timeout=30)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("Usage: " + script)
     for command in SCRIPTS[script]:
@@ -151,12 +149,10 @@ def test_help_exits_zero_and_names_commands(script, tmp_path):
 def test_status_and_stop_of_nothing_are_harmless(script, tmp_path):
     """On a fresh state dir: status says stopped (exit 3), stop succeeds, neither creates state."""
     state = tmp_path / "state"
-    status = subprocess.run([str(REPO / script), "status"], capture_output=True, text=True,
-                            env=_env(state), timeout=30)
+    status = subprocess.run([str(REPO / script), "status"], capture_output=True, text=True, env=_env(state), timeout=30)
     assert status.returncode == 3, status.stdout + status.stderr
     assert "stopped" in status.stdout
-    stop = subprocess.run([str(REPO / script), "stop"], capture_output=True, text=True,
-                          env=_env(state), timeout=30)
+    stop = subprocess.run([str(REPO / script), "stop"], capture_output=True, text=True, env=_env(state), timeout=30)
     assert stop.returncode == 0, stop.stderr
     assert "not running" in stop.stderr
     assert not state.exists()
@@ -164,8 +160,9 @@ def test_status_and_stop_of_nothing_are_harmless(script, tmp_path):
 
 @pytest.mark.parametrize("script", sorted(s for s, commands in SCRIPTS.items() if commands))
 def test_unknown_command_fails_with_message(script, tmp_path):
-    proc = subprocess.run([str(REPO / script), "frobnicate"], capture_output=True, text=True,
-                          env=_env(tmp_path), timeout=30)
+    proc = subprocess.run(
+        [str(REPO / script), "frobnicate"], capture_output=True, text=True, env=_env(tmp_path), timeout=30
+    )
     assert proc.returncode != 0
     assert "unknown command: frobnicate" in proc.stderr
 
@@ -221,24 +218,27 @@ def test_stop_escalates_and_takes_children_in_other_sessions(tmp_path):
         for i in $(seq 100); do [[ -s {out} ]] && break; sleep 0.05; done
         echo "$pid $(cat {out})"
     """
-    pid, child = map(int, subprocess.run(["bash", "-c", script], capture_output=True, text=True,
-                                         check=True, timeout=30).stdout.split())
+    pid, child = map(
+        int,
+        subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True, timeout=30).stdout.split(),
+    )
     pid_start, child_start = start_time(pid), start_time(child)
     assert pid_start and child_start
     try:
         proc = subprocess.run(
             ["bash", "-c", f"source {INFRA}/lib.sh; stop_recorded {tmp_path}/s.pid stubborn INT:1 TERM:1 KILL:5"],
-            capture_output=True, text=True, timeout=30)
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert proc.returncode == 0, proc.stderr
         assert "SIGKILL" in proc.stderr  # it took the last resort
         assert start_time(pid) != pid_start and start_time(child) != child_start
         assert not (tmp_path / "s.pid").exists()
     finally:
         for p in (pid, child):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def test_stop_never_signals_a_recycled_pid(tmp_path):
@@ -248,7 +248,10 @@ def test_stop_never_signals_a_recycled_pid(tmp_path):
     (tmp_path / "x.pid.start").write_text("1\n")
     proc = subprocess.run(
         ["bash", "-c", f"source {INFRA}/lib.sh; stop_recorded {tmp_path}/x.pid x TERM:1 KILL:1"],
-        capture_output=True, text=True, timeout=30)
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 0 and "x is not running" in proc.stderr
     assert not (tmp_path / "x.pid").exists()
 
@@ -422,9 +425,21 @@ def test_local_slurm_schedules_fake_a100_jobs(state, tmp_path):
         assert sinfo.split() == ["idle", "gpu:a100:2"], sinfo
 
         job = subprocess.run(
-            ["sbatch", "--parsable", "--gres=gpu:a100:1", "-o", str(tmp_path / "job-%j.out"),
-             "--wrap", "echo $CUDA_VISIBLE_DEVICES"],
-            env=env, capture_output=True, text=True, check=True, cwd=tmp_path).stdout.strip()
+            [
+                "sbatch",
+                "--parsable",
+                "--gres=gpu:a100:1",
+                "-o",
+                str(tmp_path / "job-%j.out"),
+                "--wrap",
+                "echo $CUDA_VISIBLE_DEVICES",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=tmp_path,
+        ).stdout.strip()
         info = _wait_job(job, env)
         assert "JobState=COMPLETED" in info and "TresPerNode=gres:gpu:a100:1" in info
         assert (tmp_path / f"job-{job}.out").read_text().strip() == "0"
@@ -433,8 +448,9 @@ def test_local_slurm_schedules_fake_a100_jobs(state, tmp_path):
         line = next(x for x in jobcomp if x.startswith(f"JobId={job} "))
         assert "JobState=COMPLETED" in line and "NodeList=monolm-node" in line
 
-        bad = subprocess.run(["sbatch", "--gres=gpu:a100:9", "--wrap", "true"], env=env,
-                             capture_output=True, text=True, cwd=tmp_path)
+        bad = subprocess.run(
+            ["sbatch", "--gres=gpu:a100:9", "--wrap", "true"], env=env, capture_output=True, text=True, cwd=tmp_path
+        )
         assert bad.returncode != 0
         assert "Requested node configuration is not available" in bad.stderr
 
@@ -446,9 +462,21 @@ def test_local_slurm_schedules_fake_a100_jobs(state, tmp_path):
         # stop cancels running jobs (their processes go too) before stopping the daemons.
         job_pid_file = tmp_path / "sleeper.pid"
         subprocess.run(
-            ["sbatch", "--parsable", "--gres=gpu:a100:1", "-o", "/dev/null",
-             "--wrap", f"echo $$ > {job_pid_file}.tmp && mv {job_pid_file}.tmp {job_pid_file} && exec sleep 300"],
-            env=env, capture_output=True, text=True, check=True, cwd=tmp_path)
+            [
+                "sbatch",
+                "--parsable",
+                "--gres=gpu:a100:1",
+                "-o",
+                "/dev/null",
+                "--wrap",
+                f"echo $$ > {job_pid_file}.tmp && mv {job_pid_file}.tmp {job_pid_file} && exec sleep 300",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=tmp_path,
+        )
         deadline = time.monotonic() + 30
         while not job_pid_file.exists():
             assert time.monotonic() < deadline, "the sleep job did not start"

@@ -46,8 +46,14 @@ with transaction(key=sys.argv[3], store=store, isolation_level=IsolationLevel.SE
 
 
 def start(script: str, *args: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", script, *args], cwd=REPO, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     line = proc.stdout.readline()
     if not line:
         proc.kill()
@@ -94,7 +100,9 @@ def test_live_holder_in_another_process_excludes_until_it_releases(tmp_path):
     manager = LivenessLockManager(locks, poll_seconds=0.02)
     try:
         got: list[float] = []
-        waiter = threading.Thread(target=lambda: got.append(manager.acquire_lock("uat-1", holder="w") and time.monotonic()))
+        waiter = threading.Thread(
+            target=lambda: got.append(manager.acquire_lock("uat-1", holder="w") and time.monotonic())
+        )
         waiter.start()
         time.sleep(0.5)
         assert not got and manager.is_locked("uat-1")  # still waiting behind the live holder
@@ -130,10 +138,23 @@ def test_threads_of_one_process_wait_for_each_other(tmp_path):
 
 def test_hold_timeout_expires_a_live_holders_lock(tmp_path):
     """Prefect's `hold_timeout` semantics are kept: an expired lock is free even if its holder lives."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER.replace('holder="child", acquire_timeout=30',
-                                                                  'holder="child", acquire_timeout=30, hold_timeout=0.5'),
-                             str(tmp_path), "k", "hold"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            HOLDER.replace(
+                'holder="child", acquire_timeout=30', 'holder="child", acquire_timeout=30, hold_timeout=0.5'
+            ),
+            str(tmp_path),
+            "k",
+            "hold",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout.readline().strip() == "held", proc.stderr.read()
         manager = LivenessLockManager(tmp_path, poll_seconds=0.05)

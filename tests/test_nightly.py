@@ -44,16 +44,43 @@ def rows(values: dict, seeds=(42, 1337)) -> list[dict]:
         out.append({"seed": None, "arm": model, "stage": stage, "metric": f"{metric}:std", "value": value / 10})
         out.append({"seed": None, "arm": model, "stage": stage, "metric": f"{metric}:ci_high", "value": value * 9})
     out.append({"seed": None, "arm": "baseline", "stage": "uat", "metric": "success_rate:mean", "value": 0.9})
-    out.append({"seed": None, "arm": "monotonic-baseline", "stage": "evaluate", "metric": "token_perplexity:diff",
-                "value": 1e6})
+    out.append(
+        {
+            "seed": None,
+            "arm": "monotonic-baseline",
+            "stage": "evaluate",
+            "metric": "token_perplexity:diff",
+            "value": 1e6,
+        }
+    )
     return out
 
 
-def record(store: ResultsStore, run_id: str, values: dict, *, name: str | None = None, when: str,
-           preset: str = "quick", status: str = "completed", model: str = "EleutherAI/pythia-1.4b") -> None:
-    store.record_run({"run_id": run_id, "run_name": name or run_id, "created_at": when, "preset": preset,
-                      "model": model, "variant": "mlp_in", "recipe": "fair", "seeds": [42, 1337], "status": status},
-                     rows(values))
+def record(
+    store: ResultsStore,
+    run_id: str,
+    values: dict,
+    *,
+    name: str | None = None,
+    when: str,
+    preset: str = "quick",
+    status: str = "completed",
+    model: str = "EleutherAI/pythia-1.4b",
+) -> None:
+    store.record_run(
+        {
+            "run_id": run_id,
+            "run_name": name or run_id,
+            "created_at": when,
+            "preset": preset,
+            "model": model,
+            "variant": "mlp_in",
+            "recipe": "fair",
+            "seeds": [42, 1337],
+            "status": status,
+        },
+        rows(values),
+    )
 
 
 @pytest.fixture
@@ -70,7 +97,9 @@ def test_passing_and_regressing_result_sets(store):
     record(store, "nightly-1", GOOD, when="2026-01-01T02:00:00Z")
     # Not candidates for "previous": another preset, another model, a non-nightly run, a partial run.
     record(store, "nightly-tiny", {k: v * 3 for k, v in GOOD.items()}, preset="tiny", when="2026-01-01T12:00:00Z")
-    record(store, "nightly-other-model", {k: v * 3 for k, v in GOOD.items()}, model="other", when="2026-01-01T13:00:00Z")
+    record(
+        store, "nightly-other-model", {k: v * 3 for k, v in GOOD.items()}, model="other", when="2026-01-01T13:00:00Z"
+    )
     record(store, "quick-manual", {k: v * 3 for k, v in GOOD.items()}, when="2026-01-01T14:00:00Z")
     record(store, "nightly-partial", {k: v * 3 for k, v in GOOD.items()}, status="partial", when="2026-01-01T15:00:00Z")
 
@@ -98,9 +127,11 @@ def test_passing_and_regressing_result_sets(store):
     assert failing.previous["run_id"] == "nightly-2"
     assert not failing.passed
     regressed = {(f.stage, f.model, f.metric): f.status for f in failing.regressions}
-    assert regressed == {("evaluate", "monotonic", "token_perplexity"): "beyond tolerance",
-                         ("uat", "baseline", "abs_increase"): "beyond tolerance",
-                         ("hotflip", "monotonic", "abs_increase"): "missing now"}
+    assert regressed == {
+        ("evaluate", "monotonic", "token_perplexity"): "beyond tolerance",
+        ("uat", "baseline", "abs_increase"): "beyond tolerance",
+        ("hotflip", "monotonic", "abs_increase"): "missing now",
+    }
     message = failing.message()
     assert message.startswith("regression: 3 of 7 key metrics of nightly-3 moved beyond tolerance since nightly-2")
     assert "evaluate token_perplexity (monotonic): 156 -> 171.6 (change +15.6, +10.0%; tolerance ±7.8)" in message
@@ -178,21 +209,30 @@ def test_nightly_experiment_flow_end_to_end(tmp_path):
     assert check["passed"] and check["previous_run_id"] == first["run_id"]
     # Every key metric the real stage 7 records was compared: 3 perplexities, 2 attacks x 2 arms.
     assert sorted((f["stage"], f["model"]) for f in check["findings"]) == [
-        ("evaluate", "base"), ("evaluate", "baseline"), ("evaluate", "monotonic"),
-        ("hotflip", "baseline"), ("hotflip", "monotonic"), ("uat", "baseline"), ("uat", "monotonic")]
+        ("evaluate", "base"),
+        ("evaluate", "baseline"),
+        ("evaluate", "monotonic"),
+        ("hotflip", "baseline"),
+        ("hotflip", "monotonic"),
+        ("uat", "baseline"),
+        ("uat", "monotonic"),
+    ]
     assert {f["status"] for f in check["findings"]} == {"ok"}
 
     # A previous nightly run whose monotonic perplexity was 20 % lower than what the code gives now.
     store_url = f"sqlite:///{tmp_path / 'runs' / 'results.sqlite'}"
     with ResultsStore(store_url) as store:
-        better = [{k: r[k] for k in ("seed", "arm", "stage", "metric", "value", "extra")}
-                  for r in store.query(run_id=second["run_id"])]
+        better = [
+            {k: r[k] for k in ("seed", "arm", "stage", "metric", "value", "extra")}
+            for r in store.query(run_id=second["run_id"])
+        ]
         for row in better:
             if row["arm"] == "monotonic" and row["metric"] == "token_perplexity:mean":
                 row["value"] *= 0.8
         run = store.get_run(second["run_id"])
-        store.record_run({**run, "run_id": "nightly-tiny-better", "run_name": "nightly-tiny-better",
-                          "created_at": None}, better)
+        store.record_run(
+            {**run, "run_id": "nightly-tiny-better", "run_name": "nightly-tiny-better", "created_at": None}, better
+        )
 
     state = experiment(preset="tiny", seeds=[42], overrides=sets, nightly=True, return_state=True)
     assert state.is_failed()

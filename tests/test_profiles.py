@@ -27,7 +27,9 @@ def site_config(*sets: str):
 def job_script(cluster_class, slurm, api_url: str = API) -> str:
     # Dashboard on a free port: nothing in this test should need a fixed port. The scheduler's own
     # (random) address is replaced so that scripts of two clusters compare equal.
-    with cluster_class(**slurm_cluster_kwargs(slurm, api_url), scheduler_options={"dashboard_address": ":0"}) as cluster:
+    with cluster_class(
+        **slurm_cluster_kwargs(slurm, api_url), scheduler_options={"dashboard_address": ":0"}
+    ) as cluster:
         return cluster.job_script().replace(cluster.scheduler_address, "<scheduler>")
 
 
@@ -77,7 +79,8 @@ def test_site_job_script_runs_prologue_then_worker_with_api_url_and_lifetime(sit
     assert lines[: len(slurm.prologue)] == slurm.prologue
     assert lines[len(slurm.prologue)] == f"export PREFECT_API_URL={API}"
     assert lines.index(f"export PREFECT_API_URL={API}") > max(
-        i for i, line in enumerate(lines) if line.startswith("export PREFECT_API_URL=http://prefect.example.org"))
+        i for i, line in enumerate(lines) if line.startswith("export PREFECT_API_URL=http://prefect.example.org")
+    )
     args = shlex.split(worker)
     assert args[:3] == [slurm.python, "-m", "distributed.cli.dask_worker"]
     lifetime = _minutes(slurm.walltime) - slurm.lifetime_margin_minutes
@@ -91,8 +94,13 @@ def test_site_job_script_runs_prologue_then_worker_with_api_url_and_lifetime(sit
 def test_directives_skip_and_values_follow_the_config():
     from dask_jobqueue import SLURMCluster
 
-    cfg = site_config("runner.slurm.job_directives_skip=['--mem', '-A']", "runner.slurm.gpus_per_job=2",
-                      "runner.slurm.walltime=02:00:00", "runner.slurm.partition=a100-short", "runner.slurm.qos=null")
+    cfg = site_config(
+        "runner.slurm.job_directives_skip=['--mem', '-A']",
+        "runner.slurm.gpus_per_job=2",
+        "runner.slurm.walltime=02:00:00",
+        "runner.slurm.partition=a100-short",
+        "runner.slurm.qos=null",
+    )
     d = directives(job_script(SLURMCluster, cfg.runner.slurm))
     assert not any(x.startswith(("--mem", "-A ")) for x in d), d
     assert "--gres=gpu:a100:2" in d and "-p a100-short" in d and "-t 02:00:00" in d
@@ -183,8 +191,9 @@ def test_persistent_timeouts_survive_a_dropped_injection(monkeypatch):
 
     from infra.slurm_runner import install_persistent_task_timeouts
 
-    monkeypatch.setattr(WatcherThreadCancelScope, "_send_cancelled_error",
-                        WatcherThreadCancelScope._send_cancelled_error)  # restored after the test
+    monkeypatch.setattr(
+        WatcherThreadCancelScope, "_send_cancelled_error", WatcherThreadCancelScope._send_cancelled_error
+    )  # restored after the test
     assert _spin_under_timeout(0.2, budget=1.5) == "finished"
     assert install_persistent_task_timeouts(resend_seconds=0.3)
     assert not install_persistent_task_timeouts()  # idempotent

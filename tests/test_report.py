@@ -29,26 +29,40 @@ T_975_DF2 = 4.302652729911275  # Student t quantile, 97.5%, 2 degrees of freedom
 # Per-seed headline numbers: perplexity clearly higher for monotonic (consistent), UAT damage
 # equal on average (null), HotFlip damage much larger for monotonic (consistent).
 NUMBERS = {
-    42: {"ppl": {"base": 40.0, "baseline": 20.0, "monotonic": 23.0},
-         "uat": {"baseline": 0.30, "monotonic": 0.45}, "hotflip": {"baseline": 0.20, "monotonic": 0.90},
-         "control": {"baseline": 0.05, "monotonic": 0.08}},
-    1337: {"ppl": {"base": 41.0, "baseline": 21.0, "monotonic": 24.5},
-           "uat": {"baseline": 0.50, "monotonic": 0.35}, "hotflip": {"baseline": 0.25, "monotonic": 0.95},
-           "control": {"baseline": 0.06, "monotonic": 0.07}},
-    2024: {"ppl": {"base": 39.5, "baseline": 22.5, "monotonic": 25.0},
-           "uat": {"baseline": 0.40, "monotonic": 0.42}, "hotflip": {"baseline": 0.22, "monotonic": 0.93},
-           "control": {"baseline": 0.04, "monotonic": 0.09}},
+    42: {
+        "ppl": {"base": 40.0, "baseline": 20.0, "monotonic": 23.0},
+        "uat": {"baseline": 0.30, "monotonic": 0.45},
+        "hotflip": {"baseline": 0.20, "monotonic": 0.90},
+        "control": {"baseline": 0.05, "monotonic": 0.08},
+    },
+    1337: {
+        "ppl": {"base": 41.0, "baseline": 21.0, "monotonic": 24.5},
+        "uat": {"baseline": 0.50, "monotonic": 0.35},
+        "hotflip": {"baseline": 0.25, "monotonic": 0.95},
+        "control": {"baseline": 0.06, "monotonic": 0.07},
+    },
+    2024: {
+        "ppl": {"base": 39.5, "baseline": 22.5, "monotonic": 25.0},
+        "uat": {"baseline": 0.40, "monotonic": 0.42},
+        "hotflip": {"baseline": 0.22, "monotonic": 0.93},
+        "control": {"baseline": 0.04, "monotonic": 0.09},
+    },
 }
 
 
 def make_cfg(tmp_path: Path, seeds: list[int], **extra: Any):
-    data = {"paths": {"runs_root": str(tmp_path / "runs"), "results_root": str(tmp_path / "results")},
-            "seeds": seeds, "run_name": "synthetic-run", **extra}
+    data = {
+        "paths": {"runs_root": str(tmp_path / "runs"), "results_root": str(tmp_path / "results")},
+        "seeds": seeds,
+        "run_name": "synthetic-run",
+        **extra,
+    }
     return load_config("tiny", extra=data)
 
 
-def _losses(seed: int, arm: str, tag: str, mean_increase: float, n: int = N_TEXTS,
-            clean_mean: float = 4.0) -> tuple[list[float], list[float]]:
+def _losses(
+    seed: int, arm: str, tag: str, mean_increase: float, n: int = N_TEXTS, clean_mean: float = 4.0
+) -> tuple[list[float], list[float]]:
     """Clean losses around `clean_mean` nats and attacked = clean + an increase whose mean is
     exactly `mean_increase` (noise centred to zero), so the stage metrics are known numbers."""
     rng = np.random.default_rng(derive_seed(seed, tag, arm))
@@ -63,27 +77,60 @@ def _stage(cfg, seed: int, stage: str, files: dict[str, Any], metrics: dict[str,
     directory.mkdir(parents=True, exist_ok=True)
     for rel, obj in files.items():
         (directory / rel).write_text(json.dumps(obj))
-    _, digest = write_manifest(directory, stage=stage, config={}, inputs={}, outputs=list(files), metrics=metrics,
-                               wall_time_s=wall)
+    _, digest = write_manifest(
+        directory, stage=stage, config={}, inputs={}, outputs=list(files), metrics=metrics, wall_time_s=wall
+    )
     return StageRef(stage, seed, str(directory), digest, metrics)
 
 
 def _history(arm: str, seed: int, final_ppl: float) -> dict[str, Any]:
     eff, seq = 16, 128
-    log = [{"step": s, "train_loss": 3.0 + 2.0 * math.exp(-s / 20) + (0.1 if arm == "monotonic" else 0),
-            "lr": 5e-4, "tokens_seen": s * eff * seq} for s in range(5, 65, 5)]
-    evals = [{"step": s, "val_perplexity": final_ppl * (1 + 2.0 * math.exp(-s / 15)), "val_loss": 3.0}
-             for s in (20, 40, 60)]
+    log = [
+        {
+            "step": s,
+            "train_loss": 3.0 + 2.0 * math.exp(-s / 20) + (0.1 if arm == "monotonic" else 0),
+            "lr": 5e-4,
+            "tokens_seen": s * eff * seq,
+        }
+        for s in range(5, 65, 5)
+    ]
+    evals = [
+        {"step": s, "val_perplexity": final_ppl * (1 + 2.0 * math.exp(-s / 15)), "val_loss": 3.0} for s in (20, 40, 60)
+    ]
     return {"log": log, "eval": evals, "summary": {"effective_batch_size": eff, "seq_len": seq, "seed": seed}}
 
 
 MONOTONICITY = [
-    {"target": "gpt_neox.layers.0.mlp.dense_h_to_4h", "role": "mlp_in", "sublayer": "linear", "n_pairs": 256,
-     "n_coords": 256 * 512, "coord_violation_rate": 0.0, "pair_violation_rate": 0.0, "max_relative_drop": 0.0},
-    {"target": "gpt_neox.layers.0.mlp.dense_h_to_4h", "role": "mlp_in", "sublayer": "block", "n_pairs": 256,
-     "n_coords": 256 * 128, "coord_violation_rate": 0.25, "pair_violation_rate": 1.0, "max_relative_drop": 0.4},
-    {"target": "gpt_neox.layers.1.mlp.dense_h_to_4h", "role": "mlp_in", "sublayer": "block", "n_pairs": 256,
-     "n_coords": 256 * 128, "coord_violation_rate": 0.15, "pair_violation_rate": 0.5, "max_relative_drop": 0.2},
+    {
+        "target": "gpt_neox.layers.0.mlp.dense_h_to_4h",
+        "role": "mlp_in",
+        "sublayer": "linear",
+        "n_pairs": 256,
+        "n_coords": 256 * 512,
+        "coord_violation_rate": 0.0,
+        "pair_violation_rate": 0.0,
+        "max_relative_drop": 0.0,
+    },
+    {
+        "target": "gpt_neox.layers.0.mlp.dense_h_to_4h",
+        "role": "mlp_in",
+        "sublayer": "block",
+        "n_pairs": 256,
+        "n_coords": 256 * 128,
+        "coord_violation_rate": 0.25,
+        "pair_violation_rate": 1.0,
+        "max_relative_drop": 0.4,
+    },
+    {
+        "target": "gpt_neox.layers.1.mlp.dense_h_to_4h",
+        "role": "mlp_in",
+        "sublayer": "block",
+        "n_pairs": 256,
+        "n_coords": 256 * 128,
+        "coord_violation_rate": 0.15,
+        "pair_violation_rate": 0.5,
+        "max_relative_drop": 0.2,
+    },
 ]
 
 
@@ -94,38 +141,91 @@ def make_seed(cfg, seed: int, numbers: dict[str, Any], *, skip: tuple[str, ...] 
 
     threshold = cfg.attacks.success_threshold
     refs: dict[str, StageRef] = {}
-    refs["setup"] = _stage(cfg, seed, "setup", {}, {"model_dir": "/nowhere", "docs": {"train": 10, "eval": 4, "attack": 6}})
-    refs["constrain"] = _stage(cfg, seed, "constrain", {"report.json": {
-        "variant": "mlp_in", "init": "abs",
-        "summary": {"n_modules": 4, "constrained_params": 262144, "share_of_params": 0.3, "frac_negative_before": 0.5,
-                    "rel_change": 0.9, "modules": []},
-        "drift": {"kl_mean": 0.8 + seed * 1e-5, "ppl_ratio": 2.1},
-        "monotonicity": MONOTONICITY, "min_constrained_weight": 1e-6, "note": "n/a"}}, {"drift": {}})
+    refs["setup"] = _stage(
+        cfg, seed, "setup", {}, {"model_dir": "/nowhere", "docs": {"train": 10, "eval": 4, "attack": 6}}
+    )
+    refs["constrain"] = _stage(
+        cfg,
+        seed,
+        "constrain",
+        {
+            "report.json": {
+                "variant": "mlp_in",
+                "init": "abs",
+                "summary": {
+                    "n_modules": 4,
+                    "constrained_params": 262144,
+                    "share_of_params": 0.3,
+                    "frac_negative_before": 0.5,
+                    "rel_change": 0.9,
+                    "modules": [],
+                },
+                "drift": {"kl_mean": 0.8 + seed * 1e-5, "ppl_ratio": 2.1},
+                "monotonicity": MONOTONICITY,
+                "min_constrained_weight": 1e-6,
+                "note": "n/a",
+            }
+        },
+        {"drift": {}},
+    )
     for arm in report.ARMS:
         ppl = numbers["ppl"][arm]
-        refs[f"train_{arm}"] = _stage(cfg, seed, f"train_{arm}", {"history.json": _history(arm, seed, ppl)}, {
-            "arm": arm, "recipe": "fair", "lr": 5e-4, "steps": 60, "tokens_seen": 60 * 16 * 128,
-            "effective_batch_size": 16, "final": {"train_loss": 3.1, "val_perplexity": ppl, "best_val_perplexity": ppl},
-            "model_dir": "/nowhere"}, wall=100.0 + (20 if arm == "monotonic" else 0))
-    models = {m: {"token_perplexity": p, "loss": math.log(p), "tokens": 5000, "docs": 40, "bits_per_byte": math.log2(p) / 4}
-              for m, p in numbers["ppl"].items()}
-    refs["evaluate"] = _stage(cfg, seed, "evaluate", {"evaluation.json": {
-        "models": models, "n_docs": 40, "recipe": "fair", "min_constrained_weight": 2e-6,
-        "monotonicity": [dict(r, coord_violation_rate=r["coord_violation_rate"] * 0.8) for r in MONOTONICITY]}},
-        {f"{m}_token_perplexity": p for m, p in numbers["ppl"].items()})
+        refs[f"train_{arm}"] = _stage(
+            cfg,
+            seed,
+            f"train_{arm}",
+            {"history.json": _history(arm, seed, ppl)},
+            {
+                "arm": arm,
+                "recipe": "fair",
+                "lr": 5e-4,
+                "steps": 60,
+                "tokens_seen": 60 * 16 * 128,
+                "effective_batch_size": 16,
+                "final": {"train_loss": 3.1, "val_perplexity": ppl, "best_val_perplexity": ppl},
+                "model_dir": "/nowhere",
+            },
+            wall=100.0 + (20 if arm == "monotonic" else 0),
+        )
+    models = {
+        m: {"token_perplexity": p, "loss": math.log(p), "tokens": 5000, "docs": 40, "bits_per_byte": math.log2(p) / 4}
+        for m, p in numbers["ppl"].items()
+    }
+    refs["evaluate"] = _stage(
+        cfg,
+        seed,
+        "evaluate",
+        {
+            "evaluation.json": {
+                "models": models,
+                "n_docs": 40,
+                "recipe": "fair",
+                "min_constrained_weight": 2e-6,
+                "monotonicity": [dict(r, coord_violation_rate=r["coord_violation_rate"] * 0.8) for r in MONOTONICITY],
+            }
+        },
+        {f"{m}_token_perplexity": p for m, p in numbers["ppl"].items()},
+    )
     for attack in ("uat", "hotflip"):
         per_example, per_model, control = {}, {}, {}
         for arm in report.ARMS:
-            clean, attacked = _losses(seed, arm, attack, numbers[attack][arm],
-                                      clean_mean=numbers.get("clean", {}).get(arm, 4.0))
+            clean, attacked = _losses(
+                seed, arm, attack, numbers[attack][arm], clean_mean=numbers.get("clean", {}).get(arm, 4.0)
+            )
             per_example[arm] = {"clean": clean, "attacked": attacked}
-            per_model[arm] = normalize(effect_summary(clean, attacked, threshold=threshold, seed=seed, tag=f"{attack}:{arm}"))
+            per_model[arm] = normalize(
+                effect_summary(clean, attacked, threshold=threshold, seed=seed, tag=f"{attack}:{arm}")
+            )
             if attack == "hotflip":
                 c, a = _losses(seed, arm, "control", numbers["control"][arm])
                 control[arm] = normalize(effect_summary(c, a, threshold=threshold, seed=seed, tag=f"control:{arm}"))
-        metrics: dict[str, Any] = {"per_model": per_model,
-                                   "transfer": {"baseline": {"baseline": numbers[attack]["baseline"], "monotonic": 0.1},
-                                                "monotonic": {"baseline": 0.12, "monotonic": numbers[attack]["monotonic"]}}}
+        metrics: dict[str, Any] = {
+            "per_model": per_model,
+            "transfer": {
+                "baseline": {"baseline": numbers[attack]["baseline"], "monotonic": 0.1},
+                "monotonic": {"baseline": 0.12, "monotonic": numbers[attack]["monotonic"]},
+            },
+        }
         if attack == "hotflip":
             metrics.update(control=control, mean_flips={"baseline": 2.5, "monotonic": 2.9})
         refs[attack] = _stage(cfg, seed, attack, {"per_example.json": per_example}, metrics)
@@ -157,8 +257,11 @@ def _summary(results, stage, model, metric):
 
 
 def _comparison(results, stage, metric, scope="seeds", seed=None):
-    found = [c for c in results["comparisons"] if c["stage"] == stage and c["metric"] == metric
-             and c["scope"] == scope and c["seed"] == seed]
+    found = [
+        c
+        for c in results["comparisons"]
+        if c["stage"] == stage and c["metric"] == metric and c["scope"] == scope and c["seed"] == seed
+    ]
     assert len(found) == 1, (stage, metric, scope, seed, found)
     return found[0]
 
@@ -174,7 +277,10 @@ def test_three_seed_summary_matches_hand_formulas(three_seeds):
     assert rec["n"] == 3 and rec["seeds"] == [42, 1337, 2024]
     assert rec["mean"] == pytest.approx(mean, rel=1e-12)
     assert rec["std"] == pytest.approx(std, rel=1e-12)
-    assert (rec["ci_low"], rec["ci_high"]) == (pytest.approx(mean - half, rel=1e-9), pytest.approx(mean + half, rel=1e-9))
+    assert (rec["ci_low"], rec["ci_high"]) == (
+        pytest.approx(mean - half, rel=1e-9),
+        pytest.approx(mean + half, rel=1e-9),
+    )
     assert rec["ci_method"].startswith("t-interval over seeds")
 
 
@@ -196,7 +302,7 @@ def test_three_seed_paired_tests_match_hand_formulas(three_seeds):
     d = np.array([0.45 - 0.30, 0.35 - 0.50, 0.42 - 0.40])
     t_uat = d.mean() / (d.std(ddof=1) / math.sqrt(3))
     assert uat["mean_diff"] == pytest.approx(d.mean(), abs=1e-9)
-    assert uat["t_p"] == pytest.approx(1 - abs(t_uat) / math.sqrt(2 + t_uat ** 2), rel=1e-6)
+    assert uat["t_p"] == pytest.approx(1 - abs(t_uat) / math.sqrt(2 + t_uat**2), rel=1e-6)
     assert not uat["significant"]
 
 
@@ -205,8 +311,9 @@ def test_within_seed_tests_are_over_the_same_texts(three_seeds):
     for refs in seeds:
         seed = refs["uat"].seed
         per_example = json.loads(Path(refs["hotflip"].dir, "per_example.json").read_text())
-        d = (np.subtract(per_example["monotonic"]["attacked"], per_example["monotonic"]["clean"])
-             - np.subtract(per_example["baseline"]["attacked"], per_example["baseline"]["clean"]))
+        d = np.subtract(per_example["monotonic"]["attacked"], per_example["monotonic"]["clean"]) - np.subtract(
+            per_example["baseline"]["attacked"], per_example["baseline"]["clean"]
+        )
         comp = _comparison(results, "hotflip", "abs_increase", scope="texts", seed=seed)
         t = d.mean() / (d.std(ddof=1) / math.sqrt(d.size))
         from scipy.stats import t as student_t
@@ -226,7 +333,9 @@ def test_report_sentences_follow_the_numbers(three_seeds):
     assert "no significant difference" in uat and "not significant at α=0.05" in uat and "n=3 seeds" in uat
     assert "paired t-test" in uat
     assert ": significant at α=0.05" in hotflip and "more damage to the constrained arm" in hotflip
-    assert "significant in 3 of 3 seeds (3 with the constrained arm higher, 0 lower)" in hotflip  # the within-seed tests over texts
+    assert (
+        "significant in 3 of 3 seeds (3 with the constrained arm higher, 0 lower)" in hotflip
+    )  # the within-seed tests over texts
     # perplexity: consistent +3 but only 3 seeds -> whatever the t-test says, the words must match it
     comp = _comparison(results, "evaluate", "token_perplexity")
     assert ("not significant" in ppl) is (not comp["significant"])
@@ -300,8 +409,18 @@ def test_plots_are_valid_images(three_seeds):
         with Image.open(path) as img:
             assert img.format == "PNG" and img.size[0] > 600 and img.size[1] > 400
     assert sorted(Path(f).name for f in out["files"]) == sorted(
-        ["attacks.png", "config.yaml", "manifest.json", "perplexity.png", "report.md", "results.json", "summary.csv",
-         "tables.tex", "training.png"])
+        [
+            "attacks.png",
+            "config.yaml",
+            "manifest.json",
+            "perplexity.png",
+            "report.md",
+            "results.json",
+            "summary.csv",
+            "tables.tex",
+            "training.png",
+        ]
+    )
     assert all(Path(f).is_file() for f in out["files"])
 
 
@@ -358,7 +477,9 @@ def test_one_seed_perplexity_ci_from_documents(tmp_path):
     difficulty = 0.3 * rng.standard_normal(30)  # the same documents for every model
     for model in ("base", "baseline", "monotonic"):
         nll = tokens * (math.log(NUMBERS[42]["ppl"][model]) + difficulty + 0.02 * rng.standard_normal(30))
-        evaluation["models"][model]["per_doc"] = [{"nll": float(a), "tokens": int(b)} for a, b in zip(nll, tokens)]
+        evaluation["models"][model]["per_doc"] = [
+            {"nll": float(a), "tokens": int(b)} for a, b in zip(nll, tokens, strict=True)
+        ]
         evaluation["models"][model]["token_perplexity"] = math.exp(nll.sum() / tokens.sum())
     refs["evaluate"] = _stage(cfg, 7, "evaluate", {"evaluation.json": evaluation}, {})
     out = aggregate.run(cfg, [refs])
@@ -378,7 +499,10 @@ def test_attacks_missing_in_one_seed_are_tested_within_the_other(tmp_path):
     out = aggregate.run(cfg, seeds)
     results = json.loads(Path(out["dir"], "results.json").read_text())
     assert [c["metric"] for c in results["comparisons"] if c["scope"] == "seeds"] == [
-        "token_perplexity", "loss", "bits_per_byte"]
+        "token_perplexity",
+        "loss",
+        "bits_per_byte",
+    ]
     hotflip = next(s for s in results["findings"] if s.startswith("HotFlip absolute loss increase"))
     assert "n=40 texts" in hotflip and "within seed 42 (the only seed with this measurement)" in hotflip
     assert results["meta"]["status"] == "partial" and out["status"] == "partial"
@@ -400,11 +524,15 @@ def test_missing_or_replaced_manifest_is_refused(tmp_path):
     refs = make_seed(cfg, 42, NUMBERS[42])
     stale = refs["uat"]
     refs = make_seed(cfg, 42, {**NUMBERS[42], "uat": {"baseline": 0.1, "monotonic": 0.1}})  # re-ran after the ref
-    with pytest.raises(CorruptArtifact, match=re.escape(str(Path(stale.dir, "manifest.json"))) + ".*differs from the "
-                       "digest the pipeline passed"):
+    with pytest.raises(
+        CorruptArtifact,
+        match=re.escape(str(Path(stale.dir, "manifest.json"))) + ".*differs from the digest the pipeline passed",
+    ):
         aggregate.run(cfg, [{**refs, "uat": stale}])
     Path(refs["hotflip"].dir, "manifest.json").unlink()
-    with pytest.raises(CorruptArtifact, match=re.escape(str(Path(refs["hotflip"].dir, "manifest.json"))) + ".*did not finish"):
+    with pytest.raises(
+        CorruptArtifact, match=re.escape(str(Path(refs["hotflip"].dir, "manifest.json"))) + ".*did not finish"
+    ):
         aggregate.read_seed(refs)
 
 

@@ -57,15 +57,23 @@ class Service:
         self.faults = state / "faults.json"  # MONOLM_FAULTS of every flow run this worker starts
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
         self.env.update(
-            MONOLM_STATE_DIR=str(state), PREFECT_HOME=str(state / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-            PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_RUNNER_POLL_FREQUENCY="1", MONOLM_FAULTS=str(self.faults),
-            MONOLM_NIGHTLY_TZ=TZ, HF_HUB_OFFLINE="1", MONOLM_TORCH_THREADS="1",
+            MONOLM_STATE_DIR=str(state),
+            PREFECT_HOME=str(state / "prefect"),
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            PREFECT_WORKER_QUERY_SECONDS="1",
+            PREFECT_RUNNER_POLL_FREQUENCY="1",
+            MONOLM_FAULTS=str(self.faults),
+            MONOLM_NIGHTLY_TZ=TZ,
+            HF_HUB_OFFLINE="1",
+            MONOLM_TORCH_THREADS="1",
         )
         self.api = ""
         self.timings: dict[str, float] = {}
 
     def script(self, script: str, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run([str(REPO / script), *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [str(REPO / script), *args], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
         if check and proc.returncode:
             raise AssertionError(f"{script} {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
         return proc
@@ -73,8 +81,9 @@ class Service:
     def start(self) -> None:
         port = self.script("infra/free-port.sh").stdout.strip()
         t0 = time.monotonic()
-        self.api = self.script("infra/server/prefect-server.sh", "start", "--port", port, "--db", self.db,
-                               timeout=600).stdout.strip()
+        self.api = self.script(
+            "infra/server/prefect-server.sh", "start", "--port", port, "--db", self.db, timeout=600
+        ).stdout.strip()
         self.timings["server_start_s"] = time.monotonic() - t0
         self.env["PREFECT_API_URL"] = self.api
         self.start_worker(deploy=True)
@@ -93,8 +102,9 @@ class Service:
 
     # -- the CLI, as a user types it
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        proc = subprocess.run([str(PREFECT), *args], env=self.env, cwd=REPO, capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(
+            [str(PREFECT), *args], env=self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+        )
         assert proc.returncode == 0, f"prefect {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
         return proc
 
@@ -124,7 +134,9 @@ class Service:
                 return run
             if time.monotonic() > deadline:
                 log = (self.state / "worker/local.log").read_text()[-4000:]
-                raise AssertionError(f"flow run {flow_run_id} is {run.state_name} after {timeout} s; worker log:\n{log}")
+                raise AssertionError(
+                    f"flow run {flow_run_id} is {run.state_name} after {timeout} s; worker log:\n{log}"
+                )
             time.sleep(0.5)
 
     def stage_states(self, flow_run_id: str) -> dict[str, str]:
@@ -137,13 +149,15 @@ class Service:
         )
 
         async def go(client):
-            subs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+            subs = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
+            )
             if not subs:
                 return {}
             newest = max(subs, key=lambda s: s.created)
-            runs = await client.read_task_runs(task_run_filter=TaskRunFilter(
-                flow_run_id=TaskRunFilterFlowRunId(any_=[newest.id])))
+            runs = await client.read_task_runs(
+                task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[newest.id]))
+            )
             return {stage_of(t.name): t.state_name for t in runs}
 
         return self.call(go)
@@ -234,7 +248,12 @@ def test_crash_helper_recognises_dead_and_recycled_pids():
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     assert run_process_alive(child.pid, created=me, started=None) == (False, f"process {child.pid} is gone")
-    assert (parse_pid("4242"), parse_pid("node7:4242"), parse_pid(None), parse_pid("pod/abc")) == (4242, 4242, None, None)
+    assert (parse_pid("4242"), parse_pid("node7:4242"), parse_pid(None), parse_pid("pod/abc")) == (
+        4242,
+        4242,
+        None,
+        None,
+    )
 
 
 # ----------------------------------------------------------------------------- the service
@@ -247,8 +266,10 @@ def test_deployed_tiny_run_completes(service, shared_runs):
     flow_run_id = service.run_deployment("experiment/seed-42", micro_sets(shared_runs))
     run = service.wait(flow_run_id)
     wall = time.monotonic() - t0
-    print(f"\ndeployed tiny (micro) run: {wall:.1f} s wall from `prefect deployment run` to Completed "
-          f"(flow run {run.total_run_time.total_seconds():.1f} s)")
+    print(
+        f"\ndeployed tiny (micro) run: {wall:.1f} s wall from `prefect deployment run` to Completed "
+        f"(flow run {run.total_run_time.total_seconds():.1f} s)"
+    )
     assert run.state_name == "Completed", run.state.message
     assert run.parameters["seeds"] == [42] and run.parameters["preset"] == "tiny"
     assert run.work_pool_name == "local" and run.infrastructure_pid
@@ -273,10 +294,14 @@ def test_deployed_tiny_run_completes(service, shared_runs):
     )
 
     async def artifact_keys(client):
-        subs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
-        arts = await client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id, *(s.id for s in subs)])))
+        subs = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
+        )
+        arts = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id, *(s.id for s in subs)])
+            )
+        )
         return {a.key.split("-")[0] for a in arts if a.key}
 
     assert {"results", "report"} <= service.call(artifact_keys)
@@ -304,15 +329,22 @@ def test_failed_run_retried_like_the_ui_resumes_from_cache(service):
     # The UI (prefect 3.8.8's default V2 UI, RetryFlowRunDialog) posts exactly this; the V1 UI
     # sends the same state with force=false.
     body = {"state": {"type": "SCHEDULED", "name": "AwaitingRetry", "message": "Retry from the UI"}, "force": True}
-    req = urllib.request.Request(f"{service.api}/flow_runs/{flow_run_id}/set_state", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{service.api}/flow_runs/{flow_run_id}/set_state",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=30) as resp:
         assert json.loads(resp.read())["status"] == "ACCEPT"
     retried = service.wait(flow_run_id, done=lambda r: r.run_count >= 2 and r.state_type.value in FINAL)
     assert retried.id == failed.id and retried.state_name == "Completed", retried.state.message
     second = service.stage_states(flow_run_id)
-    assert second == {**{s: "Cached" for s in UPSTREAM}, "uat": "Completed", "hotflip": "Cached",
-                      "aggregate": "Completed"}
+    assert second == {
+        **{s: "Cached" for s in UPSTREAM},
+        "uat": "Completed",
+        "hotflip": "Cached",
+        "aggregate": "Completed",
+    }
 
 
 @pytest.mark.service
@@ -335,8 +367,11 @@ def test_nightly_deployment_schedule_creates_runs(service):
 
     deadline = time.monotonic() + 90
     while True:
-        runs = service.call(lambda c: c.read_flow_runs(flow_run_filter=FlowRunFilter(
-            deployment_id=FlowRunFilterDeploymentId(any_=[nightly.id]))))
+        runs = service.call(
+            lambda c: c.read_flow_runs(
+                flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[nightly.id]))
+            )
+        )
         if runs or time.monotonic() > deadline:
             break
         time.sleep(0.5)
@@ -390,16 +425,21 @@ def test_killed_run_is_marked_crashed(service):
 
         marked = subprocess.run(helper, env=service.env, cwd=REPO, capture_output=True, text=True, timeout=60)
         assert marked.returncode == 0, marked.stderr
-        assert f"marked Crashed: flow run '{run.name}' ({flow_run_id}, Running); process {flow_pid} is gone" \
-            in marked.stdout, marked.stdout
+        assert (
+            f"marked Crashed: flow run '{run.name}' ({flow_run_id}, Running); process {flow_pid} is gone"
+            in marked.stdout
+        ), marked.stdout
         crashed = service.flow_run(flow_run_id)
         assert crashed.state_name == "Crashed" and f"process {flow_pid} is gone" in crashed.state.message
         assert service.stage_states(flow_run_id)["setup"] == "Crashed"
 
         from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 
-        subs = service.call(lambda c: c.read_flow_runs(flow_run_filter=FlowRunFilter(
-            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))))
+        subs = service.call(
+            lambda c: c.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
+            )
+        )
         assert [s.state_name for s in subs] == ["Crashed"]
         again = subprocess.run(helper, env=service.env, cwd=REPO, capture_output=True, text=True, timeout=60)
         assert "no dead flow runs" in again.stdout  # idempotent
@@ -416,9 +456,10 @@ def test_serve_runs_all_deployments_from_one_process(service, shared_runs):
     refused = subprocess.run(cmd, env=service.env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "experiment/seed-42 (work pool local)" in refused.stderr, refused.stderr
 
-    log = open(service.state / "serve.log", "w")
-    proc = subprocess.Popen([*cmd, "--replace"], env=service.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    log = open(service.state / "serve.log", "w")  # noqa: SIM115 (the served process writes it until it is stopped)
+    proc = subprocess.Popen(
+        [*cmd, "--replace"], env=service.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -469,17 +510,25 @@ def test_deployed_run_on_postgresql(shared_runs):
 
         import asyncpg
 
-        dsn = pg.script("infra/postgres/postgres.sh", "url").stdout.strip().replace("postgresql+asyncpg://", "postgresql://")
+        dsn = (
+            pg.script("infra/postgres/postgres.sh", "url")
+            .stdout.strip()
+            .replace("postgresql+asyncpg://", "postgresql://")
+        )
 
         async def rows():
             conn = await asyncpg.connect(dsn)
             try:
                 flow = await conn.fetchrow(
                     "SELECT f.state_type, f.state_name, d.name AS deployment, f.parameters FROM flow_run f "
-                    "JOIN deployment d ON d.id = f.deployment_id WHERE f.id = $1", run.id)
+                    "JOIN deployment d ON d.id = f.deployment_id WHERE f.id = $1",
+                    run.id,
+                )
                 tasks = await conn.fetch(
                     "SELECT t.name, t.state_name FROM task_run t JOIN flow_run s ON s.id = t.flow_run_id "
-                    "JOIN task_run p ON p.id = s.parent_task_run_id WHERE p.flow_run_id = $1", run.id)
+                    "JOIN task_run p ON p.id = s.parent_task_run_id WHERE p.flow_run_id = $1",
+                    run.id,
+                )
                 return flow, tasks
             finally:
                 await conn.close()

@@ -6,6 +6,7 @@ keeps the workers' logs, and leaves no job behind."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -31,10 +32,23 @@ SCRIPT = REPO / "infra/slurm/local-slurm.sh"
 SEED_STAGES = ("setup", "constrain", "train_baseline", "train_monotonic", "evaluate", "uat", "hotflip")
 GPU_STAGES = ("train_baseline", "train_monotonic", "evaluate", "uat", "hotflip")
 # Training long enough (a few seconds) to be interrupted mid-way, with checkpoints every 4 steps.
-LONGER = ("training.common.max_steps=40", "training.common.checkpoint_every_steps=4",
-          "training.common.eval_every_steps=20", "training.common.log_every_steps=4")
-ENDED = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
-         "DEADLINE"}
+LONGER = (
+    "training.common.max_steps=40",
+    "training.common.checkpoint_every_steps=4",
+    "training.common.eval_every_steps=20",
+    "training.common.log_every_steps=4",
+)
+ENDED = {
+    "COMPLETED",
+    "CANCELLED",
+    "FAILED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
 
 
 # ----------------------------------------------------------------------------- the cluster
@@ -78,8 +92,10 @@ class Slurm:
             if all(states.get(j, "COMPLETED") in ENDED for j in jobs):
                 return time.monotonic() - t0
             if time.monotonic() - t0 > timeout:
-                raise AssertionError(f"jobs still active {timeout} s after the flow ended: "
-                                     f"{ {j: states[j] for j in jobs if states.get(j) not in ENDED} }")
+                raise AssertionError(
+                    f"jobs still active {timeout} s after the flow ended: "
+                    f"{ {j: states[j] for j in jobs if states.get(j) not in ENDED} }"
+                )
             time.sleep(0.2)
 
 
@@ -98,8 +114,13 @@ def slurm():
         pytest.skip(f"SLURM is not installed and could not be installed here: {install.stderr.strip()[-500:]}")
     mp = pytest.MonkeyPatch()
     try:
-        start = subprocess.run([str(SCRIPT), "start", "--cpus", "2", "--gpus", "2", "--memory", "8192"], env=env,
-                               capture_output=True, text=True, timeout=180)
+        start = subprocess.run(
+            [str(SCRIPT), "start", "--cpus", "2", "--gpus", "2", "--memory", "8192"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert start.returncode == 0, start.stderr
         conf = state / "slurm/etc/slurm.conf"
         # sbatch/squeue/scancel called by dask-jobqueue in this process find the cluster here.
@@ -124,9 +145,15 @@ def slurm_sets(root: Path, *extra: str) -> list[str]:
     venv = Path(sys.executable).parent
     return micro_sets(
         root,
-        "runner.profile=slurm", "runner.slurm.partition=gpu", "runner.slurm.cores=1", "runner.slurm.memory=3GB",
-        "runner.slurm.walltime=00:20:00", "runner.slurm.lifetime_margin_minutes=5", "runner.slurm.min_workers=0",
-        "runner.slurm.max_workers=2", f"runner.slurm.python={sys.executable}",
+        "runner.profile=slurm",
+        "runner.slurm.partition=gpu",
+        "runner.slurm.cores=1",
+        "runner.slurm.memory=3GB",
+        "runner.slurm.walltime=00:20:00",
+        "runner.slurm.lifetime_margin_minutes=5",
+        "runner.slurm.min_workers=0",
+        "runner.slurm.max_workers=2",
+        f"runner.slurm.python={sys.executable}",
         f"runner.slurm.prologue={json.dumps([f'source {venv}/activate', 'export MONOLM_TORCH_THREADS=1'])}",
         f"runner.slurm.log_directory={root / 'slurm-logs'}",
         *extra,
@@ -161,8 +188,12 @@ def flow_logs(flow_run_name: str) -> list:
         assert len(runs) == 1, runs
         logs, offset = [], 0
         while True:
-            page = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[runs[0].id])),
-                                    limit=200, offset=offset, sort=LogSort.TIMESTAMP_ASC)
+            page = client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[runs[0].id])),
+                limit=200,
+                offset=offset,
+                sort=LogSort.TIMESTAMP_ASC,
+            )
             logs += page
             offset += len(page)
             if len(page) < 200:
@@ -200,8 +231,10 @@ def test_two_seeds_run_inside_slurm_jobs_and_no_job_outlives_the_flow(slurm, roo
 
     # Both seeds completed every stage, with results.
     states = result["stage_states"]
-    assert {seed: set(s.values()) for seed, s in states.items() if seed != "aggregate"} == \
-        {"42": {"Completed"}, "1337": {"Completed"}}, states
+    assert {seed: set(s.values()) for seed, s in states.items() if seed != "aggregate"} == {
+        "42": {"Completed"},
+        "1337": {"Completed"},
+    }, states
     assert states["aggregate"] == "Completed"
     results = json.loads((Path(result["dir"]) / "results.json").read_text())
     assert results["meta"]["seeds"] == [42, 1337] and results["meta"]["status"] == "completed"
@@ -232,7 +265,9 @@ def test_two_seeds_run_inside_slurm_jobs_and_no_job_outlives_the_flow(slurm, roo
     done = [log.message for log in flow_logs(f"{name}-stages") if re.match(r"stage \w+ done in", log.message)]
     expected = sorted([f"stage {s}" for s in SEED_STAGES] * 2 + ["stage aggregate"])
     assert sorted(m.split(" done in")[0] for m in done) == expected, done
-    print(f"two seeds on SLURM: {wall:.1f} s wall, {len(ours)} worker job(s), jobs ended {lingered:.1f} s after the flow")
+    print(
+        f"two seeds on SLURM: {wall:.1f} s wall, {len(ours)} worker job(s), jobs ended {lingered:.1f} s after the flow"
+    )
 
 
 @dataclass
@@ -244,43 +279,49 @@ class Kill:
     since: float = field(default_factory=time.time)  # checkpoints older than this are not this attempt's
 
 
+def _fresh_checkpoints(stage_dir: Path, since: float) -> list[int]:
+    """Steps of the checkpoints written since `since` (this attempt's)."""
+    from monolm.checkpoint import list_checkpoints
+
+    steps = []
+    for step, path in list_checkpoints(stage_dir / "checkpoints"):
+        with contextlib.suppress(FileNotFoundError):  # rotated away meanwhile
+            if path.stat().st_mtime >= since:
+                steps.append(step)
+    return steps
+
+
+def _connect_new_jobs(slurm: Slurm, scripts: dict[str, str], names: dict[str, str], clients: dict) -> None:
+    """Each running job's own script names its worker and the scheduler: connect early, so that
+    the kill lands while the stage still runs."""
+    from distributed import Client
+
+    for job in slurm.run("squeue", "-h", "-t", "R", "-o", "%i").stdout.split():
+        if job in scripts:
+            continue
+        scripts[job] = slurm.run("scontrol", "write", "batch_script", job, "-", check=False).stdout
+        found = re.search(r"dask_worker (tcp://\S+) --name (\S+)", scripts[job])
+        if found:
+            names[found.group(2)] = job
+            if found.group(1) not in clients:
+                clients[found.group(1)] = Client(found.group(1), timeout=10, set_as_default=False)
+
+
 def kill_worker_running(slurm: Slurm, stage_dir: Path, key_part: str, kill: Kill, deadline: float) -> None:
     """Wait until the stage, executing on a worker, has written a checkpoint in this attempt;
     find that worker's SLURM job through the dask scheduler, and `scancel` it."""
-    from distributed import Client
-
-    from monolm.checkpoint import list_checkpoints
 
     def executing(dask_worker) -> list[str]:  # runs on each worker (nested: pickled by value)
         return [str(ts.key) for ts in dask_worker.state.executing]
 
-    def fresh_checkpoints() -> list[int]:
-        steps = []
-        for step, path in list_checkpoints(stage_dir / "checkpoints"):
-            try:
-                if path.stat().st_mtime >= kill.since:
-                    steps.append(step)
-            except FileNotFoundError:  # rotated away meanwhile
-                pass
-        return steps
-
-    clients: dict[str, Client] = {}
+    clients: dict = {}
     names: dict[str, str] = {}  # dask worker name -> SLURM job id
     scripts: dict[str, str] = {}
     try:
         while time.monotonic() < deadline and kill.job is None:
             time.sleep(0.1)
-            # Each running job's own script names its worker and the scheduler: connect early, so
-            # that the kill lands while the stage still runs.
-            for job in slurm.run("squeue", "-h", "-t", "R", "-o", "%i").stdout.split():
-                if job not in scripts:
-                    scripts[job] = slurm.run("scontrol", "write", "batch_script", job, "-", check=False).stdout
-                    found = re.search(r"dask_worker (tcp://\S+) --name (\S+)", scripts[job])
-                    if found:
-                        names[found.group(2)] = job
-                        if found.group(1) not in clients:
-                            clients[found.group(1)] = Client(found.group(1), timeout=10, set_as_default=False)
-            if not fresh_checkpoints():
+            _connect_new_jobs(slurm, scripts, names, clients)
+            if not _fresh_checkpoints(stage_dir, kill.since):
                 continue
             for client in clients.values():
                 info = client.scheduler_info()["workers"]
@@ -288,7 +329,7 @@ def kill_worker_running(slurm: Slurm, stage_dir: Path, key_part: str, kill: Kill
                     kill.seen = keys
                     name = info.get(address, {}).get("name")
                     if any(key_part in k for k in keys) and name in names:
-                        kill.checkpoints = fresh_checkpoints()
+                        kill.checkpoints = _fresh_checkpoints(stage_dir, kill.since)
                         slurm.run("scancel", names[name])
                         kill.job = names[name]
                         return
@@ -313,8 +354,11 @@ def test_cancelled_worker_job_mid_training_is_retried_elsewhere_and_resumes(slur
     stage_dir = stage_folder(cfg, 42, "train_monotonic")
     name = unique_name("slurm-scancel")
     kill = Kill()
-    killer = threading.Thread(target=kill_worker_running,
-                              args=(slurm, stage_dir, "train_monotonic", kill, time.monotonic() + 240), daemon=True)
+    killer = threading.Thread(
+        target=kill_worker_running,
+        args=(slurm, stage_dir, "train_monotonic", kill, time.monotonic() + 240),
+        daemon=True,
+    )
     killer.start()
     result = run_flow(root, [42], *longer, run_name=name)
     killer.join(30)
@@ -403,8 +447,13 @@ def test_gpu_stage_timeout_fails_the_stage_on_a_slurm_worker(slurm, root):
     # Up to 400 steps (half a minute): far longer than 0.3 s plus a re-sent timeout, but stopped
     # within a second when the timeout works. A learning rate of its own keeps stage 2/3 results
     # of earlier tests from being cache hits.
-    extra = (*LONGER, "training.common.max_steps=400", "training.common.epochs=50", "training.common.lr=0.0007",
-             "runner.stage_timeout_minutes={train_monotonic: 0.005}")
+    extra = (
+        *LONGER,
+        "training.common.max_steps=400",
+        "training.common.epochs=50",
+        "training.common.lr=0.0007",
+        "runner.stage_timeout_minutes={train_monotonic: 0.005}",
+    )
     t0 = time.monotonic()
     with pytest.raises(RuntimeError, match="train_monotonic") as info:
         run_flow(root, [42], *extra, run_name=name)

@@ -32,7 +32,7 @@ def _wilcoxon_exact_p(d: list[float]) -> float:
     observed = min(r_plus, total - r_plus)
     hits = 0
     for signs in itertools.product((0, 1), repeat=len(d)):
-        rp = sum(r for s, r in zip(signs, ranks.values()) if s)
+        rp = sum(r for s, r in zip(signs, ranks.values(), strict=True) if s)
         hits += min(rp, total - rp) <= observed
     return hits / 2 ** len(d)
 
@@ -119,7 +119,7 @@ def test_paired_test_two_pairs_cauchy():
 def test_paired_test_five_seeds_significant():
     a = [11.0, 12.5, 10.0, 13.0, 12.0]
     b = [9.5, 10.0, 9.5, 9.0, 8.0]
-    d = [x - y for x, y in zip(a, b)]  # [1.5, 2.5, 0.5, 4, 4]
+    d = [x - y for x, y in zip(a, b, strict=True)]  # [1.5, 2.5, 0.5, 4, 4]
     r = paired_test(a, b)
     mean = sum(d) / 5
     sem = math.sqrt(sum((x - mean) ** 2 for x in d) / 4) / math.sqrt(5)

@@ -47,15 +47,27 @@ def store(tmp_path):
 
 
 def _run(run_id: str, **kw) -> dict:
-    base = {"run_id": run_id, "run_name": run_id, "preset": "tiny", "model": "tiny-neox", "variant": "mlp_in",
-            "recipe": "fair", "config_digest": "abc123", "code_revision": "deadbeef", "seeds": [42, 1337],
-            "status": "completed", "created_at": "2026-01-01T00:00:00+00:00"}
+    base = {
+        "run_id": run_id,
+        "run_name": run_id,
+        "preset": "tiny",
+        "model": "tiny-neox",
+        "variant": "mlp_in",
+        "recipe": "fair",
+        "config_digest": "abc123",
+        "code_revision": "deadbeef",
+        "seeds": [42, 1337],
+        "status": "completed",
+        "created_at": "2026-01-01T00:00:00+00:00",
+    }
     return base | kw
 
 
 def _metrics(values: dict[tuple[str, str, int], float], stage: str = "evaluate") -> list[dict]:
-    return [{"seed": seed, "arm": arm, "stage": stage, "metric": metric, "value": value}
-            for (arm, metric, seed), value in values.items()]
+    return [
+        {"seed": seed, "arm": arm, "stage": stage, "metric": metric, "value": value}
+        for (arm, metric, seed), value in values.items()
+    ]
 
 
 def _count(store: ResultsStore, table: str) -> int:
@@ -71,10 +83,22 @@ def test_record_and_query_round_trip(store, tmp_path):
         _run("r1", created_at=dt.datetime(2026, 3, 1, 14, 0, tzinfo=dt.timezone(dt.timedelta(hours=2)))),
         [
             {"seed": 42, "arm": "baseline", "stage": "evaluate", "metric": "loss", "value": 3.25},
-            {"seed": 42, "arm": "monotonic", "stage": "evaluate", "metric": "loss", "value": 3.5,
-             "extra": {"tokens": 1234, "note": "ünïcode"}},
-            {"seed": 0, "arm": "monotonic", "stage": "uat", "metric": "loss_increase", "value": 0.7,
-             "variant": "mlp_both"},
+            {
+                "seed": 42,
+                "arm": "monotonic",
+                "stage": "evaluate",
+                "metric": "loss",
+                "value": 3.5,
+                "extra": {"tokens": 1234, "note": "ünïcode"},
+            },
+            {
+                "seed": 0,
+                "arm": "monotonic",
+                "stage": "uat",
+                "metric": "loss_increase",
+                "value": 0.7,
+                "variant": "mlp_both",
+            },
             {"seed": None, "arm": "monotonic", "stage": "aggregate", "metric": "t_p", "value": None},
         ],
     )
@@ -106,10 +130,13 @@ def test_store_persists_across_instances_and_from_config(tmp_path):
 
 
 def test_nonfinite_values_are_kept_visible_not_lost(store):
-    store.record_run(_run("r1"), [
-        {"metric": "loss", "value": float("nan"), "arm": "monotonic"},
-        {"metric": "grad_norm", "value": float("inf"), "arm": "monotonic"},
-    ])
+    store.record_run(
+        _run("r1"),
+        [
+            {"metric": "loss", "value": float("nan"), "arm": "monotonic"},
+            {"metric": "grad_norm", "value": float("inf"), "arm": "monotonic"},
+        ],
+    )
     rows = {r["metric"]: r for r in store.query()}
     assert rows["loss"]["value"] is None and rows["loss"]["extra"] == {"nonfinite": "nan"}
     assert rows["grad_norm"]["extra"] == {"nonfinite": "inf"}
@@ -139,8 +166,11 @@ def test_invalid_input_is_refused_by_name(store, run, metrics, match):
 def test_failure_midway_leaves_no_partial_rows(store):
     store.record_run(_run("r1", run_name="old"), _metrics({("baseline", "loss", s): 3.0 for s in range(3)}))
     inserted: list[str] = []
-    event.listen(store.engine, "after_cursor_execute",
-                 lambda conn, cur, stmt, *a: inserted.append(stmt) if stmt.startswith("INSERT INTO metrics") else None)
+    event.listen(
+        store.engine,
+        "after_cursor_execute",
+        lambda conn, cur, stmt, *a: inserted.append(stmt) if stmt.startswith("INSERT INTO metrics") else None,
+    )
     many = _metrics({("monotonic", "loss", s): float(s) for s in range(1200)})
     many[700]["value"] = "corrupt"
     with pytest.raises(ValueError, match=r"metrics\[700\]"):
@@ -167,8 +197,9 @@ def test_failure_from_generator_midway(store):
 
 
 def test_recording_same_run_replaces_it(store):
-    store.record_run(_run("r1", status="running"),
-                     _metrics({("baseline", "loss", 42): 3.0, ("baseline", "acc", 42): 0.1}))
+    store.record_run(
+        _run("r1", status="running"), _metrics({("baseline", "loss", 42): 3.0, ("baseline", "acc", 42): 0.1})
+    )
     store.record_run(_run("r1"), _metrics({("baseline", "loss", 42): 2.5}))
     store.record_run(_run("r1"), _metrics({("baseline", "loss", 42): 2.5}))
     assert _count(store, "runs") == 1
@@ -266,35 +297,43 @@ def test_schema_version_row_is_single(tmp_path):
 # The fixture: the schema exactly as monolm created it at schema version 1 (the Table definitions
 # of monolm/store.py at that version, copied), where the metrics table called the arm `model`.
 V1 = MetaData()
-Table("schema_version", V1,
-      Column("id", Integer, primary_key=True, autoincrement=False),
-      Column("version", Integer, nullable=False),
-      Column("created_at", DateTime, nullable=False))
-Table("runs", V1,
-      Column("run_id", String(200), primary_key=True),
-      Column("run_name", String(200), index=True),
-      Column("created_at", DateTime, nullable=False, index=True),
-      Column("preset", String(100), index=True),
-      Column("model", String(300)),
-      Column("variant", String(100)),
-      Column("recipe", String(50)),
-      Column("config_digest", String(64)),
-      Column("code_revision", String(100)),
-      Column("seeds", JSON),
-      Column("status", String(20), nullable=False))
-V1_METRICS = Table("metrics", V1,
-                   Column("id", Integer, primary_key=True, autoincrement=True),
-                   Column("run_id", String(200), ForeignKey("runs.run_id", ondelete="CASCADE"), nullable=False,
-                          index=True),
-                   Column("seed", Integer),
-                   Column("model", String(100)),
-                   Column("variant", String(100)),
-                   Column("preset", String(100)),
-                   Column("recipe", String(50)),
-                   Column("stage", String(50)),
-                   Column("metric", String(200), nullable=False),
-                   Column("value", Double),
-                   Column("extra", JSON))
+Table(
+    "schema_version",
+    V1,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("version", Integer, nullable=False),
+    Column("created_at", DateTime, nullable=False),
+)
+Table(
+    "runs",
+    V1,
+    Column("run_id", String(200), primary_key=True),
+    Column("run_name", String(200), index=True),
+    Column("created_at", DateTime, nullable=False, index=True),
+    Column("preset", String(100), index=True),
+    Column("model", String(300)),
+    Column("variant", String(100)),
+    Column("recipe", String(50)),
+    Column("config_digest", String(64)),
+    Column("code_revision", String(100)),
+    Column("seeds", JSON),
+    Column("status", String(20), nullable=False),
+)
+V1_METRICS = Table(
+    "metrics",
+    V1,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(200), ForeignKey("runs.run_id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("seed", Integer),
+    Column("model", String(100)),
+    Column("variant", String(100)),
+    Column("preset", String(100)),
+    Column("recipe", String(50)),
+    Column("stage", String(50)),
+    Column("metric", String(200), nullable=False),
+    Column("value", Double),
+    Column("extra", JSON),
+)
 Index("ix_metrics_lookup", V1_METRICS.c.preset, V1_METRICS.c.variant, V1_METRICS.c.metric)
 
 V1_ROWS = [  # (run_id, seed, arm, stage, metric, value, extra)
@@ -310,16 +349,44 @@ def _write_v1_store(url: str) -> None:
     engine = create_engine(url)
     V1.create_all(engine)
     with engine.begin() as conn:
-        conn.execute(insert(V1.tables["schema_version"]),
-                     [{"id": 1, "version": 1, "created_at": dt.datetime(2026, 1, 1)}])
-        conn.execute(insert(V1.tables["runs"]), [
-            {"run_id": run_id, "run_name": run_id, "created_at": dt.datetime(2026, 1, day), "preset": "quick",
-             "model": "EleutherAI/pythia-1.4b", "variant": "mlp_in", "recipe": "fair", "seeds": [42],
-             "status": "completed"} for day, run_id in enumerate(("v1-a", "v1-b"), start=1)])
-        conn.execute(insert(V1_METRICS), [
-            {"run_id": run_id, "seed": seed, "model": arm, "variant": "mlp_in", "preset": "quick", "recipe": "fair",
-             "stage": stage, "metric": metric, "value": value, "extra": extra}
-            for run_id, seed, arm, stage, metric, value, extra in V1_ROWS])
+        conn.execute(
+            insert(V1.tables["schema_version"]), [{"id": 1, "version": 1, "created_at": dt.datetime(2026, 1, 1)}]
+        )
+        conn.execute(
+            insert(V1.tables["runs"]),
+            [
+                {
+                    "run_id": run_id,
+                    "run_name": run_id,
+                    "created_at": dt.datetime(2026, 1, day),
+                    "preset": "quick",
+                    "model": "EleutherAI/pythia-1.4b",
+                    "variant": "mlp_in",
+                    "recipe": "fair",
+                    "seeds": [42],
+                    "status": "completed",
+                }
+                for day, run_id in enumerate(("v1-a", "v1-b"), start=1)
+            ],
+        )
+        conn.execute(
+            insert(V1_METRICS),
+            [
+                {
+                    "run_id": run_id,
+                    "seed": seed,
+                    "model": arm,
+                    "variant": "mlp_in",
+                    "preset": "quick",
+                    "recipe": "fair",
+                    "stage": stage,
+                    "metric": metric,
+                    "value": value,
+                    "extra": extra,
+                }
+                for run_id, seed, arm, stage, metric, value, extra in V1_ROWS
+            ],
+        )
     engine.dispose()
 
 
@@ -334,14 +401,17 @@ def _columns(url: str, table: str) -> list[str]:
 def _assert_v1_store_is_upgraded_in_place(url: str, fresh_url: str) -> None:
     _write_v1_store(url)
     assert "model" in _columns(url, "metrics")
-    expected = sorted((run_id, seed or 0, arm, metric, value, extra)
-                      for run_id, seed, arm, _, metric, value, extra in V1_ROWS)
+    expected = sorted(
+        (run_id, seed or 0, arm, metric, value, extra) for run_id, seed, arm, _, metric, value, extra in V1_ROWS
+    )
     for _ in range(2):  # the second open finds the store current and changes nothing
         with ResultsStore(url) as s:
             assert s.schema_version() == store_mod.SCHEMA_VERSION
             rows = s.query()
-            assert sorted((r["run_id"], r["seed"] or 0, r["arm"], r["metric"], r["value"], r["extra"])
-                          for r in rows) == expected
+            assert (
+                sorted((r["run_id"], r["seed"] or 0, r["arm"], r["metric"], r["value"], r["extra"]) for r in rows)
+                == expected
+            )
             assert all("model" not in r for r in rows)
             assert [r["value"] for r in s.query(arm="monotonic", metric="token_perplexity")] == [24.0]
             assert s.get_run("v1-b")["model"] == "EleutherAI/pythia-1.4b"  # the runs table keeps `model`
@@ -433,10 +503,28 @@ def test_runs_filters_and_order(store):
 
 
 def test_compare_means_and_differences(store):
-    store.record_run(_run("a"), _metrics({("baseline", "loss", 1): 3.0, ("baseline", "loss", 2): 4.0,
-                                          ("monotonic", "loss", 1): 5.0, ("monotonic", "acc", 1): 0.5}))
-    store.record_run(_run("b"), _metrics({("baseline", "loss", 1): 2.0, ("baseline", "loss", 2): 2.5,
-                                          ("monotonic", "loss", 1): 5.0, ("monotonic", "new", 1): 1.0}))
+    store.record_run(
+        _run("a"),
+        _metrics(
+            {
+                ("baseline", "loss", 1): 3.0,
+                ("baseline", "loss", 2): 4.0,
+                ("monotonic", "loss", 1): 5.0,
+                ("monotonic", "acc", 1): 0.5,
+            }
+        ),
+    )
+    store.record_run(
+        _run("b"),
+        _metrics(
+            {
+                ("baseline", "loss", 1): 2.0,
+                ("baseline", "loss", 2): 2.5,
+                ("monotonic", "loss", 1): 5.0,
+                ("monotonic", "new", 1): 1.0,
+            }
+        ),
+    )
     rows = {(r["arm"], r["metric"]): r for r in store.compare("a", "b")}
     base = rows[("baseline", "loss")]
     assert (base["n_a"], base["mean_a"], base["n_b"], base["mean_b"]) == (2, 3.5, 2, 2.25)
@@ -453,8 +541,9 @@ def test_previous_run_for_nightly_regression(store):
     assert store.previous_run("quick") is None  # the very first nightly run
     store.record_run(_run("n1", preset="quick", run_name="nightly-1", created_at="2026-01-01T03:00:00Z"), [])
     store.record_run(_run("n2", preset="quick", run_name="nightly-2", created_at="2026-01-02T03:00:00Z"), [])
-    store.record_run(_run("n3", preset="quick", run_name="nightly-3", created_at="2026-01-03T03:00:00Z",
-                          status="failed"), [])
+    store.record_run(
+        _run("n3", preset="quick", run_name="nightly-3", created_at="2026-01-03T03:00:00Z", status="failed"), []
+    )
     store.record_run(_run("m1", preset="quick", run_name="manual", created_at="2026-01-03T04:00:00Z"), [])
     store.record_run(_run("n4", preset="quick", run_name="nightly-4", created_at="2026-01-04T03:00:00Z"), [])
     store.record_run(_run("t1", preset="tiny", run_name="nightly-x", created_at="2026-01-05T03:00:00Z"), [])
@@ -473,10 +562,20 @@ def test_previous_run_for_nightly_regression(store):
 # --------------------------------------------------------------------------- display
 def test_format_table(store):
     assert format_table([]) == "(no results)"
-    store.record_run(_run("r1"), [{"seed": 42, "arm": "monotonic", "stage": "uat", "metric": "loss_increase",
-                                   "value": 0.123456789, "extra": {"k": [1, 2]}},
-                                  {"seed": 42, "arm": "baseline", "stage": "uat", "metric": "loss_increase",
-                                   "value": None}])
+    store.record_run(
+        _run("r1"),
+        [
+            {
+                "seed": 42,
+                "arm": "monotonic",
+                "stage": "uat",
+                "metric": "loss_increase",
+                "value": 0.123456789,
+                "extra": {"k": [1, 2]},
+            },
+            {"seed": 42, "arm": "baseline", "stage": "uat", "metric": "loss_increase", "value": None},
+        ],
+    )
     out = format_table(store.query(), columns=["run_id", "arm", "metric", "value", "extra"], title="results")
     lines = out.splitlines()
     assert "results" in lines[0]
@@ -523,11 +622,14 @@ def test_postgresql_round_trip(postgres_url):
     """The same code path as SQLite, on a real PostgreSQL."""
     url = postgres_url
     with ResultsStore(url) as s:
-        s.record_run(_run("pg-a", created_at="2026-01-01T00:00:00Z"),
-                     _metrics({("baseline", "loss", 1): 3.0, ("baseline", "loss", 2): 4.0}))
-        s.record_run(_run("pg-b", created_at="2026-01-02T00:00:00Z"),
-                     _metrics({("baseline", "loss", 1): 2.0}) + [{"metric": "x", "value": float("nan"),
-                                                                  "extra": {"u": "ü"}}])
+        s.record_run(
+            _run("pg-a", created_at="2026-01-01T00:00:00Z"),
+            _metrics({("baseline", "loss", 1): 3.0, ("baseline", "loss", 2): 4.0}),
+        )
+        s.record_run(
+            _run("pg-b", created_at="2026-01-02T00:00:00Z"),
+            _metrics({("baseline", "loss", 1): 2.0}) + [{"metric": "x", "value": float("nan"), "extra": {"u": "ü"}}],
+        )
         many = _metrics({("monotonic", "loss", k): 1.0 for k in range(700)})
         many[650]["value"] = "corrupt"
         with pytest.raises(ValueError):

@@ -19,9 +19,20 @@ from monolm.training import DataOrder, LRSchedule, accumulate_gradients, total_s
 
 
 def arm(**kw) -> ArmConfig:
-    base = dict(lr=1e-3, epochs=100.0, max_steps=6, warmup_ratio=0.0, schedule="constant", micro_batch_size=4,
-                grad_accum_steps=2, log_every_steps=2, eval_every_steps=3, checkpoint_every_steps=100,
-                gradient_checkpointing="off", bf16="off")
+    base = dict(
+        lr=1e-3,
+        epochs=100.0,
+        max_steps=6,
+        warmup_ratio=0.0,
+        schedule="constant",
+        micro_batch_size=4,
+        grad_accum_steps=2,
+        log_every_steps=2,
+        eval_every_steps=3,
+        checkpoint_every_steps=100,
+        gradient_checkpointing="off",
+        bf16="off",
+    )
     base.update(kw)
     return ArmConfig(**base)
 
@@ -79,8 +90,16 @@ def test_training_with_accumulation_matches_one_batch_update(tmp_path):
     results = []
     for micro, accum in ((8, 1), (2, 4)):
         model = tiny_neox()
-        res = train(model, data, arm(micro_batch_size=micro, grad_accum_steps=accum, max_steps=3, lr=1e-3),
-                    tmp_path / f"{micro}x{accum}", seed=3, evaluate=None, device="cpu", progress=False)
+        res = train(
+            model,
+            data,
+            arm(micro_batch_size=micro, grad_accum_steps=accum, max_steps=3, lr=1e-3),
+            tmp_path / f"{micro}x{accum}",
+            seed=3,
+            evaluate=None,
+            device="cpu",
+            progress=False,
+        )
         assert res.effective_batch_size == 8
         results.append((model, res))
     (m1, r1), (m2, r2) = results
@@ -104,8 +123,17 @@ def test_small_lr_moves_most_weights_in_fp32_even_from_a_bf16_model(tmp_path):
             constrain(model)
         model.to(torch.bfloat16)  # handed in low-precision: the loop must train fp32 anyway
         before = {n: p.detach().float().clone() for n, p in model.named_parameters()}
-        train(model, data, recipe, tmp_path / str(constrained), seed=0, evaluate=None, constrained=constrained,
-              device="cpu", progress=False)
+        train(
+            model,
+            data,
+            recipe,
+            tmp_path / str(constrained),
+            seed=0,
+            evaluate=None,
+            constrained=constrained,
+            device="cpu",
+            progress=False,
+        )
         assert all(p.dtype == torch.float32 for p in model.parameters())
         after = dict(model.named_parameters())
         if constrained:
@@ -123,8 +151,17 @@ def test_small_lr_moves_most_weights_in_fp32_even_from_a_bf16_model(tmp_path):
 
 def test_bf16_autocast_keeps_fp32_params_and_optimizer_state(tmp_path):
     model = constrain(tiny_neox())
-    res = train(model, counter_blocks(16), arm(bf16="on", max_steps=2), tmp_path, seed=0, evaluate=None,
-                constrained=True, device="cpu", progress=False)
+    res = train(
+        model,
+        counter_blocks(16),
+        arm(bf16="on", max_steps=2),
+        tmp_path,
+        seed=0,
+        evaluate=None,
+        constrained=True,
+        device="cpu",
+        progress=False,
+    )
     assert res.history["summary"]["bf16_autocast"] is True
     assert all(p.dtype == torch.float32 for p in model.parameters())
     opt = load_file(str(tmp_path / "checkpoints" / "step-00000002" / "optimizer.safetensors"))
@@ -135,8 +172,17 @@ def test_bf16_autocast_keeps_fp32_params_and_optimizer_state(tmp_path):
 # --------------------------------------------------------------------------- constrained arm
 def test_constrained_arm_logs_min_materialized_weight(tmp_path):
     model = constrain(tiny_neox())
-    res = train(model, counter_blocks(16), arm(max_steps=4, log_every_steps=2, lr=1e-2), tmp_path, seed=0,
-                evaluate=None, constrained=True, device="cpu", progress=False)
+    res = train(
+        model,
+        counter_blocks(16),
+        arm(max_steps=4, log_every_steps=2, lr=1e-2),
+        tmp_path,
+        seed=0,
+        evaluate=None,
+        constrained=True,
+        device="cpu",
+        progress=False,
+    )
     logged = [e["min_constrained_weight"] for e in res.history["log"]]
     assert len(logged) == 2 and all(0 <= w < 1e-3 for w in logged)
     actual = min(float(m.weight.detach().min()) for _, m in constrained_modules(model))
@@ -157,8 +203,17 @@ class ShiftedSoftplus(nn.Module):
 def test_negative_constrained_weight_aborts_training(tmp_path):
     model = constrain(tiny_neox(), ShiftedSoftplus)
     with pytest.raises(ConstraintViolation, match=r"optimizer step 1: .*dense_h_to_4h\.weight"):
-        train(model, counter_blocks(16), arm(lr=1e-2), tmp_path, seed=0, evaluate=None, constrained=True,
-              device="cpu", progress=False)
+        train(
+            model,
+            counter_blocks(16),
+            arm(lr=1e-2),
+            tmp_path,
+            seed=0,
+            evaluate=None,
+            constrained=True,
+            device="cpu",
+            progress=False,
+        )
 
 
 def test_arm_flag_must_match_the_model(tmp_path):
@@ -172,8 +227,17 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path):
     losses = {}
     for gc in ("off", "on"):
         model = constrain(tiny_neox())
-        res = train(model, counter_blocks(16), arm(gradient_checkpointing=gc, max_steps=3, log_every_steps=1),
-                    tmp_path / gc, seed=0, evaluate=None, constrained=True, device="cpu", progress=False)
+        res = train(
+            model,
+            counter_blocks(16),
+            arm(gradient_checkpointing=gc, max_steps=3, log_every_steps=1),
+            tmp_path / gc,
+            seed=0,
+            evaluate=None,
+            constrained=True,
+            device="cpu",
+            progress=False,
+        )
         flag = getattr(model, "is_activation_checkpointing", None)
         assert (flag if flag is not None else model.is_gradient_checkpointing) == (gc == "on")
         losses[gc] = [e["train_loss"] for e in res.history["log"]]
@@ -193,22 +257,44 @@ def test_history_and_best_model_selection(tmp_path):
         return {"perplexity": ppl, "loss": math.log(ppl)}
 
     model = tiny_neox()
-    res = train(model, counter_blocks(32), arm(max_steps=8, eval_every_steps=2, log_every_steps=3), tmp_path, seed=0,
-                evaluate=evaluate, device="cpu", progress=False, on_log=logs.append)
+    res = train(
+        model,
+        counter_blocks(32),
+        arm(max_steps=8, eval_every_steps=2, log_every_steps=3),
+        tmp_path,
+        seed=0,
+        evaluate=evaluate,
+        device="cpu",
+        progress=False,
+        on_log=logs.append,
+    )
     assert res.completed and res.steps == res.total_steps == 8
     assert res.tokens_seen == 8 * 8 * SEQ
     hist = json.loads(res.history_path.read_text())
     assert [e["step"] for e in hist["log"]] == [3, 6, 8]  # every 3 steps plus the last
     for entry in hist["log"]:
-        assert set(entry) == {"step", "epoch", "lr", "train_loss", "tokens_seen", "tokens_per_s",
-                              "wall_time_s", "grad_norm"}
+        assert set(entry) == {
+            "step",
+            "epoch",
+            "lr",
+            "train_loss",
+            "tokens_seen",
+            "tokens_per_s",
+            "wall_time_s",
+            "grad_norm",
+        }
         assert entry["tokens_per_s"] > 0 and entry["grad_norm"] > 0
     assert hist["log"][-1]["epoch"] == pytest.approx(8 * 8 / 32)
     assert [(e["step"], e["val_perplexity"]) for e in hist["eval"]] == [(2, 30.0), (4, 20.0), (6, 25.0), (8, 22.0)]
     assert hist["eval"][0]["val_loss"] == pytest.approx(math.log(30.0))
     s = hist["summary"]
-    assert (s["best_step"], s["best_val_perplexity"], s["total_steps"], s["effective_batch_size"],
-            s["tokens_seen"]) == (4, 20.0, 8, 8, res.tokens_seen)
+    assert (
+        s["best_step"],
+        s["best_val_perplexity"],
+        s["total_steps"],
+        s["effective_batch_size"],
+        s["tokens_seen"],
+    ) == (4, 20.0, 8, 8, res.tokens_seen)
     assert res.final_metrics["best_step"] == 4 and res.final_metrics["val_perplexity"] == 22.0
     assert [e["kind"] for e in logs].count("eval") == 4 and [e["kind"] for e in logs].count("train") == 3
     best = load_file(str(res.best_dir / "model.safetensors"))
@@ -230,8 +316,17 @@ def test_caller_save_model_writes_the_best_dir(tmp_path):
         (directory / "weights" / "w.txt").write_text(str(float(model.get_output_embeddings().weight.detach().sum())))
         return ["weights/w.txt"]
 
-    res = train(tiny_neox(), counter_blocks(16), arm(max_steps=2), tmp_path, seed=0, evaluate=None, device="cpu",
-                progress=False, save_model=save)
+    res = train(
+        tiny_neox(),
+        counter_blocks(16),
+        arm(max_steps=2),
+        tmp_path,
+        seed=0,
+        evaluate=None,
+        device="cpu",
+        progress=False,
+        save_model=save,
+    )
     assert len(calls) == 1 and (res.best_dir / "weights" / "w.txt").is_file()
     assert json.loads((res.best_dir / "best.json").read_text())["files"].keys() == {"weights/w.txt"}
     assert not any(p.name.startswith((".tmp-", ".old-")) for p in tmp_path.iterdir())
@@ -239,5 +334,13 @@ def test_caller_save_model_writes_the_best_dir(tmp_path):
 
 def test_evaluate_must_report_perplexity(tmp_path):
     with pytest.raises(KeyError, match="perplexity"):
-        train(tiny_neox(), counter_blocks(16), arm(max_steps=3), tmp_path, seed=0, evaluate=lambda m: {"loss": 1.0},
-              device="cpu", progress=False)
+        train(
+            tiny_neox(),
+            counter_blocks(16),
+            arm(max_steps=3),
+            tmp_path,
+            seed=0,
+            evaluate=lambda m: {"loss": 1.0},
+            device="cpu",
+            progress=False,
+        )

@@ -214,7 +214,7 @@ def _forward_logits(
     else:
         out = model(inputs_embeds=inputs_embeds, **kwargs)
     logits = out.logits
-    return logits[:, logits.shape[1] - (T - keep_from):]
+    return logits[:, logits.shape[1] - (T - keep_from) :]
 
 
 def _token_losses_from(
@@ -255,8 +255,14 @@ def masked_mean(token_losses: torch.Tensor, target_mask: torch.Tensor) -> torch.
     return (token_losses * mask).sum(1) / mask.sum(1)
 
 
-def token_losses(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                 target_mask: torch.Tensor, *, bf16: bool = False) -> torch.Tensor:
+def token_losses(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    target_mask: torch.Tensor,
+    *,
+    bf16: bool = False,
+) -> torch.Tensor:
     """Per-token CE [N, T] of one batch, no gradient (under bf16 autocast when `bf16`).
 
     `no_grad`, not `inference_mode`: inside `attack_mode` the constrained weights are cached on
@@ -265,8 +271,14 @@ def token_losses(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
         return _token_losses_from(model, target_mask, input_ids, input_ids=input_ids, attention_mask=attention_mask)
 
 
-def embedding_gradient(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                       target_mask: torch.Tensor, *, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def embedding_gradient(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    target_mask: torch.Tensor,
+    *,
+    bf16: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient of each sequence's objective w.r.t. its input embeddings.
 
     Returns `(grad [N, T, H] fp32, losses [N])`. The sum of the per-sequence losses is
@@ -284,8 +296,9 @@ def embedding_gradient(model: nn.Module, input_ids: torch.Tensor, attention_mask
     return grad.float(), losses.detach()
 
 
-def first_order_scores(grad: torch.Tensor, embedding_matrix: torch.Tensor, allowed: torch.Tensor,
-                       current: torch.Tensor | None = None) -> torch.Tensor:
+def first_order_scores(
+    grad: torch.Tensor, embedding_matrix: torch.Tensor, allowed: torch.Tensor, current: torch.Tensor | None = None
+) -> torch.Tensor:
     """First-order estimate of the loss change of swapping each position to each token.
 
     `grad` [P, H] (one row per position), `embedding_matrix` [V, H]. Returns [P, V]:

@@ -27,8 +27,11 @@ def mean_with_ci(values: Sequence[float], *, seed: int, tag: str) -> dict[str, A
     summary = stats.summarize(values, confidence=CONFIDENCE)
     ci = stats.bootstrap_ci(values, seed=derive_seed(seed, "ci", tag), confidence=CONFIDENCE)
     return {
-        "n": summary["n"], "mean": summary["mean"], "std": summary["std"],
-        "ci_low": None if ci is None else ci[0], "ci_high": None if ci is None else ci[1],
+        "n": summary["n"],
+        "mean": summary["mean"],
+        "std": summary["std"],
+        "ci_low": None if ci is None else ci[0],
+        "ci_high": None if ci is None else ci[1],
         "ci_method": f"bootstrap BCa {round(CONFIDENCE * 100)}% over texts",
     }
 
@@ -37,8 +40,14 @@ def rate_with_ci(successes: int, n: int) -> dict[str, Any]:
     if n == 0:
         return {"k": 0, "n": 0, "rate": None, "ci_low": None, "ci_high": None, "ci_method": "Wilson"}
     ci = sps.binomtest(successes, n).proportion_ci(confidence_level=CONFIDENCE, method="wilson")
-    return {"k": successes, "n": n, "rate": successes / n, "ci_low": float(ci.low), "ci_high": float(ci.high),
-            "ci_method": f"Wilson {round(CONFIDENCE * 100)}%"}
+    return {
+        "k": successes,
+        "n": n,
+        "rate": successes / n,
+        "ci_low": float(ci.low),
+        "ci_high": float(ci.high),
+        "ci_method": f"Wilson {round(CONFIDENCE * 100)}%",
+    }
 
 
 def per_text_effects(clean: Sequence[float], attacked: Sequence[float], threshold: float) -> dict[str, list]:
@@ -46,12 +55,16 @@ def per_text_effects(clean: Sequence[float], attacked: Sequence[float], threshol
     a = np.asarray(attacked, dtype=float)
     abs_inc = a - c
     rel_inc = abs_inc / c
-    return {"abs_increase": abs_inc.tolist(), "rel_increase": rel_inc.tolist(),
-            "success": (rel_inc > threshold).tolist()}
+    return {
+        "abs_increase": abs_inc.tolist(),
+        "rel_increase": rel_inc.tolist(),
+        "success": (rel_inc > threshold).tolist(),
+    }
 
 
-def effect_summary(clean: Sequence[float], attacked: Sequence[float], *, threshold: float, seed: int,
-                   tag: str) -> dict[str, Any]:
+def effect_summary(
+    clean: Sequence[float], attacked: Sequence[float], *, threshold: float, seed: int, tag: str
+) -> dict[str, Any]:
     """The reported effect of an attack on a set of texts (keys in reading order: absolute
     increase first). `tag` separates the bootstrap streams of different summaries."""
     if len(clean) != len(attacked):

@@ -81,8 +81,15 @@ def _current_text_pass(
 
 
 def _flipped_losses(
-    model: nn.Module, cur: torch.Tensor, start: int, pos: torch.Tensor, tok: torch.Tensor, *,
-    kv: list[tuple[torch.Tensor, torch.Tensor]] | None, cache_arg: str | None, bf16: bool,
+    model: nn.Module,
+    cur: torch.Tensor,
+    start: int,
+    pos: torch.Tensor,
+    tok: torch.Tensor,
+    *,
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None,
+    cache_arg: str | None,
+    bf16: bool,
 ) -> torch.Tensor:
     """Per-token CE [n, T - start - 1] of positions start+1 .. T-1 of `cur` with each flip
     (pos[i] -> tok[i]) applied; positions < `start` come from the cached keys/values `kv`."""
@@ -94,7 +101,8 @@ def _flipped_losses(
         kwargs: dict[str, Any] = {"use_cache": start > 0}
         if start > 0:
             kwargs[cache_arg] = DynamicCache(
-                [(k[:, :, :start].expand(n, -1, -1, -1), v[:, :, :start].expand(n, -1, -1, -1)) for k, v in kv])
+                [(k[:, :, :start].expand(n, -1, -1, -1), v[:, :, :start].expand(n, -1, -1, -1)) for k, v in kv]
+            )
         logits = model(input_ids=rows.to(device), **kwargs).logits[:, :-1]
         return cross_entropy_fp32(logits, rows[:, 1:].to(device)).cpu()
 
@@ -144,7 +152,7 @@ def score_flips(
                 raise
             sizer.shrink(exc)
             continue
-        tok[idx, s + 1:] = ce  # positions <= s are predicted from the unchanged prefix
+        tok[idx, s + 1 :] = ce  # positions <= s are predicted from the unchanged prefix
         done = end
     masks = flip_target_masks(targets, cand_pos)
     before = masked_mean(tok0.view(1, -1).expand(B, -1), masks)

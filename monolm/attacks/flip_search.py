@@ -32,8 +32,9 @@ def base_targets(n_prefix: int, n_text: int) -> torch.Tensor:
     return torch.tensor(text_target_mask(n_prefix, n_text, has_prefix=n_prefix > 0), dtype=torch.bool)
 
 
-def _random_candidates(cur: torch.Tensor, open_pos: torch.Tensor, allowed: torch.Tensor, n: int,
-                       gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _random_candidates(
+    cur: torch.Tensor, open_pos: torch.Tensor, allowed: torch.Tensor, n: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`n` uniformly random (position, token) swaps: an open position, and an allowed token other
     than the one already there. Duplicates are dropped (order kept)."""
     allowed_ids = torch.nonzero(allowed).flatten()
@@ -55,8 +56,16 @@ def _random_candidates(cur: torch.Tensor, open_pos: torch.Tensor, allowed: torch
     return pos[keep_t], tok[keep_t]
 
 
-def _gradient_candidates(model: nn.Module, cur: torch.Tensor, targets: torch.Tensor, open_pos: torch.Tensor,
-                         allowed: torch.Tensor, n: int, *, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _gradient_candidates(
+    model: nn.Module,
+    cur: torch.Tensor,
+    targets: torch.Tensor,
+    open_pos: torch.Tensor,
+    allowed: torch.Tensor,
+    n: int,
+    *,
+    bf16: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The `n` swaps with the highest first-order score `g_i · (E_v - E_{x_i})`."""
     device = model_device(model)
     E = model.get_input_embeddings().weight.detach()
@@ -70,8 +79,14 @@ def _gradient_candidates(model: nn.Module, cur: torch.Tensor, targets: torch.Ten
 
 
 def _flip_search(
-    setup: AttackSetup, orig: torch.Tensor, base: torch.Tensor, cfg: HotFlipConfig, *, allowed: torch.Tensor,
-    method: Method, gen: torch.Generator | None,
+    setup: AttackSetup,
+    orig: torch.Tensor,
+    base: torch.Tensor,
+    cfg: HotFlipConfig,
+    *,
+    allowed: torch.Tensor,
+    method: Method,
+    gen: torch.Generator | None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]], str]:
     """Up to `cfg.max_flips` greedy flips of the text tokens of `orig` (`prefix + text`, targets
     `base`); returns the attacked ids, the flipped positions, the trajectory and why it stopped."""
@@ -98,9 +113,16 @@ def _flip_search(
         if not bool(gains[best] > 0):
             return cur, flipped, trajectory, "no_gain"
         pos, new = int(cand_pos[best]), int(cand_tok[best])
-        trajectory.append({"position": pos - n_prefix, "old_id": int(cur[pos]), "new_id": new,
-                           "loss_before": float(before[best]), "loss_after": float(after[best]),
-                           "n_candidates": len(cand_pos)})
+        trajectory.append(
+            {
+                "position": pos - n_prefix,
+                "old_id": int(cur[pos]),
+                "new_id": new,
+                "loss_before": float(before[best]),
+                "loss_after": float(after[best]),
+                "n_candidates": len(cand_pos),
+            }
+        )
         cur[pos] = new
         flipped[pos] = True
     return cur, flipped, trajectory, "max_flips"

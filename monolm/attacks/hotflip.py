@@ -79,8 +79,14 @@ def adversarial_batch(examples: Sequence[Mapping[str, Any]], prefix: Sequence[in
     return pad_batch(seqs, masks), pad_batch(adv, masks)
 
 
-def replay_flips(model: nn.Module, examples: Sequence[Mapping[str, Any]], *, prefix: Sequence[int],
-                 batch_size: int | BatchSizer = 64, bf16: Bf16 = "auto") -> dict[str, list[float]]:
+def replay_flips(
+    model: nn.Module,
+    examples: Sequence[Mapping[str, Any]],
+    *,
+    prefix: Sequence[int],
+    batch_size: int | BatchSizer = 64,
+    bf16: Bf16 = "auto",
+) -> dict[str, list[float]]:
     """Clean and attacked loss of recorded adversarial examples on another model (transfer)."""
     clean_b, adv_b = adversarial_batch(examples, prefix)
     setup = AttackSetup.of(model, prefix, batch_size, bf16)
@@ -89,9 +95,15 @@ def replay_flips(model: nn.Module, examples: Sequence[Mapping[str, Any]], *, pre
     return {"index": [ex.get("index") for ex in examples], "clean": clean.tolist(), "attacked": attacked.tolist()}
 
 
-def transfer_matrix(models: Mapping[str, nn.Module], examples: Mapping[str, Sequence[Mapping[str, Any]]], *,
-                    prefix: Sequence[int], seed: int, success_threshold: float = 0.15,
-                    bf16: Bf16 = "auto") -> dict[str, Any]:
+def transfer_matrix(
+    models: Mapping[str, nn.Module],
+    examples: Mapping[str, Sequence[Mapping[str, Any]]],
+    *,
+    prefix: Sequence[int],
+    seed: int,
+    success_threshold: float = 0.15,
+    bf16: Bf16 = "auto",
+) -> dict[str, Any]:
     """Every model's adversarial examples replayed on every model:
     `cells[source][target]` is the effect summary, `per_text` the paired losses."""
     cells: dict[str, dict[str, Any]] = {}
@@ -100,18 +112,35 @@ def transfer_matrix(models: Mapping[str, nn.Module], examples: Mapping[str, Sequ
         cells[src], per_text[src] = {}, {}
         for name, model in models.items():
             res = replay_flips(model, exs, prefix=prefix, bf16=bf16)
-            cells[src][name] = effect_summary(res["clean"], res["attacked"], threshold=success_threshold,
-                                              seed=seed, tag=f"hotflip-transfer:{src}:{name}")
+            cells[src][name] = effect_summary(
+                res["clean"],
+                res["attacked"],
+                threshold=success_threshold,
+                seed=seed,
+                tag=f"hotflip-transfer:{src}:{name}",
+            )
             per_text[src][name] = res
-    return {"attack": "hotflip", "sources": list(examples), "models": list(models), "prefix_ids": list(prefix),
-            "cells": cells, "per_text": per_text}
+    return {
+        "attack": "hotflip",
+        "sources": list(examples),
+        "models": list(models),
+        "prefix_ids": list(prefix),
+        "cells": cells,
+        "per_text": per_text,
+    }
 
 
 # --------------------------------------------------------------------------- the stage
-def summarize_examples(records: Sequence[Mapping[str, Any]], *, threshold: float, seed: int, tag: str,
-                       max_flips: int) -> dict[str, Any]:
-    summary = effect_summary([r["clean_loss"] for r in records], [r["attacked_loss"] for r in records],
-                             threshold=threshold, seed=seed, tag=tag)
+def summarize_examples(
+    records: Sequence[Mapping[str, Any]], *, threshold: float, seed: int, tag: str, max_flips: int
+) -> dict[str, Any]:
+    summary = effect_summary(
+        [r["clean_loss"] for r in records],
+        [r["attacked_loss"] for r in records],
+        threshold=threshold,
+        seed=seed,
+        tag=tag,
+    )
     counts = Counter(r["flips_used"] for r in records)
     summary["flips_histogram"] = {str(k): counts.get(k, 0) for k in range(max_flips + 1)}
     summary["mean_flips"] = sum(r["flips_used"] for r in records) / len(records) if records else None
@@ -119,20 +148,42 @@ def summarize_examples(records: Sequence[Mapping[str, Any]], *, threshold: float
     return summary
 
 
-def run_key(model: nn.Module, texts: Sequence[Sequence[int]], cfg: HotFlipConfig, *, seed: int,
-            prefix: Sequence[int], allowed: torch.Tensor, method: Method, threshold: float) -> str:
+def run_key(
+    model: nn.Module,
+    texts: Sequence[Sequence[int]],
+    cfg: HotFlipConfig,
+    *,
+    seed: int,
+    prefix: Sequence[int],
+    allowed: torch.Tensor,
+    method: Method,
+    threshold: float,
+) -> str:
     """Digest of everything a block's result depends on (see `units`)."""
-    return units.digest_json({
-        "attack": KINDS[method], "cfg": cfg.model_dump(mode="json", exclude={"random_control"}), "seed": seed,
-        "model": units.model_fingerprint(model), "texts": units.digest_json([list(t) for t in texts]),
-        "prefix": list(prefix), "allowed": units.digest_json(torch.nonzero(allowed).flatten().tolist()),
-        "threshold": threshold,
-    })
+    return units.digest_json(
+        {
+            "attack": KINDS[method],
+            "cfg": cfg.model_dump(mode="json", exclude={"random_control"}),
+            "seed": seed,
+            "model": units.model_fingerprint(model),
+            "texts": units.digest_json([list(t) for t in texts]),
+            "prefix": list(prefix),
+            "allowed": units.digest_json(torch.nonzero(allowed).flatten().tolist()),
+            "threshold": threshold,
+        }
+    )
 
 
 def _block_units(
-    attack: Callable[[int], dict[str, Any]], kind: str, n_texts: int, block_size: int, key: str, out_dir: Path,
-    budget: int | None, progress: bool, log: logging.Logger,
+    attack: Callable[[int], dict[str, Any]],
+    kind: str,
+    n_texts: int,
+    block_size: int,
+    key: str,
+    out_dir: Path,
+    budget: int | None,
+    progress: bool,
+    log: logging.Logger,
 ) -> tuple[list[dict[str, Any]], int, bool]:
     """`(records, blocks computed, complete)` of one method: each block of `block_size` texts is a
     unit, reused when finished, else computed with `attack(i)` per text and written. Incomplete
@@ -155,8 +206,14 @@ def _block_units(
             payload = units.write_unit(out_dir, kind, b, key, {"block": b, "examples": block})
             computed += 1
             mean_inc = sum(r["abs_increase"] for r in payload["examples"]) / len(payload["examples"])
-            log.info("%s block %d/%d: mean loss increase %+.4f nats/token, flips %s", kind, b + 1,
-                     n_blocks, mean_inc, [r["flips_used"] for r in payload["examples"]])
+            log.info(
+                "%s block %d/%d: mean loss increase %+.4f nats/token, flips %s",
+                kind,
+                b + 1,
+                n_blocks,
+                mean_inc,
+                [r["flips_used"] for r in payload["examples"]],
+            )
         else:
             bar.update(hi - lo)
         records.extend(payload["examples"])
@@ -200,11 +257,13 @@ def run(
     with attack_mode(model):
         for method in methods:
             attack = functools.partial(_attack_example, setup, texts, cfg, allowed, method, seed, success_threshold)
-            key = run_key(model, texts, cfg, seed=seed, prefix=prefix, allowed=allowed, method=method,
-                          threshold=success_threshold)
+            key = run_key(
+                model, texts, cfg, seed=seed, prefix=prefix, allowed=allowed, method=method, threshold=success_threshold
+            )
             budget = None if max_units is None else max_units - computed
-            records[method], done, complete = _block_units(attack, KINDS[method], len(texts), cfg.block_size, key,
-                                                           out_dir, budget, progress, log)
+            records[method], done, complete = _block_units(
+                attack, KINDS[method], len(texts), cfg.block_size, key, out_dir, budget, progress, log
+            )
             computed += done
             if not complete:
                 return {"complete": False, "units_done": computed}
@@ -213,37 +272,71 @@ def run(
     return results
 
 
-def _attack_example(setup: AttackSetup, texts: Sequence[Sequence[int]], cfg: HotFlipConfig, allowed: torch.Tensor,
-                    method: Method, seed: int, threshold: float, i: int) -> dict[str, Any]:
+def _attack_example(
+    setup: AttackSetup,
+    texts: Sequence[Sequence[int]],
+    cfg: HotFlipConfig,
+    allowed: torch.Tensor,
+    method: Method,
+    seed: int,
+    threshold: float,
+    i: int,
+) -> dict[str, Any]:
     """Text `i` attacked with `method`; the control draws from its own generator per text."""
     gen = generator(seed, KINDS["control"], i) if method == "control" else None
     return attack_text(setup, texts[i], cfg, allowed=allowed, method=method, gen=gen, success_threshold=threshold)
 
 
-def _write_results(out_dir: Path, records: dict[str, list[dict[str, Any]]], cfg: HotFlipConfig, seed: int,
-                   prefix: list[int], n_texts: int, n_allowed: int, success_threshold: float) -> dict[str, Any]:
+def _write_results(
+    out_dir: Path,
+    records: dict[str, list[dict[str, Any]]],
+    cfg: HotFlipConfig,
+    seed: int,
+    prefix: list[int],
+    n_texts: int,
+    n_allowed: int,
+    success_threshold: float,
+) -> dict[str, Any]:
     """Write each method's examples (`EXAMPLE_FILES`) and `hotflip_results.json`; return the results."""
     results: dict[str, Any] = {
-        "attack": "hotflip", "complete": True, "seed": seed, "config": cfg.model_dump(mode="json"),
-        "success_threshold": success_threshold, "prefix_ids": prefix, "n_texts": n_texts,
+        "attack": "hotflip",
+        "complete": True,
+        "seed": seed,
+        "config": cfg.model_dump(mode="json"),
+        "success_threshold": success_threshold,
+        "prefix_ids": prefix,
+        "n_texts": n_texts,
         "n_allowed_tokens": n_allowed,
     }
     for method, recs in records.items():
-        atomic_write_text(out_dir / EXAMPLE_FILES[method],
-                          "".join(json.dumps({**r, "method": method, "prefix_ids": prefix}) + "\n" for r in recs))
-        results[method] = summarize_examples(recs, threshold=success_threshold, seed=seed, tag=f"hotflip-{method}",
-                                             max_flips=cfg.max_flips)
+        atomic_write_text(
+            out_dir / EXAMPLE_FILES[method],
+            "".join(json.dumps({**r, "method": method, "prefix_ids": prefix}) + "\n" for r in recs),
+        )
+        results[method] = summarize_examples(
+            recs, threshold=success_threshold, seed=seed, tag=f"hotflip-{method}", max_flips=cfg.max_flips
+        )
     control = "control" in records
     results["control"] = results.get("control")
     results["gradient_vs_control"] = (
-        stats.paired_test([r["abs_increase"] for r in records["gradient"]],
-                          [r["abs_increase"] for r in records["control"]]) if control else None)
+        stats.paired_test(
+            [r["abs_increase"] for r in records["gradient"]], [r["abs_increase"] for r in records["control"]]
+        )
+        if control
+        else None
+    )
     atomic_write_json(out_dir / "hotflip_results.json", results)
     return results
 
 
 def _log_results(log: logging.Logger, results: dict[str, Any]) -> None:
     g, c = results["gradient"], results["control"]
-    log.info("hotflip on %d texts: +%.4f nats/token (%+.1f%%), success %.0f%%, mean flips %.2f%s", g["n_texts"],
-             g["abs_increase"]["mean"], 100 * g["rel_increase"]["mean"], 100 * g["success_rate"]["rate"],
-             g["mean_flips"], "" if c is None else f"; random control +{c['abs_increase']['mean']:.4f} nats/token")
+    log.info(
+        "hotflip on %d texts: +%.4f nats/token (%+.1f%%), success %.0f%%, mean flips %.2f%s",
+        g["n_texts"],
+        g["abs_increase"]["mean"],
+        100 * g["rel_increase"]["mean"],
+        100 * g["success_rate"]["rate"],
+        g["mean_flips"],
+        "" if c is None else f"; random control +{c['abs_increase']['mean']:.4f} nats/token",
+    )

@@ -111,9 +111,18 @@ def optimise_restart(
             tokens, losses = _position_step(setup, opt.rows(idx), trigger, p, k, allowed)
             best = int(torch.argmax(losses[1:])) + 1
             accept = bool(losses[best] > losses[0])
-            steps.append({"sweep": sweep, "position": p, "n_texts": len(idx), "loss_before": float(losses[0]),
-                          "best_candidate_loss": float(losses[best]), "token_before": int(trigger[p]),
-                          "token_after": int(tokens[best]) if accept else int(trigger[p]), "accepted": accept})
+            steps.append(
+                {
+                    "sweep": sweep,
+                    "position": p,
+                    "n_texts": len(idx),
+                    "loss_before": float(losses[0]),
+                    "best_candidate_loss": float(losses[best]),
+                    "token_before": int(trigger[p]),
+                    "token_after": int(tokens[best]) if accept else int(trigger[p]),
+                    "accepted": accept,
+                }
+            )
             if accept:
                 trigger[p] = tokens[best]
                 changed = True
@@ -123,5 +132,10 @@ def optimise_restart(
             converged = True
             break
     bar.close()
-    return {"initial_trigger_ids": initial, "trigger_ids": trigger.tolist(), "sweeps": sweeps,
-            "converged": converged, "steps": steps}
+    return {
+        "initial_trigger_ids": initial,
+        "trigger_ids": trigger.tolist(),
+        "sweeps": sweeps,
+        "converged": converged,
+        "steps": steps,
+    }

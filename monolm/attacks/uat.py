@@ -98,27 +98,48 @@ def transfer_matrix(
         cells[src], per_text[src] = {}, {}
         for name, model in models.items():
             res = evaluate_trigger(model, trig, texts, prefix=prefix, batch_size=batch_size, bf16=bf16)
-            cells[src][name] = effect_summary(res["clean"], res["attacked"], threshold=success_threshold,
-                                              seed=seed, tag=f"uat-transfer:{src}:{name}")
+            cells[src][name] = effect_summary(
+                res["clean"], res["attacked"], threshold=success_threshold, seed=seed, tag=f"uat-transfer:{src}:{name}"
+            )
             per_text[src][name] = res
-    return {"attack": "uat", "triggers": {k: list(v) for k, v in triggers.items()}, "models": list(models),
-            "n_texts": len(texts), "prefix_ids": list(prefix), "cells": cells, "per_text": per_text}
+    return {
+        "attack": "uat",
+        "triggers": {k: list(v) for k, v in triggers.items()},
+        "models": list(models),
+        "n_texts": len(texts),
+        "prefix_ids": list(prefix),
+        "cells": cells,
+        "per_text": per_text,
+    }
 
 
-def run_key(model: nn.Module, opt_texts: Sequence[Sequence[int]], cfg: UATConfig, *, seed: int,
-            prefix: Sequence[int], allowed: torch.Tensor) -> str:
+def run_key(
+    model: nn.Module,
+    opt_texts: Sequence[Sequence[int]],
+    cfg: UATConfig,
+    *,
+    seed: int,
+    prefix: Sequence[int],
+    allowed: torch.Tensor,
+) -> str:
     """Digest of everything a restart's result depends on (see `units`)."""
-    return units.digest_json({
-        "attack": KIND, "cfg": cfg.model_dump(mode="json"), "seed": seed,
-        "model": units.model_fingerprint(model), "opt_texts": units.digest_json([list(t) for t in opt_texts]),
-        "prefix": list(prefix),
-        "allowed": units.digest_json(torch.nonzero(allowed).flatten().tolist()),
-    })
+    return units.digest_json(
+        {
+            "attack": KIND,
+            "cfg": cfg.model_dump(mode="json"),
+            "seed": seed,
+            "model": units.model_fingerprint(model),
+            "opt_texts": units.digest_json([list(t) for t in opt_texts]),
+            "prefix": list(prefix),
+            "allowed": units.digest_json(torch.nonzero(allowed).flatten().tolist()),
+        }
+    )
 
 
 # --------------------------------------------------------------------------- the stage
-def _held_out_texts(opt_texts: Sequence[Sequence[int]], eval_texts: Sequence[Sequence[int]], cfg: UATConfig,
-                    prefix: Sequence[int]) -> tuple[list[list[int]], list[list[int]]]:
+def _held_out_texts(
+    opt_texts: Sequence[Sequence[int]], eval_texts: Sequence[Sequence[int]], cfg: UATConfig, prefix: Sequence[int]
+) -> tuple[list[list[int]], list[list[int]]]:
     """The optimisation and evaluation texts, cut to size, checked to be scorable and disjoint."""
     opt = truncate(opt_texts[: cfg.n_opt_texts], cfg.text_max_tokens)
     ev = truncate(eval_texts[: cfg.n_eval_texts], cfg.text_max_tokens)
@@ -126,13 +147,16 @@ def _held_out_texts(opt_texts: Sequence[Sequence[int]], eval_texts: Sequence[Seq
     check_texts(ev, prefix, "eval_texts")
     shared = {tuple(t) for t in opt} & {tuple(t) for t in ev}
     if shared:
-        raise ValueError(f"{len(shared)} evaluation texts also occur among the optimisation texts; "
-                         "the trigger must be reported on held-out texts")
+        raise ValueError(
+            f"{len(shared)} evaluation texts also occur among the optimisation texts; "
+            "the trigger must be reported on held-out texts"
+        )
     return opt, ev
 
 
-def _restart(setup: AttackSetup, opt: TextBatch, cfg: UATConfig, allowed: torch.Tensor, seed: int, progress: bool,
-             r: int) -> dict[str, Any]:
+def _restart(
+    setup: AttackSetup, opt: TextBatch, cfg: UATConfig, allowed: torch.Tensor, seed: int, progress: bool, r: int
+) -> dict[str, Any]:
     """Restart `r` from its own seeded generator, with its trigger's loss over all optimisation texts."""
     gen = generator(seed, STAGE, r)
     result = optimise_restart(setup, opt, cfg, allowed=allowed, gen=gen, progress=progress, desc=f"uat restart {r}")
@@ -141,8 +165,15 @@ def _restart(setup: AttackSetup, opt: TextBatch, cfg: UATConfig, allowed: torch.
     return result
 
 
-def _restart_units(compute: Callable[[int], dict[str, Any]], tokenizer: Any, n_restarts: int, key: str,
-                   out_dir: Path, max_units: int | None, log: logging.Logger) -> tuple[list[dict[str, Any]], bool]:
+def _restart_units(
+    compute: Callable[[int], dict[str, Any]],
+    tokenizer: Any,
+    n_restarts: int,
+    key: str,
+    out_dir: Path,
+    max_units: int | None,
+    log: logging.Logger,
+) -> tuple[list[dict[str, Any]], bool]:
     """`(payloads, complete)`: restart r's finished unit is reused, a missing one is computed with
     `compute(r)` and written. Incomplete once `max_units` restarts were computed and more are missing."""
     restarts: list[dict[str, Any]] = []
@@ -150,16 +181,21 @@ def _restart_units(compute: Callable[[int], dict[str, Any]], tokenizer: Any, n_r
     for r in range(n_restarts):
         payload = units.read_unit(out_dir, KIND, r, key)
         if payload is not None:
-            log.info("uat restart %d/%d: reused finished unit (opt loss %.4f)", r + 1, n_restarts,
-                     payload["opt_loss"])
+            log.info("uat restart %d/%d: reused finished unit (opt loss %.4f)", r + 1, n_restarts, payload["opt_loss"])
         elif max_units is not None and computed >= max_units:
             return restarts, False
         else:
             payload = units.write_unit(out_dir, KIND, r, key, compute(r))
             computed += 1
-            log.info("uat restart %d/%d: opt loss %.4f after %d sweeps%s, trigger %r", r + 1, n_restarts,
-                     payload["opt_loss"], payload["sweeps"], " (converged)" if payload["converged"] else "",
-                     tokenizer.decode(payload["trigger_ids"]))
+            log.info(
+                "uat restart %d/%d: opt loss %.4f after %d sweeps%s, trigger %r",
+                r + 1,
+                n_restarts,
+                payload["opt_loss"],
+                payload["sweeps"],
+                " (converged)" if payload["converged"] else "",
+                tokenizer.decode(payload["trigger_ids"]),
+            )
         restarts.append(payload)
     return restarts, True
 
@@ -222,10 +258,10 @@ def run(
         "trigger_ids": best["trigger_ids"],
         "trigger_text": triggers["best"]["trigger_text"],
         "opt": {"clean_loss": sum(clean_opt) / len(clean_opt), "attacked_loss": best["opt_loss"]},
-        "eval": effect_summary(evaluation["clean"], evaluation["attacked"], threshold=success_threshold,
-                               seed=seed, tag="uat-eval"),
-        "per_text": {**evaluation, **per_text_effects(evaluation["clean"], evaluation["attacked"],
-                                                      success_threshold)},
+        "eval": effect_summary(
+            evaluation["clean"], evaluation["attacked"], threshold=success_threshold, seed=seed, tag="uat-eval"
+        ),
+        "per_text": {**evaluation, **per_text_effects(evaluation["clean"], evaluation["attacked"], success_threshold)},
     }
     atomic_write_json(out_dir / "triggers.json", triggers)
     atomic_write_json(out_dir / "uat_results.json", results)
@@ -233,22 +269,41 @@ def run(
     return results
 
 
-def _triggers_record(tokenizer: Any, cfg: UATConfig, prefix: Sequence[int], restarts: list[dict[str, Any]],
-                     best: dict[str, Any]) -> dict[str, Any]:
+def _triggers_record(
+    tokenizer: Any, cfg: UATConfig, prefix: Sequence[int], restarts: list[dict[str, Any]], best: dict[str, Any]
+) -> dict[str, Any]:
     """`triggers.json`: every restart's initial and final trigger, and the best one."""
     return {
         "prefix_ids": prefix,
         "trigger_len": cfg.trigger_len,
-        "restarts": [{"restart": u["restart"], "initial_trigger_ids": u["initial_trigger_ids"],
-                      "trigger_ids": u["trigger_ids"], "trigger_text": tokenizer.decode(u["trigger_ids"]),
-                      "opt_loss": u["opt_loss"], "sweeps": u["sweeps"], "converged": u["converged"]}
-                     for u in restarts],
-        "best": {"restart": best["restart"], "trigger_ids": best["trigger_ids"],
-                 "trigger_text": tokenizer.decode(best["trigger_ids"]), "opt_loss": best["opt_loss"]},
+        "restarts": [
+            {
+                "restart": u["restart"],
+                "initial_trigger_ids": u["initial_trigger_ids"],
+                "trigger_ids": u["trigger_ids"],
+                "trigger_text": tokenizer.decode(u["trigger_ids"]),
+                "opt_loss": u["opt_loss"],
+                "sweeps": u["sweeps"],
+                "converged": u["converged"],
+            }
+            for u in restarts
+        ],
+        "best": {
+            "restart": best["restart"],
+            "trigger_ids": best["trigger_ids"],
+            "trigger_text": tokenizer.decode(best["trigger_ids"]),
+            "opt_loss": best["opt_loss"],
+        },
     }
 
 
 def _log_effect(log: logging.Logger, e: dict[str, Any]) -> None:
-    log.info("uat on %d held-out texts: clean %.4f -> attacked %.4f nats/token (+%.4f, %+.1f%%), success %.0f%%",
-             e["n_texts"], e["clean_loss"]["mean"], e["attacked_loss"]["mean"], e["abs_increase"]["mean"],
-             100 * e["rel_increase"]["mean"], 100 * e["success_rate"]["rate"])
+    log.info(
+        "uat on %d held-out texts: clean %.4f -> attacked %.4f nats/token (+%.4f, %+.1f%%), success %.0f%%",
+        e["n_texts"],
+        e["clean_loss"]["mean"],
+        e["attacked_loss"]["mean"],
+        e["abs_increase"]["mean"],
+        100 * e["rel_increase"]["mean"],
+        100 * e["success_rate"]["rate"],
+    )

@@ -57,8 +57,9 @@ def read_unit(out_dir: str | Path, kind: str, index: int, key: str) -> Any | Non
     try:
         record = json.loads(path.read_bytes())
         payload = record["payload"]
-        ok = (record.get("kind") == kind and record.get("index") == index
-              and record.get("sha256") == digest_json(payload))
+        ok = (
+            record.get("kind") == kind and record.get("index") == index and record.get("sha256") == digest_json(payload)
+        )
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         ok = False
     if not ok:

@@ -7,6 +7,7 @@ Layers, later wins: the schema's defaults (the `full` paper run) <- a preset YAM
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from pathlib import Path
@@ -59,8 +60,7 @@ def parse_set(assignment: str) -> dict[str, Any]:
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(
-            f"invalid override {assignment!r}: expected KEY=VALUE with a dotted key, "
-            "e.g. --set training.common.lr=1e-4"
+            f"invalid override {assignment!r}: expected KEY=VALUE with a dotted key, e.g. --set training.common.lr=1e-4"
         )
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
@@ -68,10 +68,8 @@ def parse_set(assignment: str) -> dict[str, Any]:
         raise ConfigError(f"invalid override {assignment!r}: value is not valid YAML ({exc})") from None
     # PyYAML reads 1e-4 (no dot) as a string; accept it as the float the user meant.
     if isinstance(value, str):
-        try:
+        with contextlib.suppress(ValueError):
             value = float(value) if any(c in value.lower() for c in "e.") and value.strip() else value
-        except ValueError:
-            pass
     node: dict[str, Any] = {}
     root = node
     parts = key.split(".")
@@ -88,8 +86,9 @@ def _format_validation_error(exc: ValidationError) -> str:
         loc = ".".join(str(p) for p in err["loc"]) or "config"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            lines.append(f"{loc}: unknown field (value {err['input']!r}); check the spelling "
-                         "against `monolm config show`")
+            lines.append(
+                f"{loc}: unknown field (value {err['input']!r}); check the spelling against `monolm config show`"
+            )
         elif err["type"] in ("literal_error", "enum"):
             lines.append(f"{loc}: {err['input']!r} is not allowed; {msg}")
         elif err["type"] == "value_error":
@@ -121,9 +120,7 @@ def load_config(
     data["preset"] = preset
     for name in overrides:
         if name not in available_overrides():
-            raise ConfigError(
-                f"override: unknown named override {name!r}; allowed: {', '.join(available_overrides())}"
-            )
+            raise ConfigError(f"override: unknown named override {name!r}; allowed: {', '.join(available_overrides())}")
         data = deep_merge(data, _read_yaml(OVERRIDES_DIR / f"{name}.yaml", f"override {name}"))
     if config_file is not None:
         data = deep_merge(data, _read_yaml(Path(config_file), "config file"))

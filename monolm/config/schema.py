@@ -52,8 +52,7 @@ class TinyModelConfig(Strict):
     def _heads_divide(self) -> TinyModelConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(
-                f"model.tiny.hidden_size={self.hidden_size} must be divisible by "
-                f"model.tiny.num_heads={self.num_heads}"
+                f"model.tiny.hidden_size={self.hidden_size} must be divisible by model.tiny.num_heads={self.num_heads}"
             )
         return self
 
@@ -308,8 +307,10 @@ class ExperimentConfig(Strict):
         if self.model.source == "tiny":
             self.validate_seq_len(self.model.tiny.max_position_embeddings)
             if self.data.source == "hub":
-                raise ValueError("data.source='hub' with model.source='tiny': the tiny model's "
-                                 "tokenizer is trained on data.source='embedded' or 'local'")
+                raise ValueError(
+                    "data.source='hub' with model.source='tiny': the tiny model's "
+                    "tokenizer is trained on data.source='embedded' or 'local'"
+                )
         return self
 
     def validate_seq_len(self, model_max: int) -> None:
@@ -318,15 +319,14 @@ class ExperimentConfig(Strict):
         checks = {
             "data.seq_len": self.data.seq_len,
             "evaluation.seq_len": self.evaluation.seq_len,
-            "attacks.uat (trigger_len + text_max_tokens)":
-                self.attacks.uat.trigger_len + self.attacks.uat.text_max_tokens,
+            "attacks.uat (trigger_len + text_max_tokens)": self.attacks.uat.trigger_len
+            + self.attacks.uat.text_max_tokens,
             "attacks.hotflip.text_max_tokens": self.attacks.hotflip.text_max_tokens,
         }
         for field, value in checks.items():
             if value is not None and value > model_max:
                 raise ConfigError(
-                    f"{field}={value} exceeds the model's maximum sequence length {model_max} "
-                    f"(allowed: 1..{model_max})"
+                    f"{field}={value} exceeds the model's maximum sequence length {model_max} (allowed: 1..{model_max})"
                 )
 
     @property

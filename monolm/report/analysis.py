@@ -70,8 +70,11 @@ def console_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for model in MODELS:
         ppl = summary(results, "evaluate", model, "token_perplexity")
-        row: dict[str, Any] = {"model": model, "seeds": ppl["n"] if ppl else 0,
-                               "perplexity": ppl["mean"] if ppl else None}
+        row: dict[str, Any] = {
+            "model": model,
+            "seeds": ppl["n"] if ppl else 0,
+            "perplexity": ppl["mean"] if ppl else None,
+        }
         for attack in ATTACKS:
             if model in ARMS:
                 for metric, col in (("abs_increase", "delta_nats"), ("success_rate", "success")):

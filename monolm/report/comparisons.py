@@ -29,11 +29,21 @@ class Comparison:
     label: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        sentence = stats.describe_difference(self.a, self.b, self.label or self.metric, self.result, ALPHA,
-                                             unit=self.scope)
-        return {"stage": self.stage, "metric": self.metric, "a": self.a, "b": self.b, "scope": self.scope,
-                "seed": self.seed, **{k: v for k, v in self.result.items() if k != "test_names"},
-                "test": stats.TEST_NAMES["t"], "secondary_test": stats.TEST_NAMES["wilcoxon"], "sentence": sentence}
+        sentence = stats.describe_difference(
+            self.a, self.b, self.label or self.metric, self.result, ALPHA, unit=self.scope
+        )
+        return {
+            "stage": self.stage,
+            "metric": self.metric,
+            "a": self.a,
+            "b": self.b,
+            "scope": self.scope,
+            "seed": self.seed,
+            **{k: v for k, v in self.result.items() if k != "test_names"},
+            "test": stats.TEST_NAMES["t"],
+            "secondary_test": stats.TEST_NAMES["wilcoxon"],
+            "sentence": sentence,
+        }
 
 
 ACROSS_SEEDS = (
@@ -46,11 +56,15 @@ ACROSS_SEEDS = (
 Lookup = dict[tuple[int, str, str | None, str], float]  # (seed, stage, model, metric) -> value
 
 
-def _paired_over_seeds(lookup: Lookup, seed_ids: Sequence[int], stage: str, a: tuple[str, str],
-                       b: tuple[str, str]) -> list[tuple[float, float]]:
+def _paired_over_seeds(
+    lookup: Lookup, seed_ids: Sequence[int], stage: str, a: tuple[str, str], b: tuple[str, str]
+) -> list[tuple[float, float]]:
     """(a, b) value pairs, a and b given as (model, metric), of every seed that has both."""
-    return [(lookup[(s, stage, *a)], lookup[(s, stage, *b)]) for s in seed_ids
-            if (s, stage, *a) in lookup and (s, stage, *b) in lookup]
+    return [
+        (lookup[(s, stage, *a)], lookup[(s, stage, *b)])
+        for s in seed_ids
+        if (s, stage, *a) in lookup and (s, stage, *b) in lookup
+    ]
 
 
 def _across_seeds(lookup: Lookup, seed_ids: Sequence[int]) -> list[Comparison]:
@@ -61,9 +75,18 @@ def _across_seeds(lookup: Lookup, seed_ids: Sequence[int]) -> list[Comparison]:
         pairs = _paired_over_seeds(lookup, seed_ids, stage, ("monotonic", metric), ("baseline", metric))
         if len(pairs) >= 2:
             mono, base = zip(*pairs, strict=True)
-            out.append(Comparison(stage, metric, "monotonic", "baseline", "seeds", None,
-                                  stats.paired_test(mono, base, alpha=ALPHA, confidence=CONFIDENCE),
-                                  metric_label(stage, metric)))
+            out.append(
+                Comparison(
+                    stage,
+                    metric,
+                    "monotonic",
+                    "baseline",
+                    "seeds",
+                    None,
+                    stats.paired_test(mono, base, alpha=ALPHA, confidence=CONFIDENCE),
+                    metric_label(stage, metric),
+                )
+            )
     return out
 
 
@@ -75,9 +98,18 @@ def _gradient_vs_control(lookup: Lookup, seed_ids: Sequence[int]) -> list[Compar
         pairs = _paired_over_seeds(lookup, seed_ids, "hotflip", (arm, "abs_increase"), (arm, "control_abs_increase"))
         if len(pairs) >= 2:
             grad, ctrl = zip(*pairs, strict=True)
-            out.append(Comparison("hotflip", f"gradient_vs_control_{arm}", "gradient HotFlip", "random control",
-                                  "seeds", None, stats.paired_test(grad, ctrl, alpha=ALPHA, confidence=CONFIDENCE),
-                                  f"{arm} arm absolute loss increase (nats/token)"))
+            out.append(
+                Comparison(
+                    "hotflip",
+                    f"gradient_vs_control_{arm}",
+                    "gradient HotFlip",
+                    "random control",
+                    "seeds",
+                    None,
+                    stats.paired_test(grad, ctrl, alpha=ALPHA, confidence=CONFIDENCE),
+                    f"{arm} arm absolute loss increase (nats/token)",
+                )
+            )
     return out
 
 
@@ -92,17 +124,36 @@ def _within_seed(data: dict[str, Any]) -> list[Comparison]:
             continue
         mono, base = example_effects(per_example, "monotonic"), example_effects(per_example, "baseline")
         for metric in ("abs_increase", "rel_increase"):
-            out.append(Comparison(stage, metric, "monotonic", "baseline", "texts", seed,
-                                  stats.paired_test(mono[metric], base[metric], alpha=ALPHA, confidence=CONFIDENCE),
-                                  f"{metric_label(stage, metric)} (seed {seed})"))
+            out.append(
+                Comparison(
+                    stage,
+                    metric,
+                    "monotonic",
+                    "baseline",
+                    "texts",
+                    seed,
+                    stats.paired_test(mono[metric], base[metric], alpha=ALPHA, confidence=CONFIDENCE),
+                    f"{metric_label(stage, metric)} (seed {seed})",
+                )
+            )
     ev = data.get("evaluation")
     if ev:
         mono_docs, base_docs = doc_losses(ev, "monotonic"), doc_losses(ev, "baseline")
         if mono_docs is not None and base_docs is not None:
-            out.append(Comparison("evaluate", "doc_loss", "monotonic", "baseline", "documents", seed,
-                                  stats.paired_test(mono_docs[0] / mono_docs[1], base_docs[0] / base_docs[1],
-                                                    alpha=ALPHA, confidence=CONFIDENCE),
-                                  f"per-document loss (nats/token, seed {seed})"))
+            out.append(
+                Comparison(
+                    "evaluate",
+                    "doc_loss",
+                    "monotonic",
+                    "baseline",
+                    "documents",
+                    seed,
+                    stats.paired_test(
+                        mono_docs[0] / mono_docs[1], base_docs[0] / base_docs[1], alpha=ALPHA, confidence=CONFIDENCE
+                    ),
+                    f"per-document loss (nats/token, seed {seed})",
+                )
+            )
     return out
 
 

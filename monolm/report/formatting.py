@@ -29,7 +29,7 @@ def fmt_p(p: float | None) -> str:
 
 
 def fmt_mean_std(rec: dict[str, Any] | None, pct: bool = False) -> str:
-    """"mean ± std" of a summary record ("mean" alone when there is no std)."""
+    """ "mean ± std" of a summary record ("mean" alone when there is no std)."""
     if rec is None or rec["mean"] is None:
         return "—"
     f = fmt_pct if pct else fmt_num
@@ -37,7 +37,7 @@ def fmt_mean_std(rec: dict[str, Any] | None, pct: bool = False) -> str:
 
 
 def fmt_ci(rec: dict[str, Any] | None, pct: bool = False) -> str:
-    """"[low, high]" of a summary record's confidence interval."""
+    """ "[low, high]" of a summary record's confidence interval."""
     if rec is None or rec.get("ci_low") is None:
         return "—"
     f = fmt_pct if pct else fmt_num

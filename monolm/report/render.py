@@ -18,18 +18,41 @@ def _md_cell(text: str) -> str:
 
 
 def table_markdown(t: Table) -> str:
-    lines = [f"**{t.title}**", "", "| " + " | ".join(_md_cell(c) for c in t.columns) + " |",
-             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(t.columns))) + "|"]
+    lines = [
+        f"**{t.title}**",
+        "",
+        "| " + " | ".join(_md_cell(c) for c in t.columns) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(t.columns))) + "|",
+    ]
     lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in t.rows]
     if t.note:
         lines += ["", f"_{t.note}_"]
     return "\n".join(lines)
 
 
-_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
-        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "−": r"$-$",
-        "Δ": r"$\Delta$", "α": r"$\alpha$", "‖": r"$\Vert$", "—": "---", "≥": r"$\geq$", "·": r"$\cdot$",
-        ">": r"$>$", "<": r"$<$", "|": r"$\vert$"}
+_TEX = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "±": r"$\pm$",
+    "−": r"$-$",
+    "Δ": r"$\Delta$",
+    "α": r"$\alpha$",
+    "‖": r"$\Vert$",
+    "—": "---",
+    "≥": r"$\geq$",
+    "·": r"$\cdot$",
+    ">": r"$>$",
+    "<": r"$<$",
+    "|": r"$\vert$",
+}
 
 
 def tex_escape(text: str) -> str:
@@ -39,10 +62,17 @@ def tex_escape(text: str) -> str:
 def table_latex(t: Table) -> str:
     """A booktabs table (needs \\usepackage{booktabs}); the caption states n."""
     spec = "l" + "r" * (len(t.columns) - 1)
-    lines = [r"\begin{table}[t]", r"\centering", r"\small",
-             rf"\caption{{{tex_escape(t.title)}}}", rf"\label{{tab:{t.key}}}",
-             rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
-             " & ".join(tex_escape(c) for c in t.columns) + r" \\", r"\midrule"]
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\small",
+        rf"\caption{{{tex_escape(t.title)}}}",
+        rf"\label{{tab:{t.key}}}",
+        rf"\begin{{tabular}}{{{spec}}}",
+        r"\toprule",
+        " & ".join(tex_escape(c) for c in t.columns) + r" \\",
+        r"\midrule",
+    ]
     lines += [" & ".join(tex_escape(c) for c in row) + r" \\" for row in t.rows]
     lines.append(r"\bottomrule")
     lines.append(r"\end{tabular}")
@@ -54,13 +84,31 @@ def table_latex(t: Table) -> str:
 
 def latex(results: dict[str, Any]) -> str:
     meta = results["meta"]
-    head = (f"% monolm results: {meta['run_name']} (config digest {meta['config_digest']}, "
-            f"code {meta['code_revision']}). Requires \\usepackage{{booktabs}}.\n")
+    head = (
+        f"% monolm results: {meta['run_name']} (config digest {meta['config_digest']}, "
+        f"code {meta['code_revision']}). Requires \\usepackage{{booktabs}}.\n"
+    )
     return head + "\n\n".join(table_latex(t) for t in tables(results)) + "\n"
 
 
-CSV_COLUMNS = ("stage", "model", "metric", "n", "mean", "std", "ci_low", "ci_high", "ci_method", "seeds", "values",
-               "variant", "preset", "recipe", "config_digest", "code_revision")
+CSV_COLUMNS = (
+    "stage",
+    "model",
+    "metric",
+    "n",
+    "mean",
+    "std",
+    "ci_low",
+    "ci_high",
+    "ci_method",
+    "seeds",
+    "values",
+    "variant",
+    "preset",
+    "recipe",
+    "config_digest",
+    "code_revision",
+)
 
 
 def summary_csv(results: dict[str, Any]) -> str:
@@ -77,10 +125,16 @@ def summary_csv(results: dict[str, Any]) -> str:
 
 
 # table key -> report.md section (tables of one section follow each other)
-SECTIONS = {"quality": "Quality", **{f"attack-{attack}": "Robustness" for attack in ATTACKS},
-            "tests": "Paired tests", **{f"transfer-{attack}": "Transfer" for attack in ATTACKS},
-            "monotonicity": "The constraint", "constraint": "The constraint", "training": "Training",
-            "per-seed": "Per-seed values"}
+SECTIONS = {
+    "quality": "Quality",
+    **{f"attack-{attack}": "Robustness" for attack in ATTACKS},
+    "tests": "Paired tests",
+    **{f"transfer-{attack}": "Transfer" for attack in ATTACKS},
+    "monotonicity": "The constraint",
+    "constraint": "The constraint",
+    "training": "Training",
+    "per-seed": "Per-seed values",
+}
 PLOT_CAPTIONS = {
     "perplexity": "Held-out token perplexity per arm (points: seeds; bars: 95% CI)",
     "attacks": "Absolute loss increase under attack per arm, nats/token (95% CIs; HotFlip with its random control)",
@@ -93,20 +147,26 @@ def _provenance_lines(results: dict[str, Any], config_path: str) -> list[str]:
     meta = results["meta"]
     n = len(meta["seeds"])
     revisions = meta.get("stage_revisions")
-    stage_revisions = (f" (stage outputs were produced at: {', '.join('`' + r + '`' for r in revisions)})"
-                       if revisions and revisions != [meta["code_revision"]] else "")
-    return [f"# monolm results: {meta['run_name']}", "",
-            f"> {results['recipe_statement']}", "",
-            "- Question: does constraining the FFN weights to be non-negative make the model harder to attack, "
-            "and what does it cost?",
-            f"- Model: `{meta['model']}` (preset `{meta['preset']}`); constraint variant `{meta['variant']}` "
-            f"(init `{meta.get('init')}`): non-negative FFN weights.",
-            f"- Seeds: {', '.join(str(s) for s in meta['seeds'])} (n = {n}).",
-            *([f"- **Status: partial** — {meta['incomplete']}."] if meta.get("incomplete") else []),
-            f"- Config digest `{meta['config_digest']}`; full config: `{config_path}` "
-            "(also at the end of this report).",
-            f"- Code revision: `{meta['code_revision']}`" + stage_revisions + ".",
-            ""]
+    stage_revisions = (
+        f" (stage outputs were produced at: {', '.join('`' + r + '`' for r in revisions)})"
+        if revisions and revisions != [meta["code_revision"]]
+        else ""
+    )
+    return [
+        f"# monolm results: {meta['run_name']}",
+        "",
+        f"> {results['recipe_statement']}",
+        "",
+        "- Question: does constraining the FFN weights to be non-negative make the model harder to attack, "
+        "and what does it cost?",
+        f"- Model: `{meta['model']}` (preset `{meta['preset']}`); constraint variant `{meta['variant']}` "
+        f"(init `{meta.get('init')}`): non-negative FFN weights.",
+        f"- Seeds: {', '.join(str(s) for s in meta['seeds'])} (n = {n}).",
+        *([f"- **Status: partial** — {meta['incomplete']}."] if meta.get("incomplete") else []),
+        f"- Config digest `{meta['config_digest']}`; full config: `{config_path}` (also at the end of this report).",
+        f"- Code revision: `{meta['code_revision']}`" + stage_revisions + ".",
+        "",
+    ]
 
 
 def _findings_lines(results: dict[str, Any]) -> list[str]:
@@ -140,21 +200,35 @@ def _plot_lines(plots: dict[str, str]) -> list[str]:
 
 
 def _methods_lines(meta: dict[str, Any]) -> list[str]:
-    return ["## Methods", "",
-            "- Differences are monotonic − baseline. Across seeds: mean ± std (ddof = 1), Student-t 95% CI, paired "
-            "t-test (primary, decides significance) and Wilcoxon signed-rank test (scipy.stats). Within a seed: the "
-            "same paired tests over the attacked texts (identical texts, same order, for both arms).",
-            "- With one seed, confidence intervals are bootstrap (BCa, 10,000 resamples, seeded) over texts or "
-            "documents; they describe one trained pair of models, not variation between training seeds.",
-            "- Attack effects are measured on the original text tokens only (trigger and flipped tokens are never "
-            "scored). The absolute loss increase (nats/token) is primary; relative increase and success rate "
-            f"(relative increase above {fmt_pct(meta.get('success_threshold'))}) are secondary.",
-            f"- Significance level α = {ALPHA}; no correction for multiple comparisons.", ""]
+    return [
+        "## Methods",
+        "",
+        "- Differences are monotonic − baseline. Across seeds: mean ± std (ddof = 1), Student-t 95% CI, paired "
+        "t-test (primary, decides significance) and Wilcoxon signed-rank test (scipy.stats). Within a seed: the "
+        "same paired tests over the attacked texts (identical texts, same order, for both arms).",
+        "- With one seed, confidence intervals are bootstrap (BCa, 10,000 resamples, seeded) over texts or "
+        "documents; they describe one trained pair of models, not variation between training seeds.",
+        "- Attack effects are measured on the original text tokens only (trigger and flipped tokens are never "
+        "scored). The absolute loss increase (nats/token) is primary; relative increase and success rate "
+        f"(relative increase above {fmt_pct(meta.get('success_threshold'))}) are secondary.",
+        f"- Significance level α = {ALPHA}; no correction for multiple comparisons.",
+        "",
+    ]
 
 
 def markdown(results: dict[str, Any], *, plots: dict[str, str], config_yaml: str, config_path: str) -> str:
     """report.md: recipe and provenance first, then findings, tables, plots, methods, config."""
-    lines = [*_provenance_lines(results, config_path), *_findings_lines(results), *_table_lines(results),
-             *_plot_lines(plots), *_methods_lines(results["meta"]),
-             "## Configuration", "", "```yaml", config_yaml.rstrip(), "```", ""]
+    lines = [
+        *_provenance_lines(results, config_path),
+        *_findings_lines(results),
+        *_table_lines(results),
+        *_plot_lines(plots),
+        *_methods_lines(results["meta"]),
+        "## Configuration",
+        "",
+        "```yaml",
+        config_yaml.rstrip(),
+        "```",
+        "",
+    ]
     return "\n".join(lines)

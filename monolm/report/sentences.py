@@ -16,8 +16,11 @@ from monolm.report.summaries import summary_of
 
 def _direction_words(stage: str, metric: str, diff: float) -> str:
     if metric in LOWER_IS_BETTER or stage == "evaluate":  # quality (perplexity or per-document loss)
-        return ("the constrained arm has higher held-out loss than the baseline (the constraint costs quality)"
-                if diff > 0 else "the constrained arm has lower held-out loss than the baseline")
+        return (
+            "the constrained arm has higher held-out loss than the baseline (the constraint costs quality)"
+            if diff > 0
+            else "the constrained arm has lower held-out loss than the baseline"
+        )
     attack = ATTACKS.get(stage, stage)
     if diff > 0:
         return f"{attack} did more damage to the constrained arm than to the baseline (less robust by this measure)"
@@ -36,17 +39,22 @@ def finding(comp: dict[str, Any], *, headline: str) -> str:
 
 
 # Quality first, then each attack metric for every attack (absolute before relative before rates).
-FINDING_ORDER = (("evaluate", "token_perplexity"), *((attack, metric) for metric in ATTACK_METRICS for attack in ATTACKS))
+FINDING_ORDER = (
+    ("evaluate", "token_perplexity"),
+    *((attack, metric) for metric in ATTACK_METRICS for attack in ATTACKS),
+)
 
 
 def _within_seed_count(within: Sequence[dict[str, Any]]) -> str:
     """In how many seeds the within-seed tests found a difference, and in which direction."""
     higher = sum(c["significant"] and (c["mean_diff"] or 0) > 0 for c in within)
     lower = sum(c["significant"] and (c["mean_diff"] or 0) < 0 for c in within)
-    return (f" Within single seeds (paired t-tests over {within[0]['scope']}), the difference was "
-            f"significant in {higher + lower} of {len(within)} seeds"
-            + (f" ({higher} with the constrained arm higher, {lower} lower)" if higher + lower else "")
-            + ".")
+    return (
+        f" Within single seeds (paired t-tests over {within[0]['scope']}), the difference was "
+        f"significant in {higher + lower} of {len(within)} seeds"
+        + (f" ({higher} with the constrained arm higher, {lower} lower)" if higher + lower else "")
+        + "."
+    )
 
 
 def _metric_findings(results: dict[str, Any], stage: str, metric: str) -> list[str]:
@@ -61,17 +69,24 @@ def _metric_findings(results: dict[str, Any], stage: str, metric: str) -> list[s
     if across:
         return [finding(across[0], headline=headline) + (_within_seed_count(within) if within else "")]
     if within:
-        return [finding(comp, headline=headline) + (
+        return [
+            finding(comp, headline=headline)
+            + (
                 f" This test is within seed {comp['seed']} (the only seed with this measurement): it is over "
                 f"{comp['scope']} for one trained pair of models and says nothing about variation between "
-                "training seeds.") for comp in within]
+                "training seeds."
+            )
+            for comp in within
+        ]
     means = {r["model"]: r for r in results["summaries"] if r["stage"] == stage and r["metric"] == metric}
     if metric not in ("token_perplexity", "abs_increase") or not means:
         return []
     n = max(r["n"] for r in means.values())
     shown = ", ".join(f"{m} {fmt_num(means[m]['mean'])}" for m in MODELS if m in means)
-    return [f"{headline}: {shown} (n={n} seed{'s' if n != 1 else ''}); no paired test possible "
-            "(fewer than 2 seeds and no per-example values), so no difference is claimed."]
+    return [
+        f"{headline}: {shown} (n={n} seed{'s' if n != 1 else ''}); no paired test possible "
+        "(fewer than 2 seeds and no per-example values), so no difference is claimed."
+    ]
 
 
 def _control_findings(comps: Sequence[dict[str, Any]]) -> list[str]:
@@ -104,25 +119,30 @@ def _disagreement(comps: Sequence[dict[str, Any]], summaries: Sequence[dict[str,
     directions, or a significant relative difference without a significant absolute one."""
     out = []
     for stage, name in ATTACKS.items():
-        primary = [c for c in comps if c["stage"] == stage and c["scope"] == "seeds"] or \
-                  [c for c in comps if c["stage"] == stage and c["scope"] == "texts"]
+        primary = [c for c in comps if c["stage"] == stage and c["scope"] == "seeds"] or [
+            c for c in comps if c["stage"] == stage and c["scope"] == "texts"
+        ]
         by_metric = {c["metric"]: c for c in primary}
         a, r = by_metric.get("abs_increase"), by_metric.get("rel_increase")
         if a and r and r["significant"] and not a["significant"]:
             clean = {arm: summary_of(summaries, stage, arm, "clean_loss") for arm in ARMS}
             if all(clean.values()):
                 higher = max(ARMS, key=lambda arm: clean[arm]["mean"])
-                out.append(f"{name}: the relative loss increase differs significantly between the arms but the "
-                           "absolute one does not. The relative increase divides by the clean loss, which is higher "
-                           f"for the {higher} arm (baseline {fmt_num(clean['baseline']['mean'])}, monotonic "
-                           f"{fmt_num(clean['monotonic']['mean'])} nats/token), so the relative difference can come "
-                           "from the clean loss alone; the absolute increase is the primary measure.")
+                out.append(
+                    f"{name}: the relative loss increase differs significantly between the arms but the "
+                    "absolute one does not. The relative increase divides by the clean loss, which is higher "
+                    f"for the {higher} arm (baseline {fmt_num(clean['baseline']['mean'])}, monotonic "
+                    f"{fmt_num(clean['monotonic']['mean'])} nats/token), so the relative difference can come "
+                    "from the clean loss alone; the absolute increase is the primary measure."
+                )
         if a and r and a["mean_diff"] and r["mean_diff"] and (a["mean_diff"] > 0) != (r["mean_diff"] > 0):
-            out.append(f"{name}: the absolute and relative loss increases point in opposite directions "
-                       f"(monotonic − baseline: {fmt_num(a['mean_diff'], sign=True)} nats/token absolute, "
-                       f"{fmt_num(r['mean_diff'], sign=True)} relative). The relative increase divides by the clean "
-                       "loss and flatters the model with the higher clean loss; the absolute increase is the "
-                       "primary measure.")
+            out.append(
+                f"{name}: the absolute and relative loss increases point in opposite directions "
+                f"(monotonic − baseline: {fmt_num(a['mean_diff'], sign=True)} nats/token absolute, "
+                f"{fmt_num(r['mean_diff'], sign=True)} relative). The relative increase divides by the clean "
+                "loss and flatters the model with the higher clean loss; the absolute increase is the "
+                "primary measure."
+            )
     return out
 
 
@@ -134,39 +154,54 @@ def recipe_statement(meta: dict[str, Any], values: Sequence[dict[str, Any]]) -> 
     base, mono = arms.get("baseline", {}), arms.get("monotonic", {})
     differing = sorted(k for k in set(base) | set(mono) if base.get(k) != mono.get(k))
     if recipe == "fair":
-        text = ("Training recipe: **fair** — both arms were trained with identical data, token budget, optimizer and "
-                f"schedule (lr={base.get('lr')}, schedule={base.get('schedule')}, max_steps={base.get('max_steps')}, "
-                f"effective batch={base.get('micro_batch_size', 0) * base.get('grad_accum_steps', 0)} sequences).")
+        text = (
+            "Training recipe: **fair** — both arms were trained with identical data, token budget, optimizer and "
+            f"schedule (lr={base.get('lr')}, schedule={base.get('schedule')}, max_steps={base.get('max_steps')}, "
+            f"effective batch={base.get('micro_batch_size', 0) * base.get('grad_accum_steps', 0)} sequences)."
+        )
     else:
         what = "the original study's asymmetric recipe" if recipe == "reference" else "a per-arm recipe"
         diffs = "; ".join(f"{k}: baseline {base.get(k)} vs monotonic {mono.get(k)}" for k in differing) or "none"
-        text = (f"Training recipe: **{recipe}** ({what}) — the arms were trained differently ({diffs}). Differences "
-                "between the arms may come from the recipe rather than from the constraint.")
+        text = (
+            f"Training recipe: **{recipe}** ({what}) — the arms were trained differently ({diffs}). Differences "
+            "between the arms may come from the recipe rather than from the constraint."
+        )
     tokens: dict[int, dict[str, float]] = defaultdict(dict)
     for r in values:
         if r["metric"] == "tokens_seen" and r["stage"].startswith("train_"):
             tokens[r["seed"]][r["model"]] = r["value"]
     unequal = sorted(s for s, t in tokens.items() if len(t) == 2 and t["baseline"] != t["monotonic"])
     if unequal:
-        text += (" Tokens seen differ between the arms in seed(s) "
-                 + ", ".join(f"{s} (baseline {tokens[s]['baseline']:.0f}, monotonic {tokens[s]['monotonic']:.0f})"
-                             for s in unequal) + ".")
+        text += (
+            " Tokens seen differ between the arms in seed(s) "
+            + ", ".join(
+                f"{s} (baseline {tokens[s]['baseline']:.0f}, monotonic {tokens[s]['monotonic']:.0f})" for s in unequal
+            )
+            + "."
+        )
     elif tokens:
         text += " Both arms saw the same number of training tokens in every seed."
     return text
 
 
 def monotonicity_statement(results: dict[str, Any]) -> str:
-    """"Non-negative FFN weights", never "monotone", with the measured violation rates."""
-    rows = [r for r in results["summaries"] if r["metric"].startswith("monotonicity_") and r["metric"].endswith(
-        "_coord_violation_rate")]
+    """ "Non-negative FFN weights", never "monotone", with the measured violation rates."""
+    rows = [
+        r
+        for r in results["summaries"]
+        if r["metric"].startswith("monotonicity_") and r["metric"].endswith("_coord_violation_rate")
+    ]
     after = [r for r in rows if r["stage"] == "evaluate"] or [r for r in rows if r["stage"] == "constrain"]
-    text = ("The constrained arm has non-negative FFN weights (W = softplus(V)); GELU, LayerNorm, attention and "
-            "residual paths keep the model non-monotone, so it is not described as monotone.")
+    text = (
+        "The constrained arm has non-negative FFN weights (W = softplus(V)); GELU, LayerNorm, attention and "
+        "residual paths keep the model non-monotone, so it is not described as monotone."
+    )
     if after:
         when = "after training" if after[0]["stage"] == "evaluate" else "after constraining (before training)"
         names = [r["metric"].removeprefix("monotonicity_").removesuffix("_coord_violation_rate") for r in after]
         parts = [f"{name.replace('_', ' ')}: {fmt_pct(r['mean'])}" for name, r in zip(names, after, strict=True)]
-        text += (f" Measured share of output coordinates that decreased when the input increased ({when}, mean over "
-                 f"{after[0]['n']} seed{'s' if after[0]['n'] != 1 else ''}): " + "; ".join(parts) + ".")
+        text += (
+            f" Measured share of output coordinates that decreased when the input increased ({when}, mean over "
+            f"{after[0]['n']} seed{'s' if after[0]['n'] != 1 else ''}): " + "; ".join(parts) + "."
+        )
     return text

@@ -24,8 +24,9 @@ def _bootstrap_seed(seed: int, *tags: str) -> int:
     return derive_seed(seed, "aggregate", *tags)
 
 
-def token_weighted_ci(nll: np.ndarray, tokens: np.ndarray, *, seed: int,
-                      perplexity: bool) -> tuple[float, float] | None:
+def token_weighted_ci(
+    nll: np.ndarray, tokens: np.ndarray, *, seed: int, perplexity: bool
+) -> tuple[float, float] | None:
     """Bootstrap (BCa, resampling documents) CI of the token-weighted loss or perplexity."""
     if nll.size < 2:
         return None
@@ -34,13 +35,22 @@ def token_weighted_ci(nll: np.ndarray, tokens: np.ndarray, *, seed: int,
         loss = n.sum(axis=axis) / t.sum(axis=axis)
         return np.exp(loss) if perplexity else loss
 
-    res = sps.bootstrap((nll, tokens), statistic, paired=True, vectorized=True, n_resamples=10000,
-                        confidence_level=CONFIDENCE, method="BCa", rng=np.random.default_rng(seed))
+    res = sps.bootstrap(
+        (nll, tokens),
+        statistic,
+        paired=True,
+        vectorized=True,
+        n_resamples=10000,
+        confidence_level=CONFIDENCE,
+        method="BCa",
+        rng=np.random.default_rng(seed),
+    )
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
-def _single_seed_ci(data: dict[str, Any], stage: str, model: str | None,
-                    metric: str) -> tuple[Any, str | None, int | None]:
+def _single_seed_ci(
+    data: dict[str, Any], stage: str, model: str | None, metric: str
+) -> tuple[Any, str | None, int | None]:
     """The CI of a one-seed value from its examples: (ci or None, method, n examples)."""
     seed = int(data["seed"])
     if stage in ATTACKS and model in ARMS:
@@ -49,7 +59,7 @@ def _single_seed_ci(data: dict[str, Any], stage: str, model: str | None,
             values = example_effects(per_example, model)[metric]
             ci = stats.bootstrap_ci(values, seed=_bootstrap_seed(seed, stage, model, metric), confidence=CONFIDENCE)
             return ci, "bootstrap BCa over texts", int(values.size)
-        block, key = ("control", metric[len("control_"):]) if metric.startswith("control_") else ("per_model", metric)
+        block, key = ("control", metric[len("control_") :]) if metric.startswith("control_") else ("per_model", metric)
         rec = ((data["stages"][stage]["metrics"].get(block) or {}).get(model)) or {}
         ci = rec.get(f"{key}_ci")
         if key in ATTACK_KEYS and ci and None not in ci:
@@ -58,8 +68,9 @@ def _single_seed_ci(data: dict[str, Any], stage: str, model: str | None,
     if stage == "evaluate" and metric in ("token_perplexity", "loss") and data.get("evaluation"):
         docs = doc_losses(data["evaluation"], model or "")
         if docs is not None:
-            ci = token_weighted_ci(*docs, seed=_bootstrap_seed(seed, stage, model or "", metric),
-                                   perplexity=metric == "token_perplexity")
+            ci = token_weighted_ci(
+                *docs, seed=_bootstrap_seed(seed, stage, model or "", metric), perplexity=metric == "token_perplexity"
+            )
             return ci, "bootstrap BCa over documents", int(docs[0].size)
     return None, None, None
 
@@ -73,23 +84,41 @@ def summarize_values(values: Sequence[dict[str, Any]], seeds: Sequence[dict[str,
     out = []
     for (stage, model, metric), items in groups.items():
         s = stats.summarize([r["value"] for r in items], confidence=CONFIDENCE)
-        rec = {"stage": stage, "model": model, "metric": metric, "n": s["n"], "seeds": [r["seed"] for r in items],
-               "values": [r["value"] for r in items], "mean": s["mean"], "std": s["std"], "sem": s["sem"],
-               "ci_low": s["ci_low"], "ci_high": s["ci_high"], "ci_method": None, "n_examples": None,
-               "reason": s["reason"]}
+        rec = {
+            "stage": stage,
+            "model": model,
+            "metric": metric,
+            "n": s["n"],
+            "seeds": [r["seed"] for r in items],
+            "values": [r["value"] for r in items],
+            "mean": s["mean"],
+            "std": s["std"],
+            "sem": s["sem"],
+            "ci_low": s["ci_low"],
+            "ci_high": s["ci_high"],
+            "ci_method": None,
+            "n_examples": None,
+            "reason": s["reason"],
+        }
         if s["n"] >= 2 and s["ci_low"] is not None:
             rec["ci_method"] = f"t-interval over seeds (n={s['n']})"
         elif s["n"] == 1:
             ci, method, n_examples = _single_seed_ci(by_seed[items[0]["seed"]], stage, model, metric)
             if ci is not None:
-                rec.update(ci_low=ci[0], ci_high=ci[1], ci_method=f"{method} (one seed, n={n_examples})",
-                           n_examples=n_examples, reason="one seed: the interval is over examples, not seeds")
+                rec.update(
+                    ci_low=ci[0],
+                    ci_high=ci[1],
+                    ci_method=f"{method} (one seed, n={n_examples})",
+                    n_examples=n_examples,
+                    reason="one seed: the interval is over examples, not seeds",
+                )
         out.append(rec)
     return out
 
 
-def summary_of(summaries: Sequence[dict[str, Any]], stage: str, model: str | None,
-               metric: str) -> dict[str, Any] | None:
+def summary_of(
+    summaries: Sequence[dict[str, Any]], stage: str, model: str | None, metric: str
+) -> dict[str, Any] | None:
     """The summary record of (stage, model, metric), None when there is none."""
     for rec in summaries:
         if rec["stage"] == stage and rec["model"] == model and rec["metric"] == metric:

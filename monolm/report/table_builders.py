@@ -36,17 +36,27 @@ def ci_note(recs: Iterable[dict[str, Any] | None]) -> str:
 def quality_table(results: dict[str, Any]) -> Table | None:
     """Held-out perplexity, loss and bits per byte of every model."""
     n_seeds = len(results["meta"]["seeds"])
-    quality = Table("quality", f"Held-out quality (n = {n_seeds} seed{'s' if n_seeds != 1 else ''})",
-                    ["Model", "n", "Token perplexity (mean ± std)", "95% CI", "Loss (nats/token)", "Bits/byte"])
+    quality = Table(
+        "quality",
+        f"Held-out quality (n = {n_seeds} seed{'s' if n_seeds != 1 else ''})",
+        ["Model", "n", "Token perplexity (mean ± std)", "95% CI", "Loss (nats/token)", "Bits/byte"],
+    )
     recs = []
     for model in MODELS:
         ppl = summary(results, "evaluate", model, "token_perplexity")
         if ppl is None:
             continue
         recs.append(ppl)
-        quality.rows.append([ARM_LABEL[model], str(ppl["n"]), fmt_mean_std(ppl), fmt_ci(ppl),
-                             fmt_mean_std(summary(results, "evaluate", model, "loss")),
-                             fmt_mean_std(summary(results, "evaluate", model, "bits_per_byte"))])
+        quality.rows.append(
+            [
+                ARM_LABEL[model],
+                str(ppl["n"]),
+                fmt_mean_std(ppl),
+                fmt_ci(ppl),
+                fmt_mean_std(summary(results, "evaluate", model, "loss")),
+                fmt_mean_std(summary(results, "evaluate", model, "bits_per_byte")),
+            ]
+        )
     if not quality.rows:
         return None
     quality.note = ci_note(recs)
@@ -57,17 +67,35 @@ def _attack_row(results: dict[str, Any], attack: str, arm: str, prefix: str, rec
     rel = summary(results, attack, arm, prefix + "rel_increase")
     succ = summary(results, attack, arm, prefix + "success_rate")
     n_texts = summary(results, attack, arm, prefix + "n_texts")
-    return [str(rec["n"]), fmt_num(n_texts["mean"]) if n_texts else "—", fmt_mean_std(rec), fmt_ci(rec),
-            fmt_mean_std(rel, pct=True), fmt_ci(rel, pct=True), fmt_mean_std(succ, pct=True)]
+    return [
+        str(rec["n"]),
+        fmt_num(n_texts["mean"]) if n_texts else "—",
+        fmt_mean_std(rec),
+        fmt_ci(rec),
+        fmt_mean_std(rel, pct=True),
+        fmt_ci(rel, pct=True),
+        fmt_mean_std(succ, pct=True),
+    ]
 
 
 def attack_table(results: dict[str, Any], attack: str) -> Table | None:
     """One attack's effect per arm (absolute first), then its random control where it has one."""
     name = ATTACKS[attack]
     threshold = results["meta"].get("success_threshold")
-    t = Table(f"attack-{attack}", f"{name}: effect on the original text tokens (absolute first)",
-              ["Model", "n seeds", "n texts", "Δ loss, nats/token (mean ± std)", "95% CI",
-               "Relative increase", "95% CI", f"Success rate (rel. > {fmt_pct(threshold)})"])
+    t = Table(
+        f"attack-{attack}",
+        f"{name}: effect on the original text tokens (absolute first)",
+        [
+            "Model",
+            "n seeds",
+            "n texts",
+            "Δ loss, nats/token (mean ± std)",
+            "95% CI",
+            "Relative increase",
+            "95% CI",
+            f"Success rate (rel. > {fmt_pct(threshold)})",
+        ],
+    )
     recs = []
     for prefix, suffix in (("", ""), ("control_", " — random control")):
         for arm in ARMS:
@@ -78,42 +106,69 @@ def attack_table(results: dict[str, Any], attack: str) -> Table | None:
             t.rows.append([ARM_LABEL[arm] + suffix, *_attack_row(results, attack, arm, prefix, rec)])
     if not t.rows:
         return None
-    t.note = ci_note(recs) + (" The random control is the same greedy search with random (query-only) "
-                              "candidates instead of gradient-ranked ones." if attack == "hotflip" else "")
+    t.note = ci_note(recs) + (
+        " The random control is the same greedy search with random (query-only) "
+        "candidates instead of gradient-ranked ones."
+        if attack == "hotflip"
+        else ""
+    )
     return t
 
 
 def _test_row(c: dict[str, Any]) -> list[str]:
     scope = "across seeds" if c["scope"] == "seeds" else f"seed {c['seed']}, over {c['scope']}"
-    metric = (f"HotFlip gradient − control ({c['metric'].removeprefix('gradient_vs_control_')})"
-              if c["metric"].startswith("gradient_vs_control_") else metric_label(c["stage"], c["metric"]))
+    metric = (
+        f"HotFlip gradient − control ({c['metric'].removeprefix('gradient_vs_control_')})"
+        if c["metric"].startswith("gradient_vs_control_")
+        else metric_label(c["stage"], c["metric"])
+    )
     verdict = "significant" if c["significant"] else "not significant"
     ci = f"[{fmt_num(c['ci_low'])}, {fmt_num(c['ci_high'])}]" if c["ci_low"] is not None else "—"
-    return [metric, scope, str(c["n"]), fmt_num(c["mean_diff"], sign=True), ci, fmt_p(c["t_p"]),
-            fmt_p(c["wilcoxon_p"]), verdict]
+    return [
+        metric,
+        scope,
+        str(c["n"]),
+        fmt_num(c["mean_diff"], sign=True),
+        ci,
+        fmt_p(c["t_p"]),
+        fmt_p(c["wilcoxon_p"]),
+        verdict,
+    ]
 
 
 def tests_table(results: dict[str, Any]) -> Table | None:
     """Every paired test: difference, its CI, both p-values and the verdict."""
-    tests = Table("tests", "Paired tests, monotonic − baseline (primary: paired t-test; also Wilcoxon signed-rank)",
-                  ["Metric", "Scope", "n", "Difference", "95% CI", "t-test p", "Wilcoxon p", "Verdict"])
+    tests = Table(
+        "tests",
+        "Paired tests, monotonic − baseline (primary: paired t-test; also Wilcoxon signed-rank)",
+        ["Metric", "Scope", "n", "Difference", "95% CI", "t-test p", "Wilcoxon p", "Verdict"],
+    )
     tests.rows = [_test_row(c) for c in results["comparisons"]]
     if not tests.rows:
         return None
-    tests.note = (f"α = {ALPHA}; tests are not corrected for multiple comparisons. With n = 5 seeds the exact "
-                  "two-sided Wilcoxon p-value cannot be below 0.0625.")
+    tests.note = (
+        f"α = {ALPHA}; tests are not corrected for multiple comparisons. With n = 5 seeds the exact "
+        "two-sided Wilcoxon p-value cannot be below 0.0625."
+    )
     return tests
 
 
 def transfer_table(results: dict[str, Any], attack: str) -> Table | None:
     """Damage of the attack crafted on one arm (row) to each arm (column)."""
-    sources = sorted({r["metric"].removeprefix("transfer_from_") for r in results["summaries"]
-                      if r["stage"] == attack and r["metric"].startswith("transfer_from_")})
+    sources = sorted(
+        {
+            r["metric"].removeprefix("transfer_from_")
+            for r in results["summaries"]
+            if r["stage"] == attack and r["metric"].startswith("transfer_from_")
+        }
+    )
     if not sources:
         return None
-    t = Table(f"transfer-{attack}",
-              f"{ATTACKS[attack]} transfer: Δ loss (nats/token) on the target model, mean over seeds",
-              ["Crafted on (row) / evaluated on (column)", *ARMS, "n"])
+    t = Table(
+        f"transfer-{attack}",
+        f"{ATTACKS[attack]} transfer: Δ loss (nats/token) on the target model, mean over seeds",
+        ["Crafted on (row) / evaluated on (column)", *ARMS, "n"],
+    )
     for source in sources:
         recs = [summary(results, attack, target, f"transfer_from_{source}") for target in ARMS]
         t.rows.append([source, *(fmt_mean_std(r) for r in recs), str(max((r["n"] for r in recs if r), default=0))])
@@ -122,37 +177,56 @@ def transfer_table(results: dict[str, Any], attack: str) -> Table | None:
 
 def monotonicity_table(results: dict[str, Any]) -> Table | None:
     """Measured violation rates of the constrained sublayers, after constraining and after training."""
-    mono = [r for r in results["summaries"] if r["metric"].startswith("monotonicity_")
-            and r["metric"].endswith("_coord_violation_rate")]
+    mono = [
+        r
+        for r in results["summaries"]
+        if r["metric"].startswith("monotonicity_") and r["metric"].endswith("_coord_violation_rate")
+    ]
     if not mono:
         return None
-    t = Table("monotonicity", "Empirical monotonicity violations of the constrained sublayers "
-              "(share of output coordinates that decreased when the input increased)",
-              ["When", "Sublayer", "n seeds", "Coordinate rate", "Pair rate", "Max relative drop"])
+    t = Table(
+        "monotonicity",
+        "Empirical monotonicity violations of the constrained sublayers "
+        "(share of output coordinates that decreased when the input increased)",
+        ["When", "Sublayer", "n seeds", "Coordinate rate", "Pair rate", "Max relative drop"],
+    )
     for r in mono:
         base = r["metric"].removesuffix("_coord_violation_rate")
         when = "after training" if r["stage"] == "evaluate" else "after constraining"
         pair = summary(results, r["stage"], r["model"], base + "_pair_violation_rate")
         drop = summary(results, r["stage"], r["model"], base + "_max_relative_drop")
-        t.rows.append([when, base.removeprefix("monotonicity_").replace("_", " "), str(r["n"]),
-                       fmt_mean_std(r, pct=True), fmt_mean_std(pair, pct=True), fmt_mean_std(drop)])
-    t.note = ("'linear' is the constrained Linear alone (must be 0); 'block' is the enclosing FFN/attention block as "
-              "the model computes it, which non-negative weights do not make monotone.")
+        t.rows.append(
+            [
+                when,
+                base.removeprefix("monotonicity_").replace("_", " "),
+                str(r["n"]),
+                fmt_mean_std(r, pct=True),
+                fmt_mean_std(pair, pct=True),
+                fmt_mean_std(drop),
+            ]
+        )
+    t.note = (
+        "'linear' is the constrained Linear alone (must be 0); 'block' is the enclosing FFN/attention block as "
+        "the model computes it, which non-negative weights do not make monotone."
+    )
     return t
 
 
-CONSTRAINT_ROWS = (("share_of_params", "share of parameters constrained"),
-                   ("frac_negative_before", "fraction of constrained weights negative before"),
-                   ("rel_change", "relative change of the constrained weights"),
-                   ("drift_kl_mean", "KL(base ‖ constrained) per token, nats"),
-                   ("drift_ppl_ratio", "perplexity ratio constrained/base"),
-                   ("min_constrained_weight", "minimum constrained weight"))
+CONSTRAINT_ROWS = (
+    ("share_of_params", "share of parameters constrained"),
+    ("frac_negative_before", "fraction of constrained weights negative before"),
+    ("rel_change", "relative change of the constrained weights"),
+    ("drift_kl_mean", "KL(base ‖ constrained) per token, nats"),
+    ("drift_ppl_ratio", "perplexity ratio constrained/base"),
+    ("min_constrained_weight", "minimum constrained weight"),
+)
 
 
 def constraint_table(results: dict[str, Any]) -> Table | None:
     """What stage 1 did to the weights and the function, and the smallest weight after training."""
-    cons = Table("constraint", "What constraining did (stage 1, before training)",
-                 ["Quantity", "n seeds", "Mean ± std"])
+    cons = Table(
+        "constraint", "What constraining did (stage 1, before training)", ["Quantity", "n seeds", "Mean ± std"]
+    )
     for metric, label in CONSTRAINT_ROWS:
         rec = summary(results, "constrain", "monotonic", metric)
         if rec:
@@ -165,24 +239,50 @@ def constraint_table(results: dict[str, Any]) -> Table | None:
 
 def training_table(results: dict[str, Any]) -> Table | None:
     """How both arms were trained: steps, tokens, lr, final and best validation perplexity, time."""
-    train = Table("training", "Training of both arms",
-                  ["Arm", "n seeds", "Steps", "Tokens seen", "lr", "Final val. perplexity", "Best val. perplexity",
-                   "Wall time (s)"])
+    train = Table(
+        "training",
+        "Training of both arms",
+        [
+            "Arm",
+            "n seeds",
+            "Steps",
+            "Tokens seen",
+            "lr",
+            "Final val. perplexity",
+            "Best val. perplexity",
+            "Wall time (s)",
+        ],
+    )
     for arm in ARMS:
         stage = f"train_{arm}"
         steps = summary(results, stage, arm, "steps")
         if steps is None:
             continue
-        train.rows.append([ARM_LABEL[arm], str(steps["n"]), fmt_mean_std(steps),
-                           *(fmt_mean_std(summary(results, stage, arm, metric))
-                             for metric in ("tokens_seen", "lr", "final_val_perplexity", "final_best_val_perplexity",
-                                            "wall_time_s"))])
+        train.rows.append(
+            [
+                ARM_LABEL[arm],
+                str(steps["n"]),
+                fmt_mean_std(steps),
+                *(
+                    fmt_mean_std(summary(results, stage, arm, metric))
+                    for metric in (
+                        "tokens_seen",
+                        "lr",
+                        "final_val_perplexity",
+                        "final_best_val_perplexity",
+                        "wall_time_s",
+                    )
+                ),
+            ]
+        )
     return train if train.rows else None
 
 
 # (stage, metric, column title) of the per-seed table; each column is shown for every arm.
-PER_SEED_COLUMNS = (("evaluate", "token_perplexity", "PPL"),
-                    *((attack, "abs_increase", f"{label} Δ") for attack, label in ATTACKS.items()))
+PER_SEED_COLUMNS = (
+    ("evaluate", "token_perplexity", "PPL"),
+    *((attack, "abs_increase", f"{label} Δ") for attack, label in ATTACKS.items()),
+)
 
 
 def per_seed_table(results: dict[str, Any]) -> Table:
@@ -190,8 +290,16 @@ def per_seed_table(results: dict[str, Any]) -> Table:
     titles = [f"{title} {arm}" for _, _, title in PER_SEED_COLUMNS for arm in ARMS]
     per_seed = Table("per-seed", "Per-seed values", ["Seed", *titles])
     for seed in results["meta"]["seeds"]:
-        per_seed.rows.append([str(seed), *(fmt_num(value(results, seed, stage, arm, metric))
-                                           for stage, metric, _ in PER_SEED_COLUMNS for arm in ARMS)])
+        per_seed.rows.append(
+            [
+                str(seed),
+                *(
+                    fmt_num(value(results, seed, stage, arm, metric))
+                    for stage, metric, _ in PER_SEED_COLUMNS
+                    for arm in ARMS
+                ),
+            ]
+        )
     per_seed.note = "Δ: absolute loss increase in nats/token on the attacked texts."
     return per_seed
 

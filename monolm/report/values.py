@@ -27,8 +27,12 @@ def example_effects(per_example: dict[str, Any], arm: str) -> dict[str, np.ndarr
     attacked = np.asarray(rec["attacked"], dtype=float)
     if clean.shape != attacked.shape or clean.ndim != 1:
         raise ValueError(f"per_example[{arm!r}]: clean and attacked must be equally long lists")
-    return {"clean_loss": clean, "attacked_loss": attacked, "abs_increase": attacked - clean,
-            "rel_increase": (attacked - clean) / clean}
+    return {
+        "clean_loss": clean,
+        "attacked_loss": attacked,
+        "abs_increase": attacked - clean,
+        "rel_increase": (attacked - clean) / clean,
+    }
 
 
 def doc_losses(evaluation: dict[str, Any], model: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -36,8 +40,10 @@ def doc_losses(evaluation: dict[str, Any], model: str) -> tuple[np.ndarray, np.n
     per_doc = evaluation.get("models", {}).get(model, {}).get("per_doc")
     if not per_doc:
         return None
-    return (np.asarray([d["nll"] for d in per_doc], dtype=float),
-            np.asarray([d["tokens"] for d in per_doc], dtype=float))
+    return (
+        np.asarray([d["nll"] for d in per_doc], dtype=float),
+        np.asarray([d["tokens"] for d in per_doc], dtype=float),
+    )
 
 
 def monotonicity_rates(rows: Sequence[dict[str, Any]]) -> dict[str, float]:

@@ -76,15 +76,26 @@ def _load_stage(name: str, ref: StageRef) -> dict[str, Any]:
     try:
         manifest, digest = load_manifest(directory)  # verifies every output's sha256
     except FileNotFoundError:
-        raise CorruptArtifact(path, f"missing: stage {name} of seed {ref.seed} has no manifest (it did not finish)") from None
+        raise CorruptArtifact(
+            path, f"missing: stage {name} of seed {ref.seed} has no manifest (it did not finish)"
+        ) from None
     if manifest.stage != name:
         raise CorruptArtifact(path, f"is the manifest of stage {manifest.stage!r}, expected {name!r}")
     if digest != ref.digest:
-        raise CorruptArtifact(path, f"sha256 {digest[:12]}… differs from the digest the pipeline passed "
-                                    f"({ref.digest[:12]}…): the stage was re-run or altered after it finished")
-    return {"dir": str(directory.resolve()), "digest": digest, "metrics": manifest.metrics, "outputs": manifest.outputs,
-            "wall_time_s": manifest.wall_time_s, "git_revision": (manifest.provenance or {}).get("git_revision"),
-            "code_version": manifest.metrics.get("code_version")}
+        raise CorruptArtifact(
+            path,
+            f"sha256 {digest[:12]}… differs from the digest the pipeline passed "
+            f"({ref.digest[:12]}…): the stage was re-run or altered after it finished",
+        )
+    return {
+        "dir": str(directory.resolve()),
+        "digest": digest,
+        "metrics": manifest.metrics,
+        "outputs": manifest.outputs,
+        "wall_time_s": manifest.wall_time_s,
+        "git_revision": (manifest.provenance or {}).get("git_revision"),
+        "code_version": manifest.metrics.get("code_version"),
+    }
 
 
 def _read_output(stage: dict[str, Any], name: str, rel: str) -> Any:
@@ -112,14 +123,24 @@ def _check_per_example(name: str, stage: dict[str, Any], per_example: dict[str, 
         lengths.add(effects["abs_increase"].size)
         rec = per_model.get(arm) or {}
         if rec.get("n") is not None and rec["n"] != effects["abs_increase"].size:
-            raise CorruptArtifact(path, f"{arm}: {effects['abs_increase'].size} texts, but the stage reports n={rec['n']}")
-        if rec.get("abs_increase") is not None and effects["abs_increase"].size and not np.isclose(
-                effects["abs_increase"].mean(), rec["abs_increase"], rtol=1e-6, atol=1e-9):
-            raise CorruptArtifact(path, f"{arm}: mean per-text increase {effects['abs_increase'].mean():.6g} differs from "
-                                        f"the stage's abs_increase {rec['abs_increase']:.6g}")
+            raise CorruptArtifact(
+                path, f"{arm}: {effects['abs_increase'].size} texts, but the stage reports n={rec['n']}"
+            )
+        if (
+            rec.get("abs_increase") is not None
+            and effects["abs_increase"].size
+            and not np.isclose(effects["abs_increase"].mean(), rec["abs_increase"], rtol=1e-6, atol=1e-9)
+        ):
+            raise CorruptArtifact(
+                path,
+                f"{arm}: mean per-text increase {effects['abs_increase'].mean():.6g} differs from "
+                f"the stage's abs_increase {rec['abs_increase']:.6g}",
+            )
     if len(lengths) > 1:
-        raise CorruptArtifact(path, f"the arms were attacked on different numbers of texts {sorted(lengths)}; "
-                                    "paired tests need the same texts")
+        raise CorruptArtifact(
+            path,
+            f"the arms were attacked on different numbers of texts {sorted(lengths)}; paired tests need the same texts",
+        )
 
 
 def read_seed(refs: Mapping[str, StageRef | Mapping[str, Any]]) -> dict[str, Any]:
@@ -134,8 +155,14 @@ def read_seed(refs: Mapping[str, StageRef | Mapping[str, Any]]) -> dict[str, Any
         raise ValueError(f"stage results of different seeds {sorted(seeds)} were passed as one seed")
     seed = seeds.pop()
     stages = {name: _load_stage(name, ref) for name, ref in refs.items()}
-    data: dict[str, Any] = {"seed": seed, "stages": stages, "constrain": None, "evaluation": None,
-                            "histories": {}, "per_example": {}}
+    data: dict[str, Any] = {
+        "seed": seed,
+        "stages": stages,
+        "constrain": None,
+        "evaluation": None,
+        "histories": {},
+        "per_example": {},
+    }
     if "constrain" in stages:
         data["constrain"] = _read_output(stages["constrain"], "constrain", STAGE_FILES["constrain"])
     if "evaluate" in stages:
@@ -157,20 +184,43 @@ def store_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Every number for the results store: per-seed values as they are, across-seed summaries as
     `<metric>:mean|std|ci_low|ci_high` (seed NULL), tests as `<metric>:diff|t_p|wilcoxon_p` under
     arm `monotonic-baseline` (seed NULL across seeds, the seed for a test over its examples)."""
-    rows = [{"seed": v["seed"], "arm": v["model"], "stage": v["stage"], "metric": v["metric"], "value": v["value"]}
-            for v in results["values"]]
+    rows = [
+        {"seed": v["seed"], "arm": v["model"], "stage": v["stage"], "metric": v["metric"], "value": v["value"]}
+        for v in results["values"]
+    ]
     for s in results["summaries"]:
         extra = {"n": s["n"], "ci_method": s["ci_method"], "seeds": s["seeds"]}
         for stat in ("mean", "std", "ci_low", "ci_high"):
-            rows.append({"seed": None, "arm": s["model"], "stage": s["stage"], "metric": f"{s['metric']}:{stat}",
-                         "value": s[stat], "extra": extra})
+            rows.append(
+                {
+                    "seed": None,
+                    "arm": s["model"],
+                    "stage": s["stage"],
+                    "metric": f"{s['metric']}:{stat}",
+                    "value": s[stat],
+                    "extra": extra,
+                }
+            )
     for c in results["comparisons"]:
         arm = f"{c['a']}-{c['b']}".replace(" ", "_")
-        extra = {"n": c["n"], "scope": c["scope"], "significant": c["significant"], "ci": [c["ci_low"], c["ci_high"]],
-                 "test": c["test"]}
+        extra = {
+            "n": c["n"],
+            "scope": c["scope"],
+            "significant": c["significant"],
+            "ci": [c["ci_low"], c["ci_high"]],
+            "test": c["test"],
+        }
         for stat, key in (("diff", "mean_diff"), ("t_p", "t_p"), ("wilcoxon_p", "wilcoxon_p")):
-            rows.append({"seed": c["seed"], "arm": arm, "stage": c["stage"], "metric": f"{c['metric']}:{stat}",
-                         "value": c[key], "extra": extra})
+            rows.append(
+                {
+                    "seed": c["seed"],
+                    "arm": arm,
+                    "stage": c["stage"],
+                    "metric": f"{c['metric']}:{stat}",
+                    "value": c[key],
+                    "extra": extra,
+                }
+            )
     return rows
 
 
@@ -221,8 +271,13 @@ def published(tmp: Path, final: Path) -> Iterator[None]:
             os.close(fd)
 
 
-def _write_folder(directory: Path, cfg: ExperimentConfig, results: dict[str, Any],
-                  histories: dict[int, dict[str, Any]], config_path: Path) -> list[str]:
+def _write_folder(
+    directory: Path,
+    cfg: ExperimentConfig,
+    results: dict[str, Any],
+    histories: dict[int, dict[str, Any]],
+    config_path: Path,
+) -> list[str]:
     """Write every result file into `directory` (a temp folder); return their relative paths."""
     written = [
         ("config.yaml", atomic_write_text(directory / "config.yaml", config_to_yaml(cfg))),
@@ -274,8 +329,11 @@ def run(cfg: ExperimentConfig, seeds: Sequence[Mapping[str, StageRef | Mapping[s
 
 def _gaps(cfg: ExperimentConfig, data: list[dict[str, Any]]) -> list[str]:
     """What keeps the run from being complete: seeds lacking stages, configured seeds not given."""
-    gaps = [f"seed {d['seed']} lacks {', '.join(s for s in STAGES if s not in d['stages'])}"
-            for d in sorted(data, key=lambda d: d["seed"]) if not set(STAGES) <= set(d["stages"])]
+    gaps = [
+        f"seed {d['seed']} lacks {', '.join(s for s in STAGES if s not in d['stages'])}"
+        for d in sorted(data, key=lambda d: d["seed"])
+        if not set(STAGES) <= set(d["stages"])
+    ]
     absent = sorted(set(cfg.seeds) - {d["seed"] for d in data})
     if absent:
         gaps.append(f"configured seed(s) {', '.join(map(str, absent))} not aggregated")
@@ -307,13 +365,24 @@ def run_meta(cfg: ExperimentConfig, data: list[dict[str, Any]], run_name: str, f
         "status": "partial" if gaps else "completed",
         "incomplete": "; ".join(gaps) or None,
         "config_path": str(final / "config.yaml"),
-        "inputs": {str(d["seed"]): {name: {"dir": st["dir"], "digest": st["digest"], "code_version": st["code_version"]}
-                                    for name, st in d["stages"].items()} for d in sorted(data, key=lambda d: d["seed"])},
+        "inputs": {
+            str(d["seed"]): {
+                name: {"dir": st["dir"], "digest": st["digest"], "code_version": st["code_version"]}
+                for name, st in d["stages"].items()
+            }
+            for d in sorted(data, key=lambda d: d["seed"])
+        },
     }
 
 
-def _publish(cfg: ExperimentConfig, data: list[dict[str, Any]], results: dict[str, Any], meta: dict[str, Any],
-             final: Path, started: float) -> tuple[list[str], str, int]:
+def _publish(
+    cfg: ExperimentConfig,
+    data: list[dict[str, Any]],
+    results: dict[str, Any],
+    meta: dict[str, Any],
+    final: Path,
+    started: float,
+) -> tuple[list[str], str, int]:
     """Write the results folder beside `final`, then put it in place and record the store rows in
     one step (`published`). Returns (relative file names, sha256 of results.json, store rows)."""
     root = final.parent
@@ -324,15 +393,30 @@ def _publish(cfg: ExperimentConfig, data: list[dict[str, Any]], results: dict[st
     try:
         histories = {d["seed"]: d["histories"] for d in data}
         rel_files = _write_folder(tmp, cfg, results, histories, final / "config.yaml")
-        write_manifest(tmp, stage=STAGE, config=cfg.model_dump(mode="json"),
-                       inputs={f"seed-{d['seed']}/{name}": st["digest"] for d in data for name, st in d["stages"].items()},
-                       outputs=rel_files, metrics=report.headline(results), wall_time_s=time.time() - started,
-                       provenance=provenance())
+        write_manifest(
+            tmp,
+            stage=STAGE,
+            config=cfg.model_dump(mode="json"),
+            inputs={f"seed-{d['seed']}/{name}": st["digest"] for d in data for name, st in d["stages"].items()},
+            outputs=rel_files,
+            metrics=report.headline(results),
+            wall_time_s=time.time() - started,
+            provenance=provenance(),
+        )
         digest = hashlib.sha256((tmp / "results.json").read_bytes()).hexdigest()
         store = ResultsStore(cfg.store_url)  # opened (schema checked) before anything is put in place
-        run_row = {"run_id": meta["run_id"], "run_name": meta["run_name"], "preset": cfg.preset, "model": cfg.model.name,
-                   "variant": cfg.constraint.variant, "recipe": cfg.training.recipe, "config_digest": meta["config_digest"],
-                   "code_revision": meta["code_revision"], "seeds": meta["seeds"], "status": meta["status"]}
+        run_row = {
+            "run_id": meta["run_id"],
+            "run_name": meta["run_name"],
+            "preset": cfg.preset,
+            "model": cfg.model.name,
+            "variant": cfg.constraint.variant,
+            "recipe": cfg.training.recipe,
+            "config_digest": meta["config_digest"],
+            "code_revision": meta["code_revision"],
+            "seeds": meta["seeds"],
+            "status": meta["status"],
+        }
         with published(tmp, final):
             n_rows = store.record_run(run_row, store_rows(results))  # one transaction
     finally:

@@ -46,8 +46,10 @@ def attack_texts(cfg: ExperimentConfig, tokenizer, texts: list[str]) -> tuple[li
     opt, held_out = ids[:n_opt], ids[n_opt:]
     needed = max(cfg.attacks.uat.n_eval_texts, cfg.attacks.hotflip.n_texts)
     if len(opt) < n_opt or len(held_out) < needed:
-        raise ValueError(f"only {len(texts)} attack texts; need attacks.uat.n_opt_texts={n_opt} for optimisation "
-                         f"plus {needed} held-out texts (lower the counts or raise data.n_attack_docs)")
+        raise ValueError(
+            f"only {len(texts)} attack texts; need attacks.uat.n_opt_texts={n_opt} for optimisation "
+            f"plus {needed} held-out texts (lower the counts or raise data.n_attack_docs)"
+        )
     return opt, held_out
 
 
@@ -82,7 +84,9 @@ def _open_stage(cfg: ExperimentConfig, cell: CellPaths, stage: str, inputs: Inpu
 
 
 def _transfer_means(transfer: dict[str, Any]) -> dict[str, dict[str, float]]:
-    return {src: {dst: cell["abs_increase"]["mean"] for dst, cell in row.items()} for src, row in transfer["cells"].items()}
+    return {
+        src: {dst: cell["abs_increase"]["mean"] for dst, cell in row.items()} for src, row in transfer["cells"].items()
+    }
 
 
 def _outputs(out: Path, files: list[str]) -> list[str]:
@@ -90,8 +94,9 @@ def _outputs(out: Path, files: list[str]) -> list[str]:
     return files + [p for arm in ARMS for p in files_under(out, arm) if "/units/" not in p]
 
 
-def run_uat(cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: bool = True,
-            on_log: OnLog | None = None) -> StageRef:
+def run_uat(
+    cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: bool = True, on_log: OnLog | None = None
+) -> StageRef:
     """Stage 5: a universal trigger per arm, reported on held-out texts, and its transfer."""
     from monolm.attacks import uat
     from monolm.attacks.common import context_prefix
@@ -102,20 +107,41 @@ def run_uat(cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress:
         return done
     started = time.time()
     out, tokenizer, (opt, held_out), models = _open_stage(cfg, cell, stage, inputs)
-    results = {arm: uat.run(model, tokenizer, opt, held_out, cfg.attacks.uat, seed=seed, out_dir=out / arm,
-                            success_threshold=cfg.attacks.success_threshold, bf16=cfg.attacks.bf16, progress=progress)
-               for arm, model in models.items()}
-    transfer = uat.transfer_matrix(models, {arm: r["trigger_ids"] for arm, r in results.items()},
-                                   held_out[: cfg.attacks.uat.n_eval_texts], prefix=context_prefix(tokenizer), seed=seed,
-                                   success_threshold=cfg.attacks.success_threshold,
-                                   text_max_tokens=cfg.attacks.uat.text_max_tokens, bf16=cfg.attacks.bf16)
-    atomic_write_json(out / "triggers.json", {arm: {"trigger_ids": r["trigger_ids"], "trigger_text": r["trigger_text"]}
-                                              for arm, r in results.items()})
+    results = {
+        arm: uat.run(
+            model,
+            tokenizer,
+            opt,
+            held_out,
+            cfg.attacks.uat,
+            seed=seed,
+            out_dir=out / arm,
+            success_threshold=cfg.attacks.success_threshold,
+            bf16=cfg.attacks.bf16,
+            progress=progress,
+        )
+        for arm, model in models.items()
+    }
+    transfer = uat.transfer_matrix(
+        models,
+        {arm: r["trigger_ids"] for arm, r in results.items()},
+        held_out[: cfg.attacks.uat.n_eval_texts],
+        prefix=context_prefix(tokenizer),
+        seed=seed,
+        success_threshold=cfg.attacks.success_threshold,
+        text_max_tokens=cfg.attacks.uat.text_max_tokens,
+        bf16=cfg.attacks.bf16,
+    )
+    atomic_write_json(
+        out / "triggers.json",
+        {arm: {"trigger_ids": r["trigger_ids"], "trigger_text": r["trigger_text"]} for arm, r in results.items()},
+    )
     atomic_write_json(out / "uat_results.json", results)
     atomic_write_json(out / "transfer.json", transfer)
-    atomic_write_json(out / "per_example.json", {arm: {"clean": r["per_text"]["clean"],
-                                                       "attacked": r["per_text"]["attacked"]}
-                                                 for arm, r in results.items()})
+    atomic_write_json(
+        out / "per_example.json",
+        {arm: {"clean": r["per_text"]["clean"], "attacked": r["per_text"]["attacked"]} for arm, r in results.items()},
+    )
     metrics = {
         "per_model": {arm: normalize(r["eval"]) for arm, r in results.items()},
         "transfer": _transfer_means(transfer),
@@ -130,8 +156,9 @@ def _read_examples(path: Path) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["index"])
 
 
-def run_hotflip(cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: bool = True,
-                on_log: OnLog | None = None) -> StageRef:
+def run_hotflip(
+    cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: bool = True, on_log: OnLog | None = None
+) -> StageRef:
     """Stage 6: greedy first-order token flips per held-out text and arm, and their transfer."""
     from monolm.attacks import hotflip
     from monolm.attacks.common import context_prefix
@@ -142,18 +169,38 @@ def run_hotflip(cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progr
         return done
     started = time.time()
     out, tokenizer, (_, held_out), models = _open_stage(cfg, cell, stage, inputs)
-    results = {arm: hotflip.run(model, tokenizer, held_out, cfg.attacks.hotflip, seed=seed, out_dir=out / arm,
-                                success_threshold=cfg.attacks.success_threshold, bf16=cfg.attacks.bf16,
-                                progress=progress)
-               for arm, model in models.items()}
+    results = {
+        arm: hotflip.run(
+            model,
+            tokenizer,
+            held_out,
+            cfg.attacks.hotflip,
+            seed=seed,
+            out_dir=out / arm,
+            success_threshold=cfg.attacks.success_threshold,
+            bf16=cfg.attacks.bf16,
+            progress=progress,
+        )
+        for arm, model in models.items()
+    }
     examples = {arm: _read_examples(out / arm / "hotflip_examples.jsonl") for arm in ARMS}
-    transfer = hotflip.transfer_matrix(models, examples, prefix=context_prefix(tokenizer), seed=seed,
-                                       success_threshold=cfg.attacks.success_threshold, bf16=cfg.attacks.bf16)
+    transfer = hotflip.transfer_matrix(
+        models,
+        examples,
+        prefix=context_prefix(tokenizer),
+        seed=seed,
+        success_threshold=cfg.attacks.success_threshold,
+        bf16=cfg.attacks.bf16,
+    )
     atomic_write_json(out / "hotflip_results.json", results)
     atomic_write_json(out / "transfer.json", transfer)
-    atomic_write_json(out / "per_example.json", {arm: {"clean": [r["clean_loss"] for r in rows],
-                                                       "attacked": [r["attacked_loss"] for r in rows]}
-                                                 for arm, rows in examples.items()})
+    atomic_write_json(
+        out / "per_example.json",
+        {
+            arm: {"clean": [r["clean_loss"] for r in rows], "attacked": [r["attacked_loss"] for r in rows]}
+            for arm, rows in examples.items()
+        },
+    )
     with_control = cfg.attacks.hotflip.random_control
     metrics = {
         "per_model": {arm: normalize(r["gradient"]) for arm, r in results.items()},

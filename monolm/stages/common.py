@@ -85,16 +85,22 @@ def existing(cfg: ExperimentConfig, cell: CellPaths, stage: str, inputs: Inputs)
         log.warning("not reusing %s: %s", directory, exc)
         return None
     expected_inputs = {name: ref.digest for name, ref in inputs.items()}
-    if (manifest.config != stage_config(cfg, stage) or manifest.inputs != expected_inputs
-            or manifest.metrics.get("code_version") != stage_code_version(stage)):
+    if (
+        manifest.config != stage_config(cfg, stage)
+        or manifest.inputs != expected_inputs
+        or manifest.metrics.get("code_version") != stage_code_version(stage)
+    ):
         return None
     return StageRef(stage, cell.seed, str(directory), digest, manifest.metrics)
 
 
 def work_key(cfg: ExperimentConfig, stage: str, inputs: Inputs) -> str:
     """What a stage folder's content is computed from: config subset, input digests, code."""
-    payload = {"config": stage_config(cfg, stage), "inputs": {k: r.digest for k, r in sorted(inputs.items())},
-               "code": stage_code_version(stage)}
+    payload = {
+        "config": stage_config(cfg, stage),
+        "inputs": {k: r.digest for k, r in sorted(inputs.items())},
+        "code": stage_code_version(stage),
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -170,7 +176,7 @@ _NOT_PERMITTED = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 def _environment_error(exc: BaseException) -> str | None:
-    """"full" or "denied" for errors the machine (not the code) caused, else None. safetensors
+    """ "full" or "denied" for errors the machine (not the code) caused, else None. safetensors
     (Rust) reports a full disk as its own error type whose text carries the OS error."""
     if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
         return "full"
@@ -203,11 +209,15 @@ def stage_errors(stage: str, seed: int | None, directory: Path, setting: str = "
             raise
         where = f"stage {stage}" + (f" (seed {seed})" if seed is not None else "")
         if kind == "full":
-            message = (f"{where} failed: no space left on device while writing under {directory} "
-                       f"({_free_space(directory)}). Everything written before is intact (finished stages, the "
-                       "last valid checkpoint, finished attack units); free some space and re-run to resume.")
+            message = (
+                f"{where} failed: no space left on device while writing under {directory} "
+                f"({_free_space(directory)}). Everything written before is intact (finished stages, the "
+                "last valid checkpoint, finished attack units); free some space and re-run to resume."
+            )
         else:
             target = getattr(exc, "filename", None) or directory
-            message = (f"{where} failed: cannot write {target} ({getattr(exc, 'strerror', None) or exc}); "
-                       f"check that {setting} points to a folder you may write")
+            message = (
+                f"{where} failed: cannot write {target} ({getattr(exc, 'strerror', None) or exc}); "
+                f"check that {setting} points to a folder you may write"
+            )
         raise StageFailed(message) from exc

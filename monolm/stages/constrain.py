@@ -25,10 +25,12 @@ from monolm.stages.common import Inputs, OnLog, StageRef, existing, files_under,
 from monolm.stages.setup import load_setup, model_dir
 
 STAGE = "constrain"
-NOTE = ("Non-negative weights make each constrained Linear map monotone, but GELU (negative slope "
-        "below about -0.75), LayerNorm and residual paths make the FFN block and the model "
-        "non-monotone; the reported violation rates measure how often sampled ordered input pairs "
-        "(x <= x') produce out-of-order outputs.")
+NOTE = (
+    "Non-negative weights make each constrained Linear map monotone, but GELU (negative slope "
+    "below about -0.75), LayerNorm and residual paths make the FFN block and the model "
+    "non-monotone; the reported violation rates measure how often sampled ordered input pairs "
+    "(x <= x') produce out-of-order outputs."
+)
 
 
 def drift_blocks(cfg: ExperimentConfig, tokenizer, texts: list[str]) -> torch.Tensor:
@@ -37,8 +39,9 @@ def drift_blocks(cfg: ExperimentConfig, tokenizer, texts: list[str]) -> torch.Te
     return data_lib.pack_blocks(docs, min(cfg.data.seq_len, 128), tokenizer.eos_token_id)
 
 
-def run(cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: bool = True,
-        on_log: OnLog | None = None) -> StageRef:
+def run(
+    cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: bool = True, on_log: OnLog | None = None
+) -> StageRef:
     """Stage 1 from stage 0's base model (`inputs["setup"]`)."""
     done = existing(cfg, cell, STAGE, inputs)
     if done:
@@ -50,13 +53,14 @@ def run(cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: boo
     tokenizer, splits = load_setup(setup)
     base = models.load_model(model_dir(setup), device)
     constrained = models.load_model(model_dir(setup), device)
-    summary = constraints.apply_constraint(constrained, cfg.constraint.variant, init=cfg.constraint.init,
-                                           eps=cfg.constraint.eps)
+    summary = constraints.apply_constraint(
+        constrained, cfg.constraint.variant, init=cfg.constraint.init, eps=cfg.constraint.eps
+    )
     blocks = drift_blocks(cfg, tokenizer, splits.eval).to(device)
     drift = function_drift(base, constrained, blocks)
     monotonicity = monotonicity_violation_rate(
-        constrained, cfg.constraint.monotonicity_pairs, generator(cell.seed, STAGE, "monotonicity"),
-        inputs=blocks[:4])
+        constrained, cfg.constraint.monotonicity_pairs, generator(cell.seed, STAGE, "monotonicity"), inputs=blocks[:4]
+    )
     del base
     constraints.save_constrained(constrained, tokenizer, out / "model", spec=cfg.constraint.model_dump(mode="json"))
     report: dict[str, Any] = {
@@ -77,5 +81,12 @@ def run(cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: boo
         "min_constrained_weight": report["min_constrained_weight"],
         "model_dir": str((out / "model").resolve()),
     }
-    return finish(cfg, cell, STAGE, inputs=inputs, outputs=["report.json", *files_under(out, "model")],
-                  metrics=metrics, started=started)
+    return finish(
+        cfg,
+        cell,
+        STAGE,
+        inputs=inputs,
+        outputs=["report.json", *files_under(out, "model")],
+        metrics=metrics,
+        started=started,
+    )

@@ -25,8 +25,9 @@ from monolm.stages.setup import load_setup, model_dir
 STAGE = "evaluate"
 
 
-def run(cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: bool = True,
-        on_log: OnLog | None = None) -> StageRef:
+def run(
+    cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: bool = True, on_log: OnLog | None = None
+) -> StageRef:
     """Stage 4 on the base model (`inputs["setup"]`) and both trained arms."""
     done = existing(cfg, cell, STAGE, inputs)
     if done:
@@ -38,25 +39,41 @@ def run(cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: boo
     tokenizer, splits = load_setup(setup)
     texts = splits.eval[: cfg.evaluation.max_docs]
     docs = data_lib.tokenize(tokenizer, texts)
-    paths = {"base": model_dir(setup), **{arm: Path(inputs[name].metrics["model_dir"])
-                                          for arm, name in TRAIN_STAGES.items()}}
+    paths = {
+        "base": model_dir(setup),
+        **{arm: Path(inputs[name].metrics["model_dir"]) for arm, name in TRAIN_STAGES.items()},
+    }
     results: dict[str, Any] = {}
     extra: dict[str, Any] = {}
     for name, path in paths.items():
         model = models.load_model(path, device)
-        results[name] = evaluation.perplexity(model, docs, seq_len=cfg.eval_seq_len, batch_size=cfg.evaluation.batch_size,
-                                              prefix_token_id=tokenizer.eos_token_id, texts=texts, device=device,
-                                              progress=progress, return_per_doc=True, bf16=cfg.evaluation.bf16)
+        results[name] = evaluation.perplexity(
+            model,
+            docs,
+            seq_len=cfg.eval_seq_len,
+            batch_size=cfg.evaluation.batch_size,
+            prefix_token_id=tokenizer.eos_token_id,
+            texts=texts,
+            device=device,
+            progress=progress,
+            return_per_doc=True,
+            bf16=cfg.evaluation.bf16,
+        )
         if name == "monotonic":
             blocks = data_lib.pack_blocks(docs[:8], min(cfg.data.seq_len, 128), tokenizer.eos_token_id).to(device)
             extra["min_constrained_weight"] = constraints.min_constrained_weight(model)
             extra["monotonicity"] = monotonicity_violation_rate(
-                model, cfg.constraint.monotonicity_pairs, generator(cell.seed, STAGE, "monotonicity"), inputs=blocks[:4])
+                model, cfg.constraint.monotonicity_pairs, generator(cell.seed, STAGE, "monotonicity"), inputs=blocks[:4]
+            )
         del model
     report = {"models": results, "n_docs": len(docs), "recipe": cfg.training.recipe, **extra}
     atomic_write_json(out / "evaluation.json", report)
-    metrics = {f"{name}_{key}": r[key] for name, r in results.items() for key in ("token_perplexity", "loss", "bits_per_byte")
-               if key in r}
+    metrics = {
+        f"{name}_{key}": r[key]
+        for name, r in results.items()
+        for key in ("token_perplexity", "loss", "bits_per_byte")
+        if key in r
+    }
     metrics["min_constrained_weight"] = extra["min_constrained_weight"]
     metrics["n_docs"] = len(docs)
     return finish(cfg, cell, STAGE, inputs=inputs, outputs=["evaluation.json"], metrics=metrics, started=started)

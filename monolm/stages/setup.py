@@ -32,25 +32,43 @@ def model_dir(ref: StageRef) -> Path:
     return Path(ref.metrics["model_dir"])
 
 
-def _pretrain_tiny(cfg: ExperimentConfig, seed: int, splits: data_lib.Splits, out: Path, progress: bool,
-                   on_log: OnLog | None):
+def _pretrain_tiny(
+    cfg: ExperimentConfig, seed: int, splits: data_lib.Splits, out: Path, progress: bool, on_log: OnLog | None
+):
     from monolm.training import train
 
     tiny = cfg.model.tiny
     tokenizer = data_lib.train_bpe_tokenizer(splits.train, tiny.vocab_size)
     model = models.build_tiny_model(tiny, tokenizer, seed=derive_seed(seed, "init"))
-    blocks = data_lib.pack_blocks(data_lib.tokenize(tokenizer, splits.train), cfg.data.seq_len,
-                                  tokenizer.eos_token_id)
+    blocks = data_lib.pack_blocks(data_lib.tokenize(tokenizer, splits.train), cfg.data.seq_len, tokenizer.eos_token_id)
     arm = ArmConfig(
-        lr=tiny.pretrain_lr, max_steps=max(tiny.pretrain_steps, 1), epochs=1000.0, warmup_ratio=0.05,
-        schedule="cosine", min_lr_ratio=0.1, weight_decay=0.01, micro_batch_size=tiny.pretrain_batch_size,
-        grad_accum_steps=1, log_every_steps=25, eval_every_steps=10**9,
-        checkpoint_every_steps=100, keep_last_checkpoints=1,
+        lr=tiny.pretrain_lr,
+        max_steps=max(tiny.pretrain_steps, 1),
+        epochs=1000.0,
+        warmup_ratio=0.05,
+        schedule="cosine",
+        min_lr_ratio=0.1,
+        weight_decay=0.01,
+        micro_batch_size=tiny.pretrain_batch_size,
+        grad_accum_steps=1,
+        log_every_steps=25,
+        eval_every_steps=10**9,
+        checkpoint_every_steps=100,
+        keep_last_checkpoints=1,
     )
     result = None
     if tiny.pretrain_steps > 0:
-        result = train(model, blocks, arm, out / "pretrain", seed=derive_seed(seed, "pretrain"),
-                       evaluate=None, constrained=False, progress=progress, on_log=on_log)
+        result = train(
+            model,
+            blocks,
+            arm,
+            out / "pretrain",
+            seed=derive_seed(seed, "pretrain"),
+            evaluate=None,
+            constrained=False,
+            progress=progress,
+            on_log=on_log,
+        )
     return model, tokenizer, result
 
 
@@ -68,9 +86,13 @@ def check_disk(cfg: ExperimentConfig) -> dict[str, Any]:
     """Free space under the runs folder (its nearest existing parent). Run before anything is
     downloaded, trained or written, so a full disk fails in a second, not after pre-training."""
     free = shutil.disk_usage(nearest_existing(cfg.paths.runs_root)).free
-    checks = {"disk": {"ok": free > MIN_FREE_BYTES,
-                       "detail": f"{free / 2**30:.1f} GiB free under {cfg.paths.runs_root} "
-                                 f"(at least {MIN_FREE_BYTES / 2**30:.0f} GiB needed)"}}
+    checks = {
+        "disk": {
+            "ok": free > MIN_FREE_BYTES,
+            "detail": f"{free / 2**30:.1f} GiB free under {cfg.paths.runs_root} "
+            f"(at least {MIN_FREE_BYTES / 2**30:.0f} GiB needed)",
+        }
+    }
     _raise_failed(checks)
     return checks
 
@@ -79,15 +101,20 @@ def check_splits(cfg: ExperimentConfig, splits: data_lib.Splits) -> dict[str, An
     """Enough held-out attack texts for both attacks; checked before any model is trained."""
     counts = {name: len(docs) for name, docs in splits.as_dict().items()}
     needed = cfg.attacks.uat.n_opt_texts + max(cfg.attacks.uat.n_eval_texts, cfg.attacks.hotflip.n_texts)
-    checks = {"attack_texts": {"ok": counts["attack"] >= needed,
-                               "detail": f"{counts['attack']} held-out attack texts, attacks need {needed}"},
-              "splits_disjoint": {"ok": True, "detail": f"documents per split: {counts}"}}
+    checks = {
+        "attack_texts": {
+            "ok": counts["attack"] >= needed,
+            "detail": f"{counts['attack']} held-out attack texts, attacks need {needed}",
+        },
+        "splits_disjoint": {"ok": True, "detail": f"documents per split: {counts}"},
+    }
     _raise_failed(checks)
     return checks
 
 
-def verify(cfg: ExperimentConfig, model_path: Path, tokenizer, splits: data_lib.Splits,
-           earlier: dict[str, Any] | None = None) -> dict[str, Any]:
+def verify(
+    cfg: ExperimentConfig, model_path: Path, tokenizer, splits: data_lib.Splits, earlier: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Checks that later stages rely on, each pass/fail with the reason; `earlier` holds the
     checks already passed before the model was fetched or built."""
     from transformers import AutoConfig
@@ -101,13 +128,19 @@ def verify(cfg: ExperimentConfig, model_path: Path, tokenizer, splits: data_lib.
     except ConfigError as exc:
         raise ConfigError(f"{exc} (model {cfg.model.name})") from None
     rows = config.vocab_size
-    checks["vocab"] = {"ok": len(tokenizer) <= rows,
-                       "detail": f"tokenizer has {len(tokenizer)} tokens, embedding has {rows} rows "
-                                 f"({rows - len(tokenizer)} unused)"}
+    checks["vocab"] = {
+        "ok": len(tokenizer) <= rows,
+        "detail": f"tokenizer has {len(tokenizer)} tokens, embedding has {rows} rows ({rows - len(tokenizer)} unused)",
+    }
     _raise_failed(checks)
     counts = {name: len(docs) for name, docs in splits.as_dict().items()}
-    return {"checks": checks, "model_max_len": model_max, "embedding_rows": rows, "tokenizer_size": len(tokenizer),
-            "docs": counts}
+    return {
+        "checks": checks,
+        "model_max_len": model_max,
+        "embedding_rows": rows,
+        "tokenizer_size": len(tokenizer),
+        "docs": counts,
+    }
 
 
 def _locate_model(cfg: ExperimentConfig) -> Path | None:
@@ -122,8 +155,9 @@ def _locate_model(cfg: ExperimentConfig) -> Path | None:
     return path
 
 
-def run(cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: bool = True,
-        on_log: OnLog | None = None) -> StageRef:
+def run(
+    cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: bool = True, on_log: OnLog | None = None
+) -> StageRef:
     """Stage 0 (no inputs); `on_log` receives the tiny model's pre-training log entries."""
     seed = cell.seed
     done = existing(cfg, cell, STAGE, inputs)
@@ -147,8 +181,11 @@ def run(cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: boo
         path = out / "model"
         outputs += files_under(out, "model")
         if pretrain is not None:
-            metrics["pretrain"] = {"steps": pretrain.steps, "tokens_seen": pretrain.tokens_seen,
-                                   "final": pretrain.final_metrics}
+            metrics["pretrain"] = {
+                "steps": pretrain.steps,
+                "tokens_seen": pretrain.tokens_seen,
+                "final": pretrain.final_metrics,
+            }
             shutil.rmtree(out / "pretrain" / "checkpoints", ignore_errors=True)
             outputs.append("pretrain/history.json")
     else:
@@ -159,8 +196,9 @@ def run(cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: boo
     report = verify(cfg, Path(path), tokenizer, splits, checks)
     atomic_write_json(out / "verification.json", report)
     outputs.append("verification.json")
-    metrics.update({"docs": report["docs"], "tokenizer_size": report["tokenizer_size"],
-                    "embedding_rows": report["embedding_rows"]})
+    metrics.update(
+        {"docs": report["docs"], "tokenizer_size": report["tokenizer_size"], "embedding_rows": report["embedding_rows"]}
+    )
     return finish(cfg, cell, STAGE, inputs=inputs, outputs=outputs, metrics=metrics, started=started)
 
 

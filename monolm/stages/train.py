@@ -23,20 +23,29 @@ from monolm.stages.setup import load_setup, model_dir
 Arm = Literal["baseline", "monotonic"]
 
 
-def run_baseline(cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: bool = True,
-                 on_log: OnLog | None = None) -> StageRef:
+def run_baseline(
+    cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: bool = True, on_log: OnLog | None = None
+) -> StageRef:
     """Stage 2: the baseline arm, from stage 0's base model."""
     return run(cfg, cell, "baseline", inputs, progress=progress, on_log=on_log)
 
 
-def run_monotonic(cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: bool = True,
-                  on_log: OnLog | None = None) -> StageRef:
+def run_monotonic(
+    cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: bool = True, on_log: OnLog | None = None
+) -> StageRef:
     """Stage 3: the constrained arm, from stage 1's constrained initialisation."""
     return run(cfg, cell, "monotonic", inputs, progress=progress, on_log=on_log)
 
 
-def run(cfg: ExperimentConfig, cell: CellPaths, arm: Arm, inputs: Inputs, *, progress: bool = True,
-        on_log: OnLog | None = None) -> StageRef:
+def run(
+    cfg: ExperimentConfig,
+    cell: CellPaths,
+    arm: Arm,
+    inputs: Inputs,
+    *,
+    progress: bool = True,
+    on_log: OnLog | None = None,
+) -> StageRef:
     from monolm.training import train
 
     stage = TRAIN_STAGES[arm]
@@ -59,9 +68,16 @@ def run(cfg: ExperimentConfig, cell: CellPaths, arm: Arm, inputs: Inputs, *, pro
     val_docs = data_lib.tokenize(tokenizer, val_texts)
 
     def evaluate(m) -> dict:
-        result = evaluation.perplexity(m, val_docs, seq_len=cfg.data.seq_len, batch_size=cfg.evaluation.batch_size,
-                                       prefix_token_id=tokenizer.eos_token_id, device=device, progress=False,
-                                       bf16=recipe.bf16)  # validation in the arm's own precision
+        result = evaluation.perplexity(
+            m,
+            val_docs,
+            seq_len=cfg.data.seq_len,
+            batch_size=cfg.evaluation.batch_size,
+            prefix_token_id=tokenizer.eos_token_id,
+            device=device,
+            progress=False,
+            bf16=recipe.bf16,
+        )  # validation in the arm's own precision
         return {"perplexity": result["token_perplexity"], "loss": result["loss"], "tokens": result["tokens"]}
 
     def save(m, directory: Path) -> list[str]:
@@ -73,9 +89,19 @@ def run(cfg: ExperimentConfig, cell: CellPaths, arm: Arm, inputs: Inputs, *, pro
         return models.save_model(m, tokenizer, directory)
 
     # Both arms see the same data order: the data seed does not depend on the arm.
-    result = train(model, blocks, recipe, out, seed=derive_seed(cell.seed, "finetune"), evaluate=evaluate,
-                   constrained=(arm == "monotonic"), device=device, progress=progress, save_model=save,
-                   on_log=on_log)
+    result = train(
+        model,
+        blocks,
+        recipe,
+        out,
+        seed=derive_seed(cell.seed, "finetune"),
+        evaluate=evaluate,
+        constrained=(arm == "monotonic"),
+        device=device,
+        progress=progress,
+        save_model=save,
+        on_log=on_log,
+    )
     metrics = {
         "arm": arm,
         "recipe": cfg.training.recipe,
@@ -86,5 +112,12 @@ def run(cfg: ExperimentConfig, cell: CellPaths, arm: Arm, inputs: Inputs, *, pro
         "final": result.final_metrics,
         "model_dir": str((out / "best").resolve()),
     }
-    return finish(cfg, cell, stage, inputs=inputs, outputs=["history.json", *files_under(out, "best")],
-                  metrics=metrics, started=started)
+    return finish(
+        cfg,
+        cell,
+        stage,
+        inputs=inputs,
+        outputs=["history.json", *files_under(out, "best")],
+        metrics=metrics,
+        started=started,
+    )

@@ -21,8 +21,9 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def format_table(rows: Sequence[dict[str, Any]], *, columns: Sequence[str] | None = None,
-                 title: str | None = None, width: int = 200) -> str:
+def format_table(
+    rows: Sequence[dict[str, Any]], *, columns: Sequence[str] | None = None, title: str | None = None, width: int = 200
+) -> str:
     """Render result rows (from `query`, `runs` or `compare`) as a text table for the terminal;
     columns default to the keys of the first row, in order."""
     if not rows:
@@ -33,8 +34,9 @@ def format_table(rows: Sequence[dict[str, Any]], *, columns: Sequence[str] | Non
     columns = list(columns or rows[0].keys())
     table = RichTable(title=title, show_lines=False)
     for column in columns:
-        numeric = any(isinstance(row.get(column), (int, float)) and not isinstance(row.get(column), bool)
-                      for row in rows)
+        numeric = any(
+            isinstance(row.get(column), (int, float)) and not isinstance(row.get(column), bool) for row in rows
+        )
         table.add_column(column, justify="right" if numeric else "left", overflow="fold")
     for row in rows:
         table.add_row(*(_cell(row.get(column)) for column in columns))

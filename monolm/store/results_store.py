@@ -127,11 +127,35 @@ class ResultsStore:
         with their run's name, creation time and code revision, oldest run first."""
         m, r = metrics_table.c, runs_table.c
         query = (
-            select(m.run_id, r.run_name, r.created_at, r.code_revision, m.preset, m.variant, m.recipe,
-                   m.arm, m.seed, m.stage, m.metric, m.value, m.extra)
+            select(
+                m.run_id,
+                r.run_name,
+                r.created_at,
+                r.code_revision,
+                m.preset,
+                m.variant,
+                m.recipe,
+                m.arm,
+                m.seed,
+                m.stage,
+                m.metric,
+                m.value,
+                m.extra,
+            )
             .join_from(metrics_table, runs_table, m.run_id == r.run_id)
-            .where(*_equals(m, preset=preset, variant=variant, arm=arm, metric=metric, run_id=run_id,
-                            stage=stage, seed=seed, recipe=recipe))
+            .where(
+                *_equals(
+                    m,
+                    preset=preset,
+                    variant=variant,
+                    arm=arm,
+                    metric=metric,
+                    run_id=run_id,
+                    stage=stage,
+                    seed=seed,
+                    recipe=recipe,
+                )
+            )
             .order_by(r.created_at, m.run_id, m.arm, m.stage, m.metric, m.seed, m.id)
         )
         with self.engine.connect() as conn:
@@ -152,8 +176,19 @@ class ResultsStore:
             diff = mean_b - mean_a if mean_a is not None and mean_b is not None else None
             rel = diff / abs(mean_a) if diff is not None and mean_a else None
             arm, stage, metric = key
-            out.append({"arm": arm, "stage": stage, "metric": metric, "n_a": n_a, "mean_a": mean_a,
-                        "n_b": n_b, "mean_b": mean_b, "diff": diff, "rel_diff": rel})
+            out.append(
+                {
+                    "arm": arm,
+                    "stage": stage,
+                    "metric": metric,
+                    "n_a": n_a,
+                    "mean_a": mean_a,
+                    "n_b": n_b,
+                    "mean_b": mean_b,
+                    "diff": diff,
+                    "rel_diff": rel,
+                }
+            )
         return out
 
     def previous_run(

@@ -30,14 +30,22 @@ def default_save_model(model: nn.Module, directory: Path) -> list[str]:
     return ["model.safetensors"]
 
 
-def save_best(out_dir: Path, model: nn.Module, save_model: SaveModel, *, step: int,
-              metrics: dict[str, Any], fingerprint_digest: str) -> None:
+def save_best(
+    out_dir: Path,
+    model: nn.Module,
+    save_model: SaveModel,
+    *,
+    step: int,
+    metrics: dict[str, Any],
+    fingerprint_digest: str,
+) -> None:
     """Replace `best/` atomically; `best.json` (written last) records step, metrics, digests."""
     with atomic_dir(out_dir / BEST_DIR, existing="replace") as tmp:
         files = save_model(model, tmp)
         digests = {rel: sha256_file(tmp / rel) for rel in files}
-        atomic_write_json(tmp / BEST_MARKER, {"step": step, "metrics": metrics, "files": digests,
-                                              "fingerprint": fingerprint_digest})
+        atomic_write_json(
+            tmp / BEST_MARKER, {"step": step, "metrics": metrics, "files": digests, "fingerprint": fingerprint_digest}
+        )
 
 
 def read_best(out_dir: Path, fingerprint_digest: str) -> dict[str, Any] | None:
@@ -61,8 +69,9 @@ def read_best(out_dir: Path, fingerprint_digest: str) -> dict[str, Any] | None:
     return info
 
 
-def replay_point_for_lost_best(out_dir: Path, ckpt_root: Path, latest: Path,
-                               fingerprint: dict[str, Any]) -> Path | None:
+def replay_point_for_lost_best(
+    out_dir: Path, ckpt_root: Path, latest: Path, fingerprint: dict[str, Any]
+) -> Path | None:
     """The checkpoint to resume from when the best model this run already selected is missing or
     damaged: the newest valid one *before* the recorded best step (None: from the start).
 
@@ -87,8 +96,12 @@ def replay_point_for_lost_best(out_dir: Path, ckpt_root: Path, latest: Path,
             continue
         point = path
         break
-    log.warning("%s: the best model (step %d) is missing or damaged; replaying from %s to recreate it exactly",
-                out_dir, recorded, point if point is not None else "the start")
+    log.warning(
+        "%s: the best model (step %d) is missing or damaged; replaying from %s to recreate it exactly",
+        out_dir,
+        recorded,
+        point if point is not None else "the start",
+    )
     if (out_dir / BEST_DIR).exists():
         move_aside(out_dir / BEST_DIR, "missing or damaged files; recreated by replaying training")
     replay_from = point.name if point else "the start"

@@ -76,8 +76,18 @@ def train(
     "train")`; a resume restores them, the optimizer, scheduler and data position from the
     checkpoint, so the continuation is the same computation as an uninterrupted run.
     """
-    run = prepare_run(model, train_blocks, arm, out_dir, seed=seed, evaluate=evaluate, constrained=constrained,
-                      device=device, save_model=save_model, on_log=on_log)
+    run = prepare_run(
+        model,
+        train_blocks,
+        arm,
+        out_dir,
+        seed=seed,
+        evaluate=evaluate,
+        constrained=constrained,
+        device=device,
+        save_model=save_model,
+        on_log=on_log,
+    )
     state = start_or_resume(run)
     total = run.total_steps
     stop_at = total if max_steps_this_call is None else min(total, state.step + max_steps_this_call)
@@ -113,8 +123,14 @@ def train(
 
 def _progress_bar(run: TrainingRun, state: LoopState, progress: bool) -> tqdm:
     desc = "train (constrained)" if run.constrained else "train"
-    return tqdm(total=run.total_steps, initial=state.step, disable=None if progress else True, desc=desc,
-                unit="step", dynamic_ncols=True)
+    return tqdm(
+        total=run.total_steps,
+        initial=state.step,
+        disable=None if progress else True,
+        desc=desc,
+        unit="step",
+        dynamic_ncols=True,
+    )
 
 
 def take_step(run: TrainingRun, state: LoopState) -> float:
@@ -123,12 +139,14 @@ def take_step(run: TrainingRun, state: LoopState) -> float:
     batch = run.train_blocks[state.order.take(run.effective_batch)]
     lr = run.scheduler.get_last_lr()[0]
     try:
-        loss_sum, grad_norm, min_w = training_step(run.model, run.optimizer, run.scheduler, batch, run.arm,
-                                                   constrained=run.constrained, bf16=run.bf16)
+        loss_sum, grad_norm, min_w = training_step(
+            run.model, run.optimizer, run.scheduler, batch, run.arm, constrained=run.constrained, bf16=run.bf16
+        )
     except (ConstraintViolation, TrainingDiverged) as exc:
         raise type(exc)(f"optimizer step {state.step + 1}: {exc}") from None
-    state.record_step(loss_sum, grad_norm, min_w, sequences=run.effective_batch, seq_len=run.seq_len,
-                      seconds=time.perf_counter() - t0)
+    state.record_step(
+        loss_sum, grad_norm, min_w, sequences=run.effective_batch, seq_len=run.seq_len, seconds=time.perf_counter() - t0
+    )
     return lr
 
 
@@ -162,15 +180,22 @@ def evaluate_and_keep_best(run: TrainingRun, state: LoopState) -> None:
     ppl = metrics["val_perplexity"]
     summary = state.summary
     if summary["best_val_perplexity"] is None or ppl < summary["best_val_perplexity"]:
-        save_best(run.out_dir, run.model, run.save_model, step=state.step, metrics=metrics,
-                  fingerprint_digest=run.fingerprint_digest)
+        save_best(
+            run.out_dir,
+            run.model,
+            run.save_model,
+            step=state.step,
+            metrics=metrics,
+            fingerprint_digest=run.fingerprint_digest,
+        )
         summary.update(best_step=state.step, best_val_perplexity=ppl)
 
 
 def keep_final_as_best(run: TrainingRun, state: LoopState) -> None:
     """Without an evaluation the final model is the best one."""
-    save_best(run.out_dir, run.model, run.save_model, step=state.step, metrics={},
-              fingerprint_digest=run.fingerprint_digest)
+    save_best(
+        run.out_dir, run.model, run.save_model, step=state.step, metrics={}, fingerprint_digest=run.fingerprint_digest
+    )
     state.summary.update(best_step=state.step, best_val_perplexity=None)
 
 
@@ -217,8 +242,9 @@ def _run_eval(model: nn.Module, evaluate: Evaluate, constrained: bool) -> dict[s
         raw = evaluate(model)
     if "perplexity" not in raw:
         raise KeyError(f"evaluate() must return 'perplexity' (best-model selection uses it); got {sorted(raw)}")
-    metrics = {f"val_{k}": (float(v) if isinstance(v, (int, float)) or hasattr(v, "item") else v)
-               for k, v in raw.items()}
+    metrics = {
+        f"val_{k}": (float(v) if isinstance(v, (int, float)) or hasattr(v, "item") else v) for k, v in raw.items()
+    }
     if not math.isfinite(metrics["val_perplexity"]):
         log.warning("validation perplexity is %s", metrics["val_perplexity"])
     return metrics

@@ -86,8 +86,9 @@ class TrainingRun:
 def check_inputs(model: nn.Module, train_blocks: torch.Tensor, constrained: bool) -> None:
     """Refuse data that is not a LongTensor [N, T>=2], and a model that does not match its arm."""
     if train_blocks.dtype != torch.long or train_blocks.ndim != 2 or train_blocks.shape[1] < 2:
-        raise ValueError(f"train_blocks must be a LongTensor [N, T>=2], got {train_blocks.dtype} "
-                         f"{list(train_blocks.shape)}")
+        raise ValueError(
+            f"train_blocks must be a LongTensor [N, T>=2], got {train_blocks.dtype} {list(train_blocks.shape)}"
+        )
     has_constraint = bool(constrained_modules(model))
     if constrained != has_constraint:
         raise ValueError(
@@ -137,8 +138,13 @@ def prepare_run(
     fingerprint = make_fingerprint(
         model,
         config={k: v for k, v in arm.model_dump(mode="json").items() if k not in _CADENCE_FIELDS},
-        run={"seed": seed, "constrained": constrained, "data_shape": [n_seq, seq_len],
-             "data_sha256": _data_digest(train_blocks), "total_steps": total_steps},
+        run={
+            "seed": seed,
+            "constrained": constrained,
+            "data_shape": [n_seq, seq_len],
+            "data_sha256": _data_digest(train_blocks),
+            "total_steps": total_steps,
+        },
     )
     return TrainingRun(
         model=model,

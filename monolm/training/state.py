@@ -42,8 +42,9 @@ class Interval:
     seconds: float = 0.0  # wall-clock time of the steps (for tokens/s)
     min_w: float | None = None  # smallest constrained weight seen (constrained arm only)
 
-    def add(self, loss_sum: float, grad_norm: float, min_w: float | None, *, targets: int, tokens: int,
-            seconds: float) -> None:
+    def add(
+        self, loss_sum: float, grad_norm: float, min_w: float | None, *, targets: int, tokens: int, seconds: float
+    ) -> None:
         if min_w is not None:
             self.min_w = min_w if self.min_w is None else min(self.min_w, min_w)
         self.loss_sum += loss_sum
@@ -100,21 +101,29 @@ class LoopState:
         """Training seconds so far, earlier calls included."""
         return self.wall_before + (time.perf_counter() - self.call_start)
 
-    def record_step(self, loss_sum: float, grad_norm: float, min_w: float | None, *, sequences: int,
-                    seq_len: int, seconds: float) -> None:
+    def record_step(
+        self, loss_sum: float, grad_norm: float, min_w: float | None, *, sequences: int, seq_len: int, seconds: float
+    ) -> None:
         """Count one finished optimizer step of `sequences` blocks of `seq_len` tokens."""
         self.step += 1
         self.tokens_seen += sequences * seq_len
-        self.interval.add(loss_sum, grad_norm, min_w, targets=sequences * (seq_len - 1),
-                          tokens=sequences * seq_len, seconds=seconds)
+        self.interval.add(
+            loss_sum, grad_norm, min_w, targets=sequences * (seq_len - 1), tokens=sequences * seq_len, seconds=seconds
+        )
         if min_w is not None:
             self.summary["min_constrained_weight"] = min(self.summary["min_constrained_weight"], min_w)
         self.summary.update(tokens_seen=self.tokens_seen, steps_done=self.step)
 
     def train_state(self) -> dict[str, Any]:
         """The train state a checkpoint stores in `state.json`."""
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "data_position": self.order.position,
-                "interval": self.interval.to_dict(), "wall_time_s": self.wall_time(), "history": self.history}
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "data_position": self.order.position,
+            "interval": self.interval.to_dict(),
+            "wall_time_s": self.wall_time(),
+            "history": self.history,
+        }
 
 
 def _new_history(run: TrainingRun) -> dict[str, Any]:
@@ -122,10 +131,19 @@ def _new_history(run: TrainingRun) -> dict[str, Any]:
         "log": [],
         "eval": [],
         "summary": {
-            "effective_batch_size": run.effective_batch, "micro_batch_size": run.arm.micro_batch_size,
-            "grad_accum_steps": run.arm.grad_accum_steps, "seq_len": run.seq_len, "n_sequences": run.n_sequences,
-            "total_steps": run.total_steps, "tokens_seen": 0, "steps_done": 0, "constrained": run.constrained,
-            "seed": run.seed, "bf16_autocast": run.bf16, "best_step": None, "best_val_perplexity": None,
+            "effective_batch_size": run.effective_batch,
+            "micro_batch_size": run.arm.micro_batch_size,
+            "grad_accum_steps": run.arm.grad_accum_steps,
+            "seq_len": run.seq_len,
+            "n_sequences": run.n_sequences,
+            "total_steps": run.total_steps,
+            "tokens_seen": 0,
+            "steps_done": 0,
+            "constrained": run.constrained,
+            "seed": run.seed,
+            "bf16_autocast": run.bf16,
+            "best_step": None,
+            "best_val_perplexity": None,
         },
         "resumes": [],
     }
@@ -138,28 +156,43 @@ def _fresh_start(run: TrainingRun) -> LoopState:
     """Seed the global RNGs (dropout) from the run's seed and start at step 0."""
     seed_everything(derive_seed(run.seed, "train"))
     order = DataOrder(run.n_sequences, run.seed)
-    return LoopState(step=0, tokens_seen=0, order=order, history=_new_history(run), interval=Interval(),
-                     wall_before=0.0)
+    return LoopState(
+        step=0, tokens_seen=0, order=order, history=_new_history(run), interval=Interval(), wall_before=0.0
+    )
 
 
 def _resume(run: TrainingRun, checkpoint: Path) -> LoopState:
     """Load model, optimizer, scheduler and RNG states from `checkpoint` and rebuild the state."""
-    loaded = load_checkpoint(checkpoint, model=run.model, optimizer=run.optimizer, param_names=run.param_names,
-                             scheduler=run.scheduler, fingerprint=run.fingerprint)
+    loaded = load_checkpoint(
+        checkpoint,
+        model=run.model,
+        optimizer=run.optimizer,
+        param_names=run.param_names,
+        scheduler=run.scheduler,
+        fingerprint=run.fingerprint,
+    )
     st = loaded.state
     for step_no, path in list_checkpoints(run.checkpoint_root):  # newer ones were skipped as invalid
         if step_no > loaded.step:
             move_aside(path, f"not valid; resumed from {checkpoint.name} instead")
     order = DataOrder(run.n_sequences, run.seed, **st["data_position"])
     if loaded.data_generator_state is None or not torch.equal(order.generator_state, loaded.data_generator_state):
-        raise RuntimeError(f"{checkpoint}: the data order would differ from the checkpointed run "
-                           "(data permutation generator state mismatch)")
+        raise RuntimeError(
+            f"{checkpoint}: the data order would differ from the checkpointed run "
+            "(data permutation generator state mismatch)"
+        )
     history = st["history"]
     history.setdefault("resumes", []).append({"step": st["step"], "checkpoint": str(checkpoint)})
     log.info("resuming %s from %s (step %d/%d)", run.out_dir, checkpoint, st["step"], run.total_steps)
-    return LoopState(step=st["step"], tokens_seen=st["tokens_seen"], order=order, history=history,
-                     interval=Interval.from_dict(st["interval"]), wall_before=st["wall_time_s"],
-                     resumed_from=checkpoint)
+    return LoopState(
+        step=st["step"],
+        tokens_seen=st["tokens_seen"],
+        order=order,
+        history=history,
+        interval=Interval.from_dict(st["interval"]),
+        wall_before=st["wall_time_s"],
+        resumed_from=checkpoint,
+    )
 
 
 def _reconcile_best(summary: dict[str, Any], best: dict[str, Any] | None, run: TrainingRun) -> None:
@@ -168,8 +201,12 @@ def _reconcile_best(summary: dict[str, Any], best: dict[str, Any] | None, run: T
         summary["best_step"] = best["step"]
         summary["best_val_perplexity"] = best["metrics"].get("val_perplexity")
     elif summary["best_step"] is not None:
-        log.warning("history records best step %s but %s is missing or invalid; best model selection "
-                    "restarts from the next evaluation", summary["best_step"], run.best_dir)
+        log.warning(
+            "history records best step %s but %s is missing or invalid; best model selection "
+            "restarts from the next evaluation",
+            summary["best_step"],
+            run.best_dir,
+        )
         summary["best_step"] = summary["best_val_perplexity"] = None
 
 
@@ -195,8 +232,16 @@ def checkpoint_due(run: TrainingRun, state: LoopState, stop_at: int) -> bool:
 
 def save_loop_checkpoint(run: TrainingRun, state: LoopState) -> None:
     """Checkpoint model, optimizer, scheduler, RNG and train state at the current step."""
-    save_checkpoint(run.checkpoint_root, state.step, model=run.model, optimizer=run.optimizer,
-                    param_names=run.param_names, scheduler=run.scheduler, state=state.train_state(),
-                    fingerprint=run.fingerprint, data_generator_state=state.order.generator_state,
-                    keep_last=run.arm.keep_last_checkpoints)
+    save_checkpoint(
+        run.checkpoint_root,
+        state.step,
+        model=run.model,
+        optimizer=run.optimizer,
+        param_names=run.param_names,
+        scheduler=run.scheduler,
+        state=state.train_state(),
+        fingerprint=run.fingerprint,
+        data_generator_state=state.order.generator_state,
+        keep_last=run.arm.keep_last_checkpoints,
+    )
     state.last_checkpoint = time.monotonic()

@@ -49,8 +49,11 @@ def ensure_fp32(model: nn.Module) -> None:
     """Upcast a model handed in with low-precision parameters: weights and AdamW state stay fp32."""
     low = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32})
     if low:
-        log.warning("model parameters are %s; upcasting to fp32 (pure-bf16 AdamW drops updates "
-                    "smaller than bf16's spacing; bf16 is used only as autocast compute)", low)
+        log.warning(
+            "model parameters are %s; upcasting to fp32 (pure-bf16 AdamW drops updates "
+            "smaller than bf16's spacing; bf16 is used only as autocast compute)",
+            low,
+        )
         model.float()
 
 

@@ -1,5 +1,6 @@
-"""Shared machinery of the resilience suite (fixtures live in conftest.py): real processes to kill, polling for the moment to kill
-them, snapshots to prove nothing was written, and comparisons of finished runs.
+"""Shared machinery of the resilience suite (fixtures live in conftest.py): real processes to kill,
+polling for the moment to kill them, snapshots to prove nothing was written, and comparisons of
+finished runs.
 
 Processes come from two launchers:
 - `fork_worker`: a child of a multiprocessing *forkserver* that pre-imported torch, transformers
@@ -92,9 +93,16 @@ def _forkserver():
     global _FORK_CONTEXT
     if _FORK_CONTEXT is None:
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["torch", "transformers", "transformers.models.gpt_neox.modeling_gpt_neox",
-                                    "safetensors.torch", "monolm.training",
-                                    "resilience.worker"])
+        ctx.set_forkserver_preload(
+            [
+                "torch",
+                "transformers",
+                "transformers.models.gpt_neox.modeling_gpt_neox",
+                "safetensors.torch",
+                "monolm.training",
+                "resilience.worker",
+            ]
+        )
         _FORK_CONTEXT = ctx
     return _FORK_CONTEXT
 
@@ -108,16 +116,32 @@ def fork_worker(mode: str, spec: dict[str, Any], log: Path) -> Proc:
     return Proc(proc, log, forked=True)
 
 
-def spawn_cli(argv: list[str], *, cwd: Path, log: Path, audit: dict | None = None, pauses: list[dict] | None = None,
-              faults: list[dict] | None = None, env: dict | None = None, user: int | None = None) -> Proc:
+def spawn_cli(
+    argv: list[str],
+    *,
+    cwd: Path,
+    log: Path,
+    audit: dict | None = None,
+    pauses: list[dict] | None = None,
+    faults: list[dict] | None = None,
+    env: dict | None = None,
+    user: int | None = None,
+) -> Proc:
     spec = {"argv": argv, "pauses": pauses or [], "faults": faults or []}
     if audit:
         spec["audit"] = audit
-    out = open(log, "ab")
+    out = open(log, "ab")  # noqa: SIM115 (handed to the child process, closed below)
     try:
-        handle = subprocess.Popen([sys.executable, "-m", "resilience.worker", "cli", json.dumps(spec)], cwd=cwd,
-                                  stdout=out, stderr=subprocess.STDOUT, env={**ENV, **(env or {})},
-                                  user=user, group=user, extra_groups=[] if user is not None else None)
+        handle = subprocess.Popen(
+            [sys.executable, "-m", "resilience.worker", "cli", json.dumps(spec)],
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**ENV, **(env or {})},
+            user=user,
+            group=user,
+            extra_groups=[] if user is not None else None,
+        )
     finally:
         out.close()
     return Proc(handle, log, forked=False)

@@ -29,8 +29,7 @@ pytestmark = pytest.mark.resilience
 RUN = ["run", "--no-prefect", "-q"]
 
 
-def refused(cwd: Path, argv: list[str], code: int, *needles: str, env: dict | None = None,
-            process: bool = True) -> str:
+def refused(cwd: Path, argv: list[str], code: int, *needles: str, env: dict | None = None, process: bool = True) -> str:
     """Run `monolm <argv>` in `cwd` (a separate process, or `cli.main` in this one) and check the
     refusal: exit code, message, no traceback, nothing written."""
     before = snapshot(cwd)
@@ -61,69 +60,112 @@ CONFIG_CASES = {
     "unknown preset": (["--preset", "huge"], ["unknown preset 'huge'", "allowed: full, quick, tiny"]),
     "unknown variant": (["--variant", "mlp_everything"], ["constraint.variant", "'mlp_everything' is not allowed"]),
     "unknown named override": (["--override", "faster"], ["unknown named override 'faster'", "reference"]),
-    "unknown field": (["--set", "training.common.learning_rate=1e-4"],
-                      ["training.common.learning_rate: unknown field"]),
-    "override without '='": (["--set", "training.common.lr"], ["invalid override 'training.common.lr'",
-                                                                 "expected KEY=VALUE"]),
+    "unknown field": (
+        ["--set", "training.common.learning_rate=1e-4"],
+        ["training.common.learning_rate: unknown field"],
+    ),
+    "override without '='": (
+        ["--set", "training.common.lr"],
+        ["invalid override 'training.common.lr'", "expected KEY=VALUE"],
+    ),
     "override with empty key part": (["--set", "training..lr=1"], ["invalid override 'training..lr=1'"]),
     "override with empty key": (["--set", "=1"], ["invalid override '=1'"]),
     "override value not YAML": (["--set", "seeds=[1,"], ["invalid override 'seeds=[1,'", "not valid YAML"]),
-    "string for an integer": (["--set", "training.common.micro_batch_size=abc"],
-                              ["training.common.micro_batch_size", "valid integer", "'abc'"]),
-    "float for an integer": (["--set", "training.common.grad_accum_steps=2.5"],
-                             ["training.common.grad_accum_steps", "valid integer"]),
+    "string for an integer": (
+        ["--set", "training.common.micro_batch_size=abc"],
+        ["training.common.micro_batch_size", "valid integer", "'abc'"],
+    ),
+    "float for an integer": (
+        ["--set", "training.common.grad_accum_steps=2.5"],
+        ["training.common.grad_accum_steps", "valid integer"],
+    ),
     "string for a rate": (["--set", "training.common.lr=fast"], ["training.common.lr", "'fast'"]),
-    "string for a boolean": (["--set", "attacks.hotflip.random_control=maybe"],
-                             ["attacks.hotflip.random_control", "'maybe'"]),
+    "string for a boolean": (
+        ["--set", "attacks.hotflip.random_control=maybe"],
+        ["attacks.hotflip.random_control", "'maybe'"],
+    ),
     "scalar for a list": (["--set", "seeds=oops"], ["seeds", "'oops'"]),
     "zero learning rate": (["--set", "training.common.lr=0"], ["training.common.lr", "greater than 0"]),
-    "negative learning rate": (["--set", "training.common.lr=-1e-4"], ["training.common.lr", "greater than 0",
-                                                                       "-0.0001"]),
-    "zero batch size": (["--set", "training.common.micro_batch_size=0"],
-                        ["training.common.micro_batch_size", "greater than 0"]),
+    "negative learning rate": (
+        ["--set", "training.common.lr=-1e-4"],
+        ["training.common.lr", "greater than 0", "-0.0001"],
+    ),
+    "zero batch size": (
+        ["--set", "training.common.micro_batch_size=0"],
+        ["training.common.micro_batch_size", "greater than 0"],
+    ),
     "negative seq len": (["--set", "data.seq_len=-5"], ["data.seq_len", "greater than 0"]),
     "zero hidden size": (["--set", "model.tiny.hidden_size=0"], ["model.tiny.hidden_size", "greater than 0"]),
     "zero trigger length": (["--set", "attacks.uat.trigger_len=0"], ["attacks.uat.trigger_len", "greater than 0"]),
     "zero HotFlip block": (["--set", "attacks.hotflip.block_size=0"], ["attacks.hotflip.block_size"]),
     "negative eval batch": (["--set", "evaluation.batch_size=-1"], ["evaluation.batch_size", "greater than 0"]),
-    "warmup ratio above 1": (["--set", "training.common.warmup_ratio=1.5"],
-                             ["training.common.warmup_ratio", "less than or equal to 1"]),
+    "warmup ratio above 1": (
+        ["--set", "training.common.warmup_ratio=1.5"],
+        ["training.common.warmup_ratio", "less than or equal to 1"],
+    ),
     "zero success threshold": (["--set", "attacks.success_threshold=0"], ["attacks.success_threshold"]),
-    "seq len above the model maximum": (["--set", "data.seq_len=999"],
-                                        ["data.seq_len=999 exceeds the model's maximum sequence length 256"]),
-    "eval window above the model maximum": (["--set", "evaluation.seq_len=300"],
-                                            ["evaluation.seq_len=300 exceeds the model's maximum"]),
-    "attack text above the model maximum": (["--set", "attacks.hotflip.text_max_tokens=300"],
-                                            ["attacks.hotflip.text_max_tokens=300 exceeds"]),
-    "trigger longer than the texts": (["--set", "attacks.uat.trigger_len=60", "--set", "attacks.uat.text_max_tokens=48"],
-                                      ["attacks.uat.trigger_len=60 is not shorter than the texts it attacks"]),
+    "seq len above the model maximum": (
+        ["--set", "data.seq_len=999"],
+        ["data.seq_len=999 exceeds the model's maximum sequence length 256"],
+    ),
+    "eval window above the model maximum": (
+        ["--set", "evaluation.seq_len=300"],
+        ["evaluation.seq_len=300 exceeds the model's maximum"],
+    ),
+    "attack text above the model maximum": (
+        ["--set", "attacks.hotflip.text_max_tokens=300"],
+        ["attacks.hotflip.text_max_tokens=300 exceeds"],
+    ),
+    "trigger longer than the texts": (
+        ["--set", "attacks.uat.trigger_len=60", "--set", "attacks.uat.text_max_tokens=48"],
+        ["attacks.uat.trigger_len=60 is not shorter than the texts it attacks"],
+    ),
     "too few attack texts": (["--set", "data.n_attack_docs=5"], ["data.n_attack_docs=5 is too small"]),
     "heads do not divide hidden size": (["--set", "model.tiny.num_heads=3"], ["divisible by model.tiny.num_heads=3"]),
-    "unfair per-arm recipe": (["--set", "training.monotonic.lr=1e-3"], ["training.monotonic.lr=0.001",
-                                                                        "training.recipe='fair'"]),
+    "unfair per-arm recipe": (
+        ["--set", "training.monotonic.lr=1e-3"],
+        ["training.monotonic.lr=0.001", "training.recipe='fair'"],
+    ),
     "duplicate seeds": (["--seeds", "1", "1"], ["seeds=[1, 1] contains duplicates"]),
     "evaluation on the training split": (["--set", "data.eval_split=train"], ["data.eval_split='train' overlaps"]),
 }
 
 
-IN_A_PROCESS = {"unknown preset", "unknown variant", "override without '='", "string for an integer",
-                "negative learning rate", "seq len above the model maximum", "trigger longer than the texts"}
+IN_A_PROCESS = {
+    "unknown preset",
+    "unknown variant",
+    "override without '='",
+    "string for an integer",
+    "negative learning rate",
+    "seq len above the model maximum",
+    "trigger longer than the texts",
+}
 
 
 @pytest.mark.parametrize("name", list(CONFIG_CASES))
 def test_config_errors_are_refused_before_anything_runs(tmp_path, name):
     """Exit 2, the field and the value named, nothing written."""
     args, needles = CONFIG_CASES[name]
-    refused(tmp_path, [*RUN, *args, "--set", f"paths.runs_root={tmp_path / 'runs'}"], 2, *needles,
-            process=name in IN_A_PROCESS)
+    refused(
+        tmp_path,
+        [*RUN, *args, "--set", f"paths.runs_root={tmp_path / 'runs'}"],
+        2,
+        *needles,
+        process=name in IN_A_PROCESS,
+    )
 
 
 def test_config_file_problems(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_bytes(b"training:\n  common:\n    lr: \xff\xfe\n")
     refused(tmp_path, [*RUN, "--config", str(bad)], 2, f"{bad} is not valid YAML", process=False)
-    refused(tmp_path, [*RUN, "--config", str(tmp_path / "missing.yaml")], 2,
-            f"file {tmp_path / 'missing.yaml'} does not exist", process=False)
+    refused(
+        tmp_path,
+        [*RUN, "--config", str(tmp_path / "missing.yaml")],
+        2,
+        f"file {tmp_path / 'missing.yaml'} does not exist",
+        process=False,
+    )
     listed = tmp_path / "list.yaml"
     listed.write_text("- 1\n- 2\n")
     refused(tmp_path, [*RUN, "--config", str(listed)], 2, "must contain a mapping, got list", process=False)
@@ -147,7 +189,7 @@ def test_bad_corpora_are_refused_before_the_stage_folder_exists(tmp_path):
     not_utf8 = tmp_path / "latin1.jsonl"
     not_utf8.write_bytes(json.dumps({"text": _doc(0)}).encode() + b"\n" + b'{"text": "caf\xe9 au lait"}\n')
     not_json = tmp_path / "broken.jsonl"
-    not_json.write_text(json.dumps({"text": _doc(0)}) + "\n{\"text\": \"unterminated\n")
+    not_json.write_text(json.dumps({"text": _doc(0)}) + '\n{"text": "unterminated\n')
     no_text = _jsonl(tmp_path / "fields.jsonl", [])
     no_text.write_text(json.dumps({"content": _doc(0)}) + "\n")
     cases = {
@@ -160,34 +202,79 @@ def test_bad_corpora_are_refused_before_the_stage_folder_exists(tmp_path):
         tmp_path / "missing.jsonl": [f"data.dataset={str(tmp_path / 'missing.jsonl')!r}: no such file or directory"],
     }
     for corpus, needles in cases.items():
-        argv = [*RUN, "--set", "data.source=local", "--set", f"data.dataset={corpus}",
-                "--set", f"paths.runs_root={tmp_path / 'runs'}"]
+        argv = [
+            *RUN,
+            "--set",
+            "data.source=local",
+            "--set",
+            f"data.dataset={corpus}",
+            "--set",
+            f"paths.runs_root={tmp_path / 'runs'}",
+        ]
         refused(tmp_path, argv, 2, *needles, process=corpus in (empty, not_utf8))
     assert not (tmp_path / "runs").exists()
 
 
 # --------------------------------------------------------------------------- models
-QUICK_EMBEDDED = ["--preset", "quick", "--set", "data.source=embedded", "--set", "data.n_attack_docs=100",
-                  "--set", "attacks.uat.n_opt_texts=20", "--set", "attacks.uat.n_eval_texts=40",
-                  "--set", "attacks.hotflip.n_texts=40"]
+QUICK_EMBEDDED = [
+    "--preset",
+    "quick",
+    "--set",
+    "data.source=embedded",
+    "--set",
+    "data.n_attack_docs=100",
+    "--set",
+    "attacks.uat.n_opt_texts=20",
+    "--set",
+    "attacks.uat.n_eval_texts=40",
+    "--set",
+    "attacks.hotflip.n_texts=40",
+]
 
 
 @pytest.mark.parametrize("network", ["HF_HUB_OFFLINE=1", "hub unreachable"])
 def test_model_id_that_does_not_exist_fails_fast_naming_it(tmp_path, network):
-    env = {"HF_HUB_OFFLINE": "1"} if network == "HF_HUB_OFFLINE=1" else \
-        {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens on port 9
+    env = (
+        {"HF_HUB_OFFLINE": "1"}
+        if network == "HF_HUB_OFFLINE=1"
+        else {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    )  # nothing listens on port 9
     start = time.monotonic()
-    refused(tmp_path, [*RUN, *QUICK_EMBEDDED, "--set", "model.name=no-such-org/no-such-model-7",
-                       "--set", f"paths.runs_root={tmp_path / 'runs'}"], 2,
-            "'no-such-org/no-such-model-7'", env=env)
+    refused(
+        tmp_path,
+        [
+            *RUN,
+            *QUICK_EMBEDDED,
+            "--set",
+            "model.name=no-such-org/no-such-model-7",
+            "--set",
+            f"paths.runs_root={tmp_path / 'runs'}",
+        ],
+        2,
+        "'no-such-org/no-such-model-7'",
+        env=env,
+    )
     assert time.monotonic() - start < 60
 
 
 def test_local_model_path_that_is_not_a_model(tmp_path):
     (tmp_path / "notamodel").mkdir()
-    refused(tmp_path, [*RUN, *QUICK_EMBEDDED, "--set", "model.source=local",
-                       "--set", f"model.name={tmp_path / 'notamodel'}", "--set", f"paths.runs_root={tmp_path / 'runs'}"],
-            2, f"model.name={str(tmp_path / 'notamodel')!r} is not a saved model directory", process=False)
+    refused(
+        tmp_path,
+        [
+            *RUN,
+            *QUICK_EMBEDDED,
+            "--set",
+            "model.source=local",
+            "--set",
+            f"model.name={tmp_path / 'notamodel'}",
+            "--set",
+            f"paths.runs_root={tmp_path / 'runs'}",
+        ],
+        2,
+        f"model.name={str(tmp_path / 'notamodel')!r} is not a saved model directory",
+        process=False,
+    )
 
 
 # --------------------------------------------------------------------------- folders
@@ -199,8 +286,12 @@ def readonly_folder(tmp_path):
     readonly.mkdir()
     mounted = False
     if os.geteuid() == 0:
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(readonly)],
-                                 capture_output=True).returncode == 0
+        mounted = (
+            subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(readonly)], capture_output=True
+            ).returncode
+            == 0
+        )
         if not mounted:
             pytest.skip("running as root without permission to mount a read-only file system")
     else:
@@ -223,14 +314,12 @@ def test_output_folder_that_is_not_writable_is_refused_before_any_compute(tmp_pa
     for assignment in micro_sets(tmp_path, f"{setting}={target}"):
         argv += ["--set", assignment]
     start = time.monotonic()
-    refused(tmp_path, argv, 2,
-            f"{setting}={str(target)!r}: cannot write under {readonly} ({reason})", process=False)
+    refused(tmp_path, argv, 2, f"{setting}={str(target)!r}: cannot write under {readonly} ({reason})", process=False)
     assert time.monotonic() - start < 30  # a config-level refusal: nothing was computed
     assert list(readonly.iterdir()) == []
 
 
-def test_runs_root_that_becomes_unwritable_fails_the_stage_naming_the_folder(tmp_path, readonly_folder,
-                                                                            monkeypatch):
+def test_runs_root_that_becomes_unwritable_fails_the_stage_naming_the_folder(tmp_path, readonly_folder, monkeypatch):
     """The same folder turning read-only after the up-front checks (a remount, a quota) still
     fails cleanly: the stage names the folder and the setting, and nothing half-written stays."""
     import flows.cli as cli
@@ -255,8 +344,9 @@ def test_too_little_free_disk_is_refused_before_pretraining(tmp_path, monkeypatc
 
     monkeypatch.setattr(setup, "MIN_FREE_BYTES", 1 << 62)
     monkeypatch.setattr(setup, "_pretrain_tiny", lambda *a, **k: pytest.fail("pre-trained despite a full disk"))
-    out = refused(tmp_path, micro_argv(tmp_path), 1, "stage setup failed its checks: disk:", "GiB free under",
-                  process=False)
+    out = refused(
+        tmp_path, micro_argv(tmp_path), 1, "stage setup failed its checks: disk:", "GiB free under", process=False
+    )
     assert f"at least {2**32} GiB needed" in out
 
 
@@ -274,9 +364,15 @@ def test_checkpoint_of_a_different_model_is_refused_naming_the_mismatch(tmp_path
     stage = seed_dir(root) / "train_baseline"
     (stage / "manifest.json").unlink()  # the stage is unfinished: it will look for a checkpoint
     shutil.copytree(foreign, stage / "checkpoints" / foreign.name)
-    refused(root, micro_argv(root, stages=3), 2, f"checkpoint {stage / 'checkpoints' / foreign.name} was written by "
-            "a different model/recipe/run and cannot be resumed", "config.lr: checkpoint 0.003 vs now 0.0005",
-            "tensor(s) differ in dtype/shape")
+    refused(
+        root,
+        micro_argv(root, stages=3),
+        2,
+        f"checkpoint {stage / 'checkpoints' / foreign.name} was written by "
+        "a different model/recipe/run and cannot be resumed",
+        "config.lr: checkpoint 0.003 vs now 0.0005",
+        "tensor(s) differ in dtype/shape",
+    )
 
     # Library level: a smaller model resumed into the finished run's folder.
     before = snapshot(other)

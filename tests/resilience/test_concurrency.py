@@ -36,13 +36,19 @@ def test_two_seeds_and_two_variants_at_once_stay_in_their_folders(tmp_path, micr
         "seed42-mlp_both": micro_argv(tmp_path, "constraint.variant=mlp_both"),
     }
     start_all(tmp_path, runs)
-    folders = {"seed42-mlp_in": seed_dir(tmp_path, 42), "seed43-mlp_in": seed_dir(tmp_path, 43),
-               "seed42-mlp_both": seed_dir(tmp_path, 42, "mlp_both")}
+    folders = {
+        "seed42-mlp_in": seed_dir(tmp_path, 42),
+        "seed43-mlp_in": seed_dir(tmp_path, 43),
+        "seed42-mlp_both": seed_dir(tmp_path, 42, "mlp_both"),
+    }
     for name, folder in folders.items():
         written = written_paths(read_audit(tmp_path / f"{name}.audit"))
         assert written, name
-        outside = sorted(p for p in written if not p.startswith(str(folder) + os.sep) and p != str(folder)
-                         and not str(folder).startswith(p + os.sep))  # creating the parents is fine
+        outside = sorted(
+            p
+            for p in written
+            if not p.startswith(str(folder) + os.sep) and p != str(folder) and not str(folder).startswith(p + os.sep)
+        )  # creating the parents is fine
         assert outside == [], f"{name} wrote outside {folder}: {outside[:5]}"
         for stage in STAGES:
             load_manifest(folder / stage)  # every output matches its sha256
@@ -83,8 +89,12 @@ def test_two_flows_for_one_seed_at_once(tmp_path, micro_pipeline):
 
     env = {"PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     argv = [a for a in micro_argv(tmp_path) if a not in ("--no-prefect", "--stages", "6")]
-    outputs = start_all(tmp_path, {"first": [*argv, "--run-name", "first"], "second": [*argv, "--run-name", "second"]},
-                        env=env, audit=False)
+    outputs = start_all(
+        tmp_path,
+        {"first": [*argv, "--run-name", "first"], "second": [*argv, "--run-name", "second"]},
+        env=env,
+        audit=False,
+    )
     executed = {}
     for name, out in outputs.items():
         match = EXECUTED.search(out)

@@ -32,8 +32,9 @@ def small_tmpfs(tmp_path):
     def mount(size: str) -> Path:
         where = tmp_path / f"tmpfs{len(mounts)}"
         where.mkdir()
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True
+        )
         if proc.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}); the ENOSPC-injection tests still run")
         mounts.append(where)
@@ -70,16 +71,21 @@ def test_full_filesystem_mid_training_keeps_the_previous_checkpoint(small_tmpfs,
 
 
 def _manifests(root: Path) -> dict[str, bytes]:
-    return {s: (seed_dir(root) / s / "manifest.json").read_bytes()
-            for s in STAGES if (seed_dir(root) / s / "manifest.json").is_file()}
+    return {
+        s: (seed_dir(root) / s / "manifest.json").read_bytes()
+        for s in STAGES
+        if (seed_dir(root) / s / "manifest.json").is_file()
+    }
 
 
 def _outputs(root: Path) -> dict[str, dict]:
     return stage_outputs(seed_dir(root), STAGES)
 
 
-FULL = re.compile(r"monolm: stage (\w+) \(seed 42\) failed: no space left on device while writing under "
-                  r"(\S+) \([\d.]+ MiB free\)\. Everything written before is intact")
+FULL = re.compile(
+    r"monolm: stage (\w+) \(seed 42\) failed: no space left on device while writing under "
+    r"(\S+) \([\d.]+ MiB free\)\. Everything written before is intact"
+)
 
 
 def test_full_disk_fails_the_stage_clearly_and_a_rerun_continues(small_tmpfs, micro_pipeline):
@@ -93,8 +99,11 @@ def test_full_disk_fails_the_stage_clearly_and_a_rerun_continues(small_tmpfs, mi
     disk = mount("2g")
     code, out = run_cli(micro_argv(disk, stages=1), cwd=disk)
     assert code == 0, out[-3000:]
-    used_kib = int(subprocess.run(["df", "-k", "--output=used", str(disk)], capture_output=True, text=True,
-                                  check=True).stdout.split()[-1])
+    used_kib = int(
+        subprocess.run(
+            ["df", "-k", "--output=used", str(disk)], capture_output=True, text=True, check=True
+        ).stdout.split()[-1]
+    )
     resize(disk, f"{used_kib + 3072}k")
 
     code, out = run_cli(micro_argv(disk), cwd=disk)
@@ -124,8 +133,13 @@ def test_enospc_at_a_checkpoint_write_and_at_a_manifest_write(tmp_path, micro_pi
     checkpoint (step 2) and every finished stage stay intact; the third run finishes with outputs
     identical to an undisturbed run's."""
     argv = micro_argv(tmp_path)
-    code, out = run_cli(argv, cwd=tmp_path, faults=[{"target": "monolm.checkpoint:save_file",
-                                                     "match": r"/train_baseline/checkpoints/\.tmp-step-00000004-"}])
+    code, out = run_cli(
+        argv,
+        cwd=tmp_path,
+        faults=[
+            {"target": "monolm.checkpoint:save_file", "match": r"/train_baseline/checkpoints/\.tmp-step-00000004-"}
+        ],
+    )
     assert code == 1 and FULL.search(out) and FULL.search(out).group(1) == "train_baseline", out[-3000:]
     ckpts = seed_dir(tmp_path) / "train_baseline" / "checkpoints"
     assert [s for s, _ in list_checkpoints(ckpts)] == [2]
@@ -134,8 +148,9 @@ def test_enospc_at_a_checkpoint_write_and_at_a_manifest_write(tmp_path, micro_pi
     first = _manifests(tmp_path)
     assert set(first) == {"setup", "constrain"}
 
-    code, out = run_cli(argv, cwd=tmp_path, faults=[{"target": "pathlib:Path.write_bytes",
-                                                     "match": r"/evaluate/\.tmp-manifest\.json"}])
+    code, out = run_cli(
+        argv, cwd=tmp_path, faults=[{"target": "pathlib:Path.write_bytes", "match": r"/evaluate/\.tmp-manifest\.json"}]
+    )
     assert code == 1 and FULL.search(out) and FULL.search(out).group(1) == "evaluate", out[-3000:]
     assert "resuming" in out and "step-00000002" in out  # the baseline arm continued from its checkpoint
     second = _manifests(tmp_path)

@@ -62,8 +62,12 @@ def test_uat_killed_twice_resumes_from_finished_restarts(tmp_path, micro_pipelin
 
     # 1. Killed right after the baseline's second restart was written.
     marker = tmp_path / "after-unit"
-    proc = spawn_cli(argv(root), cwd=root, log=tmp_path / "kill1.log",
-                     pauses=[pause("monolm.attacks.units:write_unit", marker, nth=2, when="after")])
+    proc = spawn_cli(
+        argv(root),
+        cwd=root,
+        log=tmp_path / "kill1.log",
+        pauses=[pause("monolm.attacks.units:write_unit", marker, nth=2, when="after")],
+    )
     kill_at_marker(proc, marker)
     assert list(units(uat)) == ["uat-0000.json", "uat-0001.json"]
     assert not (uat / "manifest.json").exists()
@@ -71,8 +75,12 @@ def test_uat_killed_twice_resumes_from_finished_restarts(tmp_path, micro_pipelin
 
     # 2. The re-run is killed inside the write of restart 2 (temp file written, not renamed).
     marker = tmp_path / "in-write"
-    proc = spawn_cli(argv(root), cwd=root, log=tmp_path / "kill2.log",
-                     pauses=[pause("os:replace", marker, match=r"/baseline/units/\.tmp-uat-0002\.json\.")])
+    proc = spawn_cli(
+        argv(root),
+        cwd=root,
+        log=tmp_path / "kill2.log",
+        pauses=[pause("os:replace", marker, match=r"/baseline/units/\.tmp-uat-0002\.json\.")],
+    )
     kill_at_marker(proc, marker)
     assert "uat restart 1/3: reused finished unit" in proc.output()
     assert list((uat / "baseline" / "units").glob(".tmp-uat-0002.json.*"))
@@ -88,7 +96,9 @@ def test_uat_killed_twice_resumes_from_finished_restarts(tmp_path, micro_pipelin
     assert units(uat)["uat-0000.json"] == kept["uat-0000.json"]
     assert temp_reads(read_audit(audit)) == []
     assert not list(uat.rglob(".tmp-*"))
-    assert stage_outputs(seed_dir(root), ("uat", "hotflip")) == stage_outputs(seed_dir(uninterrupted), ("uat", "hotflip"))
+    assert stage_outputs(seed_dir(root), ("uat", "hotflip")) == stage_outputs(
+        seed_dir(uninterrupted), ("uat", "hotflip")
+    )
 
 
 def test_hotflip_killed_mid_way_resumes_from_finished_blocks(tmp_path, micro_pipeline, uninterrupted):
@@ -99,8 +109,12 @@ def test_hotflip_killed_mid_way_resumes_from_finished_blocks(tmp_path, micro_pip
 
     # Killed after 3 of the baseline's 8 units (4 gradient blocks, then 4 control blocks).
     marker = tmp_path / "after-unit"
-    proc = spawn_cli(argv(root), cwd=root, log=tmp_path / "kill.log",
-                     pauses=[pause("monolm.attacks.units:write_unit", marker, nth=3, when="after")])
+    proc = spawn_cli(
+        argv(root),
+        cwd=root,
+        log=tmp_path / "kill.log",
+        pauses=[pause("monolm.attacks.units:write_unit", marker, nth=3, when="after")],
+    )
     kill_at_marker(proc, marker)
     kept = units(hotflip)
     assert list(kept) == ["hotflip-0000.json", "hotflip-0001.json", "hotflip-0002.json"]
@@ -111,4 +125,6 @@ def test_hotflip_killed_mid_way_resumes_from_finished_blocks(tmp_path, micro_pip
     assert code == 0, out[-4000:]
     assert {k: v for k, v in units(hotflip).items() if k in kept} == kept  # reused, not recomputed
     assert temp_reads(read_audit(audit)) == []
-    assert stage_outputs(seed_dir(root), ("uat", "hotflip")) == stage_outputs(seed_dir(uninterrupted), ("uat", "hotflip"))
+    assert stage_outputs(seed_dir(root), ("uat", "hotflip")) == stage_outputs(
+        seed_dir(uninterrupted), ("uat", "hotflip")
+    )

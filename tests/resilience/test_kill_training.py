@@ -29,13 +29,25 @@ KILL_POINTS = {
     "before the first checkpoint (step 2)": (lambda m: {"pause_step": 2}, [], None),
     "between checkpoints (step 7)": (lambda m: {"pause_step": 7}, [3, 6], 6),
     "inside a checkpoint write (model written, optimizer not)": (
-        lambda m: {"pauses": [pause("monolm.checkpoint:save_file", m, match=r"/\.tmp-step-00000009-")]}, [3, 6], 6),
+        lambda m: {"pauses": [pause("monolm.checkpoint:save_file", m, match=r"/\.tmp-step-00000009-")]},
+        [3, 6],
+        6,
+    ),
     "complete temp checkpoint, not yet renamed": (
-        lambda m: {"pauses": [pause("os:replace", m, match=r"/\.tmp-step-00000006-[^/ ]+ ")]}, [3], 3),
+        lambda m: {"pauses": [pause("os:replace", m, match=r"/\.tmp-step-00000006-[^/ ]+ ")]},
+        [3],
+        3,
+    ),
     "between the two renames of a best-model swap": (
-        lambda m: {"pauses": [pause("os:replace", m, match=r"/\.tmp-best-[^/ ]+ \S+/best$", nth=2)]}, [3, 6], 6),
+        lambda m: {"pauses": [pause("os:replace", m, match=r"/\.tmp-best-[^/ ]+ \S+/best$", nth=2)]},
+        [3, 6],
+        6,
+    ),
     "inside a history.json write": (
-        lambda m: {"pauses": [pause("os:replace", m, match=r"/\.tmp-history\.json\.", nth=10)]}, [3, 6, 9], 9),
+        lambda m: {"pauses": [pause("os:replace", m, match=r"/\.tmp-history\.json\.", nth=10)]},
+        [3, 6, 9],
+        9,
+    ),
 }
 
 
@@ -106,9 +118,13 @@ def _delete_rng(ckpt: Path) -> Path:
     return ckpt / "rng.safetensors"
 
 
-DAMAGE = {"bit-flipped weights": _bitflip_model, "truncated optimizer state": _truncate_optimizer,
-          "truncated checkpoint.json": _truncate_manifest, "altered state.json": _bitflip_state,
-          "missing RNG file": _delete_rng}
+DAMAGE = {
+    "bit-flipped weights": _bitflip_model,
+    "truncated optimizer state": _truncate_optimizer,
+    "truncated checkpoint.json": _truncate_manifest,
+    "altered state.json": _bitflip_state,
+    "missing RNG file": _delete_rng,
+}
 
 
 def test_damaged_newest_checkpoint_is_named_skipped_and_resume_stays_exact(tmp_path, reference):

@@ -55,10 +55,13 @@ def test_the_payload_is_live(tmp_path):
     raw, zipped = tmp_path / "raw.pkl", tmp_path / "zipped.pt"
     raw.write_bytes(payload(tmp_path / "raw-ran"))
     torch_pickle(tmp_path / "torch-ran", zipped)
-    code = ("import pickle, sys, torch; pickle.loads(open(sys.argv[1], 'rb').read()); "
-            "torch.load(sys.argv[2], weights_only=False)")
-    subprocess.run([sys.executable, "-c", code, str(raw), str(zipped)], check=True, env=ENV, cwd=tmp_path,
-                   capture_output=True)
+    code = (
+        "import pickle, sys, torch; pickle.loads(open(sys.argv[1], 'rb').read()); "
+        "torch.load(sys.argv[2], weights_only=False)"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, str(raw), str(zipped)], check=True, env=ENV, cwd=tmp_path, capture_output=True
+    )
     assert (tmp_path / "raw-ran").is_dir() and (tmp_path / "torch-ran").is_dir()
     # and what monolm's rule (weights_only=True) does with it:
     with pytest.raises(Exception, match="Weights only load failed"):
@@ -133,8 +136,10 @@ def test_pickle_as_an_attack_unit_is_recomputed_not_loaded(tmp_path):
     assert not marker.exists()
 
 
-LOADERS = re.compile(r"\b(pickle\.loads?|cloudpickle\.loads?|dill\.loads?|joblib\.load|torch\.load|np\.load|"
-                     r"numpy\.load|pandas\.read_pickle|pd\.read_pickle)\s*\(")
+LOADERS = re.compile(
+    r"\b(pickle\.loads?|cloudpickle\.loads?|dill\.loads?|joblib\.load|torch\.load|np\.load|"
+    r"numpy\.load|pandas\.read_pickle|pd\.read_pickle)\s*\("
+)
 
 
 def test_library_code_has_no_pickle_loader():
@@ -148,8 +153,9 @@ def test_library_code_has_no_pickle_loader():
                 match = LOADERS.search(code)
                 if not match:
                     continue
-                safe = ("torch.load" in match.group(1) and "weights_only=True" in code) or \
-                    (match.group(1).endswith("np.load") and "allow_pickle" not in code)
+                safe = ("torch.load" in match.group(1) and "weights_only=True" in code) or (
+                    match.group(1).endswith("np.load") and "allow_pickle" not in code
+                )
                 if not safe:
                     found.append(f"{path.relative_to(REPO)}:{lineno}: {line.strip()}")
     assert found == [], found
@@ -167,21 +173,26 @@ def _secret_patterns() -> dict[str, re.Pattern]:
         "AWS access key": re.compile(r"\bAKIA[0-9A-Z]{16}\b"),
         "Slack token": re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"),
         "API key": re.compile(r"\bsk-[A-Za-z0-9_-]{32,}\b"),
-        "assigned secret": re.compile(r"(?i)\b(?:password|passwd|secret|api[_-]?key|token)\s*[:=]\s*['\"]([^'\"\s]{8,})['\"]"),
+        "assigned secret": re.compile(
+            r"(?i)\b(?:password|passwd|secret|api[_-]?key|token)\s*[:=]\s*['\"]([^'\"\s]{8,})['\"]"
+        ),
     }
 
 
 # Documentation placeholders, not secrets: shell/format variables, <password>, user:pw examples.
-_PLACEHOLDER = re.compile(r"^(?:\$\{?[\w:-]+\}?|%s|%\(\w+\)s|<[^>]*>|\{[^}]*\}|\*+|x+|\.\.\.|pw|pwd|pass|password|"
-                          r"secret|changeme|example|PASSWORD|\$\w+.*)$")
+_PLACEHOLDER = re.compile(
+    r"^(?:\$\{?[\w:-]+\}?|%s|%\(\w+\)s|<[^>]*>|\{[^}]*\}|\*+|x+|\.\.\.|pw|pwd|pass|password|"
+    r"secret|changeme|example|PASSWORD|\$\w+.*)$"
+)
 
 
 def scan(text: str) -> list[str]:
     hits = []
     for name, pattern in _secret_patterns().items():
         for match in pattern.finditer(text):
-            if name == "password in a URL" and (_PLACEHOLDER.match(match.group(2)) or "$" in match.group(2)
-                                                 or "%" in match.group(2)):
+            if name == "password in a URL" and (
+                _PLACEHOLDER.match(match.group(2)) or "$" in match.group(2) or "%" in match.group(2)
+            ):
                 continue
             if name == "assigned secret" and (_PLACEHOLDER.match(match.group(1)) or "$" in match.group(1)):
                 continue
@@ -191,8 +202,12 @@ def scan(text: str) -> list[str]:
 
 def repo_files() -> list[Path]:
     """Tracked files plus untracked files that are not ignored (the next commit's candidates)."""
-    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                         capture_output=True, check=True).stdout
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout
     return [REPO / name for name in out.decode().split("\0") if name and (REPO / name).is_file()]
 
 
@@ -209,17 +224,25 @@ def test_scanner_catches_each_kind_of_secret():
     }
     for name, text in samples.items():
         assert any(hit.startswith(name) for hit in scan(text)), name
-    for harmless in ("postgresql+asyncpg://%s:%s@127.0.0.1:%s/%s", "postgresql://prefect:<password>@127.0.0.1/x",
-                     'url="postgresql://${USER}:${PGPASSWORD}@host/db"', "http://127.0.0.1:4200/api",
-                     'password = "$(cat "$PW_FILE")"'):
+    for harmless in (
+        "postgresql+asyncpg://%s:%s@127.0.0.1:%s/%s",
+        "postgresql://prefect:<password>@127.0.0.1/x",
+        'url="postgresql://${USER}:${PGPASSWORD}@host/db"',
+        "http://127.0.0.1:4200/api",
+        'password = "$(cat "$PW_FILE")"',
+    ):
         assert scan(harmless) == [], harmless
 
 
 def test_no_credentials_in_the_repository():
     files = repo_files()
     assert len(files) > 50
-    named = [f for f in files if f.name in (".env", "id_rsa", "id_ed25519", ".netrc", ".pgpass")
-             or f.suffix in (".pem", ".key", ".p12", ".pfx")]
+    named = [
+        f
+        for f in files
+        if f.name in (".env", "id_rsa", "id_ed25519", ".netrc", ".pgpass")
+        or f.suffix in (".pem", ".key", ".p12", ".pfx")
+    ]
     assert named == [], named
     hits = []
     for path in files:

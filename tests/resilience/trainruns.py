@@ -12,8 +12,16 @@ from monolm.checkpoint import list_checkpoints
 from resilience.helpers import fork_worker, strip_wall_clock
 
 
-def start(out: Path, *, constrained: bool = False, pauses: list | None = None, pause_step: int | None = None,
-          marker: Path | None = None, audit: bool = False, tag: str = "run"):
+def start(
+    out: Path,
+    *,
+    constrained: bool = False,
+    pauses: list | None = None,
+    pause_step: int | None = None,
+    marker: Path | None = None,
+    audit: bool = False,
+    tag: str = "run",
+):
     spec = {"out": str(out), "constrained": constrained, "pauses": pauses or []}
     if pause_step is not None:
         spec.update(pause_step=pause_step, marker=str(marker))
@@ -35,8 +43,11 @@ def run_state(out: Path) -> dict:
     (step, final), *_ = list_checkpoints(out / "checkpoints")[::-1]
     assert step == 12
     return {
-        "tensors": {f"{name}:{key}": value for name in ("model", "optimizer", "rng")
-                    for key, value in load_file(str(final / f"{name}.safetensors")).items()},
+        "tensors": {
+            f"{name}:{key}": value
+            for name in ("model", "optimizer", "rng")
+            for key, value in load_file(str(final / f"{name}.safetensors")).items()
+        },
         "optimizer.json": json.loads((final / "optimizer.json").read_text()),  # hyper-params + scheduler
         "state.json": strip_wall_clock(json.loads((final / "state.json").read_text())),  # python/numpy RNG, position
         "best": load_file(str(out / "best" / "model.safetensors")),

@@ -55,10 +55,7 @@ def install_audit(log_path: str, root: str) -> None:
             return
         busy[0] = True
         try:
-            if event == "os.rename":
-                paths = [as_path(args[0]), as_path(args[1])]
-            else:
-                paths = [as_path(args[0])] if args else []
+            paths = [as_path(args[0]), as_path(args[1])] if event == "os.rename" else [as_path(args[0])] if args else []
             paths = [p for p in paths if p]
             if not paths or not any(p.startswith(root) for p in paths):
                 return
@@ -74,7 +71,7 @@ def install_audit(log_path: str, root: str) -> None:
 
 
 def _resolve(target: str) -> tuple[Any, str]:
-    """"module:attr" or "module:Class.attr" -> (owner object, attribute name)."""
+    """ "module:attr" or "module:Class.attr" -> (owner object, attribute name)."""
     module, _, attr = target.partition(":")
     owner: Any = importlib.import_module(module)
     *path, name = attr.split(".")
@@ -105,7 +102,8 @@ def install_fault(spec: dict[str, Any]) -> None:
 
 def install_pause(spec: dict[str, Any]) -> None:
     """Wrap `spec["target"]` ("module:function"); on the `nth` call whose path-like arguments
-    match the regex `match` (searched in their space-joined text), call through first when `when == "after"`, write `marker`, then block."""
+    match the regex `match` (searched in their space-joined text), call through first when
+    `when == "after"`, write `marker`, then block."""
     owner, attr = _resolve(spec["target"])
     original = getattr(owner, attr)
     nth, match, when, marker = spec.get("nth", 1), spec.get("match", ""), spec.get("when", "before"), spec["marker"]
@@ -162,9 +160,22 @@ def tiny_arm(**overrides):
     from monolm.config import ArmConfig
 
     # 40 sequences / 8 per step = 5 steps per epoch: 12 steps cross two epoch boundaries.
-    recipe = dict(lr=3e-3, epochs=3.0, max_steps=12, warmup_ratio=0.25, schedule="cosine", min_lr_ratio=0.1,
-                  micro_batch_size=4, grad_accum_steps=2, log_every_steps=1, eval_every_steps=4,
-                  checkpoint_every_steps=3, keep_last_checkpoints=3, gradient_checkpointing="off", bf16="off")
+    recipe = dict(
+        lr=3e-3,
+        epochs=3.0,
+        max_steps=12,
+        warmup_ratio=0.25,
+        schedule="cosine",
+        min_lr_ratio=0.1,
+        micro_batch_size=4,
+        grad_accum_steps=2,
+        log_every_steps=1,
+        eval_every_steps=4,
+        checkpoint_every_steps=3,
+        keep_last_checkpoints=3,
+        gradient_checkpointing="off",
+        bf16="off",
+    )
     recipe.update(overrides)
     return ArmConfig(**recipe)
 
@@ -194,11 +205,27 @@ def run_train(spec: dict[str, Any]) -> int:
     # A new process starts from arbitrary global RNG states; a resume must not depend on them.
     torch.manual_seed(int(time.time_ns() % 2**31))
     model = tiny_model(hidden=spec.get("hidden", 64), constrained=spec.get("constrained", False))
-    result = train(model, tiny_data(seed=spec.get("data_seed", 1)), tiny_arm(**spec.get("arm", {})),
-                   Path(spec["out"]), seed=5, evaluate=evaluate, constrained=spec.get("constrained", False),
-                   device="cpu", progress=False, on_log=on_log)
-    print(json.dumps({"steps": result.steps, "completed": result.completed,
-                      "resumed_from": str(result.resumed_from) if result.resumed_from else None}))
+    result = train(
+        model,
+        tiny_data(seed=spec.get("data_seed", 1)),
+        tiny_arm(**spec.get("arm", {})),
+        Path(spec["out"]),
+        seed=5,
+        evaluate=evaluate,
+        constrained=spec.get("constrained", False),
+        device="cpu",
+        progress=False,
+        on_log=on_log,
+    )
+    print(
+        json.dumps(
+            {
+                "steps": result.steps,
+                "completed": result.completed,
+                "resumed_from": str(result.resumed_from) if result.resumed_from else None,
+            }
+        )
+    )
     return 0
 
 
