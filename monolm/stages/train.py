@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from monolm import data as data_lib
 from monolm import evaluation, models
-from monolm.config import ExperimentConfig
+from monolm.config import ArmConfig, ExperimentConfig
 from monolm.layout import CellPaths
 from monolm.runtime import derive_seed, pick_device
 from monolm.stages.common import Inputs, OnLog, StageRef, existing, files_under, finish, prepare
 from monolm.stages.registry import TRAIN_STAGES
 from monolm.stages.setup import load_setup, model_dir
+
+if TYPE_CHECKING:
+    from monolm.training import Evaluate, SaveModel
 
 Arm = Literal["baseline", "monotonic"]
 
@@ -64,29 +67,8 @@ def run(
     init_dir = model_dir(setup) if arm == "baseline" else Path(inputs["constrain"].metrics["model_dir"])
     model = models.load_model(init_dir, device)
     blocks = data_lib.pack_blocks(data_lib.tokenize(tokenizer, splits.train), cfg.data.seq_len, tokenizer.eos_token_id)
-    val_texts = splits.eval[: recipe.eval_max_docs]
-    val_docs = data_lib.tokenize(tokenizer, val_texts)
-
-    def evaluate(m) -> dict:
-        result = evaluation.perplexity(
-            m,
-            val_docs,
-            seq_len=cfg.data.seq_len,
-            batch_size=cfg.evaluation.batch_size,
-            prefix_token_id=tokenizer.eos_token_id,
-            device=device,
-            progress=False,
-            bf16=recipe.bf16,
-        )  # validation in the arm's own precision
-        return {"perplexity": result["token_perplexity"], "loss": result["loss"], "tokens": result["tokens"]}
-
-    def save(m, directory: Path) -> list[str]:
-        if arm == "monotonic":
-            from monolm.constraints import save_constrained
-
-            save_constrained(m, tokenizer, directory, spec=cfg.constraint.model_dump(mode="json"))
-            return files_under(directory, ".")
-        return models.save_model(m, tokenizer, directory)
+    evaluate = validation(cfg, recipe, tokenizer, splits.eval[: recipe.eval_max_docs], device)
+    save = saver(cfg, arm, tokenizer)
 
     # Both arms see the same data order: the data seed does not depend on the arm.
     result = train(
@@ -121,3 +103,38 @@ def run(
         metrics=metrics,
         started=started,
     )
+
+
+def validation(cfg: ExperimentConfig, recipe: ArmConfig, tokenizer, texts: list[str], device) -> Evaluate:
+    """The held-out perplexity that picks the best checkpoint, in the arm's own precision."""
+    docs = data_lib.tokenize(tokenizer, texts)
+
+    def evaluate(model) -> dict:
+        result = evaluation.perplexity(
+            model,
+            docs,
+            seq_len=cfg.data.seq_len,
+            batch_size=cfg.evaluation.batch_size,
+            prefix_token_id=tokenizer.eos_token_id,
+            device=device,
+            progress=False,
+            bf16=recipe.bf16,
+        )
+        return {"perplexity": result["token_perplexity"], "loss": result["loss"], "tokens": result["tokens"]}
+
+    return evaluate
+
+
+def saver(cfg: ExperimentConfig, arm: Arm, tokenizer) -> SaveModel:
+    """How the arm's models are written: with the constraint's spec for the monotonic arm, as a
+    plain Hugging Face model for the baseline."""
+
+    def save(model, directory: Path) -> list[str]:
+        if arm == "monotonic":
+            from monolm.constraints import save_constrained
+
+            save_constrained(model, tokenizer, directory, spec=cfg.constraint.model_dump(mode="json"))
+            return files_under(directory, ".")
+        return models.save_model(model, tokenizer, directory)
+
+    return save
