@@ -4,7 +4,8 @@ output, whether it needs a GPU worker, and the file stage 7 reads from it.
 Every list of stages in the project is derived from `STAGES` (config validation, folder layout,
 manifests and cache keys, the plain pipeline, the Prefect flow, the task runners' GPU
 annotations, stage 7 and the report's attack names). Adding a stage is one entry here plus its
-entry function (`entry`), its task in `tasks/stages.py` and, for an attack, its report section.
+entry function (`entry`), its task in `tasks/seed_stages.py` and, for an attack, its report section
+(README, "Adding an attack").
 
 Plain data with no heavy import: `monolm.config` imports it, and answering a bad config must not
 import torch.
@@ -46,120 +47,119 @@ class Stage:
     gpu: bool
     reads: str | None = None
 
-    @property
-    def per_seed(self) -> bool:
-        return self.kind != "aggregate"
-
     def function(self) -> Callable[..., Any]:
         module, _, name = self.entry.partition(":")
         return getattr(importlib.import_module(module), name)
 
 
-_ATTACK_INPUTS = ("setup", "train_baseline", "train_monotonic")
+_TRAINED = ("setup", "train_baseline", "train_monotonic")  # what evaluation and the attacks start from
 
-STAGES: tuple[Stage, ...] = (
+SEED_STAGES: tuple[Stage, ...] = (
     Stage(
-        "setup",
-        0,
-        "setup",
-        "setup",
-        "monolm.stages.setup:run",
-        (),
-        ("model", "data"),
-        (*SHARED_CODE, "training", "checkpoint", "stages.setup"),
+        name="setup",
+        number=0,
+        kind="setup",
+        label="setup",
+        entry="monolm.stages.setup:run",
+        inputs=(),
+        config=("model", "data"),
+        code=(*SHARED_CODE, "training", "checkpoint", "stages.setup"),
         gpu=False,
     ),
     # A GPU stage although it does not train: it computes with the model and uses parametrizations,
     # which must not share a process with another stage (`parametrize.cached` is process-global).
     Stage(
-        "constrain",
-        1,
-        "constrain",
-        "constrain",
-        "monolm.stages.constrain:run",
-        ("setup",),
-        ("constraint",),
-        (*SHARED_CODE, "constraints", "drift", "monotonicity", "stages.constrain"),
+        name="constrain",
+        number=1,
+        kind="constrain",
+        label="constrain",
+        entry="monolm.stages.constrain:run",
+        inputs=("setup",),
+        config=("constraint",),
+        code=(*SHARED_CODE, "constraints", "drift", "monotonicity", "stages.constrain"),
         gpu=True,
         reads="report.json",
     ),
     Stage(
-        "train_baseline",
-        2,
-        "train",
-        "train baseline",
-        "monolm.stages.train:run_baseline",
-        ("setup",),
-        ("training", "data.seq_len"),
-        (*SHARED_CODE, "training", "checkpoint", "evaluation", "stages.train"),
+        name="train_baseline",
+        number=2,
+        kind="train",
+        label="train baseline",
+        entry="monolm.stages.train:run_baseline",
+        inputs=("setup",),
+        config=("training", "data.seq_len"),
+        code=(*SHARED_CODE, "training", "checkpoint", "evaluation", "stages.train"),
         gpu=True,
         reads="history.json",
     ),
     Stage(
-        "train_monotonic",
-        3,
-        "train",
-        "train monotonic",
-        "monolm.stages.train:run_monotonic",
-        ("setup", "constrain"),
-        ("training", "data.seq_len", "constraint"),
-        (*SHARED_CODE, "training", "checkpoint", "evaluation", "constraints", "monotonicity", "stages.train"),
+        name="train_monotonic",
+        number=3,
+        kind="train",
+        label="train monotonic",
+        entry="monolm.stages.train:run_monotonic",
+        inputs=("setup", "constrain"),
+        config=("training", "data.seq_len", "constraint"),
+        code=(*SHARED_CODE, "training", "checkpoint", "evaluation", "constraints", "monotonicity", "stages.train"),
         gpu=True,
         reads="history.json",
     ),
     Stage(
-        "evaluate",
-        4,
-        "evaluate",
-        "evaluate",
-        "monolm.stages.evaluate:run",
-        _ATTACK_INPUTS,
-        ("evaluation", "data.seq_len"),
-        (*SHARED_CODE, "evaluation", "constraints", "monotonicity", "stages.evaluate"),
+        name="evaluate",
+        number=4,
+        kind="evaluate",
+        label="evaluate",
+        entry="monolm.stages.evaluate:run",
+        inputs=_TRAINED,
+        config=("evaluation", "data.seq_len"),
+        code=(*SHARED_CODE, "evaluation", "constraints", "monotonicity", "stages.evaluate"),
         gpu=True,
         reads="evaluation.json",
     ),
     Stage(
-        "uat",
-        5,
-        "attack",
-        "UAT",
-        "monolm.stages.attack:run_uat",
-        _ATTACK_INPUTS,
-        ("attacks.uat", "attacks.success_threshold", "attacks.bf16"),
-        (*SHARED_CODE, "attacks", "stats", "stages.attack"),
+        name="uat",
+        number=5,
+        kind="attack",
+        label="UAT",
+        entry="monolm.stages.attack:run_uat",
+        inputs=_TRAINED,
+        config=("attacks.uat", "attacks.success_threshold", "attacks.bf16"),
+        code=(*SHARED_CODE, "attacks", "stats", "stages.attack"),
         gpu=True,
         reads="per_example.json",
     ),
     Stage(
-        "hotflip",
-        6,
-        "attack",
-        "HotFlip",
-        "monolm.stages.attack:run_hotflip",
-        _ATTACK_INPUTS,
-        ("attacks.hotflip", "attacks.success_threshold", "attacks.uat.n_opt_texts", "attacks.bf16"),
-        (*SHARED_CODE, "attacks", "stats", "stages.attack"),
+        name="hotflip",
+        number=6,
+        kind="attack",
+        label="HotFlip",
+        entry="monolm.stages.attack:run_hotflip",
+        inputs=_TRAINED,
+        config=("attacks.hotflip", "attacks.success_threshold", "attacks.uat.n_opt_texts", "attacks.bf16"),
+        code=(*SHARED_CODE, "attacks", "stats", "stages.attack"),
         gpu=True,
         reads="per_example.json",
-    ),
-    Stage(
-        "aggregate",
-        7,
-        "aggregate",
-        "aggregate",
-        "monolm.stages.aggregate:run",
-        ("setup", "constrain", "train_baseline", "train_monotonic", "evaluate", "uat", "hotflip"),
-        None,
-        ("stats", "report", "plots", "store", "stages.aggregate"),
-        gpu=False,
     ),
 )
+SEED_STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in SEED_STAGES)
+# Stage 7 reads every per-seed stage of every seed; its output depends on the whole config.
+AGGREGATE = Stage(
+    name="aggregate",
+    number=7,
+    kind="aggregate",
+    label="aggregate",
+    entry="monolm.stages.aggregate:run",
+    inputs=SEED_STAGE_NAMES,
+    config=None,
+    code=("stats", "report", "plots", "store", "stages.aggregate"),
+    gpu=False,
+)
+STAGES: tuple[Stage, ...] = (*SEED_STAGES, AGGREGATE)
+if [s.number for s in STAGES] != list(range(len(STAGES))):
+    raise ValueError("stage numbers must be their positions in STAGES")
 
 BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
-SEED_STAGES: tuple[Stage, ...] = tuple(s for s in STAGES if s.per_seed)
-SEED_STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in SEED_STAGES)
 GPU_STAGES: frozenset[str] = frozenset(s.name for s in STAGES if s.gpu)
 ATTACKS: dict[str, str] = {s.name: s.label for s in STAGES if s.kind == "attack"}
 TRAIN_STAGES: dict[str, str] = {s.name.removeprefix("train_"): s.name for s in STAGES if s.kind == "train"}
