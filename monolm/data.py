@@ -1,22 +1,31 @@
 """Documents, splits, tokenizers and training blocks.
 
+Four parts per seed: `train`, and three held-out parts, pairwise disjoint and free of
+near-duplicates of train (`monolm.contamination`): `validation` selects the checkpoint and draws
+the training curves, `test` is where reported quality is measured, `attack` is what the attacks
+use. Selection and reporting never share a document.
+
 Three sources, one interface (`load_splits`):
 - `hub`: a Hugging Face dataset streamed with `datasets` (default: the uncopyrighted Pile).
-  Training text comes from `train_split`; evaluation and attack text from the dataset's held-out
-  splits. Pythia was pre-trained on the Pile's train split, so later rows of the training stream
-  are *not* held out (the original study evaluated on rows its model had seen).
+  Training text comes from `train_split`; held-out parts from the dataset's held-out splits
+  (the Pile: validation from its validation split, test and attack from its test split). Pythia
+  was pre-trained on the Pile's train split, so later rows of the training stream are *not* held
+  out (the original study evaluated on rows its model had seen).
 - `local`: jsonl/parquet files in Pile format (`{"text": ..., "meta": {"pile_set_name": ...}}`),
-  either a directory holding `<split>.jsonl`/`<split>.parquet` (or `<split>/*.jsonl`) or a single
-  file (then all splits are carved from it, disjointly, per seed).
+  either a directory holding `<split>.jsonl`/`<split>.parquet` (or `<split>/*.jsonl`), used like
+  the hub's named splits, or a single file, carved into the four parts per seed.
 - `embedded`: real English prose that ships with Python (`pydoc_data.topics`, ~465 KB of
-  documentation), cut into paragraph-group documents. No network, nothing copied into the repo.
+  documentation), paragraphs de-duplicated across the corpus and cut into paragraph-group
+  documents, carved into the four parts per seed. No network, nothing copied into the repo.
 
-Splits are deterministic per seed and disjoint (checked by content hash, not trusted).
+Held-out parts that name the same split are drawn from it one after the other, so they never
+share a document. Every held-out candidate is checked against train and the held-out parts
+chosen before it; contaminated ones are dropped (or stage 0 fails, as configured), and the
+measured counts and rates come back with the splits (`prepare_splits`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -29,13 +38,21 @@ import torch
 
 from monolm.artifacts import atomic_path
 from monolm.config import DataConfig
+from monolm.contamination import ContaminationError, Index, doc_hash, select_clean
 from monolm.runtime import derive_seed
 
 log = logging.getLogger("monolm.data")
 
 EOS_TOKEN = "<|endoftext|>"  # Pythia's only special token: BOS, EOS and UNK at once
 PAD_TOKEN = "<|padding|>"  # Pythia's tokenizer has it as id 1
-SPLITS = ("train", "eval", "attack")
+PARTS = ("train", "validation", "test", "attack")
+HELD_OUT = PARTS[1:]
+# What each held-out part is used for (reports and verification.json say it in these words).
+PART_USE = {
+    "validation": "checkpoint selection and training curves (stages 2-3), function drift (stage 1)",
+    "test": "reported quality (stage 4)",
+    "attack": "attacks (stages 5-6)",
+}
 
 
 class DataError(ValueError):
@@ -45,26 +62,34 @@ class DataError(ValueError):
 @dataclass
 class Splits:
     train: list[str]
-    eval: list[str]
+    validation: list[str]
+    test: list[str]
     attack: list[str]
 
     def as_dict(self) -> dict[str, list[str]]:
-        return {"train": self.train, "eval": self.eval, "attack": self.attack}
+        return {part: getattr(self, part) for part in PARTS}
 
 
 # --------------------------------------------------------------------------- embedded corpus
 def embedded_documents(max_chars: int = 1500, min_chars: int = 200) -> list[str]:
-    """Python's own documentation prose as a list of documents of a few paragraphs each."""
+    """Python's own documentation prose as a list of documents of a few paragraphs each.
+
+    Several topics repeat each other's paragraphs (`specialnames` holds most of
+    `attribute-access`): a paragraph is kept only where it first occurs (topics in name order),
+    so no paragraph appears in two documents and a carve cannot put one on both sides."""
     from pydoc_data.topics import topics
 
+    seen: set[str] = set()
     docs: list[str] = []
     for key in sorted(topics):
         current: list[str] = []
         size = 0
         for para in topics[key].split("\n\n"):
             para = para.strip()
-            if not para:
+            normalized = " ".join(para.split())
+            if not para or normalized in seen:
                 continue
+            seen.add(normalized)
             if current and size + len(para) > max_chars:
                 docs.append("\n\n".join(current))
                 current, size = [], 0
@@ -72,7 +97,7 @@ def embedded_documents(max_chars: int = 1500, min_chars: int = 200) -> list[str]
             size += len(para) + 2
         if current:
             docs.append("\n\n".join(current))
-    return list(dict.fromkeys(d for d in docs if len(d) >= min_chars))  # some topics repeat text
+    return [d for d in docs if len(d) >= min_chars]
 
 
 # --------------------------------------------------------------------------- local and hub
@@ -146,115 +171,124 @@ def _iter_hub(cfg: DataConfig, split: str, cache_dir: Path | None, seed: int) ->
         yield _pile_text(row, cfg.text_field, f"{cfg.dataset}[{split}][{i}]")
 
 
-def _take(texts: Iterable[str], n: int, min_chars: int) -> list[str]:
+def _usable(texts: Iterable[str], cfg: DataConfig) -> Iterator[str]:
+    """Documents long enough to use, each once (first occurrence kept)."""
+    seen: set[str] = set()
+    for text in texts:
+        if len(text) >= cfg.min_doc_chars:
+            key = doc_hash(text)
+            if key not in seen:
+                seen.add(key)
+                yield text
+
+
+def _take(texts: Iterable[str], n: int) -> list[str]:
     out: list[str] = []
     for text in texts:
-        if len(text) >= min_chars:
-            out.append(text)
-            if len(out) >= n:
-                break
+        if len(out) >= n:
+            break
+        out.append(text)
     return out
 
 
-def _carve(docs: list[str], cfg: DataConfig, seed: int) -> Splits:
-    """Split one pool of documents into disjoint train/eval/attack parts, shuffled per seed."""
-    docs = list(dict.fromkeys(d for d in docs if len(d) >= cfg.min_doc_chars))  # dedupe, keep order
+def _carve(docs: list[str], cfg: DataConfig, seed: int) -> tuple[list[str], dict[str, list[str]]]:
+    """One pool of documents cut into train and held-out candidates, shuffled per seed: the
+    held-out parts take their configured counts, train the rest (at most data.n_train_docs)."""
+    docs = list(_usable(docs, cfg))
     random.Random(derive_seed(seed, "splits")).shuffle(docs)
-    n_eval = max(1, round(len(docs) * cfg.embedded_eval_fraction))
-    n_attack = max(1, round(len(docs) * cfg.embedded_attack_fraction))
-    if len(docs) < n_eval + n_attack + 2:
+    held = sum(cfg.part_size(part) for part in HELD_OUT)
+    if len(docs) < 2 * held:
         raise DataError(
-            f"corpus too small: {len(docs)} documents of >= {cfg.min_doc_chars} characters; "
-            "need at least a few for each of train, eval and attack"
+            f"corpus too small: {len(docs)} documents of >= data.min_doc_chars={cfg.min_doc_chars} characters; "
+            f"data.n_val_docs + data.n_test_docs + data.n_attack_docs = {held} held-out documents must "
+            "leave at least as many for training (lower the held-out counts or use more text)"
         )
-    ev, at, tr = docs[:n_eval], docs[n_eval : n_eval + n_attack], docs[n_eval + n_attack :]
-    return Splits(train=tr[: cfg.n_train_docs], eval=ev[: cfg.n_eval_docs], attack=at[: cfg.n_attack_docs])
+    pools: dict[str, list[str]] = {}
+    start = 0
+    for part in HELD_OUT:
+        pools[part] = docs[start : start + cfg.part_size(part)]
+        start += cfg.part_size(part)
+    return docs[start:][: cfg.n_train_docs], pools
+
+
+def _local_split(root: Path, split: str, cfg: DataConfig, seed: int) -> list[str]:
+    files = _local_split_files(root, split)
+    if not files:
+        raise DataError(
+            f"data.dataset={cfg.dataset!r}: no {split}.jsonl, {split}.parquet or {split}/*.jsonl for split {split!r}"
+        )
+    docs = list(_usable(_iter_local(files, cfg.text_field), cfg))
+    random.Random(derive_seed(seed, "splits", split)).shuffle(docs)
+    return docs
+
+
+def _named_splits(cfg: DataConfig, seed: int, cache_dir: Path | None) -> tuple[list[str], dict[str, Iterator[str]]]:
+    """Train documents and one candidate stream per held-out part from named splits (a local
+    directory or a hub dataset); parts naming the same split share its stream, so they are drawn
+    from it one after the other."""
+    root = Path(cfg.dataset)
+
+    def stream(split: str) -> Iterator[str]:
+        if cfg.source == "local":
+            return iter(_local_split(root, split, cfg, seed))
+        return _usable(_iter_hub(cfg, split, cache_dir, seed), cfg)
+
+    train = _take(stream(cfg.train_split), cfg.n_train_docs)
+    streams: dict[str, Iterator[str]] = {}
+    pools = {}
+    for part in HELD_OUT:
+        split = getattr(cfg, cfg.split_field(part))
+        if split not in streams:
+            streams[split] = stream(split)
+        pools[part] = streams[split]
+    return train, pools
+
+
+def prepare_splits(cfg: DataConfig, seed: int, cache_dir: Path | None = None) -> tuple[Splits, dict[str, Any]]:
+    """The four parts for one seed from the configured source, and what the contamination check
+    measured on the held-out candidates (per part: candidates, exact duplicates, contaminated,
+    kept, rates), for verification.json."""
+    if cfg.source == "local" and not Path(cfg.dataset).exists():
+        raise DataError(f"data.dataset={cfg.dataset!r}: no such file or directory")
+    if cfg.source == "embedded":
+        train, pools = _carve(embedded_documents(min_chars=cfg.min_doc_chars), cfg, seed)
+        how = "carved per seed from the embedded corpus (paragraphs de-duplicated across the corpus)"
+    elif cfg.source == "local" and Path(cfg.dataset).is_file():
+        train, pools = _carve(list(_iter_local([Path(cfg.dataset)], cfg.text_field)), cfg, seed)
+        how = f"carved per seed from {cfg.dataset}"
+    else:
+        train, pools = _named_splits(cfg, seed, cache_dir)
+        how = "named splits: " + ", ".join(f"{p} from {getattr(cfg, cfg.split_field(p))!r}" for p in PARTS)
+    if not train:
+        raise DataError("the train part is empty (after dropping documents shorter than data.min_doc_chars)")
+    index = Index(cfg.contamination)
+    index.add(train)
+    used = {doc_hash(t) for t in train}
+    parts: dict[str, list[str]] = {"train": train}
+    checks: dict[str, Any] = {}
+    for part in HELD_OUT:
+        wanted = cfg.part_size(part)
+        try:
+            kept, check = select_clean(part, pools[part], wanted, index, used, list(parts))
+        except ContaminationError as exc:
+            raise DataError(str(exc)) from None
+        if not kept:
+            raise DataError(
+                f"the {part} part is empty: {check.candidates} candidates, {check.contaminated} contaminated, "
+                f"{check.exact_duplicates} already used (documents shorter than data.min_doc_chars are not candidates)"
+            )
+        if len(kept) < wanted:
+            log.warning("%s part: %d of %d requested documents (%s)", part, len(kept), wanted, check.to_json())
+        index.add(kept)
+        parts[part] = kept
+        checks[part] = {**check.to_json(), "requested": wanted, "use": PART_USE[part]}
+    report = {"source": how, "settings": cfg.contamination.model_dump(mode="json"), "parts": checks}
+    return Splits(**parts), report
 
 
 def load_splits(cfg: DataConfig, seed: int, cache_dir: Path | None = None) -> Splits:
-    """The train/eval/attack documents for one seed, from the configured source."""
-    if cfg.source == "embedded":
-        splits = _carve(embedded_documents(min_chars=cfg.min_doc_chars), cfg, seed)
-    elif cfg.source == "local":
-        root = Path(cfg.dataset)
-        if not root.exists():
-            raise DataError(f"data.dataset={cfg.dataset!r}: no such file or directory")
-        if root.is_file():
-            splits = _carve(list(_iter_local([root], cfg.text_field)), cfg, seed)
-        else:
-            parts = {}
-            for name, split in (("train", cfg.train_split), ("eval", cfg.eval_split), ("attack", cfg.attack_split)):
-                files = _local_split_files(root, split)
-                if not files:
-                    raise DataError(
-                        f"data.dataset={cfg.dataset!r}: no {split}.jsonl, {split}.parquet or "
-                        f"{split}/*.jsonl for split {split!r}"
-                    )
-                parts[name] = list(_iter_local(files, cfg.text_field))
-            splits = _from_named_splits(parts, cfg, seed)
-    else:
-        parts = {
-            name: _take(
-                _iter_hub(cfg, split, cache_dir, seed),
-                n + (cfg.n_attack_docs if name == "eval" else 0),
-                cfg.min_doc_chars,
-            )
-            for name, split, n in (
-                ("train", cfg.train_split, cfg.n_train_docs),
-                ("eval", cfg.eval_split, cfg.n_eval_docs),
-                ("attack", cfg.attack_split, cfg.n_attack_docs),
-            )
-        }
-        splits = _from_named_splits(parts, cfg, seed, shuffled=True)
-    check_splits(splits)
-    return splits
-
-
-def _from_named_splits(parts: dict[str, list[str]], cfg: DataConfig, seed: int, shuffled: bool = False) -> Splits:
-    rng = random.Random(derive_seed(seed, "splits"))
-    out = {}
-    for name in ("train", "eval", "attack"):
-        docs = list(dict.fromkeys(d for d in parts[name] if len(d) >= cfg.min_doc_chars))
-        if not shuffled:
-            rng.shuffle(docs)
-        out[name] = docs
-    if cfg.eval_split == cfg.attack_split:  # one held-out split serves both: carve it disjointly
-        pool = out["eval"]
-        out["eval"], out["attack"] = pool[: cfg.n_eval_docs], pool[cfg.n_eval_docs :]
-    splits = Splits(
-        train=out["train"][: cfg.n_train_docs],
-        eval=out["eval"][: cfg.n_eval_docs],
-        attack=out["attack"][: cfg.n_attack_docs],
-    )
-    # A held-out split can still contain a document that also appears in train (duplicates are
-    # common in web corpora): drop it from the held-out side rather than trust the split names.
-    train_hashes = {_hash(t) for t in splits.train}
-    for name in ("eval", "attack"):
-        kept = [t for t in getattr(splits, name) if _hash(t) not in train_hashes]
-        if len(kept) < len(getattr(splits, name)):
-            log.warning(
-                "dropped %d %s documents that also occur in train", len(getattr(splits, name)) - len(kept), name
-            )
-        setattr(splits, name, kept)
-    attack_only = {_hash(t) for t in splits.eval}
-    splits.attack = [t for t in splits.attack if _hash(t) not in attack_only]
-    return splits
-
-
-def _hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def check_splits(splits: Splits) -> None:
-    """Every split non-empty and no document shared between any two splits."""
-    for name, docs in splits.as_dict().items():
-        if not docs:
-            raise DataError(f"the {name} split is empty (after dropping documents shorter than data.min_doc_chars)")
-    hashes = {name: {_hash(t) for t in docs} for name, docs in splits.as_dict().items()}
-    for a, b in (("train", "eval"), ("train", "attack"), ("eval", "attack")):
-        shared = hashes[a] & hashes[b]
-        if shared:
-            raise DataError(f"splits {a} and {b} share {len(shared)} documents; held-out data must be disjoint")
+    """The train/validation/test/attack documents for one seed, from the configured source."""
+    return prepare_splits(cfg, seed, cache_dir)[0]
 
 
 def save_splits(splits: Splits, directory: Path) -> list[str]:
@@ -267,7 +301,7 @@ def save_splits(splits: Splits, directory: Path) -> list[str]:
 
 
 def load_saved_splits(directory: Path) -> Splits:
-    return Splits(**{name: read_jsonl_texts(directory / f"{name}.jsonl") for name in SPLITS})
+    return Splits(**{name: read_jsonl_texts(directory / f"{name}.jsonl") for name in PARTS})
 
 
 # --------------------------------------------------------------------------- tokenizers and blocks

@@ -91,15 +91,17 @@ def run_checks(cfg: ExperimentConfig, timeout: float = 30.0) -> list[Check]:
         if d.source == "embedded":
             return f"{len(data.embedded_documents())} embedded documents"
         if d.source == "local":
-            sp = data.load_splits(d.model_copy(update={"n_train_docs": 50, "n_eval_docs": 5, "n_attack_docs": 5}), 0)
+            small = {"n_train_docs": 50, "n_val_docs": 5, "n_test_docs": 5, "n_attack_docs": 5}
+            sp = data.load_splits(d.model_copy(update=small), 0)
             return f"local files readable ({len(sp.train)} train docs sampled)"
         import datasets
 
-        for split in (d.train_split, d.eval_split, d.attack_split):
+        splits = list(dict.fromkeys((d.train_split, d.val_split, d.test_split, d.attack_split)))
+        for split in splits:
             row = next(iter(datasets.load_dataset(d.dataset, split=split, streaming=True)))
             if d.text_field not in row:
                 raise KeyError(f"split {split!r} rows have no {d.text_field!r} field")
-        return f"{d.dataset}: {d.train_split}/{d.eval_split}/{d.attack_split} readable"
+        return f"{d.dataset}: {'/'.join(splits)} readable"
 
     add("dataset readable", dataset, timeout * 2)
 

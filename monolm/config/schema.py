@@ -73,40 +73,94 @@ class ModelConfig(Strict):
         return self.name.rstrip("/").replace("/", "--").replace(":", "-")
 
 
+class ContaminationConfig(Strict):
+    """The near-duplicate check of stage 0 between train and every held-out part (each part is
+    also checked against the held-out parts chosen before it: validation, then test, then attack)."""
+
+    ngram: PositiveInt = 13  # words per n-gram (the GPT-3 contamination study's choice)
+    # A held-out document is contaminated when more than this share of its word n-grams occurs in
+    # the text it is checked against...
+    max_ngram_overlap: Fraction = 0.1
+    # ...or more than this share of its characters lies in paragraphs (of at least
+    # min_paragraph_chars) that occur there verbatim (0: any duplicated paragraph).
+    max_paragraph_overlap: Fraction = 0.0
+    min_paragraph_chars: PositiveInt = 80
+    # drop: leave contaminated documents out (and report how many); fail: stop stage 0.
+    action: Literal["drop", "fail"] = "drop"
+
+
+# Fields of an earlier layout of the data section, and what replaced them.
+_RENAMED_DATA_FIELDS = {
+    "eval_split": "data.val_split (checkpoint selection) and data.test_split (reported quality)",
+    "n_eval_docs": "data.n_val_docs (checkpoint selection) and data.n_test_docs (reported quality)",
+    "embedded_eval_fraction": "the document counts data.n_val_docs, data.n_test_docs and data.n_attack_docs",
+    "embedded_attack_fraction": "the document counts data.n_val_docs, data.n_test_docs and data.n_attack_docs",
+}
+HELD_OUT_PARTS = ("validation", "test", "attack")
+
+
 class DataConfig(Strict):
+    """Where the text comes from and how it is cut into four parts: train, and three held-out
+    parts that are pairwise disjoint and free of near-duplicates of train. validation selects
+    the checkpoint (and draws the training curves), test is where reported quality is measured,
+    attack is what stages 5-6 attack."""
+
     source: Literal["hub", "local", "embedded"] = "hub"
     # hub: a dataset id; local: a directory or file of jsonl/parquet in Pile format
     # ({"text": ..., "meta": {"pile_set_name": ...}}); embedded: ignored (stdlib documentation prose).
     dataset: str = "monology/pile-uncopyrighted"
     text_field: str = "text"
+    # Split names (hub datasets and local directories; a single file or the embedded corpus is
+    # carved per seed instead). Pythia was pre-trained on the Pile's train split, so held-out text
+    # must never be later rows of the training stream. Held-out parts that name the same split are
+    # drawn from it disjointly (validation first, then test, then attack).
     train_split: str = "train"
-    # Held-out splits. Pythia was pre-trained on the Pile's train split, so evaluation and attack
-    # texts must never be later rows of the training stream.
-    eval_split: str = "validation"
+    val_split: str = "validation"
+    test_split: str = "test"
     attack_split: str = "test"
     seq_len: PositiveInt = 2048
     n_train_docs: PositiveInt = 20000
-    n_eval_docs: PositiveInt = 500
+    n_val_docs: PositiveInt = 200
+    n_test_docs: PositiveInt = 500
     n_attack_docs: PositiveInt = 400
     min_doc_chars: NonNegInt = 200
-    # embedded source only: fractions of documents per split (the rest is train)
-    embedded_eval_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.15
-    embedded_attack_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.15
+    contamination: ContaminationConfig = ContaminationConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for old, new in _RENAMED_DATA_FIELDS.items():
+                if old in data:
+                    raise ValueError(f"data.{old}={data[old]!r}: this field was replaced by {new}")
+        return data
 
     @model_validator(mode="after")
     def _held_out(self) -> DataConfig:
-        if self.eval_split == self.train_split:
-            raise ValueError(
-                f"data.eval_split={self.eval_split!r} overlaps data.train_split="
-                f"{self.train_split!r}; evaluation text must come from a held-out split "
-                "(e.g. 'validation' or 'test')"
-            )
-        if self.attack_split == self.train_split:
-            raise ValueError(
-                f"data.attack_split={self.attack_split!r} overlaps data.train_split="
-                f"{self.train_split!r}; attack text must come from a held-out split"
-            )
+        for part in HELD_OUT_PARTS:
+            field = self.split_field(part)
+            if getattr(self, field) == self.train_split:
+                raise ValueError(
+                    f"data.{field}={getattr(self, field)!r} and data.train_split={self.train_split!r} point the "
+                    f"{part} part and the train part at the same documents; held-out text must come from a "
+                    "held-out split (e.g. 'validation' or 'test')"
+                )
         return self
+
+    @staticmethod
+    def split_field(part: str) -> str:
+        """The config field naming the split a part is drawn from."""
+        return {"train": "train_split", "validation": "val_split", "test": "test_split", "attack": "attack_split"}[part]
+
+    def part_size(self, part: str) -> int:
+        """How many documents the part holds at most."""
+        sizes = {
+            "train": self.n_train_docs,
+            "validation": self.n_val_docs,
+            "test": self.n_test_docs,
+            "attack": self.n_attack_docs,
+        }
+        return sizes[part]
 
 
 # --------------------------------------------------------------------------- constraint
@@ -131,7 +185,11 @@ class ArmConfig(Strict):
     warmup_ratio: Fraction = 0.1
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: Fraction = 0.1
-    weight_decay: Annotated[float, Field(ge=0)] = 0.01
+    weight_decay: Annotated[float, Field(ge=0)] = 0.01  # AdamW; never on biases and LayerNorm weights
+    # The constrained arm's W = softplus(V): "none" leaves V undecayed; "materialized" decays W
+    # itself towards 0 (W <- (1 - lr * weight_decay) W, V recomputed), as the baseline's W is.
+    # Decaying V instead would pull W towards softplus(0) = ln 2.
+    constrained_weight_decay: Literal["none", "materialized"] = "none"
     grad_clip: PositiveFloat | None = 1.0
     adam_beta1: Fraction = 0.9
     adam_beta2: Fraction = 0.95
@@ -141,7 +199,7 @@ class ArmConfig(Strict):
     bf16: Switch = "auto"  # autocast compute only; parameters and optimizer state stay fp32
     log_every_steps: PositiveInt = 10
     eval_every_steps: PositiveInt = 200
-    eval_max_docs: PositiveInt = 200
+    eval_max_docs: PositiveInt = 200  # validation documents per evaluation (at most data.n_val_docs)
     checkpoint_every_steps: PositiveInt = 200
     checkpoint_every_minutes: PositiveFloat = 30.0
     keep_last_checkpoints: PositiveInt = 2

@@ -34,7 +34,7 @@ NOTE = (
 
 
 def drift_blocks(cfg: ExperimentConfig, tokenizer, texts: list[str]) -> torch.Tensor:
-    """Held-out text packed into blocks for the function-drift measurement."""
+    """Held-out text (the validation part) packed into blocks for the function-drift measurement."""
     docs = data_lib.tokenize(tokenizer, texts[: cfg.constraint.drift_docs])
     return data_lib.pack_blocks(docs, min(cfg.data.seq_len, 128), tokenizer.eos_token_id)
 
@@ -56,7 +56,7 @@ def run(
     summary = constraints.apply_constraint(
         constrained, cfg.constraint.variant, init=cfg.constraint.init, eps=cfg.constraint.eps
     )
-    blocks = drift_blocks(cfg, tokenizer, splits.eval).to(device)
+    blocks = drift_blocks(cfg, tokenizer, splits.validation).to(device)
     drift = function_drift(base, constrained, blocks)
     monotonicity = monotonicity_violation_rate(
         constrained, cfg.constraint.monotonicity_pairs, generator(cell.seed, STAGE, "monotonicity"), inputs=blocks[:4]
@@ -68,6 +68,7 @@ def run(
         "init": cfg.constraint.init,
         "summary": summary.to_json(),
         "drift": drift,
+        "drift_part": "validation",
         "monotonicity": monotonicity,
         "min_constrained_weight": constraints.min_constrained_weight(constrained),
         "note": NOTE,

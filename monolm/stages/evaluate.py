@@ -1,4 +1,5 @@
-"""Stage 4 — evaluate base, baseline and monotonic models on the same held-out documents.
+"""Stage 4 — evaluate base, baseline and monotonic models on the same held-out documents: the
+test part, disjoint from the validation part that selected each arm's checkpoint.
 
 Perplexity is token-weighted and computed like lm-evaluation-harness (whole documents, disjoint
 windows, predicted tokens only). The trained monotonic model's constrained weights are re-checked
@@ -37,7 +38,7 @@ def run(
     out = prepare(cfg, cell, STAGE, inputs)
     device = pick_device()
     tokenizer, splits = load_setup(setup)
-    texts = splits.eval[: cfg.evaluation.max_docs]
+    texts = splits.test[: cfg.evaluation.max_docs]  # never the validation part that selected best/
     docs = data_lib.tokenize(tokenizer, texts)
     paths = {
         "base": model_dir(setup),
@@ -66,7 +67,14 @@ def run(
                 model, cfg.constraint.monotonicity_pairs, generator(cell.seed, STAGE, "monotonicity"), inputs=blocks[:4]
             )
         del model
-    report = {"models": results, "n_docs": len(docs), "recipe": cfg.training.recipe, **extra}
+    report = {
+        "models": results,
+        "part": "test",
+        "n_docs": len(docs),
+        "window": {"seq_len": cfg.eval_seq_len, "prefix": "eos"},
+        "recipe": cfg.training.recipe,
+        **extra,
+    }
     atomic_write_json(out / "evaluation.json", report)
     metrics = {
         f"{name}_{key}": r[key]

@@ -63,7 +63,7 @@ SEED_STAGES: tuple[Stage, ...] = (
         entry="monolm.stages.setup:run",
         inputs=(),
         config=("model", "data"),
-        code=(*SHARED_CODE, "training", "checkpoint", "stages.setup"),
+        code=(*SHARED_CODE, "contamination", "training", "checkpoint", "stages.setup"),
         gpu=False,
     ),
     # A GPU stage although it does not train: it computes with the model and uses parametrizations,

@@ -1,5 +1,7 @@
 """Stage 0 — setup: fetch (or, for `tiny`, build and pre-train) the base model, cut the data
-splits, and verify that everything later stages need is there and consistent.
+into train, validation, test and attack parts, and verify that everything later stages need is
+there and consistent. verification.json records what each check measured and the verdict
+computed from it, and what the contamination check measured on every held-out part.
 
 For the tiny preset the "pretrained" model is a real language model: a byte-level BPE tokenizer
 and a GPT-NeoX are trained on the train split of the embedded corpus (as Pythia was trained on the
@@ -98,22 +100,27 @@ def check_disk(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def check_splits(cfg: ExperimentConfig, splits: data_lib.Splits) -> dict[str, Any]:
-    """Enough held-out attack texts for both attacks; checked before any model is trained."""
-    counts = {name: len(docs) for name, docs in splits.as_dict().items()}
+    """Checks on the final parts, measured from them again (not trusted from how they were cut):
+    documents shared by any two parts, held-out documents above the contamination thresholds
+    with respect to train, and enough attack texts for both attacks; run before any model is
+    trained."""
+    from monolm.contamination import verify_parts
+
+    checks = verify_parts(splits.as_dict(), cfg.data.contamination)
+    have = len(splits.attack)
     needed = cfg.attacks.uat.n_opt_texts + max(cfg.attacks.uat.n_eval_texts, cfg.attacks.hotflip.n_texts)
-    checks = {
-        "attack_texts": {
-            "ok": counts["attack"] >= needed,
-            "detail": f"{counts['attack']} held-out attack texts, attacks need {needed}",
-        },
-        "splits_disjoint": {"ok": True, "detail": f"documents per split: {counts}"},
-    }
+    checks["attack_texts"] = {"ok": have >= needed, "detail": f"{have} held-out attack texts, attacks need {needed}"}
     _raise_failed(checks)
     return checks
 
 
 def verify(
-    cfg: ExperimentConfig, model_path: Path, tokenizer, splits: data_lib.Splits, earlier: dict[str, Any] | None = None
+    cfg: ExperimentConfig,
+    model_path: Path,
+    tokenizer,
+    splits: data_lib.Splits,
+    earlier: dict[str, Any] | None = None,
+    contamination: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Checks that later stages rely on, each pass/fail with the reason; `earlier` holds the
     checks already passed before the model was fetched or built."""
@@ -140,6 +147,18 @@ def verify(
         "embedding_rows": rows,
         "tokenizer_size": len(tokenizer),
         "docs": counts,
+        "contamination": contamination,
+    }
+
+
+def held_out_summary(contamination: dict[str, Any]) -> dict[str, Any]:
+    """The contamination counts per held-out part that the report states (verification.json has
+    the full record)."""
+    keys = ("candidates", "contaminated", "contamination_rate", "exact_duplicates", "kept", "requested")
+    return {
+        "ngram": contamination["settings"]["ngram"],
+        "action": contamination["settings"]["action"],
+        "parts": {part: {k: rec[k] for k in keys} for part, rec in contamination["parts"].items()},
     }
 
 
@@ -170,7 +189,7 @@ def run(
     # anything is trained or written into it.
     checks = check_disk(cfg)
     path = _locate_model(cfg)
-    splits = data_lib.load_splits(cfg.data, seed, cache_dir=cfg.hf_cache_dir / "datasets")
+    splits, contamination = data_lib.prepare_splits(cfg.data, seed, cache_dir=cfg.hf_cache_dir / "datasets")
     checks.update(check_splits(cfg, splits))
     out = prepare(cfg, cell, STAGE, inputs)
     outputs = [f"data/{name}" for name in data_lib.save_splits(splits, out / "data")]
@@ -193,11 +212,16 @@ def run(
         # Weights live outside the stage folder (the HF cache); record their digests.
         metrics["model_files"] = {p.name: sha256_file(p) for p in sorted(path.glob("*.safetensors"))}
     metrics["model_dir"] = str(Path(path).resolve())
-    report = verify(cfg, Path(path), tokenizer, splits, checks)
+    report = verify(cfg, Path(path), tokenizer, splits, checks, contamination)
     atomic_write_json(out / "verification.json", report)
     outputs.append("verification.json")
     metrics.update(
-        {"docs": report["docs"], "tokenizer_size": report["tokenizer_size"], "embedding_rows": report["embedding_rows"]}
+        {
+            "docs": report["docs"],
+            "contamination": held_out_summary(contamination),
+            "tokenizer_size": report["tokenizer_size"],
+            "embedding_rows": report["embedding_rows"],
+        }
     )
     return finish(cfg, cell, STAGE, inputs=inputs, outputs=outputs, metrics=metrics, started=started)
 

@@ -67,7 +67,8 @@ def run(
     init_dir = model_dir(setup) if arm == "baseline" else Path(inputs["constrain"].metrics["model_dir"])
     model = models.load_model(init_dir, device)
     blocks = data_lib.pack_blocks(data_lib.tokenize(tokenizer, splits.train), cfg.data.seq_len, tokenizer.eos_token_id)
-    evaluate = validation(cfg, recipe, tokenizer, splits.eval[: recipe.eval_max_docs], device)
+    # Checkpoint selection sees only the validation part; stage 4 reports on the disjoint test part.
+    evaluate = validation(cfg, recipe, tokenizer, splits.validation[: recipe.eval_max_docs], device)
     save = saver(cfg, arm, tokenizer)
 
     # Both arms see the same data order: the data seed does not depend on the arm.
@@ -92,6 +93,7 @@ def run(
         "tokens_seen": result.tokens_seen,
         "effective_batch_size": result.effective_batch_size,
         "final": result.final_metrics,
+        "validation_docs": min(len(splits.validation), recipe.eval_max_docs),
         "model_dir": str((out / "best").resolve()),
     }
     return finish(

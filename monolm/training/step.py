@@ -1,5 +1,6 @@
 """One optimizer step and what it needs: fp32 parameters, gradient checkpointing, AdamW over
-decay/no-decay groups, token-weighted gradient accumulation and the constraint check.
+decay/no-decay groups (the same rule for both arms; the constrained W decayed towards 0, never
+towards softplus(0) = ln 2), token-weighted gradient accumulation and the constraint check.
 
 `training_step` is the loop's own step; `bench/train_step.py` times exactly this function.
 """
@@ -17,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from monolm.config import ArmConfig
-from monolm.constraints import constrained_modules, min_constrained_weight
+from monolm.constraints import NonNegativeSoftplus, constrained_modules, min_constrained_weight
 from monolm.runtime import autocast, model_device
 from monolm.training.schedule import LRSchedule
 
@@ -30,19 +31,69 @@ class TrainingDiverged(FloatingPointError):
     """The loss or gradient norm became non-finite."""
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> tuple[list[str], list[dict[str, Any]]]:
-    """Decay matrices (incl. parametrization originals V and embeddings), not biases/norms —
-    the usual rule, identical for both arms."""
-    decay, no_decay = [], []
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm) or "norm" in type(module).__name__.lower()
+
+
+def _param_groups(model: nn.Module, arm: ArmConfig) -> tuple[list[str], list[dict[str, Any]]]:
+    """AdamW parameter groups, one rule for both arms (as GPT-NeoX/Pythia): weight decay on weight
+    matrices and embeddings, none on biases and normalization weights. A constrained weight's
+    V (`parametrizations.weight.original`) is never decayed by AdamW, since decaying V pulls
+    W = softplus(V) towards ln 2 rather than 0; with `constrained_weight_decay='materialized'`
+    its group carries `materialized_decay`, and `decay_materialized_` decays W itself after each
+    step. Returns (parameter names in optimizer order, groups)."""
+    no_decay_ids = {id(p) for module in model.modules() if _is_norm(module) for p in module.parameters(recurse=False)}
+    constrained_ids = {id(m.parametrizations.weight.original) for _, m in constrained_modules(model)}
+    buckets: dict[str, list[tuple[str, nn.Parameter]]] = {"decay": [], "no_decay": [], "constrained": []}
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append((name, p))
-    names = [n for n, _ in decay] + [n for n, _ in no_decay]
+        if not p.requires_grad:
+            continue
+        if id(p) in constrained_ids:
+            buckets["constrained"].append((name, p))
+        elif p.ndim < 2 or id(p) in no_decay_ids or name.endswith("bias"):
+            buckets["no_decay"].append((name, p))
+        else:
+            buckets["decay"].append((name, p))
+    materialized = arm.weight_decay if arm.constrained_weight_decay == "materialized" else 0.0
     groups = [
-        {"params": [p for _, p in decay], "weight_decay": weight_decay},
-        {"params": [p for _, p in no_decay], "weight_decay": 0.0},
+        {"params": [p for _, p in buckets["decay"]], "weight_decay": arm.weight_decay},
+        {"params": [p for _, p in buckets["no_decay"]], "weight_decay": 0.0},
+        {"params": [p for _, p in buckets["constrained"]], "weight_decay": 0.0, "materialized_decay": materialized},
     ]
+    names = [n for key in ("decay", "no_decay", "constrained") for n, _ in buckets[key]]
     return names, [g for g in groups if g["params"]]
+
+
+@torch.no_grad()
+def decay_materialized_(optimizer: torch.optim.Optimizer) -> None:
+    """Decoupled weight decay of the materialized constrained weights, W <- (1 - lr * wd) W with
+    W = softplus(V), written back as V = softplus^-1(W): the baseline's W and the constrained
+    arm's W are pulled towards 0 alike. Uses each group's current learning rate, as AdamW does.
+    Computed in float64 (a decay of 1e-7 per step is near fp32's resolution) and stored in V's
+    dtype; for V below -30, softplus(V) = exp(V) to within 1e-13, so V + log(1 - lr * wd)."""
+    for group in optimizer.param_groups:
+        wd = group.get("materialized_decay", 0.0)
+        if not wd:
+            continue
+        factor = 1.0 - group["lr"] * wd
+        for v in group["params"]:
+            v64 = v.to(torch.float64)
+            w = F.softplus(v64) * factor
+            exact = w + torch.log(-torch.expm1(-w))
+            v.copy_(torch.where(v64 < -30.0, v64 + math.log(factor), exact))
+
+
+def check_materialized_decay(model: nn.Module, arm: ArmConfig) -> None:
+    """`constrained_weight_decay='materialized'` inverts softplus: refuse any other parametrization."""
+    if arm.constrained_weight_decay != "materialized":
+        return
+    for name, module in constrained_modules(model):
+        chain = list(module.parametrizations.weight)
+        if len(chain) != 1 or not isinstance(chain[0], NonNegativeSoftplus):
+            raise ValueError(
+                f"training.common.constrained_weight_decay='materialized' needs W = softplus(V) "
+                f"(NonNegativeSoftplus); {name}.weight is parametrized by {[type(p).__name__ for p in chain]}"
+            )
 
 
 def ensure_fp32(model: nn.Module) -> None:
@@ -136,6 +187,8 @@ def training_step(
     if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
         raise TrainingDiverged(f"loss sum {loss_value}, grad norm {norm_value} (not finite)")
     optimizer.step()
+    if constrained:
+        decay_materialized_(optimizer)
     scheduler.step()
     min_w = min_constrained_weight(model) if constrained else None  # after *every* step
     return loss_value, norm_value, min_w
@@ -146,7 +199,8 @@ def build_optimizer(
 ) -> tuple[list[str], torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW (fp32 state) over decay/no-decay groups plus the LambdaLR schedule; returns
     (param_names in optimizer order, optimizer, scheduler)."""
-    param_names, groups = _param_groups(model, arm.weight_decay)
+    check_materialized_decay(model, arm)
+    param_names, groups = _param_groups(model, arm)
     optimizer = torch.optim.AdamW(groups, lr=arm.lr, betas=(arm.adam_beta1, arm.adam_beta2), eps=ADAM_EPS)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule.from_arm(arm, total_steps))
     return param_names, optimizer, scheduler

@@ -127,7 +127,10 @@ CONFIG_CASES = {
         ["training.monotonic.lr=0.001", "training.recipe='fair'"],
     ),
     "duplicate seeds": (["--seeds", "1", "1"], ["seeds=[1, 1] contains duplicates"]),
-    "evaluation on the training split": (["--set", "data.eval_split=train"], ["data.eval_split='train' overlaps"]),
+    "evaluation on the training split": (
+        ["--set", "data.test_split=train"],
+        ["data.test_split='train' and data.train_split='train' point the test part and the train part"],
+    ),
 }
 
 
