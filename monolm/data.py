@@ -277,8 +277,15 @@ def prepare_splits(cfg: DataConfig, seed: int, cache_dir: Path | None = None) ->
                 f"the {part} part is empty: {check.candidates} candidates, {check.contaminated} contaminated, "
                 f"{check.exact_duplicates} already used (documents shorter than data.min_doc_chars are not candidates)"
             )
-        if len(kept) < wanted:
-            log.warning("%s part: %d of %d requested documents (%s)", part, len(kept), wanted, check.to_json())
+        log.info(
+            "%s part: %d of %d requested documents (%d candidates: %d contaminated, %d exact duplicates, dropped)",
+            part,
+            len(kept),
+            wanted,
+            check.candidates,
+            check.contaminated,
+            check.exact_duplicates,
+        )
         index.add(kept)
         parts[part] = kept
         checks[part] = {**check.to_json(), "requested": wanted, "use": PART_USE[part]}

@@ -141,8 +141,24 @@ def make_seed(cfg, seed: int, numbers: dict[str, Any], *, skip: tuple[str, ...] 
 
     threshold = cfg.attacks.success_threshold
     refs: dict[str, StageRef] = {}
+    contamination = {
+        "ngram": 13,
+        "action": "drop",
+        "parts": {
+            part: {"candidates": n + 1, "contaminated": 1, "contamination_rate": 1 / (n + 1), "kept": n}
+            for part, n in (("validation", 4), ("test", 40), ("attack", 6))
+        },
+    }
     refs["setup"] = _stage(
-        cfg, seed, "setup", {}, {"model_dir": "/nowhere", "docs": {"train": 10, "eval": 4, "attack": 6}}
+        cfg,
+        seed,
+        "setup",
+        {},
+        {
+            "model_dir": "/nowhere",
+            "docs": {"train": 10, "validation": 4, "test": 40, "attack": 6},
+            "contamination": contamination,
+        },
     )
     refs["constrain"] = _stage(
         cfg,
@@ -198,7 +214,9 @@ def make_seed(cfg, seed: int, numbers: dict[str, Any], *, skip: tuple[str, ...] 
         {
             "evaluation.json": {
                 "models": models,
+                "part": "test",
                 "n_docs": 40,
+                "window": {"seq_len": 128, "prefix": "eos"},
                 "recipe": "fair",
                 "min_constrained_weight": 2e-6,
                 "monotonicity": [dict(r, coord_violation_rate=r["coord_violation_rate"] * 0.8) for r in MONOTONICITY],
@@ -621,3 +639,58 @@ def test_bad_run_name_and_duplicate_seeds_are_refused(tmp_path):
         aggregate.run(cfg, [refs, refs])
     with pytest.raises(ValueError, match="cannot name a results folder"):
         aggregate.run(cfg.model_copy(update={"run_name": "../escape"}), [refs])
+
+
+# --------------------------------------------------------------------------- held-out parts and honest notes
+def test_numbers_say_which_part_they_come_from(one_seed):
+    _, _, out, results = one_seed
+    parts = {(v["stage"], v["metric"]): v["part"] for v in results["values"]}
+    assert parts[("evaluate", "token_perplexity")] == "test"
+    assert parts[("uat", "abs_increase")] == "attack" and parts[("hotflip", "abs_increase")] == "attack"
+    assert parts[("train_baseline", "final_val_perplexity")] == "validation"
+    assert parts[("train_baseline", "tokens_seen")] == "train" and parts[("train_baseline", "lr")] is None
+    assert all(s["part"] == "test" for s in results["summaries"] if s["stage"] == "evaluate" and s["model"] == "base")
+    assert {c["part"] for c in results["comparisons"] if c["stage"] in ("uat", "hotflip")} == {"attack"}
+    assert results["held_out"]["seeds"]["42"]["docs"]["validation"] == 4
+    md = Path(out["report"]).read_text()
+    head = md.split("## Findings")[0]
+    assert "validation 4 (checkpoint selection and training curves), test 40 (reported quality)" in head
+    assert "dropped candidates: validation 1 of 5 (20%); test 1 of 41" in head
+    quality = md.split("**Held-out quality on the test part")[1].split("## ")[0]
+    assert "Test part: 40 documents per seed" in quality
+    assert "rolling windows of 128 tokens with disjoint predicted spans, EOS prefix" in quality
+    assert "lm-eval `loglikelihood_rolling` with `max_length=128`" in quality
+    assert "Validation perplexity is measured on the validation part, which selected best/" in md
+
+
+def test_wilcoxon_floor_note_only_where_it_applies(one_seed, three_seeds):
+    one = Path(one_seed[2]["report"]).read_text()
+    three = Path(three_seeds[2]["report"]).read_text()
+    assert "n = 5 seeds" not in one and "cannot be below" not in one  # tests over texts, not seeds
+    assert "With n = 3 seeds the exact two-sided Wilcoxon p-value cannot be below 0.25" in three
+    assert "n = 5 seeds" not in three
+
+
+def test_recipe_line_states_the_decay_policy(tmp_path, one_seed):
+    md = Path(one_seed[2]["report"]).read_text()
+    assert "Weight decay: AdamW, 0.01 on weight matrices and embeddings in both arms, none on biases" in md
+    assert "were not decayed (decaying V would pull W towards ln 2, not 0)" in md
+    cfg = make_cfg(tmp_path, [42], training={"common": {"constrained_weight_decay": "materialized"}})
+    meta = {"recipe": "fair", "arms": {a: cfg.training.arm(a).model_dump(mode="json") for a in report.ARMS}}
+    assert "decayed as W itself" in report.recipe_statement(meta, [])
+
+
+def test_monotonicity_words_follow_the_measured_rates(tmp_path, one_seed):
+    md = Path(one_seed[2]["report"]).read_text()
+    assert "mlp in block: 16% (not monotone" in md and "mlp in linear: 0% (no violation in 256 sampled" in md
+    assert "Sublayers with violations are, as measured, not monotone." in md
+    clean = [dict(r, coord_violation_rate=0.0, pair_violation_rate=0.0) for r in MONOTONICITY]
+    results = {
+        "summaries": [
+            {"stage": "evaluate", "model": "monotonic", "metric": metric, "mean": value, "n": 1}
+            for metric, value in report.monotonicity_rates(clean).items()
+        ]
+    }
+    text = report.monotonicity_statement(results)
+    assert "mlp in block: 0% (no violation in 512 sampled input pairs)" in text
+    assert "not monotone" not in text and "is not claimed to be monotone" in text

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from monolm.report.comparisons import compare_arms
+from monolm.report.held_out import held_out_facts, held_out_statement, tag_parts
 from monolm.report.labels import ARMS, ATTACKS, MODELS
 from monolm.report.sentences import findings, monotonicity_statement, recipe_statement
 from monolm.report.summaries import ALPHA, CONFIDENCE, summarize_values, summary
@@ -19,13 +20,16 @@ def analyze(seeds: Sequence[dict[str, Any]], meta: dict[str, Any]) -> dict[str, 
     """Everything stage 7 reports, as one JSON-able dict (the content of results.json).
 
     Every per-seed value, summary and comparison carries the run's variant, preset, recipe,
-    config digest and code revision, so a number copied out of the file keeps its provenance.
+    config digest and code revision, and the data part it was measured on (`part`: train,
+    validation, test or attack), so a number copied out of the file keeps its provenance.
     """
     seeds = sorted(seeds, key=lambda d: int(d["seed"]))
     tags = {k: meta[k] for k in ("variant", "preset", "recipe", "config_digest", "code_revision")}
     values = [v for data in seeds for v in seed_values(data)]
     summaries = summarize_values(values, seeds)
     comparisons = [c.to_json() for c in compare_arms(values, seeds)]
+    for records in (values, summaries, comparisons):
+        tag_parts(records)  # which data part (train, validation, test, attack) each number is from
     results: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "run_name": meta["run_name"],
@@ -37,6 +41,8 @@ def analyze(seeds: Sequence[dict[str, Any]], meta: dict[str, Any]) -> dict[str, 
         "summaries": [{**s, **tags} for s in summaries],
         "comparisons": [{**c, **tags} for c in comparisons],
     }
+    results["held_out"] = held_out_facts(seeds)
+    results["held_out_statement"] = held_out_statement(results["held_out"])
     results["findings"] = findings(results)
     results["recipe_statement"] = recipe_statement(meta, values)
     results["monotonicity_statement"] = monotonicity_statement(results)

@@ -162,6 +162,7 @@ def _provenance_lines(results: dict[str, Any], config_path: str) -> list[str]:
         f"- Model: `{meta['model']}` (preset `{meta['preset']}`); constraint variant `{meta['variant']}` "
         f"(init `{meta.get('init')}`): non-negative FFN weights.",
         f"- Seeds: {', '.join(str(s) for s in meta['seeds'])} (n = {n}).",
+        *([f"- {results['held_out_statement']}"] if results.get("held_out_statement") else []),
         *([f"- **Status: partial** — {meta['incomplete']}."] if meta.get("incomplete") else []),
         f"- Config digest `{meta['config_digest']}`; full config: `{config_path}` (also at the end of this report).",
         f"- Code revision: `{meta['code_revision']}`" + stage_revisions + ".",

@@ -166,6 +166,7 @@ def recipe_statement(meta: dict[str, Any], values: Sequence[dict[str, Any]]) -> 
             f"Training recipe: **{recipe}** ({what}) — the arms were trained differently ({diffs}). Differences "
             "between the arms may come from the recipe rather than from the constraint."
         )
+    text += " " + decay_statement(base)
     tokens: dict[int, dict[str, float]] = defaultdict(dict)
     for r in values:
         if r["metric"] == "tokens_seen" and r["stage"].startswith("train_"):
@@ -184,24 +185,66 @@ def recipe_statement(meta: dict[str, Any], values: Sequence[dict[str, Any]]) -> 
     return text
 
 
+def decay_statement(arm: dict[str, Any]) -> str:
+    """The weight-decay policy of the (common) recipe in words: the same rule for both arms, and
+    what happens to the constrained weights W = softplus(V)."""
+    wd = arm.get("weight_decay")
+    if not wd:
+        return "Weight decay: none in either arm."
+    policy = arm.get("constrained_weight_decay")
+    if policy == "materialized":
+        constrained = (
+            f"the constrained weights W = softplus(V) were decayed as W itself (W ← (1 − lr·{wd})·W after each "
+            "step), so both arms' weights are pulled towards 0"
+        )
+    elif policy == "none":
+        constrained = (
+            "the constrained weights W = softplus(V) were not decayed (decaying V would pull W towards ln 2, not 0)"
+        )
+    else:
+        constrained = "the constrained arm's V was decayed by AdamW, which pulls W = softplus(V) towards ln 2, not 0"
+    return (
+        f"Weight decay: AdamW, {wd} on weight matrices and embeddings in both arms, none on biases and LayerNorm "
+        f"weights; {constrained}."
+    )
+
+
+def _violation_words(results: dict[str, Any], rec: dict[str, Any]) -> tuple[str, bool]:
+    """One sublayer's measured rate in words, and whether any violation was found."""
+    base = rec["metric"].removesuffix("_coord_violation_rate")
+    name = base.removeprefix("monotonicity_").replace("_", " ")
+    pairs = summary_of(results["summaries"], rec["stage"], rec["model"], base + "_n_pairs")
+    pair_rate = summary_of(results["summaries"], rec["stage"], rec["model"], base + "_pair_violation_rate")
+    violated = rec["mean"] > 0 or bool(pair_rate and pair_rate["mean"] > 0)
+    n_pairs = f"{pairs['mean']:.0f} sampled input pairs" if pairs else "the sampled input pairs"
+    if not violated:
+        return f"{name}: 0% (no violation in {n_pairs})", False
+    share = f", {fmt_pct(pair_rate['mean'])} of {n_pairs}" if pair_rate else ""
+    return f"{name}: {fmt_pct(rec['mean'])} (not monotone{share})", True
+
+
 def monotonicity_statement(results: dict[str, Any]) -> str:
-    """ "Non-negative FFN weights", never "monotone", with the measured violation rates."""
+    """ "Non-negative FFN weights", never "monotone", with the measured violation rates and what
+    they show: a sublayer with violations is called non-monotone, one without is reported as
+    having none among the sampled pairs (an empirical check, not a proof)."""
     rows = [
         r
         for r in results["summaries"]
         if r["metric"].startswith("monotonicity_") and r["metric"].endswith("_coord_violation_rate")
     ]
     after = [r for r in rows if r["stage"] == "evaluate"] or [r for r in rows if r["stage"] == "constrain"]
-    text = (
-        "The constrained arm has non-negative FFN weights (W = softplus(V)); GELU, LayerNorm, attention and "
-        "residual paths keep the model non-monotone, so it is not described as monotone."
+    text = "The constrained arm has non-negative FFN weights (W = softplus(V)) and is not described as monotone."
+    if not after:
+        return text + " No monotonicity violation rates were measured."
+    when = "after training" if after[0]["stage"] == "evaluate" else "after constraining (before training)"
+    words = [_violation_words(results, r) for r in after]
+    text += (
+        f" Measured share of output coordinates that decreased when the input increased ({when}, mean over "
+        f"{after[0]['n']} seed{'s' if after[0]['n'] != 1 else ''}): " + "; ".join(w for w, _ in words) + "."
     )
-    if after:
-        when = "after training" if after[0]["stage"] == "evaluate" else "after constraining (before training)"
-        names = [r["metric"].removeprefix("monotonicity_").removesuffix("_coord_violation_rate") for r in after]
-        parts = [f"{name.replace('_', ' ')}: {fmt_pct(r['mean'])}" for name, r in zip(names, after, strict=True)]
-        text += (
-            f" Measured share of output coordinates that decreased when the input increased ({when}, mean over "
-            f"{after[0]['n']} seed{'s' if after[0]['n'] != 1 else ''}): " + "; ".join(parts) + "."
-        )
-    return text
+    if any(violated for _, violated in words):
+        return text + " Sublayers with violations are, as measured, not monotone."
+    return text + (
+        " No measured sublayer violated monotonicity among the sampled pairs; the rest of the model (attention, "
+        "LayerNorm, residual paths) was not measured, so the model is not claimed to be monotone."
+    )

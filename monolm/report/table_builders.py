@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from monolm.report.formatting import fmt_ci, fmt_mean_std, fmt_num, fmt_p, fmt_pct
+from monolm.report.held_out import part_note, window_sentence
 from monolm.report.labels import ARM_LABEL, ARMS, ATTACKS, MODELS, metric_label
 from monolm.report.summaries import ALPHA, summary
 from monolm.report.values import value
@@ -38,7 +39,7 @@ def quality_table(results: dict[str, Any]) -> Table | None:
     n_seeds = len(results["meta"]["seeds"])
     quality = Table(
         "quality",
-        f"Held-out quality (n = {n_seeds} seed{'s' if n_seeds != 1 else ''})",
+        f"Held-out quality on the test part (n = {n_seeds} seed{'s' if n_seeds != 1 else ''})",
         ["Model", "n", "Token perplexity (mean ± std)", "95% CI", "Loss (nats/token)", "Bits/byte"],
     )
     recs = []
@@ -59,7 +60,17 @@ def quality_table(results: dict[str, Any]) -> Table | None:
         )
     if not quality.rows:
         return None
-    quality.note = ci_note(recs)
+    facts = results.get("held_out")
+    quality.note = " ".join(
+        s
+        for s in (
+            part_note(facts, "test"),
+            "Disjoint from the validation part that selected the checkpoints." if facts else "",
+            window_sentence((facts or {}).get("window")),
+            ci_note(recs),
+        )
+        if s
+    )
     return quality
 
 
@@ -112,6 +123,8 @@ def attack_table(results: dict[str, Any], attack: str) -> Table | None:
         if attack == "hotflip"
         else ""
     )
+    if results.get("held_out"):
+        t.note += " Texts from the attack part, disjoint from the validation and test parts."
     return t
 
 
@@ -146,11 +159,24 @@ def tests_table(results: dict[str, Any]) -> Table | None:
     tests.rows = [_test_row(c) for c in results["comparisons"]]
     if not tests.rows:
         return None
-    tests.note = (
-        f"α = {ALPHA}; tests are not corrected for multiple comparisons. With n = 5 seeds the exact "
-        "two-sided Wilcoxon p-value cannot be below 0.0625."
+    tests.note = f"α = {ALPHA}; tests are not corrected for multiple comparisons." + wilcoxon_floor_note(
+        results["comparisons"]
     )
     return tests
+
+
+def wilcoxon_floor_note(comparisons: Iterable[dict[str, Any]]) -> str:
+    """For tests across so few seeds that the exact two-sided Wilcoxon p-value cannot reach α
+    (its smallest value is 2 / 2^n): say so, with the actual n. Nothing otherwise."""
+    notes = []
+    for n in sorted({c["n"] for c in comparisons if c["scope"] == "seeds" and c.get("wilcoxon_p") is not None}):
+        floor = 2.0 / 2**n
+        if floor > ALPHA:
+            notes.append(
+                f" With n = {n} seeds the exact two-sided Wilcoxon p-value cannot be below {fmt_p(floor)}, so "
+                f"the Wilcoxon test cannot reach α = {ALPHA} across seeds."
+            )
+    return "".join(notes)
 
 
 def transfer_table(results: dict[str, Any], attack: str) -> Table | None:
@@ -206,8 +232,9 @@ def monotonicity_table(results: dict[str, Any]) -> Table | None:
             ]
         )
     t.note = (
-        "'linear' is the constrained Linear alone (must be 0); 'block' is the enclosing FFN/attention block as "
-        "the model computes it, which non-negative weights do not make monotone."
+        "'linear' is the constrained Linear alone (0 by construction with non-negative weights); 'block' is the "
+        "enclosing FFN/attention block as the model computes it. A rate above 0 shows the sublayer is not "
+        "monotone; a rate of 0 means no violation among the sampled pairs, not a proof of monotonicity."
     )
     return t
 
@@ -252,6 +279,12 @@ def training_table(results: dict[str, Any]) -> Table | None:
             "Best val. perplexity",
             "Wall time (s)",
         ],
+    )
+    train.note = part_note(results.get("held_out"), "validation") + (
+        " Validation perplexity is measured on the validation part, which selected best/; it is disjoint from the "
+        "test part of the quality table."
+        if results.get("held_out")
+        else ""
     )
     for arm in ARMS:
         stage = f"train_{arm}"

@@ -62,6 +62,7 @@ def monotonicity_rates(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
             out[f"{prefix}_coord_violation_rate"] = coord_violations / coords
         if pairs:
             out[f"{prefix}_pair_violation_rate"] = sum(r["pair_violation_rate"] * r["n_pairs"] for r in items) / pairs
+            out[f"{prefix}_n_pairs"] = pairs
         out[f"{prefix}_max_relative_drop"] = max(float(r.get("max_relative_drop", 0.0)) for r in items)
     return out
 
