@@ -278,7 +278,7 @@ def prepare_splits(cfg: DataConfig, seed: int, cache_dir: Path | None = None) ->
                 f"{check.exact_duplicates} already used (documents shorter than data.min_doc_chars are not candidates)"
             )
         log.info(
-            "%s part: %d of %d requested documents (%d candidates: %d contaminated, %d exact duplicates, dropped)",
+            "%s part: %d of %d requested documents (of %d candidates, %d contaminated, %d already used: left out)",
             part,
             len(kept),
             wanted,

@@ -219,8 +219,8 @@ def _violation_words(results: dict[str, Any], rec: dict[str, Any]) -> tuple[str,
     n_pairs = f"{pairs['mean']:.0f} sampled input pairs" if pairs else "the sampled input pairs"
     if not violated:
         return f"{name}: 0% (no violation in {n_pairs})", False
-    share = f", {fmt_pct(pair_rate['mean'])} of {n_pairs}" if pair_rate else ""
-    return f"{name}: {fmt_pct(rec['mean'])} (not monotone{share})", True
+    share = f"violations in {fmt_pct(pair_rate['mean'])} of {n_pairs}: " if pair_rate else ""
+    return f"{name}: {fmt_pct(rec['mean'])} ({share}not monotone)", True
 
 
 def monotonicity_statement(results: dict[str, Any]) -> str:
@@ -243,7 +243,7 @@ def monotonicity_statement(results: dict[str, Any]) -> str:
         f"{after[0]['n']} seed{'s' if after[0]['n'] != 1 else ''}): " + "; ".join(w for w, _ in words) + "."
     )
     if any(violated for _, violated in words):
-        return text + " Sublayers with violations are, as measured, not monotone."
+        return text
     return text + (
         " No measured sublayer violated monotonicity among the sampled pairs; the rest of the model (attention, "
         "LayerNorm, residual paths) was not measured, so the model is not claimed to be monotone."
