@@ -199,7 +199,7 @@ def _carve(docs: list[str], cfg: DataConfig, seed: int) -> tuple[list[str], dict
     held = sum(cfg.part_size(part) for part in HELD_OUT)
     if len(docs) < 2 * held:
         raise DataError(
-            f"corpus too small: {len(docs)} documents of >= data.min_doc_chars={cfg.min_doc_chars} characters; "
+            f"corpus too small: {len(docs)} documents of >= {cfg.min_doc_chars} characters (data.min_doc_chars); "
             f"data.n_val_docs + data.n_test_docs + data.n_attack_docs = {held} held-out documents must "
             "leave at least as many for training (lower the held-out counts or use more text)"
         )
