@@ -62,16 +62,42 @@ def prefect_environment() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
+LAST_SEED_STAGE = 6  # `--stages N` runs stages 0..N of each seed (7, aggregate, needs the flow)
+
+
+def _last_stage(args: argparse.Namespace) -> int:
+    """The last stage `--stages` asks for; refused without `--no-prefect`, whose flow always runs
+    every stage and the report (a partial flow would silently skip what was asked for)."""
+    if args.stages is None:
+        return LAST_SEED_STAGE
+    if not args.no_prefect:
+        raise ConfigError(
+            f"--stages {args.stages} needs --no-prefect: the flow always runs stages 0-7; "
+            f"for stages 0-{args.stages} only, run `monolm run --no-prefect --stages {args.stages} ...`"
+        )
+    if not 0 <= args.stages <= LAST_SEED_STAGE:
+        raise ConfigError(f"--stages {args.stages}: allowed 0..{LAST_SEED_STAGE} (the last stage to run)")
+    return args.stages
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    last = _last_stage(args)
+    if args.quiet:
+        from monolm.logs import quiet_progress_bars
+
+        quiet_progress_bars()
     cfg = config_from_args(args)  # validated before any compute
     check_output_folders(cfg, results=not args.no_prefect)  # --no-prefect stops before stage 7
+    from monolm.architecture import check_variant
+
+    check_variant(cfg)  # the variant against the architecture, where it is known without a download
     started = time.time()
     if args.no_prefect:
         from monolm.pipeline import run_seed, summary_rows
         from monolm.report_console import print_rows
 
         for seed in cfg.seeds:
-            refs = run_seed(cfg, seed, stages=args.stages, progress=not args.quiet)
+            refs = run_seed(cfg, seed, stages=last, progress=not args.quiet)
             print_rows(
                 f"seed {seed} ({cfg.preset}, {cfg.model.slug}, {cfg.constraint.variant}, recipe {cfg.training.recipe})",
                 summary_rows(refs),
@@ -86,6 +112,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         result = run_experiment(cfg)
         print_constrain(cell_paths(cfg, cfg.seeds[0]).stage("constrain") / "report.json")
         print(f"report: {result['report']}")
+        print(f"run ID: {result['run_id']} (`monolm results --run {result['run_name']}` shows its numbers)")
     print(f"wall time: {time.time() - started:.1f} s")
     return 0
 
@@ -126,9 +153,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     checks = run_checks(cfg, timeout=args.timeout)
     width = max(len(c.name) for c in checks)
     for c in checks:
-        print(f"{'PASS' if c.ok else 'FAIL'}  {c.name:<{width}}  {c.detail}")
-    failed = [c for c in checks if not c.ok]
-    print(f"{len(checks) - len(failed)} passed, {len(failed)} failed")
+        print(f"{c.status}  {c.name:<{width}}  {c.detail}")
+    failed = [c for c in checks if c.ok is False]
+    skipped = [c for c in checks if c.ok is None]
+    passed = len(checks) - len(failed) - len(skipped)
+    print(f"{passed} passed, {len(failed)} failed" + (f", {len(skipped)} skipped" if skipped else ""))
     return 1 if failed else 0
 
 
@@ -167,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--profile", choices=["local", "dask-local", "slurm"], help="task runner profile")
     run.add_argument("--run-name", help="name of the results folder results/<run-name>/")
     run.add_argument("--no-prefect", action="store_true", help="plain sequential run without the orchestrator")
-    run.add_argument("--stages", type=int, default=6, help="with --no-prefect: run stages 0..N")
+    run.add_argument("--stages", type=int, metavar="N", help="with --no-prefect: run stages 0..N only (default 6)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
 
