@@ -169,20 +169,37 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_results(args: argparse.Namespace) -> int:
     from monolm.store import ResultsStore, format_table
+    from monolm.store.summary import (
+        LONG_COLUMNS,
+        SUMMARY_COLUMNS,
+        compared_rows,
+        headline_rows,
+        long_rows,
+        non_empty_columns,
+    )
 
     url = args.store or load_config(args.preset_for_store).store_url
-    store = ResultsStore(url)
-    if args.compare:
-        rows = store.compare(*args.compare)
-    else:
-        rows = store.query(preset=args.preset, variant=args.variant, arm=args.arm, metric=args.metric)
+    with ResultsStore(url) as store:
+        if args.compare:
+            a, b = (store.resolve_run(ref)["run_id"] for ref in args.compare)
+            print(format_table(compared_rows(store.compare(a, b)), title=f"B − A: A = {a}, B = {b}"))
+            return 0
+        run_id = store.resolve_run(args.run)["run_id"] if args.run else None
+        rows = store.query(preset=args.preset, variant=args.variant, arm=args.arm, metric=args.metric, run_id=run_id)
+        if args.long:
+            kept, hidden = long_rows(rows)
+            print(format_table(kept, columns=non_empty_columns(kept, LONG_COLUMNS)))
+            if hidden:
+                print(f"({hidden} stored rows without a value not shown)")
+            return 0
+        runs = {r["run_id"]: r for r in store.runs()}
+        print(format_table(headline_rows(rows, runs, metric=args.metric), columns=SUMMARY_COLUMNS))
+        if not runs:
+            print(f"(no runs in the results store {store.url} yet)")
         print(
-            format_table(
-                rows, columns=["run_name", "preset", "variant", "recipe", "arm", "seed", "stage", "metric", "value"]
-            )
+            "(one row per run, arm and headline metric, mean over seeds; --metric NAME for another metric, "
+            "--run RUN for one run (ID, name or prefix), --long for every stored row)"
         )
-        return 0
-    print(format_table(rows))
     return 0
 
 
@@ -217,8 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--arm", help="only this arm: base, baseline or monotonic")
     results.add_argument("--model", dest="arm", help=argparse.SUPPRESS)  # deprecated alias of --arm, for one release
     results.add_argument("--metric", help="only this metric, e.g. token_perplexity, abs_increase")
+    results.add_argument("--run", metavar="RUN", help="only this run: its ID, its name or a unique prefix of either")
+    results.add_argument("--long", action="store_true", help="every stored row (per seed, summaries, tests)")
     results.add_argument(
-        "--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="metric-by-metric difference of two runs"
+        "--compare",
+        nargs=2,
+        metavar=("RUN_A", "RUN_B"),
+        help="metric-by-metric difference of two runs (IDs, names or unique prefixes)",
     )
     results.set_defaults(func=cmd_results, preset_for_store="tiny")
     return parser
@@ -227,13 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_facing(exc: Exception) -> int | None:
     """Exit code for errors caused by the user's input or machine, not by a bug (printed without a
     traceback): 2 for bad data, a model that cannot be found, or a checkpoint of another model or
-    recipe in the run's folder; 1 for a stage stopped by a full disk or an unwritable folder. The
+    recipe in the run's folder, a run the results store does not know; 1 for a stage stopped by a
+    full disk or an unwritable folder. The
     classes are looked up only if their module was loaded, so `monolm config` never imports torch."""
     kinds = {
         ("monolm.data", "DataError"): 2,
         ("monolm.models", "ModelError"): 2,
         ("monolm.checkpoint", "CheckpointMismatch"): 2,
         ("monolm.stages.common", "StageFailed"): 1,
+        ("monolm.store.lookup", "UnknownRun"): 2,
     }
     for (module, name), code in kinds.items():
         cls = getattr(sys.modules.get(module), name, None)

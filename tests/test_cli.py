@@ -180,3 +180,45 @@ def test_quiet_silences_every_progress_bar(tmp_path):
     assert any(bar in stages_0_1(tmp_path / "loud") for bar in bars)  # the bars this test looks for
     quiet = stages_0_1(tmp_path / "quiet", "-q")
     assert not [bar for bar in bars if bar in quiet], quiet
+
+
+def test_results_shows_run_ids_and_takes_names_prefixes_and_the_long_form(tmp_path):
+    """Plain `monolm results` is one row per run, arm and headline metric with the run ID;
+    `--compare` and `--run` take what that output shows (an ID, a name, a prefix); an unknown run
+    gets the closest known ones, not a KeyError traceback; `--long` hides rows without a value."""
+    from monolm.store import ResultsStore
+
+    url = f"sqlite:///{tmp_path / 'results.sqlite'}"
+    with ResultsStore(url) as store:
+        for run_id, ppl in (
+            ("tiny-neox-mlp_in-fair-seeds-1-2-aaaa", 20.0),
+            ("tiny-neox-mlp_both-fair-seeds-1-bbbb", 30.0),
+        ):
+            store.record_run(
+                {"run_id": run_id, "run_name": run_id[:-5], "preset": "tiny"},
+                [
+                    *(
+                        {"seed": seed, "arm": "baseline", "stage": "evaluate", "metric": "token_perplexity", "value": v}
+                        for seed, v in ((1, ppl), (2, ppl + 2))
+                    ),
+                    {"seed": 1, "arm": "baseline", "stage": "evaluate", "metric": "docs", "value": 40},
+                    {"arm": "baseline", "stage": "evaluate", "metric": "token_perplexity:std", "value": None},
+                ],
+            )
+    plain = monolm("results", "--store", url, cwd=tmp_path)
+    assert plain.returncode == 0, plain.stderr
+    lines = [line for line in plain.stdout.splitlines() if "token_perplexity" in line]
+    assert len(lines) == 2 and "tiny-neox-mlp_in-fair-seeds-1-2-aaaa" in lines[0] and "21" in lines[0]
+    assert "docs" not in plain.stdout and "—" not in plain.stdout
+    compare = monolm(
+        "results", "--store", url, "--compare", "tiny-neox-mlp_in-fair-seeds-1-2", "tiny-neox-mlp_b", cwd=tmp_path
+    )
+    assert compare.returncode == 0, compare.stderr
+    assert "A = tiny-neox-mlp_in-fair-seeds-1-2-aaaa" in compare.stdout and "9" in compare.stdout
+    assert ":std" not in compare.stdout  # empty on both sides
+    unknown = monolm("results", "--store", url, "--compare", "tiny-neox-mlp_in-fair-seeds-1", "nope", cwd=tmp_path)
+    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+    assert "no run 'nope'" in unknown.stderr and "known runs" in unknown.stderr
+    long = monolm("results", "--store", url, "--long", "--run", "tiny-neox-mlp_both", cwd=tmp_path)
+    assert long.returncode == 0 and "docs" in long.stdout and "aaaa" not in long.stdout
+    assert "(1 stored rows without a value not shown)" in long.stdout and ":std" not in long.stdout
