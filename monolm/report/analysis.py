@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from monolm.report.comparisons import compare_arms
+from monolm.report.examples import attack_examples
 from monolm.report.labels import ARMS, ATTACKS, MODELS
 from monolm.report.sentences import findings, monotonicity_statement, recipe_statement
 from monolm.report.summaries import ALPHA, CONFIDENCE, summarize_values, summary
@@ -37,6 +38,7 @@ def analyze(seeds: Sequence[dict[str, Any]], meta: dict[str, Any]) -> dict[str, 
         "summaries": [{**s, **tags} for s in summaries],
         "comparisons": [{**c, **tags} for c in comparisons],
     }
+    results["examples"] = attack_examples(seeds)
     results["findings"] = findings(results)
     results["recipe_statement"] = recipe_statement(meta, values)
     results["monotonicity_statement"] = monotonicity_statement(results)
