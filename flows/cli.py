@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from monolm.config import ConfigError, ExperimentConfig, check_output_folders, config_to_yaml, load_config
+from monolm.stages.registry import SEED_STAGES
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -62,7 +63,7 @@ def prefect_environment() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
-LAST_SEED_STAGE = 6  # `--stages N` runs stages 0..N of each seed (7, aggregate, needs the flow)
+LAST_SEED_STAGE = SEED_STAGES[-1].number  # `--stages N` runs stages 0..N of a seed; aggregate needs the flow
 
 
 def _last_stage(args: argparse.Namespace) -> int:
@@ -72,7 +73,7 @@ def _last_stage(args: argparse.Namespace) -> int:
         return LAST_SEED_STAGE
     if not args.no_prefect:
         raise ConfigError(
-            f"--stages {args.stages} needs --no-prefect: the flow always runs stages 0-7; "
+            f"--stages {args.stages} needs --no-prefect: the flow always runs every stage and the report; "
             f"for stages 0-{args.stages} only, run `monolm run --no-prefect --stages {args.stages} ...`"
         )
     if not 0 <= args.stages <= LAST_SEED_STAGE:
@@ -203,6 +204,19 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    prefect_environment()
+    from flows.runs import show_runs
+
+    return show_runs(args.limit)
+
+
+def _runs_parser(sub: argparse._SubParsersAction) -> None:
+    runs = sub.add_parser("runs", help="the latest experiment runs and their state (Prefect server or local history)")
+    runs.add_argument("--limit", type=int, default=20, help="how many runs, newest first (default 20)")
+    runs.set_defaults(func=cmd_runs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monolm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -213,7 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--profile", choices=["local", "dask-local", "slurm"], help="task runner profile")
     run.add_argument("--run-name", help="name of the results folder results/<run-name>/")
     run.add_argument("--no-prefect", action="store_true", help="plain sequential run without the orchestrator")
-    run.add_argument("--stages", type=int, metavar="N", help="with --no-prefect: run stages 0..N only (default 6)")
+    run.add_argument(
+        "--stages", type=int, metavar="N", help=f"with --no-prefect: run stages 0..N only (default {LAST_SEED_STAGE})"
+    )
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
 
@@ -243,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="metric-by-metric difference of two runs (IDs, names or unique prefixes)",
     )
     results.set_defaults(func=cmd_results, preset_for_store="tiny")
+    _runs_parser(sub)
     return parser
 
 

@@ -222,3 +222,41 @@ def test_results_shows_run_ids_and_takes_names_prefixes_and_the_long_form(tmp_pa
     long = monolm("results", "--store", url, "--long", "--run", "tiny-neox-mlp_both", cwd=tmp_path)
     assert long.returncode == 0 and "docs" in long.stdout and "aaaa" not in long.stdout
     assert "(1 stored rows without a value not shown)" in long.stdout and ":std" not in long.stdout
+
+
+def test_runs_rows_show_the_state_in_full_and_why_a_run_failed():
+    """`monolm runs`: the state's whole name, the deployment (or `monolm run`), and the first line
+    of a failed run's message."""
+    import datetime as dt
+    from types import SimpleNamespace
+
+    from flows.runs import flow_run_rows
+
+    started = dt.datetime(2026, 1, 2, 3, 4, tzinfo=dt.UTC)
+
+    def run(name, state, deployment=None, message=None, seconds=0.0):
+        return SimpleNamespace(
+            name=name,
+            parameters={"preset": "tiny", "seeds": [42, 1337]},
+            state=SimpleNamespace(message=message),
+            state_name=state,
+            deployment_id=deployment,
+            start_time=started,
+            expected_start_time=started,
+            total_run_time=dt.timedelta(seconds=seconds),
+        )
+
+    rows = flow_run_rows(
+        [
+            run("a", "Crashed", "d1", "Flow run infrastructure exited with non-zero status code -9.\nmore", 3725),
+            run("b", "Completed", None, "All states completed.", 83),
+        ],
+        {"d1": "experiment/seed-42"},
+    )
+    assert rows[0]["state"] == "Crashed" and rows[0]["deployment"] == "experiment/seed-42"
+    assert (
+        rows[0]["message"] == "Flow run infrastructure exited with non-zero status code -9."
+        and rows[0]["took"] == "1h02m"
+    )
+    assert rows[1]["deployment"] == "(monolm run)" and rows[1]["message"] is None and rows[1]["took"] == "1m23s"
+    assert rows[1]["seeds"] == "42 1337" and rows[1]["preset"] == "tiny"
