@@ -13,7 +13,7 @@ from monolm.stages.registry import ATTACKS, STAGE_NAMES
 # (stage, metric) shown by default: held-out quality and the primary attack effect.
 HEADLINE = (("evaluate", "token_perplexity"), *((attack, "abs_increase") for attack in ATTACKS))
 SUMMARY_COLUMNS = ("run_id", "created", "status", "arm", "stage", "metric", "mean", "n_seeds")
-LONG_COLUMNS = ("run_id", "preset", "variant", "recipe", "seed", "arm", "stage", "metric", "value")
+LONG_COLUMNS = ("run_id", "seed", "arm", "stage", "metric", "value")  # preset, variant, recipe: in the ID
 
 
 def headline_rows(
