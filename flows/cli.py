@@ -1,8 +1,9 @@
-"""The `monolm` command line: run the experiment, verify a site, show configs, query results.
+"""The `monolm` command line: run the experiment, verify a site, show configs, query results,
+list runs and their state.
 
 It lives in the orchestration layer because `monolm run` starts the Prefect flow; the library in
-`monolm/` never imports Prefect. Only `run` (without `--no-prefect`) imports it: answering a bad
-config, `config show`, `verify` and `results` stay quick."""
+`monolm/` never imports Prefect. Only `run` (without `--no-prefect`) and `runs` import it:
+answering a bad config, `config show`, `verify` and `results` stay quick."""
 
 from __future__ import annotations
 
