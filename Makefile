@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint format bench clean serve serve-postgres stop slurm-up slurm-down mark-crashed serve-process
+.PHONY: install demo test test-fast lint format bench clean serve serve-postgres stop status slurm-up slurm-down mark-crashed serve-process
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,7 @@ install: $(STAMP)
 
 demo: install
 	$(VENV)/bin/monolm run --preset tiny --seeds 42
+	@echo "monolm and prefect are in $(VENV)/bin: 'source $(VENV)/bin/activate' puts them on PATH"
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -48,6 +49,7 @@ bench: install
 
 SERVE_ARGS ?=
 # Prefect server (SQLite) + work pool `local` + `prefect deploy --all` + worker; prints the UI address.
+# The nightly schedule (quick preset: downloads Pythia-1.4B) is deployed inactive unless MONOLM_NIGHTLY=on.
 serve: install
 	infra/serve.sh up $(SERVE_ARGS)
 
@@ -58,6 +60,11 @@ serve-postgres: install
 # Stop exactly what `make serve` started (recorded PIDs), in reverse order.
 stop:
 	infra/serve.sh down
+
+# Is the service up, and the latest experiment runs with their state in full (`monolm runs`).
+status: install
+	-@infra/serve.sh status
+	@$(PY) -m flows.cli runs
 
 # Mark flow runs whose process died (stuck Running after a worker or machine crash) as Crashed.
 mark-crashed: install

@@ -90,6 +90,17 @@ def deployment_specs(
     return specs
 
 
+def as_bool(value: Any) -> bool:
+    """A templated YAML switch ("true"/"false" from a build step's stdout, or a YAML bool)."""
+    if isinstance(value, bool):
+        return value
+    if str(value).strip().lower() in ("true", "on", "1", "yes"):
+        return True
+    if str(value).strip().lower() in ("false", "off", "0", "no", ""):
+        return False
+    raise ValueError(f"not a true/false switch: {value!r}")
+
+
 def runner_deployments(specs: Sequence[Mapping[str, Any]]) -> list[Any]:
     """`RunnerDeployment`s for `prefect.serve` (flows loaded from their entrypoints in the checkout)."""
     from prefect.flows import load_flow_from_entrypoint
@@ -107,7 +118,7 @@ def runner_deployments(specs: Sequence[Mapping[str, Any]]) -> list[Any]:
                 timezone=s.get("timezone"),
                 parameters=s.get("parameters") or {},
                 slug=s.get("slug"),
-                active=s.get("active", True),
+                active=as_bool(s.get("active", True)),
             )
             for s in spec.get("schedules") or []
         ]
@@ -167,7 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list:
         for spec in specs:
             schedules = ", ".join(
-                f"cron '{s['cron']}' {s.get('timezone') or 'UTC'} {s.get('parameters') or {}}"
+                f"cron '{s['cron']}' {s.get('timezone') or 'UTC'} {s.get('parameters') or {}} "
+                + ("active" if as_bool(s.get("active", True)) else "inactive (MONOLM_NIGHTLY=on activates it)")
                 for s in spec.get("schedules") or []
             )
             print(f"experiment/{spec['name']}: {spec['parameters']}" + (f"; {schedules}" if schedules else ""))

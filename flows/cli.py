@@ -1,8 +1,9 @@
-"""The `monolm` command line: run the experiment, verify a site, show configs, query results.
+"""The `monolm` command line: run the experiment, verify a site, show configs, query results,
+list runs and their state.
 
 It lives in the orchestration layer because `monolm run` starts the Prefect flow; the library in
-`monolm/` never imports Prefect. Only `run` (without `--no-prefect`) imports it: answering a bad
-config, `config show`, `verify` and `results` stay quick."""
+`monolm/` never imports Prefect. Only `run` (without `--no-prefect`) and `runs` import it:
+answering a bad config, `config show`, `verify` and `results` stay quick."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 from monolm.config import ConfigError, ExperimentConfig, check_output_folders, config_to_yaml, load_config
+from monolm.stages.registry import SEED_STAGES
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -62,16 +64,42 @@ def prefect_environment() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
+LAST_SEED_STAGE = SEED_STAGES[-1].number  # `--stages N` runs stages 0..N of a seed; aggregate needs the flow
+
+
+def _last_stage(args: argparse.Namespace) -> int:
+    """The last stage `--stages` asks for; refused without `--no-prefect`, whose flow always runs
+    every stage and the report (a partial flow would silently skip what was asked for)."""
+    if args.stages is None:
+        return LAST_SEED_STAGE
+    if not args.no_prefect:
+        raise ConfigError(
+            f"--stages {args.stages} needs --no-prefect: the flow always runs every stage and the report; "
+            f"for stages 0-{args.stages} only, run `monolm run --no-prefect --stages {args.stages} ...`"
+        )
+    if not 0 <= args.stages <= LAST_SEED_STAGE:
+        raise ConfigError(f"--stages {args.stages}: allowed 0..{LAST_SEED_STAGE} (the last stage to run)")
+    return args.stages
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    last = _last_stage(args)
+    if args.quiet:
+        from monolm.logs import quiet_progress_bars
+
+        quiet_progress_bars()
     cfg = config_from_args(args)  # validated before any compute
     check_output_folders(cfg, results=not args.no_prefect)  # --no-prefect stops before stage 7
+    from monolm.architecture import check_variant
+
+    check_variant(cfg)  # the variant against the architecture, where it is known without a download
     started = time.time()
     if args.no_prefect:
         from monolm.pipeline import run_seed, summary_rows
         from monolm.report_console import print_rows
 
         for seed in cfg.seeds:
-            refs = run_seed(cfg, seed, stages=args.stages, progress=not args.quiet)
+            refs = run_seed(cfg, seed, stages=last, progress=not args.quiet)
             print_rows(
                 f"seed {seed} ({cfg.preset}, {cfg.model.slug}, {cfg.constraint.variant}, recipe {cfg.training.recipe})",
                 summary_rows(refs),
@@ -86,6 +114,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         result = run_experiment(cfg)
         print_constrain(cell_paths(cfg, cfg.seeds[0]).stage("constrain") / "report.json")
         print(f"report: {result['report']}")
+        print(f"run ID: {result['run_id']} (`monolm results --run {result['run_name']}` shows its numbers)")
     print(f"wall time: {time.time() - started:.1f} s")
     return 0
 
@@ -126,9 +155,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     checks = run_checks(cfg, timeout=args.timeout)
     width = max(len(c.name) for c in checks)
     for c in checks:
-        print(f"{'PASS' if c.ok else 'FAIL'}  {c.name:<{width}}  {c.detail}")
-    failed = [c for c in checks if not c.ok]
-    print(f"{len(checks) - len(failed)} passed, {len(failed)} failed")
+        print(f"{c.status}  {c.name:<{width}}  {c.detail}")
+    failed = [c for c in checks if c.ok is False]
+    skipped = [c for c in checks if c.ok is None]
+    passed = len(checks) - len(failed) - len(skipped)
+    print(f"{passed} passed, {len(failed)} failed" + (f", {len(skipped)} skipped" if skipped else ""))
     return 1 if failed else 0
 
 
@@ -140,21 +171,51 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_results(args: argparse.Namespace) -> int:
     from monolm.store import ResultsStore, format_table
+    from monolm.store.summary import (
+        LONG_COLUMNS,
+        SUMMARY_COLUMNS,
+        compared_rows,
+        headline_rows,
+        long_rows,
+        non_empty_columns,
+    )
 
     url = args.store or load_config(args.preset_for_store).store_url
-    store = ResultsStore(url)
-    if args.compare:
-        rows = store.compare(*args.compare)
-    else:
-        rows = store.query(preset=args.preset, variant=args.variant, arm=args.arm, metric=args.metric)
+    with ResultsStore(url) as store:
+        if args.compare:
+            a, b = (store.resolve_run(ref)["run_id"] for ref in args.compare)
+            print(format_table(compared_rows(store.compare(a, b)), title=f"B − A: A = {a}, B = {b}"))
+            return 0
+        run_id = store.resolve_run(args.run)["run_id"] if args.run else None
+        rows = store.query(preset=args.preset, variant=args.variant, arm=args.arm, metric=args.metric, run_id=run_id)
+        if args.long:
+            kept, hidden = long_rows(rows)
+            print(format_table(kept, columns=non_empty_columns(kept, LONG_COLUMNS)))
+            if hidden:
+                print(f"({hidden} stored rows without a value not shown)")
+            return 0
+        runs = {r["run_id"]: r for r in store.runs()}
+        print(format_table(headline_rows(rows, runs, metric=args.metric), columns=SUMMARY_COLUMNS))
+        if not runs:
+            print(f"(no runs in the results store {store.url} yet)")
         print(
-            format_table(
-                rows, columns=["run_name", "preset", "variant", "recipe", "arm", "seed", "stage", "metric", "value"]
-            )
+            "(one row per run, arm and headline metric, mean over seeds; --metric NAME for another metric, "
+            "--run RUN for one run (ID, name or prefix), --long for every stored row)"
         )
-        return 0
-    print(format_table(rows))
     return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    prefect_environment()
+    from flows.runs import show_runs
+
+    return show_runs(args.limit)
+
+
+def _runs_parser(sub: argparse._SubParsersAction) -> None:
+    runs = sub.add_parser("runs", help="the latest experiment runs and their state (Prefect server or local history)")
+    runs.add_argument("--limit", type=int, default=20, help="how many runs, newest first (default 20)")
+    runs.set_defaults(func=cmd_runs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--profile", choices=["local", "dask-local", "slurm"], help="task runner profile")
     run.add_argument("--run-name", help="name of the results folder results/<run-name>/")
     run.add_argument("--no-prefect", action="store_true", help="plain sequential run without the orchestrator")
-    run.add_argument("--stages", type=int, default=6, help="with --no-prefect: run stages 0..N")
+    run.add_argument(
+        "--stages", type=int, metavar="N", help=f"with --no-prefect: run stages 0..N only (default {LAST_SEED_STAGE})"
+    )
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
 
@@ -188,23 +251,31 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--arm", help="only this arm: base, baseline or monotonic")
     results.add_argument("--model", dest="arm", help=argparse.SUPPRESS)  # deprecated alias of --arm, for one release
     results.add_argument("--metric", help="only this metric, e.g. token_perplexity, abs_increase")
+    results.add_argument("--run", metavar="RUN", help="only this run: its ID, its name or a unique prefix of either")
+    results.add_argument("--long", action="store_true", help="every stored row (per seed, summaries, tests)")
     results.add_argument(
-        "--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="metric-by-metric difference of two runs"
+        "--compare",
+        nargs=2,
+        metavar=("RUN_A", "RUN_B"),
+        help="metric-by-metric difference of two runs (IDs, names or unique prefixes)",
     )
     results.set_defaults(func=cmd_results, preset_for_store="tiny")
+    _runs_parser(sub)
     return parser
 
 
 def _user_facing(exc: Exception) -> int | None:
     """Exit code for errors caused by the user's input or machine, not by a bug (printed without a
     traceback): 2 for bad data, a model that cannot be found, or a checkpoint of another model or
-    recipe in the run's folder; 1 for a stage stopped by a full disk or an unwritable folder. The
+    recipe in the run's folder, a run the results store does not know; 1 for a stage stopped by a
+    full disk or an unwritable folder. The
     classes are looked up only if their module was loaded, so `monolm config` never imports torch."""
     kinds = {
         ("monolm.data", "DataError"): 2,
         ("monolm.models", "ModelError"): 2,
         ("monolm.checkpoint", "CheckpointMismatch"): 2,
         ("monolm.stages.common", "StageFailed"): 1,
+        ("monolm.store.lookup", "UnknownRun"): 2,
     }
     for (module, name), code in kinds.items():
         cls = getattr(sys.modules.get(module), name, None)

@@ -14,6 +14,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from infra.profiles import gpu_resources, make_task_runner
+from monolm.architecture import check_variant
 from monolm.config import ConfigError, ExperimentConfig, build_config, check_output_folders, load_config
 from monolm.stages.registry import GPU_STAGES, SEED_STAGES
 from tasks.aggregate import aggregate_task
@@ -143,6 +144,7 @@ def experiment(
     try:
         cfg = resolve_config(preset, seeds, variant, overrides, profile, run_name, named_overrides, config_file)
         check_output_folders(cfg)
+        check_variant(cfg)  # before any stage: a variant the architecture lacks fails here, not in stage 1
     except ConfigError as exc:
         log.error("%s", exc)
         raise

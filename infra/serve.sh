@@ -17,6 +17,8 @@ Commands:
   down    stop exactly what `up` started, in reverse order (worker, then server, then
           PostgreSQL if the server start brought it up), by recorded PIDs
   status  status of server and worker
+  nightly say how `up` deploys the nightly schedule (active only with MONOLM_NIGHTLY=on) and
+          how to switch it on a running service
 
 Options (up):
   --port N             server port (default: last used, else 4200, else a free port)
@@ -25,6 +27,10 @@ Options (up):
   --pool NAME          work pool (default local)
   --no-deploy          skip `prefect deploy --all`
   -h, --help           this help
+
+The nightly deployment experiment/nightly-quick runs the `quick` preset (it downloads
+Pythia-1.4B, several GB, and trains it) on cron MONOLM_NIGHTLY_CRON (default 0 2 * * *) in time
+zone MONOLM_NIGHTLY_TZ (default UTC). `up` deploys its schedule INACTIVE unless MONOLM_NIGHTLY=on.
 
 State: <state>/serve/started lists what `up` started (<state> = $MONOLM_STATE_DIR or <repo>/.state).
 USAGE
@@ -111,9 +117,28 @@ cmd_up() {
 Prefect UI:  $ui
 API:         $url
 Use it:      export PREFECT_API_URL=$url
-             prefect deployment run experiment/seed-42
-Stop it:     infra/serve.sh down
+             .venv/bin/prefect deployment run experiment/seed-42 --param preset=tiny
+Run states:  make status
+Stop it:     make stop
 EOF
+    if [[ "$deploy" == 1 ]]; then nightly_note; fi
+}
+
+# What `up` deploys for the nightly schedule (the same switch as prefect.yaml's build step).
+nightly_note() {
+    local when="cron '${MONOLM_NIGHTLY_CRON:-0 2 * * *}' ${MONOLM_NIGHTLY_TZ:-UTC}"
+    if [[ "${MONOLM_NIGHTLY:-off}" == on ]]; then
+        cat <<EOF
+Nightly:     ACTIVE: experiment/nightly-quick runs the quick preset ($when); it downloads
+             Pythia-1.4B (several GB) and trains it. Pause it: .venv/bin/prefect deployment schedule pause --all
+EOF
+    else
+        cat <<EOF
+Nightly:     inactive: experiment/nightly-quick ($when, quick preset, downloads Pythia-1.4B) is
+             deployed paused. Switch it on: MONOLM_NIGHTLY=on make serve
+             (or on this service: .venv/bin/prefect deployment schedule resume --all)
+EOF
+    fi
 }
 
 cmd_status() {
@@ -144,6 +169,7 @@ main() {
         up) cmd_up "$port" "$db" "$pool" "$deploy" "$host" ;;
         down) cmd_down ;;
         status) cmd_status ;;
+        nightly) nightly_note ;;
         *) usage >&2; die "unknown command: $cmd" ;;
     esac
 }

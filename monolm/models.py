@@ -31,16 +31,12 @@ def padded_vocab_size(n_tokens: int, multiple: int) -> int:
     return -(-n_tokens // multiple) * multiple
 
 
-def build_tiny_model(tiny: TinyModelConfig, tokenizer, seed: int) -> nn.Module:
-    """A GPT-NeoX (Pythia's architecture) from a small config, randomly initialised from `seed`.
+def tiny_config(tiny: TinyModelConfig, vocab_rows: int, **token_ids: int | None):
+    """The GPT-NeoX config of the offline tiny model (Pythia's architecture at a small size)."""
+    from transformers import GPTNeoXConfig
 
-    The embedding has more rows than the tokenizer has tokens (padded to a multiple, as Pythia's
-    50304 rows exceed its 50277-token tokenizer), so the attacks' unused-row exclusion is exercised.
-    """
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    config = GPTNeoXConfig(
-        vocab_size=padded_vocab_size(len(tokenizer), tiny.pad_vocab_to_multiple_of),
+    return GPTNeoXConfig(
+        vocab_size=vocab_rows,
         hidden_size=tiny.hidden_size,
         num_hidden_layers=tiny.num_layers,
         num_attention_heads=tiny.num_heads,
@@ -49,6 +45,21 @@ def build_tiny_model(tiny: TinyModelConfig, tokenizer, seed: int) -> nn.Module:
         rotary_pct=0.25,  # as Pythia
         use_parallel_residual=True,
         tie_word_embeddings=False,
+        **token_ids,
+    )
+
+
+def build_tiny_model(tiny: TinyModelConfig, tokenizer, seed: int) -> nn.Module:
+    """A GPT-NeoX (Pythia's architecture) from a small config, randomly initialised from `seed`.
+
+    The embedding has more rows than the tokenizer has tokens (padded to a multiple, as Pythia's
+    50304 rows exceed its 50277-token tokenizer), so the attacks' unused-row exclusion is exercised.
+    """
+    from transformers import GPTNeoXForCausalLM
+
+    config = tiny_config(
+        tiny,
+        padded_vocab_size(len(tokenizer), tiny.pad_vocab_to_multiple_of),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -44,9 +44,11 @@ def cell_lock(cell: CellPaths) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def run_seed(cfg: ExperimentConfig, seed: int, *, stages: int = 6, progress: bool = True) -> dict[str, StageRef]:
-    """Run stages 0..`stages` for one seed, in order; finished stages with valid manifests are
-    reused. A full disk or an unwritable folder fails the stage with `StageFailed` naming it; a
+def run_seed(
+    cfg: ExperimentConfig, seed: int, *, stages: int = SEED_STAGES[-1].number, progress: bool = True
+) -> dict[str, StageRef]:
+    """Run stages 0..`stages` (default: all of a seed's) for one seed, in order; finished stages
+    with valid manifests are reused. A full disk or an unwritable folder fails the stage with `StageFailed` naming it; a
     second run of the same seed started meanwhile waits for this one (`cell_lock`)."""
     cell = cell_paths(cfg, seed)
     refs: dict[str, StageRef] = {}

@@ -4,10 +4,13 @@ fail fast instead of hanging."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 MONOLM = [sys.executable, "-m", "flows.cli"]
 
@@ -55,15 +58,25 @@ def test_config_show_prints_the_resolved_config(tmp_path):
     assert out.returncode == 0 and "recipe: reference" in out.stdout and "EleutherAI/pythia-1.4b" in out.stdout
 
 
-def test_verify_offline_fails_fast_and_clearly(tmp_path):
-    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"}  # nothing listens there
+@pytest.mark.parametrize(
+    "endpoint, reason",
+    [("http://127.0.0.1:9", "Connection refused"), ("http://no-such-host.invalid", "no-such-host.invalid")],
+    ids=["refused", "host-unknown"],
+)
+def test_verify_offline_fails_fast_and_clearly(tmp_path, endpoint, reason):
+    """No network: the hub is probed once, the model/tokenizer checks look in the local cache only
+    and the dataset check fails at once; no retries (each used to print a line and sleep)."""
+    env = {"HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0"}
     start = time.time()
     out = monolm("verify", "--preset", "full", "--timeout", "20", cwd=tmp_path, env=env, timeout=200)
     elapsed = time.time() - start
     assert out.returncode == 1, out.stdout + out.stderr
-    assert "FAIL  hub reachable" in out.stdout and "FAIL  model config loadable" in out.stdout
-    assert "PASS  disk space" in out.stdout and "failed" in out.stdout.splitlines()[-1]
-    assert elapsed < 150
+    assert "FAIL  hub reachable" in out.stdout and reason in out.stdout
+    assert "FAIL  model config loadable" in out.stdout and "not in the local cache" in out.stdout
+    assert "FAIL  dataset readable" in out.stdout and "unreachable" in out.stdout
+    assert "PASS  disk space" in out.stdout and out.stdout.splitlines()[-1].startswith("1 passed, 4 failed")
+    assert "Retry" not in out.stdout + out.stderr and "Traceback" not in out.stderr
+    assert elapsed < 15, f"verify took {elapsed:.1f} s offline"
 
 
 def test_verify_tiny_passes_offline(tmp_path):
@@ -91,3 +104,159 @@ def test_results_filters_by_arm_and_still_takes_model_for_one_release(tmp_path):
     assert by_model.returncode == 0 and by_model.stdout == by_arm.stdout
     help_text = monolm("results", "--help", cwd=tmp_path).stdout
     assert "--arm" in help_text and "--model" not in help_text
+
+
+def test_config_folder_negative_seed_and_stages_without_no_prefect_are_refused(tmp_path):
+    """Mistakes a new user makes on the command line: each is answered with one line naming the
+    problem (exit 2, no traceback) before anything is written."""
+    folder = monolm("config", "show", "--config", str(tmp_path), cwd=tmp_path)
+    assert folder.returncode == 2 and "is a folder" in folder.stderr and "Traceback" not in folder.stderr
+    seeds = monolm("run", "--no-prefect", "--seeds", "-1", cwd=tmp_path)
+    assert seeds.returncode == 2 and "seeds.0" in seeds.stderr and "greater than or equal to 0" in seeds.stderr
+    stages = monolm("run", "--stages", "4", cwd=tmp_path)
+    assert stages.returncode == 2 and "--stages 4 needs --no-prefect" in stages.stderr
+    assert "Traceback" not in seeds.stderr + stages.stderr
+    assert list(tmp_path.iterdir()) == []  # no runs/, no .state/ (the flow never started)
+
+
+def fake_cached_hub_model(cache_dir: Path, name: str = "fake-org/neox") -> str:
+    """A hub model's config.json in a Hugging Face cache, as a download leaves it (no weights)."""
+    from transformers import GPTNeoXConfig
+
+    snapshot = cache_dir / "hf" / f"models--{name.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    GPTNeoXConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        vocab_size=512,
+        max_position_embeddings=2048,
+    ).save_pretrained(snapshot)
+    refs = snapshot.parents[1] / "refs"
+    refs.mkdir()
+    (refs / "main").write_text("0" * 40)
+    return name
+
+
+def test_variant_is_checked_against_the_architecture_before_any_compute(tmp_path):
+    """`gated_all` on a GPT-NeoX (non-gated MLPs): `verify` says so, and `run` refuses it before
+    stage 0, for the tiny preset (architecture from the config) and for a hub model whose
+    config.json is in the cache (offline)."""
+    runs = f"paths.runs_root={tmp_path / 'runs'}"
+    verify = monolm("verify", "--preset", "tiny", "--variant", "gated_all", "--set", runs, cwd=tmp_path)
+    assert verify.returncode == 1
+    assert "FAIL  constraint variant" in verify.stdout and "non-gated MLPs, use mlp_in" in verify.stdout
+    run = monolm("run", "--preset", "tiny", "--variant", "gated_all", "--set", runs, cwd=tmp_path)
+    assert run.returncode == 2, run.stderr
+    assert "constraint.variant='gated_all' does not fit model 'tiny-neox'" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / ".state").exists()
+
+    name = fake_cached_hub_model(tmp_path / "cache")
+    offline = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"}
+    hub = ["--preset", "full", "--set", f"model.name={name}", "--set", f"paths.cache_dir={tmp_path / 'cache'}"]
+    fits = monolm("verify", *hub, "--set", runs, cwd=tmp_path, env=offline)
+    assert "PASS  model config loadable" in fits.stdout
+    assert re.search(r"PASS  constraint variant +mlp_in: 2 Linear modules", fits.stdout), fits.stdout
+    gated = monolm("verify", *hub, "--variant", "gated_all", "--set", runs, cwd=tmp_path, env=offline)
+    assert "FAIL  constraint variant" in gated.stdout and "GPTNeoXForCausalLM" in gated.stdout
+    run = monolm("run", "--no-prefect", *hub, "--variant", "gated_all", "--set", runs, cwd=tmp_path, env=offline)
+    assert run.returncode == 2 and "does not fit model 'fake-org/neox'" in run.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_quiet_silences_every_progress_bar(tmp_path):
+    """`-q`: not even transformers' own bars ("Loading weights", "Writing model shards"), which
+    print without it."""
+    from helpers import micro_sets
+
+    def stages_0_1(root: Path, *flags: str) -> str:
+        sets = [a for s in micro_sets(root) for a in ("--set", s)]
+        out = monolm("run", *flags, "--no-prefect", "--stages", "1", *sets, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        return out.stderr
+
+    bars = ("Loading weights", "Writing model shards", "it/s]")
+    assert any(bar in stages_0_1(tmp_path / "loud") for bar in bars)  # the bars this test looks for
+    quiet = stages_0_1(tmp_path / "quiet", "-q")
+    assert not [bar for bar in bars if bar in quiet], quiet
+
+
+def test_results_shows_run_ids_and_takes_names_prefixes_and_the_long_form(tmp_path):
+    """Plain `monolm results` is one row per run, arm and headline metric with the run ID;
+    `--compare` and `--run` take what that output shows (an ID, a name, a prefix); an unknown run
+    gets the closest known ones, not a KeyError traceback; `--long` hides rows without a value."""
+    from monolm.store import ResultsStore
+
+    url = f"sqlite:///{tmp_path / 'results.sqlite'}"
+    with ResultsStore(url) as store:
+        for run_id, ppl in (
+            ("tiny-neox-mlp_in-fair-seeds-1-2-aaaa", 20.0),
+            ("tiny-neox-mlp_both-fair-seeds-1-bbbb", 30.0),
+        ):
+            store.record_run(
+                {"run_id": run_id, "run_name": run_id[:-5], "preset": "tiny"},
+                [
+                    *(
+                        {"seed": seed, "arm": "baseline", "stage": "evaluate", "metric": "token_perplexity", "value": v}
+                        for seed, v in ((1, ppl), (2, ppl + 2))
+                    ),
+                    {"seed": 1, "arm": "baseline", "stage": "evaluate", "metric": "docs", "value": 40},
+                    {"arm": "baseline", "stage": "evaluate", "metric": "token_perplexity:std", "value": None},
+                ],
+            )
+    plain = monolm("results", "--store", url, cwd=tmp_path)
+    assert plain.returncode == 0, plain.stderr
+    lines = [line for line in plain.stdout.splitlines() if "token_perplexity" in line]
+    assert len(lines) == 2 and "tiny-neox-mlp_in-fair-seeds-1-2-aaaa" in lines[0] and "21" in lines[0]
+    assert "docs" not in plain.stdout and "—" not in plain.stdout
+    compare = monolm(
+        "results", "--store", url, "--compare", "tiny-neox-mlp_in-fair-seeds-1-2", "tiny-neox-mlp_b", cwd=tmp_path
+    )
+    assert compare.returncode == 0, compare.stderr
+    assert "A = tiny-neox-mlp_in-fair-seeds-1-2-aaaa" in compare.stdout and "9" in compare.stdout
+    assert ":std" not in compare.stdout  # empty on both sides
+    unknown = monolm("results", "--store", url, "--compare", "tiny-neox-mlp_in-fair-seeds-1", "nope", cwd=tmp_path)
+    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+    assert "no run 'nope'" in unknown.stderr and "known runs" in unknown.stderr
+    long = monolm("results", "--store", url, "--long", "--run", "tiny-neox-mlp_both", cwd=tmp_path)
+    assert long.returncode == 0 and "docs" in long.stdout and "aaaa" not in long.stdout
+    assert "(1 stored rows without a value not shown)" in long.stdout and ":std" not in long.stdout
+
+
+def test_runs_rows_show_the_state_in_full_and_why_a_run_failed():
+    """`monolm runs`: the state's whole name, the deployment (or `monolm run`), and the first line
+    of a failed run's message."""
+    import datetime as dt
+    from types import SimpleNamespace
+
+    from flows.runs import flow_run_rows
+
+    started = dt.datetime(2026, 1, 2, 3, 4, tzinfo=dt.UTC)
+
+    def run(name, state, deployment=None, message=None, seconds=0.0):
+        return SimpleNamespace(
+            name=name,
+            parameters={"preset": "tiny", "seeds": [42, 1337]},
+            state=SimpleNamespace(message=message),
+            state_name=state,
+            deployment_id=deployment,
+            start_time=started,
+            expected_start_time=started,
+            total_run_time=dt.timedelta(seconds=seconds),
+        )
+
+    rows = flow_run_rows(
+        [
+            run("a", "Crashed", "d1", "Flow run infrastructure exited with non-zero status code -9.\nmore", 3725),
+            run("b", "Completed", None, "All states completed.", 83),
+        ],
+        {"d1": "experiment/seed-42"},
+    )
+    assert rows[0]["state"] == "Crashed" and rows[0]["deployment"] == "experiment/seed-42"
+    assert (
+        rows[0]["message"] == "Flow run infrastructure exited with non-zero status code -9."
+        and rows[0]["took"] == "1h02m"
+    )
+    assert rows[1]["deployment"] == "(monolm run)" and rows[1]["message"] is None and rows[1]["took"] == "1m23s"
+    assert rows[1]["seeds"] == "42 1337" and rows[1]["preset"] == "tiny"

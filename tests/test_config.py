@@ -32,6 +32,7 @@ def test_presets_load_and_differ():
         ("data.test_split=train", "data.test_split='train'", "data.train_split='train'"),
         ("data.val_split=train", "data.val_split='train'", "held-out"),
         ("data.eval_split=validation", "data.eval_split", "replaced by data.val_split"),
+        ("seeds=[42, -1]", "seeds.1", "greater than or equal to 0"),
         ("training.common.micro_batch_size=0", "training.common.micro_batch_size", "greater than 0"),
         ("attacks.uat.trigger_len=60", "attacks.uat.trigger_len=60", "not shorter than the texts"),
     ],
@@ -77,6 +78,14 @@ def test_overrides_from_yaml_file_and_set(tmp_path):
     f.write_text("training: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config("tiny", config_file=f)
+    with pytest.raises(ConfigError, match=f"config file: {tmp_path} is a folder"):
+        load_config("tiny", config_file=tmp_path)
+
+
+def test_default_run_name_says_each_part_once():
+    assert load_config("tiny").default_run_name == "tiny-neox-mlp_in-fair-seeds-42"
+    full = load_config("full", sets=["seeds=[1, 2]", "constraint.variant=mlp_both"])
+    assert full.default_run_name == "full-EleutherAI--pythia-1.4b-mlp_both-fair-seeds-1-2"
 
 
 def test_cache_digest_follows_only_its_sections():

@@ -25,7 +25,7 @@ SCRIPTS = {
     "infra/server/prefect-server.sh": ["start", "stop", "status", "url"],
     "infra/postgres/postgres.sh": ["install", "start", "stop", "status", "url"],
     "infra/worker.sh": ["start", "stop", "status"],
-    "infra/serve.sh": ["up", "down", "status"],
+    "infra/serve.sh": ["up", "down", "status", "nightly"],
     "infra/slurm/local-slurm.sh": ["install", "start", "stop", "status", "env"],
     "infra/free-port.sh": [],
 }
@@ -175,6 +175,24 @@ def test_bash_syntax_and_strict_mode(script):
         assert "set -euo pipefail" in path.read_text()
         assert os.access(path, os.X_OK), f"{script} is not executable"
     assert "pkill" not in path.read_text() and "killall" not in path.read_text()
+
+
+def test_serve_says_how_it_deploys_the_nightly_schedule(tmp_path):
+    """`make serve` on a laptop: the nightly quick run (a Pythia-1.4B download) is deployed
+    inactive and the output says how to switch it on; with MONOLM_NIGHTLY=on, active and how to
+    pause it. (`up` prints the same lines after deploying.)"""
+    env = {k: v for k, v in _env(tmp_path).items() if not k.startswith("MONOLM_NIGHTLY")}
+    off = subprocess.run([str(REPO / "infra/serve.sh"), "nightly"], env=env, capture_output=True, text=True)
+    assert off.returncode == 0 and "inactive" in off.stdout and "Pythia-1.4B" in off.stdout
+    assert "MONOLM_NIGHTLY=on make serve" in off.stdout and "cron '0 2 * * *' UTC" in off.stdout
+    on = subprocess.run(
+        [str(REPO / "infra/serve.sh"), "nightly"],
+        env={**env, "MONOLM_NIGHTLY": "on", "MONOLM_NIGHTLY_TZ": "Asia/Tokyo"},
+        capture_output=True,
+        text=True,
+    )
+    assert on.returncode == 0 and "ACTIVE" in on.stdout and "Asia/Tokyo" in on.stdout
+    assert "deployment schedule pause --all" in on.stdout
 
 
 def test_site_example_loads_as_slurm_a100_config():

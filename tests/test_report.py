@@ -231,12 +231,10 @@ def make_seed(cfg, seed: int, numbers: dict[str, Any], *, skip: tuple[str, ...] 
                 seed, arm, attack, numbers[attack][arm], clean_mean=numbers.get("clean", {}).get(arm, 4.0)
             )
             per_example[arm] = {"clean": clean, "attacked": attacked}
-            per_model[arm] = normalize(
-                effect_summary(clean, attacked, threshold=threshold, seed=seed, tag=f"{attack}:{arm}")
-            )
+            per_model[arm] = normalize(effect_summary(clean, attacked, threshold=threshold, seed=seed))
             if attack == "hotflip":
                 c, a = _losses(seed, arm, "control", numbers["control"][arm])
-                control[arm] = normalize(effect_summary(c, a, threshold=threshold, seed=seed, tag=f"control:{arm}"))
+                control[arm] = normalize(effect_summary(c, a, threshold=threshold, seed=seed))
         metrics: dict[str, Any] = {
             "per_model": per_model,
             "transfer": {
@@ -368,7 +366,7 @@ def test_report_sentences_follow_the_numbers(three_seeds):
     # violation rates pooled over targets: block (0.25*0.8 + 0.15*0.8)/2 = 0.16 after training
     rec = _summary(results, "evaluate", "monotonic", "monotonicity_mlp_in_block_coord_violation_rate")
     assert rec["mean"] == pytest.approx(0.16)
-    assert "mlp in block: 16%" in md and "mlp in linear: 0%" in md
+    assert "mlp in block: 16.0%" in md and "mlp in linear: 0%" in md  # 3 significant digits, as its column
 
 
 def test_relative_without_absolute_difference_is_explained(tmp_path):

@@ -55,7 +55,8 @@ class Service:
     def __init__(self, state: Path, db: str = "sqlite"):
         self.state, self.db = state, db
         self.faults = state / "faults.json"  # MONOLM_FAULTS of every flow run this worker starts
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        # MONOLM_NIGHTLY left out: deployed as on a laptop, the nightly schedule inactive
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MONOLM_NIGHTLY"))}
         self.env.update(
             MONOLM_STATE_DIR=str(state),
             PREFECT_HOME=str(state / "prefect"),
@@ -217,17 +218,20 @@ def test_prefect_yaml_declares_every_deployment():
 def test_nightly_schedule_defaults_and_configuration(monkeypatch):
     """02:00 UTC unless MONOLM_NIGHTLY_CRON / MONOLM_NIGHTLY_TZ say otherwise (evaluated by the
     same build steps `prefect deploy` runs)."""
-    from deployments.serve import deployment_specs
+    from deployments.serve import as_bool, deployment_specs
 
-    monkeypatch.delenv("MONOLM_NIGHTLY_CRON", raising=False)
-    monkeypatch.delenv("MONOLM_NIGHTLY_TZ", raising=False)
+    for name in ("MONOLM_NIGHTLY_CRON", "MONOLM_NIGHTLY_TZ", "MONOLM_NIGHTLY"):
+        monkeypatch.delenv(name, raising=False)
     (default,) = {s["name"]: s for s in deployment_specs()}["nightly-quick"]["schedules"]
     assert (default["cron"], default["timezone"]) == ("0 2 * * *", "UTC")
     assert default["parameters"] == {"preset": "quick", "nightly": True}
+    assert as_bool(default["active"]) is False  # inactive unless switched on
     monkeypatch.setenv("MONOLM_NIGHTLY_CRON", "30 3 * * 1-5")
     monkeypatch.setenv("MONOLM_NIGHTLY_TZ", "Asia/Tokyo")
+    monkeypatch.setenv("MONOLM_NIGHTLY", "on")
     (custom,) = {s["name"]: s for s in deployment_specs()}["nightly-quick"]["schedules"]
     assert (custom["cron"], custom["timezone"]) == ("30 3 * * 1-5", "Asia/Tokyo")
+    assert as_bool(custom["active"]) is True
 
 
 def test_crash_helper_recognises_dead_and_recycled_pids():
@@ -347,13 +351,23 @@ def test_failed_run_retried_like_the_ui_resumes_from_cache(service):
     }
 
 
-@pytest.mark.service
-@pytest.mark.timeout(300)
-def test_nightly_deployment_schedule_creates_runs(service):
-    """nightly-quick as the server holds it: the cron schedule at 02:00 in the configured time
-    zone with the quick-preset parameters; the server's scheduler has created its runs."""
+def nightly_runs(service, deployment_id) -> list:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
 
+    return service.call(
+        lambda c: c.read_flow_runs(
+            flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id]))
+        )
+    )
+
+
+@pytest.mark.service
+@pytest.mark.timeout(300)
+def test_nightly_schedule_is_inactive_unless_switched_on(service):
+    """nightly-quick as the server holds it after `prefect deploy --all` (what `make serve` runs):
+    the cron schedule at 02:00 in the configured time zone with the quick-preset parameters, but
+    inactive, so a laptop never starts a Pythia-1.4B download by itself and no run is scheduled.
+    Deployed again with MONOLM_NIGHTLY=on, the schedule is active and the scheduler creates its runs."""
     deployments = {n: service.call(lambda c, n=n: c.read_deployment_by_name(f"experiment/{n}")) for n in DEPLOYMENTS}
     for name, dep in deployments.items():
         assert dep.work_pool_name == "local", name
@@ -361,21 +375,29 @@ def test_nightly_deployment_schedule_creates_runs(service):
     assert deployments["seed-2024"].parameters == {"seeds": [2024], "preset": "full"}
     nightly = deployments["nightly-quick"]
     (schedule,) = nightly.schedules
-    assert schedule.active and schedule.parameters == {"preset": "quick", "nightly": True}
+    assert schedule.active is False and schedule.parameters == {"preset": "quick", "nightly": True}
     assert (schedule.schedule.cron, schedule.schedule.timezone) == ("0 2 * * *", TZ)
     assert nightly.parameters == {"preset": "quick", "nightly": True}
+    assert nightly_runs(service, nightly.id) == []
+
+    on = subprocess.run(
+        [str(PREFECT), "--no-prompt", "deploy", "--name", "nightly-quick"],
+        env={**service.env, "MONOLM_NIGHTLY": "on"},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert on.returncode == 0, on.stdout + on.stderr
+    redeployed = service.call(lambda c: c.read_deployment_by_name("experiment/nightly-quick"))
+    assert redeployed.id == nightly.id
+    (schedule,) = redeployed.schedules
+    assert schedule.active is True and (schedule.schedule.cron, schedule.schedule.timezone) == ("0 2 * * *", TZ)
 
     deadline = time.monotonic() + 90
-    while True:
-        runs = service.call(
-            lambda c: c.read_flow_runs(
-                flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[nightly.id]))
-            )
-        )
-        if runs or time.monotonic() > deadline:
-            break
+    while not (runs := nightly_runs(service, nightly.id)) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert runs, "the scheduler created no run for the nightly schedule within 90 s"
+    assert runs, "the scheduler created no run for the active nightly schedule within 90 s"
     import zoneinfo
 
     for run in runs:
@@ -385,6 +407,36 @@ def test_nightly_deployment_schedule_creates_runs(service):
         assert (local.hour, local.minute) == (2, 0), local
     # Nothing here may run the real quick preset (it downloads Pythia): pausing deletes them.
     service.call(lambda c: c.pause_deployment(nightly.id))
+
+
+@pytest.mark.service
+@pytest.mark.timeout(300)
+def test_monolm_runs_shows_each_state_in_full(service):
+    """`monolm runs` (and `make status`) against the service: a run due next year shows as
+    Scheduled with its deployment, whatever the terminal's width."""
+    import datetime as dt
+
+    from prefect.states import Scheduled
+
+    seed_42 = service.call(lambda c: c.read_deployment_by_name("experiment/seed-42"))
+    due = dt.datetime.now(dt.UTC) + dt.timedelta(days=365)
+    flow_run = service.call(
+        lambda c: c.create_flow_run_from_deployment(seed_42.id, state=Scheduled(scheduled_time=due))
+    )
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "flows.cli", "runs"],
+            env={**service.env, "COLUMNS": "60"},
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        line = next(line for line in out.stdout.splitlines() if flow_run.name in line)
+        assert "experiment/seed-42" in line and "Scheduled" in line and due.strftime("%Y-") in line
+    finally:
+        service.call(lambda c: c.delete_flow_run(flow_run.id))
 
 
 @pytest.mark.service

@@ -30,7 +30,7 @@ from sqlalchemy import (
 
 from monolm import store as store_mod
 from monolm.config import load_config
-from monolm.store import ResultsStore, SchemaVersionError, format_table, schema_version_table
+from monolm.store import ResultsStore, SchemaVersionError, UnknownRun, format_table, schema_version_table
 from monolm.store import schema as store_schema
 
 
@@ -535,6 +535,27 @@ def test_compare_means_and_differences(store):
     assert len(rows) == 4
     with pytest.raises(KeyError, match="zzz"):
         store.compare("a", "zzz")
+
+
+def test_runs_are_found_by_id_name_or_unique_prefix(store):
+    """What a user has in hand names the run: the ID, the name (the results folder), a prefix;
+    an ambiguous or unknown reference is answered with the runs it could have meant."""
+    store.record_run(_run("tiny-neox-mlp_in-fair-seeds-42-aaaa", run_name="tiny-neox-mlp_in-fair-seeds-42"), [])
+    store.record_run(_run("tiny-neox-mlp_both-fair-seeds-42-bbbb", run_name="tiny-neox-mlp_both-fair-seeds-42"), [])
+    store.record_run(_run("quick-pythia-cccc", run_name="quick-pythia", preset="quick"), [])
+    assert store.resolve_run("quick-pythia-cccc")["run_id"] == "quick-pythia-cccc"
+    assert store.resolve_run("tiny-neox-mlp_in-fair-seeds-42")["run_id"] == "tiny-neox-mlp_in-fair-seeds-42-aaaa"
+    assert store.resolve_run("tiny-neox-mlp_b")["run_id"] == "tiny-neox-mlp_both-fair-seeds-42-bbbb"
+    with pytest.raises(UnknownRun, match="prefix 'tiny-neox' matches 2 runs") as ambiguous:
+        store.resolve_run("tiny-neox")
+    assert "tiny-neox-mlp_in-fair-seeds-42-aaaa" in str(ambiguous.value)
+    with pytest.raises(KeyError) as unknown:  # UnknownRun is a KeyError, as before
+        store.resolve_run("tiny-neox-mlp_in-fair-seed-42")
+    message = str(unknown.value)
+    assert message.startswith("no run 'tiny-neox-mlp_in-fair-seed-42'") and "closest known runs" in message
+    assert "tiny-neox-mlp_in-fair-seeds-42-aaaa" in message and not message.startswith('"')
+    rows = store.compare("tiny-neox-mlp_in-fair-seeds-42", "quick")  # by name and by prefix
+    assert rows == []
 
 
 def test_previous_run_for_nightly_regression(store):

@@ -3,13 +3,18 @@
 Why absolute first: a relative increase divides by the clean loss and so flatters the weaker
 model (in the original study the constrained model's UAT damage was larger in nats but smaller in
 percent). The unit is the attacked text: means get a bootstrap CI over texts
-(`monolm.stats.bootstrap_ci`, BCa, seeded so reports are reproducible) and the success rate (a
-text whose relative increase exceeds the threshold) a Wilson score interval
-(`scipy.stats.binomtest`).
+(`monolm.stats.bootstrap_ci`, BCa) and the success rate (a text whose relative increase exceeds the
+threshold) a Wilson score interval (`scipy.stats.binomtest`).
+
+One number, one interval: the bootstrap is seeded by the run's seed and the values themselves
+(`mean_ci`), not by where it is computed, so the same per-text numbers get the same interval in
+`uat_results.json`, the diagonal of `transfer.json`, the stage manifest, `results.json` and the
+report (stage 7 calls the same function).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,10 +27,21 @@ from monolm.runtime import derive_seed
 CONFIDENCE = 0.95
 
 
-def mean_with_ci(values: Sequence[float], *, seed: int, tag: str) -> dict[str, Any]:
+def values_digest(values: Sequence[float]) -> str:
+    """sha256 of the values as float64: equal numbers, equal digest, wherever they come from."""
+    return hashlib.sha256(np.asarray(values, dtype=np.float64).tobytes()).hexdigest()
+
+
+def mean_ci(values: Sequence[float], *, seed: int) -> tuple[float, float] | None:
+    """The 95% bootstrap (BCa) CI of the mean of `values`, its resampling seeded by `seed` and the
+    values: computing it again, in any file, gives the same interval. None for n < 2."""
+    return stats.bootstrap_ci(values, seed=derive_seed(seed, "ci", values_digest(values)), confidence=CONFIDENCE)
+
+
+def mean_with_ci(values: Sequence[float], *, seed: int) -> dict[str, Any]:
     """n, mean, std and a 95% bootstrap CI of the mean (None for n < 2)."""
     summary = stats.summarize(values, confidence=CONFIDENCE)
-    ci = stats.bootstrap_ci(values, seed=derive_seed(seed, "ci", tag), confidence=CONFIDENCE)
+    ci = mean_ci(values, seed=seed)
     return {
         "n": summary["n"],
         "mean": summary["mean"],
@@ -62,11 +78,9 @@ def per_text_effects(clean: Sequence[float], attacked: Sequence[float], threshol
     }
 
 
-def effect_summary(
-    clean: Sequence[float], attacked: Sequence[float], *, threshold: float, seed: int, tag: str
-) -> dict[str, Any]:
+def effect_summary(clean: Sequence[float], attacked: Sequence[float], *, threshold: float, seed: int) -> dict[str, Any]:
     """The reported effect of an attack on a set of texts (keys in reading order: absolute
-    increase first). `tag` separates the bootstrap streams of different summaries."""
+    increase first); its intervals depend only on `seed` and the losses (`mean_ci`)."""
     if len(clean) != len(attacked):
         raise ValueError("clean and attacked losses must be paired per text")
     eff = per_text_effects(clean, attacked, threshold)
@@ -74,11 +88,11 @@ def effect_summary(
     mean_att = float(np.mean(attacked)) if len(attacked) else None
     return {
         "n_texts": len(clean),
-        "abs_increase": mean_with_ci(eff["abs_increase"], seed=seed, tag=f"{tag}:abs"),
-        "rel_increase": mean_with_ci(eff["rel_increase"], seed=seed, tag=f"{tag}:rel"),
+        "abs_increase": mean_with_ci(eff["abs_increase"], seed=seed),
+        "rel_increase": mean_with_ci(eff["rel_increase"], seed=seed),
         "rel_increase_of_means": None if not mean_clean else (mean_att - mean_clean) / mean_clean,
         "success_threshold": threshold,
         "success_rate": rate_with_ci(int(sum(eff["success"])), len(clean)),
-        "clean_loss": mean_with_ci(clean, seed=seed, tag=f"{tag}:clean"),
-        "attacked_loss": mean_with_ci(attacked, seed=seed, tag=f"{tag}:attacked"),
+        "clean_loss": mean_with_ci(clean, seed=seed),
+        "attacked_loss": mean_with_ci(attacked, seed=seed),
     }

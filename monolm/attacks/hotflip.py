@@ -112,13 +112,7 @@ def transfer_matrix(
         cells[src], per_text[src] = {}, {}
         for name, model in models.items():
             res = replay_flips(model, exs, prefix=prefix, bf16=bf16)
-            cells[src][name] = effect_summary(
-                res["clean"],
-                res["attacked"],
-                threshold=success_threshold,
-                seed=seed,
-                tag=f"hotflip-transfer:{src}:{name}",
-            )
+            cells[src][name] = effect_summary(res["clean"], res["attacked"], threshold=success_threshold, seed=seed)
             per_text[src][name] = res
     return {
         "attack": "hotflip",
@@ -132,14 +126,10 @@ def transfer_matrix(
 
 # --------------------------------------------------------------------------- the stage
 def summarize_examples(
-    records: Sequence[Mapping[str, Any]], *, threshold: float, seed: int, tag: str, max_flips: int
+    records: Sequence[Mapping[str, Any]], *, threshold: float, seed: int, max_flips: int
 ) -> dict[str, Any]:
     summary = effect_summary(
-        [r["clean_loss"] for r in records],
-        [r["attacked_loss"] for r in records],
-        threshold=threshold,
-        seed=seed,
-        tag=tag,
+        [r["clean_loss"] for r in records], [r["attacked_loss"] for r in records], threshold=threshold, seed=seed
     )
     counts = Counter(r["flips_used"] for r in records)
     summary["flips_histogram"] = {str(k): counts.get(k, 0) for k in range(max_flips + 1)}
@@ -313,9 +303,7 @@ def _write_results(
             out_dir / EXAMPLE_FILES[method],
             "".join(json.dumps({**r, "method": method, "prefix_ids": prefix}) + "\n" for r in recs),
         )
-        results[method] = summarize_examples(
-            recs, threshold=success_threshold, seed=seed, tag=f"hotflip-{method}", max_flips=cfg.max_flips
-        )
+        results[method] = summarize_examples(recs, threshold=success_threshold, seed=seed, max_flips=cfg.max_flips)
     control = "control" in records
     results["control"] = results.get("control")
     results["gradient_vs_control"] = (

@@ -98,9 +98,7 @@ def transfer_matrix(
         cells[src], per_text[src] = {}, {}
         for name, model in models.items():
             res = evaluate_trigger(model, trig, texts, prefix=prefix, batch_size=batch_size, bf16=bf16)
-            cells[src][name] = effect_summary(
-                res["clean"], res["attacked"], threshold=success_threshold, seed=seed, tag=f"uat-transfer:{src}:{name}"
-            )
+            cells[src][name] = effect_summary(res["clean"], res["attacked"], threshold=success_threshold, seed=seed)
             per_text[src][name] = res
     return {
         "attack": "uat",
@@ -258,9 +256,7 @@ def run(
         "trigger_ids": best["trigger_ids"],
         "trigger_text": triggers["best"]["trigger_text"],
         "opt": {"clean_loss": sum(clean_opt) / len(clean_opt), "attacked_loss": best["opt_loss"]},
-        "eval": effect_summary(
-            evaluation["clean"], evaluation["attacked"], threshold=success_threshold, seed=seed, tag="uat-eval"
-        ),
+        "eval": effect_summary(evaluation["clean"], evaluation["attacked"], threshold=success_threshold, seed=seed),
         "per_text": {**evaluation, **per_text_effects(evaluation["clean"], evaluation["attacked"], success_threshold)},
     }
     atomic_write_json(out_dir / "triggers.json", triggers)

@@ -36,6 +36,10 @@ def _read_yaml(path: Path, what: str) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"{what}: file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what}: {path} is a folder; give a YAML file inside it") from None
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {path} ({exc.strerror or exc})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{what}: {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):

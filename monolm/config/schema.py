@@ -333,7 +333,7 @@ class RunnerConfig(Strict):
 class ExperimentConfig(Strict):
     preset: str = "full"
     run_name: str | None = None
-    seeds: list[StrictInt] = [42, 1337, 2024, 8888, 12345]
+    seeds: list[NonNegInt] = [42, 1337, 2024, 8888, 12345]  # folder names seed-<n>; numpy seeds are >= 0
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     constraint: ConstraintConfig = ConstraintConfig()
@@ -389,9 +389,13 @@ class ExperimentConfig(Strict):
 
     @property
     def default_run_name(self) -> str:
-        """`<preset>-<model>-<variant>-<recipe>-seeds-<a>-<b>`: the results folder of a run named by no one."""
+        """`<preset>-<model>-<variant>-<recipe>-seeds-<a>-<b>`: the results folder of a run named by no one.
+        The preset is left out when the model's name already starts with it (`tiny-neox-...`, not
+        `tiny-tiny-neox-...`)."""
         seeds = "-".join(str(s) for s in self.seeds)
-        return f"{self.preset}-{self.model.slug}-{self.constraint.variant}-{self.training.recipe}-seeds-{seeds}"
+        slug = self.model.slug
+        head = slug if slug == self.preset or slug.startswith(f"{self.preset}-") else f"{self.preset}-{slug}"
+        return f"{head}-{self.constraint.variant}-{self.training.recipe}-seeds-{seeds}"
 
     @property
     def eval_seq_len(self) -> int:

@@ -26,6 +26,7 @@ and can be tested on hand-made numbers. One module per job, in the order the dat
 * `summaries`: across-seed summaries with their confidence intervals;
 * `comparisons`: paired tests monotonic − baseline, across seeds and within a seed;
 * `sentences`: the findings, the recipe statement and the monotonicity statement;
+* `examples`: the UAT triggers and a few HotFlip examples, as the attacks left them;
 * `analysis`: all of the above as results.json, plus the headline numbers and console rows;
 * `formatting`, `table_builders`, `render`: the tables and their Markdown, LaTeX and CSV forms.
 """

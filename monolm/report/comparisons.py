@@ -113,6 +113,32 @@ def _gradient_vs_control(lookup: Lookup, seed_ids: Sequence[int]) -> list[Compar
     return out
 
 
+def _control_within_seed(data: dict[str, Any]) -> list[Comparison]:
+    """Gradient-guided HotFlip against its random control on each arm, over the same texts of one
+    seed: does the gradient search beat chance? (a check for gradient masking)"""
+    seed = int(data["seed"])
+    per_example = (data.get("per_example") or {}).get("hotflip") or {}
+    out = []
+    for arm in ARMS:
+        rec = per_example.get(arm) or {}
+        if "control" not in rec:
+            continue
+        grad, ctrl = example_effects(per_example, arm), example_effects(rec, "control")
+        out.append(
+            Comparison(
+                "hotflip",
+                f"gradient_vs_control_{arm}",
+                "gradient HotFlip",
+                "random control",
+                "texts",
+                seed,
+                stats.paired_test(grad["abs_increase"], ctrl["abs_increase"], alpha=ALPHA, confidence=CONFIDENCE),
+                f"{arm} arm absolute loss increase (nats/token, seed {seed})",
+            )
+        )
+    return out
+
+
 def _within_seed(data: dict[str, Any]) -> list[Comparison]:
     """Monotonic vs baseline within one seed: over the attacked texts of each attack, and over
     the evaluation documents when stage 4 stored per-document losses."""
@@ -162,7 +188,11 @@ def compare_arms(values: Sequence[dict[str, Any]], seeds: Sequence[dict[str, Any
     across its examples (the same texts/documents in the same order for both arms)."""
     lookup: Lookup = {(r["seed"], r["stage"], r["model"], r["metric"]): r["value"] for r in values}
     seed_ids = [int(d["seed"]) for d in seeds]
-    out = _across_seeds(lookup, seed_ids) + _gradient_vs_control(lookup, seed_ids)
+    across_control = _gradient_vs_control(lookup, seed_ids)
+    out = _across_seeds(lookup, seed_ids) + across_control
     for data in seeds:
         out += _within_seed(data)
+    if not across_control:  # fewer than 2 seeds with HotFlip: test the control within each seed
+        for data in seeds:
+            out += _control_within_seed(data)
     return out

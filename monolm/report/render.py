@@ -22,7 +22,7 @@ def table_markdown(t: Table) -> str:
         f"**{t.title}**",
         "",
         "| " + " | ".join(_md_cell(c) for c in t.columns) + " |",
-        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(t.columns))) + "|",
+        "|" + "|".join("---" if i < t.left else "---:" for i in range(len(t.columns))) + "|",
     ]
     lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in t.rows]
     if t.note:
@@ -88,7 +88,7 @@ def latex(results: dict[str, Any]) -> str:
         f"% monolm results: {meta['run_name']} (config digest {meta['config_digest']}, "
         f"code {meta['code_revision']}). Requires \\usepackage{{booktabs}}.\n"
     )
-    return head + "\n\n".join(table_latex(t) for t in tables(results)) + "\n"
+    return head + "\n\n".join(table_latex(t) for t in tables(results) if not t.markdown_only) + "\n"
 
 
 CSV_COLUMNS = (
@@ -130,6 +130,8 @@ SECTIONS = {
     **{f"attack-{attack}": "Robustness" for attack in ATTACKS},
     "tests": "Paired tests",
     **{f"transfer-{attack}": "Transfer" for attack in ATTACKS},
+    "triggers": "Attack examples",
+    "hotflip-examples": "Attack examples",
     "monotonicity": "The constraint",
     "constraint": "The constraint",
     "training": "Training",
@@ -163,6 +165,7 @@ def _provenance_lines(results: dict[str, Any], config_path: str) -> list[str]:
         f"(init `{meta.get('init')}`): non-negative FFN weights.",
         f"- Seeds: {', '.join(str(s) for s in meta['seeds'])} (n = {n}).",
         *([f"- {results['held_out_statement']}"] if results.get("held_out_statement") else []),
+        f"- Run ID `{meta['run_id']}` in the results store (`monolm results --run {meta['run_name']}`).",
         *([f"- **Status: partial** — {meta['incomplete']}."] if meta.get("incomplete") else []),
         f"- Config digest `{meta['config_digest']}`; full config: `{config_path}` (also at the end of this report).",
         f"- Code revision: `{meta['code_revision']}`" + stage_revisions + ".",

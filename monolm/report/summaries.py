@@ -12,6 +12,7 @@ import numpy as np
 from scipy import stats as sps
 
 from monolm import stats
+from monolm.attacks.effects import mean_ci
 from monolm.report.labels import ARMS, ATTACKS
 from monolm.report.values import ATTACK_KEYS, EXAMPLE_METRICS, doc_losses, example_effects
 from monolm.runtime import derive_seed
@@ -57,8 +58,7 @@ def _single_seed_ci(
         per_example = (data.get("per_example") or {}).get(stage) or {}
         if metric in EXAMPLE_METRICS and model in per_example:
             values = example_effects(per_example, model)[metric]
-            ci = stats.bootstrap_ci(values, seed=_bootstrap_seed(seed, stage, model, metric), confidence=CONFIDENCE)
-            return ci, "bootstrap BCa over texts", int(values.size)
+            return mean_ci(values, seed=seed), "bootstrap BCa over texts", int(values.size)  # as the stage's
         block, key = ("control", metric[len("control_") :]) if metric.startswith("control_") else ("per_model", metric)
         rec = ((data["stages"][stage]["metrics"].get(block) or {}).get(model)) or {}
         ci = rec.get(f"{key}_ci")

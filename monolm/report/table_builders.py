@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from monolm.report.examples import md_text
 from monolm.report.formatting import fmt_ci, fmt_mean_std, fmt_num, fmt_p, fmt_pct
 from monolm.report.held_out import part_note, window_sentence
 from monolm.report.labels import ARM_LABEL, ARMS, ATTACKS, MODELS, metric_label
@@ -24,6 +25,8 @@ class Table:
     columns: list[str]
     rows: list[list[str]] = field(default_factory=list)
     note: str = ""
+    markdown_only: bool = False  # attacked text and triggers: report.md, not the paper's tables.tex
+    left: int = 1  # leading columns aligned left (labels, text); the others are numbers, aligned right
 
 
 def ci_note(recs: Iterable[dict[str, Any] | None]) -> str:
@@ -201,6 +204,62 @@ def transfer_table(results: dict[str, Any], attack: str) -> Table | None:
     return t
 
 
+def trigger_table(results: dict[str, Any]) -> Table | None:
+    rows = (results.get("examples") or {}).get("triggers") or []
+    if not rows:
+        return None
+    t = Table(
+        "triggers",
+        "UAT: the universal trigger found for each arm",
+        ["Seed", "Arm", "Trigger (text)", "Token ids"],
+        markdown_only=True,
+        left=4,
+    )
+    for r in rows:
+        ids = " ".join(str(i) for i in r["ids"]) if r.get("ids") is not None else "—"
+        t.rows.append([str(r["seed"]), ARM_LABEL[r["arm"]], md_text(r["text"]), ids])
+    same = [
+        seed
+        for seed in sorted({r["seed"] for r in rows})
+        if len({tuple(r["ids"] or ()) for r in rows if r["seed"] == seed}) == 1 and len(rows) > 1
+    ]
+    t.note = "The trigger is prepended to every held-out text; the effects above are on the text tokens only." + (
+        f" Both arms converged to the same trigger in seed(s) {', '.join(map(str, same))}, so their transfer "
+        "rows are the same attack."
+        if same
+        else ""
+    )
+    return t
+
+
+def hotflip_examples_table(results: dict[str, Any]) -> Table | None:
+    rows = (results.get("examples") or {}).get("hotflip") or []
+    if not rows:
+        return None
+    n_texts, seed = len({r["index"] for r in rows}), rows[0]["seed"]
+    t = Table(
+        "hotflip-examples",
+        f"HotFlip: the first {n_texts} attacked texts of seed {seed}, before and after",
+        ["Arm", "Text", "Before", "After (flipped tokens ⟦marked⟧)", "Flips", "Δ loss (nats/token)", "Relative"],
+        markdown_only=True,
+        left=4,
+    )
+    for r in sorted(rows, key=lambda r: (r["index"], ARMS.index(r["arm"]))):
+        t.rows.append(
+            [
+                ARM_LABEL[r["arm"]],
+                str(r["index"]),
+                md_text(r["before"]),
+                md_text(r["after"]),
+                str(r["flips"]),
+                fmt_num(r["abs_increase"], sign=True),
+                fmt_pct(r["rel_increase"]),
+            ]
+        )
+    t.note = "⟦…⟧ marks a flipped token (before: the original token; after: the one put there); ⏎ a line break."
+    return t
+
+
 def monotonicity_table(results: dict[str, Any]) -> Table | None:
     """Measured violation rates of the constrained sublayers, after constraining and after training."""
     mono = [
@@ -297,7 +356,8 @@ def training_table(results: dict[str, Any]) -> Table | None:
                 str(steps["n"]),
                 fmt_mean_std(steps),
                 *(
-                    fmt_mean_std(summary(results, stage, arm, metric))
+                    # the learning rate is a setting: shown as configured (5e-04), not as a measurement
+                    fmt_mean_std(summary(results, stage, arm, metric), setting=metric == "lr")
                     for metric in (
                         "tokens_seen",
                         "lr",
@@ -345,6 +405,8 @@ def tables(results: dict[str, Any]) -> list[Table]:
         *(attack_table(results, attack) for attack in ATTACKS),
         tests_table(results),
         *(transfer_table(results, attack) for attack in ATTACKS),
+        trigger_table(results),
+        hotflip_examples_table(results),
         monotonicity_table(results),
         constraint_table(results),
         training_table(results),

@@ -121,6 +121,7 @@ def _check_per_example(name: str, stage: dict[str, Any], per_example: dict[str, 
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptArtifact(path, f"malformed entry for {arm}: {exc}") from None
         lengths.add(effects["abs_increase"].size)
+        _check_control(path, arm, per_example[arm], effects["abs_increase"].size)
         rec = per_model.get(arm) or {}
         if rec.get("n") is not None and rec["n"] != effects["abs_increase"].size:
             raise CorruptArtifact(
@@ -141,6 +142,18 @@ def _check_per_example(name: str, stage: dict[str, Any], per_example: dict[str, 
             path,
             f"the arms were attacked on different numbers of texts {sorted(lengths)}; paired tests need the same texts",
         )
+
+
+def _check_control(path: Path, arm: str, record: dict[str, Any], n_texts: int) -> None:
+    """An arm's random-control losses (HotFlip) must be on the arm's texts: as many, well formed."""
+    if "control" not in record:
+        return
+    try:
+        n_control = report.example_effects(record, "control")["abs_increase"].size
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptArtifact(path, f"malformed control entry for {arm}: {exc}") from None
+    if n_control != n_texts:
+        raise CorruptArtifact(path, f"{arm}: {n_control} control texts but {n_texts} attacked texts")
 
 
 def read_seed(refs: Mapping[str, StageRef | Mapping[str, Any]]) -> dict[str, Any]:

@@ -8,7 +8,11 @@ Each attack is resumable: finished units (a UAT restart, a HotFlip block) are re
 Besides the attack's own files, each stage writes a normalized summary that stage 7 reads:
 metrics["per_model"][arm] = {clean_loss, attacked_loss, abs_increase, abs_increase_ci,
 rel_increase, rel_increase_ci, success_rate, success_rate_ci, n}, metrics["transfer"]
-[source][target] = abs_increase, and `per_example.json` {arm: {clean: [...], attacked: [...]}}.
+[source][target] = abs_increase, and `per_example.json` {arm: {clean: [...], attacked: [...]}}
+(HotFlip adds each arm's random control on the same texts, {arm: {..., control: {clean, attacked}}},
+for the paired gradient-vs-control test). For the report to show what the attacks did: UAT's
+metrics["triggers"][arm] (text) and metrics["trigger_ids"][arm], HotFlip's metrics["examples"][arm]
+(the first few texts before and after, flipped tokens marked ⟦…⟧).
 """
 
 from __future__ import annotations
@@ -146,6 +150,7 @@ def run_uat(
         "per_model": {arm: normalize(r["eval"]) for arm, r in results.items()},
         "transfer": _transfer_means(transfer),
         "triggers": {arm: r["trigger_text"] for arm, r in results.items()},
+        "trigger_ids": {arm: r["trigger_ids"] for arm, r in results.items()},
     }
     outputs = _outputs(out, ["triggers.json", "uat_results.json", "transfer.json", "per_example.json"])
     return finish(cfg, cell, stage, inputs=inputs, outputs=outputs, metrics=metrics, started=started)
@@ -154,6 +159,50 @@ def run_uat(
 def _read_examples(path: Path) -> list[dict[str, Any]]:
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return sorted(rows, key=lambda r: r["index"])
+
+
+REPORTED_EXAMPLES = 3  # HotFlip examples per arm shown in the report (the first texts, the same for both arms)
+MARK = ("⟦", "⟧")  # around a flipped token in the report's before/after texts
+
+
+def flip_example(tokenizer: Any, record: dict[str, Any]) -> dict[str, Any]:
+    """One HotFlip example in words: the text before and after, each flipped token marked."""
+    old = dict(zip(record["positions"], record["original_ids"], strict=True))
+    new = dict(zip(record["positions"], record["new_ids"], strict=True))
+
+    def text(replace: dict[int, int]) -> str:
+        pieces = []
+        for i, tok in enumerate(record["text_ids"]):
+            piece = tokenizer.decode([replace.get(i, tok)])
+            pieces.append(f"{MARK[0]}{piece}{MARK[1]}" if i in replace else piece)
+        return "".join(pieces)
+
+    return {
+        "index": record["index"],
+        "before": text(old),
+        "after": text(new),
+        "flips": record["flips_used"],
+        "abs_increase": record["abs_increase"],
+        "rel_increase": record["rel_increase"],
+    }
+
+
+def _per_example(out: Path, examples: dict[str, list[dict[str, Any]]], with_control: bool) -> dict[str, Any]:
+    """`per_example.json`: each arm's per-text losses, and its random control's on the same texts."""
+    from monolm.attacks.hotflip import EXAMPLE_FILES
+
+    table: dict[str, Any] = {}
+    for arm, rows in examples.items():
+        table[arm] = {"clean": [r["clean_loss"] for r in rows], "attacked": [r["attacked_loss"] for r in rows]}
+        control = out / arm / EXAMPLE_FILES["control"]
+        if with_control and control.is_file():
+            ctrl = _read_examples(control)
+            if [r["index"] for r in ctrl] == [r["index"] for r in rows]:  # the same texts, in order
+                table[arm]["control"] = {
+                    "clean": [r["clean_loss"] for r in ctrl],
+                    "attacked": [r["attacked_loss"] for r in ctrl],
+                }
+    return table
 
 
 def run_hotflip(
@@ -194,19 +243,16 @@ def run_hotflip(
     )
     atomic_write_json(out / "hotflip_results.json", results)
     atomic_write_json(out / "transfer.json", transfer)
-    atomic_write_json(
-        out / "per_example.json",
-        {
-            arm: {"clean": [r["clean_loss"] for r in rows], "attacked": [r["attacked_loss"] for r in rows]}
-            for arm, rows in examples.items()
-        },
-    )
     with_control = cfg.attacks.hotflip.random_control
+    atomic_write_json(out / "per_example.json", _per_example(out, examples, with_control))
     metrics = {
         "per_model": {arm: normalize(r["gradient"]) for arm, r in results.items()},
         "control": {arm: normalize(r["control"]) for arm, r in results.items()} if with_control else None,
         "mean_flips": {arm: r["gradient"]["mean_flips"] for arm, r in results.items()},
         "transfer": _transfer_means(transfer),
+        "examples": {
+            arm: [flip_example(tokenizer, r) for r in rows[:REPORTED_EXAMPLES]] for arm, rows in examples.items()
+        },
     }
     outputs = _outputs(out, ["hotflip_results.json", "transfer.json", "per_example.json"])
     return finish(cfg, cell, stage, inputs=inputs, outputs=outputs, metrics=metrics, started=started)

@@ -151,7 +151,7 @@ AGGREGATE = Stage(
     entry="monolm.stages.aggregate:run",
     inputs=SEED_STAGE_NAMES,
     config=None,
-    code=("stats", "report", "plots", "store", "stages.aggregate"),
+    code=("stats", "attacks.effects", "report", "plots", "store", "stages.aggregate"),
     gpu=False,
 )
 STAGES: tuple[Stage, ...] = (*SEED_STAGES, AGGREGATE)

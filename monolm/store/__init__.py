@@ -8,10 +8,12 @@ PostgreSQL or any other backend (a team server), chosen only by the URL. Use a s
 driver, e.g. `postgresql+psycopg://user@host/db`.
 
 Modules: `schema` (tables, schema version and migrations), `rows` (validating what callers record),
-`results_store` (`ResultsStore`: record and query), `display` (text tables for the terminal).
+`results_store` (`ResultsStore`: record and query), `lookup` (a run by ID, name or prefix), `summary`
+(what `monolm results` shows by default), `display` (text tables for the terminal).
 """
 
 from monolm.store.display import format_table
+from monolm.store.lookup import UnknownRun
 from monolm.store.results_store import INSERT_CHUNK, ResultsStore
 from monolm.store.rows import METRIC_FIELDS, RUN_FIELDS, RUN_STATUSES
 from monolm.store.schema import (
@@ -31,6 +33,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "ResultsStore",
     "SchemaVersionError",
+    "UnknownRun",
     "format_table",
     "metadata",
     "metrics_table",

@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import Engine, and_, create_engine, delete, event, insert, make_url, or_, select
 
+from monolm.store.lookup import UnknownRun, match_run
 from monolm.store.rows import iso, metric_row, run_dict, run_row
 from monolm.store.schema import ensure_schema, metrics_table, read_version, runs_table
 
@@ -92,6 +93,12 @@ class ResultsStore:
             row = conn.execute(select(runs_table).where(runs_table.c.run_id == run_id)).mappings().first()
         return run_dict(row) if row else None
 
+    def resolve_run(self, ref: str) -> dict[str, Any]:
+        """The run `ref` names: its ID, its name, or a unique prefix of either (`UnknownRun`, a
+        KeyError listing the closest known runs, otherwise)."""
+        found = self.get_run(ref)
+        return found if found is not None else match_run(ref, self.runs(), self.url)
+
     def runs(
         self,
         preset: str | None = None,
@@ -164,10 +171,9 @@ class ResultsStore:
 
     def compare(self, run_a: str, run_b: str) -> list[dict[str, Any]]:
         """Metric by metric (per arm and stage): mean over seeds in each run and the difference
-        `mean_b - mean_a`. Metrics present in only one run are listed with None on the other side."""
-        for run_id in (run_a, run_b):
-            if self.get_run(run_id) is None:
-                raise KeyError(f"no run {run_id!r} in results store {self.url}")
+        `mean_b - mean_a`. Metrics present in only one run are listed with None on the other side.
+        Runs are named by ID, name or unique prefix (`resolve_run`)."""
+        run_a, run_b = (self.resolve_run(ref)["run_id"] for ref in (run_a, run_b))
         means = {run_a: _means(self.query(run_id=run_a)), run_b: _means(self.query(run_id=run_b))}
         keys = sorted(set(means[run_a]) | set(means[run_b]), key=lambda k: tuple("" if x is None else x for x in k))
         out = []
@@ -210,7 +216,7 @@ class ResultsStore:
             with self.engine.connect() as conn:
                 pivot = conn.execute(select(r.created_at).where(r.run_id == before_run_id)).scalar_one_or_none()
             if pivot is None:
-                raise KeyError(f"no run {before_run_id!r} in results store {self.url}")
+                raise UnknownRun(f"no run {before_run_id!r} in results store {self.url}")
             query = query.where(or_(r.created_at < pivot, and_(r.created_at == pivot, r.run_id < before_run_id)))
         with self.engine.connect() as conn:
             row = conn.execute(query.order_by(r.created_at.desc(), r.run_id.desc()).limit(1)).mappings().first()

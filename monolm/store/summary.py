@@ -1,0 +1,68 @@
+"""What `monolm results` shows by default: one row per run, arm and headline metric (the mean of
+its per-seed values), instead of every stored row (a one-seed tiny run stores about 800, most of
+them summary statistics that are empty for one seed)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from monolm.stages.registry import ATTACKS, STAGE_NAMES
+
+# (stage, metric) shown by default: held-out quality and the primary attack effect.
+HEADLINE = (("evaluate", "token_perplexity"), *((attack, "abs_increase") for attack in ATTACKS))
+SUMMARY_COLUMNS = ("run_id", "created", "status", "arm", "stage", "metric", "mean", "n_seeds")
+LONG_COLUMNS = ("run_id", "seed", "arm", "stage", "metric", "value")  # preset, variant, recipe: in the ID
+
+
+def headline_rows(
+    rows: Sequence[dict[str, Any]], runs: dict[str, dict[str, Any]], *, metric: str | None = None
+) -> list[dict[str, Any]]:
+    """Per-seed metric rows (from `ResultsStore.query`) as one row per (run, arm, stage, metric):
+    the mean over seeds and how many seeds have a value. Only the headline metrics unless `metric`
+    names one; summary statistics and tests (`<metric>:<stat>`, seed NULL) are left out."""
+    wanted = (lambda stage, name: name == metric) if metric else (lambda stage, name: (stage, name) in HEADLINE)
+    groups: dict[tuple[str, Any, Any, str], list[float]] = {}
+    for row in rows:
+        if row["seed"] is None or row["value"] is None or not wanted(row["stage"], row["metric"]):
+            continue
+        groups.setdefault((row["run_id"], row["arm"], row["stage"], row["metric"]), []).append(row["value"])
+    out = []
+    for (run_id, arm, stage, name), values in groups.items():
+        run = runs.get(run_id) or {}
+        out.append(
+            {
+                "run_id": run_id,
+                "created": (run.get("created_at") or "")[:16].replace("T", " "),
+                "status": run.get("status"),
+                "arm": arm,
+                "stage": stage,
+                "metric": name,
+                "mean": math.fsum(values) / len(values),
+                "n_seeds": len(values),
+            }
+        )
+    run_order = {run_id: i for i, run_id in enumerate(runs)}
+    stage_order = {name: i for i, name in enumerate(STAGE_NAMES)}
+    out.sort(
+        key=lambda r: (run_order.get(r["run_id"], -1), stage_order.get(r["stage"], 99), r["metric"], r["arm"] or "")
+    )
+    return out
+
+
+def compared_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`ResultsStore.compare` rows without the ones empty on both sides (a one-seed run's std)."""
+    return [r for r in rows if r["mean_a"] is not None or r["mean_b"] is not None]
+
+
+def long_rows(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """Every stored row that has a value, and how many without one were left out (an interval
+    that needs two seeds, in a one-seed run)."""
+    kept = [r for r in rows if r["value"] is not None]
+    return kept, len(rows) - len(kept)
+
+
+def non_empty_columns(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> list[str]:
+    """The columns that hold a value in at least one row."""
+    return [c for c in columns if any(r.get(c) is not None for r in rows)]

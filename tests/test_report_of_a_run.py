@@ -1,0 +1,78 @@
+"""The report of a real (micro) run as a reader meets it: each interval computed once and the same
+in every file that shows it, the triggers and a few HotFlip examples shown, gradient HotFlip
+tested against its random control, readable labels and the run ID."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import micro_config
+
+from monolm.artifacts import load_manifest
+from monolm.report.formatting import fmt_ci
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from monolm.pipeline import run_seed
+    from monolm.stages import aggregate
+
+    cfg = micro_config(tmp_path_factory.mktemp("run"))
+    refs = run_seed(cfg, 42, progress=False)
+    out = aggregate.run(cfg, [refs])
+    results = json.loads(Path(out["dir"], "results.json").read_text())
+    return refs, out, results, Path(out["report"]).read_text()
+
+
+def _ci(effect: dict) -> list[float]:
+    return [effect["ci_low"], effect["ci_high"]]
+
+
+@pytest.mark.parametrize("attack", ["uat", "hotflip"])
+def test_one_number_one_interval_in_every_file(run, attack):
+    """The same arm's absolute increase on the same texts has one interval: in the attack's
+    results file, the diagonal of its transfer matrix, the stage manifest, results.json, the store
+    rows' source and report.md."""
+    refs, _, results, md = run
+    folder = Path(refs[attack].dir)
+    own = json.loads((folder / f"{attack}_results.json").read_text())
+    transfer = json.loads((folder / "transfer.json").read_text())
+    manifest, _ = load_manifest(folder)
+    for arm in ("baseline", "monotonic"):
+        effect = own[arm]["eval"] if attack == "uat" else own[arm]["gradient"]
+        diagonal = transfer["cells"][arm][arm]
+        assert diagonal["abs_increase"]["mean"] == effect["abs_increase"]["mean"]  # the same texts and losses
+        assert _ci(diagonal["abs_increase"]) == _ci(effect["abs_increase"])
+        assert manifest.metrics["per_model"][arm]["abs_increase_ci"] == _ci(effect["abs_increase"])
+        summary = next(
+            s for s in results["summaries"] if (s["stage"], s["model"], s["metric"]) == (attack, arm, "abs_increase")
+        )
+        assert _ci(summary) == _ci(effect["abs_increase"])
+        assert fmt_ci(summary) in md
+
+
+def test_report_shows_triggers_examples_control_test_and_run_id(run):
+    refs, out, results, md = run
+    triggers = json.loads(Path(refs["uat"].dir, "triggers.json").read_text())
+    section = md.split("## Attack examples")[1].split("\n## ")[0]
+    for arm in ("baseline", "monotonic"):
+        assert " ".join(str(i) for i in triggers[arm]["trigger_ids"]) in section
+    examples = results["examples"]["hotflip"]
+    assert {e["arm"] for e in examples} == {"baseline", "monotonic"} and len(examples) == 6
+    assert all(e["before"].count("⟦") == e["flips"] == e["after"].count("⟦") for e in examples)
+    assert "⟦" in section and "Before" in section
+    assert "⟦" not in Path(out["dir"], "tables.tex").read_text()  # attacked text stays out of the paper tables
+
+    control = [c for c in results["comparisons"] if c["metric"].startswith("gradient_vs_control_")]
+    assert [(c["metric"], c["scope"], c["seed"], c["n"]) for c in control] == [
+        ("gradient_vs_control_baseline", "texts", 42, 8),
+        ("gradient_vs_control_monotonic", "texts", 42, 8),
+    ]
+    findings = md.split("## Findings")[1].split("\n## ")[0]
+    assert findings.count("HotFlip vs its random-candidate control on the") == 2 and "n=8 texts" in findings
+
+    tests = md.split("## Paired tests")[1].split("\n## ")[0]
+    assert "doc_loss" not in tests and "| per-document loss (nats/token) | seed 42, over documents |" in tests
+    assert f"Run ID `{out['run_id']}`" in md and "tiny-tiny" not in out["run_id"]
