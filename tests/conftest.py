@@ -20,3 +20,14 @@ def prefect_backend():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(autouse=True)
+def restore_environment():
+    """Tests that call the command line in-process (`flows.cli.main`) get its process-wide
+    settings, e.g. `-q`'s progress-bar switches, which child processes inherit: put the
+    environment back after every test so one test's flags never reach the next one's children."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
