@@ -653,7 +653,7 @@ def test_numbers_say_which_part_they_come_from(one_seed):
     md = Path(out["report"]).read_text()
     head = md.split("## Findings")[0]
     assert "validation 4 (checkpoint selection and training curves), test 40 (reported quality)" in head
-    assert "dropped candidates: validation 1 of 5 (20%); test 1 of 41" in head
+    assert "dropped candidates: validation 1 of 5 (20.0%); test 1 of 41" in head
     quality = md.split("**Held-out quality on the test part")[1].split("## ")[0]
     assert "Test part: 40 documents per seed" in quality
     assert "rolling windows of 128 tokens with disjoint predicted spans, EOS prefix" in quality
@@ -680,7 +680,7 @@ def test_recipe_line_states_the_decay_policy(tmp_path, one_seed):
 
 def test_monotonicity_words_follow_the_measured_rates(tmp_path, one_seed):
     md = Path(one_seed[2]["report"]).read_text()
-    assert "mlp in block: 16% (violations in 75% of 512 sampled input pairs: not monotone)" in md
+    assert "mlp in block: 16.0% (violations in 75.0% of 512 sampled input pairs: not monotone)" in md
     assert "mlp in linear: 0% (no violation in 256 sampled input pairs)" in md
     clean = [dict(r, coord_violation_rate=0.0, pair_violation_rate=0.0) for r in MONOTONICITY]
     results = {
