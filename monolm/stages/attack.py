@@ -14,6 +14,7 @@ rel_increase, rel_increase_ci, success_rate, success_rate_ci, n}, metrics["trans
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,14 @@ from monolm import models as models_lib
 from monolm.artifacts import atomic_write_json
 from monolm.config import ExperimentConfig
 from monolm.layout import CellPaths
+from monolm.progress import labelled, part_callback
 from monolm.runtime import pick_device
 from monolm.stages.common import Inputs, OnLog, StageRef, existing, files_under, finish, prepare
 from monolm.stages.registry import TRAIN_STAGES
 from monolm.stages.setup import load_setup
 
 ARMS = tuple(TRAIN_STAGES)
+attack_log = logging.getLogger("monolm.attacks")
 
 
 def attack_texts(cfg: ExperimentConfig, tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[int]]]:
@@ -119,8 +122,10 @@ def run_uat(
             success_threshold=cfg.attacks.success_threshold,
             bf16=cfg.attacks.bf16,
             progress=progress,
+            on_log=part_callback(on_log, i, len(models), arm),
+            log=labelled(attack_log, arm),
         )
-        for arm, model in models.items()
+        for i, (arm, model) in enumerate(models.items())
     }
     transfer = uat.transfer_matrix(
         models,
@@ -180,8 +185,10 @@ def run_hotflip(
             success_threshold=cfg.attacks.success_threshold,
             bf16=cfg.attacks.bf16,
             progress=progress,
+            on_log=part_callback(on_log, i, len(models), arm),
+            log=labelled(attack_log, arm),
         )
-        for arm, model in models.items()
+        for i, (arm, model) in enumerate(models.items())
     }
     examples = {arm: _read_examples(out / arm / "hotflip_examples.jsonl") for arm in ARMS}
     transfer = hotflip.transfer_matrix(
