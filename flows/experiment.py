@@ -134,10 +134,14 @@ def experiment(
     """Run the whole study. `overrides` are `key=value` strings (as `monolm run --set`),
     `named_overrides` names like `reference`, `config_file` a YAML of overrides (e.g. a site file
     such as infra/site-a100.example.yaml); the config is validated before anything runs.
-    `nightly`: name the run `nightly-<preset>-<scheduled time>` and, after stage 7, compare it with
-    the previous nightly run (`flows/nightly.py`; `regression_tolerance` overrides tolerances);
-    a regression fails the run."""
+    `nightly`: check first that stage 0 can reach its model and data (`monolm verify`; a failed
+    check fails the run before any stage), name the run `nightly-<preset>-<scheduled time>` and,
+    after stage 7, compare it with the previous nightly run (`flows/nightly.py`;
+    `regression_tolerance` overrides tolerances); a regression fails the run. An empty `profile`
+    or `config_file` (a deploy-time setting left unset) means none."""
     log = get_run_logger()
+    # Deploy-time settings arrive as text: an empty profile or config file means "not set".
+    profile, config_file = profile or None, config_file or None
     if nightly:
         run_name = _nightly_name(preset, run_name)
     try:
@@ -163,6 +167,10 @@ def experiment(
                 "no runner.stage_timeout_minutes for GPU stage(s) %s: a stuck one holds its GPU job until the walltime",
                 ", ".join(untimed),
             )
+    if nightly:  # fail in seconds, naming what is unreachable, rather than deep in stage 0
+        from flows.nightly import verify_site
+
+        verify_site(cfg.model_dump(mode="json"))
     stages = run_stages.with_options(task_runner=make_task_runner(cfg), flow_run_name=f"{cfg.run_name}-stages")
     result = stages(cfg.model_dump(mode="json"))
     if nightly:

@@ -31,6 +31,18 @@ UPSTREAM = STAGES[:5]
 DEPLOYMENTS = ("seed-42", "seed-1337", "seed-2024", "seed-8888", "seed-12345", "all-seeds", "nightly-quick")
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 TZ = "Europe/Berlin"  # the nightly time zone "from config" in these tests (the default is UTC)
+# What the deploying user chose for the nightly in these tests (MONOLM_NIGHTLY_*, read at deploy time).
+NIGHTLY_ENV = {
+    "MONOLM_NIGHTLY_PRESET": "tiny",
+    "MONOLM_NIGHTLY_PROFILE": "slurm",
+    "MONOLM_NIGHTLY_CONFIG": "infra/site-a100.example.yaml",
+}
+NIGHTLY_PARAMETERS = {
+    "preset": "tiny",
+    "profile": "slurm",
+    "config_file": "infra/site-a100.example.yaml",
+    "nightly": True,
+}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -64,6 +76,7 @@ class Service:
             PREFECT_RUNNER_POLL_FREQUENCY="1",
             MONOLM_FAULTS=str(self.faults),
             MONOLM_NIGHTLY_TZ=TZ,
+            **NIGHTLY_ENV,
             HF_HUB_OFFLINE="1",
             MONOLM_TORCH_THREADS="1",
         )
@@ -219,15 +232,22 @@ def test_nightly_schedule_defaults_and_configuration(monkeypatch):
     same build steps `prefect deploy` runs)."""
     from deployments.serve import deployment_specs
 
-    monkeypatch.delenv("MONOLM_NIGHTLY_CRON", raising=False)
-    monkeypatch.delenv("MONOLM_NIGHTLY_TZ", raising=False)
-    (default,) = {s["name"]: s for s in deployment_specs()}["nightly-quick"]["schedules"]
+    for name in ("MONOLM_NIGHTLY_CRON", "MONOLM_NIGHTLY_TZ", *NIGHTLY_ENV):
+        monkeypatch.delenv(name, raising=False)
+    nightly = {s["name"]: s for s in deployment_specs()}["nightly-quick"]
+    (default,) = nightly["schedules"]
     assert (default["cron"], default["timezone"]) == ("0 2 * * *", "UTC")
-    assert default["parameters"] == {"preset": "quick", "nightly": True}
+    # The quick preset, with the preset's profile and no site file (the flow reads "" as unset).
+    defaults = {"preset": "quick", "profile": "", "config_file": "", "nightly": True}
+    assert default["parameters"] == nightly["parameters"] == defaults
     monkeypatch.setenv("MONOLM_NIGHTLY_CRON", "30 3 * * 1-5")
     monkeypatch.setenv("MONOLM_NIGHTLY_TZ", "Asia/Tokyo")
-    (custom,) = {s["name"]: s for s in deployment_specs()}["nightly-quick"]["schedules"]
+    for name, value in NIGHTLY_ENV.items():
+        monkeypatch.setenv(name, value)
+    nightly = {s["name"]: s for s in deployment_specs()}["nightly-quick"]
+    (custom,) = nightly["schedules"]
     assert (custom["cron"], custom["timezone"]) == ("30 3 * * 1-5", "Asia/Tokyo")
+    assert custom["parameters"] == nightly["parameters"] == NIGHTLY_PARAMETERS
 
 
 def test_crash_helper_recognises_dead_and_recycled_pids():
@@ -351,7 +371,8 @@ def test_failed_run_retried_like_the_ui_resumes_from_cache(service):
 @pytest.mark.timeout(300)
 def test_nightly_deployment_schedule_creates_runs(service):
     """nightly-quick as the server holds it: the cron schedule at 02:00 in the configured time
-    zone with the quick-preset parameters; the server's scheduler has created its runs."""
+    zone, with the preset, profile and site file the deploying user chose (MONOLM_NIGHTLY_*); the
+    server's scheduler has created its runs."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
 
     deployments = {n: service.call(lambda c, n=n: c.read_deployment_by_name(f"experiment/{n}")) for n in DEPLOYMENTS}
@@ -361,9 +382,9 @@ def test_nightly_deployment_schedule_creates_runs(service):
     assert deployments["seed-2024"].parameters == {"seeds": [2024], "preset": "full"}
     nightly = deployments["nightly-quick"]
     (schedule,) = nightly.schedules
-    assert schedule.active and schedule.parameters == {"preset": "quick", "nightly": True}
+    assert schedule.active and schedule.parameters == NIGHTLY_PARAMETERS
     assert (schedule.schedule.cron, schedule.schedule.timezone) == ("0 2 * * *", TZ)
-    assert nightly.parameters == {"preset": "quick", "nightly": True}
+    assert nightly.parameters == NIGHTLY_PARAMETERS
 
     deadline = time.monotonic() + 90
     while True:
@@ -380,7 +401,7 @@ def test_nightly_deployment_schedule_creates_runs(service):
 
     for run in runs:
         assert run.auto_scheduled and run.state_name == "Scheduled"
-        assert run.parameters == {"preset": "quick", "nightly": True}
+        assert run.parameters == NIGHTLY_PARAMETERS
         local = run.expected_start_time.astimezone(zoneinfo.ZoneInfo(TZ))
         assert (local.hour, local.minute) == (2, 0), local
     # Nothing here may run the real quick preset (it downloads Pythia): pausing deletes them.
