@@ -65,8 +65,9 @@ def submit(task, cfg: ExperimentConfig, stage: str, **params):
 
 def await_result(future, poll_seconds: float = 2.0):
     """`future.result()`, but on a task runner that can tell when its workers will never come
-    (the `slurm` profile: a failed `sbatch` is otherwise only logged and the flow waits forever),
-    check that between short waits and fail the flow with the reason."""
+    (the `slurm` profile: a failed `sbatch` is otherwise only logged, and a job that asks for more
+    than the partition has pends for ever: the flow would wait forever), check that between short
+    waits, log why worker jobs are pending, and fail the flow with the reason."""
     from prefect.context import FlowRunContext
 
     ctx = FlowRunContext.get()
@@ -76,7 +77,7 @@ def await_result(future, poll_seconds: float = 2.0):
         while not future.wrapped_future.done():
             future.wait(timeout=poll_seconds)
             if not future.wrapped_future.done():
-                check(warn=log.warning)
+                check(warn=log.warning, info=log.info)
     return future.result()
 
 
