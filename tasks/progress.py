@@ -9,7 +9,9 @@ for what a user waits for: the first event, each evaluation, and the end.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -54,6 +56,7 @@ class StageProgress:
         self.sent_fraction: float | None = None
         self.train: dict[str, Any] | None = None  # the latest training log entry
         self.curve: list[dict[str, Any]] = []
+        self.curve_id: Any = None
         self.artifact_id = create_progress_artifact(progress=0.0, description=self._description())
         self.updates = 1
 
@@ -100,8 +103,12 @@ class StageProgress:
 
     def _description(self) -> str:
         elapsed = self.clock() - self.started
-        eta = elapsed * (1 - self.fraction) / self.fraction if 0 < self.fraction < 1 else None
-        lines = [f"**{self.title}**: {100 * self.fraction:.0f}%, ETA {format_eta(eta) if eta is not None else '?'}"]
+        if self.fraction >= 1:
+            status = "100%"
+        else:  # the stage's own pace so far (model loading included)
+            eta = elapsed * (1 - self.fraction) / self.fraction if self.fraction > 0 else None
+            status = f"{100 * self.fraction:.0f}%, ETA {format_eta(eta)}"
+        lines = [f"**{self.title}**: {status}"]
         lines.append(self.message)
         if self.curve:
             last = self.curve[-1]
@@ -119,10 +126,9 @@ class StageProgress:
         return artifact_key("curve", f"{self.run_name}{seed}-{self.stage}")
 
     def _add_curve_point(self, event: dict[str, Any]) -> None:
-        """One row per evaluation (with the latest training loss and rate), published as a new
-        version of the curve table."""
-        from prefect.artifacts import create_table_artifact
-
+        """One row per evaluation (with the latest training loss and rate): the curve table is
+        created at the first evaluation and updated in place after (one artifact per arm, not a
+        version per evaluation)."""
         train = self.train or {}
         point = {
             "step": event["step"],
@@ -135,17 +141,34 @@ class StageProgress:
         self.curve.append(point)
         rows = [{col: _rounded(p.get(col)) for col in CURVE_COLUMNS} for p in self.curve]
         try:
-            create_table_artifact(
-                table=rows,
-                key=self.curve_key,
-                description=f"{self.title}: training curve of {self.run_name}, one row per evaluation",
-            )
+            if self.curve_id is None:
+                from prefect.artifacts import create_table_artifact
+
+                self.curve_id = create_table_artifact(
+                    table=rows,
+                    key=self.curve_key,
+                    description=f"{self.title}: training curve of {self.run_name}, one row per evaluation",
+                )
+            else:
+                update_table_artifact(self.curve_id, rows)
         except Exception as exc:
             log.debug("curve artifact failed: %s", exc)
 
 
+def update_table_artifact(artifact_id: Any, rows: list[dict[str, Any]]) -> None:
+    """Replace a table artifact's rows (Prefect stores a table as its JSON text)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import ArtifactUpdate
+
+    with get_client(sync_client=True) as client:
+        client.update_artifact(artifact_id=artifact_id, artifact=ArtifactUpdate(data=json.dumps(rows)))
+
+
 def _rounded(value: Any) -> Any:
-    return round(value, 5) if isinstance(value, float) else value
+    """5 decimals; None for a value JSON cannot hold (NaN, inf)."""
+    if isinstance(value, float):
+        return round(value, 5) if math.isfinite(value) else None
+    return value
 
 
 def compose(*hooks: Callable[[dict[str, Any]], None] | None) -> Callable[[dict[str, Any]], None]:

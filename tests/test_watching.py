@@ -92,6 +92,7 @@ def test_stage_progress_artifact_updates_are_throttled(monkeypatch):
     """At most one update per interval, but always the first, every evaluation and the end."""
     import prefect.artifacts as artifacts
 
+    from tasks import progress
     from tasks.progress import StageProgress
 
     sent: list[float] = []
@@ -100,19 +101,22 @@ def test_stage_progress_artifact_updates_are_throttled(monkeypatch):
     monkeypatch.setattr(
         artifacts, "update_progress_artifact", lambda artifact_id, progress, description=None: sent.append(progress)
     )
-    monkeypatch.setattr(artifacts, "create_table_artifact", lambda **kw: tables.append(kw))
+    monkeypatch.setattr(artifacts, "create_table_artifact", lambda **kw: tables.append(kw) or "table-id")
+    monkeypatch.setattr(progress, "update_table_artifact", lambda artifact_id, rows: tables.append({"table": rows}))
     now = [0.0]
     tracker = StageProgress("train_baseline", 42, "run", min_interval_s=5.0, clock=lambda: now[0])
     for step in range(1, 201):  # 200 steps, 0.1 s each: 20 s
         now[0] = step * 0.1
         tracker({"kind": "train", "step": step, "fraction": step / 200, "train_loss": 2.0, "message": f"step {step}"})
-        if step == 50:
-            tracker({"kind": "eval", "step": 50, "fraction": 0.25, "val_perplexity": 9.0, "val_loss": 2.2})
+        if step in (50, 100):
+            tracker({"kind": "eval", "step": step, "fraction": step / 200, "val_perplexity": 9.0, "val_loss": 2.2})
     tracker.finish()
-    # The first step; the evaluation (forced); every 5 s after it; the last step; the end.
-    assert sent == [0.5, 25.0, 50.0, 75.0, 100.0, 100.0], sent
-    assert [len(t["table"]) for t in tables] == [1] and tables[0]["key"] == "curve-run-seed-42-train-baseline"
-    assert "val perplexity 9.000 at step 50" in tracker._description()
+    # The first step; the evaluations (forced); every 5 s after the last update; the last step; the end.
+    assert sent == [0.5, 25.0, 50.0, 50.0, 75.0, 100.0, 100.0], sent
+    # The curve: created at the first evaluation, its rows replaced at the next.
+    assert [len(t["table"]) for t in tables] == [1, 2] and tables[0]["key"] == "curve-run-seed-42-train-baseline"
+    assert "val perplexity 9.000 at step 100" in tracker._description()
+    assert tracker._description().startswith("**train_baseline seed 42**: 100%\n")
 
 
 # ----------------------------------------------------------------------------- a flow run
@@ -215,10 +219,9 @@ def test_progress_artifacts_curves_and_embedded_figures(watched_run):
     assert set(by_stage) == set(PROGRESS_STAGES), by_stage
     for stage, artifact in by_stage.items():
         assert float(artifact.data) == 100.0, (stage, artifact.data)
-        assert artifact.description.startswith(f"**{stage.replace('-', '_')} seed 42**: 100%"), artifact.description
-    # The training curve: a new version at each evaluation, the latest with one row per evaluation
-    # (steps 2 and 4), with the training loss.
-    assert sum(1 for a in artifacts if a.key and a.key.startswith("curve-")) == 4
+        assert artifact.description.startswith(f"**{stage.replace('-', '_')} seed 42**: 100%\n"), artifact.description
+    # The training curve: one table per arm, updated in place at each evaluation: one row per
+    # evaluation (steps 2 and 4), with the training loss.
     curves = {a.key: a for a in sorted(artifacts, key=lambda a: a.created) if a.key and a.key.startswith("curve-")}
     assert set(curves) == {f"curve-{watched_run['name']}-seed-42-train-{arm}" for arm in ("baseline", "monotonic")}
     import json
