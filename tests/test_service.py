@@ -327,6 +327,88 @@ def test_deployed_tiny_run_completes(service, shared_runs):
     assert {"results", "report"} <= service.call(artifact_keys)
 
 
+def screenshot_dir() -> Path:
+    """Where the browser test writes its screenshots: $MONOLM_SCREENSHOTS (`make screenshots`), else
+    .state/test-artifacts/browser (kept after a failure, for a reviewer or CI to look at)."""
+    return Path(os.environ.get("MONOLM_SCREENSHOTS") or REPO / ".state/test-artifacts/browser").resolve()
+
+
+@pytest.mark.service
+@pytest.mark.browser
+@pytest.mark.timeout(600)
+def test_ui_shows_the_run_its_stages_and_the_report_with_figures(service):
+    """A deployed tiny run seen in headless Chromium (Prefect's default UI): the flow run page
+    shows it Completed, its stages sub-flow page the eight stage task runs Completed, and the
+    report artifact page the report's findings and its three figures loaded. Screenshots of each
+    page go to `screenshot_dir()` (always with MONOLM_SCREENSHOTS, else on failure)."""
+    from browser import Browser, ensure_chromium
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+    )
+
+    try:
+        ensure_chromium()
+    except RuntimeError as exc:
+        if os.environ.get("CI"):  # CI runs as root with apt: there the browser test must run
+            raise
+        pytest.skip(str(exc))
+    flow_run_id = service.run_deployment("experiment/seed-42", micro_sets(service.state / "browser"))
+    run = service.wait(flow_run_id)
+    assert run.state_name == "Completed", run.state.message
+
+    async def stages_and_report(client):
+        (sub,) = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
+        )
+        arts = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[sub.id]))
+        )
+        (report,) = [a for a in arts if a.key and a.key.startswith("report-")]
+        return sub, report
+
+    sub, report = service.call(stages_and_report)
+    ui = service.api.removesuffix("/api") + "/v2"
+    shots = screenshot_dir()
+    pages = {
+        "flow-run": (f"{ui}/runs/flow-run/{flow_run_id}", (run.name, "Completed", "seed-42", "experiment")),
+        "stage-task-runs": (
+            f"{ui}/runs/flow-run/{sub.id}?tab=TaskRuns",
+            (sub.name, "8 Task runs", "(8 Completed)", *(f"{s.replace('_', '-')}-seed-42" for s in STAGES[:-1])),
+        ),
+        "progress-artifacts": (f"{ui}/runs/flow-run/{sub.id}?tab=Artifacts", ("PROGRESS", "hotflip seed 42")),
+        "report": (f"{ui}/artifacts/artifact/{report.id}", (report.key, "Findings", "Quality", "Plots")),
+    }
+    loaded_figures = (
+        "Array.from(document.images).filter(i => i.src.startsWith('data:image/png;base64,') && i.complete "
+        "&& i.naturalWidth >= 600 && i.getBoundingClientRect().width > 300).length"
+    )
+    with Browser.launch() as browser:
+        for name, (url, needles) in pages.items():
+            page = browser.open(url)
+            try:
+                page.wait_for_text(*needles, timeout=60)
+                if name == "stage-task-runs":
+                    assert page.text().count("Completed") >= 9  # the sub-flow run and its 8 task runs
+                if name == "report":
+                    assert page.wait_for(f"{loaded_figures} === 3", what="the three figures loaded") is True
+                if not os.environ.get("MONOLM_SCREENSHOTS"):
+                    continue
+                time.sleep(3)  # the run graph is drawn after the text
+                page.screenshot(shots / f"{name}.png")
+                if name == "report":  # and the figures as a reader scrolls to them
+                    page.evaluate("document.images[0].scrollIntoView({block: 'start'})")
+                    time.sleep(0.5)
+                    page.screenshot(shots / "report-figures.png", full_page=False)
+            except BaseException:
+                path = page.screenshot(shots / f"FAILED-{name}.png")
+                print(f"\nscreenshot of the failing page: {path}")
+                raise
+    print(f"\nUI screenshots in {shots}")
+
+
 @pytest.mark.service
 @pytest.mark.timeout(600)
 def test_failed_run_retried_like_the_ui_resumes_from_cache(service):
@@ -346,8 +428,8 @@ def test_failed_run_retried_like_the_ui_resumes_from_cache(service):
     finally:
         service.faults.unlink(missing_ok=True)  # clear the fault
 
-    # The UI (prefect 3.8.8's default V2 UI, RetryFlowRunDialog) posts exactly this; the V1 UI
-    # sends the same state with force=false.
+    # The UI (prefect's V2 UI, RetryFlowRunDialog; checked with 3.8.8) posts exactly this; the V1
+    # UI sends the same state with force=false.
     body = {"state": {"type": "SCHEDULED", "name": "AwaitingRetry", "message": "Retry from the UI"}, "force": True}
     req = urllib.request.Request(
         f"{service.api}/flow_runs/{flow_run_id}/set_state",
