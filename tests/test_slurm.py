@@ -524,7 +524,9 @@ def test_site_local_settings_run_and_an_ordinary_queue_wait_is_logged(slurm, roo
     from flows.experiment import experiment
 
     monkeypatch.setattr(runner, "PENDING_LOG_INTERVAL_S", 5.0)  # once a minute in real use
-    blocker = slurm.run("sbatch", "--parsable", "-p", "gpu", "-c", "2", "--mem=1G", "--wrap", "sleep 25").stdout.strip()
+    blocker = slurm.run(
+        "sbatch", "--parsable", "-p", "gpu", "-c", "2", "--mem=1G", "-o", "/dev/null", "--wrap", "sleep 25"
+    ).stdout.strip()
     name = unique_name("slurm-site-local")
     t0 = time.monotonic()
     result = experiment(
@@ -543,4 +545,5 @@ def test_site_local_settings_run_and_an_ordinary_queue_wait_is_logged(slurm, roo
     assert len(pending) >= 2, pending  # logged again while it waited
     assert "requests 1 CPUs, 3 GB memory, 1 GPU(s) of type a100 on partition gpu" in pending[0]
     assert "waiting cannot help" not in " ".join(pending)
+    assert not list(REPO.glob("slurm-*.out"))  # worker output goes to the file's log_directory
     print(f"site-local run behind a 25 s job: {elapsed:.1f} s; {pending[0]}")
