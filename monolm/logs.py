@@ -2,10 +2,11 @@
 runs a stage. Kept apart from `monolm.runtime` (which imports torch) so that the command line can
 report a bad config before torch is loaded.
 
-One handler, on the `monolm` logger, which does not propagate: a record is written once. A thread
-that runs a stage under an orchestrator (a Prefect task) hands its records to a sink of its own
-(`route_thread`), which shows them in the task run's logs and, through the orchestrator's console
-handler, once on the console; every other record is written to stderr here. Lines are written
+One handler, on the `monolm` logger, which then does not propagate: a record is written once
+(the CLI's `setup_logging`). A thread that runs a stage under an orchestrator (a Prefect task)
+hands its records to a sink of its own (`route_thread`), which shows them in the task run's logs
+and, through the orchestrator's console handler, once on the console; meanwhile every other
+record is written to stderr here. Lines are written
 with `tqdm.write`, so a progress bar on the same terminal is redrawn below them, not broken."""
 
 from __future__ import annotations
@@ -44,30 +45,46 @@ class ConsoleHandler(logging.Handler):
             self.handleError(record)
 
 
-def setup_logging(level: int | None = logging.INFO) -> logging.Logger:
-    """Install the console handler on the `monolm` logger (once) and stop propagation to the root
-    logger, whose handlers (e.g. Prefect's console handler) would print every line a second time.
-    `level` None keeps the current level, or INFO if none is set."""
+def _console_handler(log: logging.Logger) -> ConsoleHandler | None:
+    return next((h for h in log.handlers if isinstance(h, ConsoleHandler)), None)
+
+
+def _install(log: logging.Logger) -> ConsoleHandler:
+    handler = ConsoleHandler()
+    handler.setFormatter(logging.Formatter(FORMAT, "%H:%M:%S"))
+    log.addHandler(handler)
+    return handler
+
+
+def setup_logging(level: int = logging.INFO) -> logging.Logger:
+    """For a program's entry point (the CLI): install the console handler on the `monolm` logger
+    (once) and stop propagation to the root logger, whose handlers (e.g. Prefect's console
+    handler) would print every line a second time."""
     log = logging.getLogger(LOGGER)
-    if not any(isinstance(h, ConsoleHandler) for h in log.handlers):
-        handler = ConsoleHandler()
-        handler.setFormatter(logging.Formatter(FORMAT, "%H:%M:%S"))
-        log.addHandler(handler)
+    if _console_handler(log) is None:
+        _install(log)
     log.propagate = False
-    if level is not None:
-        log.setLevel(level)
-    elif log.level == logging.NOTSET:
-        log.setLevel(logging.INFO)
+    log.setLevel(level)
     return log
+
+
+_routing = {"threads": 0, "propagate": True, "installed": None}
 
 
 @contextlib.contextmanager
 def route_thread(sink: Sink) -> Iterator[None]:
     """Hand the current thread's `monolm` records to `sink` (instead of the console) while inside.
-    Other threads are unaffected; nesting restores the outer sink."""
-    setup_logging(None)
+    Other threads' records are written once by the console handler meanwhile: while any thread
+    routes, the `monolm` logger has that handler and does not propagate; when the last one leaves,
+    the logger is as it was (a process that never called `setup_logging` propagates again)."""
+    log = logging.getLogger(LOGGER)
     ident = threading.get_ident()
     with _sinks_lock:
+        if _routing["threads"] == 0:
+            _routing["propagate"] = log.propagate
+            _routing["installed"] = None if _console_handler(log) else _install(log)
+            log.propagate = False
+        _routing["threads"] += 1
         previous = _sinks.get(ident)
         _sinks[ident] = sink
     try:
@@ -78,3 +95,9 @@ def route_thread(sink: Sink) -> Iterator[None]:
                 _sinks.pop(ident, None)
             else:
                 _sinks[ident] = previous
+            _routing["threads"] -= 1
+            if _routing["threads"] == 0:
+                log.propagate = bool(_routing["propagate"])
+                if _routing["installed"] is not None:
+                    log.removeHandler(_routing["installed"])
+                    _routing["installed"] = None

@@ -206,13 +206,13 @@ def forward_logs() -> Iterator[logging.LoggerAdapter]:
 
     lib = logging.getLogger("monolm")
     previous = lib.level
-    with route_thread(sink):
-        if lib.level == logging.NOTSET or lib.level > logging.INFO:
-            lib.setLevel(logging.INFO)
-        try:
+    if lib.level == logging.NOTSET or lib.level > logging.INFO:
+        lib.setLevel(logging.INFO)
+    try:
+        with route_thread(sink):
             yield run_logger
-        finally:
-            lib.setLevel(previous)
+    finally:
+        lib.setLevel(previous)
 
 
 # --------------------------------------------------------------------------- fault injection

@@ -70,22 +70,35 @@ def test_console_handler_writes_once_and_routes_a_threads_records(capsys):
             root_lines.append(record.getMessage())
 
     root = logging.getLogger()
+    lib = logging.getLogger("monolm")
+    saved = (lib.level, lib.propagate, list(lib.handlers))
     collect = Collect()
     root.addHandler(collect)
+    log = logging.getLogger("monolm.test")
     try:
-        setup_logging(logging.INFO)
-        log = logging.getLogger("monolm.test")
-        log.info("plain line")
+        lib.setLevel(logging.INFO)
+        # A process that never set logging up (a worker): records propagate, except while routed.
         routed: list[str] = []
         with route_thread(lambda record: routed.append(record.getMessage())):
             log.info("routed line")
+            assert not lib.propagate
+        log.info("propagated line")
+        assert lib.propagate and lib.handlers == saved[2]
+        # The CLI: one console handler, no propagation.
+        setup_logging(logging.INFO)
+        log.info("plain line")
+        with route_thread(lambda record: routed.append(record.getMessage())):
+            log.info("routed again")
         log.info("after")
     finally:
         root.removeHandler(collect)
+        lib.handlers[:] = saved[2]
+        lib.setLevel(saved[0])
+        lib.propagate = saved[1]
     err = capsys.readouterr().err
-    assert err.count("plain line") == 1 and err.count("after") == 1 and "routed line" not in err
-    assert routed == ["routed line"]
-    assert root_lines == []
+    assert err.count("plain line") == 1 and err.count("after") == 1 and "routed" not in err
+    assert routed == ["routed line", "routed again"]
+    assert root_lines == ["propagated line"]
 
 
 def test_stage_progress_artifact_updates_are_throttled(monkeypatch):
