@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint format bench clean serve serve-postgres stop status slurm-up slurm-down mark-crashed serve-process
+.PHONY: install demo test test-fast lint format bench clean serve serve-postgres stop status slurm-up slurm-down mark-crashed serve-process screenshots
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,13 @@ lint: install
 format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+# Screenshots of a deployed tiny run in Prefect's UI, taken by the browser test (headless Chromium,
+# installed with apt if missing): flow run, stage task runs, progress artifacts, report and figures.
+SCREENSHOTS ?= .state/screenshots
+screenshots: install
+	MONOLM_SCREENSHOTS="$(abspath $(SCREENSHOTS))" $(PY) -m pytest -m browser -q -s tests/test_service.py
+	@echo "screenshots in $(abspath $(SCREENSHOTS))"
 
 bench: install
 	$(PY) bench/train_step.py

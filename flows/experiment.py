@@ -66,8 +66,9 @@ def submit(task, cfg: ExperimentConfig, stage: str, **params):
 
 def await_result(future, poll_seconds: float = 2.0):
     """`future.result()`, but on a task runner that can tell when its workers will never come
-    (the `slurm` profile: a failed `sbatch` is otherwise only logged and the flow waits forever),
-    check that between short waits and fail the flow with the reason."""
+    (the `slurm` profile: a failed `sbatch` is otherwise only logged, and a job that asks for more
+    than the partition has pends for ever: the flow would wait forever), check that between short
+    waits, log why worker jobs are pending, and fail the flow with the reason."""
     from prefect.context import FlowRunContext
 
     ctx = FlowRunContext.get()
@@ -77,7 +78,7 @@ def await_result(future, poll_seconds: float = 2.0):
         while not future.wrapped_future.done():
             future.wait(timeout=poll_seconds)
             if not future.wrapped_future.done():
-                check(warn=log.warning)
+                check(warn=log.warning, info=log.info)
     return future.result()
 
 
@@ -135,10 +136,14 @@ def experiment(
     """Run the whole study. `overrides` are `key=value` strings (as `monolm run --set`),
     `named_overrides` names like `reference`, `config_file` a YAML of overrides (e.g. a site file
     such as infra/site-a100.example.yaml); the config is validated before anything runs.
-    `nightly`: name the run `nightly-<preset>-<scheduled time>` and, after stage 7, compare it with
-    the previous nightly run (`flows/nightly.py`; `regression_tolerance` overrides tolerances);
-    a regression fails the run."""
+    `nightly`: check first that stage 0 can reach its model and data (`monolm verify`; a failed
+    check fails the run before any stage), name the run `nightly-<preset>-<scheduled time>` and,
+    after stage 7, compare it with the previous nightly run (`flows/nightly.py`;
+    `regression_tolerance` overrides tolerances); a regression fails the run. An empty `profile`
+    or `config_file` (a deploy-time setting left unset) means none."""
     log = get_run_logger()
+    # Deploy-time settings arrive as text: an empty profile or config file means "not set".
+    profile, config_file = profile or None, config_file or None
     if nightly:
         run_name = _nightly_name(preset, run_name)
     try:
@@ -165,6 +170,10 @@ def experiment(
                 "no runner.stage_timeout_minutes for GPU stage(s) %s: a stuck one holds its GPU job until the walltime",
                 ", ".join(untimed),
             )
+    if nightly:  # fail in seconds, naming what is unreachable, rather than deep in stage 0
+        from flows.nightly import verify_site
+
+        verify_site(cfg.model_dump(mode="json"))
     stages = run_stages.with_options(task_runner=make_task_runner(cfg), flow_run_name=f"{cfg.run_name}-stages")
     result = stages(cfg.model_dump(mode="json"))
     if nightly:

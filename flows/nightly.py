@@ -326,6 +326,36 @@ def regression_check(store_url: str, run_id: str, tolerance: dict[str, Any] | No
     return result.summary()
 
 
+# --------------------------------------------------------------------------- before the run
+class SiteCheckError(RuntimeError):
+    """Stage 0 could not run here: the model, the data or the disk that `monolm verify` checks."""
+
+
+@task(name="verify", task_run_name="verify-{cfg_data[preset]}", cache_policy=NO_CACHE, retries=0)
+def verify_site(cfg_data: dict[str, Any], timeout: float = 30.0) -> list[dict[str, Any]]:
+    """`monolm verify` at the start of a nightly run: every check as a log line; any failed check
+    fails the run at once with the checks' reasons (an unreachable hub fails within `timeout`
+    seconds instead of deep in stage 0, after the workers started)."""
+    from prefect import get_run_logger
+
+    from monolm.config import build_config
+    from monolm.verify import run_checks
+
+    cfg = build_config(cfg_data)
+    log = get_run_logger()
+    checks = run_checks(cfg, timeout=timeout)
+    for check in checks:
+        (log.info if check.ok else log.error)("%s  %s: %s", "PASS" if check.ok else "FAIL", check.name, check.detail)
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        raise SiteCheckError(
+            f"nightly run stopped before stage 0: {len(failed)} of {len(checks)} checks of `monolm verify "
+            f"--preset {cfg.preset}` failed (model {cfg.model.name}, data {cfg.data.dataset}): "
+            + "; ".join(f"{c.name}: {c.detail}" for c in failed)
+        )
+    return [asdict(c) for c in checks]
+
+
 # --------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m flows.nightly check|accept RUN_ID --store URL`: re-check a stored run, or accept

@@ -12,6 +12,10 @@ Two failure modes of the plain `DaskTaskRunner(cluster_class=SLURMCluster)` agai
   `SlurmWorkerError` naming the dead jobs) once no worker is connected and no submitted job is
   still queued or running, i.e. once nothing can ever make progress. While another worker runs
   or a job is queued, a failure is only reported (a busy cluster may queue jobs for hours).
+- A job that asks for more than any node of its partition offers is not refused by `sbatch`:
+  it stays pending (`PartitionConfig`) for ever. `check_workers` logs every pending job's reason
+  once a minute and fails the flow with `SlurmPendingError` when no worker is connected and
+  every pending job waits for something waiting cannot bring (`infra/slurm_queue.py`).
 - Task logs that Prefect's API log handler had batched on a worker are lost when the cluster
   shuts down at flow end: the handler sends every
   `PREFECT_LOGGING_TO_API_BATCH_INTERVAL` seconds from a background thread, and the worker
@@ -67,6 +71,13 @@ FLUSH_TIMEOUT_S = 10.0
 # How long a retired worker's job may take to end by itself before it is cancelled (~3 s seen:
 # the nanny closes gracefully, then the job script ends).
 RETIRE_GRACE_S = 10.0
+# Pending worker jobs: how often squeue/sinfo are asked (not at every poll: a long queue wait must
+# not load the controller), how often each job's reason is logged, and how long a reason that
+# cannot resolve by waiting must persist before the flow fails (SLURM sets a job's reason at its
+# next scheduling pass, so the first look may say "None").
+PENDING_CHECK_S = 10.0
+PENDING_LOG_INTERVAL_S = 60.0
+HOPELESS_GRACE_S = 15.0
 
 
 class SlurmSubmitError(RuntimeError):
@@ -75,6 +86,10 @@ class SlurmSubmitError(RuntimeError):
 
 class SlurmWorkerError(RuntimeError):
     """Worker jobs ended before their dask worker connected, and none is left."""
+
+
+class SlurmPendingError(RuntimeError):
+    """Worker jobs are pending for a reason waiting cannot resolve, and no worker is connected."""
 
 
 @dataclass
@@ -295,6 +310,9 @@ class SlurmTaskRunner(DaskTaskRunner):
         kwargs.setdefault("cluster_class", WatchedSLURMCluster)
         super().__init__(*args, **kwargs)
         self._reported: set[str] = set()
+        self._pending_checked = -float("inf")
+        self._pending_logged: dict[str, float] = {}
+        self._hopeless_since: dict[str, float] = {}
 
     @property
     def client(self):
@@ -310,18 +328,25 @@ class SlurmTaskRunner(DaskTaskRunner):
         cluster = self._cluster
         return cluster if isinstance(cluster, WatchedSLURMCluster) else None
 
-    def check_workers(self, warn: Callable[[str], None] | None = None) -> None:
+    def check_workers(
+        self, warn: Callable[[str], None] | None = None, info: Callable[[str], None] | None = None
+    ) -> None:
         """Raise if the cluster can no longer run anything: no worker connected, no job queued or
         running, and at least one submission failed (`SlurmSubmitError`, with sbatch's message) or
-        ended before its worker connected (`SlurmWorkerError`). Cheap while workers are connected.
-        `warn` receives each submission failure once (the flow passes its run logger)."""
+        ended before its worker connected (`SlurmWorkerError`); or every worker job is pending
+        for a reason waiting cannot resolve (`SlurmPendingError`, see `infra/slurm_queue.py`).
+        `warn` receives each submission failure once, `info` each pending job's reason once a
+        minute (the flow passes its run logger)."""
         cluster = self.cluster
         if cluster is None:
             return
         waiting, failures = cluster.submit_watch.snapshot()
         for failure in failures:
             self._report(f"worker job {failure.worker}: sbatch failed: {failure.message}", warn)
-        if cluster.scheduler_info.get("workers"):
+        connected = bool(cluster.scheduler_info.get("workers"))
+        if waiting:
+            self.watch_pending(waiting, connected, info)
+        if connected:
             return
         if not failures and not waiting:
             return
@@ -342,6 +367,51 @@ class SlurmTaskRunner(DaskTaskRunner):
             "Check the jobs' output (runner.slurm.log_directory), the interpreter (runner.slurm.python) "
             "and the prologue (runner.slurm.prologue)."
         )
+
+    def watch_pending(
+        self, waiting: dict[str, str], connected: bool, info: Callable[[str], None] | None = None
+    ) -> None:
+        """Log each pending worker job's reason once a minute; raise `SlurmPendingError` once no
+        worker is connected and every pending job has waited `HOPELESS_GRACE_S` for a reason
+        that cannot resolve, while no other job of the runner is starting. At most one squeue
+        and one sinfo call per partition every `PENDING_CHECK_S`."""
+        from infra.slurm_queue import diagnose, partition_nodes, pending_jobs
+
+        now = time.monotonic()
+        if now - self._pending_checked < PENDING_CHECK_S:
+            return
+        self._pending_checked = now
+        jobs = pending_jobs(sorted(set(waiting.values())))
+        if jobs is None:  # squeue failed: check_workers decides what that means
+            return
+        nodes = {p: partition_nodes(p) for p in {job.partition for job in jobs}}
+        hopeless: dict[str, str] = {}
+        for job in jobs:
+            why = diagnose(job, nodes[job.partition])
+            if now - self._pending_logged.get(job.job_id, -float("inf")) >= PENDING_LOG_INTERVAL_S:
+                self._pending_logged[job.job_id] = now
+                line = f"worker job {job.job_id} pending ({job.reason}): requests {job.request()}"
+                (info or self.logger.info)(line + (f"; waiting cannot help: {why}" if why else ""))
+            if why:
+                hopeless[job.job_id] = why
+                self._hopeless_since.setdefault(job.job_id, now)
+            else:
+                self._hopeless_since.pop(job.job_id, None)
+        starting = set(waiting.values()) - {job.job_id for job in jobs}  # running, or just submitted
+        states = squeue_states(sorted(starting)) if starting else {}
+        if states and any(states.get(j) in ALIVE_STATES for j in starting):
+            return
+        if connected or not jobs or len(hopeless) < len(jobs):
+            return
+        if all(now - self._hopeless_since[j] >= HOPELESS_GRACE_S for j in hopeless):
+            job = next(j for j in jobs if j.job_id in hopeless)
+            raise SlurmPendingError(
+                f"SLURM worker job {job.job_id} cannot start and waiting will not help (pending, reason "
+                f"{job.reason}): {hopeless[job.job_id]}. Lower runner.slurm.cores / memory / gpus_per_job or "
+                "choose another runner.slurm.partition (the local cluster of infra/slurm/local-slurm.sh: "
+                "--config infra/slurm/site-local.yaml)."
+                + (f" {len(jobs) - 1} more worker job(s) wait for the same." if len(jobs) > 1 else "")
+            )
 
     @staticmethod
     def _submit_message(failures: list[SubmitFailure]) -> str:

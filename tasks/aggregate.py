@@ -1,25 +1,18 @@
-"""Stage 7 task: aggregate all seeds, then publish the results table and the report as Prefect
-artifacts on the flow run, so the UI shows the results without opening any file."""
+"""Stage 7 task: aggregate all seeds, then publish the results table and the report (with its
+figures embedded, `tasks.figures`) as Prefect artifacts on the flow run, so the UI shows the
+results without opening any file."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 
 from monolm.stages import aggregate
-from tasks.common import config_of
+from tasks.common import artifact_key, config_of
+from tasks.figures import embed_figures
 from tasks.stage import as_ref, run_stage
-
-MAX_KEY = 100
-
-
-def artifact_key(kind: str, run_name: str) -> str:
-    """`<kind>-<run-name>` reduced to what Prefect accepts: lowercase letters, digits, dashes."""
-    slug = re.sub(r"[^a-z0-9]+", "-", run_name.lower()).strip("-") or "run"
-    return f"{kind}-{slug}"[:MAX_KEY].rstrip("-")
 
 
 def publish_artifacts(result: dict[str, Any]) -> dict[str, str]:
@@ -35,9 +28,13 @@ def publish_artifacts(result: dict[str, Any]) -> dict[str, str]:
         description=f"{run_name}: per model, mean over seeds (perplexity; UAT/HotFlip absolute loss increase in "
         f"nats/token and success rate). Report: {result['report']}",
     )
-    report_md = Path(result["report"]).read_text(encoding="utf-8")
-    note = f"\n\n---\nResults folder: `{result['dir']}` (plots: perplexity.png, attacks.png, training.png)\n"
-    create_markdown_artifact(markdown=report_md + note, key=keys["report"], description=f"{run_name}: report.md")
+    report_md = embed_figures(Path(result["report"]).read_text(encoding="utf-8"), result["dir"])
+    note = f"\n\n---\nResults folder: `{result['dir']}` (report.md, tables.tex, summary.csv, figures as PNG)\n"
+    create_markdown_artifact(
+        markdown=report_md + note,
+        key=keys["report"],
+        description=f"{run_name}: report.md with its figures",
+    )
     return keys
 
 

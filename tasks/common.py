@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 import os
-import threading
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +30,14 @@ from monolm.config import ExperimentConfig, build_config
 from monolm.layout import cell_paths
 from monolm.stages.common import stage_code_version, stage_config
 from tasks.locks import LivenessLockManager
+
+MAX_ARTIFACT_KEY = 100
+
+
+def artifact_key(kind: str, run_name: str) -> str:
+    """`<kind>-<run-name>` reduced to what Prefect accepts: lowercase letters, digits, dashes."""
+    slug = re.sub(r"[^a-z0-9]+", "-", run_name.lower()).strip("-") or "run"
+    return f"{kind}-{slug}"[:MAX_ARTIFACT_KEY].rstrip("-")
 
 
 def config_of(cfg: dict[str, Any] | ExperimentConfig) -> ExperimentConfig:
@@ -180,39 +188,30 @@ def stage_options(cfg: ExperimentConfig, stage: str) -> dict[str, Any]:
     }
 
 
-# --------------------------------------------------------------------------- logs and progress
-class _PrefectForwarder(logging.Handler):
-    """Forwards only records from the thread that runs this task (other tasks may share the process)."""
-
-    def __init__(self, run_logger: logging.LoggerAdapter):
-        super().__init__()
-        self.run_logger = run_logger
-        self.thread = threading.get_ident()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.thread != self.thread:
-            return
-        with contextlib.suppress(Exception):
-            self.run_logger.log(record.levelno, "%s", self.format(record))
-
-
+# --------------------------------------------------------------------------- logs
 @contextlib.contextmanager
 def forward_logs() -> Iterator[logging.LoggerAdapter]:
-    """Send the library's `monolm` log lines to the task run's logger (visible in the UI)."""
+    """Send the library's `monolm` log lines of this thread to the task run's logger: stored in
+    the task run's logs (the UI) and printed once on the console by Prefect's console handler. Not
+    also by the library's own handler, nor by the root logger's (`monolm.logs.setup_logging`)."""
     from prefect.logging import get_run_logger
 
+    from monolm.logs import route_thread
+
     run_logger = get_run_logger()
-    handler = _PrefectForwarder(run_logger)
-    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    formatter = logging.Formatter("%(name)s: %(message)s")
+
+    def sink(record: logging.LogRecord) -> None:
+        run_logger.log(record.levelno, "%s", formatter.format(record))
+
     lib = logging.getLogger("monolm")
-    lib.addHandler(handler)
     previous = lib.level
     if lib.level == logging.NOTSET or lib.level > logging.INFO:
         lib.setLevel(logging.INFO)
     try:
-        yield run_logger
+        with route_thread(sink):
+            yield run_logger
     finally:
-        lib.removeHandler(handler)
         lib.setLevel(previous)
 
 

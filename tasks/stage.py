@@ -3,6 +3,7 @@ call the library, remember what the cached result points to, record where it ran
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ from monolm.layout import cell_paths
 from monolm.stages.common import StageRef, stage_errors
 from monolm.stages.registry import stage as stage_spec
 from tasks.common import config_of, fault_after_step, forward_logs, maybe_inject_fault, remember_result, worker_context
+from tasks.progress import StageProgress, compose, tracks_progress
 
 
 def run_seed_stage(stage: str, cfg: dict[str, Any], seed: int, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -23,7 +25,11 @@ def run_seed_stage(stage: str, cfg: dict[str, Any], seed: int, inputs: dict[str,
     entry = stage_spec(stage).function()
 
     def call(c: ExperimentConfig) -> StageRef:
-        return entry(c, cell, refs, progress=False, on_log=fault_after_step(stage))
+        tracker = StageProgress(stage, seed, c.run_name or c.default_run_name) if tracks_progress(stage) else None
+        ref = entry(c, cell, refs, progress=False, on_log=compose(tracker, fault_after_step(stage)))
+        if tracker is not None:
+            tracker.finish()
+        return ref
 
     return run_stage(stage, config, seed, cell.stage(stage), call)
 
@@ -44,6 +50,7 @@ def run_stage(
             "stage %s%s starting on %s", stage, f" seed {seed}" if seed is not None else "", worker_context()["host"]
         )
         maybe_inject_fault(stage)
+        quiet_library_progress_bars()
         started = time.time()
         with stage_errors(stage, seed, directory):
             ref = call(config)
@@ -52,6 +59,15 @@ def run_stage(
         log.info("stage %s done in %.1f s", stage, time.time() - started)
     remember_result(config, result)
     return result
+
+
+def quiet_library_progress_bars() -> None:
+    """No `transformers` bars ("Loading weights", "Writing model shards") between a task's log
+    lines: under the orchestrator progress is shown by log lines and progress artifacts."""
+    with contextlib.suppress(Exception):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def as_ref(result: dict[str, Any] | None) -> StageRef | None:

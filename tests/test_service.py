@@ -31,6 +31,18 @@ UPSTREAM = STAGES[:5]
 DEPLOYMENTS = ("seed-42", "seed-1337", "seed-2024", "seed-8888", "seed-12345", "all-seeds", "nightly-quick")
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 TZ = "Europe/Berlin"  # the nightly time zone "from config" in these tests (the default is UTC)
+# What the deploying user chose for the nightly in these tests (MONOLM_NIGHTLY_*, read at deploy time).
+NIGHTLY_ENV = {
+    "MONOLM_NIGHTLY_PRESET": "tiny",
+    "MONOLM_NIGHTLY_PROFILE": "slurm",
+    "MONOLM_NIGHTLY_CONFIG": "infra/site-a100.example.yaml",
+}
+NIGHTLY_PARAMETERS = {
+    "preset": "tiny",
+    "profile": "slurm",
+    "config_file": "infra/site-a100.example.yaml",
+    "nightly": True,
+}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -65,6 +77,7 @@ class Service:
             PREFECT_RUNNER_POLL_FREQUENCY="1",
             MONOLM_FAULTS=str(self.faults),
             MONOLM_NIGHTLY_TZ=TZ,
+            **NIGHTLY_ENV,
             HF_HUB_OFFLINE="1",
             MONOLM_TORCH_THREADS="1",
         )
@@ -220,17 +233,24 @@ def test_nightly_schedule_defaults_and_configuration(monkeypatch):
     same build steps `prefect deploy` runs)."""
     from deployments.serve import as_bool, deployment_specs
 
-    for name in ("MONOLM_NIGHTLY_CRON", "MONOLM_NIGHTLY_TZ", "MONOLM_NIGHTLY"):
+    for name in ("MONOLM_NIGHTLY_CRON", "MONOLM_NIGHTLY_TZ", "MONOLM_NIGHTLY", *NIGHTLY_ENV):
         monkeypatch.delenv(name, raising=False)
-    (default,) = {s["name"]: s for s in deployment_specs()}["nightly-quick"]["schedules"]
+    nightly = {s["name"]: s for s in deployment_specs()}["nightly-quick"]
+    (default,) = nightly["schedules"]
     assert (default["cron"], default["timezone"]) == ("0 2 * * *", "UTC")
-    assert default["parameters"] == {"preset": "quick", "nightly": True}
+    # The quick preset, with the preset's profile and no site file (the flow reads "" as unset).
+    defaults = {"preset": "quick", "profile": "", "config_file": "", "nightly": True}
+    assert default["parameters"] == nightly["parameters"] == defaults
     assert as_bool(default["active"]) is False  # inactive unless switched on
     monkeypatch.setenv("MONOLM_NIGHTLY_CRON", "30 3 * * 1-5")
     monkeypatch.setenv("MONOLM_NIGHTLY_TZ", "Asia/Tokyo")
     monkeypatch.setenv("MONOLM_NIGHTLY", "on")
-    (custom,) = {s["name"]: s for s in deployment_specs()}["nightly-quick"]["schedules"]
+    for name, value in NIGHTLY_ENV.items():
+        monkeypatch.setenv(name, value)
+    nightly = {s["name"]: s for s in deployment_specs()}["nightly-quick"]
+    (custom,) = nightly["schedules"]
     assert (custom["cron"], custom["timezone"]) == ("30 3 * * 1-5", "Asia/Tokyo")
+    assert custom["parameters"] == nightly["parameters"] == NIGHTLY_PARAMETERS
     assert as_bool(custom["active"]) is True
 
 
@@ -311,6 +331,88 @@ def test_deployed_tiny_run_completes(service, shared_runs):
     assert {"results", "report"} <= service.call(artifact_keys)
 
 
+def screenshot_dir() -> Path:
+    """Where the browser test writes its screenshots: $MONOLM_SCREENSHOTS (`make screenshots`), else
+    .state/test-artifacts/browser (kept after a failure, for a reviewer or CI to look at)."""
+    return Path(os.environ.get("MONOLM_SCREENSHOTS") or REPO / ".state/test-artifacts/browser").resolve()
+
+
+@pytest.mark.service
+@pytest.mark.browser
+@pytest.mark.timeout(600)
+def test_ui_shows_the_run_its_stages_and_the_report_with_figures(service):
+    """A deployed tiny run seen in headless Chromium (Prefect's default UI): the flow run page
+    shows it Completed, its stages sub-flow page the eight stage task runs Completed, and the
+    report artifact page the report's findings and its three figures loaded. Screenshots of each
+    page go to `screenshot_dir()` (always with MONOLM_SCREENSHOTS, else on failure)."""
+    from browser import Browser, ensure_chromium
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+    )
+
+    try:
+        ensure_chromium()
+    except RuntimeError as exc:
+        if os.environ.get("CI"):  # CI runs as root with apt: there the browser test must run
+            raise
+        pytest.skip(str(exc))
+    flow_run_id = service.run_deployment("experiment/seed-42", micro_sets(service.state / "browser"))
+    run = service.wait(flow_run_id)
+    assert run.state_name == "Completed", run.state.message
+
+    async def stages_and_report(client):
+        (sub,) = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
+        )
+        arts = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[sub.id]))
+        )
+        (report,) = [a for a in arts if a.key and a.key.startswith("report-")]
+        return sub, report
+
+    sub, report = service.call(stages_and_report)
+    ui = service.api.removesuffix("/api") + "/v2"
+    shots = screenshot_dir()
+    pages = {
+        "flow-run": (f"{ui}/runs/flow-run/{flow_run_id}", (run.name, "Completed", "seed-42", "experiment")),
+        "stage-task-runs": (
+            f"{ui}/runs/flow-run/{sub.id}?tab=TaskRuns",
+            (sub.name, "8 Task runs", "(8 Completed)", *(f"{s.replace('_', '-')}-seed-42" for s in STAGES[:-1])),
+        ),
+        "progress-artifacts": (f"{ui}/runs/flow-run/{sub.id}?tab=Artifacts", ("PROGRESS", "hotflip seed 42")),
+        "report": (f"{ui}/artifacts/artifact/{report.id}", (report.key, "Findings", "Quality", "Plots")),
+    }
+    loaded_figures = (
+        "Array.from(document.images).filter(i => i.src.startsWith('data:image/png;base64,') && i.complete "
+        "&& i.naturalWidth >= 600 && i.getBoundingClientRect().width > 300).length"
+    )
+    with Browser.launch() as browser:
+        for name, (url, needles) in pages.items():
+            page = browser.open(url)
+            try:
+                page.wait_for_text(*needles, timeout=60)
+                if name == "stage-task-runs":
+                    assert page.text().count("Completed") >= 9  # the sub-flow run and its 8 task runs
+                if name == "report":
+                    assert page.wait_for(f"{loaded_figures} === 3", what="the three figures loaded") is True
+                if not os.environ.get("MONOLM_SCREENSHOTS"):
+                    continue
+                time.sleep(3)  # the run graph is drawn after the text
+                page.screenshot(shots / f"{name}.png")
+                if name == "report":  # and the figures as a reader scrolls to them
+                    page.evaluate("document.images[0].scrollIntoView({block: 'start'})")
+                    time.sleep(0.5)
+                    page.screenshot(shots / "report-figures.png", full_page=False)
+            except BaseException:
+                path = page.screenshot(shots / f"FAILED-{name}.png")
+                print(f"\nscreenshot of the failing page: {path}")
+                raise
+    print(f"\nUI screenshots in {shots}")
+
+
 @pytest.mark.service
 @pytest.mark.timeout(600)
 def test_failed_run_retried_like_the_ui_resumes_from_cache(service):
@@ -330,8 +432,8 @@ def test_failed_run_retried_like_the_ui_resumes_from_cache(service):
     finally:
         service.faults.unlink(missing_ok=True)  # clear the fault
 
-    # The UI (prefect 3.8.8's default V2 UI, RetryFlowRunDialog) posts exactly this; the V1 UI
-    # sends the same state with force=false.
+    # The UI (prefect's V2 UI, RetryFlowRunDialog; checked with 3.8.8) posts exactly this; the V1
+    # UI sends the same state with force=false.
     body = {"state": {"type": "SCHEDULED", "name": "AwaitingRetry", "message": "Retry from the UI"}, "force": True}
     req = urllib.request.Request(
         f"{service.api}/flow_runs/{flow_run_id}/set_state",
@@ -375,9 +477,9 @@ def test_nightly_schedule_is_inactive_unless_switched_on(service):
     assert deployments["seed-2024"].parameters == {"seeds": [2024], "preset": "full"}
     nightly = deployments["nightly-quick"]
     (schedule,) = nightly.schedules
-    assert schedule.active is False and schedule.parameters == {"preset": "quick", "nightly": True}
+    assert schedule.active is False and schedule.parameters == NIGHTLY_PARAMETERS
     assert (schedule.schedule.cron, schedule.schedule.timezone) == ("0 2 * * *", TZ)
-    assert nightly.parameters == {"preset": "quick", "nightly": True}
+    assert nightly.parameters == NIGHTLY_PARAMETERS
     assert nightly_runs(service, nightly.id) == []
 
     on = subprocess.run(
@@ -402,7 +504,7 @@ def test_nightly_schedule_is_inactive_unless_switched_on(service):
 
     for run in runs:
         assert run.auto_scheduled and run.state_name == "Scheduled"
-        assert run.parameters == {"preset": "quick", "nightly": True}
+        assert run.parameters == NIGHTLY_PARAMETERS
         local = run.expected_start_time.astimezone(zoneinfo.ZoneInfo(TZ))
         assert (local.hour, local.minute) == (2, 0), local
     # Nothing here may run the real quick preset (it downloads Pythia): pausing deletes them.

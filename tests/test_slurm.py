@@ -474,3 +474,76 @@ def test_gpu_stage_timeout_fails_the_stage_on_a_slurm_worker(slurm, root):
 def stage_dir_for_test(root: Path, *extra: str, stage: str = "train_monotonic", seed: int = 42) -> Path:
 
     return stage_folder(config(root, *extra), seed, stage)
+
+
+# ----------------------------------------------------------------------------- a run that cannot start says so
+def flow_run_logs(flow_run_name: str) -> list[str]:
+    """Every log message of the flow run with this name (its own and its task runs')."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        (run,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[flow_run_name])))
+        return [
+            log.message for log in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+        ]
+
+
+@pytest.mark.timeout(300)
+def test_worker_job_larger_than_every_node_fails_the_flow_within_a_minute(slurm, root):
+    """The runner's defaults on the 2-CPU local node (8 cores per job): the job pends as
+    PartitionConfig for ever; the flow fails within about a minute naming the job, the reason and
+    the request against what the partition offers, and no job is left."""
+    from infra.slurm_runner import SlurmPendingError
+
+    before = slurm.last_job()
+    name = unique_name("slurm-too-big")
+    t0 = time.monotonic()
+    with pytest.raises(SlurmPendingError) as info:
+        run_flow(root, [42], "runner.slurm.cores=8", run_name=name)
+    elapsed = time.monotonic() - t0
+    message = str(info.value)
+    ours = [j for j in slurm.jobs() if int(j) > before]
+    assert ours and re.search(rf"SLURM worker job ({'|'.join(ours)}) cannot start", message), (ours, message)
+    assert "reason PartitionConfig" in message
+    assert "requests 8 CPUs, 3 GB memory, 1 GPU(s) of type a100 on partition gpu" in message
+    assert "monolm-node: 2 CPUs, 8 GB memory, 2 GPU(s) of type a100" in message
+    assert elapsed < 90, f"took {elapsed:.0f} s to fail"
+    pending = [m for m in flow_run_logs(f"{name}-stages") if "pending (PartitionConfig)" in m]
+    assert pending and "waiting cannot help" in pending[0], pending
+    assert slurm.wait_all_ended(ours) < 15
+    print(f"oversized worker job: flow failed after {elapsed:.1f} s: {message}")
+
+
+@pytest.mark.timeout(600)
+def test_site_local_settings_run_and_an_ordinary_queue_wait_is_logged(slurm, root, tmp_path, monkeypatch):
+    """infra/slurm/site-local.yaml is all a laptop user adds (the README's command): while another
+    job holds both CPUs, the worker job waits (Resources/Priority), the flow logs its reason and
+    keeps waiting, then runs once the CPUs are free and completes."""
+    import infra.slurm_runner as runner
+    from flows.experiment import experiment
+
+    monkeypatch.setattr(runner, "PENDING_LOG_INTERVAL_S", 5.0)  # once a minute in real use
+    blocker = slurm.run(
+        "sbatch", "--parsable", "-p", "gpu", "-c", "2", "--mem=1G", "-o", "/dev/null", "--wrap", "sleep 25"
+    ).stdout.strip()
+    name = unique_name("slurm-site-local")
+    t0 = time.monotonic()
+    result = experiment(
+        seeds=[42],
+        preset="tiny",
+        config_file=str(REPO / "infra/slurm/site-local.yaml"),
+        overrides=micro_sets(tmp_path),  # the micro config and paths only: every SLURM setting from the file
+        run_name=name,
+    )
+    elapsed = time.monotonic() - t0
+    assert result["stage_states"]["aggregate"] == "Completed"
+    assert slurm.jobcomp()[blocker]["JobState"] == "COMPLETED"  # it ran to its end: nobody cancelled it
+    pending = [
+        m for m in flow_run_logs(f"{name}-stages") if re.search(r"worker job \d+ pending \((Resources|Priority)\)", m)
+    ]
+    assert len(pending) >= 2, pending  # logged again while it waited
+    assert "requests 1 CPUs, 3 GB memory, 1 GPU(s) of type a100 on partition gpu" in pending[0]
+    assert "waiting cannot help" not in " ".join(pending)
+    assert not list(REPO.glob("slurm-*.out"))  # worker output goes to the file's log_directory
+    print(f"site-local run behind a 25 s job: {elapsed:.1f} s; {pending[0]}")

@@ -53,6 +53,7 @@ from monolm.attacks.common import (
 from monolm.attacks.effects import effect_summary
 from monolm.attacks.flip_search import Method, attack_text, base_targets
 from monolm.config import HotFlipConfig
+from monolm.progress import OnLog, Progress
 from monolm.runtime import Bf16, generator
 
 default_log = logging.getLogger("monolm.attacks")
@@ -173,11 +174,12 @@ def _block_units(
     out_dir: Path,
     budget: int | None,
     progress: bool,
-    log: logging.Logger,
+    tracker: Progress,
 ) -> tuple[list[dict[str, Any]], int, bool]:
     """`(records, blocks computed, complete)` of one method: each block of `block_size` texts is a
     unit, reused when finished, else computed with `attack(i)` per text and written. Incomplete
-    once `budget` blocks were computed (None: no limit) and another one is missing."""
+    once `budget` blocks were computed (None: no limit) and another one is missing. Each block is
+    a progress line: its mean loss increase, the mean so far, and the time left (`tracker`)."""
     n_blocks = -(-n_texts // block_size)
     records: list[dict[str, Any]] = []
     computed = 0
@@ -185,6 +187,7 @@ def _block_units(
     for b in range(n_blocks):
         lo, hi = b * block_size, min(n_texts, (b + 1) * block_size)
         payload = units.read_unit(out_dir, kind, b, key)
+        reused = payload is not None
         if payload is None:
             if budget is not None and computed >= budget:
                 bar.close()
@@ -195,20 +198,25 @@ def _block_units(
                 bar.update(1)
             payload = units.write_unit(out_dir, kind, b, key, {"block": b, "examples": block})
             computed += 1
-            mean_inc = sum(r["abs_increase"] for r in payload["examples"]) / len(payload["examples"])
-            log.info(
-                "%s block %d/%d: mean loss increase %+.4f nats/token, flips %s",
-                kind,
-                b + 1,
-                n_blocks,
-                mean_inc,
-                [r["flips_used"] for r in payload["examples"]],
-            )
         else:
             bar.update(hi - lo)
         records.extend(payload["examples"])
+        mean_inc = _mean([r["abs_increase"] for r in payload["examples"]])
+        so_far = _mean([r["abs_increase"] for r in records])
+        tracker.update(
+            tracker.done + 1,
+            f"{kind} block {b + 1}/{n_blocks}{' (reused)' if reused else ''}: mean loss increase "
+            f"{mean_inc:+.4f} nats/token ({so_far:+.4f} over {len(records)} texts so far), "
+            f"flips {[r['flips_used'] for r in payload['examples']]}",
+            reused=reused,
+            loss_increase=so_far,
+        )
     bar.close()
     return records, computed, True
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
 
 
 def run(
@@ -223,16 +231,18 @@ def run(
     success_threshold: float = 0.15,
     control: bool | None = None,
     progress: bool = True,
-    log: logging.Logger | None = None,
+    log: logging.Logger | logging.LoggerAdapter | None = None,
     max_units: int | None = None,
     bf16: Bf16 = "auto",
+    on_log: OnLog | None = None,
 ) -> dict[str, Any]:
     """HotFlip on each text (at most `cfg.n_texts`, cut to `cfg.text_max_tokens`), then, when
     `control` (default `cfg.random_control`), the query-only random-candidate control on the same
     texts. Writes units, `hotflip_examples.jsonl`, `hotflip_control_examples.jsonl` (with the
     control) and `hotflip_results.json`; returns the results. `max_units` stops after that many
     newly computed blocks (returns `{"complete": False}`). `bf16` is the autocast setting
-    (`runtime.bf16_enabled`: on CUDA only)."""
+    (`runtime.bf16_enabled`: on CUDA only). Every block is a log line with the loss increase so
+    far and the time left, and a progress event for `on_log` (`monolm.progress`)."""
     log = log or default_log
     out_dir = Path(out_dir)
     control = cfg.random_control if control is None else control
@@ -244,6 +254,7 @@ def run(
     setup = AttackSetup.of(model, prefix, cfg.score_batch_size, bf16)
     records: dict[str, list[dict[str, Any]]] = {}
     computed = 0
+    tracker = Progress(-(-len(texts) // cfg.block_size) * len(methods), log=log, on_log=on_log, what="hotflip")
     with attack_mode(model):
         for method in methods:
             attack = functools.partial(_attack_example, setup, texts, cfg, allowed, method, seed, success_threshold)
@@ -252,7 +263,7 @@ def run(
             )
             budget = None if max_units is None else max_units - computed
             records[method], done, complete = _block_units(
-                attack, KINDS[method], len(texts), cfg.block_size, key, out_dir, budget, progress, log
+                attack, KINDS[method], len(texts), cfg.block_size, key, out_dir, budget, progress, tracker
             )
             computed += done
             if not complete:

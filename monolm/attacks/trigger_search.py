@@ -5,7 +5,7 @@ prefix and trigger are attended but never targets, so only original text tokens 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -92,8 +92,10 @@ def optimise_restart(
     gen: torch.Generator,
     progress: bool = False,
     desc: str = "uat",
+    on_sweep: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any]:
-    """One restart: random allowed initial trigger, then greedy sweeps until no change."""
+    """One restart: random allowed initial trigger, then greedy sweeps until no change.
+    `on_sweep(sweeps done, current trigger's batch loss)` is called after each sweep."""
     allowed_ids = torch.nonzero(allowed).flatten()
     trigger = allowed_ids[torch.randint(len(allowed_ids), (cfg.trigger_len,), generator=gen)]
     initial = trigger.tolist()
@@ -102,6 +104,7 @@ def optimise_restart(
     steps: list[dict[str, Any]] = []
     converged = False
     sweeps = 0
+    current = float("nan")
     bar = tqdm(total=cfg.max_sweeps * cfg.trigger_len, desc=desc, disable=(not progress) or None, leave=False)
     for sweep in range(cfg.max_sweeps):
         sweeps += 1
@@ -126,8 +129,11 @@ def optimise_restart(
             if accept:
                 trigger[p] = tokens[best]
                 changed = True
+            current = float(losses[best] if accept else losses[0])
             bar.update(1)
-            bar.set_postfix(loss=f"{float(losses[best] if accept else losses[0]):.3f}")
+            bar.set_postfix(loss=f"{current:.3f}")
+        if on_sweep is not None:
+            on_sweep(sweeps, current)
         if not changed:
             converged = True
             break

@@ -47,6 +47,7 @@ from monolm.attacks.common import (
 from monolm.attacks.effects import effect_summary, per_text_effects
 from monolm.attacks.trigger_search import NO_TRIGGER, optimise_restart, text_batch, trigger_row, with_triggers
 from monolm.config import UATConfig
+from monolm.progress import OnLog, Progress
 from monolm.runtime import Bf16, generator
 
 default_log = logging.getLogger("monolm.attacks")
@@ -153,11 +154,31 @@ def _held_out_texts(
 
 
 def _restart(
-    setup: AttackSetup, opt: TextBatch, cfg: UATConfig, allowed: torch.Tensor, seed: int, progress: bool, r: int
+    setup: AttackSetup,
+    opt: TextBatch,
+    cfg: UATConfig,
+    allowed: torch.Tensor,
+    seed: int,
+    progress: bool,
+    tracker: Progress,
+    clean_loss: float,
+    r: int,
 ) -> dict[str, Any]:
-    """Restart `r` from its own seeded generator, with its trigger's loss over all optimisation texts."""
+    """Restart `r` from its own seeded generator, with its trigger's loss over all optimisation
+    texts; each sweep is a progress line (the sweep's batch loss over the clean loss)."""
     gen = generator(seed, STAGE, r)
-    result = optimise_restart(setup, opt, cfg, allowed=allowed, gen=gen, progress=progress, desc=f"uat restart {r}")
+
+    def on_sweep(sweep: int, batch_loss: float) -> None:
+        tracker.update(
+            r * cfg.max_sweeps + sweep,
+            f"uat restart {r + 1}/{cfg.restarts} sweep {sweep}/{cfg.max_sweeps}: batch loss {batch_loss:.4f} "
+            f"({batch_loss - clean_loss:+.4f} over clean)",
+            loss_increase=batch_loss - clean_loss,
+        )
+
+    result = optimise_restart(
+        setup, opt, cfg, allowed=allowed, gen=gen, progress=progress, desc=f"uat restart {r}", on_sweep=on_sweep
+    )
     per_text = setup.losses(with_triggers(setup.prefix, trigger_row(result["trigger_ids"]), opt)).tolist()
     result.update(restart=r, opt_loss=sum(per_text) / len(per_text))
     return result
@@ -166,33 +187,42 @@ def _restart(
 def _restart_units(
     compute: Callable[[int], dict[str, Any]],
     tokenizer: Any,
-    n_restarts: int,
+    cfg: UATConfig,
     key: str,
     out_dir: Path,
     max_units: int | None,
-    log: logging.Logger,
+    tracker: Progress,
+    clean_loss: float,
 ) -> tuple[list[dict[str, Any]], bool]:
     """`(payloads, complete)`: restart r's finished unit is reused, a missing one is computed with
-    `compute(r)` and written. Incomplete once `max_units` restarts were computed and more are missing."""
+    `compute(r)` and written. Incomplete once `max_units` restarts were computed and more are missing.
+    Each restart ends with a progress line: its loss over all optimisation texts and the increase."""
     restarts: list[dict[str, Any]] = []
     computed = 0
+    n_restarts = cfg.restarts
     for r in range(n_restarts):
         payload = units.read_unit(out_dir, KIND, r, key)
+        done = (r + 1) * cfg.max_sweeps
         if payload is not None:
-            log.info("uat restart %d/%d: reused finished unit (opt loss %.4f)", r + 1, n_restarts, payload["opt_loss"])
+            tracker.update(
+                done,
+                f"uat restart {r + 1}/{n_restarts}: reused finished unit (opt loss {payload['opt_loss']:.4f}, "
+                f"{payload['opt_loss'] - clean_loss:+.4f} over clean)",
+                reused=True,
+                loss_increase=payload["opt_loss"] - clean_loss,
+            )
         elif max_units is not None and computed >= max_units:
             return restarts, False
         else:
             payload = units.write_unit(out_dir, KIND, r, key, compute(r))
             computed += 1
-            log.info(
-                "uat restart %d/%d: opt loss %.4f after %d sweeps%s, trigger %r",
-                r + 1,
-                n_restarts,
-                payload["opt_loss"],
-                payload["sweeps"],
-                " (converged)" if payload["converged"] else "",
-                tokenizer.decode(payload["trigger_ids"]),
+            tracker.update(
+                done,
+                f"uat restart {r + 1}/{n_restarts}: opt loss {payload['opt_loss']:.4f} "
+                f"({payload['opt_loss'] - clean_loss:+.4f} over clean {clean_loss:.4f}) after {payload['sweeps']} "
+                f"sweeps{' (converged)' if payload['converged'] else ''}, trigger "
+                f"{tokenizer.decode(payload['trigger_ids'])!r}",
+                loss_increase=payload["opt_loss"] - clean_loss,
             )
         restarts.append(payload)
     return restarts, True
@@ -210,9 +240,10 @@ def run(
     allowed: torch.Tensor | None = None,
     success_threshold: float = 0.15,
     progress: bool = True,
-    log: logging.Logger | None = None,
+    log: logging.Logger | logging.LoggerAdapter | None = None,
     max_units: int | None = None,
     bf16: Bf16 = "auto",
+    on_log: OnLog | None = None,
 ) -> dict[str, Any]:
     """Learn a universal trigger on `opt_texts` and report its effect on `eval_texts`.
 
@@ -222,7 +253,8 @@ def run(
     `triggers.json` and `uat_results.json` (schemas in SCHEMA.md) and returns the results.
     `max_units` stops after computing that many new restarts (returns `{"complete": False}`),
     which is how tests simulate a run killed part-way. `bf16` is the autocast setting
-    (`runtime.bf16_enabled`: on CUDA only).
+    (`runtime.bf16_enabled`: on CUDA only). Every sweep and restart is a log line with the loss
+    increase so far and the time left, and a progress event for `on_log` (`monolm.progress`).
     """
     log = log or default_log
     out_dir = Path(out_dir)
@@ -233,12 +265,14 @@ def run(
     opt_batch = text_batch(opt, bool(prefix))
     with attack_mode(model):
         key = run_key(model, opt, cfg, seed=seed, prefix=prefix, allowed=allowed)
-        compute = functools.partial(_restart, setup, opt_batch, cfg, allowed, seed, progress)
-        restarts, complete = _restart_units(compute, tokenizer, cfg.restarts, key, out_dir, max_units, log)
+        clean_opt = setup.losses(with_triggers(prefix, NO_TRIGGER, opt_batch)).tolist()
+        clean_loss = sum(clean_opt) / len(clean_opt)
+        tracker = Progress(cfg.restarts * cfg.max_sweeps, log=log, on_log=on_log, what="uat")
+        compute = functools.partial(_restart, setup, opt_batch, cfg, allowed, seed, progress, tracker, clean_loss)
+        restarts, complete = _restart_units(compute, tokenizer, cfg, key, out_dir, max_units, tracker, clean_loss)
         if not complete:
             return {"complete": False, "units_done": len(restarts)}
         best = max(restarts, key=lambda u: (u["opt_loss"], -u["restart"]))
-        clean_opt = setup.losses(with_triggers(prefix, NO_TRIGGER, opt_batch)).tolist()
         evaluation = _clean_and_attacked(setup, best["trigger_ids"], text_batch(ev, bool(prefix)))
     triggers = _triggers_record(tokenizer, cfg, prefix, restarts, best)
     results = {

@@ -18,6 +18,7 @@ metrics["triggers"][arm] (text) and metrics["trigger_ids"][arm], HotFlip's metri
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,14 @@ from monolm import models as models_lib
 from monolm.artifacts import atomic_write_json
 from monolm.config import ExperimentConfig
 from monolm.layout import CellPaths
+from monolm.progress import labelled, part_callback
 from monolm.runtime import pick_device
 from monolm.stages.common import Inputs, OnLog, StageRef, existing, files_under, finish, prepare
 from monolm.stages.registry import TRAIN_STAGES
 from monolm.stages.setup import load_setup
 
 ARMS = tuple(TRAIN_STAGES)
+attack_log = logging.getLogger("monolm.attacks")
 
 
 def attack_texts(cfg: ExperimentConfig, tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[int]]]:
@@ -123,8 +126,10 @@ def run_uat(
             success_threshold=cfg.attacks.success_threshold,
             bf16=cfg.attacks.bf16,
             progress=progress,
+            on_log=part_callback(on_log, i, len(models), arm),
+            log=labelled(attack_log, arm),
         )
-        for arm, model in models.items()
+        for i, (arm, model) in enumerate(models.items())
     }
     transfer = uat.transfer_matrix(
         models,
@@ -229,8 +234,10 @@ def run_hotflip(
             success_threshold=cfg.attacks.success_threshold,
             bf16=cfg.attacks.bf16,
             progress=progress,
+            on_log=part_callback(on_log, i, len(models), arm),
+            log=labelled(attack_log, arm),
         )
-        for arm, model in models.items()
+        for i, (arm, model) in enumerate(models.items())
     }
     examples = {arm: _read_examples(out / arm / "hotflip_examples.jsonl") for arm in ARMS}
     transfer = hotflip.transfer_matrix(

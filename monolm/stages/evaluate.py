@@ -8,6 +8,7 @@ windows, predicted tokens only). The trained monotonic model's constrained weigh
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -18,12 +19,14 @@ from monolm.artifacts import atomic_write_json
 from monolm.config import ExperimentConfig
 from monolm.layout import CellPaths
 from monolm.monotonicity import monotonicity_violation_rate
+from monolm.progress import Progress
 from monolm.runtime import generator, pick_device
 from monolm.stages.common import Inputs, OnLog, StageRef, existing, finish, prepare
 from monolm.stages.registry import TRAIN_STAGES
 from monolm.stages.setup import load_setup, model_dir
 
 STAGE = "evaluate"
+log = logging.getLogger("monolm.stages")
 
 
 def run(
@@ -46,7 +49,8 @@ def run(
     }
     results: dict[str, Any] = {}
     extra: dict[str, Any] = {}
-    for name, path in paths.items():
+    tracker = Progress(len(paths), log=log, on_log=on_log, what="evaluate")
+    for i, (name, path) in enumerate(paths.items()):
         model = models.load_model(path, device)
         results[name] = evaluation.perplexity(
             model,
@@ -67,6 +71,11 @@ def run(
                 model, cfg.constraint.monotonicity_pairs, generator(cell.seed, STAGE, "monotonicity"), inputs=blocks[:4]
             )
         del model
+        tracker.update(
+            i + 1,
+            f"evaluate {name} ({i + 1}/{len(paths)}): perplexity {results[name]['token_perplexity']:.3f} "
+            f"over {results[name].get('tokens', '?')} tokens",
+        )
     report = {
         "models": results,
         "part": "test",

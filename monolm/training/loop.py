@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from monolm.artifacts import atomic_write_json
 from monolm.config import ArmConfig
 from monolm.constraints import ConstraintViolation
+from monolm.progress import eta_seconds, format_eta
 from monolm.runtime import eval_mode
 from monolm.training.best import SaveModel, read_best, save_best
 from monolm.training.run import Evaluate, OnLog, TrainingRun, prepare_run
@@ -89,6 +90,7 @@ def train(
         on_log=on_log,
     )
     state = start_or_resume(run)
+    first_step = state.step  # for the ETA: steps reused from a checkpoint do not count as speed
     total = run.total_steps
     stop_at = total if max_steps_this_call is None else min(total, state.step + max_steps_this_call)
     state.start_clocks()
@@ -102,10 +104,10 @@ def train(
             history_changed = False
 
             if step % arm.log_every_steps == 0 or step == total:
-                log_step(run, state, lr, bar)
+                log_step(run, state, lr, bar, first_step)
                 history_changed = True
             if evaluate is not None and (step % arm.eval_every_steps == 0 or step == total):
-                evaluate_and_keep_best(run, state)
+                evaluate_and_keep_best(run, state, first_step)
                 history_changed = True
             if evaluate is None and step == total:
                 keep_final_as_best(run, state)
@@ -121,13 +123,22 @@ def train(
     return _finish(run, state)
 
 
+def _label(run: TrainingRun) -> str:
+    return "train (constrained)" if run.constrained else "train"
+
+
+def _progress_fields(run: TrainingRun, state: LoopState, first_step: int) -> dict[str, Any]:
+    """What an `on_log` consumer needs to show progress: the fraction done and the time left."""
+    eta = eta_seconds(state.step, run.total_steps, time.perf_counter() - state.call_start, first_step)
+    return {"total_steps": run.total_steps, "fraction": state.step / max(run.total_steps, 1), "eta_s": eta}
+
+
 def _progress_bar(run: TrainingRun, state: LoopState, progress: bool) -> tqdm:
-    desc = "train (constrained)" if run.constrained else "train"
     return tqdm(
         total=run.total_steps,
         initial=state.step,
         disable=None if progress else True,
-        desc=desc,
+        desc=_label(run),
         unit="step",
         dynamic_ncols=True,
     )
@@ -150,8 +161,9 @@ def take_step(run: TrainingRun, state: LoopState) -> float:
     return lr
 
 
-def log_step(run: TrainingRun, state: LoopState, lr: float, bar: tqdm) -> None:
-    """Append the averages of the interval that ends at this step to the history; start a new one."""
+def log_step(run: TrainingRun, state: LoopState, lr: float, bar: tqdm, first_step: int = 0) -> None:
+    """Append the averages of the interval that ends at this step to the history, log them as one
+    line (step/total, loss, lr, tokens/s, ETA) and hand them to `on_log`; start a new interval."""
     interval = state.interval
     entry = {
         "step": state.step,
@@ -166,20 +178,31 @@ def log_step(run: TrainingRun, state: LoopState, lr: float, bar: tqdm) -> None:
     if run.constrained:
         entry["min_constrained_weight"] = interval.min_w
     state.history["log"].append(entry)
-    run.emit("train", entry)
+    fields = _progress_fields(run, state, first_step)
+    message = (
+        f"{_label(run)} step {state.step}/{run.total_steps}: loss {entry['train_loss']:.4f}, lr {lr:.3g}, "
+        f"{entry['tokens_per_s']:,.0f} tokens/s, ETA {format_eta(fields['eta_s'])}"
+    )
+    log.info("%s", message)
+    run.emit("train", {**entry, **fields, "message": message})
     bar.set_postfix(loss=f"{entry['train_loss']:.4f}", tok_s=f"{entry['tokens_per_s']:.0f}")
     state.interval = Interval()
 
 
-def evaluate_and_keep_best(run: TrainingRun, state: LoopState) -> None:
-    """Evaluate, record the metrics, and save the model as `best/` if its perplexity is the lowest."""
+def evaluate_and_keep_best(run: TrainingRun, state: LoopState, first_step: int = 0) -> None:
+    """Evaluate, record the metrics, and save the model as `best/` if its perplexity is the lowest;
+    log the result as one line and hand it to `on_log`."""
     metrics = _run_eval(run.model, run.evaluate, run.constrained)
     entry = {"step": state.step, **metrics}
     state.history["eval"].append(entry)
-    run.emit("eval", entry)
     ppl = metrics["val_perplexity"]
     summary = state.summary
-    if summary["best_val_perplexity"] is None or ppl < summary["best_val_perplexity"]:
+    best = summary["best_val_perplexity"] is None or ppl < summary["best_val_perplexity"]
+    best_note = "new best" if best else f"best {summary['best_val_perplexity']:.3f} at step {summary['best_step']}"
+    message = f"{_label(run)} eval at step {state.step}/{run.total_steps}: val perplexity {ppl:.3f} ({best_note})"
+    log.info("%s", message)
+    run.emit("eval", {**entry, **_progress_fields(run, state, first_step), "message": message})
+    if best:
         save_best(
             run.out_dir,
             run.model,
