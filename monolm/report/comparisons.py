@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from monolm import stats
 from monolm.report.labels import ARMS, ATTACK_METRICS, ATTACKS, metric_label
 from monolm.report.summaries import ALPHA, CONFIDENCE
@@ -27,6 +29,7 @@ class Comparison:
     seed: int | None  # None across seeds; the seed for a within-seed test
     result: dict[str, Any]
     label: str = ""
+    means: tuple[float, float] | None = None  # mean of a's and of b's values (what the difference is of)
 
     def to_json(self) -> dict[str, Any]:
         sentence = stats.describe_difference(
@@ -40,11 +43,16 @@ class Comparison:
             "scope": self.scope,
             "seed": self.seed,
             **{k: v for k, v in self.result.items() if k != "test_names"},
+            "mean_a": self.means[0] if self.means else None,
+            "mean_b": self.means[1] if self.means else None,
             "test": stats.TEST_NAMES["t"],
             "secondary_test": stats.TEST_NAMES["wilcoxon"],
             "sentence": sentence,
         }
 
+
+ARM_PAIR = ("monotonic", "baseline")  # every arm difference is monotonic − baseline
+CONTROL_PAIR = ("gradient HotFlip", "random control")
 
 ACROSS_SEEDS = (
     *(("evaluate", metric) for metric in ("token_perplexity", "loss", "bits_per_byte")),
@@ -54,6 +62,22 @@ ACROSS_SEEDS = (
 
 
 Lookup = dict[tuple[int, str, str | None, str], float]  # (seed, stage, model, metric) -> value
+
+
+def _compare(
+    stage: str,
+    metric: str,
+    pair: tuple[str, str],
+    scope: str,
+    seed: int | None,
+    a_values: Sequence[float],
+    b_values: Sequence[float],
+    label: str,
+) -> Comparison:
+    """The paired test of `a_values` against `b_values` (a − b), with both means kept for reports."""
+    result = stats.paired_test(a_values, b_values, alpha=ALPHA, confidence=CONFIDENCE)
+    means = (float(np.mean(a_values)), float(np.mean(b_values))) if len(a_values) else None
+    return Comparison(stage, metric, pair[0], pair[1], scope, seed, result, label, means)
 
 
 def _paired_over_seeds(
@@ -75,18 +99,7 @@ def _across_seeds(lookup: Lookup, seed_ids: Sequence[int]) -> list[Comparison]:
         pairs = _paired_over_seeds(lookup, seed_ids, stage, ("monotonic", metric), ("baseline", metric))
         if len(pairs) >= 2:
             mono, base = zip(*pairs, strict=True)
-            out.append(
-                Comparison(
-                    stage,
-                    metric,
-                    "monotonic",
-                    "baseline",
-                    "seeds",
-                    None,
-                    stats.paired_test(mono, base, alpha=ALPHA, confidence=CONFIDENCE),
-                    metric_label(stage, metric),
-                )
-            )
+            out.append(_compare(stage, metric, ARM_PAIR, "seeds", None, mono, base, metric_label(stage, metric)))
     return out
 
 
@@ -98,17 +111,9 @@ def _gradient_vs_control(lookup: Lookup, seed_ids: Sequence[int]) -> list[Compar
         pairs = _paired_over_seeds(lookup, seed_ids, "hotflip", (arm, "abs_increase"), (arm, "control_abs_increase"))
         if len(pairs) >= 2:
             grad, ctrl = zip(*pairs, strict=True)
+            label = f"{arm} arm absolute loss increase (nats/token)"
             out.append(
-                Comparison(
-                    "hotflip",
-                    f"gradient_vs_control_{arm}",
-                    "gradient HotFlip",
-                    "random control",
-                    "seeds",
-                    None,
-                    stats.paired_test(grad, ctrl, alpha=ALPHA, confidence=CONFIDENCE),
-                    f"{arm} arm absolute loss increase (nats/token)",
-                )
+                _compare("hotflip", f"gradient_vs_control_{arm}", CONTROL_PAIR, "seeds", None, grad, ctrl, label)
             )
     return out
 
@@ -124,17 +129,10 @@ def _control_within_seed(data: dict[str, Any]) -> list[Comparison]:
         if "control" not in rec:
             continue
         grad, ctrl = example_effects(per_example, arm), example_effects(rec, "control")
+        label = f"{arm} arm absolute loss increase (nats/token, seed {seed})"
+        metric = f"gradient_vs_control_{arm}"
         out.append(
-            Comparison(
-                "hotflip",
-                f"gradient_vs_control_{arm}",
-                "gradient HotFlip",
-                "random control",
-                "texts",
-                seed,
-                stats.paired_test(grad["abs_increase"], ctrl["abs_increase"], alpha=ALPHA, confidence=CONFIDENCE),
-                f"{arm} arm absolute loss increase (nats/token, seed {seed})",
-            )
+            _compare("hotflip", metric, CONTROL_PAIR, "texts", seed, grad["abs_increase"], ctrl["abs_increase"], label)
         )
     return out
 
@@ -150,36 +148,15 @@ def _within_seed(data: dict[str, Any]) -> list[Comparison]:
             continue
         mono, base = example_effects(per_example, "monotonic"), example_effects(per_example, "baseline")
         for metric in ("abs_increase", "rel_increase"):
-            out.append(
-                Comparison(
-                    stage,
-                    metric,
-                    "monotonic",
-                    "baseline",
-                    "texts",
-                    seed,
-                    stats.paired_test(mono[metric], base[metric], alpha=ALPHA, confidence=CONFIDENCE),
-                    f"{metric_label(stage, metric)} (seed {seed})",
-                )
-            )
+            label = f"{metric_label(stage, metric)} (seed {seed})"
+            out.append(_compare(stage, metric, ARM_PAIR, "texts", seed, mono[metric], base[metric], label))
     ev = data.get("evaluation")
     if ev:
         mono_docs, base_docs = doc_losses(ev, "monotonic"), doc_losses(ev, "baseline")
         if mono_docs is not None and base_docs is not None:
-            out.append(
-                Comparison(
-                    "evaluate",
-                    "doc_loss",
-                    "monotonic",
-                    "baseline",
-                    "documents",
-                    seed,
-                    stats.paired_test(
-                        mono_docs[0] / mono_docs[1], base_docs[0] / base_docs[1], alpha=ALPHA, confidence=CONFIDENCE
-                    ),
-                    f"per-document loss (nats/token, seed {seed})",
-                )
-            )
+            mono_loss, base_loss = mono_docs[0] / mono_docs[1], base_docs[0] / base_docs[1]
+            label = f"per-document loss (nats/token, seed {seed})"
+            out.append(_compare("evaluate", "doc_loss", ARM_PAIR, "documents", seed, mono_loss, base_loss, label))
     return out
 
 
