@@ -369,6 +369,40 @@ def test_report_sentences_follow_the_numbers(three_seeds):
     assert "mlp in block: 16.0%" in md and "mlp in linear: 0%" in md  # 3 significant digits, as its column
 
 
+def test_headline_table_opens_the_report_with_the_across_seed_tests(three_seeds):
+    """The first screen: one row per measure with both arms, the across-seed difference, CI, p,
+    verdict and n, all taken from the paired tests; the caveats stated once under it."""
+    _, _, out, results = three_seeds
+    md = Path(out["report"]).read_text()
+    head = md.split("## What was run")[0]
+    assert head.index("Headline") < head.index("| Measure |")
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+        for line in head.splitlines()
+        if line.startswith("| ") and not line.startswith("| Measure")
+    }
+    assert list(rows) == [
+        "Test perplexity",
+        "UAT absolute loss increase (nats/token)",
+        "HotFlip absolute loss increase (nats/token)",
+        "UAT success rate",
+        "HotFlip success rate",
+    ]
+    from monolm.report import first_screen, formatting
+
+    for label, (stage, metric) in zip(rows, first_screen.MEASURES, strict=True):
+        comp = _comparison(results, stage, metric)
+        cells = rows[label]
+        fmt = formatting.fmt_pct if metric == "success_rate" else formatting.fmt_num
+        assert (cells[1], cells[2]) == (fmt(comp["mean_b"]), fmt(comp["mean_a"]))
+        assert cells[5] == formatting.fmt_p(comp["t_p"]) and cells[7] == "3 seeds"
+        assert cells[6] == first_screen.verdict(stage, comp)
+    ppl = _comparison(results, "evaluate", "token_perplexity")
+    assert float(rows["Test perplexity"][3]) == pytest.approx(ppl["mean_diff"], rel=1e-3)
+    assert "say nothing about variation between training seeds" not in md  # no within-seed row here
+    assert "not corrected for multiple comparisons" in head
+
+
 def test_relative_without_absolute_difference_is_explained(tmp_path):
     """Same absolute damage, higher clean loss for the constrained arm: the relative increase is
     smaller only because it divides by a larger clean loss, and the report says so."""
@@ -477,10 +511,20 @@ def test_one_seed_uses_examples(one_seed):
     assert (rec["ci_high"] - rec["ci_low"]) / 2 == pytest.approx(half_normal, rel=0.25)
     assert not [c for c in results["comparisons"] if c["scope"] == "seeds"]  # no across-seed test with n=1
     uat = next(s for s in results["findings"] if s.startswith("UAT absolute loss increase"))
-    assert "n=40 texts" in uat and "This test is within seed 42" in uat
+    assert "n=40 texts" in uat and "(seed 42)" in uat
     ppl = next(s for s in results["findings"] if s.startswith("Held-out token perplexity"))
     assert "no paired test possible" in ppl and "no difference is claimed" in ppl and "n=1 seed)" in ppl
-    assert "No confidence interval" in Path(out["report"]).read_text()  # perplexity: no per-document losses
+    md = Path(out["report"]).read_text()
+    assert "No confidence interval" in md  # perplexity: no per-document losses
+    # The caveat the within-seed tests share is said once, under the headline table, not per finding.
+    assert md.count("say nothing about variation between training seeds") == 1
+    head = md.split("## What was run")[0]
+    assert "say nothing about variation between training seeds" in head
+    row = next(line for line in head.splitlines() if line.startswith("| UAT absolute loss increase"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    uat_test = next(c for c in results["comparisons"] if c["stage"] == "uat" and c["metric"] == "abs_increase")
+    assert float(cells[3]) == pytest.approx(uat_test["mean_diff"], rel=1e-3) and cells[7] == "40 texts (seed 42)"
+    assert cells[6] == "constrained less robust"  # significant, constrained − baseline > 0
 
 
 def test_one_seed_perplexity_ci_from_documents(tmp_path):
@@ -520,7 +564,7 @@ def test_attacks_missing_in_one_seed_are_tested_within_the_other(tmp_path):
         "bits_per_byte",
     ]
     hotflip = next(s for s in results["findings"] if s.startswith("HotFlip absolute loss increase"))
-    assert "n=40 texts" in hotflip and "within seed 42 (the only seed with this measurement)" in hotflip
+    assert "n=40 texts" in hotflip and "(seed 42)" in hotflip  # the only seed with this measurement
     assert results["meta"]["status"] == "partial" and out["status"] == "partial"
 
 

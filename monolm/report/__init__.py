@@ -28,7 +28,8 @@ and can be tested on hand-made numbers. One module per job, in the order the dat
 * `sentences`: the findings, the recipe statement and the monotonicity statement;
 * `examples`: the UAT triggers and a few HotFlip examples, as the attacks left them;
 * `analysis`: all of the above as results.json, plus the headline numbers and console rows;
-* `formatting`, `table_builders`, `render`: the tables and their Markdown, LaTeX and CSV forms.
+* `formatting`, `table_builders`, `render`: the tables and their Markdown, LaTeX and CSV forms;
+  `first_screen`: the headline table that opens report.md, with the caveats its rows share.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Rendering: report.md (recipe and provenance first, then findings, tables, plots, methods and the
+"""Rendering: report.md (the headline table, then provenance, findings, tables, plots, methods and the
 config), tables.tex (booktabs) and summary.csv, all from results.json and the shared tables."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import csv
 import io
 from typing import Any
 
+from monolm.report.first_screen import headline_table
 from monolm.report.formatting import fmt_pct
 from monolm.report.labels import ATTACKS
 from monolm.report.summaries import ALPHA
@@ -88,7 +89,8 @@ def latex(results: dict[str, Any]) -> str:
         f"% monolm results: {meta['run_name']} (config digest {meta['config_digest']}, "
         f"code {meta['code_revision']}). Requires \\usepackage{{booktabs}}.\n"
     )
-    return head + "\n\n".join(table_latex(t) for t in tables(results) if not t.markdown_only) + "\n"
+    headline = [t for t in (headline_table(results),) if t]
+    return head + "\n\n".join(table_latex(t) for t in [*headline, *tables(results)] if not t.markdown_only) + "\n"
 
 
 CSV_COLUMNS = (
@@ -155,9 +157,7 @@ def _provenance_lines(results: dict[str, Any], config_path: str) -> list[str]:
         else ""
     )
     return [
-        f"# monolm results: {meta['run_name']}",
-        "",
-        f"> {results['recipe_statement']}",
+        "## What was run",
         "",
         "- Question: does constraining the FFN weights to be non-negative make the model harder to attack, "
         "and what does it cost?",
@@ -171,6 +171,13 @@ def _provenance_lines(results: dict[str, Any], config_path: str) -> list[str]:
         f"- Code revision: `{meta['code_revision']}`" + stage_revisions + ".",
         "",
     ]
+
+
+def _headline_lines(results: dict[str, Any]) -> list[str]:
+    """The title, the recipe in one line, and the headline table with the caveats its rows share."""
+    lines = [f"# monolm results: {results['meta']['run_name']}", "", f"> {results['recipe_statement']}", ""]
+    table = headline_table(results)
+    return [*lines, table_markdown(table), ""] if table else lines
 
 
 def _findings_lines(results: dict[str, Any]) -> list[str]:
@@ -221,8 +228,10 @@ def _methods_lines(meta: dict[str, Any]) -> list[str]:
 
 
 def markdown(results: dict[str, Any], *, plots: dict[str, str], config_yaml: str, config_path: str) -> str:
-    """report.md: recipe and provenance first, then findings, tables, plots, methods, config."""
+    """report.md: the headline table first, then what was run, findings, tables, plots, methods,
+    config."""
     lines = [
+        *_headline_lines(results),
         *_provenance_lines(results, config_path),
         *_findings_lines(results),
         *_table_lines(results),

@@ -68,16 +68,8 @@ def _metric_findings(results: dict[str, Any], stage: str, metric: str) -> list[s
         within = [c for c in comps if c["stage"] == "evaluate" and c["metric"] == "doc_loss"]
     if across:
         return [finding(across[0], headline=headline) + (_within_seed_count(within) if within else "")]
-    if within:
-        return [
-            finding(comp, headline=headline)
-            + (
-                f" This test is within seed {comp['seed']} (the only seed with this measurement): it is over "
-                f"{comp['scope']} for one trained pair of models and says nothing about variation between "
-                "training seeds."
-            )
-            for comp in within
-        ]
+    if within:  # the caveat these tests share is said once, under the headline table
+        return [finding(comp, headline=headline) for comp in within]
     means = {r["model"]: r for r in results["summaries"] if r["stage"] == stage and r["metric"] == metric}
     if metric not in ("token_perplexity", "abs_increase") or not means:
         return []

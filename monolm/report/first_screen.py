@@ -1,0 +1,108 @@
+"""The report's first screen: one row per headline measure (baseline, constrained, their
+difference with its CI and p, a verdict and n), and the caveats those tests share, said once
+under the table instead of in every finding."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from monolm.report.formatting import fmt_num, fmt_p, fmt_pct
+from monolm.report.labels import ATTACKS, METRIC_LABEL
+from monolm.report.summaries import ALPHA, summary
+from monolm.report.table_builders import Table, wilcoxon_floor_note
+
+# Quality first, then for every attack the primary effect and its success rate.
+MEASURES: tuple[tuple[str, str], ...] = (
+    ("evaluate", "token_perplexity"),
+    *((attack, "abs_increase") for attack in ATTACKS),
+    *((attack, "success_rate") for attack in ATTACKS),
+)
+WITHIN_SEED_CAVEAT = (
+    "Rows tested within one seed (over the attacked texts or the test documents of that seed) compare "
+    "one trained pair of models: they say nothing about variation between training seeds."
+)
+
+
+def primary_test(results: dict[str, Any], stage: str, metric: str) -> dict[str, Any] | None:
+    """The test a headline row reports: across seeds when there is one; otherwise the one
+    within-seed test of the measure (for quality: the per-document loss); None when there is no
+    test or several within-seed tests (the findings list those)."""
+    comps = results["comparisons"]
+    across = [c for c in comps if c["stage"] == stage and c["metric"] == metric and c["scope"] == "seeds"]
+    if across:
+        return across[0]
+    within_metric = "doc_loss" if stage == "evaluate" else metric
+    within = [c for c in comps if c["stage"] == stage and c["metric"] == within_metric and c["scope"] != "seeds"]
+    return within[0] if len(within) == 1 else None
+
+
+def verdict(stage: str, comp: dict[str, Any] | None) -> str:
+    """The row's verdict in words, from the sign of the difference and the test's significance."""
+    if comp is None or comp.get("mean_diff") is None:
+        return "no test"
+    if not comp["significant"]:
+        return "no significant difference"
+    higher = comp["mean_diff"] > 0
+    if stage == "evaluate":
+        return "constrained worse" if higher else "constrained better"
+    return "constrained less robust" if higher else "constrained more robust"
+
+
+def _label(stage: str, metric: str, comp: dict[str, Any] | None) -> str:
+    if comp is not None and comp["metric"] == "doc_loss":
+        return f"Test loss per document (nats/token), seed {comp['seed']}"
+    if stage == "evaluate":
+        return "Test perplexity"
+    return f"{ATTACKS[stage]} {METRIC_LABEL[metric]}"
+
+
+def _n(comp: dict[str, Any] | None, fallback: int | None) -> str:
+    if comp is None:
+        return f"{fallback} seed{'s' if fallback != 1 else ''}" if fallback else "—"
+    where = "" if comp["scope"] == "seeds" else f" (seed {comp['seed']})"
+    return f"{comp['n']} {comp['scope']}{where}"
+
+
+def headline_row(results: dict[str, Any], stage: str, metric: str) -> list[str] | None:
+    """One row, or None when neither arm has the measure."""
+    base, mono = summary(results, stage, "baseline", metric), summary(results, stage, "monotonic", metric)
+    if base is None and mono is None:
+        return None
+    comp = primary_test(results, stage, metric)
+    fmt = fmt_pct if metric == "success_rate" else fmt_num
+    if comp is not None and comp.get("mean_b") is not None:  # the values the difference is of
+        b, m = comp["mean_b"], comp["mean_a"]
+    else:
+        b, m = (base or {}).get("mean"), (mono or {}).get("mean")
+    diff, ci, p = "—", "—", "—"
+    if comp is not None and comp.get("mean_diff") is not None:
+        diff = fmt(comp["mean_diff"]) if metric == "success_rate" else fmt_num(comp["mean_diff"], sign=True)
+        if comp.get("ci_low") is not None:
+            ci = f"[{fmt(comp['ci_low'])}, {fmt(comp['ci_high'])}]"
+        p = fmt_p(comp.get("t_p"))
+    n_seeds = max((r["n"] for r in (base, mono) if r), default=None)
+    return [_label(stage, metric, comp), fmt(b), fmt(m), diff, ci, p, verdict(stage, comp), _n(comp, n_seeds)]
+
+
+def headline_table(results: dict[str, Any]) -> Table | None:
+    """The first table of the report; its note holds the caveats the rows share, once."""
+    t = Table(
+        "headline",
+        "Headline: the constrained arm against the baseline",
+        ["Measure", "Baseline", "Constrained", "Difference", "95% CI", "p (paired t)", "Verdict", "n"],
+    )
+    t.rows = [row for stage, metric in MEASURES if (row := headline_row(results, stage, metric))]
+    if not t.rows:
+        return None
+    tests = [primary_test(results, stage, metric) for stage, metric in MEASURES]
+    caveats = [
+        "Difference: constrained − baseline, with the 95% CI and p of a paired t-test "
+        f"(α = {ALPHA}, not corrected for multiple comparisons); the Findings give the Wilcoxon test too.",
+    ]
+    if any(c is not None and c["scope"] != "seeds" for c in tests):
+        caveats.append(WITHIN_SEED_CAVEAT)
+    floor = wilcoxon_floor_note([c for c in tests if c is not None]).strip()
+    if floor:
+        caveats.append(floor)
+    t.note = " ".join(caveats)
+    return t
