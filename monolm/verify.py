@@ -63,6 +63,8 @@ def run_checks(cfg: ExperimentConfig, timeout: float = 30.0) -> list[Check]:
         add("hub reachable", hub)
     if m.source == "tiny":
         add("model", lambda: "tiny GPT-NeoX is built offline in stage 0")
+    elif m.source == "architecture":
+        add("model", lambda: f"{m.architecture} is built offline in stage 0 with RANDOM weights (not pre-trained)")
     else:
 
         def model() -> str:

@@ -20,13 +20,14 @@ from typing import Any
 
 from monolm import data as data_lib
 from monolm import models as models_lib
+from monolm import planning
 from monolm.artifacts import atomic_write_json
 from monolm.config import ExperimentConfig
 from monolm.layout import CellPaths
 from monolm.runtime import pick_device
 from monolm.stages.common import Inputs, OnLog, StageRef, existing, files_under, finish, prepare
 from monolm.stages.registry import TRAIN_STAGES
-from monolm.stages.setup import load_setup
+from monolm.stages.setup import load_setup, model_dir
 
 ARMS = tuple(TRAIN_STAGES)
 
@@ -106,6 +107,8 @@ def run_uat(
     if done:
         return done
     started = time.time()
+    # Before both arms are moved to the device: the candidate batch that fits.
+    uat_cfg, memory_plan = planning.plan_attack_stage(cfg, stage, model_dir(inputs["setup"]), pick_device())
     out, tokenizer, (opt, held_out), models = _open_stage(cfg, cell, stage, inputs)
     results = {
         arm: uat.run(
@@ -113,7 +116,7 @@ def run_uat(
             tokenizer,
             opt,
             held_out,
-            cfg.attacks.uat,
+            uat_cfg,
             seed=seed,
             out_dir=out / arm,
             success_threshold=cfg.attacks.success_threshold,
@@ -146,6 +149,7 @@ def run_uat(
         "per_model": {arm: normalize(r["eval"]) for arm, r in results.items()},
         "transfer": _transfer_means(transfer),
         "triggers": {arm: r["trigger_text"] for arm, r in results.items()},
+        "memory_plan": memory_plan.to_json(),
     }
     outputs = _outputs(out, ["triggers.json", "uat_results.json", "transfer.json", "per_example.json"])
     return finish(cfg, cell, stage, inputs=inputs, outputs=outputs, metrics=metrics, started=started)
@@ -168,13 +172,14 @@ def run_hotflip(
     if done:
         return done
     started = time.time()
+    hotflip_cfg, memory_plan = planning.plan_attack_stage(cfg, stage, model_dir(inputs["setup"]), pick_device())
     out, tokenizer, (_, held_out), models = _open_stage(cfg, cell, stage, inputs)
     results = {
         arm: hotflip.run(
             model,
             tokenizer,
             held_out,
-            cfg.attacks.hotflip,
+            hotflip_cfg,
             seed=seed,
             out_dir=out / arm,
             success_threshold=cfg.attacks.success_threshold,
@@ -207,6 +212,7 @@ def run_hotflip(
         "control": {arm: normalize(r["control"]) for arm, r in results.items()} if with_control else None,
         "mean_flips": {arm: r["gradient"]["mean_flips"] for arm, r in results.items()},
         "transfer": _transfer_means(transfer),
+        "memory_plan": memory_plan.to_json(),
     }
     outputs = _outputs(out, ["hotflip_results.json", "transfer.json", "per_example.json"])
     return finish(cfg, cell, stage, inputs=inputs, outputs=outputs, metrics=metrics, started=started)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from monolm import constraints, evaluation, models
+from monolm import constraints, evaluation, models, planning
 from monolm import data as data_lib
 from monolm.artifacts import atomic_write_json
 from monolm.config import ExperimentConfig
@@ -45,13 +45,14 @@ def run(
     }
     results: dict[str, Any] = {}
     extra: dict[str, Any] = {}
+    memory_plan = planning.plan_eval_stage(cfg, paths["base"], device)  # one model resident at a time
     for name, path in paths.items():
         model = models.load_model(path, device)
         results[name] = evaluation.perplexity(
             model,
             docs,
             seq_len=cfg.eval_seq_len,
-            batch_size=cfg.evaluation.batch_size,
+            batch_size=memory_plan.chosen,
             prefix_token_id=tokenizer.eos_token_id,
             texts=texts,
             device=device,
@@ -76,4 +77,5 @@ def run(
     }
     metrics["min_constrained_weight"] = extra["min_constrained_weight"]
     metrics["n_docs"] = len(docs)
+    metrics["memory_plan"] = memory_plan.to_json()
     return finish(cfg, cell, STAGE, inputs=inputs, outputs=["evaluation.json"], metrics=metrics, started=started)
