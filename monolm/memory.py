@@ -52,6 +52,11 @@ CARDS: dict[str, int] = {
 }
 
 
+def size(n: int | float) -> str:
+    """Bytes for people: GiB from one GiB up, MiB below."""
+    return f"{n / GiB:.1f} GiB" if abs(n) >= GiB else f"{n / 2**20:.1f} MiB"
+
+
 class MemoryPlanError(RuntimeError):
     """Even the smallest batch does not fit the device: stopped before any compute."""
 
@@ -189,9 +194,10 @@ def inference_bytes(
     parts = {
         "weights": 4 * shape.parameters * resident_models,
         "weight_cache": 2 * shape.matmul_parameters if bf16 and weight_cache else 0,
-        "activations": 2 * layer_activation_bytes(shape, tokens, bf16),
+        "activations": layer_activation_bytes(shape, tokens, bf16),  # one layer's, transient
         "logits": kept * _compute_bytes(bf16),
-        "cross_entropy": 2 * 4 * min(kept, CE_CHUNK_ELEMENTS),
+        # log-softmax of a chunk in fp32, plus its fp32 copy when the logits are bf16
+        "cross_entropy": (8 if bf16 else 4) * min(kept, CE_CHUNK_ELEMENTS),
     }
     return {**parts, "peak": sum(parts.values())}
 
@@ -239,12 +245,11 @@ class MemoryPlan:
 
     def describe(self) -> str:
         where = (
-            f"{self.capacity_bytes / GiB:.1f} GiB usable on {self.device}"
+            f"{size(self.capacity_bytes)} usable on {self.device}"
             if self.capacity_bytes is not None
             else f"{self.device}, not enforced"
         )
-        peak = self.estimate_bytes / GiB
-        text = f"memory plan for {self.stage} ({self.model}): estimated peak {peak:.2f} GiB; {where}"
+        text = f"memory plan for {self.stage} ({self.model}): estimated peak {size(self.estimate_bytes)}; {where}"
         if self.changed:
             text += f"; {self.setting} {self.requested} -> {self.chosen}"
             if self.grad_accum_chosen is not None:
@@ -285,10 +290,10 @@ def choose(
         if parts["peak"] <= capacity:
             return value, parts
     smallest = estimate(candidates[-1])
+    parts = ", ".join(f"{k} {size(v)}" for k, v in smallest.items() if k != "peak" and v)
     raise MemoryPlanError(
         f"{model} does not fit {device}: {what}={candidates[-1]} needs an estimated "
-        f"{smallest['peak'] / GiB:.1f} GiB, {capacity / GiB:.1f} GiB usable "
-        f"({', '.join(f'{k} {v / GiB:.1f}' for k, v in smallest.items() if k != 'peak' and v)} GiB). "
+        f"{size(smallest['peak'])}, {size(capacity)} usable ({parts}). "
         "Use a card with more memory, gradient checkpointing, a shorter sequence, or a smaller model."
     )
 
