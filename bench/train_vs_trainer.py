@@ -161,6 +161,8 @@ def main() -> None:
     for name, t in med.items():
         each = " ".join(f"{x * 1e3:.0f}" for x in times[name])
         print(f"{name:<8} median {t * 1e3:7.1f} ms/step ({tokens / t:,.0f} tokens/s); rounds: {each} ms")
+    rounds = [t / m for m, t in zip(times["monolm"], times["Trainer"], strict=True)]
+    print(f"per-round Trainer/monolm ratios: {' '.join(f'{r:.2f}' for r in rounds)}")
     print(f"train_speed_ratio={med['Trainer'] / med['monolm']:.2f}")
 
 

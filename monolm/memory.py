@@ -19,8 +19,8 @@ The estimate counts what PyTorch keeps alive, in bytes (`c` = 2 under bf16 autoc
   q/k, attention output, the FFN input and GELU output: c * (8h + 2f)); fused (SDPA) attention
   keeps no [T, T] matrix. With gradient checkpointing only the layer inputs (4h) are kept, and
   one layer is recomputed at a time (counted twice: its activations and their gradients);
-* the LM head: c bytes per logit, an fp32 copy and log-softmax output (8) in the forward, and
-  12 bytes of gradients at the start of the backward;
+* the LM head: c bytes per logit, its log-softmax (4) and under bf16 an fp32 copy (4) in the
+  forward, and 12 bytes at the start of the backward;
 * the optimizer step: AdamW's foreach implementation (CUDA) allocates one more fp32 copy of the
   moments (4P); the per-tensor one (CPU) one copy of the largest tensor.
 
@@ -158,16 +158,19 @@ def training_bytes(
     weight_cache = 2 * (shape.matmul_parameters - Nc) if bf16 else 0  # autocast's bf16 copies of leaves
     cast_constrained = 2 * Nc if bf16 else 0  # bf16 copies of the (non-leaf) W, saved for backward
     logits = tokens * shape.vocab
+    # forward: the logits, their fp32 copy (bf16 only) and the log-softmax; backward: two fp32 gradients more
+    logits_forward = logits * (c + 4 + (4 if bf16 else 0))
+    logits_backward = logits * (c + 12)
     layer = layer_activation_bytes(shape, tokens, bf16)
     if checkpointing:
         saved = shape.layers * tokens * 4 * shape.hidden
         per_layer_weights = 2 * (shape.matmul_parameters - shape.vocab * shape.hidden) // shape.layers if bf16 else 0
-        forward = saved + weight_cache + logits * (c + 8)
-        backward = saved + max(logits * (c + 12), 2 * layer + per_layer_weights)
+        forward = saved + weight_cache + logits_forward
+        backward = saved + max(logits_backward, 2 * layer + per_layer_weights)
     else:
         saved = shape.layers * layer + cast_constrained
-        forward = saved + weight_cache + logits * (c + 8)
-        backward = saved + weight_cache + logits * (c + 12)
+        forward = saved + weight_cache + logits_forward
+        backward = saved + weight_cache + logits_backward
     optimizer = 4 * P if foreach_optimizer else 2 * 4 * shape.largest_tensor
     phases = {"forward": forward, "backward": backward, "optimizer_step": optimizer}
     peak = sum(static.values()) + max(phases.values())
