@@ -227,6 +227,12 @@ class Workload:
     flops: float  # model FLOPs
 
 
+def _held_out_docs(cfg: ExperimentConfig, field: str) -> int:
+    """Documents of a held-out part (`n_val_docs`/`n_test_docs`; one `n_eval_docs` for both in
+    configs that have a single evaluation part)."""
+    return getattr(cfg.data, field, None) or cfg.data.n_eval_docs
+
+
 def train_workload(cfg: ExperimentConfig, arm: str, shape: ModelShape, tokens_per_doc: int) -> Workload:
     from monolm.training.schedule import total_steps_for
 
@@ -236,13 +242,13 @@ def train_workload(cfg: ExperimentConfig, arm: str, shape: ModelShape, tokens_pe
     steps = total_steps_for(recipe, n_blocks)
     train_tokens = steps * recipe.effective_batch_size * seq
     evals = math.ceil(steps / recipe.eval_every_steps)
-    val_tokens = evals * min(recipe.eval_max_docs, cfg.data.n_eval_docs) * tokens_per_doc
+    val_tokens = evals * min(recipe.eval_max_docs, _held_out_docs(cfg, "n_val_docs")) * tokens_per_doc
     flops = train_tokens * shape.train_flops_per_token(seq) + val_tokens * shape.forward_flops_per_token(seq)
     return Workload(train_tokens + val_tokens, flops)
 
 
 def eval_workload(cfg: ExperimentConfig, shape: ModelShape, tokens_per_doc: int) -> Workload:
-    tokens = 3 * min(cfg.evaluation.max_docs, cfg.data.n_eval_docs) * tokens_per_doc
+    tokens = 3 * min(cfg.evaluation.max_docs, _held_out_docs(cfg, "n_test_docs")) * tokens_per_doc
     return Workload(tokens, tokens * shape.forward_flops_per_token(cfg.eval_seq_len))
 
 
