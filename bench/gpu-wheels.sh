@@ -2,7 +2,7 @@
 # The Python packages bench/gpu.py imports that the GPU machines lack, as wheels for their Python
 # (CPython 3.12, x86-64 Linux), downloaded into .whl/ (ignored by git; it travels with the checkout
 # as a carried folder). The machines have torch, transformers, tokenizers, safetensors, numpy,
-# pyyaml, tqdm and typing-extensions, no network, and no pydantic. Versions are the ones the
+# pyyaml and tqdm, no network, and no pydantic. Versions are the ones the
 # project's tests run with.
 #
 #   bench/gpu-wheels.sh [DEST]            # default .whl; needs pip and the package registry
@@ -18,6 +18,7 @@ wheels=(
     pydantic-core==2.50.5
     annotated-types==0.8.0
     typing-inspection==0.4.5
+    typing-extensions==4.16.0  # pydantic needs >= 4.16; the machines' may be older (shadowed in the scratch folder only)
 )
 mkdir -p "$dest"
 platforms=()
