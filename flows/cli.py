@@ -218,6 +218,47 @@ def _runs_parser(sub: argparse._SubParsersAction) -> None:
     runs.set_defaults(func=cmd_runs)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Per GPU stage: the memory estimate and chosen batch on each card, tokens and model FLOPs."""
+    from monolm.memory import GiB
+    from monolm.planning import A100_BF16_FLOPS, PLAN_MFU, plan_table
+
+    cfg = config_from_args(args)
+    logging.getLogger("monolm.planning").setLevel(logging.ERROR)  # the table says it all
+    shape, rows = plan_table(cfg, tokens_per_doc=args.tokens_per_doc)
+    print(
+        f"{shape.name}: {shape.parameters:,} parameters, {shape.layers} layers, hidden {shape.hidden}, "
+        f"vocab {shape.vocab}; preset {cfg.preset}, variant {cfg.constraint.variant}, seq_len {cfg.data.seq_len}"
+    )
+    if cfg.model.random_weights:
+        print(f"NOTE: {cfg.model.name}")
+    cards = [k for k in rows[0] if k not in ("stage", "tokens", "flops", "a100_hours")]
+    print(f"{'stage':<16}" + "".join(f"{card + ' batch':>18}{'GiB':>7}" for card in cards), end="")
+    print(f"{'tokens':>11}{'PFLOP':>9}{'A100 h':>8}  batch setting")
+    failures = []
+    for row in rows:
+        line, setting = f"{row['stage']:<16}", ""
+        for card in cards:
+            plan = row[card]
+            if isinstance(plan, Exception):
+                line += f"{'does not fit':>18}{'-':>7}"
+                failures.append(f"{row['stage']} on {card}: {plan}")
+                continue
+            batch = str(plan.chosen) + (f" x {plan.grad_accum_chosen}" if plan.grad_accum_chosen is not None else "")
+            line += f"{batch:>18}{plan.estimate_bytes / GiB:>7.1f}"
+            setting = plan.setting + (" x grad_accum_steps" if plan.grad_accum_chosen is not None else "")
+        print(line + f"{row['tokens']:>11.3g}{row['flops'] / 1e15:>9.1f}{row['a100_hours']:>8.2f}  {setting}")
+    print(
+        f"GiB: estimated peak at the chosen batch (training keeps micro-batch x accumulation = the effective batch). "
+        f"A100 h: model FLOPs at {PLAN_MFU:.0%} MFU of {A100_BF16_FLOPS / 1e12:.0f} TFLOP/s on one GPU, documents "
+        f"of {args.tokens_per_doc} tokens (--tokens-per-doc); set runner.stage_timeout_minutes and the SLURM "
+        "walltime with a margin above it."
+    )
+    for failure in failures:
+        print(failure)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monolm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -243,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("action", choices=["show"])
     _config_args(config)
     config.set_defaults(func=cmd_config)
+
+    plan = sub.add_parser("plan", help="memory plan and token/FLOP count of every GPU stage on A100-40GB/80GB")
+    _config_args(plan)
+    plan.add_argument("--tokens-per-doc", type=int, default=1400, help="mean document length in tokens (the Pile's)")
+    plan.set_defaults(func=cmd_plan)
 
     results = sub.add_parser("results", help="query the results store")
     results.add_argument("--store", help="SQLAlchemy URL (default: sqlite:///runs/results.sqlite)")

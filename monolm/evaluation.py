@@ -89,25 +89,69 @@ def _max_positions(model: nn.Module) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
-def _make_batch(
-    windows: Sequence[Window], *, pad_token_id: int, pad_to: int | None, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded `input_ids`, `attention_mask` and `labels` (-100 everywhere except the scored
-    positions, where the label is the target token that position predicts)."""
+# On the CPU, throughput per token peaks at about a thousand tokens per forward pass and falls once
+# the activations outgrow the caches (bench/attacks.py measured it); a GPU wants the largest batch.
+CPU_TOKENS_PER_FORWARD = 1024
+# Model types whose causal-LM head is a plain linear map of the base model's last hidden state
+# (no logit scaling or soft-capping): their head is applied to the scored positions only.
+PLAIN_HEAD_TYPES = frozenset({"gpt_neox", "llama", "mistral", "qwen2", "gpt2", "gptj", "opt"})
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A right-padded batch and where its scored positions are: `rows[k]`, `cols[k]` is the
+    position whose next-token prediction is `targets[k]`."""
+
+    input_ids: torch.Tensor  # [B, W]
+    rows: torch.Tensor  # [n] long
+    cols: torch.Tensor  # [n] long
+    targets: torch.Tensor  # [n] long
+
+
+def _make_batch(windows: Sequence[Window], *, pad_token_id: int, pad_to: int | None, device: torch.device) -> Batch:
+    """Right-padded `input_ids` and the flat (row, column, target) index of every scored
+    position, each built with one tensor call and moved to the device once."""
     width = max(len(w.input_ids) for w in windows)
     if pad_to is not None:
         if pad_to < width:
             raise ValueError(f"pad_to={pad_to} is shorter than the longest window ({width})")
         width = pad_to
-    input_ids = torch.full((len(windows), width), pad_token_id, dtype=torch.long)
-    attention = torch.zeros((len(windows), width), dtype=torch.long)
-    labels = torch.full((len(windows), width), -100, dtype=torch.long)
+    ids = [[*w.input_ids, *([pad_token_id] * (width - len(w.input_ids)))] for w in windows]
+    rows: list[int] = []
+    cols: list[int] = []
+    targets: list[int] = []
     for row, w in enumerate(windows):
         m, p = len(w.input_ids), len(w.targets)
-        input_ids[row, :m] = torch.tensor(w.input_ids, dtype=torch.long)
-        attention[row, :m] = 1
-        labels[row, m - p : m] = torch.tensor(w.targets, dtype=torch.long)
-    return input_ids.to(device), attention.to(device), labels.to(device)
+        rows.extend([row] * p)
+        cols.extend(range(m - p, m))
+        targets.extend(w.targets)
+    index = torch.tensor([rows, cols, targets], dtype=torch.long)
+    return Batch(torch.tensor(ids, dtype=torch.long).to(device), *index.to(device))
+
+
+def _scored_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Logits [n, V] at the scored positions only. No attention mask: the padding is on the right,
+    so with a causal model it lies in every real position's future and cannot change its logits,
+    and the unmasked causal attention is the fast path. For a plain linear head the head runs on
+    the scored positions only (not on padding or unscored context)."""
+    config = getattr(model, "config", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if getattr(config, "model_type", None) in PLAIN_HEAD_TYPES and isinstance(head, nn.Linear):
+        hidden = model.base_model(input_ids=batch.input_ids, use_cache=False).last_hidden_state
+        return head(hidden[batch.rows, batch.cols])
+    logits = model(input_ids=batch.input_ids, use_cache=False).logits
+    return logits[batch.rows, batch.cols]
+
+
+def _token_nll(logits: torch.Tensor, targets: torch.Tensor, max_elements: int = 1 << 26) -> torch.Tensor:
+    """Per-token NLL [n] in fp32, the logits upcast a slice at a time (a whole fp32 copy of
+    Pythia's logits at batch 8 x 2048 tokens would be ~3 GB)."""
+    step = max(1, max_elements // logits.shape[-1])
+    parts = [
+        F.cross_entropy(logits[i : i + step].float(), targets[i : i + step], reduction="none")
+        for i in range(0, logits.shape[0], step)
+    ]
+    return torch.cat(parts)
 
 
 @torch.inference_mode()
@@ -121,18 +165,15 @@ def score_windows(
     pad_to: int | None = None,
 ) -> list[float]:
     """Summed negative log-likelihood (nats, float64) of each window's targets, in one forward
-    pass. `pad_to` exists so tests can show that the padding width does not matter."""
-    input_ids, attention, labels = _make_batch(windows, pad_token_id=pad_token_id, pad_to=pad_to, device=device)
+    pass and one transfer to the host. `pad_to` exists so tests can show that the padding width
+    does not matter."""
+    batch = _make_batch(windows, pad_token_id=pad_token_id, pad_to=pad_to, device=device)
     with autocast(device, bf16):
-        logits = model(input_ids=input_ids, attention_mask=attention).logits
-    sums: list[float] = []
-    for row in range(len(windows)):
-        scored = labels[row] != -100
-        # one row at a time in fp32: the whole [batch, seq, vocab] fp32 copy would be ~3 GB for
-        # Pythia at batch 8 x 2048 tokens.
-        nll = F.cross_entropy(logits[row, scored].float(), labels[row, scored], reduction="sum")
-        sums.append(float(nll.double()))
-    return sums
+        logits = _scored_logits(model, batch)
+    nll = _token_nll(logits, batch.targets)
+    sums = torch.zeros(len(windows), dtype=torch.float64, device=nll.device)
+    sums.index_add_(0, batch.rows, nll.double())
+    return sums.tolist()
 
 
 def doc_nll(
@@ -198,10 +239,13 @@ def _scored_batches(
     pad_token_id: int,
 ) -> Iterator[tuple[Sequence[Window], list[float]]]:
     """`(batch, summed NLL per window)` over consecutive batches of `windows`; a batch that runs
-    out of memory is retried at half its size, and later batches keep the smaller size."""
+    out of memory is retried at half its size, and later batches keep the smaller size. On the
+    CPU a batch holds at most `CPU_TOKENS_PER_FORWARD` tokens (its longest window sets the width)."""
     start, size = 0, batch_size
+    budget = CPU_TOKENS_PER_FORWARD if device.type == "cpu" else None
     while start < len(windows):
-        batch = windows[start : start + size]
+        rows = size if budget is None else min(size, max(1, budget // len(windows[start].input_ids)))
+        batch = windows[start : start + rows]
         try:
             sums = score_windows(model, batch, device=device, bf16=bf16, pad_token_id=pad_token_id)
         except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError

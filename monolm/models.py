@@ -1,4 +1,5 @@
-"""Models: fetch from the hub, build the offline tiny stand-in, save and load (safetensors only).
+"""Models: fetch from the hub, build the offline tiny stand-in or a shipped architecture with random
+weights, save and load (safetensors only).
 
 Any Hugging Face causal LM id works (default `EleutherAI/pythia-1.4b`); a saved model directory
 works the same way. Weights are always loaded in fp32: bf16 is for compute (autocast) only.
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from monolm.artifacts import atomic_dir
-from monolm.config import TinyModelConfig
+from monolm.config import ModelConfig, TinyModelConfig
 
 log = logging.getLogger("monolm.models")
 
@@ -68,6 +69,48 @@ def build_tiny_model(tiny: TinyModelConfig, tokenizer, seed: int) -> nn.Module:
         torch.manual_seed(seed)
         model = GPTNeoXForCausalLM(config)
     return model.float()
+
+
+def build_architecture_model(architecture: str, tokenizer, seed: int) -> nn.Module:
+    """A randomly initialised model of a shipped architecture (`monolm/architectures.yaml`), seeded
+    from `seed`, with the architecture's own embedding rows (50,304 for Pythia) and the
+    tokenizer's special tokens. Nothing is downloaded and nothing is pre-trained: the saved
+    config carries `monolm_random_weights` so that every copy of the model (trained, constrained)
+    says so."""
+    from monolm import architectures
+
+    arch = architectures.get(architecture)
+    if len(tokenizer) > arch.vocab:
+        raise ModelError(
+            f"the tokenizer has {len(tokenizer)} tokens but {arch.name} has {arch.vocab} embedding rows; "
+            f"lower model.tiny.vocab_size"
+        )
+    model = architectures.build_model(
+        arch,
+        seed=seed,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.config.monolm_random_weights = arch.note()
+    log.warning("%s", arch.note())
+    return model
+
+
+def build_offline_model(model_cfg: ModelConfig, tokenizer, seed: int) -> nn.Module:
+    """The stage-0 model of an offline source: the tiny stand-in (pre-trained afterwards) or a
+    shipped architecture with random weights."""
+    if model_cfg.source == "architecture":
+        return build_architecture_model(model_cfg.architecture, tokenizer, seed)
+    if model_cfg.source == "tiny":
+        return build_tiny_model(model_cfg.tiny, tokenizer, seed)
+    raise ValueError(f"model.source={model_cfg.source!r} is not built offline")
+
+
+def random_weights_note(model_or_config) -> str | None:
+    """The note a model built from an architecture carries (None for a pre-trained model)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return getattr(config, "monolm_random_weights", None)
 
 
 def max_sequence_length(model_or_config) -> int:

@@ -95,6 +95,8 @@ def run_checks(cfg: ExperimentConfig, timeout: float = 30.0) -> list[Check]:
     offline = network["down"]
     if m.source == "tiny":
         add("model", lambda: "tiny GPT-NeoX is built offline in stage 0")
+    elif m.source == "architecture":
+        add("model", lambda: f"{m.architecture} is built offline in stage 0 with RANDOM weights (not pre-trained)")
     else:
         add("model config loadable", _model_check(cfg, offline))
         add("tokenizer loadable", _tokenizer_check(cfg, offline))

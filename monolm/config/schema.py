@@ -58,18 +58,62 @@ class TinyModelConfig(Strict):
 
 
 class ModelConfig(Strict):
-    source: Literal["hub", "local", "tiny"] = "hub"
-    # A Hugging Face causal-LM id (source=hub) or a saved model directory (source=local).
+    # hub: a Hugging Face id; local: a saved model directory; tiny: the offline stand-in;
+    # architecture: a shipped architecture (monolm/architectures.yaml) with RANDOM weights, no download.
+    source: Literal["hub", "local", "tiny", "architecture"] = "hub"
+    # A Hugging Face causal-LM id (source=hub) or a saved model directory (source=local). With
+    # source=architecture it is derived and says that the weights are random.
     name: str = "EleutherAI/pythia-1.4b"
     revision: str = "main"
+    # source=architecture only: which shipped architecture, e.g. pythia-1.4b (its tokenizer is a
+    # byte-level BPE of model.tiny.vocab_size tokens trained on the train split, as for tiny)
+    architecture: str | None = None
     cache_dir: Path | None = None  # HF cache; None -> <paths.cache_dir>/hf
     tiny: TinyModelConfig = TinyModelConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _architecture_name(cls, data: Any) -> Any:
+        """With source=architecture the model's name says, wherever it is printed (folders, run
+        names, reports, the results store), that the weights are random."""
+        if isinstance(data, dict) and data.get("source") == "architecture" and data.get("architecture"):
+            data = {**data, "name": f"{data['architecture']} (RANDOM WEIGHTS, not pre-trained)"}
+        return data
+
+    @model_validator(mode="after")
+    def _known_architecture(self) -> ModelConfig:
+        from monolm import architectures
+
+        if self.source == "architecture":
+            if self.architecture is None:
+                raise ValueError(
+                    "model.architecture is required with model.source='architecture'; "
+                    f"allowed: {', '.join(architectures.names())}"
+                )
+            if self.architecture not in architectures.names():
+                raise ValueError(
+                    f"model.architecture={self.architecture!r} is not a shipped architecture; "
+                    f"allowed: {', '.join(architectures.names())}"
+                )
+        elif self.architecture is not None:
+            raise ValueError(
+                f"model.architecture={self.architecture!r} is only used with model.source='architecture' "
+                f"(model.source is {self.source!r})"
+            )
+        return self
+
+    @property
+    def random_weights(self) -> bool:
+        """True when the model is an architecture with random weights (nothing pre-trained)."""
+        return self.source == "architecture"
 
     @property
     def slug(self) -> str:
         """Folder-safe model name: `EleutherAI/pythia-1.4b` -> `EleutherAI--pythia-1.4b`."""
         if self.source == "tiny":
             return "tiny-neox"
+        if self.source == "architecture":
+            return f"{self.architecture}-random-weights"
         return self.name.rstrip("/").replace("/", "--").replace(":", "-")
 
 
@@ -364,6 +408,10 @@ class ExperimentConfig(Strict):
             )
         if self.model.source == "tiny":
             self.validate_seq_len(self.model.tiny.max_position_embeddings)
+        if self.model.source == "architecture":
+            from monolm import architectures
+
+            self.validate_seq_len(architectures.get(self.model.architecture).max_positions)
             if self.data.source == "hub":
                 raise ValueError(
                     "data.source='hub' with model.source='tiny': the tiny model's "

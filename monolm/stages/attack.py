@@ -25,6 +25,7 @@ from typing import Any
 
 from monolm import data as data_lib
 from monolm import models as models_lib
+from monolm import planning
 from monolm.artifacts import atomic_write_json
 from monolm.config import ExperimentConfig
 from monolm.layout import CellPaths
@@ -32,7 +33,7 @@ from monolm.progress import labelled, part_callback
 from monolm.runtime import pick_device
 from monolm.stages.common import Inputs, OnLog, StageRef, existing, files_under, finish, prepare
 from monolm.stages.registry import TRAIN_STAGES
-from monolm.stages.setup import load_setup
+from monolm.stages.setup import load_setup, model_dir
 
 ARMS = tuple(TRAIN_STAGES)
 attack_log = logging.getLogger("monolm.attacks")
@@ -113,6 +114,8 @@ def run_uat(
     if done:
         return done
     started = time.time()
+    # Before both arms are moved to the device: the candidate batch that fits.
+    uat_cfg, memory_plan = planning.plan_attack_stage(cfg, stage, model_dir(inputs["setup"]), pick_device())
     out, tokenizer, (opt, held_out), models = _open_stage(cfg, cell, stage, inputs)
     results = {
         arm: uat.run(
@@ -120,7 +123,7 @@ def run_uat(
             tokenizer,
             opt,
             held_out,
-            cfg.attacks.uat,
+            uat_cfg,
             seed=seed,
             out_dir=out / arm,
             success_threshold=cfg.attacks.success_threshold,
@@ -156,6 +159,7 @@ def run_uat(
         "transfer": _transfer_means(transfer),
         "triggers": {arm: r["trigger_text"] for arm, r in results.items()},
         "trigger_ids": {arm: r["trigger_ids"] for arm, r in results.items()},
+        "memory_plan": memory_plan.to_json(),
     }
     outputs = _outputs(out, ["triggers.json", "uat_results.json", "transfer.json", "per_example.json"])
     return finish(cfg, cell, stage, inputs=inputs, outputs=outputs, metrics=metrics, started=started)
@@ -222,13 +226,14 @@ def run_hotflip(
     if done:
         return done
     started = time.time()
+    hotflip_cfg, memory_plan = planning.plan_attack_stage(cfg, stage, model_dir(inputs["setup"]), pick_device())
     out, tokenizer, (_, held_out), models = _open_stage(cfg, cell, stage, inputs)
     results = {
         arm: hotflip.run(
             model,
             tokenizer,
             held_out,
-            cfg.attacks.hotflip,
+            hotflip_cfg,
             seed=seed,
             out_dir=out / arm,
             success_threshold=cfg.attacks.success_threshold,
@@ -260,6 +265,7 @@ def run_hotflip(
         "examples": {
             arm: [flip_example(tokenizer, r) for r in rows[:REPORTED_EXAMPLES]] for arm, rows in examples.items()
         },
+        "memory_plan": memory_plan.to_json(),
     }
     outputs = _outputs(out, ["hotflip_results.json", "transfer.json", "per_example.json"])
     return finish(cfg, cell, stage, inputs=inputs, outputs=outputs, metrics=metrics, started=started)

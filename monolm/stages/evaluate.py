@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from monolm import constraints, evaluation, models
+from monolm import constraints, evaluation, models, planning
 from monolm import data as data_lib
 from monolm.artifacts import atomic_write_json
 from monolm.config import ExperimentConfig
@@ -49,6 +49,7 @@ def run(
     }
     results: dict[str, Any] = {}
     extra: dict[str, Any] = {}
+    memory_plan = planning.plan_eval_stage(cfg, paths["base"], device)  # one model resident at a time
     tracker = Progress(len(paths), log=log, on_log=on_log, what="evaluate")
     for i, (name, path) in enumerate(paths.items()):
         model = models.load_model(path, device)
@@ -56,7 +57,7 @@ def run(
             model,
             docs,
             seq_len=cfg.eval_seq_len,
-            batch_size=cfg.evaluation.batch_size,
+            batch_size=memory_plan.chosen,
             prefix_token_id=tokenizer.eos_token_id,
             texts=texts,
             device=device,
@@ -93,4 +94,5 @@ def run(
     }
     metrics["min_constrained_weight"] = extra["min_constrained_weight"]
     metrics["n_docs"] = len(docs)
+    metrics["memory_plan"] = memory_plan.to_json()
     return finish(cfg, cell, STAGE, inputs=inputs, outputs=["evaluation.json"], metrics=metrics, started=started)

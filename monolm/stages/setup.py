@@ -41,7 +41,7 @@ def _pretrain_tiny(
 
     tiny = cfg.model.tiny
     tokenizer = data_lib.train_bpe_tokenizer(splits.train, tiny.vocab_size)
-    model = models.build_tiny_model(tiny, tokenizer, seed=derive_seed(seed, "init"))
+    model = models.build_offline_model(cfg.model, tokenizer, seed=derive_seed(seed, "init"))
     blocks = data_lib.pack_blocks(data_lib.tokenize(tokenizer, splits.train), cfg.data.seq_len, tokenizer.eos_token_id)
     arm = ArmConfig(
         lr=tiny.pretrain_lr,
@@ -59,7 +59,7 @@ def _pretrain_tiny(
         keep_last_checkpoints=1,
     )
     result = None
-    if tiny.pretrain_steps > 0:
+    if tiny.pretrain_steps > 0 and cfg.model.source == "tiny":  # an architecture keeps its random weights
         result = train(
             model,
             blocks,
@@ -163,8 +163,9 @@ def held_out_summary(contamination: dict[str, Any]) -> dict[str, Any]:
 
 
 def _locate_model(cfg: ExperimentConfig) -> Path | None:
-    """The base model's directory (hub models fetched into the HF cache); None for tiny (built)."""
-    if cfg.model.source == "tiny":
+    """The base model's directory (hub models fetched into the HF cache); None for tiny and
+    architecture (built in stage 0)."""
+    if cfg.model.source in ("tiny", "architecture"):
         return None
     if cfg.model.source == "hub":
         return models.fetch_hub_model(cfg.model.name, cfg.model.revision, cfg.hf_cache_dir)
@@ -194,7 +195,7 @@ def run(
     out = prepare(cfg, cell, STAGE, inputs)
     outputs = [f"data/{name}" for name in data_lib.save_splits(splits, out / "data")]
     metrics: dict[str, Any] = {}
-    if cfg.model.source == "tiny":
+    if cfg.model.source in ("tiny", "architecture"):
         model, tokenizer, pretrain = _pretrain_tiny(cfg, seed, splits, out, progress, on_log)
         models.save_model(model, tokenizer, out / "model")
         path = out / "model"
@@ -213,6 +214,8 @@ def run(
         metrics["model_files"] = {p.name: sha256_file(p) for p in sorted(path.glob("*.safetensors"))}
     metrics["model_dir"] = str(Path(path).resolve())
     report = verify(cfg, Path(path), tokenizer, splits, checks, contamination)
+    if cfg.model.random_weights:
+        report["random_weights"] = metrics["random_weights"] = models.random_weights_note(model)
     atomic_write_json(out / "verification.json", report)
     outputs.append("verification.json")
     metrics.update(

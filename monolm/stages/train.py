@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from monolm import data as data_lib
-from monolm import evaluation, models
+from monolm import evaluation, models, planning
 from monolm.config import ArmConfig, ExperimentConfig
 from monolm.layout import CellPaths
 from monolm.runtime import derive_seed, pick_device
@@ -62,9 +62,10 @@ def run(
     # Not a fresh folder: a retried stage resumes from its last valid checkpoint in this folder.
     out = prepare(cfg, cell, stage, inputs)
     device = pick_device()
-    recipe = cfg.training.arm(arm)
     tokenizer, splits = load_setup(setup)
     init_dir = model_dir(setup) if arm == "baseline" else Path(inputs["constrain"].metrics["model_dir"])
+    # Before the model is moved to the device: micro-batch and accumulation that fit, same effective batch.
+    recipe, memory_plan = planning.plan_train_stage(cfg, arm, cfg.training.arm(arm), init_dir, device)
     model = models.load_model(init_dir, device)
     blocks = data_lib.pack_blocks(data_lib.tokenize(tokenizer, splits.train), cfg.data.seq_len, tokenizer.eos_token_id)
     # Checkpoint selection sees only the validation part; stage 4 reports on the disjoint test part.
@@ -95,6 +96,7 @@ def run(
         "final": result.final_metrics,
         "validation_docs": min(len(splits.validation), recipe.eval_max_docs),
         "model_dir": str((out / "best").resolve()),
+        "memory_plan": memory_plan.to_json(),
     }
     return finish(
         cfg,

@@ -24,8 +24,15 @@ from monolm.training.step import build_optimizer, enable_gradient_checkpointing,
 
 HISTORY_FILE = "history.json"
 CHECKPOINTS_DIR = "checkpoints"
-# Arm fields that only decide *when* checkpoints are written; changing them must not block a resume.
-_CADENCE_FIELDS = {"checkpoint_every_steps", "checkpoint_every_minutes", "keep_last_checkpoints"}
+# Arm fields that only decide *when* checkpoints are written, or how the effective batch is split
+# into micro-batches (the memory plan picks that per card); changing them must not block a resume.
+_CADENCE_FIELDS = {
+    "checkpoint_every_steps",
+    "checkpoint_every_minutes",
+    "keep_last_checkpoints",
+    "micro_batch_size",
+    "grad_accum_steps",
+}
 
 Evaluate = Callable[[nn.Module], dict]
 OnLog = Callable[[dict], None]
@@ -144,6 +151,7 @@ def prepare_run(
             "data_shape": [n_seq, seq_len],
             "data_sha256": _data_digest(train_blocks),
             "total_steps": total_steps,
+            "effective_batch_size": arm.effective_batch_size,
         },
     )
     return TrainingRun(

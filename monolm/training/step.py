@@ -153,8 +153,11 @@ def accumulate_gradients(
                     module.weight  # noqa: B018 - fills parametrize's cache
             with autocast(device, bf16):
                 logits = _lm_logits(model, ids)
+            # The last position predicts nothing: its label is ignored rather than its logits sliced
+            # off, which would copy the whole [batch, seq, vocab] tensor (and its gradient).
+            targets = F.pad(ids[:, 1:], (0, 1), value=-100)
             loss_sum = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+                logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum", ignore_index=-100
             )
             (loss_sum / n_targets).backward()
         total += loss_sum.detach()
