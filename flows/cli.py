@@ -22,6 +22,14 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: the preset's)")
     p.add_argument("--variant", help="constraint variant: mlp_in, mlp_both, mlp_in_attn_out, gated_updown, gated_all")
     p.add_argument(
+        "--variants",
+        nargs="+",
+        metavar="VARIANT",
+        help="a grid of constraint variants (or 'all': every variant the model's architecture has)",
+    )
+    p.add_argument("--models", nargs="+", metavar="MODEL", help="a grid of models, named in the config's models:")
+    p.add_argument("--inits", nargs="+", metavar="INIT", help="a grid of conversions of W into V: abs, clamp")
+    p.add_argument(
         "--override",
         action="append",
         default=[],
@@ -40,7 +48,27 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    """The validated config of the command line's options (the grid's 'all' variants expanded)."""
+    from monolm.grid import grid_from_lists
+
     extra: dict = {}
+    grid = grid_from_lists(getattr(args, "models", None), getattr(args, "variants", None), getattr(args, "inits", None))
+    if getattr(args, "variant", None) and "variants" in grid:
+        raise ConfigError("--variant and --variants: give the grid's variants with --variants alone")
+    if grid.get("variants") == ["all"]:
+        from monolm.architecture import applicable_variants
+
+        without = {k: v for k, v in grid.items() if k != "variants"}
+        base = load_config(
+            args.preset,
+            overrides=args.override,
+            config_file=args.config,
+            sets=args.sets,
+            extra={"grid": without} if without else None,
+        )
+        grid["variants"] = applicable_variants(base)
+    if grid:
+        extra["grid"] = grid
     if args.seeds:
         extra["seeds"] = args.seeds
     if getattr(args, "variant", None):
@@ -90,29 +118,35 @@ def cmd_run(args: argparse.Namespace) -> int:
         quiet_progress_bars()
     cfg = config_from_args(args)  # validated before any compute
     check_output_folders(cfg, results=not args.no_prefect)  # --no-prefect stops before stage 7
-    from monolm.architecture import check_variant
+    from monolm.grid import check_study
 
-    check_variant(cfg)  # the variant against the architecture, where it is known without a download
+    study = check_study(cfg)  # each cell, and its variant against the architecture where known
+    if args.dry_run:
+        from monolm.study_plan import format_plan, plan_study
+
+        print(format_plan(cfg, plan_study(cfg, last)))
+        return 0
     started = time.time()
     if args.no_prefect:
         from monolm.pipeline import run_seed, summary_rows
         from monolm.report_console import print_rows
 
-        for seed in cfg.seeds:
-            refs = run_seed(cfg, seed, stages=last, progress=not args.quiet)
-            print_rows(
-                f"seed {seed} ({cfg.preset}, {cfg.model.slug}, {cfg.constraint.variant}, recipe {cfg.training.recipe})",
-                summary_rows(refs),
-            )
-            if "constrain" in refs:
-                print_constrain(refs["constrain"].path / "report.json")
+        for cell in study:
+            for seed in cfg.seeds:
+                refs = run_seed(cell.cfg, seed, stages=last, progress=not args.quiet)
+                print_rows(
+                    f"seed {seed} ({cfg.preset}, {cell.label}, recipe {cfg.training.recipe})", summary_rows(refs)
+                )
+                if "constrain" in refs:
+                    print_constrain(refs["constrain"].path / "report.json")
     else:
         prefect_environment()
         from flows.experiment import run_experiment
         from monolm.layout import cell_paths
 
         result = run_experiment(cfg)
-        print_constrain(cell_paths(cfg, cfg.seeds[0]).stage("constrain") / "report.json")
+        if len(study) == 1:
+            print_constrain(cell_paths(cfg, cfg.seeds[0]).stage("constrain") / "report.json")
         print(f"report: {result['report']}")
         print(f"run ID: {result['run_id']} (`monolm results --run {result['run_name']}` shows its numbers)")
     print(f"wall time: {time.time() - started:.1f} s")
@@ -273,6 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--stages", type=int, metavar="N", help=f"with --no-prefect: run stages 0..N only (default {LAST_SEED_STAGE})"
     )
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the grid and how many stage executions it implies (and how many are done already), run nothing",
+    )
     run.set_defaults(func=cmd_run)
 
     verify = sub.add_parser("verify", help="check that stage 0 can run here (hub, model, data, disk)")

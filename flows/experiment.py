@@ -14,9 +14,9 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from infra.profiles import gpu_resources, make_task_runner
-from monolm.architecture import check_variant
 from monolm.config import ConfigError, ExperimentConfig, build_config, check_output_folders, load_config
-from monolm.stages.registry import GPU_STAGES, SEED_STAGES
+from monolm.grid import cells, check_study, grid_from_lists
+from monolm.stages.registry import GPU_STAGES, MODEL_STAGES, SEED_STAGES
 from tasks.aggregate import aggregate_task
 from tasks.common import stage_options
 from tasks.seed_stages import STAGE_TASKS
@@ -31,8 +31,11 @@ def resolve_config(
     run_name: str | None,
     named_overrides: list[str] | None = None,
     config_file: str | None = None,
+    grid: dict[str, list[str]] | None = None,
 ) -> ExperimentConfig:
     extra: dict[str, Any] = {}
+    if grid:
+        extra["grid"] = grid
     if seeds:
         extra["seeds"] = seeds
     if variant:
@@ -47,6 +50,27 @@ def resolve_config(
     if not cfg.run_name:
         cfg = cfg.model_copy(update={"run_name": cfg.default_run_name})
     return cfg
+
+
+def expand_all_variants(preset, grid, named_overrides, config_file, overrides) -> dict[str, list[str]]:
+    """`variants: ["all"]`: every constraint variant the model's architecture has (each model's,
+    for a model axis: the variants all of them have)."""
+    if grid.get("variants") != ["all"]:
+        return grid
+    from monolm.architecture import applicable_variants
+
+    base = resolve_config(
+        preset,
+        None,
+        None,
+        overrides,
+        None,
+        None,
+        named_overrides,
+        config_file,
+        {k: v for k, v in grid.items() if k != "variants"},
+    )
+    return {**grid, "variants": applicable_variants(base)}
 
 
 def _annotate(cfg: ExperimentConfig, stage: str):
@@ -82,35 +106,59 @@ def await_result(future, poll_seconds: float = 2.0):
     return future.result()
 
 
+def submit_cell(cfg: ExperimentConfig, seed: int, shared: dict[str, Any]) -> dict[str, Any]:
+    """Submit every per-seed stage of one cell; the model's constraint-independent stages are
+    submitted once per (model, seed) and their futures kept in `shared` for the model's other
+    cells (a 3-variant grid trains its baseline once per seed)."""
+    futures: dict[str, Any] = {}
+    for spec in SEED_STAGES:
+        if spec.scope == "model" and spec.name in shared:
+            futures[spec.name] = shared[spec.name]
+            continue
+        inputs = {name: futures[name] for name in spec.inputs}
+        futures[spec.name] = submit(STAGE_TASKS[spec.name], cfg, spec.name, seed=seed, inputs=inputs)
+        if spec.scope == "model":
+            shared[spec.name] = futures[spec.name]
+    return futures
+
+
 @flow(name="experiment-stages")
 def run_stages(cfg_data: dict[str, Any]) -> dict[str, Any]:
-    """Submit every stage of every seed at once; Prefect resolves the data dependencies."""
+    """Submit every stage of every cell and seed at once; Prefect resolves the data dependencies."""
     cfg = build_config(cfg_data)
-    per_seed: dict[int, dict[str, Any]] = {}
-    for seed in cfg.seeds:
-        f: dict[str, Any] = {}
-        for spec in SEED_STAGES:
-            f[spec.name] = submit(
-                STAGE_TASKS[spec.name], cfg, spec.name, seed=seed, inputs={name: f[name] for name in spec.inputs}
-            )
-        per_seed[seed] = f
-    seeds_refs = [{stage: fut for stage, fut in f.items()} for f in per_seed.values()]
-    aggregate_future = submit(aggregate_task, cfg, "aggregate", seed=None, seeds=seeds_refs)
+    grid_cells = cells(cfg)
+    shared: dict[tuple[str, int], dict[str, Any]] = {}
+    per_run: dict[str, dict[str, Any]] = {}  # "<seed>" (one cell) or "<cell>/seed-<n>" -> futures
+    per_cell: list[dict[str, Any]] = []
+    for cell in grid_cells:
+        seeds = []
+        for seed in cfg.seeds:
+            futures = submit_cell(cell.cfg, seed, shared.setdefault((cell.model, seed), {}))
+            seeds.append(futures)
+            if len(grid_cells) == 1:
+                per_run[str(seed)] = futures
+                continue
+            per_run[f"{cell.model}/shared/seed-{seed}"] = {k: f for k, f in futures.items() if k in MODEL_STAGES}
+            per_run[f"{cell.label}/seed-{seed}"] = {k: f for k, f in futures.items() if k not in MODEL_STAGES}
+        per_cell.append({"label": cell.label, "seeds": seeds})
+    aggregate_future = submit(aggregate_task, cfg, "aggregate", seed=None, cells=per_cell)
     try:
         summary = await_result(aggregate_future)
     except Exception as exc:
-        failed = [
-            f"{stage} (seed {seed}): {fut.state.message}"
-            for seed, f in per_seed.items()
-            for stage, fut in f.items()
-            if fut.state.is_failed() or fut.state.is_crashed()
-        ]
+        failed = sorted(
+            {
+                f"{stage} ({where}): {fut.state.message}"
+                for where, f in per_run.items()
+                for stage, fut in f.items()
+                if fut.state.is_failed() or fut.state.is_crashed()
+            }
+        )
         if failed:  # name the stages that failed rather than "aggregate was never ready"
             raise RuntimeError("stage(s) failed: " + "; ".join(failed)) from exc
         raise
-    # Which stages executed and which were cache hits ("Completed" vs "Cached"), per seed.
+    # Which stages executed and which were cache hits ("Completed" vs "Cached"), per seed (and cell).
     summary["stage_states"] = {
-        str(seed): {stage: fut.state.name for stage, fut in f.items()} for seed, f in per_seed.items()
+        where: {stage: fut.state.name for stage, fut in f.items()} for where, f in per_run.items()
     }
     summary["stage_states"]["aggregate"] = aggregate_future.state.name
     if aggregate_future.state.name == "Cached":  # a cache hit ran no task: publish on this run too
@@ -132,10 +180,16 @@ def experiment(
     config_file: str | None = None,
     nightly: bool = False,
     regression_tolerance: dict[str, Any] | None = None,
+    variants: list[str] | None = None,
+    models: list[str] | None = None,
+    init: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Run the whole study. `overrides` are `key=value` strings (as `monolm run --set`),
-    `named_overrides` names like `reference`, `config_file` a YAML of overrides (e.g. a site file
-    such as infra/site-a100.example.yaml); the config is validated before anything runs.
+    """Run the whole study: every seed of every cell of the grid `models` x `variants` x `init`
+    (each defaults to the preset's single model, `constraint.variant` and `constraint.init`;
+    `variants=["all"]`: every variant the model's architecture has). `overrides` are `key=value`
+    strings (as `monolm run --set`), `named_overrides` names like `reference`, `config_file` a YAML
+    of overrides (e.g. a site file such as infra/site-a100.example.yaml); the config is validated
+    before anything runs.
     `nightly`: check first that stage 0 can reach its model and data (`monolm verify`; a failed
     check fails the run before any stage), name the run `nightly-<preset>-<scheduled time>` and,
     after stage 7, compare it with the previous nightly run (`flows/nightly.py`;
@@ -147,18 +201,28 @@ def experiment(
     if nightly:
         run_name = _nightly_name(preset, run_name)
     try:
-        cfg = resolve_config(preset, seeds, variant, overrides, profile, run_name, named_overrides, config_file)
+        grid = grid_from_lists(models, variants, init)
+        cfg = resolve_config(
+            preset,
+            seeds,
+            variant,
+            overrides,
+            profile,
+            run_name,
+            named_overrides,
+            config_file,
+            expand_all_variants(preset, grid, named_overrides, config_file, overrides),
+        )
         check_output_folders(cfg)
-        check_variant(cfg)  # before any stage: a variant the architecture lacks fails here, not in stage 1
+        study = check_study(cfg)  # before any stage: a variant the architecture lacks fails here, not in stage 1
     except ConfigError as exc:
         log.error("%s", exc)
         raise
     log.info(
-        "experiment %s: preset=%s model=%s variant=%s recipe=%s seeds=%s profile=%s",
+        "experiment %s: preset=%s cells=%s recipe=%s seeds=%s profile=%s",
         cfg.run_name,
         cfg.preset,
-        cfg.model.name,
-        cfg.constraint.variant,
+        ", ".join(cell.label for cell in study),
         cfg.training.recipe,
         cfg.seeds,
         cfg.runner.profile,
@@ -207,7 +271,8 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def executed_stages(result: dict[str, Any]) -> list[str]:
-    """`stage[seed]` for every stage that ran rather than being a cache hit."""
+    """`stage[seed]` (in a grid `stage[<cell or model/shared>/seed-<n>]`) for every stage that ran
+    rather than being a cache hit."""
     out = [
         f"{stage}[{seed}]"
         for seed, states in result["stage_states"].items()

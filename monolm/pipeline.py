@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from monolm.config import ExperimentConfig
-from monolm.layout import CellPaths, cell_paths
+from monolm.layout import cell_paths
 from monolm.stages.common import StageRef, stage_errors
 from monolm.stages.registry import ATTACKS, SEED_STAGES
 
@@ -24,19 +24,20 @@ log = logging.getLogger("monolm.pipeline")
 
 
 @contextlib.contextmanager
-def cell_lock(cell: CellPaths) -> Iterator[None]:
-    """One `run_seed` per cell folder at a time on this machine: a second run of the same seed
-    waits, then reuses what the first finished. Without it both redo every stage and move each
-    other's stage folders aside mid-run. The lock file lives in the temp dir, so a run refused for
-    bad inputs leaves the runs root untouched; across machines, the Prefect flow's file locks
-    under `paths.runs_root` serialize stages instead."""
-    folder = str(cell.root.resolve())
-    path = Path(tempfile.gettempdir()) / f"monolm-seed-{hashlib.sha256(folder.encode()).hexdigest()[:16]}.lock"
+def folder_lock(folder: Path, what: str) -> Iterator[None]:
+    """One writer of a stage folder at a time on this machine: a second run of the same stage (the
+    same seed, or another cell sharing the model's baseline stages) waits, then reuses what the
+    first finished. Without it both redo the stage and move each other's folders aside mid-run.
+    The lock file lives in the temp dir, so a run refused for bad inputs leaves the runs root
+    untouched; across machines, the Prefect flow's file locks under `paths.runs_root` serialize
+    stages instead."""
+    key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"monolm-stage-{key}.lock"
     with open(path, "a") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.info("seed %d (%s) is being run by another process; waiting for it to finish", cell.seed, folder)
+            log.info("%s (%s) is being run by another process; waiting for it to finish", what, folder)
             fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -47,19 +48,34 @@ def cell_lock(cell: CellPaths) -> Iterator[None]:
 def run_seed(
     cfg: ExperimentConfig, seed: int, *, stages: int = SEED_STAGES[-1].number, progress: bool = True
 ) -> dict[str, StageRef]:
-    """Run stages 0..`stages` (default: all of a seed's) for one seed, in order; finished stages
-    with valid manifests are reused. A full disk or an unwritable folder fails the stage with `StageFailed` naming it; a
-    second run of the same seed started meanwhile waits for this one (`cell_lock`)."""
+    """Run stages 0..`stages` (default: all of a seed's) of one cell (`cfg` with one model, variant
+    and init) for one seed, in order; finished stages with valid manifests are reused, the
+    model's shared stages too. A full disk or an unwritable folder fails the stage with
+    `StageFailed` naming it; a second run of the same stage started meanwhile waits for this one
+    (`folder_lock`)."""
     cell = cell_paths(cfg, seed)
     refs: dict[str, StageRef] = {}
-    with cell_lock(cell):
-        for spec in SEED_STAGES:
-            if spec.number > stages:
-                break
-            inputs = {name: refs[name] for name in spec.inputs}
-            with stage_errors(spec.name, seed, cell.stage(spec.name)):
-                refs[spec.name] = spec.function()(cfg, cell, inputs, progress=progress)
+    for spec in SEED_STAGES:
+        if spec.number > stages:
+            break
+        inputs = {name: refs[name] for name in spec.inputs}
+        folder = cell.stage(spec.name)
+        with folder_lock(folder, f"stage {spec.name} of seed {seed}"), stage_errors(spec.name, seed, folder):
+            refs[spec.name] = spec.function()(cfg, cell, inputs, progress=progress)
     return refs
+
+
+def run_study(
+    cfg: ExperimentConfig, *, stages: int = SEED_STAGES[-1].number, progress: bool = True
+) -> dict[str, dict[int, dict[str, StageRef]]]:
+    """Every cell of the study's grid for every seed (`run_seed`), one after another: {cell label:
+    {seed: stage refs}}. A model's stages that do not depend on the constraint run once per seed."""
+    from monolm.grid import cells
+
+    return {
+        cell.label: {seed: run_seed(cell.cfg, seed, stages=stages, progress=progress) for seed in cfg.seeds}
+        for cell in cells(cfg)
+    }
 
 
 def summary_rows(refs: dict[str, StageRef]) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ from typing import Any
 
 from prefect import task
 
-from monolm.stages import aggregate
+from monolm.stages import aggregate, aggregate_grid
 from tasks.common import artifact_key, config_of
 from tasks.figures import embed_figures
 from tasks.stage import as_ref, run_stage
@@ -39,11 +39,21 @@ def publish_artifacts(result: dict[str, Any]) -> dict[str, str]:
 
 
 @task(name="aggregate", task_run_name="aggregate")
-def aggregate_task(cfg: dict, seed: int | None = None, seeds: list[dict] | None = None) -> dict:
-    """`seeds`: one {stage name: stage task result} per seed. Returns the stage result (with
-    "dir" and "files", which the cache-validity check uses) and the artifact keys."""
-    per_seed = [{stage: as_ref(ref) for stage, ref in refs.items()} for refs in (seeds or [])]
+def aggregate_task(cfg: dict, seed: int | None = None, cells: list[dict] | None = None) -> dict:
+    """`cells`: per cell of the grid {"label", "seeds": one {stage name: stage task result} per
+    seed}. Returns the stage result (with "dir" and "files", which the cache-validity check uses)
+    and the artifact keys."""
+    per_cell = {
+        cell["label"]: [{stage: as_ref(ref) for stage, ref in refs.items()} for refs in cell["seeds"]]
+        for cell in cells or []
+    }
     config = config_of(cfg)
-    result = run_stage("aggregate", config, None, Path(config.paths.results_root), lambda c: aggregate.run(c, per_seed))
+
+    def call(c):
+        return (
+            aggregate.run(c, next(iter(per_cell.values()))) if len(per_cell) == 1 else aggregate.run_grid(c, per_cell)
+        )
+
+    result = run_stage("aggregate", config, None, Path(config.paths.results_root), call)
     result["artifacts"] = publish_artifacts(result)
     return result

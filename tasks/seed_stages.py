@@ -36,19 +36,37 @@ def train_monotonic_task(cfg: dict, seed: int, inputs: dict) -> dict:
 
 @task(name="evaluate", task_run_name="evaluate-seed-{seed}")
 def evaluate_task(cfg: dict, seed: int, inputs: dict) -> dict:
-    """Stage 4: perplexity of the base model and both arms on held-out text."""
+    """Stage 4 of a cell: the constrained arm's perplexity, with the base model's and the baseline's."""
     return run_seed_stage("evaluate", cfg, seed, inputs)
+
+
+@task(name="evaluate_baseline", task_run_name="evaluate-baseline-seed-{seed}")
+def evaluate_baseline_task(cfg: dict, seed: int, inputs: dict) -> dict:
+    """Stage 4's share shared by every cell of a model: the base model and the baseline."""
+    return run_seed_stage("evaluate_baseline", cfg, seed, inputs)
+
+
+@task(name="uat_baseline", task_run_name="uat-baseline-seed-{seed}")
+def uat_baseline_task(cfg: dict, seed: int, inputs: dict) -> dict:
+    """Stage 5's share shared by every cell of a model: UAT against the baseline."""
+    return run_seed_stage("uat_baseline", cfg, seed, inputs)
+
+
+@task(name="hotflip_baseline", task_run_name="hotflip-baseline-seed-{seed}")
+def hotflip_baseline_task(cfg: dict, seed: int, inputs: dict) -> dict:
+    """Stage 6's share shared by every cell of a model: HotFlip against the baseline."""
+    return run_seed_stage("hotflip_baseline", cfg, seed, inputs)
 
 
 @task(name="uat", task_run_name="uat-seed-{seed}")
 def uat_task(cfg: dict, seed: int, inputs: dict) -> dict:
-    """Stage 5: Universal Adversarial Triggers against both arms."""
+    """Stage 5 of a cell: UAT against the constrained arm, and transfer between the arms."""
     return run_seed_stage("uat", cfg, seed, inputs)
 
 
 @task(name="hotflip", task_run_name="hotflip-seed-{seed}")
 def hotflip_task(cfg: dict, seed: int, inputs: dict) -> dict:
-    """Stage 6: HotFlip against both arms."""
+    """Stage 6 of a cell: HotFlip against the constrained arm, and transfer between the arms."""
     return run_seed_stage("hotflip", cfg, seed, inputs)
 
 
@@ -59,8 +77,11 @@ STAGE_TASKS: dict[str, Task] = {
         constrain_task,
         train_baseline_task,
         train_monotonic_task,
+        evaluate_baseline_task,
         evaluate_task,
+        uat_baseline_task,
         uat_task,
+        hotflip_baseline_task,
         hotflip_task,
     )
 }

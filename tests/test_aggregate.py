@@ -46,7 +46,8 @@ def _setup(tmp_path):
 
     @flow(name="aggregate-test")
     def run() -> tuple[dict, str]:  # (stage result, final state name of the task)
-        future = aggregate_task.with_options(**options).submit(cfg=cfg_data, seed=None, seeds=seeds)
+        cells = [{"label": "tiny-neox/mlp_in-abs", "seeds": seeds}]
+        future = aggregate_task.with_options(**options).submit(cfg=cfg_data, seed=None, cells=cells)
         future.wait()
         return future.result(), future.state.name
 

@@ -149,7 +149,7 @@ def test_nonfinite_values_are_kept_visible_not_lost(store):
         (_run(""), [], "run_id"),
         (_run("r1", status="done"), [], "status='done'"),
         (_run("r1"), [{"metric": "loss", "value": 1.0, "colour": "x"}], r"metrics\[0\] has unknown field"),
-        (_run("r1"), [{"metric": "loss", "value": 1.0, "model": "monotonic"}], r"'model'\] \(the arm's field is 'arm'"),
+        (_run("r1"), [{"metric": "loss", "value": 1.0, "model": "monotonic"}], r"model='monotonic', an arm: the arm's"),
         (_run("r1"), [{"metric": "loss"}], "no 'value'"),
         (_run("r1"), [{"value": 1.0}], "metric"),
         (_run("r1"), [{"metric": "loss", "value": "high"}], "not a number"),
@@ -412,7 +412,8 @@ def _assert_v1_store_is_upgraded_in_place(url: str, fresh_url: str) -> None:
                 sorted((r["run_id"], r["seed"] or 0, r["arm"], r["metric"], r["value"], r["extra"]) for r in rows)
                 == expected
             )
-            assert all("model" not in r for r in rows)
+            # The arm is `arm`; `model` is the run's model, filled in by version 3 (init: not recorded then).
+            assert all(r["model"] == "EleutherAI/pythia-1.4b" and r["init"] is None for r in rows)
             assert [r["value"] for r in s.query(arm="monotonic", metric="token_perplexity")] == [24.0]
             assert s.get_run("v1-b")["model"] == "EleutherAI/pythia-1.4b"  # the runs table keeps `model`
             base = next(r for r in s.compare("v1-a", "v1-b") if r["arm"] == "baseline")
@@ -448,12 +449,15 @@ def _assert_failed_upgrade_leaves_v1_store_as_it_was(url: str, monkeypatch) -> N
         assert s.schema_version() == store_mod.SCHEMA_VERSION and len(s.query()) == len(V1_ROWS)
 
 
-def test_v1_fixture_is_the_current_schema_but_for_the_arm_column():
-    """Guards the fixture: version 1 differs from the current schema only in the arm's name."""
+def test_v1_fixture_is_the_current_schema_but_for_the_arm_column_and_the_cell_columns():
+    """Guards the fixture: version 1 differs from the current schema only in the arm's name (v2)
+    and in the cell columns model and init that version 3 appends."""
     current = {name: [c.name for c in table.columns] for name, table in store_mod.metadata.tables.items()}
     old = {name: [c.name for c in table.columns] for name, table in V1.tables.items()}
-    assert old == {**current, "metrics": [("model" if c == "arm" else c) for c in current["metrics"]]}
-    assert store_mod.SCHEMA_VERSION == 2
+    v2_metrics = [c for c in current["metrics"] if c not in ("model", "init")]
+    assert current["metrics"][-2:] == ["model", "init"]
+    assert old == {**current, "metrics": [("model" if c == "arm" else c) for c in v2_metrics]}
+    assert store_mod.SCHEMA_VERSION == 3
 
 
 def test_v1_store_is_upgraded_in_place(tmp_path):

@@ -11,26 +11,23 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import Field, model_validator
 
-from monolm.stages.registry import STAGE_NAMES
-
-PositiveInt = Annotated[StrictInt, Field(gt=0)]
-NonNegInt = Annotated[StrictInt, Field(ge=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-Fraction = Annotated[float, Field(ge=0, le=1)]
-Switch = Literal["auto", "on", "off"]  # auto: on for CUDA only (bf16 autocast, gradient checkpointing)
-
-VARIANTS = ("mlp_in", "mlp_both", "mlp_in_attn_out", "gated_updown", "gated_all")
-Variant = Literal["mlp_in", "mlp_both", "mlp_in_attn_out", "gated_updown", "gated_all"]
-
-
-class ConfigError(ValueError):
-    """A configuration problem, phrased for the user: field path, bad value, what is allowed."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+from monolm.config.base import (  # noqa: F401  (re-exported: the value types are part of the schema)
+    FOLDER_NAME,
+    INITS,
+    VARIANTS,
+    ConfigError,
+    Fraction,
+    Init,
+    NonNegInt,
+    PositiveFloat,
+    PositiveInt,
+    Strict,
+    Switch,
+    Variant,
+)
+from monolm.config.runner import RunnerConfig, SlurmConfig  # noqa: F401  (re-exported)
 
 
 # --------------------------------------------------------------------------- model and data
@@ -70,6 +67,9 @@ class ModelConfig(Strict):
     architecture: str | None = None
     cache_dir: Path | None = None  # HF cache; None -> <paths.cache_dir>/hf
     tiny: TinyModelConfig = TinyModelConfig()
+    # The model's name on the grid's model axis and in folders: the key of its `models:` entry
+    # (set from it); None for the default `model`, whose name is derived from it (`slug`).
+    label: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -109,7 +109,10 @@ class ModelConfig(Strict):
 
     @property
     def slug(self) -> str:
-        """Folder-safe model name: `EleutherAI/pythia-1.4b` -> `EleutherAI--pythia-1.4b`."""
+        """Folder-safe model name: the grid label if set, else derived from the model
+        (`EleutherAI/pythia-1.4b` -> `EleutherAI--pythia-1.4b`)."""
+        if self.label is not None:
+            return self.label
         if self.source == "tiny":
             return "tiny-neox"
         if self.source == "architecture":
@@ -213,7 +216,7 @@ class ConstraintConfig(Strict):
     # How pretrained W becomes V with softplus(V) ~ W >= 0:
     #   abs:   V = softplus^-1(|W| + eps)   (the original study's choice; flips negative weights)
     #   clamp: V = softplus^-1(max(W, eps)) (keeps positive weights, sends negative ones to ~0)
-    init: Literal["abs", "clamp"] = "abs"
+    init: Init = "abs"
     eps: PositiveFloat = 1e-6
     drift_docs: PositiveInt = 64  # held-out docs for the function-drift measurement
     monotonicity_pairs: PositiveInt = 512  # sampled x <= x' pairs per constrained sublayer
@@ -335,42 +338,15 @@ class PathsConfig(Strict):
     store_url: str | None = None
 
 
-class SlurmConfig(Strict):
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    cores: PositiveInt = 8
-    memory: str = "64GB"
-    walltime: str = "24:00:00"
-    gpu_type: str = "a100"
-    gpus_per_job: PositiveInt = 1
-    min_workers: NonNegInt = 0
-    max_workers: PositiveInt = 4
-    lifetime_margin_minutes: PositiveInt = 10  # workers drain this long before walltime
-    job_directives_skip: list[str] = []
-    job_extra_directives: list[str] = []
-    prologue: list[str] = []  # shell lines run before the worker (module load, venv activate)
-    python: str | None = None  # worker interpreter; None -> this interpreter
-    local_directory: str | None = None
-    log_directory: str | None = None
+# --------------------------------------------------------------------------- the study's grid
+class GridConfig(Strict):
+    """The axes of a study: models x constraint variants x inits (x seeds). An empty list means the
+    single value of `model`, `constraint.variant` or `constraint.init`, so a config without a
+    grid is a grid of one cell."""
 
-
-class RunnerConfig(Strict):
-    profile: Literal["local", "dask-local", "slurm"] = "local"
-    dask_workers: PositiveInt = 2
-    retries: NonNegInt = 2
-    retry_delay_seconds: NonNegInt = 10
-    stage_timeout_minutes: dict[str, PositiveFloat] = {}
-    slurm: SlurmConfig = SlurmConfig()
-
-    @model_validator(mode="after")
-    def _known_stages(self) -> RunnerConfig:
-        for stage in self.stage_timeout_minutes:
-            if stage not in STAGE_NAMES:
-                raise ValueError(
-                    f"runner.stage_timeout_minutes.{stage}: unknown stage; allowed: {', '.join(STAGE_NAMES)}"
-                )
-        return self
+    models: list[str] = []  # names: keys of `models:`, or the default model's own name (its slug)
+    variants: list[Variant] = []
+    inits: list[Init] = []
 
 
 # --------------------------------------------------------------------------- the whole thing
@@ -379,6 +355,8 @@ class ExperimentConfig(Strict):
     run_name: str | None = None
     seeds: list[NonNegInt] = [42, 1337, 2024, 8888, 12345]  # folder names seed-<n>; numpy seeds are >= 0
     model: ModelConfig = ModelConfig()
+    models: dict[str, ModelConfig] = {}  # named models for the grid's model axis (grid.models)
+    grid: GridConfig = GridConfig()
     data: DataConfig = DataConfig()
     constraint: ConstraintConfig = ConstraintConfig()
     training: TrainingConfig = TrainingConfig()
@@ -406,6 +384,7 @@ class ExperimentConfig(Strict):
                 f"attacks.uat.n_opt_texts + max(attacks.uat.n_eval_texts, attacks.hotflip.n_texts) = {needed} "
                 "disjoint held-out texts"
             )
+        self._check_grid()
         if self.model.source == "tiny":
             self.validate_seq_len(self.model.tiny.max_position_embeddings)
         if self.model.source == "architecture":
@@ -418,6 +397,25 @@ class ExperimentConfig(Strict):
                     "tokenizer is trained on data.source='embedded' or 'local'"
                 )
         return self
+
+    def _check_grid(self) -> None:
+        """Named models are labelled by their key; grid axes hold no duplicates and only known
+        model names (variants and inits are checked by their types)."""
+        for key, model in self.models.items():
+            if not FOLDER_NAME.match(key):
+                raise ValueError(f"models.{key}: a model's name is also a folder name (letters, digits, '.', '_', '-')")
+            if model.label not in (None, key):
+                raise ValueError(f"models.{key}.label={model.label!r}: a named model's label is its key ({key!r})")
+            model.label = key
+        for axis in ("models", "variants", "inits"):
+            values = getattr(self.grid, axis)
+            duplicates = sorted({v for v in values if values.count(v) > 1})
+            if duplicates:
+                raise ValueError(f"grid.{axis}={values} lists {', '.join(map(repr, duplicates))} more than once")
+        known = [self.model.slug, *(k for k in self.models if k != self.model.slug)]
+        for name in self.grid.models:
+            if name not in known:
+                raise ValueError(f"grid.models: unknown model {name!r}; allowed: {', '.join(known)} (named in models:)")
 
     def validate_seq_len(self, model_max: int) -> None:
         """Refuse sequence lengths the model cannot attend over (checked again once the model's
@@ -441,9 +439,11 @@ class ExperimentConfig(Strict):
         The preset is left out when the model's name already starts with it (`tiny-neox-...`, not
         `tiny-tiny-neox-...`)."""
         seeds = "-".join(str(s) for s in self.seeds)
-        slug = self.model.slug
+        slug = "+".join(self.grid.models) or self.model.slug
         head = slug if slug == self.preset or slug.startswith(f"{self.preset}-") else f"{self.preset}-{slug}"
-        return f"{head}-{self.constraint.variant}-{self.training.recipe}-seeds-{seeds}"
+        variants = "+".join(self.grid.variants) or self.constraint.variant
+        inits = "+".join(self.grid.inits)
+        return f"{head}-{variants}{f'-{inits}' if inits else ''}-{self.training.recipe}-seeds-{seeds}"
 
     @property
     def eval_seq_len(self) -> int:

@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,8 @@ log = logging.getLogger("monolm.stages")
 STAGE = "aggregate"
 # The file stage 7 reads from each stage folder (besides the manifest's metrics).
 STAGE_FILES = {s.name: s.reads for s in SEED_STAGES if s.reads}
+# What a complete seed has: every stage but the baseline's shares (their results are in the cell's stages).
+REPORTED_STAGES = tuple(s.name for s in SEED_STAGES if s.share_of is None)
 RESULT_FILES = ("results.json", "summary.csv", "report.md", "tables.tex", "config.yaml")
 
 
@@ -193,10 +195,21 @@ def read_seed(refs: Mapping[str, StageRef | Mapping[str, Any]]) -> dict[str, Any
 
 
 # --------------------------------------------------------------------------- store rows
-def store_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+def cell_tags(cfg: ExperimentConfig) -> dict[str, str]:
+    """The grid cell a cell configuration's store rows belong to."""
+    return {"model": cfg.model.slug, "variant": cfg.constraint.variant, "init": cfg.constraint.init}
+
+
+def store_rows(results: dict[str, Any], cell: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Every number for the results store: per-seed values as they are, across-seed summaries as
     `<metric>:mean|std|ci_low|ci_high` (seed NULL), tests as `<metric>:diff|t_p|wilcoxon_p` under
-    arm `monotonic-baseline` (seed NULL across seeds, the seed for a test over its examples)."""
+    arm `monotonic-baseline` (seed NULL across seeds, the seed for a test over its examples); each
+    row tagged with its grid `cell` (model, variant, init)."""
+    rows = _value_rows(results)
+    return [{**row, **(cell or {})} for row in rows]
+
+
+def _value_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     rows = [
         {"seed": v["seed"], "arm": v["model"], "stage": v["stage"], "metric": v["metric"], "value": v["value"]}
         for v in results["values"]
@@ -343,9 +356,9 @@ def run(cfg: ExperimentConfig, seeds: Sequence[Mapping[str, StageRef | Mapping[s
 def _gaps(cfg: ExperimentConfig, data: list[dict[str, Any]]) -> list[str]:
     """What keeps the run from being complete: seeds lacking stages, configured seeds not given."""
     gaps = [
-        f"seed {d['seed']} lacks {', '.join(s for s in STAGES if s not in d['stages'])}"
+        f"seed {d['seed']} lacks {', '.join(s for s in REPORTED_STAGES if s not in d['stages'])}"
         for d in sorted(data, key=lambda d: d["seed"])
-        if not set(STAGES) <= set(d["stages"])
+        if not set(REPORTED_STAGES) <= set(d["stages"])
     ]
     absent = sorted(set(cfg.seeds) - {d["seed"] for d in data})
     if absent:
@@ -388,6 +401,22 @@ def run_meta(cfg: ExperimentConfig, data: list[dict[str, Any]], run_name: str, f
     }
 
 
+def run_row_of(cfg: ExperimentConfig, meta: dict[str, Any], *, model: str, variant: str) -> dict[str, Any]:
+    """The results store's row of a run (`model`/`variant`: the run's, `+`-joined for a grid)."""
+    return {
+        "run_id": meta["run_id"],
+        "run_name": meta["run_name"],
+        "preset": cfg.preset,
+        "model": model,
+        "variant": variant,
+        "recipe": cfg.training.recipe,
+        "config_digest": meta["config_digest"],
+        "code_revision": meta["code_revision"],
+        "seeds": meta["seeds"],
+        "status": meta["status"],
+    }
+
+
 def _publish(
     cfg: ExperimentConfig,
     data: list[dict[str, Any]],
@@ -396,42 +425,57 @@ def _publish(
     final: Path,
     started: float,
 ) -> tuple[list[str], str, int]:
-    """Write the results folder beside `final`, then put it in place and record the store rows in
-    one step (`published`). Returns (relative file names, sha256 of results.json, store rows)."""
+    """One cell's results folder and store rows (`publish`)."""
+    histories = {d["seed"]: d["histories"] for d in data}
+    return publish(
+        cfg,
+        final,
+        started,
+        write_files=lambda tmp: _write_folder(tmp, cfg, results, histories, final / "config.yaml"),
+        inputs={f"seed-{d['seed']}/{name}": st["digest"] for d in data for name, st in d["stages"].items()},
+        metrics=report.headline(results),
+        run=run_row_of(cfg, meta, model=cfg.model.name, variant=cfg.constraint.variant),
+        rows=store_rows(results, cell_tags(cfg)),
+        digest_of="results.json",
+    )
+
+
+def publish(
+    cfg: ExperimentConfig,
+    final: Path,
+    started: float,
+    *,
+    write_files: Callable[[Path], list[str]],
+    inputs: dict[str, str],
+    metrics: dict[str, Any],
+    run: dict[str, Any],
+    rows: list[dict[str, Any]],
+    digest_of: str,
+) -> tuple[list[str], str, int]:
+    """Write the results folder beside `final` (`write_files(tmp)` returns the relative file
+    names), its manifest last, then put it in place and record the store rows in one step
+    (`published`). Returns (relative file names, sha256 of `digest_of`, store rows)."""
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
     _clean_leftovers(root, final.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     store: ResultsStore | None = None
     try:
-        histories = {d["seed"]: d["histories"] for d in data}
-        rel_files = _write_folder(tmp, cfg, results, histories, final / "config.yaml")
+        rel_files = write_files(tmp)
         write_manifest(
             tmp,
             stage=STAGE,
             config=cfg.model_dump(mode="json"),
-            inputs={f"seed-{d['seed']}/{name}": st["digest"] for d in data for name, st in d["stages"].items()},
+            inputs=inputs,
             outputs=rel_files,
-            metrics=report.headline(results),
+            metrics=metrics,
             wall_time_s=time.time() - started,
             provenance=provenance(),
         )
-        digest = hashlib.sha256((tmp / "results.json").read_bytes()).hexdigest()
+        digest = hashlib.sha256((tmp / digest_of).read_bytes()).hexdigest()
         store = ResultsStore(cfg.store_url)  # opened (schema checked) before anything is put in place
-        run_row = {
-            "run_id": meta["run_id"],
-            "run_name": meta["run_name"],
-            "preset": cfg.preset,
-            "model": cfg.model.name,
-            "variant": cfg.constraint.variant,
-            "recipe": cfg.training.recipe,
-            "config_digest": meta["config_digest"],
-            "code_revision": meta["code_revision"],
-            "seeds": meta["seeds"],
-            "status": meta["status"],
-        }
         with published(tmp, final):
-            n_rows = store.record_run(run_row, store_rows(results))  # one transaction
+            n_rows = store.record_run(run, rows)  # one transaction
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already unless something failed before the rename
         if store is not None:

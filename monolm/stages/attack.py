@@ -26,12 +26,12 @@ from typing import Any
 from monolm import data as data_lib
 from monolm import models as models_lib
 from monolm import planning
-from monolm.artifacts import atomic_write_json
+from monolm.artifacts import atomic_write_json, read_json
 from monolm.config import ExperimentConfig
 from monolm.layout import CellPaths
 from monolm.progress import labelled, part_callback
 from monolm.runtime import pick_device
-from monolm.stages.common import Inputs, OnLog, StageRef, existing, files_under, finish, prepare
+from monolm.stages.common import Inputs, OnLog, StageRef, existing, files_under, finish, prepare, read_output
 from monolm.stages.registry import TRAIN_STAGES
 from monolm.stages.setup import load_setup, model_dir
 
@@ -80,15 +80,22 @@ def normalize(effect: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _models(inputs: Inputs, arms: tuple[str, ...], device) -> dict[str, Any]:
+    """The trained arms named, loaded on the device."""
+    return {arm: models_lib.load_model(Path(inputs[TRAIN_STAGES[arm]].metrics["model_dir"]), device) for arm in arms}
+
+
 def _open_stage(cfg: ExperimentConfig, cell: CellPaths, stage: str, inputs: Inputs):
-    """The stage folder (not fresh: finished units are reused), the tokenizer, the
-    (optimisation, held-out) attack texts and both trained arms on the device."""
+    """The stage folder (not fresh: finished units are reused), the tokenizer and the
+    (optimisation, held-out) attack texts."""
     out = prepare(cfg, cell, stage, inputs)
-    device = pick_device()
     tokenizer, splits = load_setup(inputs["setup"])
-    texts = attack_texts(cfg, tokenizer, splits.attack)
-    models = {arm: models_lib.load_model(Path(inputs[TRAIN_STAGES[arm]].metrics["model_dir"]), device) for arm in ARMS}
-    return out, tokenizer, texts, models
+    return out, tokenizer, attack_texts(cfg, tokenizer, splits.attack)
+
+
+def _share(inputs: Inputs, stage: str) -> StageRef | None:
+    """The baseline's share of `stage` (a model-scope stage) when this is a cell's stage."""
+    return inputs.get(f"{stage}_baseline")
 
 
 def _transfer_means(transfer: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -97,72 +104,110 @@ def _transfer_means(transfer: dict[str, Any]) -> dict[str, dict[str, float]]:
     }
 
 
-def _outputs(out: Path, files: list[str]) -> list[str]:
-    """The stage's own files plus each arm's, without the resumable units (work in progress)."""
-    return files + [p for arm in ARMS for p in files_under(out, arm) if "/units/" not in p]
+def _outputs(out: Path, files: list[str], arms: tuple[str, ...]) -> list[str]:
+    """The stage's own files plus each arm's it attacked, without the resumable units (work in progress)."""
+    return files + [p for arm in arms for p in files_under(out, arm) if "/units/" not in p]
+
+
+def _attack_arms(attack, models: dict[str, Any], out: Path, on_log: OnLog | None, **kwargs: Any) -> dict[str, Any]:
+    """`attack.run` on each arm (its units under `out/<arm>/`), progress reported per arm."""
+    return {
+        arm: attack.run(
+            model,
+            out_dir=out / arm,
+            on_log=part_callback(on_log, i, len(models), arm),
+            log=labelled(attack_log, arm),
+            **kwargs,
+        )
+        for i, (arm, model) in enumerate(models.items())
+    }
+
+
+def run_uat_baseline(
+    cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: bool = True, on_log: OnLog | None = None
+) -> StageRef:
+    """Stage 5's share that does not depend on the constraint: the baseline's universal trigger,
+    once per (model, seed) for every cell of the grid."""
+    return run_uat(cfg, cell, inputs, progress=progress, on_log=on_log, stage="uat_baseline")
 
 
 def run_uat(
-    cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: bool = True, on_log: OnLog | None = None
+    cfg: ExperimentConfig,
+    cell: CellPaths,
+    inputs: Inputs,
+    *,
+    progress: bool = True,
+    on_log: OnLog | None = None,
+    stage: str = "uat",
 ) -> StageRef:
-    """Stage 5: a universal trigger per arm, reported on held-out texts, and its transfer."""
+    """Stage 5: a universal trigger per arm, reported on held-out texts, and its transfer. A
+    cell's stage attacks its constrained arm and takes the baseline's results from the shared
+    `uat_baseline` stage; the baseline's share attacks the baseline alone."""
     from monolm.attacks import uat
     from monolm.attacks.common import context_prefix
 
-    stage, seed = "uat", cell.seed
     done = existing(cfg, cell, stage, inputs)
     if done:
         return done
     started = time.time()
-    # Before both arms are moved to the device: the candidate batch that fits.
-    uat_cfg, memory_plan = planning.plan_attack_stage(cfg, stage, model_dir(inputs["setup"]), pick_device())
-    out, tokenizer, (opt, held_out), models = _open_stage(cfg, cell, stage, inputs)
-    results = {
-        arm: uat.run(
-            model,
-            tokenizer,
-            opt,
-            held_out,
-            uat_cfg,
-            seed=seed,
-            out_dir=out / arm,
-            success_threshold=cfg.attacks.success_threshold,
-            bf16=cfg.attacks.bf16,
-            progress=progress,
-            on_log=part_callback(on_log, i, len(models), arm),
-            log=labelled(attack_log, arm),
-        )
-        for i, (arm, model) in enumerate(models.items())
-    }
-    transfer = uat.transfer_matrix(
+    share = _share(inputs, "uat")
+    arms = ("monotonic",) if share is not None else ("baseline",)
+    # Before the arms are moved to the device: the candidate batch that fits.
+    uat_cfg, memory_plan = planning.plan_attack_stage(cfg, "uat", model_dir(inputs["setup"]), pick_device())
+    out, tokenizer, (opt, held_out) = _open_stage(cfg, cell, stage, inputs)
+    models = _models(inputs, arms, pick_device())
+    results = _attack_arms(
+        uat,
         models,
-        {arm: r["trigger_ids"] for arm, r in results.items()},
-        held_out[: cfg.attacks.uat.n_eval_texts],
-        prefix=context_prefix(tokenizer),
-        seed=seed,
+        out,
+        on_log,
+        tokenizer=tokenizer,
+        opt_texts=opt,
+        eval_texts=held_out,
+        cfg=uat_cfg,
+        seed=cell.seed,
         success_threshold=cfg.attacks.success_threshold,
-        text_max_tokens=cfg.attacks.uat.text_max_tokens,
         bf16=cfg.attacks.bf16,
+        progress=progress,
     )
+    files = ["uat_results.json"]
+    if share is not None:  # the cell: both arms, their transfer, and what stage 7 reads
+        results = {"baseline": read_output(share, "uat_results.json")["baseline"], **results}
+        models = {**_models(inputs, ("baseline",), pick_device()), **models}
+        transfer = uat.transfer_matrix(
+            models,
+            {arm: r["trigger_ids"] for arm, r in results.items()},
+            held_out[: cfg.attacks.uat.n_eval_texts],
+            prefix=context_prefix(tokenizer),
+            seed=cell.seed,
+            success_threshold=cfg.attacks.success_threshold,
+            text_max_tokens=cfg.attacks.uat.text_max_tokens,
+            bf16=cfg.attacks.bf16,
+        )
+        _write_uat_report(out, results, transfer)
+        files += ["triggers.json", "transfer.json", "per_example.json"]
+    atomic_write_json(out / "uat_results.json", results)
+    metrics = {
+        "per_model": {arm: normalize(r["eval"]) for arm, r in results.items()},
+        "triggers": {arm: r["trigger_text"] for arm, r in results.items()},
+        "trigger_ids": {arm: r["trigger_ids"] for arm, r in results.items()},
+        "memory_plan": memory_plan.to_json(),
+    }
+    if share is not None:
+        metrics["transfer"] = _transfer_means(read_json(out / "transfer.json"))
+    return finish(cfg, cell, stage, inputs=inputs, outputs=_outputs(out, files, arms), metrics=metrics, started=started)
+
+
+def _write_uat_report(out: Path, results: dict[str, Any], transfer: dict[str, Any]) -> None:
     atomic_write_json(
         out / "triggers.json",
         {arm: {"trigger_ids": r["trigger_ids"], "trigger_text": r["trigger_text"]} for arm, r in results.items()},
     )
-    atomic_write_json(out / "uat_results.json", results)
     atomic_write_json(out / "transfer.json", transfer)
     atomic_write_json(
         out / "per_example.json",
         {arm: {"clean": r["per_text"]["clean"], "attacked": r["per_text"]["attacked"]} for arm, r in results.items()},
     )
-    metrics = {
-        "per_model": {arm: normalize(r["eval"]) for arm, r in results.items()},
-        "transfer": _transfer_means(transfer),
-        "triggers": {arm: r["trigger_text"] for arm, r in results.items()},
-        "trigger_ids": {arm: r["trigger_ids"] for arm, r in results.items()},
-        "memory_plan": memory_plan.to_json(),
-    }
-    outputs = _outputs(out, ["triggers.json", "uat_results.json", "transfer.json", "per_example.json"])
-    return finish(cfg, cell, stage, inputs=inputs, outputs=outputs, metrics=metrics, started=started)
 
 
 def _read_examples(path: Path) -> list[dict[str, Any]]:
@@ -196,14 +241,14 @@ def flip_example(tokenizer: Any, record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _per_example(out: Path, examples: dict[str, list[dict[str, Any]]], with_control: bool) -> dict[str, Any]:
+def _per_example(arm_dirs: dict[str, Path], examples: dict[str, list[dict[str, Any]]], with_control: bool) -> dict:
     """`per_example.json`: each arm's per-text losses, and its random control's on the same texts."""
     from monolm.attacks.hotflip import EXAMPLE_FILES
 
     table: dict[str, Any] = {}
     for arm, rows in examples.items():
         table[arm] = {"clean": [r["clean_loss"] for r in rows], "attacked": [r["attacked_loss"] for r in rows]}
-        control = out / arm / EXAMPLE_FILES["control"]
+        control = arm_dirs[arm] / EXAMPLE_FILES["control"]
         if with_control and control.is_file():
             ctrl = _read_examples(control)
             if [r["index"] for r in ctrl] == [r["index"] for r in rows]:  # the same texts, in order
@@ -214,37 +259,81 @@ def _per_example(out: Path, examples: dict[str, list[dict[str, Any]]], with_cont
     return table
 
 
-def run_hotflip(
+def run_hotflip_baseline(
     cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: bool = True, on_log: OnLog | None = None
 ) -> StageRef:
-    """Stage 6: greedy first-order token flips per held-out text and arm, and their transfer."""
-    from monolm.attacks import hotflip
-    from monolm.attacks.common import context_prefix
+    """Stage 6's share that does not depend on the constraint: HotFlip on the baseline, once per
+    (model, seed) for every cell of the grid."""
+    return run_hotflip(cfg, cell, inputs, progress=progress, on_log=on_log, stage="hotflip_baseline")
 
-    stage, seed = "hotflip", cell.seed
+
+def run_hotflip(
+    cfg: ExperimentConfig,
+    cell: CellPaths,
+    inputs: Inputs,
+    *,
+    progress: bool = True,
+    on_log: OnLog | None = None,
+    stage: str = "hotflip",
+) -> StageRef:
+    """Stage 6: greedy first-order token flips per held-out text and arm, and their transfer. A
+    cell's stage attacks its constrained arm and takes the baseline's results from the shared
+    `hotflip_baseline` stage; the baseline's share attacks the baseline alone."""
+    from monolm.attacks import hotflip
+
     done = existing(cfg, cell, stage, inputs)
     if done:
         return done
     started = time.time()
-    hotflip_cfg, memory_plan = planning.plan_attack_stage(cfg, stage, model_dir(inputs["setup"]), pick_device())
-    out, tokenizer, (_, held_out), models = _open_stage(cfg, cell, stage, inputs)
-    results = {
-        arm: hotflip.run(
-            model,
-            tokenizer,
-            held_out,
-            hotflip_cfg,
-            seed=seed,
-            out_dir=out / arm,
-            success_threshold=cfg.attacks.success_threshold,
-            bf16=cfg.attacks.bf16,
-            progress=progress,
-            on_log=part_callback(on_log, i, len(models), arm),
-            log=labelled(attack_log, arm),
-        )
-        for i, (arm, model) in enumerate(models.items())
+    share = _share(inputs, "hotflip")
+    arms = ("monotonic",) if share is not None else ("baseline",)
+    hotflip_cfg, memory_plan = planning.plan_attack_stage(cfg, "hotflip", model_dir(inputs["setup"]), pick_device())
+    out, tokenizer, (_, held_out) = _open_stage(cfg, cell, stage, inputs)
+    models = _models(inputs, arms, pick_device())
+    results = _attack_arms(
+        hotflip,
+        models,
+        out,
+        on_log,
+        tokenizer=tokenizer,
+        texts=held_out,
+        cfg=hotflip_cfg,
+        seed=cell.seed,
+        success_threshold=cfg.attacks.success_threshold,
+        bf16=cfg.attacks.bf16,
+        progress=progress,
+    )
+    arm_dirs = {arm: out / arm for arm in arms}
+    files = ["hotflip_results.json"]
+    if share is not None:  # the cell: both arms, their transfer, and what stage 7 reads
+        results = {"baseline": read_output(share, "hotflip_results.json")["baseline"], **results}
+        arm_dirs = {"baseline": share.path / "baseline", **arm_dirs}
+        models = {**_models(inputs, ("baseline",), pick_device()), **models}
+        files += _write_hotflip_report(cfg, cell.seed, out, tokenizer, models, arm_dirs)
+    atomic_write_json(out / "hotflip_results.json", results)
+    with_control = cfg.attacks.hotflip.random_control
+    examples = {arm: _read_examples(arm_dirs[arm] / "hotflip_examples.jsonl") for arm in results}
+    metrics = {
+        "per_model": {arm: normalize(r["gradient"]) for arm, r in results.items()},
+        "control": {arm: normalize(r["control"]) for arm, r in results.items()} if with_control else None,
+        "mean_flips": {arm: r["gradient"]["mean_flips"] for arm, r in results.items()},
+        "examples": {
+            arm: [flip_example(tokenizer, r) for r in rows[:REPORTED_EXAMPLES]] for arm, rows in examples.items()
+        },
+        "memory_plan": memory_plan.to_json(),
     }
-    examples = {arm: _read_examples(out / arm / "hotflip_examples.jsonl") for arm in ARMS}
+    if share is not None:
+        metrics["transfer"] = _transfer_means(read_json(out / "transfer.json"))
+    return finish(cfg, cell, stage, inputs=inputs, outputs=_outputs(out, files, arms), metrics=metrics, started=started)
+
+
+def _write_hotflip_report(cfg, seed, out, tokenizer, models, arm_dirs) -> list[str]:
+    """A cell's HotFlip files over both arms: the transfer matrix (each arm's flips replayed on
+    the other) and `per_example.json`. Returns their names."""
+    from monolm.attacks import hotflip
+    from monolm.attacks.common import context_prefix
+
+    examples = {arm: _read_examples(arm_dirs[arm] / "hotflip_examples.jsonl") for arm in ARMS}
     transfer = hotflip.transfer_matrix(
         models,
         examples,
@@ -253,19 +342,6 @@ def run_hotflip(
         success_threshold=cfg.attacks.success_threshold,
         bf16=cfg.attacks.bf16,
     )
-    atomic_write_json(out / "hotflip_results.json", results)
     atomic_write_json(out / "transfer.json", transfer)
-    with_control = cfg.attacks.hotflip.random_control
-    atomic_write_json(out / "per_example.json", _per_example(out, examples, with_control))
-    metrics = {
-        "per_model": {arm: normalize(r["gradient"]) for arm, r in results.items()},
-        "control": {arm: normalize(r["control"]) for arm, r in results.items()} if with_control else None,
-        "mean_flips": {arm: r["gradient"]["mean_flips"] for arm, r in results.items()},
-        "transfer": _transfer_means(transfer),
-        "examples": {
-            arm: [flip_example(tokenizer, r) for r in rows[:REPORTED_EXAMPLES]] for arm, rows in examples.items()
-        },
-        "memory_plan": memory_plan.to_json(),
-    }
-    outputs = _outputs(out, ["hotflip_results.json", "transfer.json", "per_example.json"])
-    return finish(cfg, cell, stage, inputs=inputs, outputs=outputs, metrics=metrics, started=started)
+    atomic_write_json(out / "per_example.json", _per_example(arm_dirs, examples, cfg.attacks.hotflip.random_control))
+    return ["transfer.json", "per_example.json"]

@@ -26,6 +26,7 @@ from monolm.artifacts import (
     clean_temp_files,
     load_manifest,
     nearest_existing,
+    read_json,
     write_manifest,
 )
 from monolm.config import ExperimentConfig
@@ -158,6 +159,17 @@ def finish(
     )
     log.info("stage %s (seed %d) finished in %.1f s -> %s", stage, cell.seed, time.time() - started, directory)
     return StageRef(stage, cell.seed, str(directory), digest, metrics)
+
+
+def read_output(ref: StageRef, rel: str) -> Any:
+    """A JSON output of a finished input stage, trusted only if it matches the digest its
+    manifest recorded (and the manifest is the one `ref` was handed over with)."""
+    manifest, digest = load_manifest(ref.path, verify_outputs=False)
+    if digest != ref.digest:
+        raise CorruptArtifact(ref.path / "manifest.json", "differs from the manifest this stage was given")
+    if rel not in manifest.outputs:
+        raise CorruptArtifact(ref.path / rel, f"not an output of stage {ref.stage}")
+    return read_json(ref.path / rel, expected_sha256=manifest.outputs[rel])
 
 
 def files_under(directory: Path, sub: str) -> list[str]:

@@ -129,9 +129,12 @@ class ResultsStore:
         stage: str | None = None,
         seed: int | None = None,
         recipe: str | None = None,
+        model: str | None = None,
+        init: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Metric rows matching all given filters (`arm`: base, baseline, monotonic, monotonic-baseline),
-        with their run's name, creation time and code revision, oldest run first."""
+        """Metric rows matching all given filters (`arm`: base, baseline, monotonic, monotonic-baseline;
+        `model`, `variant`, `init`: the grid cell), with their run's name, creation time and code
+        revision, oldest run first."""
         m, r = metrics_table.c, runs_table.c
         query = (
             select(
@@ -140,7 +143,9 @@ class ResultsStore:
                 r.created_at,
                 r.code_revision,
                 m.preset,
+                m.model,
                 m.variant,
+                m.init,
                 m.recipe,
                 m.arm,
                 m.seed,
@@ -161,24 +166,29 @@ class ResultsStore:
                     stage=stage,
                     seed=seed,
                     recipe=recipe,
+                    model=model,
+                    init=init,
                 )
             )
-            .order_by(r.created_at, m.run_id, m.arm, m.stage, m.metric, m.seed, m.id)
+            .order_by(r.created_at, m.run_id, m.arm, m.stage, m.metric, m.model, m.variant, m.init, m.seed, m.id)
         )
         with self.engine.connect() as conn:
             rows = conn.execute(query).mappings().all()
         return [{**row, "created_at": iso(row["created_at"])} for row in rows]
 
     def compare(self, run_a: str, run_b: str) -> list[dict[str, Any]]:
-        """Metric by metric (per arm and stage): mean over seeds in each run and the difference
-        `mean_b - mean_a`. Metrics present in only one run are listed with None on the other side.
-        Runs are named by ID, name or unique prefix (`resolve_run`)."""
-        run_a, run_b = (self.resolve_run(ref)["run_id"] for ref in (run_a, run_b))
-        means = {run_a: _means(self.query(run_id=run_a)), run_b: _means(self.query(run_id=run_b))}
-        keys = sorted(set(means[run_a]) | set(means[run_b]), key=lambda k: tuple("" if x is None else x for x in k))
+        """Metric by metric (per arm and stage): mean over seeds on each side and the difference
+        `mean_b - mean_a`. Metrics present on one side only are listed with None on the other.
+        A side is a run, named by ID, name or unique prefix (`resolve_run`), or one cell of a
+        grid run: `<run>@<cell>`, the cell as `<variant>`, `<variant>-<init>` or
+        `<model>/<variant>-<init>` (e.g. `my-run@mlp_both`), so two variants of one run compare
+        like two runs. A grid run of several cells must be given a cell."""
+        rows = [self.cell_rows(ref) for ref in (run_a, run_b)]
+        means = [_means(side) for side in rows]
+        keys = sorted(set(means[0]) | set(means[1]), key=lambda k: tuple("" if x is None else x for x in k))
         out = []
         for key in keys:
-            (n_a, mean_a), (n_b, mean_b) = means[run_a].get(key, (0, None)), means[run_b].get(key, (0, None))
+            (n_a, mean_a), (n_b, mean_b) = means[0].get(key, (0, None)), means[1].get(key, (0, None))
             diff = mean_b - mean_a if mean_a is not None and mean_b is not None else None
             rel = diff / abs(mean_a) if diff is not None and mean_a else None
             arm, stage, metric = key
@@ -196,6 +206,25 @@ class ResultsStore:
                 }
             )
         return out
+
+    def cell_rows(self, ref: str) -> list[dict[str, Any]]:
+        """The metric rows of `<run>` or `<run>@<cell>` (see `compare`)."""
+        run_ref, _, cell = ref.partition("@")
+        rows = self.query(run_id=self.resolve_run(run_ref)["run_id"])
+        cells = sorted({_cell_label(r) for r in rows})
+        if cell:
+            chosen = [c for c in cells if cell in (c, c.split("/", 1)[1], c.split("/", 1)[1].rsplit("-", 1)[0])]
+            if len(chosen) != 1:
+                raise UnknownRun(
+                    f"{ref!r}: {'no' if not chosen else 'more than one'} cell of run {run_ref!r} matches {cell!r}; "
+                    f"its cells: {', '.join(cells)}"
+                )
+            return [r for r in rows if _cell_label(r) == chosen[0]]
+        if len(cells) > 1:
+            raise UnknownRun(
+                f"run {run_ref!r} is a grid of {len(cells)} cells; name one as {run_ref}@<cell>: {', '.join(cells)}"
+            )
+        return rows
 
     def previous_run(
         self,
@@ -221,6 +250,11 @@ class ResultsStore:
         with self.engine.connect() as conn:
             row = conn.execute(query.order_by(r.created_at.desc(), r.run_id.desc()).limit(1)).mappings().first()
         return run_dict(row) if row else None
+
+
+def _cell_label(row: dict[str, Any]) -> str:
+    """`<model>/<variant>-<init>` of a metric row (`?` for what an older store did not record)."""
+    return f"{row.get('model') or '?'}/{row.get('variant') or '?'}-{row.get('init') or '?'}"
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -15,9 +15,10 @@ from monolm.artifacts import json_default
 from monolm.store.schema import runs_table
 
 RUN_STATUSES = ("running", "completed", "failed", "partial")
+ARMS = ("base", "baseline", "monotonic", "monotonic-baseline")  # values of `arm`, never of `model`
 RUN_FIELDS = tuple(c.name for c in runs_table.columns)
-METRIC_FIELDS = ("seed", "arm", "variant", "preset", "recipe", "stage", "metric", "value", "extra")
-INHERITED = ("variant", "preset", "recipe")  # metric rows default to their run's values
+METRIC_FIELDS = ("seed", "arm", "model", "variant", "init", "preset", "recipe", "stage", "metric", "value", "extra")
+INHERITED = ("model", "variant", "preset", "recipe")  # metric rows default to their run's values
 
 
 def utc_naive(value: Any) -> dt.datetime:
@@ -71,9 +72,14 @@ def metric_row(run: dict[str, Any], metric: dict[str, Any], index: int) -> dict[
     where = f"metrics[{index}]"
     unknown = set(metric) - set(METRIC_FIELDS)
     if unknown:
-        allowed = ", ".join(METRIC_FIELDS)
-        renamed = " (the arm's field is 'arm')" if "model" in unknown else ""
-        raise ValueError(f"record_run: {where} has unknown field(s) {sorted(unknown)}{renamed}; allowed: {allowed}")
+        raise ValueError(
+            f"record_run: {where} has unknown field(s) {sorted(unknown)}; allowed: {', '.join(METRIC_FIELDS)}"
+        )
+    if metric.get("model") in ARMS:  # a caller of schema version 1, where `model` held the arm
+        raise ValueError(
+            f"record_run: {where} has model={metric['model']!r}, an arm: the arm's field is 'arm' "
+            "('model' names the grid cell's model)"
+        )
     name = metric.get("metric")
     if not isinstance(name, str) or not name:
         raise ValueError(f"record_run: {where} needs a non-empty 'metric' name, got {name!r}")
@@ -96,6 +102,7 @@ def metric_row(run: dict[str, Any], metric: dict[str, Any], index: int) -> dict[
         "run_id": run["run_id"],
         "seed": int(seed) if seed is not None else None,
         "arm": metric.get("arm"),
+        "init": metric.get("init"),
         "stage": metric.get("stage"),
         "metric": name,
         "value": value,

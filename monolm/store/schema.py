@@ -6,7 +6,9 @@ transaction; a store written by a newer monolm is refused with a clear error ins
 misread or altered.
 
 Versions: 1, the first; 2, the metrics table's arm column renamed from `model` to `arm` (the runs
-table and the config use `model` for the Hugging Face model).
+table and the config use `model` for the Hugging Face model); 3, metrics rows name their grid
+cell: `model` (the model's name on the grid) and `init`, besides `variant` (a run of a grid has
+rows of many cells).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 metadata = MetaData()
 
@@ -78,6 +80,9 @@ metrics_table = Table(
     Column("metric", String(200), nullable=False),
     Column("value", Double),  # None: not computable (e.g. a p-value with n=1); see extra
     Column("extra", JSON),
+    # Version 3 (after `extra`, where ALTER TABLE puts them when upgrading an older store):
+    Column("model", String(300)),  # the cell's model (its name on the grid's model axis)
+    Column("init", String(50)),  # the cell's conversion of pretrained weights (constraint.init)
 )
 Index("ix_metrics_lookup", metrics_table.c.preset, metrics_table.c.variant, metrics_table.c.metric)
 
@@ -92,8 +97,16 @@ def _rename_arm_column(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE metrics RENAME COLUMN model TO arm"))
 
 
+def _add_cell_columns(conn: Connection) -> None:
+    """Version 2 -> 3: metric rows name their grid cell (model, init); rows of earlier runs take
+    their run's model (their init was not recorded)."""
+    conn.execute(text("ALTER TABLE metrics ADD COLUMN model VARCHAR(300)"))
+    conn.execute(text("ALTER TABLE metrics ADD COLUMN init VARCHAR(50)"))
+    conn.execute(text("UPDATE metrics SET model = (SELECT runs.model FROM runs WHERE runs.run_id = metrics.run_id)"))
+
+
 # version n -> the step that upgrades a store of version n to version n + 1
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _rename_arm_column}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _rename_arm_column, 2: _add_cell_columns}
 
 
 def read_version(engine: Engine) -> int | None:

@@ -1,0 +1,48 @@
+"""Where stages run: the task-runner profile, retries and timeouts, and the SLURM site settings."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import model_validator
+
+from monolm.config.base import NonNegInt, PositiveFloat, PositiveInt, Strict
+from monolm.stages.registry import STAGE_NAMES
+
+
+class SlurmConfig(Strict):
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    cores: PositiveInt = 8
+    memory: str = "64GB"
+    walltime: str = "24:00:00"
+    gpu_type: str = "a100"
+    gpus_per_job: PositiveInt = 1
+    min_workers: NonNegInt = 0
+    max_workers: PositiveInt = 4
+    lifetime_margin_minutes: PositiveInt = 10  # workers drain this long before walltime
+    job_directives_skip: list[str] = []
+    job_extra_directives: list[str] = []
+    prologue: list[str] = []  # shell lines run before the worker (module load, venv activate)
+    python: str | None = None  # worker interpreter; None -> this interpreter
+    local_directory: str | None = None
+    log_directory: str | None = None
+
+
+class RunnerConfig(Strict):
+    profile: Literal["local", "dask-local", "slurm"] = "local"
+    dask_workers: PositiveInt = 2
+    retries: NonNegInt = 2
+    retry_delay_seconds: NonNegInt = 10
+    stage_timeout_minutes: dict[str, PositiveFloat] = {}
+    slurm: SlurmConfig = SlurmConfig()
+
+    @model_validator(mode="after")
+    def _known_stages(self) -> RunnerConfig:
+        for stage in self.stage_timeout_minutes:
+            if stage not in STAGE_NAMES:
+                raise ValueError(
+                    f"runner.stage_timeout_minutes.{stage}: unknown stage; allowed: {', '.join(STAGE_NAMES)}"
+                )
+        return self
