@@ -419,3 +419,14 @@ def test_one_seed_grid_tests_within_the_seed(one_seed_grid, tmp_path):
     assert "(n=40 documents)" in md and "(n=40 texts)" in md and "1 seed" in md
     figures = plots_grid.render_grid_plots(one_seed_grid, tmp_path)
     _png(figures["tradeoff-tiny-neox"])
+
+
+def test_equal_variants_are_called_equal(cells):
+    twin = dict(cells[0], variant="mlp_in_copy")
+    g = report.grid_analysis([cells[0], twin])
+    cost = _sentence(g, f"{MODEL}, quality cost")
+    assert "the same for all 2 variants, mlp_in (abs), +0.06000" in cost and "lowest" not in cost
+    g = report.grid_analysis([cells[0], twin, cells[1]])
+    cost = _sentence(g, f"{MODEL}, quality cost")
+    assert "lowest for mlp_in (abs) and mlp_in_copy (abs) (tied), +0.06000" in cost
+    assert "highest for mlp_both (abs), +0.2000" in cost

@@ -34,11 +34,14 @@ def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool | None:
     return a["ci_low"] <= b["ci_high"] and b["ci_low"] <= a["ci_high"]
 
 
-def _order_clause(ranked: Sequence[tuple[dict[str, Any], dict[str, Any]]], side: str) -> str:
-    """Whether the first of `ranked` is set apart from the others by its interval."""
-    best_row, best = ranked[0]
-    overlapping = [row_name(r) for r, est in ranked[1:] if _overlap(best, est)]
-    unknown = [row_name(r) for r, est in ranked[1:] if _overlap(best, est) is None]
+Ranked = Sequence[tuple[dict[str, Any], dict[str, Any]]]  # (row, estimate), best first
+
+
+def _order_clause(top: Ranked, rest: Ranked, side: str) -> str:
+    """Whether the first of the best rows is set apart from the other rows by its interval."""
+    best_row, best = top[0]
+    overlapping = [row_name(r) for r, est in rest if _overlap(best, est)]
+    unknown = [row_name(r) for r, est in rest if _overlap(best, est) is None]
     if overlapping:
         return (
             f" The interval of {row_name(best_row)} overlaps that of {', '.join(overlapping)}, so these runs "
@@ -47,6 +50,12 @@ def _order_clause(ranked: Sequence[tuple[dict[str, Any], dict[str, Any]]], side:
     if unknown:
         return f" Without an interval for {', '.join(unknown)}, the order is not tested."
     return f" The interval of {row_name(best_row)} lies entirely {side} every other variant's."
+
+
+def _named(group: Ranked, extra: Callable[[dict[str, Any]], str]) -> str:
+    """ "A, +0.06 (95% CI …)", or for tied rows "A and B (tied), +0.06 (95% CI …)"."""
+    names = " and ".join(row_name(row) for row, _ in group) + (" (tied)" if len(group) > 1 else "")
+    return f"{names}, {fmt_estimate(group[0][1], sign=True)}{extra(group[0][0])}"
 
 
 def _ratio(row: dict[str, Any]) -> str:
@@ -65,17 +74,20 @@ def _ranking(
     high_first: bool,
     extra: Callable[[dict[str, Any]], str] = lambda row: "",
 ) -> list[str]:
-    """One sentence naming the best and worst row of a measure, with their numbers."""
+    """One sentence naming the best and worst rows of a measure (ties named together), with their
+    numbers, and whether the intervals set the best apart."""
     ranked = sorted(items, key=lambda item: item[1]["value"], reverse=high_first)
     if not ranked:
         return []
-    best_word, worst_word = ("largest", "smallest") if high_first else ("lowest", "highest")
-    first = f"{row_name(ranked[0][0])}, {fmt_estimate(ranked[0][1], sign=True)}{extra(ranked[0][0])}"
     if len(ranked) == 1:
-        return [f"{model}, {what}: {first} (the only variant with this measure)."]
-    last = f"{row_name(ranked[-1][0])}, {fmt_estimate(ranked[-1][1], sign=True)}{extra(ranked[-1][0])}"
-    clause = _order_clause(ranked, "above" if high_first else "below")
-    return [f"{model}, {what}: {best_word} for {first}; {worst_word} for {last}.{clause}"]
+        return [f"{model}, {what}: {_named(ranked, extra)} (the only variant with this measure)."]
+    top = [item for item in ranked if item[1]["value"] == ranked[0][1]["value"]]
+    if len(top) == len(ranked):
+        return [f"{model}, {what}: the same for all {len(ranked)} variants, {_named(ranked[:1], extra)}."]
+    bottom = [item for item in ranked if item[1]["value"] == ranked[-1][1]["value"]]
+    best_word, worst_word = ("largest", "smallest") if high_first else ("lowest", "highest")
+    clause = _order_clause(top, ranked[len(top) :], "above" if high_first else "below")
+    return [f"{model}, {what}: {best_word} for {_named(top, extra)}; {worst_word} for {_named(bottom, extra)}.{clause}"]
 
 
 def _quality_ranking(entry: dict[str, Any]) -> list[str]:
@@ -116,7 +128,10 @@ def _pareto_sentence(entry: dict[str, Any], attack: str) -> list[str]:
         f"estimates): {optimal}; dominated: {dominated}."
     )
     if not pareto["baseline_optimal"]:
-        text += " The unconstrained baseline itself is dominated (a variant costs no quality and gains robustness)."
+        text += (
+            " The unconstrained baseline itself is dominated (a variant has Δ loss ≤ 0 and gain ≥ 0, one of them "
+            "strictly)."
+        )
     return [text]
 
 
