@@ -327,6 +327,7 @@ def test_markdown_latex_and_csv(grid):
     assert "3 cells (models: `tiny-neox`; variants: `mlp_in`, `mlp_both`, `mlp_in_attn_out`; inits: `abs`)" in md
     assert md.count("| Variant (init) |") == 1  # one table per model
     assert "Holm" in md and "uncorrected" in md and "results.json keep the uncorrected p-values" in md
+    assert "the geometric mean of the per-seed perplexity ratios" in md and "per-document" not in md
     assert all(f"- {s}" in md for s in grid["findings"])
     assert "![tiny-neox: quality cost" in md and "(tradeoff-tiny-neox.png)" in md
     assert all(f"]({path})" in md for path in links.values())
@@ -417,6 +418,7 @@ def test_one_seed_grid_tests_within_the_seed(one_seed_grid, tmp_path):
     assert _sentence(one_seed_grid, f"{MODEL}: one seed (42)")
     md = report.grid_markdown(one_seed_grid, plots={}, cell_reports={})
     assert "(n=40 documents)" in md and "(n=40 texts)" in md and "1 seed" in md
+    assert "with one seed: from the mean per-document loss difference" in md and "per-seed perplexity" not in md
     figures = plots_grid.render_grid_plots(one_seed_grid, tmp_path)
     _png(figures["tradeoff-tiny-neox"])
 

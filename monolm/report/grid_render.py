@@ -105,6 +105,21 @@ def _ci_methods(entry: dict[str, Any]) -> str:
     return ("95% CI: " + "; ".join(sorted(methods)) + ".") if methods else "No confidence intervals."
 
 
+def _ratio_words(entry: dict[str, Any]) -> str:
+    """What exp(Δ loss) is: across seeds the geometric mean of the per-seed perplexity ratios; with one
+    seed, Δ loss is the mean per-document difference, so the ratio is over documents."""
+    units = {(row["quality"]["delta_loss"] or {}).get("unit") for row in entry["rows"]} - {None}
+    words = []
+    if "seeds" in units:
+        words.append("across seeds: the geometric mean of the per-seed perplexity ratios")
+    if "documents" in units:
+        words.append(
+            "with one seed: from the mean per-document loss difference, which weighs documents equally and can "
+            "differ slightly from the ratio of the token-weighted perplexities in the cell's report"
+        )
+    return "; ".join(words) or "no test"
+
+
 def model_table(grid: dict[str, Any], entry: dict[str, Any]) -> Table:
     """One model's table: a row per (variant, init), quality cost then each attack, with a note
     that says what every column is, the baseline's own numbers and the Holm correction."""
@@ -120,8 +135,8 @@ def model_table(grid: dict[str, Any], entry: dict[str, Any]) -> Table:
     t.note = " ".join(
         s
         for s in (
-            "Perplexity ratio: constrained / baseline test perplexity, exp(Δ loss) (the geometric mean of the "
-            "per-seed ratios). Δ loss: constrained − baseline test loss in nats/token. Attack columns: the "
+            f"Perplexity ratio: constrained / baseline test perplexity, exp(Δ loss) ({_ratio_words(entry)}). "
+            "Δ loss: constrained − baseline test loss in nats/token. Attack columns: the "
             "constrained arm's absolute loss increase (nats/token) and success rate, and the paired difference "
             "constrained − baseline of the absolute increase (negative: harder to attack). Cells: value [95% CI].",
             _ci_methods(entry),
