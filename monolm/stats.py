@@ -204,3 +204,25 @@ def describe_difference(
         verdict = f"not significant at α={alpha:g}"
     label = unit[:-1] if n == 1 and unit.endswith("s") else unit
     return head + ", ".join(parts) + f", n={n} {label}: {verdict}"
+
+
+def holm(pvalues: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjusted p-values, in the order given (None stays None).
+
+    With m computed p-values sorted ascending p(1) ≤ … ≤ p(m), the adjusted value of p(i) is
+    max over j ≤ i of min(1, (m − j + 1)·p(j)): reject where it is below α and the family-wise error
+    rate is at most α under any dependence between the tests (the variants of a grid share their
+    baseline models, so their tests are not independent). A None (a test that could not be
+    computed) is not a hypothesis: it does not count in m and stays None. Ties keep their order.
+    """
+    computed = [(i, float(p)) for i, p in enumerate(pvalues) if p is not None]
+    for i, p in computed:
+        if not (math.isfinite(p) and 0.0 <= p <= 1.0):
+            raise ValueError(f"holm: p-value {pvalues[i]!r} at position {i} is not in [0, 1]")
+    m = len(computed)
+    adjusted: list[float | None] = [None] * len(pvalues)
+    running = 0.0
+    for rank, (i, p) in enumerate(sorted(computed, key=lambda item: item[1])):
+        running = max(running, min(1.0, (m - rank) * p))
+        adjusted[i] = running
+    return adjusted

@@ -29,13 +29,18 @@ and can be tested on hand-made numbers. One module per job, in the order the dat
 * `examples`: the UAT triggers and a few HotFlip examples, as the attacks left them;
 * `analysis`: all of the above as results.json, plus the headline numbers and console rows;
 * `formatting`, `table_builders`, `render`: the tables and their Markdown, LaTeX and CSV forms;
-  `first_screen`: the headline table that opens report.md, with the caveats its rows share.
+  `first_screen`: the headline table that opens report.md, with the caveats its rows share;
+* `grid`, `grid_findings`, `grid_render` (with `grid_terms`): the cross-variant report of a grid
+  run, one table per model over its variants and inits, Holm-corrected, with Pareto sets.
 """
 
 from __future__ import annotations
 
 from monolm.report.analysis import SCHEMA_VERSION, analyze, console_rows, headline
 from monolm.report.comparisons import ACROSS_SEEDS, Comparison, compare_arms
+from monolm.report.grid import GRID_SCHEMA_VERSION, apply_holm, grid_analysis, pareto_optimal
+from monolm.report.grid_render import grid_csv, grid_latex, grid_markdown
+from monolm.report.grid_terms import QUALITY, cell_label
 from monolm.report.labels import ARM_LABEL, ARMS, ATTACKS, LOWER_IS_BETTER, METRIC_LABEL, MODELS, metric_label
 from monolm.report.render import CSV_COLUMNS, latex, markdown, summary_csv, table_latex, table_markdown, tex_escape
 from monolm.report.sentences import finding, findings, monotonicity_statement, recipe_statement
@@ -66,26 +71,35 @@ __all__ = [
     "CSV_COLUMNS",
     "EVAL_KEYS",
     "EXAMPLE_METRICS",
+    "GRID_SCHEMA_VERSION",
     "LOWER_IS_BETTER",
     "METRIC_LABEL",
     "MODELS",
+    "QUALITY",
     "SCHEMA_VERSION",
     "TRAIN_KEYS",
     "Comparison",
     "Table",
     "analyze",
+    "apply_holm",
+    "cell_label",
     "compare_arms",
     "console_rows",
     "doc_losses",
     "example_effects",
     "finding",
     "findings",
+    "grid_analysis",
+    "grid_csv",
+    "grid_latex",
+    "grid_markdown",
     "headline",
     "latex",
     "markdown",
     "metric_label",
     "monotonicity_rates",
     "monotonicity_statement",
+    "pareto_optimal",
     "recipe_statement",
     "seed_values",
     "summarize_values",
