@@ -130,9 +130,12 @@ def _plan_train(cfg, arm, recipe, shape, device, capacity, description: str | No
     return planned, plan
 
 
-def plan_eval_stage(cfg: ExperimentConfig, model_dir: Path, device, *, capacity: int | None = None) -> MemoryPlan:
-    """The evaluation batch size that fits (one model resident at a time)."""
-    return _plan_eval(cfg, shape_of_dir(model_dir, cfg.model.slug), device, capacity)
+def plan_eval_stage(
+    cfg: ExperimentConfig, model_dir: Path, device, *, capacity: int | None = None, name: str = "evaluate"
+) -> MemoryPlan:
+    """The evaluation batch size that fits (one model resident at a time); `name`: the stage, as
+    the plan names it."""
+    return _plan_eval(cfg, shape_of_dir(model_dir, cfg.model.slug), device, capacity, stage=name)
 
 
 def _plan_eval(
@@ -173,15 +176,17 @@ def attack_lengths(cfg: ExperimentConfig, stage: str) -> tuple[int, int, int]:
     return 1 + flip.text_max_tokens, flip.text_max_tokens, 1
 
 
-def plan_attack_stage(cfg: ExperimentConfig, stage: str, model_dir: Path, device, *, capacity: int | None = None):
+def plan_attack_stage(
+    cfg: ExperimentConfig, stage: str, model_dir: Path, device, *, capacity: int | None = None, name: str | None = None
+):
     """(the attack's settings with the candidate batch the plan chose, the plan): both arms are
-    resident while one is attacked."""
-    plan = _plan_attack(cfg, stage, shape_of_dir(model_dir, cfg.model.slug), device, capacity)
+    resident while one is attacked. `stage`: the attack; `name`: the stage, as the plan names it."""
+    plan = _plan_attack(cfg, stage, shape_of_dir(model_dir, cfg.model.slug), device, capacity, name=name)
     section = getattr(cfg.attacks, stage)
     return section.model_copy(update={"score_batch_size": plan.chosen}), plan
 
 
-def _plan_attack(cfg, stage, shape, device, capacity, description: str | None = None):
+def _plan_attack(cfg, stage, shape, device, capacity, description: str | None = None, name: str | None = None):
     import torch
 
     from monolm.runtime import bf16_enabled
@@ -205,7 +210,7 @@ def _plan_attack(cfg, stage, shape, device, capacity, description: str | None = 
 
     plan = memory.plan_batch(
         shape,
-        stage=stage,
+        stage=name or stage,
         setting=f"attacks.{stage}.score_batch_size",
         requested=getattr(cfg.attacks, stage).score_batch_size,
         estimate=estimate,

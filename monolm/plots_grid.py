@@ -139,7 +139,7 @@ def plot_tradeoff(grid: dict[str, Any], entry: dict[str, Any], path: str | Path,
         for ax, attack in zip(axes, attacks, strict=True):
             _tradeoff_panel(ax, entry, attack, grid["attacks"][attack], style)
         handles = _tradeoff_legend(entry, style)
-        fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)), frameon=False)
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(2, len(handles)), frameon=False)
         fig.suptitle(f"{entry['model']}: what each constraint variant costs and buys")
         return _save(fig, Path(path))
 

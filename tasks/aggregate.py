@@ -50,9 +50,9 @@ def aggregate_task(cfg: dict, seed: int | None = None, cells: list[dict] | None 
     config = config_of(cfg)
 
     def call(c):
-        return (
-            aggregate.run(c, next(iter(per_cell.values()))) if len(per_cell) == 1 else aggregate.run_grid(c, per_cell)
-        )
+        if len(per_cell) == 1:  # one cell: its results folder as before the grid
+            return aggregate.run(c, next(iter(per_cell.values())))
+        return aggregate_grid.run_grid(c, per_cell)
 
     result = run_stage("aggregate", config, None, Path(config.paths.results_root), call)
     result["artifacts"] = publish_artifacts(result)

@@ -23,11 +23,19 @@ def prefect_backend():
 
 
 @pytest.fixture(autouse=True)
-def restore_environment():
+def restore_process_state():
     """Tests that call the command line in-process (`flows.cli.main`) get its process-wide
-    settings, e.g. `-q`'s progress-bar switches, which child processes inherit: put the
-    environment back after every test so one test's flags never reach the next one's children."""
-    saved = dict(os.environ)
+    settings: `-q`'s progress-bar switches in the environment (which child processes inherit) and
+    the `monolm` logger's console handler. Put both back after every test, so one test's settings
+    never reach the next test or its children."""
+    import logging
+
+    saved_env = dict(os.environ)
+    lib = logging.getLogger("monolm")
+    saved_log = (lib.level, lib.propagate, list(lib.handlers))
     yield
     os.environ.clear()
-    os.environ.update(saved)
+    os.environ.update(saved_env)
+    lib.setLevel(saved_log[0])
+    lib.propagate = saved_log[1]
+    lib.handlers[:] = saved_log[2]

@@ -94,7 +94,7 @@ def test_full_preset_fits_an_a100_40gb():
 
 # --------------------------------------------------------------------------- calibration on the CPU
 MEASURE = r"""
-import json, os, resource, sys
+import json, os, sys
 import torch
 torch.set_num_threads(1)
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
@@ -106,6 +106,12 @@ from monolm.training.step import enable_gradient_checkpointing
 kind, h, L, V, b, T, ckpt, constrained = sys.argv[1], *map(int, sys.argv[2:])
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def reset_peak():  # VmHWM restarts from the current RSS: earlier peaks (imports, warm-up) do not count
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+def peak_rss():
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
 def neox(h, L, V, T):
     cfg = GPTNeoXConfig(vocab_size=V, hidden_size=h, num_hidden_layers=L, num_attention_heads=max(1, h // 64),
                         intermediate_size=4 * h, max_position_embeddings=max(T, 16))
@@ -116,6 +122,7 @@ warm(torch.randint(0, 64, (1, 8)), labels=torch.randint(0, 64, (1, 8))).loss.bac
 evaluation.perplexity(warm, [[1, 2, 3]], seq_len=8, batch_size=1, prefix_token_id=0, progress=False)
 del warm
 base = rss()
+reset_peak()
 model = neox(h, L, V, T)
 P = sum(p.numel() for p in model.parameters())
 shape = memory.ModelShape("x", L, h, max(1, h // 64), 4 * h, V, P, T)
@@ -139,7 +146,7 @@ else:
     docs = [torch.randint(0, V, (T,)).tolist() for _ in range(b)]
     evaluation.perplexity(model, docs, seq_len=T, batch_size=b, prefix_token_id=0, progress=False, device="cpu")
     est = memory.inference_bytes(shape, batch=b, seq_len=T, bf16=False)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+peak = peak_rss() - base
 print(json.dumps({"measured": peak, "estimate": est["peak"]}))
 """
 
@@ -156,7 +163,8 @@ print(json.dumps({"measured": peak, "estimate": est["peak"]}))
     ids=["train", "train-checkpointing", "constrained-checkpointing", "eval-50k-vocab"],
 )
 def test_estimate_matches_the_measured_cpu_peak(case):
-    """Peak RSS above a warmed-up baseline, with glibc returning freed memory (a fixed mmap
+    """Peak RSS above a warmed-up baseline (the kernel's high-water mark, reset after the warm-up
+    so that an earlier peak never counts), with glibc returning freed memory (a fixed mmap
     threshold), is what PyTorch held at its peak; the estimate may err on the safe side a little."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "65536"}
     proc = subprocess.run(

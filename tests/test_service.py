@@ -26,8 +26,20 @@ from helpers import micro_sets
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = REPO / ".venv/bin/prefect"
-STAGES = ("setup", "constrain", "train_baseline", "train_monotonic", "evaluate", "uat", "hotflip", "aggregate")
-UPSTREAM = STAGES[:5]
+STAGES = (
+    "setup",
+    "constrain",
+    "train_baseline",
+    "train_monotonic",
+    "evaluate_baseline",
+    "evaluate",
+    "uat_baseline",
+    "uat",
+    "hotflip_baseline",
+    "hotflip",
+    "aggregate",
+)
+UPSTREAM = STAGES[:7]  # everything before the cell's UAT (the baseline's share of UAT included)
 DEPLOYMENTS = ("seed-42", "seed-1337", "seed-2024", "seed-8888", "seed-12345", "all-seeds", "nightly-quick")
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 TZ = "Europe/Berlin"  # the nightly time zone "from config" in these tests (the default is UTC)
@@ -380,7 +392,7 @@ def test_ui_shows_the_run_its_stages_and_the_report_with_figures(service):
         "flow-run": (f"{ui}/runs/flow-run/{flow_run_id}", (run.name, "Completed", "seed-42", "experiment")),
         "stage-task-runs": (
             f"{ui}/runs/flow-run/{sub.id}?tab=TaskRuns",
-            (sub.name, "8 Task runs", "(8 Completed)", *(f"{s.replace('_', '-')}-seed-42" for s in STAGES[:-1])),
+            (sub.name, "11 Task runs", "(11 Completed)", *(f"{s.replace('_', '-')}-seed-42" for s in STAGES[:-1])),
         ),
         "progress-artifacts": (f"{ui}/runs/flow-run/{sub.id}?tab=Artifacts", ("PROGRESS", "hotflip seed 42")),
         "report": (f"{ui}/artifacts/artifact/{report.id}", (report.key, "Findings", "Quality", "Plots")),
@@ -448,6 +460,7 @@ def test_failed_run_retried_like_the_ui_resumes_from_cache(service):
     assert second == {
         **{s: "Cached" for s in UPSTREAM},
         "uat": "Completed",
+        "hotflip_baseline": "Cached",
         "hotflip": "Cached",
         "aggregate": "Completed",
     }

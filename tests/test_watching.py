@@ -21,7 +21,16 @@ from helpers import micro_sets
 from monolm.progress import Progress, eta_seconds, format_eta, labelled, part_callback
 
 REPO = Path(__file__).resolve().parents[1]
-PROGRESS_STAGES = ("train-baseline", "train-monotonic", "evaluate", "uat", "hotflip")
+PROGRESS_STAGES = (
+    "train-baseline",
+    "train-monotonic",
+    "evaluate-baseline",
+    "evaluate",
+    "uat-baseline",
+    "uat",
+    "hotflip-baseline",
+    "hotflip",
+)
 
 
 # ----------------------------------------------------------------------------- the library, no Prefect
@@ -69,6 +78,8 @@ def test_console_handler_writes_once_and_routes_a_threads_records(capsys):
         def emit(self, record):
             root_lines.append(record.getMessage())
 
+    from monolm.logs import ConsoleHandler
+
     root = logging.getLogger()
     lib = logging.getLogger("monolm")
     saved = (lib.level, lib.propagate, list(lib.handlers))
@@ -76,6 +87,10 @@ def test_console_handler_writes_once_and_routes_a_threads_records(capsys):
     root.addHandler(collect)
     log = logging.getLogger("monolm.test")
     try:
+        # As in a process that never set logging up, whatever an earlier in-process CLI call did.
+        lib.handlers[:] = [h for h in saved[2] if not isinstance(h, ConsoleHandler)]
+        lib.propagate = True
+        never_set_up = list(lib.handlers)
         lib.setLevel(logging.INFO)
         # A process that never set logging up (a worker): records propagate, except while routed.
         routed: list[str] = []
@@ -83,7 +98,7 @@ def test_console_handler_writes_once_and_routes_a_threads_records(capsys):
             log.info("routed line")
             assert not lib.propagate
         log.info("propagated line")
-        assert lib.propagate and lib.handlers == saved[2]
+        assert lib.propagate and lib.handlers == never_set_up
         # The CLI: one console handler, no propagation.
         setup_logging(logging.INFO)
         log.info("plain line")
@@ -218,7 +233,8 @@ def test_training_and_attack_progress_in_the_task_run_logs(watched_run):
     assert [m for m in logs if re.search(r"train \(constrained\) eval at step 4/4: val perplexity [\d.]+", m)]
     assert [m for m in logs if re.search(r"monotonic: uat restart 1/1 sweep 1/1: batch loss [\d.]+ \([+-][\d.]+ ", m)]
     assert [m for m in logs if re.search(r"baseline: hotflip block 1/2: mean loss increase [+-][\d.]+ .*ETA", m)]
-    assert [m for m in logs if re.search(r"evaluate monotonic \(3/3\): perplexity [\d.]+", m)]
+    assert [m for m in logs if re.search(r"evaluate baseline \(2/2\): perplexity [\d.]+", m)]  # with the base model
+    assert [m for m in logs if re.search(r"evaluate monotonic \(1/1\): perplexity [\d.]+", m)]  # the cell's own
 
 
 @pytest.mark.slow

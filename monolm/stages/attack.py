@@ -153,7 +153,7 @@ def run_uat(
     share = _share(inputs, "uat")
     arms = ("monotonic",) if share is not None else ("baseline",)
     # Before the arms are moved to the device: the candidate batch that fits.
-    uat_cfg, memory_plan = planning.plan_attack_stage(cfg, "uat", model_dir(inputs["setup"]), pick_device())
+    uat_cfg, memory_plan = planning.plan_attack_stage(cfg, "uat", model_dir(inputs["setup"]), pick_device(), name=stage)
     out, tokenizer, (opt, held_out) = _open_stage(cfg, cell, stage, inputs)
     models = _models(inputs, arms, pick_device())
     results = _attack_arms(
@@ -287,7 +287,9 @@ def run_hotflip(
     started = time.time()
     share = _share(inputs, "hotflip")
     arms = ("monotonic",) if share is not None else ("baseline",)
-    hotflip_cfg, memory_plan = planning.plan_attack_stage(cfg, "hotflip", model_dir(inputs["setup"]), pick_device())
+    hotflip_cfg, memory_plan = planning.plan_attack_stage(
+        cfg, "hotflip", model_dir(inputs["setup"]), pick_device(), name=stage
+    )
     out, tokenizer, (_, held_out) = _open_stage(cfg, cell, stage, inputs)
     models = _models(inputs, arms, pick_device())
     results = _attack_arms(

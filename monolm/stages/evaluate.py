@@ -70,7 +70,7 @@ def _evaluate(
     tokenizer, splits = load_setup(setup)
     texts = splits.test[: cfg.evaluation.max_docs]  # never the validation part that selected best/
     docs = data_lib.tokenize(tokenizer, texts)
-    memory_plan = planning.plan_eval_stage(cfg, model_dir(setup), device)  # one model resident at a time
+    memory_plan = planning.plan_eval_stage(cfg, model_dir(setup), device, name=stage)  # one model at a time
     results, extra = _perplexities(
         cfg, cell.seed, paths, docs, texts, tokenizer, memory_plan.chosen, device, progress=progress, on_log=on_log
     )

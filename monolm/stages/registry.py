@@ -213,7 +213,17 @@ AGGREGATE = Stage(
     entry="monolm.stages.aggregate:run",
     inputs=SEED_STAGE_NAMES,
     config=None,
-    code=("stats", "report", "plots", "store", "stages.aggregate", "attacks.effects"),
+    code=(
+        "stats",
+        "report",
+        "plots",
+        "plots_grid",
+        "store",
+        "grid",
+        "stages.aggregate",
+        "stages.aggregate_grid",
+        "attacks.effects",
+    ),
     gpu=False,
 )
 STAGES: tuple[Stage, ...] = (*SEED_STAGES, AGGREGATE)

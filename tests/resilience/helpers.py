@@ -227,8 +227,31 @@ def micro_argv(tmp: Path, *extra: str, stages: int = 6) -> list[str]:
     return argv
 
 
-def seed_dir(tmp: Path, seed: int = 42, variant: str = "mlp_in") -> Path:
-    return tmp / "runs" / "tiny" / "tiny-neox" / variant / f"seed-{seed}"
+class SeedFolders:
+    """The stage folders of one seed of one cell of the micro runs: `/ stage` is the stage's folder,
+    the model's shared one (`shared/seed-<n>`) for the stages every variant shares, the cell's
+    own (`<variant>-<init>/seed-<n>`) for the others."""
+
+    def __init__(self, tmp: Path, seed: int, variant: str, init: str = "abs"):
+        from monolm.stages.registry import MODEL_STAGES
+
+        model = tmp / "runs" / "tiny" / "tiny-neox"
+        self.cell, self.shared = model / f"{variant}-{init}" / f"seed-{seed}", model / "shared" / f"seed-{seed}"
+        self._shared_stages = MODEL_STAGES
+
+    def __truediv__(self, stage: str) -> Path:
+        return (self.shared if stage in self._shared_stages else self.cell) / stage
+
+    @property
+    def roots(self) -> tuple[Path, Path]:
+        return self.cell, self.shared
+
+    def iterdir(self) -> list[Path]:
+        return [p for root in self.roots if root.is_dir() for p in root.iterdir()]
+
+
+def seed_dir(tmp: Path, seed: int = 42, variant: str = "mlp_in") -> SeedFolders:
+    return SeedFolders(tmp, seed, variant)
 
 
 def manifest(stage_dir: Path) -> dict[str, Any]:
@@ -282,7 +305,7 @@ def strip_wall_clock(obj: Any) -> Any:
     return obj
 
 
-def stage_outputs(seed_folder: Path, stages: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+def stage_outputs(seed_folder: SeedFolders, stages: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     """What each finished stage produced, comparable across runs: every output's sha256 as its
     manifest records it, except the two files that carry the machine's state rather than results
     (training histories hold wall-clock speeds, stage 0's verification the free disk space),

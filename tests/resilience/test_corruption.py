@@ -19,7 +19,18 @@ from resilience.helpers import flip_bit, micro_argv, read_audit, run_cli, seed_d
 
 pytestmark = pytest.mark.resilience
 
-STAGES = ("setup", "constrain", "train_baseline", "train_monotonic", "evaluate", "uat", "hotflip")
+STAGES = (
+    "setup",
+    "constrain",
+    "train_baseline",
+    "train_monotonic",
+    "evaluate_baseline",
+    "evaluate",
+    "uat_baseline",
+    "uat",
+    "hotflip_baseline",
+    "hotflip",
+)
 
 
 def copy_pipeline(micro_pipeline: Path, root: Path) -> Path:
@@ -93,7 +104,7 @@ def test_temp_files_that_look_finished_are_never_read(tmp_path, micro_pipeline):
     ckpts = sd / "train_baseline" / "checkpoints"
     shutil.copytree(ckpts / "step-00000004", ckpts / ".tmp-step-00000099-decoy2")
     shutil.copytree(sd / "train_baseline" / "best", sd / "train_baseline" / ".tmp-best-decoy3")
-    units = sd / "uat" / "baseline" / "units"
+    units = sd / "uat_baseline" / "baseline" / "units"  # the baseline's share of stage 5
     shutil.copy(units / "uat-0000.json", units / ".tmp-uat-0000.json.decoy4")
     for stage in ("train_baseline", "uat"):
         (sd / stage / "manifest.json").unlink()

@@ -21,7 +21,18 @@ from resilience.trainruns import assert_identical, finish, start
 
 pytestmark = pytest.mark.resilience
 
-STAGES = ("setup", "constrain", "train_baseline", "train_monotonic", "evaluate", "uat", "hotflip")
+STAGES = (
+    "setup",
+    "constrain",
+    "train_baseline",
+    "train_monotonic",
+    "evaluate_baseline",
+    "evaluate",
+    "uat_baseline",
+    "uat",
+    "hotflip_baseline",
+    "hotflip",
+)
 
 
 @pytest.fixture

@@ -31,6 +31,7 @@ from resilience.helpers import (
 pytestmark = pytest.mark.resilience
 
 ATTACKS = ("attacks.uat.restarts=3", "attacks.hotflip.block_size=2")
+ATTACK_STAGES = ("uat_baseline", "uat", "hotflip_baseline", "hotflip")
 
 
 def argv(root: Path) -> list[str]:
@@ -58,7 +59,7 @@ def units(stage_dir: Path, arm: str = "baseline") -> dict[str, tuple[int, int]]:
 
 def test_uat_killed_twice_resumes_from_finished_restarts(tmp_path, micro_pipeline, uninterrupted):
     root = copy_pipeline(micro_pipeline, tmp_path)
-    uat = seed_dir(root) / "uat"
+    uat = seed_dir(root) / "uat_baseline"  # the baseline's share of stage 5, attacked first
 
     # 1. Killed right after the baseline's second restart was written.
     marker = tmp_path / "after-unit"
@@ -96,16 +97,14 @@ def test_uat_killed_twice_resumes_from_finished_restarts(tmp_path, micro_pipelin
     assert units(uat)["uat-0000.json"] == kept["uat-0000.json"]
     assert temp_reads(read_audit(audit)) == []
     assert not list(uat.rglob(".tmp-*"))
-    assert stage_outputs(seed_dir(root), ("uat", "hotflip")) == stage_outputs(
-        seed_dir(uninterrupted), ("uat", "hotflip")
-    )
+    assert stage_outputs(seed_dir(root), ATTACK_STAGES) == stage_outputs(seed_dir(uninterrupted), ATTACK_STAGES)
 
 
 def test_hotflip_killed_mid_way_resumes_from_finished_blocks(tmp_path, micro_pipeline, uninterrupted):
     root = copy_pipeline(micro_pipeline, tmp_path)
     code, out = run_cli(micro_argv(root, *ATTACKS, stages=5), cwd=root)  # UAT done, HotFlip not started
     assert code == 0, out[-4000:]
-    hotflip = seed_dir(root) / "hotflip"
+    hotflip = seed_dir(root) / "hotflip_baseline"  # the baseline's share of stage 6, attacked first
 
     # Killed after 3 of the baseline's 8 units (4 gradient blocks, then 4 control blocks).
     marker = tmp_path / "after-unit"
@@ -125,6 +124,4 @@ def test_hotflip_killed_mid_way_resumes_from_finished_blocks(tmp_path, micro_pip
     assert code == 0, out[-4000:]
     assert {k: v for k, v in units(hotflip).items() if k in kept} == kept  # reused, not recomputed
     assert temp_reads(read_audit(audit)) == []
-    assert stage_outputs(seed_dir(root), ("uat", "hotflip")) == stage_outputs(
-        seed_dir(uninterrupted), ("uat", "hotflip")
-    )
+    assert stage_outputs(seed_dir(root), ATTACK_STAGES) == stage_outputs(seed_dir(uninterrupted), ATTACK_STAGES)
