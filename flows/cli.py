@@ -56,7 +56,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     if getattr(args, "variant", None) and "variants" in grid:
         raise ConfigError("--variant and --variants: give the grid's variants with --variants alone")
     if grid.get("variants") == ["all"]:
-        from monolm.architecture import applicable_variants
+        from monolm.preflight import applicable_variants
 
         without = {k: v for k, v in grid.items() if k != "variants"}
         base = load_config(
@@ -118,7 +118,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         quiet_progress_bars()
     cfg = config_from_args(args)  # validated before any compute
     check_output_folders(cfg, results=not args.no_prefect)  # --no-prefect stops before stage 7
-    from monolm.grid import check_study
+    from monolm.preflight import check_study
 
     study = check_study(cfg)  # each cell, and its variant against the architecture where known
     if args.dry_run:

@@ -15,7 +15,8 @@ from prefect import flow, get_run_logger
 
 from infra.profiles import gpu_resources, make_task_runner
 from monolm.config import ConfigError, ExperimentConfig, build_config, check_output_folders, load_config
-from monolm.grid import cells, check_study, grid_from_lists
+from monolm.grid import cells, grid_from_lists
+from monolm.preflight import check_study
 from monolm.stages.registry import GPU_STAGES, MODEL_STAGES, SEED_STAGES
 from tasks.aggregate import aggregate_task
 from tasks.common import stage_options
@@ -57,7 +58,7 @@ def expand_all_variants(preset, grid, named_overrides, config_file, overrides) -
     for a model axis: the variants all of them have)."""
     if grid.get("variants") != ["all"]:
         return grid
-    from monolm.architecture import applicable_variants
+    from monolm.preflight import applicable_variants
 
     base = resolve_config(
         preset,

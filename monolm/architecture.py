@@ -61,32 +61,3 @@ def check_variant(cfg: ExperimentConfig) -> str | None:
         raise ConfigError(f"constraint.variant={variant!r} does not fit model {cfg.model.name!r}: {exc}") from None
     roles = ", ".join(sorted({t.role for t in targets}))
     return f"{variant}: {len(targets)} Linear modules ({roles}) in {type(model).__name__}"
-
-
-def applicable_variants(cfg: ExperimentConfig) -> list[str]:
-    """Every constraint variant the architecture of the study's model(s) has (`--variants all`),
-    in the order of `VARIANTS`; a model whose architecture is not known without a download is
-    refused, naming it (list the variants instead)."""
-    from monolm.config import VARIANTS
-    from monolm.grid import model_config, model_names
-
-    fitting = list(VARIANTS)
-    for name in model_names(cfg):
-        single = cfg.model_copy(update={"model": model_config(cfg, name)})
-        config = architecture_config(single)
-        if config is None:
-            raise ConfigError(
-                f"variants=all: the architecture of model {name!r} is not known before it is downloaded; "
-                f"name the variants (allowed: {', '.join(VARIANTS)})"
-            )
-        model = skeleton(config)
-        fitting = [v for v in fitting if _fits(model, v)]
-    return fitting
-
-
-def _fits(model: nn.Module, variant: str) -> bool:
-    try:
-        resolve_targets(model, variant)
-    except ValueError:
-        return False
-    return True

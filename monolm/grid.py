@@ -85,26 +85,3 @@ def grid_from_lists(
             raise ConfigError(f"grid.{axis}: an empty list; give at least one value or leave the axis out")
         grid[axis] = list(values)
     return grid
-
-
-def check_study(cfg: ExperimentConfig) -> list[Cell]:
-    """Everything about the grid that can be refused before any compute: each cell's own
-    configuration, folders left by the earlier per-variant layout, and each variant against its
-    model's architecture where that is known without a download. Returns the cells."""
-    from monolm.architecture import check_variant
-    from monolm.layout import earlier_layout
-
-    study = cells(cfg)
-    for cell in study:
-        old = earlier_layout(cell.cfg)
-        if old:
-            raise ConfigError(
-                f"{old[0].parent} holds a run of monolm's earlier per-variant layout (every stage of a seed, the "
-                f"baseline's too, in {old[0].name}/); this version keeps the stages that do not depend on the "
-                f"constraint in {old[0].parent.parent / 'shared'} and the rest in "
-                f"{old[0].parent.parent / f'{cell.variant}-{cell.init}'}, so it would recompute every stage. "
-                f"Move the old folder away (e.g. `mv {old[0].parent} {old[0].parent}.v1`) or set paths.runs_root "
-                "to another folder; nothing was computed"
-            )
-        check_variant(cell.cfg)
-    return study

@@ -40,7 +40,16 @@ STAGES = (
     "aggregate",
 )
 UPSTREAM = STAGES[:7]  # everything before the cell's UAT (the baseline's share of UAT included)
-DEPLOYMENTS = ("seed-42", "seed-1337", "seed-2024", "seed-8888", "seed-12345", "all-seeds", "nightly-quick")
+DEPLOYMENTS = (
+    "seed-42",
+    "seed-1337",
+    "seed-2024",
+    "seed-8888",
+    "seed-12345",
+    "all-seeds",
+    "variants",
+    "nightly-quick",
+)
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 TZ = "Europe/Berlin"  # the nightly time zone "from config" in these tests (the default is UTC)
 # What the deploying user chose for the nightly in these tests (MONOLM_NIGHTLY_*, read at deploy time).
@@ -237,6 +246,7 @@ def test_prefect_yaml_declares_every_deployment():
     for seed in (42, 1337, 2024, 8888, 12345):
         assert specs[f"seed-{seed}"]["parameters"] == {"seeds": [seed], "preset": "full"}
     assert specs["all-seeds"]["parameters"] == {"seeds": [42, 1337, 2024, 8888, 12345], "preset": "full"}
+    assert specs["variants"]["parameters"] == {"variants": ["all"], "preset": "full"}
     assert all(not s["schedules"] for name, s in specs.items() if name != "nightly-quick")
 
 
