@@ -30,7 +30,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from conftest import micro_sets  # noqa: E402  (the tests' tiny-pipeline overrides)
+from helpers import micro_sets  # noqa: E402  (the tests' tiny-pipeline overrides)
 
 SCRIPT = REPO / "infra/slurm/local-slurm.sh"
 

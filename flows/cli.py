@@ -146,7 +146,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         result = run_experiment(cfg)
         if len(study) == 1:
-            print_constrain(cell_paths(cfg, cfg.seeds[0]).stage("constrain") / "report.json")
+            print_constrain(cell_paths(study[0].cfg, cfg.seeds[0]).stage("constrain") / "report.json")
         print(f"report: {result['report']}")
         print(f"run ID: {result['run_id']} (`monolm results --run {result['run_name']}` shows its numbers)")
     print(f"wall time: {time.time() - started:.1f} s")
@@ -217,7 +217,11 @@ def cmd_results(args: argparse.Namespace) -> int:
     url = args.store or load_config(args.preset_for_store).store_url
     with ResultsStore(url) as store:
         if args.compare:
-            a, b = (store.resolve_run(ref)["run_id"] for ref in args.compare)
+            # Runs (ID, name or prefix), or cells of a grid run (RUN@<cell>), shown by their IDs.
+            a, b = (
+                store.resolve_run(run)["run_id"] + at + cell
+                for run, at, cell in (r.partition("@") for r in args.compare)
+            )
             print(format_table(compared_rows(store.compare(a, b)), title=f"B − A: A = {a}, B = {b}"))
             return 0
         run_id = store.resolve_run(args.run)["run_id"] if args.run else None
@@ -342,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--compare",
         nargs=2,
         metavar=("RUN_A", "RUN_B"),
-        help="metric-by-metric difference of two runs (IDs, names or unique prefixes)",
+        help="metric-by-metric difference of two runs (IDs, names or unique prefixes), or of two cells of a "
+        "grid run: RUN@mlp_in RUN@mlp_both",
     )
     results.set_defaults(func=cmd_results, preset_for_store="tiny")
     _runs_parser(sub)

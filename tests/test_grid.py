@@ -206,3 +206,14 @@ def test_model_axis_names_folders_and_cells(tmp_path):
     assert paths.stage("train_baseline").parent == Path(cfg.paths.runs_root) / "tiny" / "tiny-neox-wide/shared/seed-42"
     assert paths.stage("constrain").parent.parent.name == "mlp_in-abs"
     assert cfg.default_run_name == "tiny-neox+tiny-neox-wide-mlp_in+mlp_both-fair-seeds-42"
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_backend")
+def test_a_grid_of_one_variant_reports_that_variant(tmp_path):
+    """`--variants mlp_both` alone is a one-cell study: its results folder is a one-cell run's,
+    under that cell's configuration (not the preset's default variant)."""
+    result = run_grid(tmp_path, variants=["mlp_both"], run_name="one-cell")
+    results = json.loads((Path(result["dir"]) / "results.json").read_text())
+    assert results["meta"]["variant"] == "mlp_both" and not (Path(result["dir"]) / "grid.json").exists()
+    assert set(result["stage_states"]) == {"42", "aggregate"}

@@ -211,7 +211,7 @@ class ResultsStore:
         """The metric rows of `<run>` or `<run>@<cell>` (see `compare`)."""
         run_ref, _, cell = ref.partition("@")
         rows = self.query(run_id=self.resolve_run(run_ref)["run_id"])
-        cells = sorted({_cell_label(r) for r in rows})
+        cells = sorted({cell_label(r) for r in rows})
         if cell:
             chosen = [c for c in cells if cell in (c, c.split("/", 1)[1], c.split("/", 1)[1].rsplit("-", 1)[0])]
             if len(chosen) != 1:
@@ -219,7 +219,7 @@ class ResultsStore:
                     f"{ref!r}: {'no' if not chosen else 'more than one'} cell of run {run_ref!r} matches {cell!r}; "
                     f"its cells: {', '.join(cells)}"
                 )
-            return [r for r in rows if _cell_label(r) == chosen[0]]
+            return [r for r in rows if cell_label(r) == chosen[0]]
         if len(cells) > 1:
             raise UnknownRun(
                 f"run {run_ref!r} is a grid of {len(cells)} cells; name one as {run_ref}@<cell>: {', '.join(cells)}"
@@ -252,7 +252,7 @@ class ResultsStore:
         return run_dict(row) if row else None
 
 
-def _cell_label(row: dict[str, Any]) -> str:
+def cell_label(row: dict[str, Any]) -> str:
     """`<model>/<variant>-<init>` of a metric row (`?` for what an older store did not record)."""
     return f"{row.get('model') or '?'}/{row.get('variant') or '?'}-{row.get('init') or '?'}"
 

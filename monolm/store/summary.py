@@ -9,33 +9,36 @@ from collections.abc import Sequence
 from typing import Any
 
 from monolm.stages.registry import ATTACKS, STAGE_NAMES
+from monolm.store.results_store import cell_label
 
 # (stage, metric) shown by default: held-out quality and the primary attack effect.
 HEADLINE = (("evaluate", "token_perplexity"), *((attack, "abs_increase") for attack in ATTACKS))
-SUMMARY_COLUMNS = ("run_id", "created", "status", "arm", "stage", "metric", "mean", "n_seeds")
+SUMMARY_COLUMNS = ("run_id", "created", "status", "cell", "arm", "stage", "metric", "mean", "n_seeds")
 LONG_COLUMNS = ("run_id", "seed", "arm", "stage", "metric", "value")  # preset, variant, recipe: in the ID
 
 
 def headline_rows(
     rows: Sequence[dict[str, Any]], runs: dict[str, dict[str, Any]], *, metric: str | None = None
 ) -> list[dict[str, Any]]:
-    """Per-seed metric rows (from `ResultsStore.query`) as one row per (run, arm, stage, metric):
-    the mean over seeds and how many seeds have a value. Only the headline metrics unless `metric`
-    names one; summary statistics and tests (`<metric>:<stat>`, seed NULL) are left out."""
+    """Per-seed metric rows (from `ResultsStore.query`) as one row per (run, grid cell, arm, stage,
+    metric): the mean over seeds and how many seeds have a value. Only the headline metrics unless
+    `metric` names one; summary statistics and tests (`<metric>:<stat>`, seed NULL) are left out."""
     wanted = (lambda stage, name: name == metric) if metric else (lambda stage, name: (stage, name) in HEADLINE)
-    groups: dict[tuple[str, Any, Any, str], list[float]] = {}
+    groups: dict[tuple[str, str, Any, Any, str], list[float]] = {}
     for row in rows:
         if row["seed"] is None or row["value"] is None or not wanted(row["stage"], row["metric"]):
             continue
-        groups.setdefault((row["run_id"], row["arm"], row["stage"], row["metric"]), []).append(row["value"])
+        key = (row["run_id"], cell_label(row), row["arm"], row["stage"], row["metric"])
+        groups.setdefault(key, []).append(row["value"])
     out = []
-    for (run_id, arm, stage, name), values in groups.items():
+    for (run_id, cell, arm, stage, name), values in groups.items():
         run = runs.get(run_id) or {}
         out.append(
             {
                 "run_id": run_id,
                 "created": (run.get("created_at") or "")[:16].replace("T", " "),
                 "status": run.get("status"),
+                "cell": cell,
                 "arm": arm,
                 "stage": stage,
                 "metric": name,
@@ -46,7 +49,13 @@ def headline_rows(
     run_order = {run_id: i for i, run_id in enumerate(runs)}
     stage_order = {name: i for i, name in enumerate(STAGE_NAMES)}
     out.sort(
-        key=lambda r: (run_order.get(r["run_id"], -1), stage_order.get(r["stage"], 99), r["metric"], r["arm"] or "")
+        key=lambda r: (
+            run_order.get(r["run_id"], -1),
+            stage_order.get(r["stage"], 99),
+            r["metric"],
+            r["cell"],
+            r["arm"] or "",
+        )
     )
     return out
 
