@@ -300,6 +300,41 @@ def test_three_seed_summary_matches_hand_formulas(three_seeds):
     assert rec["ci_method"].startswith("t-interval over seeds")
 
 
+def test_success_rate_interval_across_seeds_stays_within_zero_and_one():
+    # two seeds with rates 0.0625 and 0.8125: the t-interval (df=1, t=12.71) spans about
+    # [-4.3, 5.2]; a rate's interval is clipped to [0, 1] and the method says so
+    values = [
+        {"stage": "hotflip", "model": "baseline", "metric": "success_rate", "seed": seed, "value": v}
+        for seed, v in ((42, 0.0625), (1337, 0.8125))
+    ]
+    seeds = [{"seed": 42}, {"seed": 1337}]
+    (rec,) = report.summarize_values(values, seeds)
+    assert (rec["ci_low"], rec["ci_high"]) == (0.0, 1.0)
+    assert rec["ci_method"] == "t-interval over seeds (n=2), clipped to [0, 1]"
+    assert rec["mean"] == pytest.approx(0.4375)
+    # a loss increase is not a rate: the same numbers keep their unclipped t-interval
+    values = [dict(v, metric="abs_increase") for v in values]
+    (rec,) = report.summarize_values(values, seeds)
+    assert rec["ci_low"] < -4 and rec["ci_high"] > 5 and rec["ci_method"] == "t-interval over seeds (n=2)"
+
+
+def test_success_rate_difference_interval_stays_within_minus_one_and_one():
+    from monolm.report.comparisons import compare_arms
+
+    rates = {("monotonic", 42): 0.4375, ("monotonic", 1337): 0.4375, ("baseline", 42): 0.625, ("baseline", 1337): 0.0}
+    values = [
+        {"stage": "hotflip", "model": arm, "metric": metric, "seed": seed, "value": v * scale}
+        for (arm, seed), v in rates.items()
+        for metric, scale in (("success_rate", 1.0), ("abs_increase", 10.0))
+    ]
+    comps = {(c.metric, c.scope): c.to_json() for c in compare_arms(values, [{"seed": 42}, {"seed": 1337}])}
+    rate = comps[("success_rate", "seeds")]
+    assert rate["mean_diff"] == pytest.approx(0.125)
+    assert (rate["ci_low"], rate["ci_high"]) == (-1.0, 1.0) and "two rates" in rate["ci_clipped"]
+    loss = comps[("abs_increase", "seeds")]  # not a rate: unclipped, no note
+    assert loss["ci_low"] < -10 and "ci_clipped" not in loss
+
+
 def test_three_seed_paired_tests_match_hand_formulas(three_seeds):
     _, _, _, results = three_seeds
     comp = _comparison(results, "evaluate", "token_perplexity")
