@@ -24,21 +24,11 @@ from pathlib import Path
 import pytest
 from helpers import micro_sets
 
+from monolm.stages.registry import STAGE_NAMES
+
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = REPO / ".venv/bin/prefect"
-STAGES = (
-    "setup",
-    "constrain",
-    "train_baseline",
-    "train_monotonic",
-    "evaluate_baseline",
-    "evaluate",
-    "uat_baseline",
-    "uat",
-    "hotflip_baseline",
-    "hotflip",
-    "aggregate",
-)
+STAGES = STAGE_NAMES  # every stage of a one-cell run, in the order they run, stage 7 last
 UPSTREAM = STAGES[:7]  # everything before the cell's UAT (the baseline's share of UAT included)
 DEPLOYMENTS = (
     "seed-42",

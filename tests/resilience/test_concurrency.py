@@ -13,22 +13,12 @@ from pathlib import Path
 import pytest
 
 from monolm.artifacts import load_manifest
+from monolm.stages.registry import SEED_STAGE_NAMES
 from resilience.helpers import micro_argv, read_audit, seed_dir, spawn_cli, stage_outputs, written_paths
 
 pytestmark = pytest.mark.resilience
 
-STAGES = (
-    "setup",
-    "constrain",
-    "train_baseline",
-    "train_monotonic",
-    "evaluate_baseline",
-    "evaluate",
-    "uat_baseline",
-    "uat",
-    "hotflip_baseline",
-    "hotflip",
-)
+STAGES = SEED_STAGE_NAMES  # every per-seed stage, in the order they run
 
 
 def start_all(root: Path, runs: dict[str, list[str]], env: dict | None = None, audit: bool = True):

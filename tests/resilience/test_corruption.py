@@ -15,22 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from monolm.stages.registry import SEED_STAGE_NAMES
 from resilience.helpers import flip_bit, micro_argv, read_audit, run_cli, seed_dir, stage_outputs, temp_reads, truncate
 
 pytestmark = pytest.mark.resilience
 
-STAGES = (
-    "setup",
-    "constrain",
-    "train_baseline",
-    "train_monotonic",
-    "evaluate_baseline",
-    "evaluate",
-    "uat_baseline",
-    "uat",
-    "hotflip_baseline",
-    "hotflip",
-)
+STAGES = SEED_STAGE_NAMES  # every per-seed stage, in the order they run
 
 
 def copy_pipeline(micro_pipeline: Path, root: Path) -> Path:

@@ -16,23 +16,13 @@ from pathlib import Path
 import pytest
 
 from monolm.checkpoint import list_checkpoints, verify_checkpoint
+from monolm.stages.registry import SEED_STAGE_NAMES
 from resilience.helpers import micro_argv, run_cli, seed_dir, stage_outputs
 from resilience.trainruns import assert_identical, finish, start
 
 pytestmark = pytest.mark.resilience
 
-STAGES = (
-    "setup",
-    "constrain",
-    "train_baseline",
-    "train_monotonic",
-    "evaluate_baseline",
-    "evaluate",
-    "uat_baseline",
-    "uat",
-    "hotflip_baseline",
-    "hotflip",
-)
+STAGES = SEED_STAGE_NAMES  # every per-seed stage, in the order they run
 
 
 @pytest.fixture
