@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import sys
@@ -77,12 +78,32 @@ def slurm_cluster_kwargs(slurm: SlurmConfig, api_url: str | None = None) -> dict
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
+DASK_LOG_LEVEL = "DASK_LOGGING__DISTRIBUTED"  # dask's own setting for its `distributed` loggers
+
+
+def quiet_dask_logs() -> str:
+    """Keep dask's warnings and errors on the console, not its INFO chatter.
+
+    At INFO a LocalCluster prints ~35 lines per run (nannies and workers starting and closing,
+    clients connecting) and, when workers close before the scheduler's stream, a harmless
+    `CommClosedError` traceback after a successful run: they bury the stages' own lines. The
+    level is dask's own setting, so `DASK_LOGGING__DISTRIBUTED=info` brings them back; set in the
+    environment, worker processes (LocalCluster's, and SLURM jobs under sbatch's default
+    `--export=ALL`) read it at import. Returns the level in force."""
+    level = os.environ.setdefault(DASK_LOG_LEVEL, "warning")
+    if not isinstance(logging.getLevelName(level.upper()), int):
+        raise ValueError(f"{DASK_LOG_LEVEL}={level!r} is not a logging level (debug, info, warning, error)")
+    logging.getLogger("distributed").setLevel(level.upper())  # this process imported dask already
+    return level
+
+
 def make_task_runner(cfg: ExperimentConfig):
     profile = cfg.runner.profile
     if profile == "local":
         from prefect.task_runners import ThreadPoolTaskRunner
 
         return ThreadPoolTaskRunner(max_workers=1)
+    quiet_dask_logs()
     from prefect_dask import DaskTaskRunner
 
     if profile == "dask-local":

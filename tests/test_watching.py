@@ -278,3 +278,38 @@ def test_no_prefect_console_has_no_duplicated_lines(tmp_path):
     lines = [re.sub(r"^\d\d:\d\d:\d\d ", "", s) for s in proc.stderr.splitlines() if "monolm." in s]
     assert lines and len(lines) == len(set(lines)), lines
     assert sum("train step 4/4" in s for s in lines) == 1
+
+
+def test_dask_logs_default_to_warnings_and_follow_dasks_own_setting(monkeypatch):
+    from infra.profiles import DASK_LOG_LEVEL, quiet_dask_logs
+
+    dask_log = logging.getLogger("distributed")
+    monkeypatch.setattr(dask_log, "level", dask_log.level)  # restored after the test
+    monkeypatch.delenv(DASK_LOG_LEVEL, raising=False)
+    assert quiet_dask_logs() == "warning" and dask_log.level == logging.WARNING
+    assert os.environ[DASK_LOG_LEVEL] == "warning"  # inherited by the LocalCluster's worker processes
+    monkeypatch.setenv(DASK_LOG_LEVEL, "info")  # the user asked for dask's INFO lines: kept
+    assert quiet_dask_logs() == "info" and dask_log.level == logging.INFO
+    monkeypatch.setenv(DASK_LOG_LEVEL, "loud")
+    with pytest.raises(ValueError, match="DASK_LOGGING__DISTRIBUTED='loud' is not a logging level"):
+        quiet_dask_logs()
+
+
+@pytest.mark.slow
+def test_dask_local_run_shows_each_event_once_and_no_dask_chatter(tmp_path, prefect_backend):
+    """The `dask-local` profile (stages in worker processes): the run completes, each library line
+    reaches the console once, and dask's own INFO lines (nannies, workers, clients) and its
+    shutdown traceback stay off the console."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DASK_"))}
+    env.update(PREFECT_API_URL=_api_url(), PREFECT_HOME=str(tmp_path / "prefect"))
+    args = [sys.executable, "-m", "flows.cli", "run", "--preset", "tiny", "--seeds", "42", "--profile", "dask-local"]
+    for s in micro_sets(tmp_path, "runner.dask_workers=2"):
+        args += ["--set", s]
+    proc = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert output.count("monolm.stages: stage constrain (seed 42) finished in") == 1
+    assert output.count("train step 4/4: loss") == 1
+    assert "Traceback" not in output
+    assert not [s for s in output.splitlines() if "| INFO    | distributed." in s]
+    assert (tmp_path / "results").is_dir()
