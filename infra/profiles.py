@@ -81,18 +81,22 @@ def slurm_cluster_kwargs(slurm: SlurmConfig, api_url: str | None = None) -> dict
 DASK_LOG_LEVEL = "DASK_LOGGING__DISTRIBUTED"  # dask's own setting for its `distributed` loggers
 
 
-def quiet_dask_logs() -> str:
+def quiet_dask_logs(*, workers_too: bool) -> str:
     """Keep dask's warnings and errors on the console, not its INFO chatter.
 
     At INFO a LocalCluster prints ~35 lines per run (nannies and workers starting and closing,
     clients connecting) and, when workers close before the scheduler's stream, a harmless
     `CommClosedError` traceback after a successful run: they bury the stages' own lines. The
-    level is dask's own setting, so `DASK_LOGGING__DISTRIBUTED=info` brings them back; set in the
-    environment, worker processes (LocalCluster's, and SLURM jobs under sbatch's default
-    `--export=ALL`) read it at import. Returns the level in force."""
-    level = os.environ.setdefault(DASK_LOG_LEVEL, "warning")
+    level is dask's own setting, so `DASK_LOGGING__DISTRIBUTED=info` brings them back. With
+    `workers_too` it is also put in the environment that a LocalCluster's worker processes inherit
+    (they print to the same console); SLURM workers write to their job's log file, where dask's
+    INFO lines (which worker, which scheduler) are what a user debugging a job looks for, so
+    they keep dask's default there. Returns the level in force in this process."""
+    level = os.environ.get(DASK_LOG_LEVEL, "warning")
     if not isinstance(logging.getLevelName(level.upper()), int):
         raise ValueError(f"{DASK_LOG_LEVEL}={level!r} is not a logging level (debug, info, warning, error)")
+    if workers_too:
+        os.environ.setdefault(DASK_LOG_LEVEL, level)
     logging.getLogger("distributed").setLevel(level.upper())  # this process imported dask already
     return level
 
@@ -103,7 +107,7 @@ def make_task_runner(cfg: ExperimentConfig):
         from prefect.task_runners import ThreadPoolTaskRunner
 
         return ThreadPoolTaskRunner(max_workers=1)
-    quiet_dask_logs()
+    quiet_dask_logs(workers_too=profile == "dask-local")
     from prefect_dask import DaskTaskRunner
 
     if profile == "dask-local":

@@ -286,13 +286,15 @@ def test_dask_logs_default_to_warnings_and_follow_dasks_own_setting(monkeypatch)
     dask_log = logging.getLogger("distributed")
     monkeypatch.setattr(dask_log, "level", dask_log.level)  # restored after the test
     monkeypatch.delenv(DASK_LOG_LEVEL, raising=False)
-    assert quiet_dask_logs() == "warning" and dask_log.level == logging.WARNING
+    assert quiet_dask_logs(workers_too=False) == "warning" and dask_log.level == logging.WARNING
+    assert DASK_LOG_LEVEL not in os.environ  # SLURM jobs' log files keep dask's default
+    assert quiet_dask_logs(workers_too=True) == "warning"
     assert os.environ[DASK_LOG_LEVEL] == "warning"  # inherited by the LocalCluster's worker processes
     monkeypatch.setenv(DASK_LOG_LEVEL, "info")  # the user asked for dask's INFO lines: kept
-    assert quiet_dask_logs() == "info" and dask_log.level == logging.INFO
+    assert quiet_dask_logs(workers_too=True) == "info" and dask_log.level == logging.INFO
     monkeypatch.setenv(DASK_LOG_LEVEL, "loud")
     with pytest.raises(ValueError, match="DASK_LOGGING__DISTRIBUTED='loud' is not a logging level"):
-        quiet_dask_logs()
+        quiet_dask_logs(workers_too=False)
 
 
 @pytest.mark.slow
