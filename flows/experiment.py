@@ -264,8 +264,10 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     """`monolm run`: the same flow, called from the CLI with an already validated config."""
     from monolm.report_console import print_rows
 
-    sets = _config_as_sets(cfg)
-    result = experiment(seeds=cfg.seeds, preset=cfg.preset, overrides=sets, run_name=cfg.run_name)
+    grid = {"models": cfg.grid.models, "variants": cfg.grid.variants, "init": cfg.grid.inits}
+    grid = {axis: list(values) for axis, values in grid.items() if values}  # flow parameters, shown as such in the UI
+    sets = [s for s in _config_as_sets(cfg) if not s.startswith("grid.")]
+    result = experiment(seeds=cfg.seeds, preset=cfg.preset, overrides=sets, run_name=cfg.run_name, **grid)
     print_rows(f"{result['run_name']}: mean over {len(cfg.seeds)} seed(s)", result["table"])
     print(f"stages executed (not cache hits): {', '.join(executed_stages(result)) or 'none'}")
     return result

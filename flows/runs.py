@@ -47,6 +47,22 @@ def _duration(run: Any) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
+def _listed(values: Sequence[Any] | None) -> str:
+    """A list parameter as the run got it; not given means the preset's own value."""
+    return " ".join(map(str, values)) if values else "preset's"
+
+
+def _grid(params: Mapping[str, Any]) -> str | None:
+    """The grid axes a run was started with (models, variants, inits; `variant` is the one-variant
+    form), or None for a run of the preset's single model, variant and init."""
+    axes = {
+        "models": params.get("models"),
+        "variants": params.get("variants") or ([params["variant"]] if params.get("variant") else None),
+        "inits": params.get("init"),
+    }
+    return "; ".join(f"{axis}: {' '.join(map(str, values))}" for axis, values in axes.items() if values) or None
+
+
 def flow_run_rows(runs: Sequence[Any], deployments: Mapping[Any, str]) -> list[dict[str, Any]]:
     """One row per flow run, newest first as given: the state's full name, and the start of its
     message for a run that did not complete."""
@@ -63,7 +79,8 @@ def flow_run_rows(runs: Sequence[Any], deployments: Mapping[Any, str]) -> list[d
                 "started / due": _when(run),
                 "took": _duration(run),
                 "preset": params.get("preset", "—"),
-                "seeds": " ".join(map(str, params.get("seeds") or [])) or "—",
+                "seeds": _listed(params.get("seeds")),
+                "grid": _grid(params),
                 "message": message and message[:MESSAGE_CHARS] + ("…" if len(message) > MESSAGE_CHARS else ""),
             }
         )

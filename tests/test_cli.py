@@ -259,4 +259,9 @@ def test_runs_rows_show_the_state_in_full_and_why_a_run_failed():
         and rows[0]["took"] == "1h02m"
     )
     assert rows[1]["deployment"] == "(monolm run)" and rows[1]["message"] is None and rows[1]["took"] == "1m23s"
-    assert rows[1]["seeds"] == "42 1337" and rows[1]["preset"] == "tiny"
+    assert rows[1]["seeds"] == "42 1337" and rows[1]["preset"] == "tiny" and rows[1]["grid"] is None
+    # the experiment/variants deployment: the preset's seeds, every variant
+    grid = run("c", "Completed", "d2")
+    grid.parameters = {"preset": "tiny", "variants": ["all"], "models": ["tiny-neox", "tiny-neox-wide"]}
+    (row,) = flow_run_rows([grid], {"d2": "experiment/variants"})
+    assert row["seeds"] == "preset's" and row["grid"] == "models: tiny-neox tiny-neox-wide; variants: all"

@@ -217,3 +217,40 @@ def test_a_grid_of_one_variant_reports_that_variant(tmp_path):
     results = json.loads((Path(result["dir"]) / "results.json").read_text())
     assert results["meta"]["variant"] == "mlp_both" and not (Path(result["dir"]) / "grid.json").exists()
     assert set(result["stage_states"]) == {"42", "aggregate"}
+
+
+class _Handed(Exception):
+    """Stops `run_experiment` once it has called the flow (the flow itself runs in the tests above)."""
+
+
+def test_monolm_run_hands_the_grid_to_the_flow_as_parameters(tmp_path, monkeypatch):
+    """`monolm run --models/--variants/--inits` starts the flow with the grid as its parameters (what
+    the UI and `monolm runs` show), not buried in `overrides`, and the flow resolves the same config."""
+    import flows.experiment as fx
+    from monolm.grid import grid_from_lists
+
+    called: dict = {}
+
+    def flow(**kwargs):
+        called.update(kwargs)
+        raise _Handed
+
+    monkeypatch.setattr(fx, "experiment", flow)
+    cfg = micro_config(
+        tmp_path, "grid.models=[tiny-neox, tiny-neox-wide]", "grid.variants=[mlp_in, mlp_both]", "grid.inits=[abs]"
+    )
+    with pytest.raises(_Handed):
+        fx.run_experiment(cfg)
+    assert called["models"] == ["tiny-neox", "tiny-neox-wide"] and called["variants"] == ["mlp_in", "mlp_both"]
+    assert called["init"] == ["abs"] and not [s for s in called["overrides"] if s.startswith("grid.")]
+    grid = grid_from_lists(called["models"], called["variants"], called["init"])
+    again = fx.resolve_config(
+        called["preset"], called["seeds"], None, called["overrides"], None, called["run_name"], grid=grid
+    )
+    assert again.model_dump(exclude={"run_name"}) == cfg.model_dump(exclude={"run_name"})
+    assert again.run_name == cfg.default_run_name  # the flow names an unnamed run as `monolm run` would
+    # one cell (no grid): no grid parameters at all, as before the grid
+    called.clear()
+    with pytest.raises(_Handed):
+        fx.run_experiment(micro_config(tmp_path))
+    assert not {"models", "variants", "init"} & set(called)
