@@ -91,6 +91,28 @@ def _front(ax: Any, entry: dict[str, Any], attack: str, placed: Sequence[tuple[A
             ax.plot([d["value"]], [g["value"]], marker="o", ms=14, mfc="none", mec="0.2", mew=1.0, zorder=4)
 
 
+# label placements: (x, y offset in points, horizontal alignment): above right, above left, below
+# right, below left
+LABEL_SLOTS = ((6, 5, "left"), (-6, 5, "right"), (6, -12, "left"), (-6, -12, "right"))
+
+
+def label_offsets(
+    points: Sequence[tuple[float, float]], xlim: tuple[float, float], ylim: tuple[float, float]
+) -> list[tuple[int, int, str]]:
+    """A placement per point's label so that the labels of points close together do not print over
+    each other: each label takes the first slot that no earlier label near it has taken. Near:
+    within a label's reach in the panel (a quarter of its width, a twentieth of its height)."""
+    xspan, yspan = (xlim[1] - xlim[0]) or 1.0, (ylim[1] - ylim[0]) or 1.0
+    taken: list[tuple[float, float, tuple[int, int, str]]] = []
+    out = []
+    for x, y in points:
+        close = {slot for px, py, slot in taken if abs(x - px) / xspan < 0.25 and abs(y - py) / yspan < 0.05}
+        slot = next((s for s in LABEL_SLOTS if s not in close), LABEL_SLOTS[0])
+        taken.append((x, y, slot))
+        out.append(slot)
+    return out
+
+
 def _tradeoff_panel(ax: Any, entry: dict[str, Any], attack: str, name: str, style: Styles) -> None:
     ax.axhline(0, color="0.55", lw=0.8, ls=":", zorder=1)
     ax.axvline(0, color="0.55", lw=0.8, ls=":", zorder=1)
@@ -103,7 +125,14 @@ def _tradeoff_panel(ax: Any, entry: dict[str, Any], attack: str, name: str, styl
         x, y = delta["value"], gain["value"]
         ax.errorbar([x], [y], xerr=_err(delta), yerr=_err(gain), fmt="none", ecolor=color, elinewidth=1.4, capsize=3)
         ax.plot([x], [y], marker=marker, ms=7.5, color=color, mec="white", mew=0.8, ls="none", zorder=5)
-        ax.annotate(row_name(row), (x, y), xytext=(6, 5), textcoords="offset points", fontsize=7, color=color)
+    points = [(d["value"], g["value"]) for _, d, g in placed]
+    for (row, _, _), point, (dx, dy, align) in zip(
+        placed, points, label_offsets(points, ax.get_xlim(), ax.get_ylim()), strict=True
+    ):
+        color = style.of(row["variant"], row["init"])[0]
+        ax.annotate(
+            row_name(row), point, xytext=(dx, dy), textcoords="offset points", ha=align, fontsize=7, color=color
+        )
     ax.plot([0], [0], marker="*", ms=14, color="black", mec="white", mew=0.8, ls="none", zorder=6)
     ax.annotate("baseline", (0, 0), xytext=(6, -11), textcoords="offset points", fontsize=7.5)
     n = sorted({row["n_seeds"] for row, _, _ in placed})

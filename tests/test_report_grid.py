@@ -433,3 +433,15 @@ def test_equal_variants_are_called_equal(cells):
     cost = _sentence(g, f"{MODEL}, quality cost")
     assert "lowest for mlp_in (abs) and mlp_in_copy (abs) (tied), +0.06000" in cost
     assert "highest for mlp_both (abs), +0.2000" in cost
+
+
+def test_labels_of_close_points_take_different_places():
+    from monolm.plots_grid import LABEL_SLOTS, label_offsets
+
+    lim = (-0.1, 0.9), (-0.25, 0.35)  # the HotFlip panel of a 3-variant tiny grid
+    # mlp_in and mlp_in_attn_out 0.05 apart in cost and 0.02 in gain: their labels would overlap
+    slots = label_offsets([(0.333, 0.031), (0.568, 0.121), (0.280, 0.052)], *lim)
+    assert slots[0] == slots[1] == LABEL_SLOTS[0]  # far apart: both above right
+    assert slots[2] != slots[0]
+    # four points on one spot take four places; the next falls back to the first
+    assert label_offsets([(0.3, 0.0)] * 5, *lim) == [*LABEL_SLOTS, LABEL_SLOTS[0]]
