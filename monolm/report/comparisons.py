@@ -13,7 +13,7 @@ import numpy as np
 
 from monolm import stats
 from monolm.report.labels import ARMS, ATTACK_METRICS, ATTACKS, metric_label
-from monolm.report.summaries import ALPHA, CONFIDENCE
+from monolm.report.summaries import ALPHA, CONFIDENCE, clip_ci, is_rate
 from monolm.report.values import doc_losses, example_effects
 
 
@@ -64,14 +64,6 @@ ACROSS_SEEDS = (
 Lookup = dict[tuple[int, str, str | None, str], float]  # (seed, stage, model, metric) -> value
 
 
-def _clip_rate_difference(result: dict[str, Any]) -> None:
-    """A difference of two rates lies in [-1, 1]; with 2-5 seeds its t-interval may not. Clip
-    it, and record that it was clipped (`ci_clipped`)."""
-    low, high = max(-1.0, result["ci_low"]), min(1.0, result["ci_high"])
-    if (low, high) != (result["ci_low"], result["ci_high"]):
-        result.update(ci_low=low, ci_high=high, ci_clipped="to [-1, 1], the range of a difference of two rates")
-
-
 def _compare(
     stage: str,
     metric: str,
@@ -84,8 +76,8 @@ def _compare(
 ) -> Comparison:
     """The paired test of `a_values` against `b_values` (a − b), with both means kept for reports."""
     result = stats.paired_test(a_values, b_values, alpha=ALPHA, confidence=CONFIDENCE)
-    if metric.endswith("_rate") and result.get("ci_low") is not None:
-        _clip_rate_difference(result)
+    if is_rate(metric) and result.get("ci_low") is not None and clip_ci(result, -1.0, 1.0):
+        result["ci_clipped"] = "to [-1, 1], the range of a difference of two rates"
     means = (float(np.mean(a_values)), float(np.mean(b_values))) if len(a_values) else None
     return Comparison(stage, metric, pair[0], pair[1], scope, seed, result, label, means)
 

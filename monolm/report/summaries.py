@@ -75,17 +75,20 @@ def _single_seed_ci(
     return None, None, None
 
 
-def _is_proportion(metric: str) -> bool:
+def is_rate(metric: str) -> bool:
     """Rates (success, violation) live in [0, 1]; their across-seed t-interval may not."""
     return metric.endswith("_rate")
 
 
-def _clip_to_unit_interval(rec: dict[str, Any]) -> None:
-    """Clip a proportion's t-interval to [0, 1] and say so: with 2-5 seeds a t-interval of a rate
-    can reach below 0 or above 1, which no reader should have to interpret."""
-    low, high = max(0.0, rec["ci_low"]), min(1.0, rec["ci_high"])
-    if (low, high) != (rec["ci_low"], rec["ci_high"]):
-        rec.update(ci_low=low, ci_high=high, ci_method=f"{rec['ci_method']}, clipped to [0, 1]")
+def clip_ci(rec: dict[str, Any], low: float, high: float) -> bool:
+    """Clip `rec`'s interval (`ci_low`, `ci_high`) to [low, high], the range its quantity can take:
+    with 2-5 seeds a t-interval of a rate (or of a difference of rates) can reach outside it, which
+    no reader should have to interpret. True when it was clipped, so the caller can say so."""
+    clipped = max(low, rec["ci_low"]), min(high, rec["ci_high"])
+    if clipped == (rec["ci_low"], rec["ci_high"]):
+        return False
+    rec.update(ci_low=clipped[0], ci_high=clipped[1])
+    return True
 
 
 def summarize_values(values: Sequence[dict[str, Any]], seeds: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -115,8 +118,8 @@ def summarize_values(values: Sequence[dict[str, Any]], seeds: Sequence[dict[str,
         }
         if s["n"] >= 2 and s["ci_low"] is not None:
             rec["ci_method"] = f"t-interval over seeds (n={s['n']})"
-            if _is_proportion(metric):
-                _clip_to_unit_interval(rec)
+            if is_rate(metric) and clip_ci(rec, 0.0, 1.0):
+                rec["ci_method"] += ", clipped to [0, 1]"
         elif s["n"] == 1:
             ci, method, n_examples = _single_seed_ci(by_seed[items[0]["seed"]], stage, model, metric)
             if ci is not None:
