@@ -34,11 +34,12 @@ from collections.abc import Callable
 
 import torch
 
-from monolm import data as data_lib
-from monolm import models
-from monolm.attacks import common, flip_scoring, flip_search, trigger_search
+from monolm.attacks import flip_scoring, flip_search, trigger_search
+from monolm.attacks import scoring as common
 from monolm.config import TinyModelConfig
-from monolm.runtime import bf16_enabled, model_device
+from monolm.core.runtime import bf16_enabled, model_device
+from monolm.data import splits as data_lib
+from monolm.models import loading as models
 
 
 def build_model(train_steps: int, seed: int = 0):

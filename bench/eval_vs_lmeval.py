@@ -49,9 +49,9 @@ def _ensure_lm_eval() -> None:
 
 def build(args: argparse.Namespace):
     """(model, tokenizer, texts): the tiny preset's model and the demo's held-out documents."""
-    from monolm import data as data_lib
-    from monolm import models
     from monolm.config import load_config
+    from monolm.data import splits as data_lib
+    from monolm.models import loading as models
 
     cfg = load_config("tiny")
     splits = data_lib.load_splits(cfg.data, 42)
@@ -80,8 +80,8 @@ def lm_eval_side(model, tokenizer, texts, batch_size: int, seq_len: int):
 
 
 def monolm_side(model, tokenizer, texts, batch_size: int, seq_len: int):
-    from monolm import data as data_lib
-    from monolm import evaluation
+    from monolm.data import splits as data_lib
+    from monolm.evaluation import perplexity as evaluation
 
     docs = data_lib.tokenize(tokenizer, texts)
 

@@ -1,7 +1,7 @@
 """Every GPU stage at the study's real size: training steps of both arms, stage 4's perplexity, one
 UAT and one HotFlip step, and a checkpoint of the constrained arm with its optimizer state.
 
-The model is a shipped architecture with RANDOM weights (`monolm.architectures`, nothing is
+The model is a shipped architecture with RANDOM weights (`monolm.models.catalogue`, nothing is
 downloaded): speed and memory do not depend on the weights. Everything runs through the project's
 own code: `training.training_step` (bf16 autocast, fp32 master weights and AdamW state, gradient
 checkpointing as configured, the constrained arm's cached softplus and its check after every
@@ -39,14 +39,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/attacks.py
 import attacks as attack_bench  # noqa: E402
 
-from monolm import architectures, evaluation, memory  # noqa: E402
-from monolm import data as data_lib  # noqa: E402
-from monolm.attacks import common  # noqa: E402
-from monolm.checkpoint import load_checkpoint, make_fingerprint, save_checkpoint  # noqa: E402
+from monolm.attacks import scoring as common  # noqa: E402
 from monolm.config import ArmConfig  # noqa: E402
-from monolm.constraints import apply_constraint  # noqa: E402
-from monolm.runtime import pick_device, resolve_flag  # noqa: E402
+from monolm.constraint.softplus import apply_constraint  # noqa: E402
+from monolm.core.runtime import pick_device, resolve_flag  # noqa: E402
+from monolm.data import splits as data_lib  # noqa: E402
+from monolm.evaluation import perplexity as evaluation  # noqa: E402
+from monolm.memory import estimates as memory  # noqa: E402
+from monolm.models import catalogue as architectures  # noqa: E402
 from monolm.training import build_optimizer, training_step  # noqa: E402
+from monolm.training.checkpoint import load_checkpoint, make_fingerprint, save_checkpoint  # noqa: E402
 from monolm.training.step import enable_gradient_checkpointing  # noqa: E402
 
 GB = 1e9

@@ -24,13 +24,13 @@ from torch.nn.utils import parametrize
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from monolm.config import ArmConfig
-from monolm.constraints import constrained_modules
-from monolm.runtime import pick_device, resolve_flag
+from monolm.constraint.softplus import constrained_modules
+from monolm.core.runtime import pick_device, resolve_flag
 from monolm.training import build_optimizer, training_step
 
 
 class _Softplus(nn.Module):
-    """Fallback W = softplus(V) (the study's `abs` init) when monolm.constraints is unavailable."""
+    """Fallback W = softplus(V) (the study's `abs` init) when monolm.constraint.softplus is unavailable."""
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         return F.softplus(v)
@@ -41,14 +41,16 @@ class _Softplus(nn.Module):
 
 def constrain(model: nn.Module, variant: str) -> str:
     try:
-        from monolm.constraints import apply_constraint
+        from monolm.constraint.softplus import apply_constraint
     except ImportError:
         apply_constraint = None
     if apply_constraint is not None:
         apply_constraint(model, variant)
-        return f"monolm.constraints {variant}"
+        return f"monolm.constraint.softplus {variant}"
     if variant != "mlp_both":
-        raise SystemExit(f"monolm.constraints is not available; the fallback only implements mlp_both, not {variant}")
+        raise SystemExit(
+            f"monolm.constraint.softplus is not available; the fallback only implements mlp_both, not {variant}"
+        )
     for layer in model.gpt_neox.layers:
         for lin in (layer.mlp.dense_h_to_4h, layer.mlp.dense_4h_to_h):
             parametrize.register_parametrization(lin, "weight", _Softplus())

@@ -138,7 +138,7 @@ def main() -> None:
     import torch
     import transformers
 
-    from monolm.runtime import pick_device
+    from monolm.core.runtime import pick_device
 
     torch.set_num_threads(args.threads)
     device = pick_device()

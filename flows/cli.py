@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from monolm.config import ConfigError, ExperimentConfig, check_output_folders, config_to_yaml, load_config
-from monolm.stages.registry import SEED_STAGES
+from monolm.study.registry import SEED_STAGES
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -49,14 +49,14 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     """The validated config of the command line's options (the grid's 'all' variants expanded)."""
-    from monolm.grid import grid_from_lists
+    from monolm.study.cells import grid_from_lists
 
     extra: dict = {}
     grid = grid_from_lists(getattr(args, "models", None), getattr(args, "variants", None), getattr(args, "inits", None))
     if getattr(args, "variant", None) and "variants" in grid:
         raise ConfigError("--variant and --variants: give the grid's variants with --variants alone")
     if grid.get("variants") == ["all"]:
-        from monolm.preflight import applicable_variants
+        from monolm.study.preflight import applicable_variants
 
         without = {k: v for k, v in grid.items() if k != "variants"}
         base = load_config(
@@ -113,23 +113,23 @@ def _last_stage(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     last = _last_stage(args)
     if args.quiet:
-        from monolm.logs import quiet_progress_bars
+        from monolm.core.logs import quiet_progress_bars
 
         quiet_progress_bars()
     cfg = config_from_args(args)  # validated before any compute
     check_output_folders(cfg, results=not args.no_prefect)  # --no-prefect stops before stage 7
-    from monolm.preflight import check_study
+    from monolm.study.preflight import check_study
 
     study = check_study(cfg)  # each cell, and its variant against the architecture where known
     if args.dry_run:
-        from monolm.study_plan import format_plan, plan_study
+        from monolm.study.dry_run import format_plan, plan_study
 
         print(format_plan(cfg, plan_study(cfg, last)))
         return 0
     started = time.time()
     if args.no_prefect:
-        from monolm.pipeline import run_seed, summary_rows
-        from monolm.report_console import print_rows
+        from monolm.report.console import print_rows
+        from monolm.study.sequential import run_seed, summary_rows
 
         for cell in study:
             for seed in cfg.seeds:
@@ -142,7 +142,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         prefect_environment()
         from flows.experiment import run_experiment
-        from monolm.layout import cell_paths
+        from monolm.study.layout import cell_paths
 
         result = run_experiment(cfg)
         if len(study) == 1:
@@ -156,7 +156,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def print_constrain(path: Path) -> None:
     import json
 
-    from monolm.report_console import print_rows
+    from monolm.report.console import print_rows
 
     report = json.loads(path.read_text())
     summary = report["summary"]
@@ -183,7 +183,7 @@ def print_constrain(path: Path) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from monolm.verify import run_checks
+    from monolm.study.site_checks import run_checks
 
     cfg = config_from_args(args)
     checks = run_checks(cfg, timeout=args.timeout)
@@ -258,8 +258,8 @@ def _runs_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Per GPU stage: the memory estimate and chosen batch on each card, tokens and model FLOPs."""
-    from monolm.memory import GiB
-    from monolm.planning import A100_BF16_FLOPS, PLAN_MFU, plan_table
+    from monolm.memory.estimates import GiB
+    from monolm.memory.plans import A100_BF16_FLOPS, PLAN_MFU, plan_table
 
     cfg = config_from_args(args)
     logging.getLogger("monolm.planning").setLevel(logging.ERROR)  # the table says it all
@@ -361,10 +361,10 @@ def _user_facing(exc: Exception) -> int | None:
     full disk or an unwritable folder. The
     classes are looked up only if their module was loaded, so `monolm config` never imports torch."""
     kinds = {
-        ("monolm.data", "DataError"): 2,
-        ("monolm.models", "ModelError"): 2,
-        ("monolm.checkpoint", "CheckpointMismatch"): 2,
-        ("monolm.stages.common", "StageFailed"): 1,
+        ("monolm.data.splits", "DataError"): 2,
+        ("monolm.models.loading", "ModelError"): 2,
+        ("monolm.training.checkpoint", "CheckpointMismatch"): 2,
+        ("monolm.study.frame", "StageFailed"): 1,
         ("monolm.store.lookup", "UnknownRun"): 2,
     }
     for (module, name), code in kinds.items():
@@ -375,7 +375,7 @@ def _user_facing(exc: Exception) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from monolm.logs import setup_logging
+    from monolm.core.logs import setup_logging
 
     args = build_parser().parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)

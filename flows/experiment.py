@@ -15,9 +15,9 @@ from prefect import flow, get_run_logger
 
 from infra.profiles import gpu_resources, make_task_runner
 from monolm.config import ConfigError, ExperimentConfig, build_config, check_output_folders, load_config
-from monolm.grid import cells, grid_from_lists
-from monolm.preflight import check_study
-from monolm.stages.registry import GPU_STAGES, MODEL_STAGES, SEED_STAGES
+from monolm.study.cells import cells, grid_from_lists
+from monolm.study.preflight import check_study
+from monolm.study.registry import GPU_STAGES, MODEL_STAGES, SEED_STAGES
 from tasks.aggregate import aggregate_task
 from tasks.common import stage_options
 from tasks.seed_stages import STAGE_TASKS
@@ -58,7 +58,7 @@ def expand_all_variants(preset, grid, named_overrides, config_file, overrides) -
     for a model axis: the variants all of them have)."""
     if grid.get("variants") != ["all"]:
         return grid
-    from monolm.preflight import applicable_variants
+    from monolm.study.preflight import applicable_variants
 
     base = resolve_config(
         preset,
@@ -262,7 +262,7 @@ def _nightly_name(preset: str, run_name: str | None) -> str:
 
 def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     """`monolm run`: the same flow, called from the CLI with an already validated config."""
-    from monolm.report_console import print_rows
+    from monolm.report.console import print_rows
 
     grid = {"models": cfg.grid.models, "variants": cfg.grid.variants, "init": cfg.grid.inits}
     grid = {axis: list(values) for axis, values in grid.items() if values}  # flow parameters, shown as such in the UI

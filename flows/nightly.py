@@ -36,8 +36,8 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from monolm.stages.registry import ATTACKS
 from monolm.store import METRIC_FIELDS, ResultsStore
+from monolm.study.registry import ATTACKS
 from tasks.aggregate import artifact_key
 
 RUN_NAME_PREFIX = "nightly-"
@@ -339,7 +339,7 @@ def verify_site(cfg_data: dict[str, Any], timeout: float = 30.0) -> list[dict[st
     from prefect import get_run_logger
 
     from monolm.config import build_config
-    from monolm.verify import run_checks
+    from monolm.study.site_checks import run_checks
 
     cfg = build_config(cfg_data)
     log = get_run_logger()

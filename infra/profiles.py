@@ -23,7 +23,7 @@ import sys
 from typing import Any
 
 from monolm.config import ExperimentConfig, SlurmConfig
-from monolm.stages.registry import GPU_STAGES
+from monolm.study.registry import GPU_STAGES
 
 
 def _minutes(walltime: str) -> int:

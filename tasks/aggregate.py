@@ -9,8 +9,7 @@ from typing import Any
 
 from prefect import task
 
-from monolm.grid import cells as grid_cells
-from monolm.stages import aggregate, aggregate_grid
+from monolm.study.registry import AGGREGATE
 from tasks.common import artifact_key, config_of
 from tasks.figures import embed_figures
 from tasks.stage import as_ref, run_stage
@@ -50,14 +49,8 @@ def aggregate_task(cfg: dict, seed: int | None = None, cells: list[dict] | None 
     }
     config = config_of(cfg)
 
-    def call(c):
-        if len(per_cell) == 1:  # one cell: its results folder as before the grid, under the cell's config
-            (label, seeds), cell = next(iter(per_cell.items())), grid_cells(c)[0]
-            if cell.label != label:
-                raise ValueError(f"results of cell {label}, but the study's one cell is {cell.label}")
-            return aggregate.run(cell.cfg, seeds)
-        return aggregate_grid.run_grid(c, per_cell)
-
-    result = run_stage("aggregate", config, None, Path(config.paths.results_root), call)
+    result = run_stage(
+        "aggregate", config, None, Path(config.paths.results_root), lambda c: AGGREGATE.function()(c, per_cell)
+    )
     result["artifacts"] = publish_artifacts(result)
     return result

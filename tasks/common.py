@@ -25,10 +25,10 @@ from typing import Any
 from prefect.cache_policies import CachePolicy
 from prefect.serializers import JSONSerializer
 
-from monolm.artifacts import atomic_write_json
 from monolm.config import ExperimentConfig, build_config
-from monolm.layout import cell_paths
-from monolm.stages.common import stage_code_version, stage_config
+from monolm.core.artifacts import atomic_write_json
+from monolm.study.frame import stage_code_version, stage_config
+from monolm.study.layout import cell_paths
 from tasks.locks import LivenessLockManager
 
 MAX_ARTIFACT_KEY = 100
@@ -119,7 +119,7 @@ def _record_is_json(cfg: ExperimentConfig, key: str) -> bool:
 def cached_result_still_valid(cfg: ExperimentConfig, key: str) -> bool:
     """A cache hit is allowed only if every folder the cached result names still has a valid
     manifest with the very digest that was returned (or, for stage 7, its files still exist)."""
-    from monolm.artifacts import load_manifest
+    from monolm.core.artifacts import load_manifest
 
     sidecar = _ref_sidecar(cfg, key)
     if not sidecar.is_file() or not _record_is_json(cfg, key):
@@ -193,10 +193,10 @@ def stage_options(cfg: ExperimentConfig, stage: str) -> dict[str, Any]:
 def forward_logs() -> Iterator[logging.LoggerAdapter]:
     """Send the library's `monolm` log lines of this thread to the task run's logger: stored in
     the task run's logs (the UI) and printed once on the console by Prefect's console handler. Not
-    also by the library's own handler, nor by the root logger's (`monolm.logs.setup_logging`)."""
+    also by the library's own handler, nor by the root logger's (`monolm.core.logs.setup_logging`)."""
     from prefect.logging import get_run_logger
 
-    from monolm.logs import route_thread
+    from monolm.core.logs import route_thread
 
     run_logger = get_run_logger()
     formatter = logging.Formatter("%(name)s: %(message)s")

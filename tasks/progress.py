@@ -1,4 +1,4 @@
-"""A stage's progress in the Prefect UI: the library's progress events (`monolm.progress`) turned
+"""A stage's progress in the Prefect UI: the library's progress events (`monolm.core.progress`) turned
 into a progress artifact per long stage, and, while an arm trains, a table artifact of its
 training curve that grows at every evaluation.
 
@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from monolm.progress import format_eta
-from monolm.stages.registry import stage as stage_spec
+from monolm.core.progress import format_eta
+from monolm.study.registry import stage as stage_spec
 from tasks.common import artifact_key
 
 log = logging.getLogger("tasks.progress")

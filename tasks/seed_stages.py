@@ -1,12 +1,12 @@
 """One Prefect task per per-seed stage (0-6). Each is a thin call of the library's stage function
-(`monolm.stages.registry`) on the results of its input stages; `STAGE_TASKS` maps stage names to
+(`monolm.study.registry`) on the results of its input stages; `STAGE_TASKS` maps stage names to
 tasks for the flow. Training resumes from checkpoints on retry, attacks from finished units."""
 
 from __future__ import annotations
 
 from prefect import Task, task
 
-from monolm.stages.registry import SEED_STAGE_NAMES
+from monolm.study.registry import SEED_STAGE_NAMES
 from tasks.stage import run_seed_stage
 
 

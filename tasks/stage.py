@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from monolm.config import ExperimentConfig
-from monolm.layout import cell_paths
-from monolm.stages.common import StageRef, stage_errors
-from monolm.stages.registry import stage as stage_spec
+from monolm.study.frame import StageRef, stage_errors
+from monolm.study.layout import cell_paths
+from monolm.study.registry import stage as stage_spec
 from tasks.common import config_of, fault_after_step, forward_logs, maybe_inject_fault, remember_result, worker_context
 from tasks.progress import StageProgress, compose, tracks_progress
 

@@ -65,7 +65,7 @@ def micro_config(tmp: Path, *extra: str):
 
 def stage_dir(cfg, seed: int, stage: str) -> Path:
     """The folder of `stage` of `seed` under `cfg` (as the pipeline resolves it)."""
-    from monolm.layout import cell_paths
+    from monolm.study.layout import cell_paths
 
     return cell_paths(cfg, seed).stage(stage)
 

@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 
-from monolm import architectures
 from monolm.config import ConfigError, load_config
+from monolm.models import catalogue as architectures
 
 # Total parameters of the published models (Pythia README, github.com/EleutherAI/pythia, "Total
 # Params"; equal to the counts of the EleutherAI/pythia-<size> checkpoints, whose config.json files
-# give the shapes in monolm/architectures.yaml). Each is 2*V*h + L*(12h^2 + 13h) + 2h with V = 50,304:
+# give the shapes in monolm/models/catalogue.yaml). Each is 2*V*h + L*(12h^2 + 13h) + 2h with V = 50,304:
 # untied input and output embeddings, per layer QKV (3h^2+3h), attention output (h^2+h), FFN
 # (8h^2+5h) and two LayerNorms (4h), and the final LayerNorm.
 PUBLISHED = {
@@ -106,9 +106,9 @@ def test_bad_architecture_settings_are_refused(sets, message):
 def test_setup_stage_builds_the_architecture_offline_and_says_so(tmp_path):
     from helpers import micro_config
 
-    from monolm.layout import cell_paths
-    from monolm.models import load_model, random_weights_note
-    from monolm.stages import setup
+    from monolm.data import stage as setup
+    from monolm.models.loading import load_model, random_weights_note
+    from monolm.study.layout import cell_paths
 
     cfg = micro_config(tmp_path, "model.source=architecture", "model.architecture=pythia-70m")
     ref = setup.run(cfg, cell_paths(cfg, 42), {}, progress=False)

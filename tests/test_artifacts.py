@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from monolm import artifacts
+from monolm.core import artifacts
 
 
 def test_atomic_write_failure_keeps_previous(tmp_path, monkeypatch):

@@ -17,10 +17,11 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from monolm import data as data_lib
-from monolm import models
-from monolm.attacks import common, flip_scoring, flip_search, hotflip, trigger_search, uat, units
+from monolm.attacks import flip_scoring, flip_search, hotflip, trigger_search, uat, units
+from monolm.attacks import scoring as common
 from monolm.config import HotFlipConfig, TinyModelConfig, UATConfig
+from monolm.data import splits as data_lib
+from monolm.models import loading as models
 
 ROWS = 1024
 UAT_CFG = UATConfig(

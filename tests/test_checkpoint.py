@@ -16,8 +16,10 @@ from helpers import VOCAB, counter_blocks, tiny_neox
 from safetensors.torch import load_file
 from torch import nn
 
-from monolm.artifacts import CorruptArtifact, atomic_dir, recover_replaced
-from monolm.checkpoint import (
+from monolm.config import ArmConfig
+from monolm.core.artifacts import CorruptArtifact, atomic_dir, recover_replaced
+from monolm.training import WALL_CLOCK_FIELDS, train
+from monolm.training.checkpoint import (
     CheckpointMismatch,
     latest_valid_checkpoint,
     list_checkpoints,
@@ -25,8 +27,6 @@ from monolm.checkpoint import (
     optimizer_to_safe,
     verify_checkpoint,
 )
-from monolm.config import ArmConfig
-from monolm.training import WALL_CLOCK_FIELDS, train
 
 
 def model_(constrained: bool = False, hidden: int = 64, dropout: float = 0.1) -> nn.Module:

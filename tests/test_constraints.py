@@ -14,7 +14,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 from transformers import GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from monolm.constraints import (
+from monolm.constraint.drift import function_drift
+from monolm.constraint.monotonicity import capture_inputs, monotonicity_violation_rate
+from monolm.constraint.softplus import (
     NonNegativeSoftplus,
     apply_constraint,
     constrained_targets,
@@ -29,8 +31,6 @@ from monolm.constraints import (
     role_index,
     save_constrained,
 )
-from monolm.drift import function_drift
-from monolm.monotonicity import capture_inputs, monotonicity_violation_rate
 
 LAYERS = 4
 

@@ -3,9 +3,9 @@ stage 0, which must be able to fail."""
 
 import pytest
 
-from monolm import data
 from monolm.config.schema import ContaminationConfig
-from monolm.contamination import Index, paragraphs, verify_parts
+from monolm.data import splits as data
+from monolm.data.contamination import Index, paragraphs, verify_parts
 
 CFG = ContaminationConfig()
 
@@ -67,8 +67,8 @@ def test_verification_measures_and_can_fail(docs):
 def test_stage0_refuses_splits_that_fail_the_checks(tmp_path, docs):
     from helpers import micro_config
 
-    from monolm.stages.common import StageFailed
-    from monolm.stages.setup import check_splits
+    from monolm.data.stage import check_splits
+    from monolm.study.frame import StageFailed
 
     cfg = micro_config(tmp_path)
     splits = data.Splits(train=docs[:100], validation=docs[100:110], test=docs[110:120], attack=docs[120:160])

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from monolm import data
 from monolm.config import DataConfig
+from monolm.data import splits as data
 
 
 def test_embedded_corpus_is_real_prose():
@@ -16,14 +16,14 @@ def test_embedded_corpus_is_real_prose():
 
 
 def test_embedded_paragraphs_occur_once():
-    from monolm.contamination import paragraphs
+    from monolm.data.contamination import paragraphs
 
     seen = [p for doc in data.embedded_documents() for p in paragraphs(doc)]
     assert len(seen) == len(set(seen))  # topics repeat each other's paragraphs; the corpus does not
 
 
 def _hashes(docs):
-    from monolm.contamination import doc_hash
+    from monolm.data.contamination import doc_hash
 
     return {doc_hash(t) for t in docs}
 
@@ -47,7 +47,7 @@ def test_splits_deterministic_per_seed_and_disjoint():
 
 
 def test_embedded_carve_shares_no_paragraph_between_parts():
-    from monolm.contamination import paragraphs
+    from monolm.data.contamination import paragraphs
 
     s = data.load_splits(DataConfig(source="embedded", n_val_docs=24, n_test_docs=40, n_attack_docs=48), 42)
     owner = {}

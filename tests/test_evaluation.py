@@ -10,8 +10,15 @@ import torch
 from helpers import tiny_neox
 from transformers import GPTNeoXForCausalLM
 
-from monolm import evaluation
-from monolm.evaluation import Window, count_words, evaluate_models, perplexity, rolling_windows, score_windows
+from monolm.evaluation import perplexity as evaluation
+from monolm.evaluation.perplexity import (
+    Window,
+    count_words,
+    evaluate_models,
+    perplexity,
+    rolling_windows,
+    score_windows,
+)
 
 VOCAB = 512
 PREFIX = 0  # plays the EOS/BOS role

@@ -10,8 +10,8 @@ import pytest
 import torch
 from helpers import tiny_neox
 
-from monolm import evaluation
-from monolm.evaluation import perplexity, rolling_windows
+from monolm.evaluation import perplexity as evaluation
+from monolm.evaluation.perplexity import perplexity, rolling_windows
 
 VOCAB, PREFIX, MAX_POS = 512, 0, 64
 

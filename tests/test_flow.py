@@ -73,7 +73,7 @@ def test_caching_reruns_exactly_what_changed(tmp_path):
 def test_cache_key_pitfalls(tmp_path, monkeypatch):
     """Different stages with identical inputs get different keys; editing a library module a stage
     runs changes that stage's key (TASK_SOURCE alone would miss it), and only that stage's."""
-    import monolm.provenance as provenance
+    import monolm.core.code_digest as code_digest
     from tasks.common import stage_key
 
     cfg = micro_config(tmp_path)
@@ -83,10 +83,10 @@ def test_cache_key_pitfalls(tmp_path, monkeypatch):
 
     before = {s: stage_key(cfg, s, 42, refs) for s in ("setup", "uat", "hotflip")}
     copy = tmp_path / "monolm"
-    shutil.copytree(provenance.PACKAGE_ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(code_digest.PACKAGE_ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
     with open(copy / "attacks" / "uat.py", "a") as fh:
         fh.write("\n# an edit to a helper the UAT stage calls\n")
-    monkeypatch.setattr(provenance, "PACKAGE_ROOT", copy)
+    monkeypatch.setattr(code_digest, "PACKAGE_ROOT", copy)
     after = {s: stage_key(cfg, s, 42, refs) for s in ("setup", "uat", "hotflip")}
     assert after["uat"] != before["uat"] and after["hotflip"] != before["hotflip"]  # both run monolm.attacks
     assert after["setup"] == before["setup"]
@@ -116,7 +116,7 @@ def test_retry_resumes_instead_of_redoing(tmp_path, monkeypatch):
 def test_cache_records_that_are_not_plain_json_are_never_trusted(tmp_path):
     """Prefect deserializes a hit with the serializer its record names: a pickle record (or JSON
     with a class-instantiating decoder) planted under the cache keys must be a miss."""
-    from monolm.artifacts import atomic_write_json
+    from monolm.core.artifacts import atomic_write_json
     from tasks.common import _ref_sidecar, cache_dirs, cached_result_still_valid
 
     cfg = micro_config(tmp_path)

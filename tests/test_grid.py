@@ -142,7 +142,7 @@ def test_bad_grid_is_refused_before_any_compute(tmp_path, args, message):
 
 def test_empty_axis_from_the_flow_is_refused():
     from monolm.config import ConfigError
-    from monolm.grid import grid_from_lists
+    from monolm.study.cells import grid_from_lists
 
     with pytest.raises(ConfigError, match="grid.variants: an empty list"):
         grid_from_lists(None, [], None)
@@ -189,8 +189,8 @@ def test_the_variants_deployment_runs_every_applicable_variant():
 
 
 def test_model_axis_names_folders_and_cells(tmp_path):
-    from monolm.grid import cells
-    from monolm.layout import cell_paths
+    from monolm.study.cells import cells
+    from monolm.study.layout import cell_paths
 
     cfg = micro_config(tmp_path, "grid.models=[tiny-neox, tiny-neox-wide]", "grid.variants=[mlp_in, mlp_both]")
     study = cells(cfg)
@@ -227,7 +227,7 @@ def test_monolm_run_hands_the_grid_to_the_flow_as_parameters(tmp_path, monkeypat
     """`monolm run --models/--variants/--inits` starts the flow with the grid as its parameters (what
     the UI and `monolm runs` show), not buried in `overrides`, and the flow resolves the same config."""
     import flows.experiment as fx
-    from monolm.grid import grid_from_lists
+    from monolm.study.cells import grid_from_lists
 
     called: dict = {}
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from monolm import memory
-from monolm.memory import GiB, MemoryPlanError, ModelShape
+from monolm.memory import estimates as memory
+from monolm.memory.estimates import GiB, MemoryPlanError, ModelShape
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHIA_14B = ModelShape("pythia-1.4b", 24, 2048, 16, 8192, 50304, 1_414_647_808, 2048)
@@ -81,7 +81,7 @@ def test_estimate_components_move_the_right_way():
 
 def test_full_preset_fits_an_a100_40gb():
     from monolm.config import load_config
-    from monolm.planning import plan_table
+    from monolm.memory.plans import plan_table
 
     shape, rows = plan_table(load_config("full"))
     assert shape.parameters == 1_414_647_808
@@ -98,7 +98,8 @@ import json, os, sys
 import torch
 torch.set_num_threads(1)
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-from monolm import evaluation, memory
+from monolm.evaluation import perplexity as evaluation
+from monolm.memory import estimates as memory
 from monolm.config import ArmConfig
 from monolm.training import build_optimizer, training_step
 from monolm.training.step import enable_gradient_checkpointing
@@ -128,7 +129,7 @@ P = sum(p.numel() for p in model.parameters())
 shape = memory.ModelShape("x", L, h, max(1, h // 64), 4 * h, V, P, T)
 n_c = 0
 if constrained:
-    from monolm.constraints import apply_constraint
+    from monolm.constraint.softplus import apply_constraint
     apply_constraint(model, "mlp_in")
     n_c = shape.constrained_parameters("mlp_in")
 if kind == "train":

@@ -5,8 +5,9 @@ import time
 import pytest
 import torch
 
-from monolm import data, models
 from monolm.config import TinyModelConfig
+from monolm.data import splits as data
+from monolm.models import loading as models
 
 
 @pytest.fixture(scope="module")

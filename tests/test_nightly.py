@@ -34,7 +34,7 @@ GOOD = {
 
 
 def rows(values: dict, seeds=(42, 1337)) -> list[dict]:
-    """Store rows like `monolm.stages.aggregate.store_rows`: per-seed values, `:mean/:std/...`
+    """Store rows like `monolm.report.stage.store_rows`: per-seed values, `:mean/:std/...`
     summaries, other metrics and comparisons that the check must ignore."""
     out = []
     for (stage, model, metric), value in values.items():

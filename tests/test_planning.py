@@ -9,12 +9,13 @@ import pytest
 import torch
 from helpers import counter_blocks, micro_config, stage_dir, tiny_neox
 
-from monolm import memory, planning
 from monolm.config import ArmConfig
+from monolm.memory import estimates as memory
+from monolm.memory import plans as planning
 
 
 def test_every_gpu_stage_records_its_plan(tmp_path):
-    from monolm.pipeline import run_seed
+    from monolm.study.sequential import run_seed
 
     cfg = micro_config(tmp_path)
     refs = run_seed(cfg, 42, stages=6, progress=False)
@@ -40,8 +41,8 @@ def test_every_gpu_stage_records_its_plan(tmp_path):
 def test_stage_plans_apply_to_the_settings_they_govern(tmp_path):
     """With a card's capacity forced on the CPU: a smaller micro-batch with more accumulation, a
     smaller evaluation batch and candidate batch; the config itself is not changed."""
-    from monolm import models
-    from monolm.data import train_bpe_tokenizer
+    from monolm.data.splits import train_bpe_tokenizer
+    from monolm.models import loading as models
 
     cfg = micro_config(
         tmp_path,

@@ -16,12 +16,12 @@ from helpers import stage_dir
 from PIL import Image
 
 from monolm import report
-from monolm.artifacts import CorruptArtifact, write_manifest
 from monolm.config import load_config
-from monolm.runtime import derive_seed
-from monolm.stages import aggregate
-from monolm.stages.common import StageRef
+from monolm.core.artifacts import CorruptArtifact, write_manifest
+from monolm.core.runtime import derive_seed
+from monolm.report import stage as aggregate
 from monolm.store import ResultsStore
+from monolm.study.frame import StageRef
 
 N_TEXTS = 40
 T_975_DF2 = 4.302652729911275  # Student t quantile, 97.5%, 2 degrees of freedom (tables)
@@ -135,9 +135,9 @@ MONOTONICITY = [
 
 
 def make_seed(cfg, seed: int, numbers: dict[str, Any], *, skip: tuple[str, ...] = ()) -> dict[str, StageRef]:
-    """Fake stage folders (manifests written by monolm.artifacts) for one seed."""
+    """Fake stage folders (manifests written by monolm.core.artifacts) for one seed."""
     from monolm.attacks.effects import effect_summary
-    from monolm.stages.attack import normalize
+    from monolm.attacks.stage import normalize
 
     threshold = cfg.attacks.success_threshold
     refs: dict[str, StageRef] = {}

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from monolm import plots_grid, report, stats
+from monolm import report, stats
 from monolm.attacks.effects import effect_summary
-from monolm.runtime import derive_seed
-from monolm.stages.attack import normalize
+from monolm.attacks.stage import normalize
+from monolm.core.runtime import derive_seed
+from monolm.report.cross_cell import figures as plots_grid
 
 SEEDS = (42, 1337, 2024)
 N_TEXTS = 40
@@ -436,7 +437,7 @@ def test_equal_variants_are_called_equal(cells):
 
 
 def test_labels_of_close_points_take_different_places():
-    from monolm.plots_grid import LABEL_SLOTS, label_offsets
+    from monolm.report.cross_cell.figures import LABEL_SLOTS, label_offsets
 
     lim = (-0.1, 0.9), (-0.25, 0.35)  # the HotFlip panel of a 3-variant tiny grid
     # mlp_in and mlp_in_attn_out 0.05 apart in cost and 0.02 in gain: their labels would overlap

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 from helpers import micro_config
 
-from monolm.artifacts import load_manifest
+from monolm.core.artifacts import load_manifest
 from monolm.report.formatting import fmt_ci
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from monolm.pipeline import run_seed
-    from monolm.stages import aggregate
+    from monolm.report import stage as aggregate
+    from monolm.study.sequential import run_seed
 
     cfg = micro_config(tmp_path_factory.mktemp("run"))
     refs = run_seed(cfg, 42, progress=False)

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from helpers import micro_sets
 
-from monolm.stages.registry import STAGE_NAMES
+from monolm.study.registry import STAGE_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = REPO / ".venv/bin/prefect"
@@ -311,8 +311,8 @@ def test_deployed_tiny_run_completes(service, shared_runs):
     assert run.work_pool_name == "local" and run.infrastructure_pid
     assert service.stage_states(flow_run_id) == {stage: "Completed" for stage in STAGES}
 
-    from monolm.artifacts import MANIFEST
-    from monolm.stages.aggregate import RESULT_FILES
+    from monolm.core.artifacts import MANIFEST
+    from monolm.report.stage import RESULT_FILES
     from monolm.store import ResultsStore
 
     (report,) = (shared_runs / "results").glob("*/report.md")

@@ -293,7 +293,7 @@ class Kill:
 
 def _fresh_checkpoints(stage_dir: Path, since: float) -> list[int]:
     """Steps of the checkpoints written since `since` (this attempt's)."""
-    from monolm.checkpoint import list_checkpoints
+    from monolm.training.checkpoint import list_checkpoints
 
     steps = []
     for step, path in list_checkpoints(stage_dir / "checkpoints"):

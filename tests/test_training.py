@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from monolm.config import ArmConfig
-from monolm.constraints import ConstraintViolation, constrained_modules
+from monolm.constraint.softplus import ConstraintViolation, constrained_modules
 from monolm.training import DataOrder, LRSchedule, accumulate_gradients, total_steps_for, train
 
 

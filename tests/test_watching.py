@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from helpers import micro_sets
 
-from monolm.progress import Progress, eta_seconds, format_eta, labelled, part_callback
+from monolm.core.progress import Progress, eta_seconds, format_eta, labelled, part_callback
 
 REPO = Path(__file__).resolve().parents[1]
 PROGRESS_STAGES = (
@@ -70,7 +70,7 @@ def test_progress_lines_and_events(caplog):
 def test_console_handler_writes_once_and_routes_a_threads_records(capsys):
     """The `monolm` logger writes each record once (no propagation to the root logger's
     handlers); a routed thread's records go to its sink only."""
-    from monolm.logs import route_thread, setup_logging
+    from monolm.core.logs import route_thread, setup_logging
 
     root_lines: list[str] = []
 
@@ -78,7 +78,7 @@ def test_console_handler_writes_once_and_routes_a_threads_records(capsys):
         def emit(self, record):
             root_lines.append(record.getMessage())
 
-    from monolm.logs import ConsoleHandler
+    from monolm.core.logs import ConsoleHandler
 
     root = logging.getLogger()
     lib = logging.getLogger("monolm")

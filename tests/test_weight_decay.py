@@ -11,7 +11,7 @@ import torch
 from helpers import constrain, counter_blocks, tiny_neox
 
 from monolm.config import ArmConfig
-from monolm.constraints import apply_constraint, constrained_modules, constrained_weights
+from monolm.constraint.softplus import apply_constraint, constrained_modules, constrained_weights
 from monolm.training import build_optimizer, train
 from monolm.training import step as step_lib
 

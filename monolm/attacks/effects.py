@@ -22,7 +22,7 @@ import numpy as np
 from scipy import stats as sps
 
 from monolm import stats
-from monolm.runtime import derive_seed
+from monolm.core.runtime import derive_seed
 
 CONFIDENCE = 0.95
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from monolm.attacks.common import (
+from monolm.attacks.scoring import (
     BatchSizer,
     cache_argument,
     cross_entropy_fp32,
@@ -24,7 +24,7 @@ from monolm.attacks.common import (
     max_rows_for,
     output_cache,
 )
-from monolm.runtime import autocast, is_oom, model_device
+from monolm.core.runtime import autocast, is_oom, model_device
 
 
 def flip_target_masks(targets: torch.Tensor, cand_pos: torch.Tensor) -> torch.Tensor:

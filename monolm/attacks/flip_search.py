@@ -12,16 +12,16 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from monolm.attacks.common import (
+from monolm.attacks.flip_scoring import score_flips
+from monolm.attacks.scoring import (
     AttackSetup,
     TextBatch,
     embedding_gradient,
     first_order_scores,
     text_target_mask,
 )
-from monolm.attacks.flip_scoring import score_flips
 from monolm.config import HotFlipConfig
-from monolm.runtime import model_device
+from monolm.core.runtime import model_device
 
 Method = Literal["gradient", "control"]
 

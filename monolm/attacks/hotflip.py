@@ -37,9 +37,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from monolm import stats
-from monolm.artifacts import atomic_write_json, atomic_write_text
 from monolm.attacks import units
-from monolm.attacks.common import (
+from monolm.attacks.effects import effect_summary
+from monolm.attacks.flip_search import Method, attack_text, base_targets
+from monolm.attacks.scoring import (
     AttackSetup,
     BatchSizer,
     TextBatch,
@@ -50,11 +51,10 @@ from monolm.attacks.common import (
     pad_batch,
     truncate,
 )
-from monolm.attacks.effects import effect_summary
-from monolm.attacks.flip_search import Method, attack_text, base_targets
 from monolm.config import HotFlipConfig
-from monolm.progress import OnLog, Progress
-from monolm.runtime import Bf16, generator
+from monolm.core.artifacts import atomic_write_json, atomic_write_text
+from monolm.core.progress import OnLog, Progress
+from monolm.core.runtime import Bf16, generator
 
 default_log = logging.getLogger("monolm.attacks")
 KINDS: dict[str, str] = {"gradient": "hotflip", "control": "hotflip_control"}
@@ -242,7 +242,7 @@ def run(
     control) and `hotflip_results.json`; returns the results. `max_units` stops after that many
     newly computed blocks (returns `{"complete": False}`). `bf16` is the autocast setting
     (`runtime.bf16_enabled`: on CUDA only). Every block is a log line with the loss increase so
-    far and the time left, and a progress event for `on_log` (`monolm.progress`)."""
+    far and the time left, and a progress event for `on_log` (`monolm.core.progress`)."""
     log = log or default_log
     out_dir = Path(out_dir)
     control = cfg.random_control if control is None else control

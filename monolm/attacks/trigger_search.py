@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from monolm.attacks.common import (
+from monolm.attacks.scoring import (
     AttackSetup,
     TextBatch,
     embedding_gradient,
@@ -20,7 +20,7 @@ from monolm.attacks.common import (
     text_target_mask,
 )
 from monolm.config import UATConfig
-from monolm.runtime import model_device
+from monolm.core.runtime import model_device
 
 NO_TRIGGER = torch.zeros((1, 0), dtype=torch.long)
 

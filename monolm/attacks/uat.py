@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from monolm.artifacts import atomic_write_json
 from monolm.attacks import units
-from monolm.attacks.common import (
+from monolm.attacks.effects import effect_summary, per_text_effects
+from monolm.attacks.scoring import (
     AttackSetup,
     BatchSizer,
     TextBatch,
@@ -44,11 +44,11 @@ from monolm.attacks.common import (
     context_prefix,
     truncate,
 )
-from monolm.attacks.effects import effect_summary, per_text_effects
 from monolm.attacks.trigger_search import NO_TRIGGER, optimise_restart, text_batch, trigger_row, with_triggers
 from monolm.config import UATConfig
-from monolm.progress import OnLog, Progress
-from monolm.runtime import Bf16, generator
+from monolm.core.artifacts import atomic_write_json
+from monolm.core.progress import OnLog, Progress
+from monolm.core.runtime import Bf16, generator
 
 default_log = logging.getLogger("monolm.attacks")
 KIND = "uat"
@@ -254,7 +254,7 @@ def run(
     `max_units` stops after computing that many new restarts (returns `{"complete": False}`),
     which is how tests simulate a run killed part-way. `bf16` is the autocast setting
     (`runtime.bf16_enabled`: on CUDA only). Every sweep and restart is a log line with the loss
-    increase so far and the time left, and a progress event for `on_log` (`monolm.progress`).
+    increase so far and the time left, and a progress event for `on_log` (`monolm.core.progress`).
     """
     log = log or default_log
     out_dir = Path(out_dir)

@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from monolm.artifacts import atomic_write_json
+from monolm.core.artifacts import atomic_write_json
 
 log = logging.getLogger("monolm.attacks")
 UNITS_DIR = "units"

@@ -1,7 +1,7 @@
 """Resolving a configuration from its layers, and refusing what cannot run before any compute.
 
 Layers, later wins: the schema's defaults (the `full` paper run) <- a preset YAML
-(`monolm/presets/<name>.yaml`) <- named overrides (`monolm/presets/overrides/<name>.yaml`, e.g.
+(`monolm/config/presets/<name>.yaml`) <- named overrides (`monolm/config/presets/overrides/<name>.yaml`, e.g.
 `reference`, the original study's asymmetric recipe) <- a user YAML file <- `--set a.b=value`.
 """
 
@@ -16,10 +16,10 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from monolm.artifacts import nearest_existing
 from monolm.config.schema import ConfigError, ExperimentConfig
+from monolm.core.artifacts import nearest_existing
 
-PRESETS_DIR = Path(__file__).resolve().parents[1] / "presets"
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 OVERRIDES_DIR = PRESETS_DIR / "overrides"
 
 

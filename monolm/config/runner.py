@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import model_validator
 
 from monolm.config.base import NonNegInt, PositiveFloat, PositiveInt, Strict
-from monolm.stages.registry import STAGE_NAMES
+from monolm.study.registry import STAGE_NAMES
 
 
 class SlurmConfig(Strict):

@@ -56,7 +56,7 @@ class TinyModelConfig(Strict):
 
 class ModelConfig(Strict):
     # hub: a Hugging Face id; local: a saved model directory; tiny: the offline stand-in;
-    # architecture: a shipped architecture (monolm/architectures.yaml) with RANDOM weights, no download.
+    # architecture: a shipped architecture (monolm/models/catalogue.yaml) with RANDOM weights, no download.
     source: Literal["hub", "local", "tiny", "architecture"] = "hub"
     # A Hugging Face causal-LM id (source=hub) or a saved model directory (source=local). With
     # source=architecture it is derived and says that the weights are random.
@@ -82,7 +82,7 @@ class ModelConfig(Strict):
 
     @model_validator(mode="after")
     def _known_architecture(self) -> ModelConfig:
-        from monolm import architectures
+        from monolm.models import catalogue as architectures
 
         if self.source == "architecture":
             if self.architecture is None:
@@ -388,7 +388,7 @@ class ExperimentConfig(Strict):
         if self.model.source == "tiny":
             self.validate_seq_len(self.model.tiny.max_position_embeddings)
         if self.model.source == "architecture":
-            from monolm import architectures
+            from monolm.models import catalogue as architectures
 
             self.validate_seq_len(architectures.get(self.model.architecture).max_positions)
             if self.data.source == "hub":

@@ -18,10 +18,10 @@ Conventions:
 * The constrained arm has non-negative FFN weights (W = softplus(V)); it is not a monotone model,
   and the measured monotonicity violation rates are reported next to that statement.
 
-Inputs are plain dicts (see `SeedData` in `monolm.stages.aggregate`), so the package does no I/O
+Inputs are plain dicts (see `SeedData` in `monolm.report.stage`), so the package does no I/O
 and can be tested on hand-made numbers. One module per job, in the order the data flows:
 
-* `labels`: arm, model, attack and metric names and how they read (shared with `monolm.plots`);
+* `labels`: arm, model, attack and metric names and how they read (shared with `monolm.report.figures`);
 * `values`: every number of one seed as flat records, and the per-example arrays;
 * `summaries`: across-seed summaries with their confidence intervals;
 * `comparisons`: paired tests monotonic − baseline, across seeds and within a seed;
@@ -38,9 +38,9 @@ from __future__ import annotations
 
 from monolm.report.analysis import SCHEMA_VERSION, analyze, console_rows, headline
 from monolm.report.comparisons import ACROSS_SEEDS, Comparison, compare_arms
-from monolm.report.grid import GRID_SCHEMA_VERSION, apply_holm, grid_analysis, pareto_optimal
-from monolm.report.grid_render import grid_csv, grid_latex, grid_markdown
-from monolm.report.grid_terms import QUALITY, cell_label
+from monolm.report.cross_cell.analysis import GRID_SCHEMA_VERSION, apply_holm, grid_analysis, pareto_optimal
+from monolm.report.cross_cell.render import grid_csv, grid_latex, grid_markdown
+from monolm.report.cross_cell.terms import QUALITY, cell_label
 from monolm.report.labels import ARM_LABEL, ARMS, ATTACKS, LOWER_IS_BETTER, METRIC_LABEL, MODELS, metric_label
 from monolm.report.render import CSV_COLUMNS, latex, markdown, summary_csv, table_latex, table_markdown, tex_escape
 from monolm.report.sentences import finding, findings, monotonicity_statement, recipe_statement

@@ -4,7 +4,7 @@ figure can never call the same thing by two names."""
 
 from __future__ import annotations
 
-from monolm.stages.registry import ATTACKS  # attack stage -> its name in the report
+from monolm.study.registry import ATTACKS  # attack stage -> its name in the report
 
 ARMS = ("baseline", "monotonic")  # the two trained arms; differences are always monotonic − baseline
 MODELS = ("base", "baseline", "monotonic")  # the arms plus the pre-trained model they start from

@@ -13,9 +13,9 @@ from scipy import stats as sps
 
 from monolm import stats
 from monolm.attacks.effects import mean_ci
+from monolm.core.runtime import derive_seed
 from monolm.report.labels import ARMS, ATTACKS
 from monolm.report.values import ATTACK_KEYS, EXAMPLE_METRICS, doc_losses, example_effects
-from monolm.runtime import derive_seed
 
 ALPHA = 0.05  # significance level of every paired test
 CONFIDENCE = 0.95  # level of every confidence interval

@@ -1,5 +1,5 @@
 """Every number of one seed as flat records {seed, stage, model, metric, value}, pulled from the
-seed's verified stage outputs (the plain `SeedData` dict of `monolm.stages.aggregate.read_seed`),
+seed's verified stage outputs (the plain `SeedData` dict of `monolm.report.stage.read_seed`),
 and the per-example arrays (texts, documents) that the within-seed statistics use."""
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def doc_losses(evaluation: dict[str, Any], model: str) -> tuple[np.ndarray, np.n
 
 
 def monotonicity_rates(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Pool `monolm.monotonicity` rows per (role, sublayer): coordinate violations over all
+    """Pool `monolm.constraint.monotonicity` rows per (role, sublayer): coordinate violations over all
     coordinates, pair violations over all pairs, and the largest relative drop."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:

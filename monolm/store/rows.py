@@ -11,7 +11,7 @@ import json
 import math
 from typing import Any
 
-from monolm.artifacts import json_default
+from monolm.core.artifacts import json_default
 from monolm.store.schema import runs_table
 
 RUN_STATUSES = ("running", "completed", "failed", "partial")

@@ -8,8 +8,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from monolm.stages.registry import ATTACKS, STAGE_NAMES
 from monolm.store.results_store import cell_label
+from monolm.study.registry import ATTACKS, STAGE_NAMES
 
 # (stage, metric) shown by default: held-out quality and the primary attack effect.
 HEADLINE = (("evaluate", "token_perplexity"), *((attack, "abs_increase") for attack in ATTACKS))

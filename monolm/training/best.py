@@ -13,8 +13,15 @@ from typing import Any
 from safetensors.torch import save_model as _save_safetensors_model
 from torch import nn
 
-from monolm.artifacts import CorruptArtifact, atomic_dir, atomic_write_json, read_json, recover_replaced, sha256_file
-from monolm.checkpoint import check_fingerprint, list_checkpoints, move_aside, verify_checkpoint
+from monolm.core.artifacts import (
+    CorruptArtifact,
+    atomic_dir,
+    atomic_write_json,
+    read_json,
+    recover_replaced,
+    sha256_file,
+)
+from monolm.training.checkpoint import check_fingerprint, list_checkpoints, move_aside, verify_checkpoint
 
 log = logging.getLogger(__name__)
 

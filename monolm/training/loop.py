@@ -16,11 +16,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from monolm.artifacts import atomic_write_json
 from monolm.config import ArmConfig
-from monolm.constraints import ConstraintViolation
-from monolm.progress import eta_seconds, format_eta
-from monolm.runtime import eval_mode
+from monolm.constraint.softplus import ConstraintViolation
+from monolm.core.artifacts import atomic_write_json
+from monolm.core.progress import eta_seconds, format_eta
+from monolm.core.runtime import eval_mode
 from monolm.training.best import SaveModel, read_best, save_best
 from monolm.training.run import Evaluate, OnLog, TrainingRun, prepare_run
 from monolm.training.state import Interval, LoopState, checkpoint_due, save_loop_checkpoint, start_or_resume

@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from monolm.checkpoint import digest_json, make_fingerprint
 from monolm.config import ArmConfig
-from monolm.constraints import constrained_modules
-from monolm.runtime import pick_device, resolve_flag
+from monolm.constraint.softplus import constrained_modules
+from monolm.core.runtime import pick_device, resolve_flag
 from monolm.training.best import BEST_DIR, SaveModel, default_save_model
+from monolm.training.checkpoint import digest_json, make_fingerprint
 from monolm.training.schedule import total_steps_for
 from monolm.training.step import build_optimizer, enable_gradient_checkpointing, ensure_fp32
 

@@ -8,7 +8,7 @@ import math
 import torch
 
 from monolm.config import ArmConfig
-from monolm.runtime import derive_seed
+from monolm.core.runtime import derive_seed
 
 
 def total_steps_for(arm: ArmConfig, n_sequences: int) -> int:

@@ -18,11 +18,17 @@ from typing import Any
 
 import torch
 
-from monolm.artifacts import atomic_write_json
-from monolm.checkpoint import latest_valid_checkpoint, list_checkpoints, load_checkpoint, move_aside, save_checkpoint
-from monolm.constraints import min_constrained_weight
-from monolm.runtime import derive_seed, seed_everything
+from monolm.constraint.softplus import min_constrained_weight
+from monolm.core.artifacts import atomic_write_json
+from monolm.core.runtime import derive_seed, seed_everything
 from monolm.training.best import read_best, replay_point_for_lost_best
+from monolm.training.checkpoint import (
+    latest_valid_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    move_aside,
+    save_checkpoint,
+)
 from monolm.training.run import TrainingRun
 from monolm.training.schedule import DataOrder
 

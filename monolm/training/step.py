@@ -18,8 +18,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from monolm.config import ArmConfig
-from monolm.constraints import NonNegativeSoftplus, constrained_modules, min_constrained_weight
-from monolm.runtime import autocast, model_device
+from monolm.constraint.softplus import NonNegativeSoftplus, constrained_modules, min_constrained_weight
+from monolm.core.runtime import autocast, model_device
 from monolm.training.schedule import LRSchedule
 
 log = logging.getLogger(__name__)

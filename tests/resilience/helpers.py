@@ -233,7 +233,7 @@ class SeedFolders:
     own (`<variant>-<init>/seed-<n>`) for the others."""
 
     def __init__(self, tmp: Path, seed: int, variant: str, init: str = "abs"):
-        from monolm.stages.registry import MODEL_STAGES
+        from monolm.study.registry import MODEL_STAGES
 
         model = tmp / "runs" / "tiny" / "tiny-neox"
         self.cell, self.shared = model / f"{variant}-{init}" / f"seed-{seed}", model / "shared" / f"seed-{seed}"

@@ -326,7 +326,7 @@ def test_runs_root_that_becomes_unwritable_fails_the_stage_naming_the_folder(tmp
     """The same folder turning read-only after the up-front checks (a remount, a quota) still
     fails cleanly: the stage names the folder and the setting, and nothing half-written stays."""
     import flows.cli as cli
-    from monolm.stages import setup
+    from monolm.data import stage as setup
 
     readonly, _ = readonly_folder
     monkeypatch.setattr(cli, "check_output_folders", lambda *a, **k: None)  # passed, then the mount changed
@@ -343,7 +343,7 @@ def test_runs_root_that_becomes_unwritable_fails_the_stage_naming_the_folder(tmp
 
 def test_too_little_free_disk_is_refused_before_pretraining(tmp_path, monkeypatch):
     """Stage 0 checks free space before it downloads or pre-trains anything."""
-    from monolm.stages import setup
+    from monolm.data import stage as setup
 
     monkeypatch.setattr(setup, "MIN_FREE_BYTES", 1 << 62)
     monkeypatch.setattr(setup, "_pretrain_tiny", lambda *a, **k: pytest.fail("pre-trained despite a full disk"))

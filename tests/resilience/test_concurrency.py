@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from monolm.artifacts import load_manifest
-from monolm.stages.registry import SEED_STAGE_NAMES
+from monolm.core.artifacts import load_manifest
+from monolm.study.registry import SEED_STAGE_NAMES
 from resilience.helpers import micro_argv, read_audit, seed_dir, spawn_cli, stage_outputs, written_paths
 
 pytestmark = pytest.mark.resilience

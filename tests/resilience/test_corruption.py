@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from monolm.stages.registry import SEED_STAGE_NAMES
+from monolm.study.registry import SEED_STAGE_NAMES
 from resilience.helpers import flip_bit, micro_argv, read_audit, run_cli, seed_dir, stage_outputs, temp_reads, truncate
 
 pytestmark = pytest.mark.resilience
@@ -111,8 +111,8 @@ def test_prefect_cache_hit_requires_intact_files(tmp_path, micro_pipeline):
     """`tasks.common.cached_result_still_valid` (what decides whether Prefect may return a cached
     stage result): true for an intact stage, false once any file it names is altered, truncated
     or missing, its manifest was rewritten by a re-run, or the record itself is damaged."""
-    from monolm.artifacts import load_manifest
     from monolm.config import load_config
+    from monolm.core.artifacts import load_manifest
     from resilience.helpers import micro_sets
     from tasks.common import _ref_sidecar, cache_dirs, cached_result_still_valid
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from monolm.checkpoint import list_checkpoints, verify_checkpoint
-from monolm.stages.registry import SEED_STAGE_NAMES
+from monolm.study.registry import SEED_STAGE_NAMES
+from monolm.training.checkpoint import list_checkpoints, verify_checkpoint
 from resilience.helpers import micro_argv, run_cli, seed_dir, stage_outputs
 from resilience.trainruns import assert_identical, finish, start
 
@@ -138,7 +138,10 @@ def test_enospc_at_a_checkpoint_write_and_at_a_manifest_write(tmp_path, micro_pi
         argv,
         cwd=tmp_path,
         faults=[
-            {"target": "monolm.checkpoint:save_file", "match": r"/train_baseline/checkpoints/\.tmp-step-00000004-"}
+            {
+                "target": "monolm.training.checkpoint:save_file",
+                "match": r"/train_baseline/checkpoints/\.tmp-step-00000004-",
+            }
         ],
     )
     assert code == 1 and FULL.search(out) and FULL.search(out).group(1) == "train_baseline", out[-3000:]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from monolm.checkpoint import list_checkpoints
+from monolm.training.checkpoint import list_checkpoints
 from resilience.helpers import flip_bit, kill_at_marker, pause, read_audit, temp_reads, truncate
 from resilience.trainruns import assert_identical, finish, resumes, start
 
@@ -29,7 +29,7 @@ KILL_POINTS = {
     "before the first checkpoint (step 2)": (lambda m: {"pause_step": 2}, [], None),
     "between checkpoints (step 7)": (lambda m: {"pause_step": 7}, [3, 6], 6),
     "inside a checkpoint write (model written, optimizer not)": (
-        lambda m: {"pauses": [pause("monolm.checkpoint:save_file", m, match=r"/\.tmp-step-00000009-")]},
+        lambda m: {"pauses": [pause("monolm.training.checkpoint:save_file", m, match=r"/\.tmp-step-00000009-")]},
         [3, 6],
         6,
     ),

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from monolm.artifacts import sha256_file
-from monolm.checkpoint import list_checkpoints
+from monolm.core.artifacts import sha256_file
+from monolm.training.checkpoint import list_checkpoints
 from resilience.helpers import ENV, REPO
 from resilience.trainruns import finish
 
@@ -112,7 +112,7 @@ def test_pickle_planted_as_the_newest_checkpoint_is_never_unpickled(tmp_path, re
 def test_pickled_weights_in_a_model_folder_are_refused(tmp_path, micro_pipeline):
     """A model folder (a stage's `best/`) whose safetensors weights were swapped for a pickled
     `pytorch_model.bin`, as an old checkpoint or a malicious upload would have them."""
-    from monolm.models import ModelError, load_model
+    from monolm.models.loading import ModelError, load_model
     from resilience.helpers import seed_dir
 
     model_dir = tmp_path / "model"

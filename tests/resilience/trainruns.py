@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from monolm.checkpoint import list_checkpoints
+from monolm.training.checkpoint import list_checkpoints
 from resilience.helpers import fork_worker, strip_wall_clock
 
 

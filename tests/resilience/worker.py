@@ -257,7 +257,7 @@ def forked_entry(mode: str, spec: dict[str, Any], log_path: str) -> None:
     sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
     import logging
 
-    from monolm.logs import setup_logging
+    from monolm.core.logs import setup_logging
 
     setup_logging(logging.INFO)
     try:
@@ -277,7 +277,7 @@ if __name__ == "__main__":
     if _mode == "train":
         import logging
 
-        from monolm.logs import setup_logging
+        from monolm.core.logs import setup_logging
 
         setup_logging(logging.INFO)
     sys.exit(child_main(_mode, _spec))

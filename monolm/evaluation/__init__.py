@@ -1,0 +1,1 @@
+"""Evaluation: lm-eval-compatible perplexity and stage 4."""

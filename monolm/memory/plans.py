@@ -1,0 +1,324 @@
+"""Memory plans and workloads of the GPU stages, from the experiment's config.
+
+Two users: the stages (train, evaluate, attack), which call `plan_*_stage` before their first
+step and record the plan in their manifest, and `monolm plan`, which prints for every GPU stage
+the estimate on the cards a cluster user plans for (`memory.CARDS`), the batch the plan chooses
+and the stage's token and FLOP count, so walltimes (`runner.stage_timeout_minutes`, the SLURM
+walltime) can be set from it. The model's shape comes from its saved config (stages) or, before
+stage 0 has run, from the shipped architectures, the tiny config or a config in the HF cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from monolm.config import ArmConfig, ExperimentConfig
+from monolm.memory import estimates as memory
+from monolm.memory.estimates import MemoryPlan, ModelShape
+
+log = logging.getLogger("monolm.planning")
+
+# The Pile holds about 300B tokens in about 211M documents (GPT-NeoX tokenizer).
+DEFAULT_TOKENS_PER_DOC = 1400
+# bf16 dense matmul peak of an A100, for the walltime column of `monolm plan`.
+A100_BF16_FLOPS = 312e12
+PLAN_MFU = 0.35
+
+
+class PlanError(ValueError):
+    """The model's shape cannot be known without downloading it."""
+
+
+def count_parameters_meta(config) -> int:
+    """Parameter count of the model `config` describes, built on the meta device (no memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def shape_of_dir(path: str | Path, name: str | None = None) -> ModelShape:
+    """The shape of a saved model directory (its config.json; constrained ones too)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    return ModelShape.from_config(config, name or Path(path).name, count_parameters_meta(config))
+
+
+def shape_for(cfg: ExperimentConfig) -> ModelShape:
+    """The base model's shape before stage 0 has run (no download)."""
+    from monolm.models import catalogue as architectures
+    from monolm.models.loading import padded_vocab_size
+
+    m = cfg.model
+    if m.source == "architecture":
+        return ModelShape.from_architecture(architectures.get(m.architecture))
+    if m.source == "tiny":
+        from transformers import GPTNeoXConfig
+
+        t = m.tiny
+        config = GPTNeoXConfig(
+            vocab_size=padded_vocab_size(t.vocab_size, t.pad_vocab_to_multiple_of),
+            hidden_size=t.hidden_size,
+            num_hidden_layers=t.num_layers,
+            num_attention_heads=t.num_heads,
+            intermediate_size=t.intermediate_size,
+            max_position_embeddings=t.max_position_embeddings,
+            tie_word_embeddings=False,
+        )
+        return ModelShape.from_config(config, m.slug, count_parameters_meta(config))
+    if m.source == "local":
+        return shape_of_dir(m.name, m.name)
+    arch = architectures.for_hub_id(m.name)
+    if arch is not None:
+        return ModelShape.from_architecture(arch)
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(
+            m.name, revision=m.revision, cache_dir=str(cfg.hf_cache_dir), local_files_only=True
+        )
+    except OSError:
+        raise PlanError(
+            f"cannot tell the shape of model.name={m.name!r} offline: it is not a shipped architecture "
+            "and its config is not in the HF cache (run `monolm verify` or stage 0 first)"
+        ) from None
+    return ModelShape.from_config(config, m.name, count_parameters_meta(config))
+
+
+# --------------------------------------------------------------------------- the stages' plans
+def plan_train_stage(
+    cfg: ExperimentConfig, arm: str, recipe: ArmConfig, model_dir: Path, device, *, capacity: int | None = None
+) -> tuple[ArmConfig, MemoryPlan]:
+    """The recipe with the micro-batch and accumulation the plan chose (same effective batch),
+    and the plan. Raises memory.MemoryPlanError when micro-batch 1 does not fit."""
+    shape = shape_of_dir(model_dir, cfg.model.slug)
+    return _plan_train(cfg, arm, recipe, shape, device, capacity)
+
+
+def _plan_train(cfg, arm, recipe, shape, device, capacity, description: str | None = None):
+    import torch
+
+    from monolm.core.runtime import resolve_flag
+
+    device = torch.device(device)
+    if description is None:
+        measured, description = memory.device_capacity(device)
+        capacity = measured if capacity is None else capacity
+    constrained = shape.constrained_parameters(cfg.constraint.variant) if arm == "monotonic" else 0
+    plan = memory.plan_training(
+        shape,
+        stage=f"train_{arm}",
+        micro_batch=recipe.micro_batch_size,
+        grad_accum=recipe.grad_accum_steps,
+        seq_len=cfg.data.seq_len,
+        bf16=resolve_flag(recipe.bf16, device),
+        checkpointing=resolve_flag(recipe.gradient_checkpointing, device),
+        constrained_parameters=constrained,
+        capacity=capacity,
+        device=description,
+        foreach_optimizer=device.type == "cuda",
+    )
+    planned = recipe.model_copy(update={"micro_batch_size": plan.chosen, "grad_accum_steps": plan.grad_accum_chosen})
+    _log(plan)
+    return planned, plan
+
+
+def plan_eval_stage(
+    cfg: ExperimentConfig, model_dir: Path, device, *, capacity: int | None = None, name: str = "evaluate"
+) -> MemoryPlan:
+    """The evaluation batch size that fits (one model resident at a time); `name`: the stage, as
+    the plan names it."""
+    return _plan_eval(cfg, shape_of_dir(model_dir, cfg.model.slug), device, capacity, stage=name)
+
+
+def _plan_eval(
+    cfg, shape, device, capacity, description: str | None = None, stage: str = "evaluate", resident: int = 1
+):
+    import torch
+
+    from monolm.core.runtime import bf16_enabled
+
+    device = torch.device(device)
+    if description is None:
+        measured, description = memory.device_capacity(device)
+        capacity = measured if capacity is None else capacity
+    bf16 = bf16_enabled(cfg.evaluation.bf16, device, cuda_only=True) if device.type == "cuda" else False
+
+    def estimate(batch: int) -> dict[str, int]:
+        return memory.inference_bytes(shape, batch=batch, seq_len=cfg.eval_seq_len, bf16=bf16, resident_models=resident)
+
+    plan = memory.plan_batch(
+        shape,
+        stage=stage,
+        setting="evaluation.batch_size",
+        requested=cfg.evaluation.batch_size,
+        estimate=estimate,
+        capacity=capacity,
+        device=description,
+    )
+    _log(plan)
+    return plan
+
+
+def attack_lengths(cfg: ExperimentConfig, stage: str) -> tuple[int, int, int]:
+    """(tokens per attacked sequence, target positions per sequence, rows per gradient pass)."""
+    if stage == "uat":
+        uat = cfg.attacks.uat
+        return 1 + uat.trigger_len + uat.text_max_tokens, uat.text_max_tokens, uat.grad_batch_size
+    flip = cfg.attacks.hotflip
+    return 1 + flip.text_max_tokens, flip.text_max_tokens, 1
+
+
+def plan_attack_stage(
+    cfg: ExperimentConfig, stage: str, model_dir: Path, device, *, capacity: int | None = None, name: str | None = None
+):
+    """(the attack's settings with the candidate batch the plan chose, the plan): both arms are
+    resident while one is attacked. `stage`: the attack; `name`: the stage, as the plan names it."""
+    plan = _plan_attack(cfg, stage, shape_of_dir(model_dir, cfg.model.slug), device, capacity, name=name)
+    section = getattr(cfg.attacks, stage)
+    return section.model_copy(update={"score_batch_size": plan.chosen}), plan
+
+
+def _plan_attack(cfg, stage, shape, device, capacity, description: str | None = None, name: str | None = None):
+    import torch
+
+    from monolm.core.runtime import bf16_enabled
+
+    device = torch.device(device)
+    if description is None:
+        measured, description = memory.device_capacity(device)
+        capacity = measured if capacity is None else capacity
+    bf16 = bf16_enabled(cfg.attacks.bf16, device, cuda_only=True) if device.type == "cuda" else False
+    seq, targets, grad_rows = attack_lengths(cfg, stage)
+    grad = memory.gradient_pass_bytes(shape, batch=grad_rows, seq_len=seq, bf16=bf16, resident_models=2)
+    extra = 4 * shape.constrained_parameters(cfg.constraint.variant)  # the cached W while attacking
+
+    def estimate(rows: int) -> dict[str, int]:
+        score = memory.inference_bytes(
+            shape, batch=rows, seq_len=seq, bf16=bf16, resident_models=2, logit_positions=targets, weight_cache=False
+        )
+        scoring, gradient = score["peak"] - score["weights"], grad["peak"] - grad["weights"]
+        parts = {"weights": score["weights"], "constrained_w": extra, "scoring": scoring, "gradient_pass": gradient}
+        return {**parts, "peak": score["weights"] + extra + max(scoring, gradient)}
+
+    plan = memory.plan_batch(
+        shape,
+        stage=name or stage,
+        setting=f"attacks.{stage}.score_batch_size",
+        requested=getattr(cfg.attacks, stage).score_batch_size,
+        estimate=estimate,
+        capacity=capacity,
+        device=description,
+    )
+    _log(plan)
+    return plan
+
+
+def _log(plan: MemoryPlan) -> None:
+    (log.warning if plan.changed else log.info)("%s", plan.describe())
+
+
+# --------------------------------------------------------------------------- workloads (monolm plan)
+@dataclass
+class Workload:
+    tokens: float  # tokens through the model (forward; training counts forward+backward tokens once)
+    flops: float  # model FLOPs
+
+
+def _held_out_docs(cfg: ExperimentConfig, field: str) -> int:
+    """Documents of a held-out part (`n_val_docs`/`n_test_docs`; one `n_eval_docs` for both in
+    configs that have a single evaluation part)."""
+    return getattr(cfg.data, field, None) or cfg.data.n_eval_docs
+
+
+def train_workload(cfg: ExperimentConfig, arm: str, shape: ModelShape, tokens_per_doc: int) -> Workload:
+    from monolm.training.schedule import total_steps_for
+
+    recipe = cfg.training.arm(arm)
+    seq = cfg.data.seq_len
+    n_blocks = max(1, cfg.data.n_train_docs * tokens_per_doc // seq)
+    steps = total_steps_for(recipe, n_blocks)
+    train_tokens = steps * recipe.effective_batch_size * seq
+    evals = math.ceil(steps / recipe.eval_every_steps)
+    val_tokens = evals * min(recipe.eval_max_docs, _held_out_docs(cfg, "n_val_docs")) * tokens_per_doc
+    flops = train_tokens * shape.train_flops_per_token(seq) + val_tokens * shape.forward_flops_per_token(seq)
+    return Workload(train_tokens + val_tokens, flops)
+
+
+def eval_workload(cfg: ExperimentConfig, shape: ModelShape, tokens_per_doc: int) -> Workload:
+    tokens = 3 * min(cfg.evaluation.max_docs, _held_out_docs(cfg, "n_test_docs")) * tokens_per_doc
+    return Workload(tokens, tokens * shape.forward_flops_per_token(cfg.eval_seq_len))
+
+
+def constrain_workload(cfg: ExperimentConfig, shape: ModelShape, tokens_per_doc: int) -> Workload:
+    tokens = 2 * cfg.constraint.drift_docs * min(tokens_per_doc, cfg.data.seq_len)
+    return Workload(tokens, tokens * shape.forward_flops_per_token(cfg.data.seq_len))
+
+
+def attack_workload(cfg: ExperimentConfig, stage: str, shape: ModelShape) -> Workload:
+    """Both arms attacked, plus the 2x2 transfer matrix. A gradient pass counts as 3 forwards."""
+    seq, _, _ = attack_lengths(cfg, stage)
+    if stage == "uat":
+        u = cfg.attacks.uat
+        steps = u.restarts * u.max_sweeps * u.trigger_len
+        per_arm = steps * u.n_opt_texts * (3 + u.top_k + 1) + 2 * u.n_eval_texts
+        sequences = 2 * per_arm + 4 * 2 * u.n_eval_texts
+    else:
+        f = cfg.attacks.hotflip
+        searches = 2 if f.random_control else 1
+        per_arm = searches * f.n_texts * f.max_flips * (3 + f.top_b + 1)
+        sequences = 2 * per_arm + 4 * 2 * f.n_texts
+    tokens = sequences * seq
+    return Workload(tokens, tokens * shape.forward_flops_per_token(seq))
+
+
+def plan_table(
+    cfg: ExperimentConfig, cards: dict[str, int] | None = None, tokens_per_doc: int = DEFAULT_TOKENS_PER_DOC
+) -> tuple[ModelShape, list[dict[str, Any]]]:
+    """One row per GPU stage: per card the chosen batch and the estimate (or why it does not fit),
+    the stage's tokens and model FLOPs, and hours on one A100 at `PLAN_MFU`."""
+    cards = cards or memory.CARDS
+    shape = shape_for(cfg)
+    rows = []
+    for stage in ("constrain", "train_baseline", "train_monotonic", "evaluate", "uat", "hotflip"):
+        row: dict[str, Any] = {"stage": stage}
+        for card, total in cards.items():
+            capacity = memory.usable_bytes(total, total)
+            try:
+                plan = _card_plan(cfg, stage, shape, capacity, card)
+                row[card] = plan
+            except memory.MemoryPlanError as exc:
+                row[card] = exc
+        work = _workload(cfg, stage, shape, tokens_per_doc)
+        row.update(tokens=work.tokens, flops=work.flops, a100_hours=work.flops / (A100_BF16_FLOPS * PLAN_MFU) / 3600)
+        rows.append(row)
+    return shape, rows
+
+
+def _card_plan(cfg, stage, shape, capacity, card) -> MemoryPlan:
+    device = "cuda"
+    if stage.startswith("train_"):
+        arm = stage.removeprefix("train_")
+        return _plan_train(cfg, arm, cfg.training.arm(arm), shape, device, capacity, card)[1]
+    if stage in ("uat", "hotflip"):
+        return _plan_attack(cfg, stage, shape, device, capacity, card)
+    if stage == "constrain":
+        return _plan_eval(cfg, shape, device, capacity, card, stage="constrain", resident=2)
+    return _plan_eval(cfg, shape, device, capacity, card)
+
+
+def _workload(cfg, stage, shape, tokens_per_doc) -> Workload:
+    if stage.startswith("train_"):
+        return train_workload(cfg, stage.removeprefix("train_"), shape, tokens_per_doc)
+    if stage in ("uat", "hotflip"):
+        return attack_workload(cfg, stage, shape)
+    if stage == "constrain":
+        return constrain_workload(cfg, shape, tokens_per_doc)
+    return eval_workload(cfg, shape, tokens_per_doc)

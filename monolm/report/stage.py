@@ -1,0 +1,484 @@
+"""Stage 7 — aggregate: read every seed's finished stages, compute the statistics, write
+`results/<run-name>/` and record every number in the results store.
+
+Trust: each input stage is accepted only through its manifest (`load_manifest` verifies every
+listed file's sha256) and only if the manifest is the very one the pipeline handed over (its
+digest equals the StageRef's); files are read with their recorded digest. A corrupt or changed
+input is refused with its path, never silently summarised.
+
+All or nothing: the results folder is built in a temporary sibling folder and renamed into place
+only after every file is written; the store rows are then recorded in one transaction
+(`ResultsStore.record_run`), and if that fails the new folder is taken away again and the
+previous one restored. A failure at any point leaves neither a half results folder nor store rows,
+and an earlier complete result of the same run (folder and rows) stays as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from monolm import report
+from monolm.config import ExperimentConfig, config_to_yaml
+from monolm.core.artifacts import (
+    MANIFEST,
+    CorruptArtifact,
+    atomic_write_json,
+    atomic_write_text,
+    load_manifest,
+    read_json,
+    write_manifest,
+)
+from monolm.core.provenance import git_revision, provenance
+from monolm.report import figures as plots
+from monolm.store import ResultsStore
+from monolm.study.frame import StageRef, stage_code_version
+from monolm.study.registry import SEED_STAGE_NAMES as STAGES
+from monolm.study.registry import SEED_STAGES
+
+log = logging.getLogger("monolm.stages")
+
+STAGE = "aggregate"
+# The file stage 7 reads from each stage folder (besides the manifest's metrics).
+STAGE_FILES = {s.name: s.reads for s in SEED_STAGES if s.reads}
+# What a complete seed has: every stage but the baseline's shares (their results are in the cell's stages).
+REPORTED_STAGES = tuple(s.name for s in SEED_STAGES if s.share_of is None)
+RESULT_FILES = ("results.json", "summary.csv", "report.md", "tables.tex", "config.yaml")
+
+
+def run_id_for(cfg: ExperimentConfig, run_name: str) -> str:
+    """Store key: the run name plus the config digest, so re-aggregating the same run replaces its
+    rows (idempotent) while a differently configured run under the same name is kept apart."""
+    return f"{run_name}-{cfg.digest()}"
+
+
+# --------------------------------------------------------------------------- reading inputs
+def _ref(ref: StageRef | Mapping[str, Any]) -> StageRef:
+    if isinstance(ref, StageRef):
+        return ref
+    return StageRef.from_json({k: ref[k] for k in ("stage", "seed", "dir", "digest", "metrics")})
+
+
+def _load_stage(name: str, ref: StageRef) -> dict[str, Any]:
+    """The verified manifest of one input stage as a plain record."""
+    directory = Path(ref.dir)
+    path = directory / MANIFEST
+    if name not in STAGES:
+        raise ValueError(f"unknown input stage {name!r} for seed {ref.seed}; known: {', '.join(STAGES)}")
+    try:
+        manifest, digest = load_manifest(directory)  # verifies every output's sha256
+    except FileNotFoundError:
+        raise CorruptArtifact(
+            path, f"missing: stage {name} of seed {ref.seed} has no manifest (it did not finish)"
+        ) from None
+    if manifest.stage != name:
+        raise CorruptArtifact(path, f"is the manifest of stage {manifest.stage!r}, expected {name!r}")
+    if digest != ref.digest:
+        raise CorruptArtifact(
+            path,
+            f"sha256 {digest[:12]}… differs from the digest the pipeline passed "
+            f"({ref.digest[:12]}…): the stage was re-run or altered after it finished",
+        )
+    return {
+        "dir": str(directory.resolve()),
+        "digest": digest,
+        "metrics": manifest.metrics,
+        "outputs": manifest.outputs,
+        "wall_time_s": manifest.wall_time_s,
+        "git_revision": (manifest.provenance or {}).get("git_revision"),
+        "code_version": manifest.metrics.get("code_version"),
+    }
+
+
+def _read_output(stage: dict[str, Any], name: str, rel: str) -> Any:
+    path = Path(stage["dir"]) / rel
+    if rel not in stage["outputs"]:
+        raise CorruptArtifact(path, f"stage {name} does not list {rel} in its manifest")
+    return read_json(path, expected_sha256=stage["outputs"][rel])
+
+
+def _check_per_example(name: str, stage: dict[str, Any], per_example: dict[str, Any]) -> None:
+    """per_example.json must hold both arms' losses on the same texts and agree with the stage's
+    own summary; otherwise the paired tests over texts would be meaningless."""
+    path = Path(stage["dir"]) / STAGE_FILES[name]
+    per_model = stage["metrics"].get("per_model") or {}
+    lengths = set()
+    for arm in report.ARMS:
+        if arm not in per_example:
+            if arm in per_model:
+                raise CorruptArtifact(path, f"has no per-example losses for the {arm} arm")
+            continue
+        try:
+            effects = report.example_effects(per_example, arm)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptArtifact(path, f"malformed entry for {arm}: {exc}") from None
+        lengths.add(effects["abs_increase"].size)
+        _check_control(path, arm, per_example[arm], effects["abs_increase"].size)
+        rec = per_model.get(arm) or {}
+        if rec.get("n") is not None and rec["n"] != effects["abs_increase"].size:
+            raise CorruptArtifact(
+                path, f"{arm}: {effects['abs_increase'].size} texts, but the stage reports n={rec['n']}"
+            )
+        if (
+            rec.get("abs_increase") is not None
+            and effects["abs_increase"].size
+            and not np.isclose(effects["abs_increase"].mean(), rec["abs_increase"], rtol=1e-6, atol=1e-9)
+        ):
+            raise CorruptArtifact(
+                path,
+                f"{arm}: mean per-text increase {effects['abs_increase'].mean():.6g} differs from "
+                f"the stage's abs_increase {rec['abs_increase']:.6g}",
+            )
+    if len(lengths) > 1:
+        raise CorruptArtifact(
+            path,
+            f"the arms were attacked on different numbers of texts {sorted(lengths)}; paired tests need the same texts",
+        )
+
+
+def _check_control(path: Path, arm: str, record: dict[str, Any], n_texts: int) -> None:
+    """An arm's random-control losses (HotFlip) must be on the arm's texts: as many, well formed."""
+    if "control" not in record:
+        return
+    try:
+        n_control = report.example_effects(record, "control")["abs_increase"].size
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptArtifact(path, f"malformed control entry for {arm}: {exc}") from None
+    if n_control != n_texts:
+        raise CorruptArtifact(path, f"{arm}: {n_control} control texts but {n_texts} attacked texts")
+
+
+def read_seed(refs: Mapping[str, StageRef | Mapping[str, Any]]) -> dict[str, Any]:
+    """One seed's verified inputs as the plain dict `monolm.report` works on (`SeedData`):
+    {seed, stages: {name: {dir, digest, metrics, outputs, wall_time_s, git_revision, code_version}},
+    constrain, evaluation, histories: {arm: history}, per_example: {attack: {arm: {clean, attacked}}}}."""
+    if not refs:
+        raise ValueError("a seed without any stage results")
+    refs = {name: _ref(ref) for name, ref in refs.items()}
+    seeds = {ref.seed for ref in refs.values()}
+    if len(seeds) != 1:
+        raise ValueError(f"stage results of different seeds {sorted(seeds)} were passed as one seed")
+    seed = seeds.pop()
+    stages = {name: _load_stage(name, ref) for name, ref in refs.items()}
+    data: dict[str, Any] = {
+        "seed": seed,
+        "stages": stages,
+        "constrain": None,
+        "evaluation": None,
+        "histories": {},
+        "per_example": {},
+    }
+    if "constrain" in stages:
+        data["constrain"] = _read_output(stages["constrain"], "constrain", STAGE_FILES["constrain"])
+    if "evaluate" in stages:
+        data["evaluation"] = _read_output(stages["evaluate"], "evaluate", STAGE_FILES["evaluate"])
+    for arm in report.ARMS:
+        name = f"train_{arm}"
+        if name in stages:
+            data["histories"][arm] = _read_output(stages[name], name, STAGE_FILES[name])
+    for attack in report.ATTACKS:
+        if attack in stages:
+            per_example = _read_output(stages[attack], attack, STAGE_FILES[attack])
+            _check_per_example(attack, stages[attack], per_example)
+            data["per_example"][attack] = per_example
+    return data
+
+
+# --------------------------------------------------------------------------- store rows
+def cell_tags(cfg: ExperimentConfig) -> dict[str, str]:
+    """The grid cell a cell configuration's store rows belong to."""
+    return {"model": cfg.model.slug, "variant": cfg.constraint.variant, "init": cfg.constraint.init}
+
+
+def store_rows(results: dict[str, Any], cell: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Every number for the results store: per-seed values as they are, across-seed summaries as
+    `<metric>:mean|std|ci_low|ci_high` (seed NULL), tests as `<metric>:diff|t_p|wilcoxon_p` under
+    arm `monotonic-baseline` (seed NULL across seeds, the seed for a test over its examples); each
+    row tagged with its grid `cell` (model, variant, init)."""
+    rows = _value_rows(results)
+    return [{**row, **(cell or {})} for row in rows]
+
+
+def _value_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = [
+        {"seed": v["seed"], "arm": v["model"], "stage": v["stage"], "metric": v["metric"], "value": v["value"]}
+        for v in results["values"]
+    ]
+    for s in results["summaries"]:
+        extra = {"n": s["n"], "ci_method": s["ci_method"], "seeds": s["seeds"]}
+        for stat in ("mean", "std", "ci_low", "ci_high"):
+            rows.append(
+                {
+                    "seed": None,
+                    "arm": s["model"],
+                    "stage": s["stage"],
+                    "metric": f"{s['metric']}:{stat}",
+                    "value": s[stat],
+                    "extra": extra,
+                }
+            )
+    for c in results["comparisons"]:
+        arm = f"{c['a']}-{c['b']}".replace(" ", "_")
+        extra = {
+            "n": c["n"],
+            "scope": c["scope"],
+            "significant": c["significant"],
+            "ci": [c["ci_low"], c["ci_high"]],
+            "test": c["test"],
+        }
+        for stat, key in (("diff", "mean_diff"), ("t_p", "t_p"), ("wilcoxon_p", "wilcoxon_p")):
+            rows.append(
+                {
+                    "seed": c["seed"],
+                    "arm": arm,
+                    "stage": c["stage"],
+                    "metric": f"{c['metric']}:{stat}",
+                    "value": c[key],
+                    "extra": extra,
+                }
+            )
+    return rows
+
+
+# --------------------------------------------------------------------------- writing
+def _safe_name(run_name: str) -> str:
+    if not run_name or run_name in (".", "..") or "/" in run_name or os.sep in run_name or run_name.startswith("."):
+        raise ValueError(f"run_name={run_name!r} cannot name a results folder (no '/', not starting with '.')")
+    return run_name
+
+
+def _clean_leftovers(root: Path, name: str) -> None:
+    """Remove temp/old folders a killed earlier aggregation of this run left behind."""
+    for pattern in (f".tmp-{name}-*", f".old-{name}-*"):
+        for leftover in root.glob(pattern):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def published(tmp: Path, final: Path) -> Iterator[None]:
+    """Put the finished temp folder in place as `final` for the body of the `with` (which
+    records the store rows): if the body fails, the new folder is removed and the previous one
+    (moved aside, not deleted) is restored; only on success is the previous one removed."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{uuid.uuid4().hex[:8]}")
+        os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if old is not None:
+            os.replace(old, final)
+        raise
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(final, ignore_errors=True)
+        if old is not None:
+            os.replace(old, final)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        fd = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_folder(
+    directory: Path,
+    cfg: ExperimentConfig,
+    results: dict[str, Any],
+    histories: dict[int, dict[str, Any]],
+    config_path: Path,
+) -> list[str]:
+    """Write every result file into `directory` (a temp folder); return their relative paths."""
+    written = [
+        ("config.yaml", atomic_write_text(directory / "config.yaml", config_to_yaml(cfg))),
+        ("results.json", atomic_write_json(directory / "results.json", results)),
+        ("summary.csv", atomic_write_text(directory / "summary.csv", report.summary_csv(results))),
+        ("tables.tex", atomic_write_text(directory / "tables.tex", report.latex(results))),
+    ]
+    figures = plots.render_all(results, histories, directory)
+    rel_plots = {name: path.name for name, path in figures.items()}
+    md = report.markdown(results, plots=rel_plots, config_yaml=config_to_yaml(cfg), config_path=str(config_path))
+    written.append(("report.md", atomic_write_text(directory / "report.md", md)))
+    return [rel for rel, _ in written] + sorted(rel_plots.values())
+
+
+def run(cfg: ExperimentConfig, seeds: Sequence[Mapping[str, StageRef | Mapping[str, Any]]]) -> dict[str, Any]:
+    """Aggregate all seeds of a run. `seeds` holds one {stage name: StageRef} per seed.
+
+    Returns {"stage", "run_name", "run_id", "dir", "report", "files" (absolute paths), "table"
+    (console rows, one per model), "digest" (sha256 of results.json), "metrics" (headline numbers),
+    "status"}.
+    """
+    started = time.time()
+    if not seeds:
+        raise ValueError("aggregate needs at least one seed's stage results")
+    data = [read_seed(refs) for refs in seeds]
+    seed_ids = [d["seed"] for d in data]
+    if len(set(seed_ids)) != len(seed_ids):
+        raise ValueError(f"seed(s) passed more than once: {sorted(s for s in set(seed_ids) if seed_ids.count(s) > 1)}")
+    run_name = _safe_name(cfg.run_name or cfg.default_run_name)
+    final = Path(cfg.paths.results_root).resolve() / run_name
+    meta = run_meta(cfg, data, run_name, final)
+    results = report.analyze(data, meta)
+    rel_files, digest, n_rows = _publish(cfg, data, results, meta, final, started)
+    files = [str(final / rel) for rel in [*rel_files, MANIFEST]]
+    log.info("aggregate: %d seed(s) -> %s (%d store rows in %s)", len(data), final, n_rows, cfg.store_url)
+    return {
+        "stage": STAGE,
+        "run_name": run_name,
+        "run_id": meta["run_id"],
+        "status": meta["status"],
+        "dir": str(final),
+        "report": str(final / "report.md"),
+        "files": files,
+        "table": report.console_rows(results),
+        "digest": digest,
+        "metrics": report.headline(results),
+    }
+
+
+def _gaps(cfg: ExperimentConfig, data: list[dict[str, Any]]) -> list[str]:
+    """What keeps the run from being complete: seeds lacking stages, configured seeds not given."""
+    gaps = [
+        f"seed {d['seed']} lacks {', '.join(s for s in REPORTED_STAGES if s not in d['stages'])}"
+        for d in sorted(data, key=lambda d: d["seed"])
+        if not set(REPORTED_STAGES) <= set(d["stages"])
+    ]
+    absent = sorted(set(cfg.seeds) - {d["seed"] for d in data})
+    if absent:
+        gaps.append(f"configured seed(s) {', '.join(map(str, absent))} not aggregated")
+    return gaps
+
+
+def run_meta(cfg: ExperimentConfig, data: list[dict[str, Any]], run_name: str, final: Path) -> dict[str, Any]:
+    """What the report says about the run as a whole: names, recipe, code and config versions,
+    seeds, completeness and the exact stage folders it summarises."""
+    gaps = _gaps(cfg, data)
+    revisions = sorted({st["git_revision"] for d in data for st in d["stages"].values() if st["git_revision"]})
+    return {
+        "run_name": run_name,
+        "run_id": run_id_for(cfg, run_name),
+        "preset": cfg.preset,
+        "model": cfg.model.name,
+        "model_slug": cfg.model.slug,
+        "variant": cfg.constraint.variant,
+        "init": cfg.constraint.init,
+        "recipe": cfg.training.recipe,
+        "arms": {arm: cfg.training.arm(arm).model_dump(mode="json") for arm in report.ARMS},
+        "success_threshold": cfg.attacks.success_threshold,
+        "config_digest": cfg.digest(),
+        "code_revision": git_revision(),
+        "aggregate_code_version": stage_code_version(STAGE),
+        "stage_revisions": revisions,
+        "seeds": sorted(d["seed"] for d in data),
+        "configured_seeds": list(cfg.seeds),
+        "status": "partial" if gaps else "completed",
+        "incomplete": "; ".join(gaps) or None,
+        "config_path": str(final / "config.yaml"),
+        "inputs": {
+            str(d["seed"]): {
+                name: {"dir": st["dir"], "digest": st["digest"], "code_version": st["code_version"]}
+                for name, st in d["stages"].items()
+            }
+            for d in sorted(data, key=lambda d: d["seed"])
+        },
+    }
+
+
+def run_row_of(cfg: ExperimentConfig, meta: dict[str, Any], *, model: str, variant: str) -> dict[str, Any]:
+    """The results store's row of a run (`model`/`variant`: the run's, `+`-joined for a grid)."""
+    return {
+        "run_id": meta["run_id"],
+        "run_name": meta["run_name"],
+        "preset": cfg.preset,
+        "model": model,
+        "variant": variant,
+        "recipe": cfg.training.recipe,
+        "config_digest": meta["config_digest"],
+        "code_revision": meta["code_revision"],
+        "seeds": meta["seeds"],
+        "status": meta["status"],
+    }
+
+
+def _publish(
+    cfg: ExperimentConfig,
+    data: list[dict[str, Any]],
+    results: dict[str, Any],
+    meta: dict[str, Any],
+    final: Path,
+    started: float,
+) -> tuple[list[str], str, int]:
+    """One cell's results folder and store rows (`publish`)."""
+    histories = {d["seed"]: d["histories"] for d in data}
+    return publish(
+        cfg,
+        final,
+        started,
+        write_files=lambda tmp: _write_folder(tmp, cfg, results, histories, final / "config.yaml"),
+        inputs={f"seed-{d['seed']}/{name}": st["digest"] for d in data for name, st in d["stages"].items()},
+        metrics=report.headline(results),
+        run=run_row_of(cfg, meta, model=cfg.model.name, variant=cfg.constraint.variant),
+        rows=store_rows(results, cell_tags(cfg)),
+        digest_of="results.json",
+    )
+
+
+def publish(
+    cfg: ExperimentConfig,
+    final: Path,
+    started: float,
+    *,
+    write_files: Callable[[Path], list[str]],
+    inputs: dict[str, str],
+    metrics: dict[str, Any],
+    run: dict[str, Any],
+    rows: list[dict[str, Any]],
+    digest_of: str,
+) -> tuple[list[str], str, int]:
+    """Write the results folder beside `final` (`write_files(tmp)` returns the relative file
+    names), its manifest last, then put it in place and record the store rows in one step
+    (`published`). Returns (relative file names, sha256 of `digest_of`, store rows)."""
+    root = final.parent
+    root.mkdir(parents=True, exist_ok=True)
+    _clean_leftovers(root, final.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    store: ResultsStore | None = None
+    try:
+        rel_files = write_files(tmp)
+        write_manifest(
+            tmp,
+            stage=STAGE,
+            config=cfg.model_dump(mode="json"),
+            inputs=inputs,
+            outputs=rel_files,
+            metrics=metrics,
+            wall_time_s=time.time() - started,
+            provenance=provenance(),
+        )
+        digest = hashlib.sha256((tmp / digest_of).read_bytes()).hexdigest()
+        store = ResultsStore(cfg.store_url)  # opened (schema checked) before anything is put in place
+        with published(tmp, final):
+            n_rows = store.record_run(run, rows)  # one transaction
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already unless something failed before the rename
+        if store is not None:
+            store.close()
+    return rel_files, digest, n_rows

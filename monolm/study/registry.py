@@ -1,0 +1,225 @@
+"""The stage facts, in one place: names, order, inputs, what config and code decide each stage's
+output, whether it depends on the constraint, whether it needs a GPU worker, and the file stage 7
+reads from it.
+
+Every list of stages in the project is derived from `STAGES` (config validation, folder layout,
+manifests and cache keys, the plain pipeline, the Prefect flow, the task runners' GPU
+annotations, stage 7 and the report's attack names). Adding a stage is one entry here plus its
+entry function (`entry`), its task in `tasks/seed_stages.py` and, for an attack, its report section
+(README, "Adding an attack").
+
+`scope`: a `model` stage does not depend on the constraint (stage 0, the baseline's training, and
+the baseline's share of evaluation and of each attack): it is computed once per (model, seed) and
+shared by every cell of the grid; a `cell` stage is computed per (model, variant, init, seed).
+
+Plain data with no heavy import: `monolm.config` imports it, and answering a bad config must not
+import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Kind = Literal["setup", "constrain", "train", "evaluate", "attack", "aggregate"]
+Scope = Literal["model", "cell", "study"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the experiment.
+
+    `number`: its place in the 8-stage pipeline (0-7; a baseline share has its stage's number).
+    `config`: the config sections (dotted paths) that change the stage's output; None means the
+    whole config (stage 7). The code that does is the import closure of `entry`'s module
+    (`monolm.core.code_digest`). `entry`:
+    "module:function" of the stage's run function, imported only when the stage runs; per-seed
+    stages take `(cfg, cell, inputs, *, progress, on_log)`. `reads`: the file stage 7 reads from
+    the stage's folder. `label`: how reports name it. `share_of`: the cell stage a model-scope
+    stage computes the baseline's share of.
+    """
+
+    name: str
+    number: int
+    kind: Kind
+    scope: Scope
+    label: str
+    entry: str
+    inputs: tuple[str, ...]
+    config: tuple[str, ...] | None
+    gpu: bool
+    reads: str | None = None
+    share_of: str | None = None
+
+    @property
+    def module(self) -> str:
+        """The dotted module of the stage's entry function."""
+        return self.entry.partition(":")[0]
+
+    def function(self) -> Callable[..., Any]:
+        module, _, name = self.entry.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+_UAT_CONFIG = ("attacks.uat", "attacks.success_threshold", "attacks.bf16")
+_HOTFLIP_CONFIG = ("attacks.hotflip", "attacks.success_threshold", "attacks.uat.n_opt_texts", "attacks.bf16")
+_BASELINE = ("setup", "train_baseline")  # what the baseline's shares start from
+_BOTH_ARMS = ("setup", "train_baseline", "train_monotonic")
+
+SEED_STAGES: tuple[Stage, ...] = (
+    Stage(
+        name="setup",
+        number=0,
+        kind="setup",
+        scope="model",
+        label="setup",
+        entry="monolm.data.stage:run",
+        inputs=(),
+        config=("model", "data"),
+        gpu=False,
+    ),
+    # A GPU stage although it does not train: it computes with the model and uses parametrizations,
+    # which must not share a process with another stage (`parametrize.cached` is process-global).
+    Stage(
+        name="constrain",
+        number=1,
+        kind="constrain",
+        scope="cell",
+        label="constrain",
+        entry="monolm.constraint.stage:run",
+        inputs=("setup",),
+        config=("constraint",),
+        gpu=True,
+        reads="report.json",
+    ),
+    Stage(
+        name="train_baseline",
+        number=2,
+        kind="train",
+        scope="model",
+        label="train baseline",
+        entry="monolm.training.stage:run_baseline",
+        inputs=("setup",),
+        config=("training", "data.seq_len"),
+        gpu=True,
+        reads="history.json",
+    ),
+    Stage(
+        name="train_monotonic",
+        number=3,
+        kind="train",
+        scope="cell",
+        label="train monotonic",
+        entry="monolm.training.stage:run_monotonic",
+        inputs=("setup", "constrain"),
+        config=("training", "data.seq_len", "constraint"),
+        gpu=True,
+        reads="history.json",
+    ),
+    Stage(
+        name="evaluate_baseline",
+        number=4,
+        kind="evaluate",
+        scope="model",
+        label="evaluate (base and baseline)",
+        entry="monolm.evaluation.stage:run_baseline",
+        inputs=_BASELINE,
+        config=("evaluation", "data.seq_len"),
+        gpu=True,
+        share_of="evaluate",
+    ),
+    Stage(
+        name="evaluate",
+        number=4,
+        kind="evaluate",
+        scope="cell",
+        label="evaluate",
+        entry="monolm.evaluation.stage:run",
+        inputs=("setup", "train_monotonic", "evaluate_baseline"),
+        config=("evaluation", "data.seq_len"),
+        gpu=True,
+        reads="evaluation.json",
+    ),
+    Stage(
+        name="uat_baseline",
+        number=5,
+        kind="attack",
+        scope="model",
+        label="UAT (baseline)",
+        entry="monolm.attacks.stage:run_uat_baseline",
+        inputs=_BASELINE,
+        config=_UAT_CONFIG,
+        gpu=True,
+        share_of="uat",
+    ),
+    Stage(
+        name="uat",
+        number=5,
+        kind="attack",
+        scope="cell",
+        label="UAT",
+        entry="monolm.attacks.stage:run_uat",
+        inputs=(*_BOTH_ARMS, "uat_baseline"),
+        config=_UAT_CONFIG,
+        gpu=True,
+        reads="per_example.json",
+    ),
+    Stage(
+        name="hotflip_baseline",
+        number=6,
+        kind="attack",
+        scope="model",
+        label="HotFlip (baseline)",
+        entry="monolm.attacks.stage:run_hotflip_baseline",
+        inputs=_BASELINE,
+        config=_HOTFLIP_CONFIG,
+        gpu=True,
+        share_of="hotflip",
+    ),
+    Stage(
+        name="hotflip",
+        number=6,
+        kind="attack",
+        scope="cell",
+        label="HotFlip",
+        entry="monolm.attacks.stage:run_hotflip",
+        inputs=(*_BOTH_ARMS, "hotflip_baseline"),
+        config=_HOTFLIP_CONFIG,
+        gpu=True,
+        reads="per_example.json",
+    ),
+)
+SEED_STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in SEED_STAGES)
+# Stage 7 reads every per-seed stage of every cell and seed; its output depends on the whole config.
+AGGREGATE = Stage(
+    name="aggregate",
+    number=7,
+    kind="aggregate",
+    scope="study",
+    label="aggregate",
+    entry="monolm.report.study:aggregate",
+    inputs=SEED_STAGE_NAMES,
+    config=None,
+    gpu=False,
+)
+STAGES: tuple[Stage, ...] = (*SEED_STAGES, AGGREGATE)
+_numbers = [s.number for s in STAGES]
+if _numbers != sorted(_numbers) or set(_numbers) != set(range(_numbers[-1] + 1)):
+    raise ValueError("stages must be listed in pipeline order, numbered 0, 1, 2, ... without gaps")
+
+BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
+STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
+GPU_STAGES: frozenset[str] = frozenset(s.name for s in STAGES if s.gpu)
+ATTACKS: dict[str, str] = {s.name: s.label for s in STAGES if s.kind == "attack" and s.share_of is None}
+MODEL_STAGES: frozenset[str] = frozenset(s.name for s in SEED_STAGES if s.scope == "model")
+TRAIN_STAGES: dict[str, str] = {s.name.removeprefix("train_"): s.name for s in STAGES if s.kind == "train"}
+
+
+def stage(name: str) -> Stage:
+    """The stage called `name`; a ValueError naming the known stages otherwise."""
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise ValueError(f"unknown stage {name!r}; known: {', '.join(STAGE_NAMES)}") from None

@@ -1,0 +1,96 @@
+"""The per-seed pipeline as plain function calls, without an orchestrator.
+
+A notebook (or a debugger) can run one seed end to end with `run_seed(cfg, 42)`. The Prefect flow
+in `flows/` calls the very same stage functions, adding caching, retries and parallelism.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from monolm.config import ExperimentConfig
+from monolm.study.frame import StageRef, stage_errors
+from monolm.study.layout import cell_paths
+from monolm.study.registry import ATTACKS, SEED_STAGES
+
+log = logging.getLogger("monolm.pipeline")
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, what: str) -> Iterator[None]:
+    """One writer of a stage folder at a time on this machine: a second run of the same stage (the
+    same seed, or another cell sharing the model's baseline stages) waits, then reuses what the
+    first finished. Without it both redo the stage and move each other's folders aside mid-run.
+    The lock file lives in the temp dir, so a run refused for bad inputs leaves the runs root
+    untouched; across machines, the Prefect flow's file locks under `paths.runs_root` serialize
+    stages instead."""
+    key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"monolm-stage-{key}.lock"
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("%s (%s) is being run by another process; waiting for it to finish", what, folder)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def run_seed(
+    cfg: ExperimentConfig, seed: int, *, stages: int = SEED_STAGES[-1].number, progress: bool = True
+) -> dict[str, StageRef]:
+    """Run stages 0..`stages` (default: all of a seed's) of one cell (`cfg` with one model, variant
+    and init) for one seed, in order; finished stages with valid manifests are reused, the
+    model's shared stages too. A full disk or an unwritable folder fails the stage with
+    `StageFailed` naming it; a second run of the same stage started meanwhile waits for this one
+    (`folder_lock`)."""
+    cell = cell_paths(cfg, seed)
+    refs: dict[str, StageRef] = {}
+    for spec in SEED_STAGES:
+        if spec.number > stages:
+            break
+        inputs = {name: refs[name] for name in spec.inputs}
+        folder = cell.stage(spec.name)
+        with folder_lock(folder, f"stage {spec.name} of seed {seed}"), stage_errors(spec.name, seed, folder):
+            refs[spec.name] = spec.function()(cfg, cell, inputs, progress=progress)
+    return refs
+
+
+def run_study(
+    cfg: ExperimentConfig, *, stages: int = SEED_STAGES[-1].number, progress: bool = True
+) -> dict[str, dict[int, dict[str, StageRef]]]:
+    """Every cell of the study's grid for every seed (`run_seed`), one after another: {cell label:
+    {seed: stage refs}}. A model's stages that do not depend on the constraint run once per seed."""
+    from monolm.study.cells import cells
+
+    return {
+        cell.label: {seed: run_seed(cell.cfg, seed, stages=stages, progress=progress) for seed in cfg.seeds}
+        for cell in cells(cfg)
+    }
+
+
+def summary_rows(refs: dict[str, StageRef]) -> list[dict[str, Any]]:
+    """One row per model for the results table printed by `monolm run`."""
+    ev = refs.get("evaluate")
+    rows = []
+    for name in ("base", "baseline", "monotonic"):
+        row: dict[str, Any] = {"model": name}
+        if ev:
+            row["perplexity"] = ev.metrics.get(f"{name}_token_perplexity")
+            row["bits_per_byte"] = ev.metrics.get(f"{name}_bits_per_byte")
+        for attack in ATTACKS:
+            ref = refs.get(attack)
+            if ref and name in ref.metrics.get("per_model", {}):
+                row[f"{attack}_delta_nats"] = ref.metrics["per_model"][name].get("abs_increase")
+                row[f"{attack}_success"] = ref.metrics["per_model"][name].get("success_rate")
+        rows.append(row)
+    return rows
