@@ -345,7 +345,7 @@ def test_markdown_latex_and_csv(grid):
     assert r"mlp\_in\_attn\_out (abs)" in tex and r"$\Delta$ loss" in tex and "_" not in tex.replace(r"\_", "")
 
     rows = list(csv.DictReader(io.StringIO(report.grid_csv(grid))))
-    assert tuple(rows[0]) == report.grid_render.CSV_COLUMNS
+    assert tuple(rows[0]) == report.cross_cell.render.CSV_COLUMNS
     hotflip = next(
         r for r in rows if r["variant"] == "mlp_in_attn_out" and r["attack"] == "hotflip" and r["measure"] == "gain"
     )
