@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from monolm.config import ExperimentConfig
+from monolm.core.deadline import stage_deadline
 from monolm.study.frame import StageRef, stage_errors
 from monolm.study.layout import cell_paths
 from monolm.study.registry import stage as stage_spec
@@ -42,8 +43,8 @@ def run_stage(
     call: Callable[[ExperimentConfig], Any],
 ) -> dict[str, Any]:
     """`call(config)` with the library's logs in the task run, test faults injected, a full disk
-    or refused write reported as `StageFailed` naming `directory`, and the result remembered for
-    the cache-validity check."""
+    or refused write reported as `StageFailed` naming `directory`, the stage's own deadline
+    (`runner.stage_timeout_minutes`) set, and the result remembered for the cache-validity check."""
     config = config_of(cfg)
     with forward_logs() as log:
         log.info(
@@ -52,7 +53,10 @@ def run_stage(
         maybe_inject_fault(stage)
         quiet_library_progress_bars()
         started = time.time()
-        with stage_errors(stage, seed, directory):
+        # The stage checks its own deadline between units of work: Prefect's timeout alone may
+        # never land in a busy thread (monolm.core.deadline).
+        timeout = config.runner.stage_timeout_minutes.get(stage)
+        with stage_errors(stage, seed, directory), stage_deadline(stage, timeout):
             ref = call(config)
         result = ref.to_json() if hasattr(ref, "to_json") else ref
         result["worker"] = worker_context()

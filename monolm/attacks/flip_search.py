@@ -21,6 +21,7 @@ from monolm.attacks.scoring import (
     text_target_mask,
 )
 from monolm.config import HotFlipConfig
+from monolm.core.deadline import check_deadline
 from monolm.core.runtime import model_device
 
 Method = Literal["gradient", "control"]
@@ -96,6 +97,7 @@ def _flip_search(
     flipped = torch.zeros_like(base)
     trajectory: list[dict[str, Any]] = []
     for _ in range(cfg.max_flips):
+        check_deadline("between HotFlip flips")
         targets = base & ~flipped
         # a flip must leave at least one scored token
         open_pos = positions[~flipped[positions] & ((targets.sum() - targets[positions].long()) >= 1)]

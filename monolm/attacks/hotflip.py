@@ -53,6 +53,7 @@ from monolm.attacks.scoring import (
 )
 from monolm.config import HotFlipConfig
 from monolm.core.artifacts import atomic_write_json, atomic_write_text
+from monolm.core.deadline import check_deadline
 from monolm.core.progress import OnLog, Progress
 from monolm.core.runtime import Bf16, generator
 
@@ -194,6 +195,7 @@ def _block_units(
                 return records, computed, False
             block = []
             for i in range(lo, hi):
+                check_deadline("between HotFlip texts")
                 block.append({"index": i, **attack(i)})
                 bar.update(1)
             payload = units.write_unit(out_dir, kind, b, key, {"block": b, "examples": block})

@@ -20,6 +20,7 @@ from monolm.attacks.scoring import (
     text_target_mask,
 )
 from monolm.config import UATConfig
+from monolm.core.deadline import check_deadline
 from monolm.core.runtime import model_device
 
 NO_TRIGGER = torch.zeros((1, 0), dtype=torch.long)
@@ -110,6 +111,7 @@ def optimise_restart(
         sweeps += 1
         changed = False
         for p in range(cfg.trigger_len):
+            check_deadline("between UAT position steps")
             idx = _grad_batch(n, cfg.grad_batch_size, gen)
             tokens, losses = _position_step(setup, opt.rows(idx), trigger, p, k, allowed)
             best = int(torch.argmax(losses[1:])) + 1

@@ -47,6 +47,7 @@ from monolm.attacks.scoring import (
 from monolm.attacks.trigger_search import NO_TRIGGER, optimise_restart, text_batch, trigger_row, with_triggers
 from monolm.config import UATConfig
 from monolm.core.artifacts import atomic_write_json
+from monolm.core.deadline import check_deadline
 from monolm.core.progress import OnLog, Progress
 from monolm.core.runtime import Bf16, generator
 
@@ -201,6 +202,7 @@ def _restart_units(
     computed = 0
     n_restarts = cfg.restarts
     for r in range(n_restarts):
+        check_deadline("between UAT restarts")
         payload = units.read_unit(out_dir, KIND, r, key)
         done = (r + 1) * cfg.max_sweeps
         if payload is not None:

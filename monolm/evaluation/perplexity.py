@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from monolm.core.deadline import check_deadline
 from monolm.core.runtime import Bf16, autocast, bf16_enabled, eval_mode, is_oom, model_device, pick_device
 
 log = logging.getLogger("monolm.evaluation")
@@ -221,6 +222,7 @@ def doc_nll(
             bf16=bf16_enabled(bf16, device, cuda_only=True),
             pad_token_id=prefix_token_id,
         ):
+            check_deadline("between evaluation batches")
             for w, s in zip(batch, sums, strict=True):
                 nll[w.doc_index] += s
                 counts[w.doc_index] += len(w.targets)

@@ -31,6 +31,7 @@ from monolm.core.artifacts import (
     write_manifest,
 )
 from monolm.core.code_digest import code_digest
+from monolm.core.deadline import check_deadline
 from monolm.core.runtime import configure_threads
 from monolm.study.layout import CellPaths
 from monolm.study.registry import stage as stage_spec
@@ -147,6 +148,7 @@ def finish(
     started: float,
 ) -> StageRef:
     """Write the stage's manifest (last, atomically) and return the reference downstream stages get."""
+    check_deadline("before writing its manifest")  # a timed-out stage never finishes
     directory = cell.stage(stage)
     metrics = {**metrics, "code_version": stage_code_version(stage)}
     _, digest = write_manifest(

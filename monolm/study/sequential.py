@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from monolm.config import ExperimentConfig
+from monolm.core.deadline import stage_deadline
 from monolm.study.frame import StageRef, stage_errors
 from monolm.study.layout import cell_paths
 from monolm.study.registry import ATTACKS, SEED_STAGES
@@ -51,8 +52,8 @@ def run_seed(
     """Run stages 0..`stages` (default: all of a seed's) of one cell (`cfg` with one model, variant
     and init) for one seed, in order; finished stages with valid manifests are reused, the
     model's shared stages too. A full disk or an unwritable folder fails the stage with
-    `StageFailed` naming it; a second run of the same stage started meanwhile waits for this one
-    (`folder_lock`)."""
+    `StageFailed` naming it, one past `runner.stage_timeout_minutes` with `StageTimeout`; a
+    second run of the same stage started meanwhile waits for this one (`folder_lock`)."""
     cell = cell_paths(cfg, seed)
     refs: dict[str, StageRef] = {}
     for spec in SEED_STAGES:
@@ -60,7 +61,12 @@ def run_seed(
             break
         inputs = {name: refs[name] for name in spec.inputs}
         folder = cell.stage(spec.name)
-        with folder_lock(folder, f"stage {spec.name} of seed {seed}"), stage_errors(spec.name, seed, folder):
+        timeout = cfg.runner.stage_timeout_minutes.get(spec.name)
+        with (
+            folder_lock(folder, f"stage {spec.name} of seed {seed}"),
+            stage_errors(spec.name, seed, folder),
+            stage_deadline(spec.name, timeout),  # checked by the stage between units of work
+        ):
             refs[spec.name] = spec.function()(cfg, cell, inputs, progress=progress)
     return refs
 

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from monolm.config import ArmConfig
 from monolm.constraint.softplus import ConstraintViolation
 from monolm.core.artifacts import atomic_write_json
+from monolm.core.deadline import check_deadline
 from monolm.core.progress import eta_seconds, format_eta
 from monolm.core.runtime import eval_mode
 from monolm.training.best import SaveModel, read_best, save_best
@@ -99,6 +100,7 @@ def train(
     bar = _progress_bar(run, state, progress)
     try:
         while state.step < stop_at:
+            check_deadline("between training steps")
             lr = take_step(run, state)
             step = state.step
             history_changed = False
