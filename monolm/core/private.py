@@ -31,7 +31,7 @@ def check_private_dir(path: Path) -> Path:
         raise UnsafeFolderError(f"private folder {path} does not exist") from None
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
         raise UnsafeFolderError(
-            f"private folder {path} is not a folder (a link or a file); remove it or choose another"
+            f"private folder {path} is a link or a file, not a folder; remove it or set {SCRATCH_ENV} to another"
         )
     if st.st_uid != os.getuid():
         raise UnsafeFolderError(
