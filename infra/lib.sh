@@ -25,10 +25,30 @@ fi
 MONOLM_REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export MONOLM_REPO_ROOT
 
+# Everything the infra scripts and the services they start write (state folders, logs, the
+# Prefect database, PID and URL files) is for this user only: other users of a shared login
+# node must not read the database or the logs. Files that others must reach get their mode
+# explicitly (PostgreSQL's folder when run as root, munge's socket folder).
+umask 077
+
 # The project-local state directory (absolute): $MONOLM_STATE_DIR or <repo>/.state. Not created
 # here: `--help` and `status` must not leave directories behind; commands create what they use.
 monolm_state_dir() {
     realpath -m -- "${MONOLM_STATE_DIR:-$MONOLM_REPO_ROOT/.state}"
+}
+
+# secure_state_dir: create the state directory with mode 700, or take read and write away from
+# group and others on an existing one of ours (a checkout from before this rule; search
+# permission stays, which PostgreSQL run as root needs to reach its folder).
+secure_state_dir() {
+    local state
+    state="$(monolm_state_dir)"
+    if [[ ! -d "$state" ]]; then
+        mkdir -p -- "$(dirname -- "$state")"
+        mkdir -m 700 -- "$state" 2>/dev/null || [[ -d "$state" ]] || die "cannot create $state"
+    elif [[ -O "$state" ]]; then
+        chmod go-rw -- "$state"
+    fi
 }
 
 log() { printf '[%s] %s\n' "${MONOLM_SCRIPT:-infra}" "$*" >&2; }
@@ -313,6 +333,7 @@ lock_existing() {
 
 # Serialise start/stop of one component: lock_component DIR (holds fd 9 until the script exits).
 lock_component() {
+    secure_state_dir
     mkdir -p "$1"
     exec 9>"$1/.lock"
     flock -w 120 9 || die "another infra command holds $1/.lock for more than 120 s"

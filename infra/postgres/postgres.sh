@@ -97,10 +97,14 @@ prepare_dirs() {
     RUN_DIR="$(socket_dir "$PG_DIR/run" 16 "$(owner_name)")"  # `postgres` may exist only now
     mkdir -p "$PG_DIR" "$LOG_DIR"
     prepare_socket_dir "$RUN_DIR" "$PG_DIR/run" "$(owner_name)"
-    chmod 755 "$PG_DIR"
+    chmod 700 "$PG_DIR"
     if [[ "$(id -u)" == 0 ]]; then
+        chmod 711 "$PG_DIR"  # the `postgres` user searches it to reach data/, run/, log/
         id postgres >/dev/null 2>&1 || die "the 'postgres' system user does not exist (it comes with Debian's postgresql package)"
         chown postgres: "$RUN_DIR" "$LOG_DIR"
+        # The state dir is 700 (lib.sh umask): the `postgres` user may search it (not list it)
+        # to reach its folder; everything else in it stays 600/700.
+        if [[ -O "$STATE" ]]; then chmod o+x "$STATE"; fi
         [[ -d "$DATA" ]] && chown postgres: "$DATA"
         # PostgreSQL runs as `postgres` and must be able to reach its data directory.
         runuser -u postgres -- test -x "$PG_DIR" \

@@ -10,6 +10,7 @@ or reused: whoever made it may still hold files inside it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import tempfile
@@ -69,3 +70,31 @@ def private_scratch() -> Path:
     if configured:
         return private_dir(Path(configured).expanduser())
     return private_dir(Path(tempfile.gettempdir()) / f"monolm-{os.getuid()}")
+
+
+def own_state_dir(path: str | Path, *, keep_search: bool = False) -> Path:
+    """A state folder of this user's (run history, the Prefect database): created 0700, or, when it
+    exists and is ours, with group's and others' permissions taken away (a checkout from before
+    this rule; the user's own folder, unlike a shared scratch name, is safe to tighten).
+    `keep_search` leaves search (x) bits, which the infra scripts grant on `.state` to the
+    `postgres` user when run as root. A folder owned by someone else is refused."""
+    path = Path(path)
+    if not path.exists():
+        private_dir(path)
+        return path
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or st.st_uid != os.getuid():
+        return check_private_dir(path)  # raises with the reason
+    drop = 0o066 if keep_search else 0o077
+    if st.st_mode & drop:
+        os.chmod(path, stat.S_IMODE(st.st_mode) & ~drop)
+    return path
+
+
+def own_private_files(folder: Path, pattern: str) -> None:
+    """Take group's and others' permissions away from this user's files matching `pattern` in
+    `folder` (a Prefect database created before its folder was private)."""
+    for f in folder.glob(pattern):
+        with contextlib.suppress(OSError):
+            if f.is_file() and not f.is_symlink() and f.stat().st_uid == os.getuid():
+                f.chmod(stat.S_IMODE(f.stat().st_mode) & ~0o077)
