@@ -54,6 +54,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from prefect_dask import DaskTaskRunner
 
 from infra.dask_tls import file_security, remove_tls_folder
+from monolm.core.private import make_private_dirs
 
 log = logging.getLogger("monolm.slurm")
 
@@ -217,6 +218,8 @@ class WatchedSLURMCluster(SLURMCluster):
         (`infra/dask_tls.py`)."""
         self.submit_watch = SubmitWatch()
         self.tls_folder: Path | None = None
+        if kwargs.get("log_directory"):  # dask-jobqueue would create it with the umask
+            make_private_dirs(kwargs["log_directory"])
         if tls_directory is not None and kwargs.get("security") is None:
             kwargs["security"], self.tls_folder = file_security(tls_directory)
             kwargs["protocol"] = "tls://"

@@ -89,9 +89,11 @@ def test_slurm_cluster_key_is_a_private_file_that_workers_read_by_path(tmp_path)
 
     slurm = load_config("full", config_file=SITE, sets=["runner.slurm.interface=lo"]).runner.slurm
     parent = tmp_path / "shared" / "dask-tls"
-    with WatchedSLURMCluster(
-        **slurm_cluster_kwargs(slurm, "http://api.test/api"), tls_directory=str(parent)
-    ) as cluster:
+    logs = tmp_path / "state" / "logs"
+    kwargs = {**slurm_cluster_kwargs(slurm, "http://api.test/api"), "log_directory": str(logs)}
+    with WatchedSLURMCluster(**kwargs, tls_directory=str(parent)) as cluster:
+        # Worker logs too are private: dask-jobqueue would have created them with the umask.
+        assert stat.S_IMODE(logs.parent.stat().st_mode) == 0o700 and stat.S_IMODE(logs.stat().st_mode) == 0o700
         folder = cluster.tls_folder
         assert folder is not None and folder.parent == parent
         assert stat.S_IMODE(parent.stat().st_mode) == 0o700 and stat.S_IMODE(folder.stat().st_mode) == 0o700

@@ -98,3 +98,15 @@ def own_private_files(folder: Path, pattern: str) -> None:
         with contextlib.suppress(OSError):
             if f.is_file() and not f.is_symlink() and f.stat().st_uid == os.getuid():
                 f.chmod(stat.S_IMODE(f.stat().st_mode) & ~0o077)
+
+
+def make_private_dirs(path: str | Path) -> Path:
+    """Create `path` and its missing parents with mode 0700 (those that exist are left as they
+    are): for folders other code would create with the umask, like dask-jobqueue's worker logs."""
+    path = Path(path).expanduser().absolute()
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder, 0o700)
+            os.chmod(folder, 0o700)
+    return path
