@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -567,4 +568,8 @@ def test_site_local_settings_run_and_an_ordinary_queue_wait_is_logged(slurm, roo
     assert "requests 1 CPUs, 3 GB memory, 1 GPU(s) of type a100 on partition gpu" in pending[0]
     assert "waiting cannot help" not in " ".join(pending)
     assert not list(REPO.glob("slurm-*.out"))  # worker output goes to the file's log_directory
+    # The workers reached the scheduler over TLS (it accepts nothing else), with the key written
+    # to a private folder of the runs root, gone with the cluster.
+    tls = tmp_path / "runs" / ".state" / "dask-tls"
+    assert stat.S_IMODE(tls.stat().st_mode) == 0o700 and list(tls.iterdir()) == []
     print(f"site-local run behind a 25 s job: {elapsed:.1f} s; {pending[0]}")
