@@ -537,6 +537,9 @@ def test_worker_job_larger_than_every_node_fails_the_flow_within_a_minute(slurm,
     print(f"oversized worker job: flow failed after {elapsed:.1f} s: {message}")
 
 
+PENDING_REASON = re.compile(r"worker job \d+ pending \((Resources|Priority)\)")
+
+
 @pytest.mark.timeout(600)
 def test_site_local_settings_run_and_an_ordinary_queue_wait_is_logged(slurm, root, tmp_path, monkeypatch):
     """infra/slurm/site-local.yaml is all a laptop user adds (the README's command): while another
@@ -546,8 +549,26 @@ def test_site_local_settings_run_and_an_ordinary_queue_wait_is_logged(slurm, roo
     from flows.experiment import experiment
 
     monkeypatch.setattr(runner, "PENDING_LOG_INTERVAL_S", 5.0)  # once a minute in real use
+    # The blocker holds both CPUs until the runner has logged the wait twice (a condition, not a
+    # fixed sleep: on a busy machine the flow may reach its workers late), at most four minutes.
+    release = tmp_path / "release-blocker"
+    logged: list[str] = []
+    watch_pending = runner.SlurmTaskRunner.watch_pending
+
+    def counting_watch(self, waiting, connected, info=None):
+        def log_and_count(line: str) -> None:
+            (info or self.logger.info)(line)
+            if PENDING_REASON.search(line):
+                logged.append(line)
+                if len(logged) >= 2:
+                    release.touch()
+
+        return watch_pending(self, waiting, connected, log_and_count)
+
+    monkeypatch.setattr(runner.SlurmTaskRunner, "watch_pending", counting_watch)
+    wait = f"for i in $(seq 1200); do [ -e {release} ] && exit 0; sleep 0.2; done"
     blocker = slurm.run(
-        "sbatch", "--parsable", "-p", "gpu", "-c", "2", "--mem=1G", "-o", "/dev/null", "--wrap", "sleep 25"
+        "sbatch", "--parsable", "-p", "gpu", "-c", "2", "--mem=1G", "-o", "/dev/null", "--wrap", wait
     ).stdout.strip()
     name = unique_name("slurm-site-local")
     t0 = time.monotonic()
@@ -561,9 +582,7 @@ def test_site_local_settings_run_and_an_ordinary_queue_wait_is_logged(slurm, roo
     elapsed = time.monotonic() - t0
     assert result["stage_states"]["aggregate"] == "Completed"
     assert slurm.jobcomp()[blocker]["JobState"] == "COMPLETED"  # it ran to its end: nobody cancelled it
-    pending = [
-        m for m in flow_run_logs(f"{name}-stages") if re.search(r"worker job \d+ pending \((Resources|Priority)\)", m)
-    ]
+    pending = [m for m in flow_run_logs(f"{name}-stages") if PENDING_REASON.search(m)]
     assert len(pending) >= 2, pending  # logged again while it waited
     assert "requests 1 CPUs, 3 GB memory, 1 GPU(s) of type a100 on partition gpu" in pending[0]
     assert "waiting cannot help" not in " ".join(pending)
