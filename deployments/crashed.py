@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+from infra.api_auth import use_served_auth
+
 SLACK = dt.timedelta(seconds=2)  # /proc start times have 1 s resolution (boot time) plus clock skew
 ACTIVE = ("PENDING", "RUNNING")
 
@@ -227,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "PREFECT_API_URL is not set (export PREFECT_API_URL=$(infra/server/prefect-server.sh url))", file=sys.stderr
         )
         return 2
+    use_served_auth()  # the server `make serve` started requires its auth string
     pools = args.pools or ["local"]
     while True:
         dead = asyncio.run(sweep(pools, dry_run=args.dry_run))

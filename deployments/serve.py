@@ -32,6 +32,8 @@ from typing import Any
 
 import yaml
 
+from infra.api_auth import use_served_auth
+
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILE = REPO / "prefect.yaml"
 
@@ -191,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    use_served_auth()  # the server `make serve` started requires its auth string
     os.chdir(REPO)  # served flow runs start in the checkout (their entrypoints are relative to it)
     sys.path.insert(0, str(REPO))
     from prefect import serve

@@ -78,6 +78,42 @@ monolm_prefect() {
     fi
 }
 
+# ----------------------------------------------------------------------------- the Prefect API
+# monolm_api_auth URL: export PREFECT_API_AUTH_STRING from <state>/prefect/auth (the server's
+# generated auth string) unless it is set already, when URL is the API of the server started
+# from this state dir (never our secret to another server). Through the environment only:
+# processes started from here (worker, flow runs, sbatch jobs) inherit it, and it never appears
+# on a command line.
+monolm_api_auth() {
+    local dir file; dir="$(monolm_state_dir)/prefect"; file="$dir/auth"
+    [[ -s "$dir/api_url" && "$(<"$dir/api_url")" == "$1" ]] || return 0
+    if [[ -z "${PREFECT_API_AUTH_STRING:-}" && -s "$file" ]]; then
+        PREFECT_API_AUTH_STRING="$(<"$file")"
+        export PREFECT_API_AUTH_STRING
+    fi
+}
+
+# api_request METHOD BASE PATH [JSON]: call the Prefect API at BASE (…/api) with the auth string
+# and, for a state-changing METHOD, a CSRF token. Secrets go to curl as a config on stdin, never
+# as arguments. Prints the response body; fails on an HTTP error.
+api_request() {
+    local method="$1" base="$2" path="$3" data="${4:-}" cfg="" client token
+    if [[ -n "${PREFECT_API_AUTH_STRING:-}" ]]; then
+        cfg+="header = \"Authorization: Basic $(printf '%s' "$PREFECT_API_AUTH_STRING" | base64 -w0)\""$'\n'
+    fi
+    if [[ "$method" != GET ]]; then
+        client="monolm-infra-$$-$RANDOM"
+        # A server without CSRF protection answers 422 here: then no token is needed.
+        if token="$(printf '%s' "$cfg" | curl -fsS --max-time 5 -K - "$base/csrf-token?client=$client" 2>/dev/null \
+                | "$(monolm_python)" -c 'import json, sys; print(json.load(sys.stdin)["token"])' 2>/dev/null)"; then
+            cfg+="header = \"Prefect-Csrf-Token: $token\""$'\n'"header = \"Prefect-Csrf-Client: $client\""$'\n'
+        fi
+    fi
+    local args=(-fsS --max-time 5 -K - -X "$method")
+    [[ -n "$data" ]] && args+=(-H 'Content-Type: application/json' -d "$data")
+    printf '%s' "$cfg" | curl "${args[@]}" "$base$path"
+}
+
 # ----------------------------------------------------------------------------- processes
 # Kernel start time (clock ticks since boot) of PID, or failure if it is gone or a zombie.
 proc_start_time() {

@@ -54,8 +54,7 @@ api_healthy() { curl -fsS --max-time 5 "$1/health" 2>/dev/null | grep -q true; }
 # Is worker NAME listed ONLINE in pool POOL?
 worker_online() {
     local url="$1" pool="$2" name="$3"
-    curl -fsS --max-time 5 -X POST -H 'Content-Type: application/json' -d '{}' \
-        "$url/work_pools/$pool/workers/filter" 2>/dev/null \
+    api_request POST "$url" "/work_pools/$pool/workers/filter" '{}' 2>/dev/null \
         | "$(monolm_python)" -c '
 import json, sys
 name = sys.argv[1]
@@ -64,7 +63,7 @@ sys.exit(0 if any(w.get("name") == name and w.get("status") == "ONLINE" for w in
 ' "$name"
 }
 
-pool_exists() { curl -fsS --max-time 5 "$1/work_pools/$2" >/dev/null 2>&1; }
+pool_exists() { api_request GET "$1" "/work_pools/$2" >/dev/null 2>&1; }
 
 ensure_pool() {
     local prefect="$1" pool="$2" url="$3"
@@ -100,9 +99,12 @@ cmd_start() {
     local pid_file="$W_DIR/$pool.pid" log_file="$W_DIR/$pool.log" url pid prefect t0
     lock_component "$W_DIR"
     url="$(api_url)"
+    monolm_api_auth "$url"
     api_healthy "$url" || die "the Prefect API at $url does not answer /health; start the server first (infra/server/prefect-server.sh start)"
     prefect="$(monolm_prefect)"
     export PREFECT_API_URL="$url"
+    # The auth string, in the environment that the worker, its flow runs and their SLURM jobs inherit.
+    monolm_api_auth "$url"
     # Flow runs inherit this: results and local storage stay inside the project's state dir.
     export PREFECT_HOME="${PREFECT_HOME:-$STATE/prefect}"
     export MONOLM_STATE_DIR="$STATE"
@@ -115,7 +117,7 @@ cmd_start() {
     pid_clear "$pid_file"
     # A worker of the same name that stopped recently is still listed ONLINE until its heartbeat
     # expires; forget it so that "ONLINE" below means *this* worker registered.
-    curl -fsS --max-time 5 -X DELETE "$url/work_pools/$pool/workers/$name" >/dev/null 2>&1 || true
+    api_request DELETE "$url" "/work_pools/$pool/workers/$name" >/dev/null 2>&1 || true
     t0="$(now_ms)"
     printf '\n===== %s: prefect worker start --pool %s --name %s\n' "$(date -Is)" "$pool" "$name" >>"$log_file"
     pid="$(cd "$MONOLM_REPO_ROOT" && start_group "$pid_file" "$log_file" \

@@ -93,6 +93,7 @@ class Service:
             MONOLM_TORCH_THREADS="1",
         )
         self.api = ""
+        self.auth = ""  # the generated API auth string (<state>/prefect/auth), once started
         self.timings: dict[str, float] = {}
 
     def script(self, script: str, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
@@ -111,7 +112,14 @@ class Service:
         ).stdout.strip()
         self.timings["server_start_s"] = time.monotonic() - t0
         self.env["PREFECT_API_URL"] = self.api
+        # Not in self.env: the scripts and `monolm runs` must find it themselves; user_env has it.
+        self.auth = (self.state / "prefect/auth").read_text().strip()
         self.start_worker(deploy=True)
+
+    @property
+    def user_env(self) -> dict[str, str]:
+        """The environment of a user who followed `make serve`'s instructions (auth string exported)."""
+        return {**self.env, "PREFECT_API_AUTH_STRING": self.auth}
 
     def start_worker(self, deploy: bool) -> None:
         t0 = time.monotonic()
@@ -128,7 +136,7 @@ class Service:
     # -- the CLI, as a user types it
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         proc = subprocess.run(
-            [str(PREFECT), *args], env=self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+            [str(PREFECT), *args], env=self.user_env, cwd=REPO, capture_output=True, text=True, timeout=timeout
         )
         assert proc.returncode == 0, f"prefect {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
         return proc
@@ -143,7 +151,7 @@ class Service:
         from prefect.client.orchestration import PrefectClient
 
         async def go():
-            async with PrefectClient(self.api) as client:
+            async with PrefectClient(self.api, auth_string=self.auth) as client:
                 return await fn(client)
 
         return asyncio.run(go())
@@ -402,6 +410,8 @@ def test_ui_shows_the_run_its_stages_and_the_report_with_figures(service):
         "&& i.naturalWidth >= 600 && i.getBoundingClientRect().width > 300).length"
     )
     with Browser.launch() as browser:
+        # The UI asks for the auth string once and keeps it (base64) in the origin's localStorage.
+        browser.open(ui).evaluate(f"localStorage.setItem('prefect-password', btoa({json.dumps(service.auth)}))")
         for name, (url, needles) in pages.items():
             page = browser.open(url)
             try:
@@ -497,7 +507,7 @@ def test_nightly_schedule_is_inactive_unless_switched_on(service):
 
     on = subprocess.run(
         [str(PREFECT), "--no-prompt", "deploy", "--name", "nightly-quick"],
-        env={**service.env, "MONOLM_NIGHTLY": "on"},
+        env={**service.user_env, "MONOLM_NIGHTLY": "on"},
         cwd=REPO,
         capture_output=True,
         text=True,
