@@ -13,7 +13,8 @@ A Prefect worker for the project's deployments, talking to $PREFECT_API_URL or, 
 unset, to the server started by infra/server/prefect-server.sh (<state>/prefect/api_url).
 
 Commands:
-  start    1. create work pool NAME of type `process` if it does not exist
+  start    1. create work pool NAME of type `process` if it does not exist, with the job
+              template of infra/pool_template.py (no `command`/`env` job variables)
            2. `prefect deploy --all` from the repo root (reads prefect.yaml; skip: --no-deploy)
            3. start `prefect worker start --pool NAME` in the background (PID file + log) and
               wait until the server lists it ONLINE. Idempotent: a running worker is kept.
@@ -66,16 +67,23 @@ sys.exit(0 if any(w.get("name") == name and w.get("status") == "ONLINE" for w in
 pool_exists() { api_request GET "$1" "/work_pools/$2" >/dev/null 2>&1; }
 
 ensure_pool() {
-    local prefect="$1" pool="$2" url="$3"
+    local prefect="$1" pool="$2" url="$3" template="$W_DIR/pool-template.json"
+    # The pool's base job template has no `command`, `env` or `working_dir` variable and refuses
+    # any other one: a flow run cannot choose what the worker executes (infra/pool_template.py).
+    (cd "$MONOLM_REPO_ROOT" && "$(monolm_python)" -m infra.pool_template) >"$template" 9>&- \
+        || die "could not write the work pool's job template"
     if pool_exists "$url" "$pool"; then
-        log "work pool '$pool' exists"
+        log "work pool '$pool' exists; setting its job template"
+        "$prefect" work-pool update "$pool" --base-job-template "$template" >"$W_DIR/pool.log" 2>&1 9>&- \
+            || { log_tail "$W_DIR/pool.log"; die "could not set the job template of work pool '$pool'"; }
         return 0
     fi
-    # The CLI (not a bare API call) fills in the process worker's base job template.
     log "creating work pool '$pool' (type process)"
-    if ! "$prefect" work-pool create "$pool" --type process >"$W_DIR/pool.log" 2>&1 9>&-; then
+    if ! "$prefect" work-pool create "$pool" --type process --base-job-template "$template" >"$W_DIR/pool.log" 2>&1 9>&-; then
         # Another process may have created it in between.
         pool_exists "$url" "$pool" || { log_tail "$W_DIR/pool.log"; die "could not create work pool '$pool'"; }
+        "$prefect" work-pool update "$pool" --base-job-template "$template" >"$W_DIR/pool.log" 2>&1 9>&- \
+            || { log_tail "$W_DIR/pool.log"; die "could not set the job template of work pool '$pool'"; }
     fi
 }
 

@@ -718,3 +718,37 @@ def test_deployed_run_on_postgresql(shared_runs):
     finally:
         pg.stop()
         shutil.rmtree(state, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- security (issue 21)
+@pytest.mark.service
+@pytest.mark.security
+@pytest.mark.timeout(300)
+def test_pool_refuses_a_flow_run_that_sets_command_or_env(service):
+    """The probe of issue 21: `job_variables.command` became the command the worker ran. The
+    pool's job template has no `command`, `env` or `working_dir`, so the server refuses a flow run
+    that sets one (HTTP 422), before any worker sees it."""
+    import datetime as dt
+
+    from prefect.exceptions import PrefectHTTPStatusError
+    from prefect.states import Scheduled
+
+    pool = service.call(lambda c: c.read_work_pool("local"))
+    assert not {"command", "env", "working_dir"} & set(pool.base_job_template["variables"]["properties"])
+    assert not {"command", "env", "working_dir"} & set(pool.base_job_template["job_configuration"])
+    seed_42 = service.call(lambda c: c.read_deployment_by_name("experiment/seed-42"))
+    owned = service.state / "owned.txt"
+    due = dt.datetime.now(dt.UTC) + dt.timedelta(days=365)  # never due, should one be accepted
+    for job_variables in (
+        {"command": f"sh -c 'id > {owned}'"},
+        {"env": {"LD_PRELOAD": str(owned)}},
+        {"working_dir": str(service.state)},
+    ):
+        with pytest.raises(PrefectHTTPStatusError) as refused:
+            service.call(
+                lambda c, jv=job_variables: c.create_flow_run_from_deployment(
+                    seed_42.id, job_variables=jv, state=Scheduled(scheduled_time=due)
+                )
+            )
+        assert refused.value.response.status_code == 422, job_variables
+    assert not owned.exists()
