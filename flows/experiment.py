@@ -13,6 +13,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows.params import check_deployment_parameters, is_deployment_run
 from infra.profiles import gpu_resources, make_task_runner
 from monolm.config import ConfigError, ExperimentConfig, build_config, check_output_folders, load_config
 from monolm.study.cells import cells, grid_from_lists
@@ -199,9 +200,11 @@ def experiment(
     log = get_run_logger()
     # Deploy-time settings arrive as text: an empty profile or config file means "not set".
     profile, config_file = profile or None, config_file or None
-    if nightly:
-        run_name = _nightly_name(preset, run_name)
     try:
+        if is_deployment_run():  # an allowlist: no config keys, a site file by name only (flows/params.py)
+            config_file = check_deployment_parameters(dict(locals()))
+        if nightly:
+            run_name = _nightly_name(preset, run_name)
         grid = grid_from_lists(models, variants, init)
         cfg = resolve_config(
             preset,

@@ -87,6 +87,7 @@ class Service:
             PREFECT_WORKER_QUERY_SECONDS="1",
             PREFECT_RUNNER_POLL_FREQUENCY="1",
             MONOLM_FAULTS=str(self.faults),
+            MONOLM_SITE_DIR=str(state / "sites"),  # the site files deployment runs may name (flows/params.py)
             MONOLM_NIGHTLY_TZ=TZ,
             **NIGHTLY_ENV,
             HF_HUB_OFFLINE="1",
@@ -142,7 +143,22 @@ class Service:
         return proc
 
     def run_deployment(self, name: str, sets: list[str]) -> str:
-        out = self.cli("deployment", "run", name, "--param", "preset=tiny", "--param", f"overrides={json.dumps(sets)}")
+        """A deployment run may not set config keys: `sets` go into a site file in MONOLM_SITE_DIR
+        (as the person who starts the service would write one), which the run names."""
+        import hashlib
+
+        import yaml
+
+        from monolm.config.loading import deep_merge, parse_set
+
+        site: dict = {}
+        for assignment in sets:
+            site = deep_merge(site, parse_set(assignment))
+        text = yaml.safe_dump(site)
+        path = self.state / "sites" / f"site-{hashlib.sha256(text.encode()).hexdigest()[:12]}.yaml"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+        out = self.cli("deployment", "run", name, "--param", "preset=tiny", "--param", f"config_file={path.name}")
         return re.search(r"UUID: ([0-9a-f-]{36})", out.stdout).group(1)
 
     # -- the API
@@ -752,3 +768,29 @@ def test_pool_refuses_a_flow_run_that_sets_command_or_env(service):
             )
         assert refused.value.response.status_code == 422, job_variables
     assert not owned.exists()
+
+
+@pytest.mark.service
+@pytest.mark.security
+@pytest.mark.timeout(300)
+def test_deployment_run_that_sets_config_keys_fails_without_echoing_them(service, shared_runs):
+    """The probe of issue 21: `overrides` reached the sbatch script and any path. A deployment run
+    that sets a config key fails before any stage, naming the parameter; a planted secret in the
+    value appears in no log of the run."""
+    secret = "hf" + "_" + "q" * 34  # built at run time, no token literal in the source
+    sets = [f"paths.results_root={shared_runs / secret}", f"runner.slurm.prologue=['echo {secret}']"]
+    out = service.cli(
+        "deployment", "run", "experiment/seed-42", "--param", "preset=tiny", "--param", f"overrides={json.dumps(sets)}"
+    )
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", out.stdout).group(1)
+    run = service.wait(flow_run_id)
+    assert run.state_name == "Failed"
+    assert "overrides:" in run.state.message and secret not in run.state.message
+
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    logs = service.call(lambda c: c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id]))))
+    assert any("overrides: a deployment run may not set config keys" in entry.message for entry in logs)
+    assert not [entry.message for entry in logs if secret in entry.message]
+    assert secret not in (service.state / "worker/local.log").read_text()  # the flow run's own output
+    assert not (shared_runs / secret).exists()
