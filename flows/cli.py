@@ -97,6 +97,9 @@ def prefect_environment() -> None:
     own_private_files(home, "prefect.db*")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from infra.api_auth import use_served_auth
+
+    use_served_auth()  # PREFECT_API_URL at the server `make serve` started: send its auth string
 
 
 LAST_SEED_STAGE = SEED_STAGES[-1].number  # `--stages N` runs stages 0..N of a seed; aggregate needs the flow

@@ -3,6 +3,8 @@ tests/test_service.py and tests/test_infra_scripts.py (marked `security` too).""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 pytestmark = pytest.mark.security
@@ -158,3 +160,21 @@ def test_cluster_sizes_are_bounded():
     ):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config("tiny", sets=[f"{key}={value}"])
+
+
+# ----------------------------------------------------------------------------- the auth string
+def test_served_auth_string_goes_only_to_the_server_of_this_state_dir(tmp_path, monkeypatch):
+    from infra.api_auth import ENV, use_served_auth
+
+    home = tmp_path / "prefect"
+    home.mkdir()
+    (home / "api_url").write_text("http://127.0.0.1:4321/api\n")
+    (home / "auth").write_text("monolm:" + "ab" * 24 + "\n")
+    monkeypatch.setenv("MONOLM_STATE_DIR", str(tmp_path))
+    monkeypatch.delenv(ENV, raising=False)
+    assert not use_served_auth("http://elsewhere.example:4200/api")  # never our secret to another server
+    assert ENV not in os.environ
+    assert use_served_auth("http://127.0.0.1:4321/api")
+    assert os.environ[ENV] == "monolm:" + "ab" * 24
+    monkeypatch.setenv(ENV, "someone:else")
+    assert not use_served_auth("http://127.0.0.1:4321/api")  # an exported one wins
