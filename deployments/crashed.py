@@ -224,12 +224,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="list the dead runs, change nothing")
     parser.add_argument("--watch", type=float, metavar="SECONDS", help="repeat every SECONDS until interrupted")
     args = parser.parse_args(argv)
+    use_served_auth()  # the server `make serve` started requires its auth string (before Prefect loads)
     if not os.environ.get("PREFECT_API_URL"):
         print(
             "PREFECT_API_URL is not set (export PREFECT_API_URL=$(infra/server/prefect-server.sh url))", file=sys.stderr
         )
         return 2
-    use_served_auth()  # the server `make serve` started requires its auth string
     pools = args.pools or ["local"]
     while True:
         dead = asyncio.run(sweep(pools, dry_run=args.dry_run))

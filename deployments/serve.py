@@ -176,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="delete deployments of the same names that `prefect deploy` bound to a work pool",
     )
     args = parser.parse_args(argv)
+    use_served_auth()  # the server `make serve` started requires its auth string (before Prefect loads)
     specs = deployment_specs()
     if args.list:
         for spec in specs:
@@ -193,7 +194,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    use_served_auth()  # the server `make serve` started requires its auth string
     os.chdir(REPO)  # served flow runs start in the checkout (their entrypoints are relative to it)
     sys.path.insert(0, str(REPO))
     from prefect import serve
