@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger
 
 from infra.profiles import gpu_resources, make_task_runner
 from monolm.config import ConfigError, ExperimentConfig, build_config, check_output_folders, load_config
+from monolm.report.publish import check_results_folder
 from monolm.study.cells import cells, grid_from_lists
 from monolm.study.preflight import check_study
 from monolm.study.registry import GPU_STAGES, MODEL_STAGES, SEED_STAGES
@@ -215,6 +216,7 @@ def experiment(
             expand_all_variants(preset, grid, named_overrides, config_file, overrides),
         )
         check_output_folders(cfg)
+        check_results_folder(cfg)  # a folder stage 7 may not replace is refused before any compute
         study = check_study(cfg)  # before any stage: a variant the architecture lacks fails here, not in stage 1
     except ConfigError as exc:
         log.error("%s", exc)

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from monolm.config.base import (  # noqa: F401  (re-exported: the value types are part of the schema)
     FOLDER_NAME,
@@ -26,6 +26,7 @@ from monolm.config.base import (  # noqa: F401  (re-exported: the value types ar
     Strict,
     Switch,
     Variant,
+    check_run_name,
 )
 from monolm.config.runner import RunnerConfig, SlurmConfig  # noqa: F401  (re-exported)
 
@@ -350,6 +351,15 @@ class GridConfig(Strict):
 
 
 # --------------------------------------------------------------------------- the whole thing
+NOT_STUDY = ("run_name", "paths", "runner")  # sections that do not change a run's numbers
+
+
+def study_digest_of(dump: dict[str, Any]) -> str:
+    """`ExperimentConfig.study_digest` of a dumped config (a results folder's manifest)."""
+    payload = {k: v for k, v in dump.items() if k not in NOT_STUDY}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
 class ExperimentConfig(Strict):
     preset: str = "full"
     run_name: str | None = None
@@ -364,6 +374,11 @@ class ExperimentConfig(Strict):
     attacks: AttackConfig = AttackConfig()
     paths: PathsConfig = PathsConfig()
     runner: RunnerConfig = RunnerConfig()
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name(cls, value: str | None) -> str | None:
+        return check_run_name(value)
 
     @model_validator(mode="after")
     def _cross_field(self) -> ExperimentConfig:
@@ -435,9 +450,14 @@ class ExperimentConfig(Strict):
 
     @property
     def default_run_name(self) -> str:
-        """`<preset>-<model>-<variant>-<recipe>-seeds-<a>-<b>`: the results folder of a run named by no one.
-        The preset is left out when the model's name already starts with it (`tiny-neox-...`, not
-        `tiny-tiny-neox-...`)."""
+        """`<study name>-<study digest, 8 hex>`: the results folder of a run named by no one; two
+        differently configured runs (another learning rate, ...) never share it."""
+        return f"{self.study_name}-{self.study_digest()[:8]}"
+
+    @property
+    def study_name(self) -> str:
+        """`<preset>-<model>-<variant>-<recipe>-seeds-<a>-<b>`, the preset left out when the model's
+        name starts with it (`tiny-neox-...`); the runs of a study differ in the digest suffix."""
         seeds = "-".join(str(s) for s in self.seeds)
         slug = "+".join(self.grid.models) or self.model.slug
         head = slug if slug == self.preset or slug.startswith(f"{self.preset}-") else f"{self.preset}-{slug}"
@@ -468,6 +488,10 @@ class ExperimentConfig(Strict):
                 node = node[part]
             out[section] = node
         return out
+
+    def study_digest(self) -> str:
+        """Digest of what decides the numbers: the config without run name, paths and runner."""
+        return study_digest_of(self.model_dump(mode="json"))
 
     def digest(self, *sections: str) -> str:
         payload = self.subset(*sections) if sections else self.model_dump(mode="json")
