@@ -3,8 +3,10 @@ small value types (positive numbers, switches, variants, inits, folder-safe name
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
@@ -39,3 +41,12 @@ class ConfigError(ValueError):
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+NOT_STUDY = ("run_name", "paths", "runner")  # sections that do not change a run's numbers
+
+
+def study_digest_of(dump: dict[str, Any]) -> str:
+    """`ExperimentConfig.study_digest` of a dumped config (a results folder's manifest)."""
+    payload = {k: v for k, v in dump.items() if k not in NOT_STUDY}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

@@ -27,8 +27,10 @@ from monolm.config.base import (  # noqa: F401  (re-exported: the value types ar
     Switch,
     Variant,
     check_run_name,
+    study_digest_of,
 )
 from monolm.config.runner import RunnerConfig, SlurmConfig  # noqa: F401  (re-exported)
+from monolm.config.secrets import without_password
 
 
 # --------------------------------------------------------------------------- model and data
@@ -335,8 +337,14 @@ class PathsConfig(Strict):
     runs_root: Path = Path("runs")
     results_root: Path = Path("results")
     cache_dir: Path = Path(".state/cache")
-    # SQLAlchemy URL of the results store; None -> sqlite:///<runs_root>/results.sqlite
+    # SQLAlchemy URL of the results store; None -> sqlite:///<runs_root>/results.sqlite. A password
+    # in it moves to the environment (`monolm.config.secrets`): never logged, stored or passed on.
     store_url: str | None = None
+
+    @field_validator("store_url")
+    @classmethod
+    def _no_password(cls, value: str | None) -> str | None:
+        return value if value is None else without_password(value)
 
 
 # --------------------------------------------------------------------------- the study's grid
@@ -351,15 +359,6 @@ class GridConfig(Strict):
 
 
 # --------------------------------------------------------------------------- the whole thing
-NOT_STUDY = ("run_name", "paths", "runner")  # sections that do not change a run's numbers
-
-
-def study_digest_of(dump: dict[str, Any]) -> str:
-    """`ExperimentConfig.study_digest` of a dumped config (a results folder's manifest)."""
-    payload = {k: v for k, v in dump.items() if k not in NOT_STUDY}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
 class ExperimentConfig(Strict):
     preset: str = "full"
     run_name: str | None = None

@@ -38,8 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from monolm.config import ExperimentConfig
-from monolm.config.base import ConfigError, check_run_name
-from monolm.config.schema import study_digest_of
+from monolm.config.base import ConfigError, check_run_name, study_digest_of
 from monolm.core.artifacts import Manifest, load_manifest, write_manifest
 from monolm.core.provenance import provenance
 from monolm.store import ResultsStore
