@@ -18,7 +18,7 @@ from helpers import micro_sets  # noqa: E402
 from test_report import NUMBERS, make_cfg, make_seed  # noqa: E402
 
 from monolm.config import config_to_yaml, load_config  # noqa: E402
-from monolm.config.secrets import STORE_PASSWORD_ENV, connect_url  # noqa: E402
+from monolm.config.store_url import STORE_PASSWORD_ENV, connect_url  # noqa: E402
 from monolm.report import publish  # noqa: E402
 from monolm.report import stage as aggregate  # noqa: E402
 from monolm.store import ResultsStore  # noqa: E402
@@ -90,3 +90,29 @@ def test_a_tiny_run_writes_and_prints_no_password(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert secret not in out.stdout and secret not in out.stderr
     assert _files_holding(tmp_path, secret) == []  # stage folders, manifests, logs, caches
+
+
+# --------------------------------------------------------------------------- SQLite on a cluster
+def test_the_slurm_profile_refuses_a_sqlite_store_before_any_compute(tmp_path, monkeypatch):
+    from monolm.config import ConfigError
+    from monolm.config import store_url as urls
+
+    for sets in (["runner.profile=slurm"], ["runner.profile=slurm", f"paths.store_url=sqlite:///{tmp_path}/r.db"]):
+        with pytest.raises(ConfigError, match="paths.store_url: the slurm profile needs a PostgreSQL results store"):
+            load_config("tiny", sets=sets)
+    assert not (tmp_path / "r.db").exists()
+    cfg = load_config("tiny", sets=["runner.profile=slurm", "paths.store_url=postgresql+psycopg://monolm@db/monolm"])
+    assert cfg.runner.profile == "slurm"
+    one_node = ["runner.profile=slurm", "runner.slurm.allow_sqlite=true", f"paths.runs_root={tmp_path}"]
+    assert load_config("tiny", sets=one_node).store_url.startswith("sqlite")  # the one-node SLURM's opt-in
+    monkeypatch.setattr(urls, "filesystem_type", lambda path: "nfs4")  # ... but never on a network filesystem
+    with pytest.raises(ConfigError, match="paths.store_url: the SQLite file is on a nfs4 network filesystem"):
+        load_config("tiny", sets=one_node)
+    assert load_config("tiny", sets=[f"paths.runs_root={tmp_path}"]).runner.profile == "local"  # local: SQLite is fine
+
+
+def test_filesystem_type_reads_the_mount_table():
+    from monolm.config.store_url import filesystem_type
+
+    assert filesystem_type(Path("/proc/self/status")) == "proc"
+    assert filesystem_type(Path("/proc/no/such/file")) == "proc"  # its nearest existing folder's

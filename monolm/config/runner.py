@@ -28,6 +28,9 @@ class SlurmConfig(Strict):
     python: str | None = None  # worker interpreter; None -> this interpreter
     local_directory: str | None = None
     log_directory: str | None = None
+    # A SQLite results store on this profile: only for a one-node SLURM whose jobs share this
+    # machine's disk (infra/slurm/local-slurm.sh); a real cluster needs PostgreSQL.
+    allow_sqlite: bool = False
 
 
 class RunnerConfig(Strict):

@@ -30,7 +30,7 @@ from monolm.config.base import (  # noqa: F401  (re-exported: the value types ar
     study_digest_of,
 )
 from monolm.config.runner import RunnerConfig, SlurmConfig  # noqa: F401  (re-exported)
-from monolm.config.secrets import without_password
+from monolm.config.store_url import check_cluster_store, without_password
 
 
 # --------------------------------------------------------------------------- model and data
@@ -338,7 +338,7 @@ class PathsConfig(Strict):
     results_root: Path = Path("results")
     cache_dir: Path = Path(".state/cache")
     # SQLAlchemy URL of the results store; None -> sqlite:///<runs_root>/results.sqlite. A password
-    # in it moves to the environment (`monolm.config.secrets`): never logged, stored or passed on.
+    # in it moves to the environment (`monolm.config.store_url`): never logged, stored or passed on.
     store_url: str | None = None
 
     @field_validator("store_url")
@@ -399,6 +399,7 @@ class ExperimentConfig(Strict):
                 "disjoint held-out texts"
             )
         self._check_grid()
+        check_cluster_store(self.runner.profile, self.store_url, self.runner.slurm.allow_sqlite)
         if self.model.source == "tiny":
             self.validate_seq_len(self.model.tiny.max_position_embeddings)
         if self.model.source == "architecture":

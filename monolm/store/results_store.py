@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import Engine, and_, create_engine, delete, event, insert, or_, select
 
-from monolm.config.secrets import connect_url
+from monolm.config.store_url import connect_url
 from monolm.store.lookup import UnknownRun, match_run
 from monolm.store.rows import iso, metric_row, run_dict, run_row
 from monolm.store.schema import ensure_schema, metrics_table, read_version, runs_table
