@@ -59,10 +59,13 @@ def test_a_glob_in_the_run_name_is_refused_and_nothing_is_touched(tmp_path):
     aggregate.run(cfg, [refs])
     root = tmp_path / "results"
     (root / ".old-x-1").mkdir()  # what a `*` glob of the backups would have matched
+    (root / ".tmp-synthetic-run-2-abcdefgh").mkdir()  # another run's (`synthetic-run-2`) temp folder
     before = _tree(root)
     with pytest.raises(ValueError, match="run_name: not a folder name"):
         aggregate.run(cfg.model_copy(update={"run_name": "*"}), [refs])  # unvalidated copy: the stage checks too
     assert _tree(root) == before and (root / ".old-x-1").is_dir()
+    aggregate.run(cfg, [refs])  # this name's publish leaves the other name's folders alone
+    assert (root / ".tmp-synthetic-run-2-abcdefgh").is_dir()
 
 
 def test_two_learning_rates_keep_both_reports(tmp_path):
@@ -77,10 +80,22 @@ def test_two_learning_rates_keep_both_reports(tmp_path):
     again = aggregate.run(first_cfg, [refs])  # the same configuration replaces its own folder
     assert again["dir"] == first["dir"] and _no_leftovers(tmp_path / "results")
     assert len([p for p in (tmp_path / "results").iterdir() if p.is_dir()]) == 2
-    named = second_cfg.model_copy(update={"run_name": Path(first["dir"]).name})  # same name, other config
-    with pytest.raises(NotAResultsFolder, match="differently configured run"):
-        aggregate.run(named, [refs])
-    load_manifest(first["dir"])  # still complete
+
+
+def test_an_explicit_name_reused_with_another_config_keeps_the_earlier_results(tmp_path):
+    first_cfg = make_cfg(tmp_path, [42], run_name="mine")
+    refs = make_seed(first_cfg, 42, NUMBERS[42])
+    first = aggregate.run(first_cfg, [refs])
+    before = _tree(Path(first["dir"]))
+    second = aggregate.run(make_cfg(tmp_path, [42], run_name="mine", training={"common": {"lr": 1e-3}}), [refs])
+    kept = tmp_path / "results" / f"mine-{first_cfg.study_digest()[:8]}"
+    assert second["dir"] == first["dir"] and second["earlier"] == [kept.name]
+    assert _tree(kept) == before  # the first configuration's report, moved aside whole
+    load_manifest(kept)
+    second_digest = make_cfg(tmp_path, [42], run_name="mine", training={"common": {"lr": 1e-3}}).study_digest()
+    aggregate.run(first_cfg, [refs])  # the first configuration again: the second's results move aside too
+    folders = {p.name for p in (tmp_path / "results").iterdir() if p.is_dir()}
+    assert folders == {"mine", kept.name, f"mine-{second_digest[:8]}"}
 
 
 # --------------------------------------------------------------------------- in other processes

@@ -1,9 +1,9 @@
 """Putting stage 7's results folder in place without ever losing a folder.
 
 `results_root/<run name>` is replaced only when it is a results folder of the same run (its
-manifest is stage 7's, for this run name and the same study digest); anything else there (a home
-folder's `Documents`, another configuration's report under an explicit name) is refused and left
-as it is. One publish of a name at a time: a lock file beside the folder (`.<name>.lock`, flock)
+manifest is stage 7's, for this run name and the same study digest). Another configuration's
+results under an explicitly re-used name are kept aside as `<name>-<their digest>`; anything else
+there (a home folder's `Documents`) is refused and left as it is. One publish of a name at a time: a lock file beside the folder (`.<name>.lock`, flock)
 is held from the temporary folder's creation to the backup's removal, so two concurrent publishes
 of one name cannot delete each other's temporary or previous folder.
 
@@ -88,28 +88,45 @@ def _manifest(folder: Path) -> Manifest | None:
         return None
 
 
-def owner_check(final: Path, study_digest: str) -> None:
-    """Refuse to replace `final` unless it is a results folder of this run name and study."""
+def owner_check(final: Path) -> str | None:
+    """The study digest of the results folder `final` (None: there is none); refuse anything
+    there that is not a results folder of this run name."""
     if not final.exists() and not final.is_symlink():
-        return
+        return None
     manifest = None if final.is_symlink() or not final.is_dir() else _manifest(final)
     owner = _owner(manifest) if manifest and manifest.stage == STAGE else {}
-    if owner.get("run_name") != final.name:
+    if owner.get("run_name") != final.name or not owner.get("study_digest"):
         raise NotAResultsFolder(
             f"run_name: the folder it names under paths.results_root ({final}) exists and is not a monolm "
             "results folder of this run; nothing was changed. Choose another run_name or results_root."
         )
-    if owner.get("study_digest") != study_digest:
-        raise NotAResultsFolder(
-            f"run_name: {final} holds the results of a differently configured run, kept as they are. "
-            "Choose another run_name, or leave it unset (the default name carries the config digest)."
-        )
+    return str(owner["study_digest"])
+
+
+def keep_aside(final: Path, digest: str) -> Path:
+    """Move the results of another configuration under this run name (an explicit `run_name`
+    re-used with another config) to `<name>-<its digest, 8 hex>` instead of replacing them; an
+    archive already there must be the same run's results of that configuration."""
+    archive = final.with_name(f"{final.name}-{digest[:8]}")
+    if archive.exists() or archive.is_symlink():
+        manifest = None if archive.is_symlink() or not archive.is_dir() else _manifest(archive)
+        owner = _owner(manifest) if manifest and manifest.stage == STAGE else {}
+        if owner.get("run_name") != final.name or owner.get("study_digest") != digest:
+            raise NotAResultsFolder(
+                f"run_name: {final} holds another configuration's results and {archive.name}, where they "
+                "would be kept, is taken; nothing was changed. Choose another run_name."
+            )
+        shutil.rmtree(archive)  # an older copy of the very same configuration's results
+    os.replace(final, archive)
+    _fsync_dir(final.parent)
+    log.warning("aggregate: %s held another configuration's results; kept as %s", final, archive.name)
+    return archive
 
 
 def check_results_folder(cfg: ExperimentConfig) -> None:
     """Before any compute: the run's results folder is free or a results folder of this run."""
     name = safe_name(cfg.run_name or cfg.default_run_name)
-    owner_check(Path(cfg.paths.results_root).resolve() / name, cfg.study_digest())
+    owner_check(Path(cfg.paths.results_root).resolve() / name)
 
 
 def _owner(manifest: Manifest) -> dict[str, Any]:
@@ -129,17 +146,23 @@ def _committed(store: ResultsStore, manifest: Manifest) -> bool:
     return abs(dt.datetime.fromisoformat(row["created_at"]).timestamp() - manifest.created_at) < 1e-3
 
 
+def _leftovers(root: Path, kind: str, name: str) -> list[Path]:
+    """`<kind>-<name>-<8 chars>` folders: this name's own (not those of `<name>-<more>`, another
+    run with its own lock), matched with the name escaped for the glob."""
+    prefix = f"{kind}-{name}-"
+    return [
+        p
+        for p in root.glob(f"{glob.escape(prefix)}*")
+        if len(p.name) == len(prefix) + 8 and "-" not in p.name[len(prefix) :] and p.is_dir() and not p.is_symlink()
+    ]
+
+
 def recover(root: Path, name: str, store: ResultsStore) -> None:
     """Repair what a killed publish of `name` left (call under `publish_lock`): temporary folders
     go; a backup is restored unless the folder in place is committed in the store."""
-    escaped = glob.escape(name)
-    for leftover in root.glob(f".tmp-{escaped}-*"):
-        if leftover.is_dir() and not leftover.is_symlink():
-            shutil.rmtree(leftover, ignore_errors=True)
-    backups = sorted(
-        (p for p in root.glob(f".old-{escaped}-*") if p.is_dir() and not p.is_symlink()),
-        key=lambda p: p.stat().st_mtime,
-    )
+    for leftover in _leftovers(root, ".tmp", name):
+        shutil.rmtree(leftover, ignore_errors=True)
+    backups = sorted(_leftovers(root, ".old", name), key=lambda p: p.stat().st_mtime)
     if not backups:
         return
     final = root / name
@@ -214,10 +237,12 @@ def publish(
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
     study = cfg.study_digest()
-    owner_check(final, study)  # before the lock file: a refused folder's parent gets nothing new
+    owner_check(final)  # before the lock file: a refused folder's parent gets nothing new
     with ResultsStore(cfg.store_url) as store, publish_lock(root, final.name):  # schema checked first
         recover(root, final.name, store)
-        owner_check(final, study)
+        existing = owner_check(final)
+        if existing is not None and existing != study:
+            keep_aside(final, existing)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
         try:
             rel_files = write_files(tmp)
@@ -242,11 +267,13 @@ def publish(
 
 
 def earlier_runs(cfg: ExperimentConfig, final: Path) -> list[str]:
-    """Other results folders of the same study (same study name, another config digest) beside
-    `final`, newest first: what the run prints so a researcher sees the runs it did not replace."""
-    found = []
-    for folder in final.parent.glob(f"{glob.escape(cfg.study_name)}-*"):
-        manifest = _manifest(folder) if folder != final and folder.is_dir() else None
-        if manifest is not None and manifest.stage == STAGE and RESULTS_OF in manifest.metrics:
-            found.append((manifest.created_at, folder.name))
-    return [name for _, name in sorted(found, reverse=True)]
+    """Other results folders of the same study (its default names with another digest) or of the
+    same run name (kept aside by `keep_aside`) beside `final`, newest first: what the run prints
+    so a researcher sees the runs it did not replace."""
+    found = {}
+    for prefix in {cfg.study_name, final.name}:
+        for folder in final.parent.glob(f"{glob.escape(prefix)}-*"):
+            manifest = _manifest(folder) if folder != final and folder.is_dir() else None
+            if manifest is not None and manifest.stage == STAGE and RESULTS_OF in manifest.metrics:
+                found[folder.name] = manifest.created_at
+    return sorted(found, key=lambda name: found[name], reverse=True)
