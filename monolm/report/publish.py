@@ -3,9 +3,10 @@
 `results_root/<run name>` is replaced only when it is a results folder of the same run (its
 manifest is stage 7's, for this run name and the same study digest). Another configuration's
 results under an explicitly re-used name are kept aside as `<name>-<their digest>`; anything else
-there (a home folder's `Documents`) is refused and left as it is. One publish of a name at a time: a lock file beside the folder (`.<name>.lock`, flock)
-is held from the temporary folder's creation to the backup's removal, so two concurrent publishes
-of one name cannot delete each other's temporary or previous folder.
+there (a home folder's `Documents`) is refused and left as it is. One publish of a name at a
+time: a lock file beside the folder (`.<name>.lock`, flock) is held from the temporary folder's
+creation to the backup's removal, so two concurrent publishes of one name cannot delete each
+other's temporary or previous folder.
 
 The swap is two renames and one store transaction:
 
@@ -171,7 +172,8 @@ def recover(root: Path, name: str, store: ResultsStore) -> None:
         for backup in backups:
             _drop_backup(backup)
         return
-    if final.exists():
+    if final.exists() or final.is_symlink():
+        owner_check(final)  # only a results folder of this run is ever taken away
         log.warning("aggregate: %s was put in place but not recorded in the store; restoring the previous one", final)
         shutil.rmtree(final)
     os.replace(backups[-1], final)
