@@ -83,11 +83,18 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 def prefect_environment() -> None:
     """Defaults for running flows from the CLI (set before prefect is imported): run history in a
     project-local PREFECT_HOME (SQLite) unless PREFECT_API_URL points at a server, no analytics
-    calls (offline machines), and time for a temporary server to start on a busy machine."""
+    calls (offline machines), and time for a temporary server to start on a busy machine. The
+    default `.state/` and its `prefect/` (the database) are this user's only (0700)."""
     import os
 
-    home = Path(os.environ.setdefault("PREFECT_HOME", str(Path(".state/prefect").resolve())))
+    from monolm.core.private import own_private_files, own_state_dir
+
+    if "PREFECT_HOME" not in os.environ:
+        state = own_state_dir(Path(".state").resolve(), keep_search=True)
+        os.environ["PREFECT_HOME"] = str(own_state_dir(state / "prefect"))
+    home = Path(os.environ["PREFECT_HOME"])
     home.mkdir(parents=True, exist_ok=True)
+    own_private_files(home, "prefect.db*")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -292,6 +293,9 @@ def test_prefect_server_sqlite_on_loopback(state):
         assert listeners(port) and set(listeners(port)) == {"0100007F"}, listeners(port)
         # A project-local SQLite database under PREFECT_HOME=<state>/prefect.
         assert (state / "prefect/prefect.db").exists()
+        # Private (umask 077 in the scripts): the database and its folder are this user's only.
+        assert stat.S_IMODE((state / "prefect/prefect.db").stat().st_mode) & 0o077 == 0
+        assert stat.S_IMODE((state / "prefect").stat().st_mode) == 0o700
         pid, start = recorded(state / "prefect/server.pid")
         # Idempotent: a second start reuses the running server.
         assert run(script, "start", state=state).stdout.strip() == url

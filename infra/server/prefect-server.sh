@@ -78,6 +78,8 @@ cmd_start() {
     local port="$1" db="$2" timeout="$3" host="$4" pid t0 elapsed db_url api
     case "$db" in ""|sqlite|postgres) ;; *) die "--db must be sqlite or postgres, not '$db'" ;; esac
     lock_component "$HOME_DIR"
+    # The database and logs are this user's (a PREFECT_HOME from before umask 077 was not).
+    chmod go-rwx "$HOME_DIR" "$HOME_DIR"/prefect.db* "$HOME_DIR"/*.log 2>/dev/null || true
     if pid="$(pid_alive "$PID_FILE")"; then
         local run_port run_db run_host
         run_port="$(<"$PORT_FILE")"; run_db="$(cat "$DB_FILE" 2>/dev/null || echo sqlite)"

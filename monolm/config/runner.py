@@ -28,6 +28,12 @@ class SlurmConfig(Strict):
     python: str | None = None  # worker interpreter; None -> this interpreter
     local_directory: str | None = None
     log_directory: str | None = None
+    # Network interface (ib0, eth0; `lo` for a one-node cluster) the dask scheduler and workers
+    # listen on; None: dask's default (every interface of the host; TLS keeps strangers out).
+    interface: str | None = None
+    # Private (0700) folder on the shared filesystem for the dask cluster's TLS key, which worker
+    # jobs read; None: <paths.runs_root>/.state/dask-tls.
+    tls_directory: str | None = None
     # A SQLite results store on this profile: only for a one-node SLURM whose jobs share this
     # machine's disk (infra/slurm/local-slurm.sh); a real cluster needs PostgreSQL.
     allow_sqlite: bool = False
