@@ -157,6 +157,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         result = run_experiment(cfg)
         if len(study) == 1:
             print_constrain(cell_paths(study[0].cfg, cfg.seeds[0]).stage("constrain") / "report.json")
+        print(f"results folder: {result['dir']}")
+        if result.get("earlier"):  # other configurations of this study, kept beside it
+            print(f"earlier runs of this study (kept): {', '.join(result['earlier'])}")
         print(f"report: {result['report']}")
         print(f"run ID: {result['run_id']} (`monolm results --run {result['run_name']}` shows its numbers)")
     print(f"wall time: {time.time() - started:.1f} s")

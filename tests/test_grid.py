@@ -205,7 +205,7 @@ def test_model_axis_names_folders_and_cells(tmp_path):
     paths = cell_paths(wide, 42)
     assert paths.stage("train_baseline").parent == Path(cfg.paths.runs_root) / "tiny" / "tiny-neox-wide/shared/seed-42"
     assert paths.stage("constrain").parent.parent.name == "mlp_in-abs"
-    assert cfg.default_run_name == "tiny-neox+tiny-neox-wide-mlp_in+mlp_both-fair-seeds-42"
+    assert cfg.study_name == "tiny-neox+tiny-neox-wide-mlp_in+mlp_both-fair-seeds-42"
 
 
 @pytest.mark.slow

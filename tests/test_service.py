@@ -258,9 +258,9 @@ def test_prefect_yaml_declares_every_deployment():
     assert tuple(specs) == DEPLOYMENTS
     assert {s["entrypoint"] for s in specs.values()} == {"flows/experiment.py:experiment"}
     for seed in (42, 1337, 2024, 8888, 12345):
-        assert specs[f"seed-{seed}"]["parameters"] == {"seeds": [seed], "preset": "full"}
-    assert specs["all-seeds"]["parameters"] == {"seeds": [42, 1337, 2024, 8888, 12345], "preset": "full"}
-    assert specs["variants"]["parameters"] == {"variants": ["all"], "preset": "full"}
+        assert specs[f"seed-{seed}"]["parameters"] == {"seeds": [seed], "preset": "tiny"}
+    assert specs["all-seeds"]["parameters"] == {"seeds": [42, 1337, 2024, 8888, 12345], "preset": "tiny"}
+    assert specs["variants"]["parameters"] == {"variants": ["all"], "preset": "tiny"}
     assert all(not s["schedules"] for name, s in specs.items() if name != "nightly-quick")
 
 
@@ -513,7 +513,7 @@ def test_nightly_schedule_is_inactive_unless_switched_on(service):
     for name, dep in deployments.items():
         assert dep.work_pool_name == "local", name
         assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
-    assert deployments["seed-2024"].parameters == {"seeds": [2024], "preset": "full"}
+    assert deployments["seed-2024"].parameters == {"seeds": [2024], "preset": "tiny"}
     nightly = deployments["nightly-quick"]
     (schedule,) = nightly.schedules
     assert schedule.active is False and schedule.parameters == NIGHTLY_PARAMETERS

@@ -39,6 +39,9 @@ class SlurmConfig(Strict):
     # Private (0700) folder on the shared filesystem for the dask cluster's TLS key, which worker
     # jobs read; None: <paths.runs_root>/.state/dask-tls.
     tls_directory: str | None = None
+    # A SQLite results store on this profile: only for a one-node SLURM whose jobs share this
+    # machine's disk (infra/slurm/local-slurm.sh); a real cluster needs PostgreSQL.
+    allow_sqlite: bool = False
 
 
 class RunnerConfig(Strict):
