@@ -27,6 +27,7 @@ from monolm.config.base import (  # noqa: F401  (re-exported: the value types ar
     Switch,
     Variant,
 )
+from monolm.config.controls import ControlsConfig, DamageConfig  # noqa: F401  (re-exported)
 from monolm.config.runner import RunnerConfig, SlurmConfig  # noqa: F401  (re-exported)
 
 
@@ -362,6 +363,7 @@ class ExperimentConfig(Strict):
     training: TrainingConfig = TrainingConfig()
     evaluation: EvalConfig = EvalConfig()
     attacks: AttackConfig = AttackConfig()
+    controls: ControlsConfig = ControlsConfig()
     paths: PathsConfig = PathsConfig()
     runner: RunnerConfig = RunnerConfig()
 
