@@ -63,3 +63,55 @@ def test_a_non_significant_sentence_states_its_mde():
     assert not result["significant"]
     sentence = describe_difference("monotonic", "baseline", "loss", result, unit="texts")
     assert f"±{result['mde']:.3g}" in sentence and "80% power" in sentence
+
+
+def _store_run(url: str, sd_texts: float, n_texts: int) -> None:
+    """A completed tiny run whose within-seed UAT test had differences of sd `sd_texts`."""
+    from monolm.store import ResultsStore
+
+    half = stats.t.ppf(0.975, n_texts - 1) * sd_texts / math.sqrt(n_texts)
+    extra = {"n": n_texts, "scope": "texts", "ci": [0.1 - half, 0.1 + half], "significant": False, "test": "t"}
+    with ResultsStore(url) as store:
+        store.record_run(
+            {"run_id": "r1", "run_name": "earlier", "preset": "tiny", "variant": "mlp_in", "status": "completed"},
+            [
+                {
+                    "seed": 42,
+                    "arm": "monotonic-baseline",
+                    "stage": "uat",
+                    "metric": "abs_increase:diff",
+                    "value": 0.1,
+                    "extra": extra,
+                }
+            ],
+        )
+
+
+def test_plan_takes_the_sd_of_the_latest_comparable_run_and_gives_the_formulas_n(tmp_path):
+    from monolm.config import load_config
+    from monolm.study import power_plan
+
+    url = f"sqlite:///{tmp_path / 'results.sqlite'}"
+    _store_run(url, 0.3, 24)
+    cfg = load_config("tiny", sets=[f"paths.store_url={url}"])
+    name, rows = power_plan.latest_comparable(cfg)
+    assert name == "earlier"
+    table = power_plan.power_rows(cfg, power_plan.observed_sds(rows), f"run {name}", target=0.1)
+    uat = next(r for r in table if r.stage == "uat" and r.unit == "texts")
+    assert uat.sd == pytest.approx(0.3) and uat.source == "run earlier"
+    assert uat.mde == pytest.approx(mde_paired(0.3, cfg.attacks.uat.n_eval_texts))
+    assert uat.n_for_target == n_for_effect(0.1, 0.3)
+    defaults = [r for r in table if r.source == "stated default"]
+    assert defaults and all(r.n_for_target == n_for_effect(0.1, r.sd) for r in defaults)
+
+
+def test_monolm_plan_target_effect_prints_the_n_the_formula_gives(tmp_path):
+    from tests.test_cli import monolm
+
+    url = f"sqlite:///{tmp_path / 'results.sqlite'}"
+    _store_run(url, 0.3, 24)
+    out = monolm("plan", "--preset", "tiny", "--set", f"paths.store_url={url}", "--target-effect", "0.1", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    line = next(x for x in out.stdout.splitlines() if x.startswith("UAT: absolute loss increase, one seed"))
+    assert line.split()[-3] == str(n_for_effect(0.1, 0.3)) and line.endswith("run earlier")
+    assert f"{mde_paired(0.3, 24):.3g}" in line
