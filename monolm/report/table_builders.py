@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from monolm.constraint.frozen import FROZEN_BOUND
 from monolm.report.examples import md_text
 from monolm.report.formatting import fmt_ci, fmt_mean_std, fmt_num, fmt_p, fmt_pct
 from monolm.report.held_out import part_note, window_sentence
@@ -320,7 +321,19 @@ def constraint_table(results: dict[str, Any]) -> Table | None:
     rec = summary(results, "evaluate", "monotonic", "min_constrained_weight")
     if rec:
         cons.rows.append(["minimum constrained weight after training", str(rec["n"]), fmt_mean_std(rec)])
+    for stage, metric, when in FROZEN_ROWS:
+        rec = summary(results, stage, "monotonic", metric)
+        if rec:
+            label = f"share of constrained weights effectively frozen (dW/dV < {FROZEN_BOUND:g}), {when}"
+            cons.rows.append([label, str(rec["n"]), fmt_mean_std(rec, pct=True)])
     return cons if cons.rows else None
+
+
+FROZEN_ROWS = (
+    ("constrain", "frozen_share", "after stage 1"),
+    ("train_monotonic", "frozen_share_start", "at the start of training"),
+    ("train_monotonic", "frozen_share_end", "at the end of training"),
+)
 
 
 def training_table(results: dict[str, Any]) -> Table | None:
