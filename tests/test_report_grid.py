@@ -245,10 +245,11 @@ def test_holm_adjusted_p_against_hand_values(grid, cells):
     assert uat["p_holm"] == pytest.approx(
         max(2 * uat["t_p"], _t_p(np.array(VARIANTS["mlp_in"]["uat"]) - [0.40, 0.50, 0.45]))
     )
-    # the uncorrected p is the cell's own, unchanged in its results.json
+    # the uncorrected p is the cell's own, unchanged in its results.json; the cell's Holm is over its
+    # own primary tests (quality and each attack), not over the grid's variants
     for cell in cells:
         comp = next(c for c in cell["results"]["comparisons"] if c["stage"] == "uat" and c["metric"] == "abs_increase")
-        assert "p_holm" not in comp
+        assert comp["role"] == "primary" and comp["holm_m"] == 1 + len(ATTACKS)
         assert _row(grid, cell["variant"])["attacks"]["uat"]["difference"]["t_p"] == comp["t_p"]
 
 

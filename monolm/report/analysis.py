@@ -13,6 +13,7 @@ from monolm.report.labels import ARMS, ATTACKS, MODELS
 from monolm.report.sentences import findings, monotonicity_statement, recipe_statement
 from monolm.report.summaries import ALPHA, CONFIDENCE, summarize_values, summary
 from monolm.report.values import seed_values
+from monolm.report.verdicts import apply_primary_holm
 
 SCHEMA_VERSION = 1
 
@@ -29,6 +30,7 @@ def analyze(seeds: Sequence[dict[str, Any]], meta: dict[str, Any]) -> dict[str, 
     values = [v for data in seeds for v in seed_values(data)]
     summaries = summarize_values(values, seeds)
     comparisons = [c.to_json() for c in compare_arms(values, seeds)]
+    apply_primary_holm(comparisons, ALPHA)  # roles (primary/secondary) and Holm over the primary family
     for records in (values, summaries, comparisons):
         tag_parts(records)  # which data part (train, validation, test, attack) each number is from
     results: dict[str, Any] = {

@@ -52,8 +52,9 @@ log = logging.getLogger("monolm.stages")
 STAGE = "aggregate"
 # The file stage 7 reads from each stage folder (besides the manifest's metrics).
 STAGE_FILES = {s.name: s.reads for s in SEED_STAGES if s.reads}
-# What a complete seed has: every stage but the baseline's shares (their results are in the cell's stages).
-REPORTED_STAGES = tuple(s.name for s in SEED_STAGES if s.share_of is None)
+# What a complete seed has: every stage but the baseline's shares (their results are in the cell's stages)
+# and the quality controls (optional: `controls.*.enabled`).
+REPORTED_STAGES = tuple(s.name for s in SEED_STAGES if s.share_of is None and s.kind != "control")
 RESULT_FILES = ("results.json", "summary.csv", "report.md", "tables.tex", "config.yaml")
 
 

@@ -140,6 +140,11 @@ def _test_row(c: dict[str, Any]) -> list[str]:
         else metric_label(c["stage"], c["metric"])
     )
     verdict = "significant" if c["significant"] else "not significant"
+    if c.get("role") == "primary":
+        holm = "significant" if c.get("significant_holm") else "not significant"
+        verdict = f"primary: {holm} (Holm p={fmt_p(c.get('p_holm'))})"
+    elif c.get("role") in ("secondary", "supporting"):
+        verdict = f"{c['role']}, uncorrected: {verdict}"
     ci = f"[{fmt_num(c['ci_low'])}, {fmt_num(c['ci_high'])}]" if c["ci_low"] is not None else "—"
     return [
         metric,
@@ -163,9 +168,10 @@ def tests_table(results: dict[str, Any]) -> Table | None:
     tests.rows = [_test_row(c) for c in results["comparisons"]]
     if not tests.rows:
         return None
-    tests.note = f"α = {ALPHA}; tests are not corrected for multiple comparisons." + wilcoxon_floor_note(
-        results["comparisons"]
-    )
+    tests.note = (
+        f"α = {ALPHA}. Primary tests (test loss, each attack's absolute loss increase) are Holm-corrected over "
+        "the report's primary family; secondary and supporting tests are shown uncorrected and give no verdict."
+    ) + wilcoxon_floor_note(results["comparisons"])
     return tests
 
 
