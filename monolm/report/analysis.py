@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from monolm.report.comparisons import compare_arms
+from monolm.report.damage_arm import apply_damage_holm, damage_comparisons, damage_findings, damage_seed_values
 from monolm.report.examples import attack_examples
 from monolm.report.held_out import held_out_facts, held_out_statement, tag_parts
 from monolm.report.labels import ARMS, ATTACKS, MODELS
@@ -27,10 +28,11 @@ def analyze(seeds: Sequence[dict[str, Any]], meta: dict[str, Any]) -> dict[str, 
     """
     seeds = sorted(seeds, key=lambda d: int(d["seed"]))
     tags = {k: meta[k] for k in ("variant", "preset", "recipe", "config_digest", "code_revision")}
-    values = [v for data in seeds for v in seed_values(data)]
+    values = [v for data in seeds for v in (*seed_values(data), *damage_seed_values(data))]
     summaries = summarize_values(values, seeds)
-    comparisons = [c.to_json() for c in compare_arms(values, seeds)]
+    comparisons = [c.to_json() for c in (*compare_arms(values, seeds), *damage_comparisons(values, seeds))]
     apply_primary_holm(comparisons, ALPHA)  # roles (primary/secondary) and Holm over the primary family
+    apply_damage_holm(comparisons, ALPHA)  # constrained vs damage-matched: a family of its own
     for records in (values, summaries, comparisons):
         tag_parts(records)  # which data part (train, validation, test, attack) each number is from
     results: dict[str, Any] = {
@@ -47,7 +49,7 @@ def analyze(seeds: Sequence[dict[str, Any]], meta: dict[str, Any]) -> dict[str, 
     results["held_out"] = held_out_facts(seeds)
     results["held_out_statement"] = held_out_statement(results["held_out"])
     results["examples"] = attack_examples(seeds)
-    results["findings"] = findings(results)
+    results["findings"] = findings(results) + damage_findings(results)
     results["recipe_statement"] = recipe_statement(meta, values)
     results["monotonicity_statement"] = monotonicity_statement(results)
     return results

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from monolm.report.damage_arm import damage_mean, damage_note, damage_rows, has_damage
 from monolm.report.formatting import fmt_num, fmt_p, fmt_pct
 from monolm.report.labels import ATTACKS, METRIC_LABEL
 from monolm.report.summaries import ALPHA, summary
@@ -126,6 +127,11 @@ def headline_table(results: dict[str, Any]) -> Table | None:
     t.rows = [row for stage, metric in shown if (row := headline_row(results, stage, metric))]
     if not t.rows:
         return None
+    if has_damage(results):  # the damage-matched arm's column, and its paired tests as rows
+        t.columns.insert(3, "Damage-matched")
+        for row, (stage, metric) in zip(t.rows, [m for m in shown if headline_row(results, *m)], strict=True):
+            row.insert(3, (fmt_pct if metric == "success_rate" else fmt_num)(damage_mean(results, stage, metric)))
+        t.rows += damage_rows(results, shown)
     tests = [primary_test(results, stage, metric) for stage, metric in shown]
     caveats = [
         "Difference: constrained − baseline, with the 95% CI and p of a paired t-test "
@@ -136,6 +142,8 @@ def headline_table(results: dict[str, Any]) -> Table | None:
     if 1 < n_seeds < MIN_SEEDS:
         caveats.append(few_seeds_sentence(n_seeds))
     caveats += [constant_sentence(results, s, m, v) for (s, m), v in constant.items()]
+    if has_damage(results):
+        caveats.append(damage_note(results))
     if any(c is not None and c["scope"] != "seeds" for c in tests):
         caveats.append(WITHIN_SEED_CAVEAT)
     floor = wilcoxon_floor_note([c for c in tests if c is not None]).strip()

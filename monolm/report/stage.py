@@ -188,6 +188,8 @@ def read_seed(refs: Mapping[str, StageRef | Mapping[str, Any]]) -> dict[str, Any
         name = f"train_{arm}"
         if name in stages:
             data["histories"][arm] = _read_output(stages[name], name, STAGE_FILES[name])
+    if STAGE_FILES["damage"] in (stages.get("damage") or {}).get("outputs", {}):  # the damage-matched arm, if on
+        data["damage"] = _read_output(stages["damage"], "damage", STAGE_FILES["damage"])
     for attack in report.ATTACKS:
         if attack in stages:
             per_example = _read_output(stages[attack], attack, STAGE_FILES[attack])
