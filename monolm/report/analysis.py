@@ -14,7 +14,7 @@ from monolm.report.labels import ARMS, ATTACKS, MODELS
 from monolm.report.sentences import findings, monotonicity_statement, recipe_statement
 from monolm.report.summaries import ALPHA, CONFIDENCE, summarize_values, summary
 from monolm.report.values import seed_values
-from monolm.report.verdicts import apply_primary_holm
+from monolm.report.verdicts import apply_primary_holm, significant
 
 SCHEMA_VERSION = 1
 
@@ -69,11 +69,15 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
                 if rec:
                     out[f"{arm}_{attack}_{metric}"] = rec["mean"]
     for comp in results["comparisons"]:
-        if comp["scope"] == "seeds" and comp["metric"] in ("token_perplexity", "abs_increase"):
+        if (
+            comp["scope"] == "seeds"
+            and comp["b"] == "baseline"
+            and comp["metric"] in ("token_perplexity", "loss", "abs_increase")
+        ):
             key = f"{comp['stage']}_{comp['metric']}"
             out[f"{key}_diff"] = comp["mean_diff"]
             out[f"{key}_t_p"] = comp["t_p"]
-            out[f"{key}_significant"] = comp["significant"]
+            out[f"{key}_significant"] = significant(comp)  # Holm-corrected for a primary measure
     return out
 
 

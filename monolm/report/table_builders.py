@@ -143,6 +143,9 @@ def _test_row(c: dict[str, Any]) -> list[str]:
     if c.get("role") == "primary":
         holm = "significant" if c.get("significant_holm") else "not significant"
         verdict = f"primary: {holm} (Holm p={fmt_p(c.get('p_holm'))})"
+    elif c.get("role") == "damage" and c.get("p_holm") is not None:  # its own family (damage_arm)
+        holm = "significant" if c.get("significant_holm") else "not significant"
+        verdict = f"vs damage-matched: {holm} (Holm p={fmt_p(c['p_holm'])})"
     elif c.get("role") in ("secondary", "supporting"):
         verdict = f"{c['role']}, uncorrected: {verdict}"
     ci = f"[{fmt_num(c['ci_low'])}, {fmt_num(c['ci_high'])}]" if c["ci_low"] is not None else "—"
