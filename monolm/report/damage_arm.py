@@ -121,7 +121,7 @@ def _verdict(stage: str, comp: dict[str, Any] | None) -> str:
     if stage == "evaluate":  # matched on validation: the test part shows whether the match holds
         return "test loss differs" if comp.get("significant") else "matched (no significant difference)"
     if not comp.get("significant_holm"):
-        return "as robust as an equally damaged model"
+        return "no significant difference from an equally damaged model"
     return "less robust than equal damage" if comp["mean_diff"] > 0 else "more robust than its damage explains"
 
 
@@ -208,5 +208,6 @@ def damage_findings(results: dict[str, Any]) -> list[str]:
         words = _verdict(stage, comp)
         if comp.get("p_holm") is not None:
             words += f" (Holm-adjusted p={fmt_p(comp['p_holm'])} over {comp['holm_m']} tests)"
-        out.append(f"Quality-matched control, {comp['sentence'].split(':')[0]}: {words}. {comp['sentence']}.")
+        what = ATTACKS.get(stage, "test loss") + ("" if comp["scope"] == "seeds" else f", seed {comp['seed']}")
+        out.append(f"Constrained vs damage-matched arm ({what}): {words}. {comp['sentence']}.")
     return out
