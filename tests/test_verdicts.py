@@ -120,3 +120,10 @@ def test_a_pareto_claim_needs_intervals_that_separate_it_from_the_baseline():
     pareto = next(s for s in grid["findings"] if s.startswith(f"{MODEL}, HotFlip: Pareto-optimal"))
     assert "separate them from the baseline: mlp_both (abs)" in pareto
     assert "no Pareto claim is made: mlp_in (abs)" in pareto
+
+
+def test_every_no_significant_difference_in_the_headline_states_its_mde():
+    results = make_cell("mlp_in", VARIANTS["mlp_in"], SEEDS)["results"]
+    table = headline_table(results)
+    quiet = [r for r in table.rows if r[6].startswith("no significant difference")]
+    assert quiet and all("detectable with 80% power: ±" in r[6] for r in quiet)

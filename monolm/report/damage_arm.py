@@ -22,7 +22,7 @@ from monolm.report.formatting import fmt_num, fmt_p
 from monolm.report.labels import ATTACKS, METRIC_LABEL
 from monolm.report.summaries import summary
 from monolm.report.values import _attack_effects, doc_losses, example_effects
-from monolm.report.verdicts import MIN_SEEDS
+from monolm.report.verdicts import MIN_SEEDS, mde_clause
 
 DAMAGE = "damage"  # the arm's model name in results.json's values and summaries
 PAIR = ("monotonic", "damage-matched")
@@ -119,9 +119,11 @@ def _verdict(stage: str, comp: dict[str, Any] | None) -> str:
     if comp is None or comp.get("mean_diff") is None:
         return "no test"
     if stage == "evaluate":  # matched on validation: the test part shows whether the match holds
-        return "test loss differs" if comp.get("significant") else "matched (no significant difference)"
+        if comp.get("significant"):
+            return "test loss differs"
+        return f"matched (no significant difference{mde_clause(comp)})"
     if not comp.get("significant_holm"):
-        return "no significant difference from an equally damaged model"
+        return "no significant difference from an equally damaged model" + mde_clause(comp)
     return "less robust than equal damage" if comp["mean_diff"] > 0 else "more robust than its damage explains"
 
 

@@ -16,6 +16,7 @@ from monolm.report.verdicts import (
     constant_measure,
     constant_sentence,
     few_seeds_sentence,
+    mde_clause,
     primary_note,
     significant,
     within_seed_verdict,
@@ -61,7 +62,7 @@ def verdict(stage: str, comp: dict[str, Any] | None) -> str:
     if comp.get("role") == "secondary":
         return "secondary: no verdict"
     if not significant(comp):
-        return "no significant difference" + (" after Holm" if comp.get("significant") else "")
+        return "no significant difference" + (" after Holm" if comp.get("significant") else "") + mde_clause(comp)
     higher, lower = _words(stage)
     return higher if comp["mean_diff"] > 0 else lower
 

@@ -15,6 +15,7 @@ from monolm.report.held_out import part_note, window_sentence
 from monolm.report.labels import ARM_LABEL, ARMS, ATTACKS, MODELS, metric_label
 from monolm.report.summaries import ALPHA, summary
 from monolm.report.values import value
+from monolm.report.verdicts import mde_clause
 
 
 @dataclass
@@ -139,7 +140,7 @@ def _test_row(c: dict[str, Any]) -> list[str]:
         if c["metric"].startswith("gradient_vs_control_")
         else metric_label(c["stage"], c["metric"])
     )
-    verdict = "significant" if c["significant"] else "not significant"
+    verdict = "significant" if c["significant"] else f"not significant{mde_clause(c)}"
     if c.get("role") == "primary":
         holm = "significant" if c.get("significant_holm") else "not significant"
         verdict = f"primary: {holm} (Holm p={fmt_p(c.get('p_holm'))})"

@@ -67,6 +67,13 @@ def significant(comp: dict[str, Any]) -> bool:
     return bool(comp.get("significant"))
 
 
+def mde_clause(comp: dict[str, Any]) -> str:
+    """ " (detectable: ±0.043)": the smallest difference the test detects with 80% power
+    (`monolm.stats_power`), said next to every "no significant difference"."""
+    mde = comp.get("mde")
+    return f" (detectable with 80% power: ±{mde:.3g})" if mde is not None else ""
+
+
 def primary_note(comparisons: Sequence[dict[str, Any]]) -> str:
     m = max((c.get("holm_m") or 0 for c in comparisons if c.get("role") == "primary"), default=0)
     return PRIMARY_NOTE.format(m=m, s="s" if m != 1 else "")
@@ -103,7 +110,7 @@ def within_seed_verdict(within: Sequence[dict[str, Any]], higher: str, lower: st
         elif significant(comp):
             parts.append(f"seed {comp['seed']}: {higher if comp['mean_diff'] > 0 else lower}")
         else:
-            parts.append(f"seed {comp['seed']}: no significant difference")
+            parts.append(f"seed {comp['seed']}: no significant difference{mde_clause(comp)}")
     return "; ".join(parts)
 
 
