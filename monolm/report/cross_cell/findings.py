@@ -182,9 +182,12 @@ def _holm_sentence(entry: dict[str, Any], family: str, alpha: float) -> list[str
         text = f"{head}: after {over}, {len(kept)} of {m} differences {verb} significant at α={alpha:g} ({listed})."
     else:
         row, t = min(tested, key=lambda item: item[1]["p_holm"])
+        detectable = (
+            f"; with 80% power its test detects a difference of ±{t['mde']:.3g}" if t.get("mde") is not None else ""
+        )
         text = (
             f"{head}: after {over}, no difference is significant at α={alpha:g} "
-            f"(smallest Holm-adjusted p={fmt_p(t['p_holm'])}, {row_name(row)})."
+            f"(smallest Holm-adjusted p={fmt_p(t['p_holm'])}, {row_name(row)}{detectable})."
         )
     if lost:
         text += " Significant before the correction only: " + "; ".join(
