@@ -49,8 +49,8 @@ def trained():
     """A micro GPT-NeoX that has learnt the counter a little, so noise can make it worse."""
     blocks = counter_blocks(16)
     model = tiny_neox(seed=3)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(40):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(12):
         logits = model(blocks).logits[:, :-1]
         F.cross_entropy(logits.reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1)).backward()
         opt.step()
@@ -61,7 +61,7 @@ def trained():
 def test_damage_matches_the_target_loss_on_the_micro_model_and_is_deterministic(trained):
     base, blocks = trained
     clean = _loss(base, blocks)
-    target, tol = clean + 0.5, 0.01
+    target, tol = clean + 0.3, 0.01
     names = damage_matrices(base, "mlp_both")
 
     def run(seed: int):
