@@ -110,7 +110,7 @@ def run(
     log.info("damage: noise scale %.4g gives validation loss %.4f (target %.4f)", search.scale, search.loss, target)
     models.save_model(model, tokenizer, out / "model")
     test = _test(cfg, model, tokenizer, splits.test, device, progress)
-    attacks, skipped = attack_damaged(cfg, cell, inputs, model, tokenizer, splits.attack, out, progress, on_log)
+    attacks, skipped, plans = attack_damaged(cfg, cell, inputs, model, tokenizer, splits.attack, out, progress, on_log)
     report = {"bisection": search.to_json(), "matrices": names, "test": test, "attacks": attacks}
     atomic_write_json(out / RESULT_FILE, {**report, "not_attacked": skipped})
     metrics = {
@@ -124,6 +124,7 @@ def run(
         "test_token_perplexity": test["token_perplexity"],
         "per_model": {name: {"damage": a["summary"]} for name, a in attacks.items()},
         "not_attacked": skipped,
+        "memory_plans": plans,  # each attack's candidate batch on this device
         "model_dir": str((out / "model").resolve()),
     }
     outputs = [RESULT_FILE, *files_under(out, "model")]
@@ -133,16 +134,19 @@ def run(
 
 def attack_damaged(cfg, cell, inputs, model, tokenizer, attack_docs, out: Path, progress, on_log):
     """Every attack of the registry that has a runner here, on the damaged model, with the arms'
-    settings, texts and seed: ({attack: {summary, clean, attacked}}, {attack without runner: why})."""
+    settings, texts and seed: ({attack: {summary, clean, attacked}}, {attack without runner: why},
+    {attack: its memory plan})."""
     from monolm.attacks.stage import attack_texts
     from monolm.controls.attack_runners import RUNNERS
 
     opt, held_out = attack_texts(cfg, tokenizer, attack_docs)
     results: dict[str, Any] = {}
+    plans: dict[str, Any] = {}
     skipped = {name: "no damage-arm runner for this attack" for name in ATTACKS if name not in RUNNERS}
     todo = [name for name in ATTACKS if name in RUNNERS]
     for i, name in enumerate(todo):
-        attack_cfg, _ = planning.plan_attack_stage(cfg, name, model_dir(inputs["setup"]), pick_device(), name=STAGE)
+        attack_cfg, plan = planning.plan_attack_stage(cfg, name, model_dir(inputs["setup"]), pick_device(), name=STAGE)
+        plans[name] = plan.to_json()
         results[name] = RUNNERS[name](
             cfg,
             attack_cfg,
@@ -156,4 +160,4 @@ def attack_damaged(cfg, cell, inputs, model, tokenizer, attack_docs, out: Path, 
             on_log=part_callback(on_log, i, len(todo), name),
             log=labelled(logging.getLogger("monolm.attacks"), f"damage {name}"),
         )
-    return results, skipped
+    return results, skipped, plans
