@@ -100,3 +100,16 @@ def test_the_damage_matched_arm_is_run_reported_and_reused(run, tmp_path):
     constrain = refs["constrain"].metrics
     assert 0.0 <= constrain["frozen_share"] <= 1.0
     assert set(refs["train_monotonic"].metrics["frozen"]) == {"start", "end"}
+
+
+def test_a_disabled_damage_arm_records_only_that_it_was_off(run, tmp_path):
+    from monolm.controls.stage import run as run_damage
+    from monolm.report.stage import read_seed
+    from monolm.study.layout import cell_paths
+
+    refs, _, _, _ = run
+    cfg = micro_config(tmp_path, "controls.damage.enabled=false")  # its own runs folder
+    inputs = {name: refs[name] for name in ("setup", "train_baseline", "train_monotonic")}
+    off = run_damage(cfg, cell_paths(cfg, 42), inputs, progress=False)
+    assert off.metrics["enabled"] is False and not (off.path / "damage.json").exists()
+    assert "damage" not in read_seed({**refs, "damage": off})  # the report has no damage-matched arm
