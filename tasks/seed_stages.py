@@ -70,6 +70,13 @@ def hotflip_task(cfg: dict, seed: int, inputs: dict) -> dict:
     return run_seed_stage("hotflip", cfg, seed, inputs)
 
 
+@task(name="damage", task_run_name="damage-seed-{seed}")
+def damage_task(cfg: dict, seed: int, inputs: dict) -> dict:
+    """The damage-matched arm of a cell: the baseline perturbed to the constrained arm's
+    validation loss, evaluated and attacked (no training)."""
+    return run_seed_stage("damage", cfg, seed, inputs)
+
+
 STAGE_TASKS: dict[str, Task] = {
     t.name: t
     for t in (
@@ -83,6 +90,7 @@ STAGE_TASKS: dict[str, Task] = {
         uat_task,
         hotflip_baseline_task,
         hotflip_task,
+        damage_task,
     )
 }
 if set(STAGE_TASKS) != set(SEED_STAGE_NAMES):  # a stage added to the registry needs its task here

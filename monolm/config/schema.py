@@ -29,6 +29,7 @@ from monolm.config.base import (  # noqa: F401  (re-exported: the value types ar
     check_run_name,
     study_digest_of,
 )
+from monolm.config.controls import ControlsConfig, DamageConfig  # noqa: F401  (re-exported)
 from monolm.config.runner import RunnerConfig, SlurmConfig  # noqa: F401  (re-exported)
 from monolm.config.store_url import check_cluster_store, without_password
 
@@ -371,6 +372,7 @@ class ExperimentConfig(Strict):
     training: TrainingConfig = TrainingConfig()
     evaluation: EvalConfig = EvalConfig()
     attacks: AttackConfig = AttackConfig()
+    controls: ControlsConfig = ControlsConfig()
     paths: PathsConfig = PathsConfig()
     runner: RunnerConfig = RunnerConfig()
 

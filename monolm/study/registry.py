@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-Kind = Literal["setup", "constrain", "train", "evaluate", "attack", "aggregate"]
+Kind = Literal["setup", "constrain", "train", "evaluate", "attack", "control", "aggregate"]
 Scope = Literal["model", "cell", "study"]
 
 
@@ -189,6 +189,21 @@ SEED_STAGES: tuple[Stage, ...] = (
         config=_HOTFLIP_CONFIG,
         gpu=True,
         reads="per_example.json",
+    ),
+    # The damage-matched arm (issue 23): the baseline perturbed to the constrained arm's validation
+    # loss, evaluated and attacked with every attack's settings (`monolm.controls`). Last, so that
+    # `--stages 6` still means "everything"; its number is HotFlip's because it runs the attacks.
+    Stage(
+        name="damage",
+        number=6,
+        kind="control",
+        scope="cell",
+        label="damage-matched arm",
+        entry="monolm.controls.stage:run",
+        inputs=("setup", "train_baseline", "train_monotonic"),
+        config=("controls.damage", "constraint.variant", "training", "data.seq_len", "evaluation", "attacks"),
+        gpu=True,
+        reads="damage.json",
     ),
 )
 SEED_STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in SEED_STAGES)

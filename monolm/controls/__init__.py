@@ -1,0 +1,1 @@
+"""Quality controls: untrained arms that tell "more robust" apart from "more damaged" (issue 23)."""
