@@ -13,7 +13,9 @@ import sys
 import time
 from pathlib import Path
 
+from flows.results_cli import cmd_results
 from monolm.config import ConfigError, ExperimentConfig, check_output_folders, config_to_yaml, load_config
+from monolm.core.errors import PermanentError
 from monolm.study.registry import SEED_STAGES
 
 
@@ -137,6 +139,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(format_plan(cfg, plan_study(cfg, last)))
         return 0
     started = time.time()
+    from monolm.study.site_preflight import site_preflight
+
+    site_preflight(cfg)  # `monolm verify`'s checks for each model still to set up: fail here, in seconds
     if args.no_prefect:
         from monolm.report.console import print_rows
         from monolm.study.sequential import run_seed, summary_rows
@@ -203,6 +208,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     width = max(len(c.name) for c in checks)
     for c in checks:
         print(f"{c.status}  {c.name:<{width}}  {c.detail}")
+        if c.next_step:
+            print(f"{'':6}{'':<{width}}  next: {c.next_step}")
     failed = [c for c in checks if c.ok is False]
     skipped = [c for c in checks if c.ok is None]
     passed = len(checks) - len(failed) - len(skipped)
@@ -213,46 +220,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     print(config_to_yaml(cfg), end="")
-    return 0
-
-
-def cmd_results(args: argparse.Namespace) -> int:
-    from monolm.store import ResultsStore, format_table
-    from monolm.store.summary import (
-        LONG_COLUMNS,
-        SUMMARY_COLUMNS,
-        compared_rows,
-        headline_rows,
-        long_rows,
-        non_empty_columns,
-    )
-
-    url = args.store or load_config(args.preset_for_store).store_url
-    with ResultsStore(url) as store:
-        if args.compare:
-            # Runs (ID, name or prefix), or cells of a grid run (RUN@<cell>), shown by their IDs.
-            a, b = (
-                store.resolve_run(run)["run_id"] + at + cell
-                for run, at, cell in (r.partition("@") for r in args.compare)
-            )
-            print(format_table(compared_rows(store.compare(a, b)), title=f"B − A: A = {a}, B = {b}"))
-            return 0
-        run_id = store.resolve_run(args.run)["run_id"] if args.run else None
-        rows = store.query(preset=args.preset, variant=args.variant, arm=args.arm, metric=args.metric, run_id=run_id)
-        if args.long:
-            kept, hidden = long_rows(rows)
-            print(format_table(kept, columns=non_empty_columns(kept, LONG_COLUMNS)))
-            if hidden:
-                print(f"({hidden} stored rows without a value not shown)")
-            return 0
-        runs = {r["run_id"]: r for r in store.runs()}
-        print(format_table(headline_rows(rows, runs, metric=args.metric), columns=SUMMARY_COLUMNS))
-        if not runs:
-            print(f"(no runs in the results store {store.url} yet)")
-        print(
-            "(one row per run, arm and headline metric, mean over seeds; --metric NAME for another metric, "
-            "--run RUN for one run (ID, name or prefix), --long for every stored row)"
-        )
     return 0
 
 
@@ -396,6 +363,7 @@ def _user_facing(exc: Exception) -> int | None:
         ("monolm.training.checkpoint", "CheckpointMismatch"): 2,
         ("monolm.study.frame", "StageFailed"): 1,
         ("monolm.store.lookup", "UnknownRun"): 2,
+        ("flows.experiment", "StagesFailed"): 1,
     }
     for (module, name), code in kinds.items():
         cls = getattr(sys.modules.get(module), name, None)
@@ -411,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args)
-    except ConfigError as exc:
+    except (ConfigError, PermanentError) as exc:  # no retry or traceback helps: the cause, in full
         print(f"monolm: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:

@@ -25,6 +25,10 @@ from tasks.common import stage_options
 from tasks.seed_stages import STAGE_TASKS
 
 
+class StagesFailed(RuntimeError):
+    """Stages of the run failed; the message names each with its cause in full."""
+
+
 def resolve_config(
     preset: str,
     seeds: list[int] | None,
@@ -186,7 +190,7 @@ def run_stages(cfg_data: dict[str, Any]) -> dict[str, Any]:
             }
         )
         if failed:  # name the stages that failed rather than "aggregate was never ready"
-            raise RuntimeError("stage(s) failed: " + "; ".join(failed)) from exc
+            raise StagesFailed("stage(s) failed: " + "; ".join(failed)) from exc
         raise
     # Which stages executed and which were cache hits ("Completed" vs "Cached"), per seed (and cell).
     summary["stage_states"] = {
@@ -215,6 +219,7 @@ def experiment(
     variants: list[str] | None = None,
     models: list[str] | None = None,
     init: list[str] | None = None,
+    site_checked: bool = False,
 ) -> dict[str, Any]:
     """Run the whole study: every seed of every cell of the grid `models` x `variants` x `init`
     (each defaults to the preset's single model, `constraint.variant` and `constraint.init`;
@@ -222,11 +227,13 @@ def experiment(
     strings (as `monolm run --set`), `named_overrides` names like `reference`, `config_file` a YAML
     of overrides (e.g. a site file such as infra/site-a100.example.yaml); the config is validated
     before anything runs.
-    `nightly`: check first that stage 0 can reach its model and data (`monolm verify`; a failed
-    check fails the run before any stage), name the run `nightly-<preset>-<scheduled time>` and,
+    `nightly`: name the run `nightly-<preset>-<scheduled time>` and,
     after stage 7, compare it with the previous nightly run (`flows/nightly.py`;
     `regression_tolerance` overrides tolerances); a regression fails the run. An empty `profile`
-    or `config_file` (a deploy-time setting left unset) means none."""
+    or `config_file` (a deploy-time setting left unset) means none.
+    Every run first makes the site checks of `monolm verify` for each model whose stage 0 still has
+    to run (a failed check fails the run in seconds, naming the cause and what to do, before any
+    stage); `site_checked` says the caller (`monolm run`) made them already."""
     log = get_run_logger()
     # Deploy-time settings arrive as text: an empty profile or config file means "not set".
     profile, config_file = profile or None, config_file or None
@@ -270,7 +277,7 @@ def experiment(
                 "no runner.stage_timeout_minutes for GPU stage(s) %s: a stuck one holds its GPU job until the walltime",
                 ", ".join(untimed),
             )
-    if nightly:  # fail in seconds, naming what is unreachable, rather than deep in stage 0
+    if not site_checked:  # fail in seconds, naming what is unreachable, rather than deep in stage 0
         from flows.nightly import verify_site
 
         verify_site(cfg.model_dump(mode="json"))
@@ -296,13 +303,18 @@ def _nightly_name(preset: str, run_name: str | None) -> str:
 
 
 def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
-    """`monolm run`: the same flow, called from the CLI with an already validated config."""
+    """`monolm run`: the same flow, called from the CLI with an already validated config (and its
+    site checks made); a failure a user can act on reaches the console without a traceback."""
+    from flows.console import hide_user_tracebacks
     from monolm.report.console import print_rows
 
+    hide_user_tracebacks()
     grid = {"models": cfg.grid.models, "variants": cfg.grid.variants, "init": cfg.grid.inits}
     grid = {axis: list(values) for axis, values in grid.items() if values}  # flow parameters, shown as such in the UI
     sets = [s for s in _config_as_sets(cfg) if not s.startswith("grid.")]
-    result = experiment(seeds=cfg.seeds, preset=cfg.preset, overrides=sets, run_name=cfg.run_name, **grid)
+    result = experiment(
+        seeds=cfg.seeds, preset=cfg.preset, overrides=sets, run_name=cfg.run_name, site_checked=True, **grid
+    )
     print_rows(f"{result['run_name']}: mean over {len(cfg.seeds)} seed(s)", result["table"])
     print(f"stages executed (not cache hits): {', '.join(executed_stages(result)) or 'none'}")
     return result

@@ -38,6 +38,7 @@ from prefect.cache_policies import NO_CACHE
 
 from monolm.store import METRIC_FIELDS, ResultsStore
 from monolm.study.registry import ATTACKS
+from monolm.study.site_preflight import SiteCheckError
 from tasks.aggregate import artifact_key
 
 RUN_NAME_PREFIX = "nightly-"
@@ -327,33 +328,28 @@ def regression_check(store_url: str, run_id: str, tolerance: dict[str, Any] | No
 
 
 # --------------------------------------------------------------------------- before the run
-class SiteCheckError(RuntimeError):
-    """Stage 0 could not run here: the model, the data or the disk that `monolm verify` checks."""
-
-
 @task(name="verify", task_run_name="verify-{cfg_data[preset]}", cache_policy=NO_CACHE, retries=0)
 def verify_site(cfg_data: dict[str, Any], timeout: float = 30.0) -> list[dict[str, Any]]:
-    """`monolm verify` at the start of a nightly run: every check as a log line; any failed check
-    fails the run at once with the checks' reasons (an unreachable hub fails within `timeout`
-    seconds instead of deep in stage 0, after the workers started)."""
+    """`monolm verify` at the start of every run, for each model whose stage 0 still has to run:
+    every check as a log line; a failed check fails the run at once (`SiteCheckError`, never
+    retried) with every reason and next step in its message (an unreachable hub fails within
+    `timeout` seconds instead of deep in stage 0, after the workers started)."""
     from prefect import get_run_logger
 
     from monolm.config import build_config
     from monolm.study.site_checks import run_checks
+    from monolm.study.site_preflight import blocking, failure_message, models_to_set_up
 
-    cfg = build_config(cfg_data)
     log = get_run_logger()
-    checks = run_checks(cfg, timeout=timeout)
-    for check in checks:
-        (log.info if check.ok else log.error)("%s  %s: %s", "PASS" if check.ok else "FAIL", check.name, check.detail)
-    failed = [c for c in checks if not c.ok]
-    if failed:
-        raise SiteCheckError(
-            f"nightly run stopped before stage 0: {len(failed)} of {len(checks)} checks of `monolm verify "
-            f"--preset {cfg.preset}` failed (model {cfg.model.name}, data {cfg.data.dataset}): "
-            + "; ".join(f"{c.name}: {c.detail}" for c in failed)
-        )
-    return [asdict(c) for c in checks]
+    made = []
+    for model_cfg in models_to_set_up(build_config(cfg_data)):
+        checks = run_checks(model_cfg, timeout=timeout)
+        for check in checks:
+            (log.error if check.ok is False else log.info)("%s  %s: %s", check.status, check.name, check.detail)
+        made += [asdict(c) for c in checks]
+        if blocking(checks):
+            raise SiteCheckError(failure_message(model_cfg, checks))
+    return made
 
 
 # --------------------------------------------------------------------------- CLI

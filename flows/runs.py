@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 FLOW = "experiment"
-MESSAGE_CHARS = 80
 
 
 def served_api_url(state_dir: Path | None = None) -> str | None:
@@ -64,13 +63,13 @@ def _grid(params: Mapping[str, Any]) -> str | None:
 
 
 def flow_run_rows(runs: Sequence[Any], deployments: Mapping[Any, str]) -> list[dict[str, Any]]:
-    """One row per flow run, newest first as given: the state's full name, and the start of its
-    message for a run that did not complete."""
+    """One row per flow run, newest first as given: the state's full name, and the whole message
+    of a run that did not complete (the cause of a failure is often past its first 80 characters)."""
     rows = []
     for run in runs:
         params = run.parameters or {}
         message = (run.state.message or "") if run.state and run.state_name != "Completed" else ""
-        message = message.strip().splitlines()[0] if message.strip() else None
+        message = message.strip() or None
         rows.append(
             {
                 "flow run": run.name,
@@ -81,7 +80,7 @@ def flow_run_rows(runs: Sequence[Any], deployments: Mapping[Any, str]) -> list[d
                 "preset": params.get("preset", "—"),
                 "seeds": _listed(params.get("seeds")),
                 "grid": _grid(params),
-                "message": message and message[:MESSAGE_CHARS] + ("…" if len(message) > MESSAGE_CHARS else ""),
+                "message": message,
             }
         )
     return rows
@@ -122,6 +121,18 @@ def show_runs(limit: int = 20) -> int:
     runs, deployments = asyncio.run(_read(limit))
     source = os.environ.get("PREFECT_API_URL") or "the local run history"
     rows = flow_run_rows(runs, deployments)
-    columns = non_empty_columns(rows, list(rows[0])) if rows else None
+    columns = non_empty_columns(rows, [k for k in rows[0] if k != "message"]) if rows else None
     print(format_table(rows, columns=columns, title=f"latest {FLOW} runs ({source})"))
+    print(why_lines(rows), end="")
     return 0
+
+
+def why_lines(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Below the table, in full: why each run that did not complete stopped (a table cell would cut
+    the cause, or make the table too wide for the terminal)."""
+    out = ""
+    for row in rows:
+        if row["message"]:
+            body = "\n".join(f"  {line}" for line in row["message"].splitlines())
+            out += f"{row['flow run']} ({row['state']}):\n{body}\n"
+    return out

@@ -176,7 +176,7 @@ def result_storage_slug(path: Path) -> str:
 def stage_options(cfg: ExperimentConfig, stage: str) -> dict[str, Any]:
     """`Task.with_options(...)` for one stage: persisted results under the runs root, the stage
     cache policy with serialized execution (two flows on one seed: one waits, then reuses),
-    retries with a delay, and the configured timeout."""
+    retries with a delay (none for an error no retry can fix), and the configured timeout."""
     results, keys, locks = cache_dirs(cfg)
     for d in (results, keys, locks):
         d.mkdir(parents=True, exist_ok=True)
@@ -196,8 +196,22 @@ def stage_options(cfg: ExperimentConfig, stage: str) -> dict[str, Any]:
         "result_serializer": JSONSerializer(object_encoder=None, object_decoder=None),
         "retries": cfg.runner.retries,
         "retry_delay_seconds": cfg.runner.retry_delay_seconds,
+        "retry_condition_fn": retry_unless_permanent,
         "timeout_seconds": timeout_min * 60 if timeout_min else None,
     }
+
+
+def retry_unless_permanent(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's retry condition: retry a failed stage unless its error is permanent
+    (`monolm.core.errors.PermanentError`: configuration, a model not cached offline, unreadable
+    data); those fail at once with their cause instead of after every retry delay."""
+    from monolm.core.errors import is_permanent
+
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception:  # the result is not readable: retry, as Prefect would
+        return True
+    return not (isinstance(exc, BaseException) and is_permanent(exc))
 
 
 # --------------------------------------------------------------------------- logs

@@ -74,9 +74,53 @@ def test_verify_offline_fails_fast_and_clearly(tmp_path, endpoint, reason):
     assert "FAIL  hub reachable" in out.stdout and reason in out.stdout
     assert "FAIL  model config loadable" in out.stdout and "not in the local cache" in out.stdout
     assert "FAIL  dataset readable" in out.stdout and "unreachable" in out.stdout
+    # each FAIL line is followed by what to do next
+    lines = out.stdout.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("FAIL"):
+            assert lines[i + 1].lstrip().startswith("next: "), out.stdout
+    assert "--set data.source=local" in out.stdout and "hf download EleutherAI/pythia-1.4b" in out.stdout
     assert "PASS  disk space" in out.stdout and out.stdout.splitlines()[-1].startswith("1 passed, 4 failed")
     assert "Retry" not in out.stdout + out.stderr and "Traceback" not in out.stderr
     assert elapsed < 15, f"verify took {elapsed:.1f} s offline"
+
+
+def test_run_offline_with_a_hub_preset_fails_in_seconds_naming_the_cause(tmp_path):
+    """Issue 24: `monolm run --preset quick` offline with an empty cache used to take 38 s and 299
+    lines (setup retried 3 times, 6 tracebacks). The site checks of `monolm verify` now run before
+    the flow starts: a few lines, the cause and the next step, no Prefect server, no traceback."""
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PREFECT_HOME": str(tmp_path / "prefect")}
+    sets = ["--set", f"paths.runs_root={tmp_path / 'runs'}", "--set", f"paths.cache_dir={tmp_path / 'cache'}"]
+    start = time.time()
+    out = monolm("run", "--preset", "quick", "--seeds", "42", "-q", *sets, cwd=tmp_path, env=env, timeout=200)
+    elapsed = time.time() - start
+    text = out.stdout + out.stderr
+    assert out.returncode == 2, text
+    assert "stopped before stage 0" in out.stderr and "'EleutherAI/pythia-1.4b' is not in the local cache" in text
+    assert "HF_HUB_OFFLINE is set" in text and "next: " in text
+    assert "Traceback" not in text and "Retry" not in text and "Starting temporary server" not in text
+    assert len(text.splitlines()) <= 10, text
+    assert not (tmp_path / "prefect").exists() and not list((tmp_path / "runs").glob("quick/*"))
+    assert elapsed < 30, f"took {elapsed:.1f} s to fail"
+
+
+def test_permanent_errors_are_not_retried():
+    """The stages' retry condition: configuration, a model not cached offline and unusable data
+    fail at once; anything else (a lost worker, a hub 502) is retried as before."""
+    from prefect.states import Failed
+
+    from monolm.config import ConfigError
+    from monolm.data.splits import DataError
+    from monolm.models.loading import ModelError, ModelUnavailable
+    from tasks.common import retry_unless_permanent
+
+    def retried(exc: BaseException) -> bool:
+        return retry_unless_permanent(None, None, Failed(data=exc))
+
+    wrapped = RuntimeError("stage setup failed")
+    wrapped.__cause__ = ModelUnavailable("not cached")
+    assert not any(retried(e) for e in (ConfigError("x"), DataError("x"), ModelUnavailable("x"), wrapped))
+    assert retried(RuntimeError("worker lost")) and retried(ModelError("502 from the hub"))
 
 
 def test_verify_tiny_passes_offline(tmp_path):
@@ -225,12 +269,12 @@ def test_results_shows_run_ids_and_takes_names_prefixes_and_the_long_form(tmp_pa
 
 
 def test_runs_rows_show_the_state_in_full_and_why_a_run_failed():
-    """`monolm runs`: the state's whole name, the deployment (or `monolm run`), and the first line
-    of a failed run's message."""
+    """`monolm runs`: the state's whole name, the deployment (or `monolm run`), and a failed run's
+    whole message, printed below the table (issue 24: it was cut at 80 characters, before the cause)."""
     import datetime as dt
     from types import SimpleNamespace
 
-    from flows.runs import flow_run_rows
+    from flows.runs import flow_run_rows, why_lines
 
     started = dt.datetime(2026, 1, 2, 3, 4, tzinfo=dt.UTC)
 
@@ -254,10 +298,11 @@ def test_runs_rows_show_the_state_in_full_and_why_a_run_failed():
         {"d1": "experiment/seed-42"},
     )
     assert rows[0]["state"] == "Crashed" and rows[0]["deployment"] == "experiment/seed-42"
-    assert (
-        rows[0]["message"] == "Flow run infrastructure exited with non-zero status code -9."
-        and rows[0]["took"] == "1h02m"
-    )
+    assert rows[0]["message"] == "Flow run infrastructure exited with non-zero status code -9.\nmore"
+    assert rows[0]["took"] == "1h02m"
+    cause = "stage(s) failed: setup (42): ModelError: " + "x" * 200 + " the cause"
+    failed = flow_run_rows([run("f", "Failed", None, cause)], {})
+    assert why_lines(failed) == f"f (Failed):\n  {cause}\n"  # whole, below the table
     assert rows[1]["deployment"] == "(monolm run)" and rows[1]["message"] is None and rows[1]["took"] == "1m23s"
     assert rows[1]["seeds"] == "42 1337" and rows[1]["preset"] == "tiny" and rows[1]["grid"] is None
     # the experiment/variants deployment: the preset's seeds, every variant

@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
+from monolm.core.errors import PermanentError
+
 PositiveInt = Annotated[StrictInt, Field(gt=0)]
 NonNegInt = Annotated[StrictInt, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -35,8 +37,9 @@ def check_run_name(value: str | None) -> str | None:
     return value
 
 
-class ConfigError(ValueError):
-    """A configuration problem, phrased for the user: field path, bad value, what is allowed."""
+class ConfigError(PermanentError, ValueError):
+    """A configuration problem, phrased for the user: field path, bad value, what is allowed (never
+    retried: it fails the same way every time)."""
 
 
 class Strict(BaseModel):

@@ -38,6 +38,7 @@ import torch
 
 from monolm.config import DataConfig
 from monolm.core.artifacts import atomic_path
+from monolm.core.errors import PermanentError
 from monolm.core.runtime import derive_seed
 from monolm.data.contamination import ContaminationError, Index, doc_hash, select_clean
 
@@ -55,7 +56,7 @@ PART_USE = {
 }
 
 
-class DataError(ValueError):
+class DataError(PermanentError, ValueError):
     """Data that cannot be used: missing, empty, too short, not UTF-8, overlapping splits."""
 
 

@@ -171,7 +171,7 @@ def _locate_model(cfg: ExperimentConfig) -> Path | None:
         return models.fetch_hub_model(cfg.model.name, cfg.model.revision, cfg.hf_cache_dir)
     path = Path(cfg.model.name).resolve()
     if not (path / "config.json").is_file():
-        raise models.ModelError(f"model.name={cfg.model.name!r} is not a saved model directory")
+        raise models.ModelUnavailable(f"model.name={cfg.model.name!r} is not a saved model directory")
     return path
 
 

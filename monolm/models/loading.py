@@ -16,6 +16,7 @@ from torch import nn
 
 from monolm.config import ModelConfig, TinyModelConfig
 from monolm.core.artifacts import atomic_dir
+from monolm.core.errors import PermanentError, hub_offline
 
 log = logging.getLogger("monolm.models")
 
@@ -26,6 +27,11 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model"]
 
 class ModelError(RuntimeError):
     """A model that cannot be fetched or loaded, with the id/path in the message."""
+
+
+class ModelUnavailable(ModelError, PermanentError):
+    """A model no retry can bring: not on the hub, not cached on an offline machine (HF_HUB_OFFLINE),
+    no safetensors weights, or not a saved model directory."""
 
 
 def padded_vocab_size(n_tokens: int, multiple: int) -> int:
@@ -138,14 +144,17 @@ def fetch_hub_model(name: str, revision: str, cache_dir: Path) -> Path:
             snapshot_download(repo_id=name, revision=revision, cache_dir=str(cache_dir), allow_patterns=HUB_PATTERNS)
         )
     except RepositoryNotFoundError:
-        raise ModelError(f"model {name!r} (revision {revision!r}) does not exist on the hub or is private") from None
+        raise ModelUnavailable(
+            f"model {name!r} (revision {revision!r}) does not exist on the hub or is private"
+        ) from None
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
-        raise ModelError(
+        offline = isinstance(exc, LocalEntryNotFoundError) and hub_offline()
+        raise (ModelUnavailable if offline else ModelError)(
             f"cannot fetch model {name!r} (revision {revision!r}) from the hub and it is not in the cache "
             f"{cache_dir}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         ) from None
     if not any(path.glob("*.safetensors")):
-        raise ModelError(f"model {name!r} has no safetensors weights; monolm refuses pickled .bin weights")
+        raise ModelUnavailable(f"model {name!r} has no safetensors weights; monolm refuses pickled .bin weights")
     return path
 
 
@@ -161,7 +170,7 @@ def load_model(path: str | Path, device: torch.device | str | None = None) -> nn
         from transformers import AutoModelForCausalLM
 
         if not (path / "config.json").is_file():
-            raise ModelError(f"{path} is not a saved model directory (no config.json)")
+            raise ModelUnavailable(f"{path} is not a saved model directory (no config.json)")
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
         except OSError as exc:

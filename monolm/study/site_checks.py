@@ -6,6 +6,7 @@ machine gets its answer in seconds instead of minutes of retries."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -17,6 +18,7 @@ from urllib.parse import urlparse
 
 from monolm.config import ExperimentConfig
 from monolm.core.artifacts import nearest_existing
+from monolm.core.errors import hub_offline
 
 PROBE_SECONDS = 5.0  # connect + name lookup of the hub host
 
@@ -26,6 +28,7 @@ class Check:
     name: str
     ok: bool | None  # None: skipped (could not be checked here, says why)
     detail: str
+    next_step: str = ""  # a failed check: the one thing to do about it
 
     @property
     def status(self) -> str:
@@ -82,12 +85,15 @@ def run_checks(cfg: ExperimentConfig, timeout: float = 30.0) -> list[Check]:
 
     def add(name: str, fn: Callable[[], str], seconds: float = timeout) -> bool | None:
         ok, detail = _with_deadline(fn, seconds)
-        checks.append(Check(name, ok, detail))
+        checks.append(Check(name, ok, detail, next_step(cfg, name) if ok is False else ""))
         return ok
 
     m, d = cfg.model, cfg.data
     network = {"down": False}
-    if m.source == "hub" or d.source == "hub":
+    if (m.source == "hub" or d.source == "hub") and hub_offline():
+        network["down"] = True
+        checks.append(Check("hub reachable", None, "HF_HUB_OFFLINE is set: the checks below use the local cache only"))
+    elif m.source == "hub" or d.source == "hub":
         ok = add("hub reachable", _hub_check(cfg, network), timeout)
         network["down"] = network["down"] or ok is False and checks[-1].detail.startswith("no answer")
         if network["down"]:
@@ -104,6 +110,35 @@ def run_checks(cfg: ExperimentConfig, timeout: float = 30.0) -> list[Check]:
     add("dataset readable", _dataset_check(cfg, offline), timeout * 2)
     add("disk space", _disk_check(cfg))
     return checks
+
+
+def next_step(cfg: ExperimentConfig, check: str) -> str:
+    """What to do about a failed check, in one sentence naming the setting or command."""
+    m, d = cfg.model, cfg.data
+    cache = cfg.hf_cache_dir
+    steps = {
+        "hub reachable": "check the network and proxy (HTTPS_PROXY, HF_ENDPOINT); on a machine without network set "
+        "HF_HUB_OFFLINE=1 and use a filled cache or local copies",
+        "constraint variant": "choose a constraint variant this architecture has (`--variants all` runs every one)",
+        "disk space": f"free space under {cfg.paths.runs_root} or set paths.runs_root to a larger file system",
+    }
+    if m.source == "hub":
+        model = (
+            f"fill the cache on a machine with network (`hf download {m.name} --revision {m.revision} "
+            f"--cache-dir {cache}`, then copy {cache} here), or use a saved copy: "
+            "--set model.source=local --set model.name=DIR"
+        )
+    else:
+        model = "set model.name to a folder holding config.json, the tokenizer files and *.safetensors weights"
+    steps["model config loadable"] = steps["tokenizer loadable"] = model
+    if d.source == "hub":
+        steps["dataset readable"] = (
+            "point data.source at a local copy: --set data.source=local --set data.dataset=DIR "
+            "(<split>.jsonl files with a text field)"
+        )
+    else:
+        steps["dataset readable"] = f"check data.dataset (a folder of <split>.jsonl files with field {d.text_field!r})"
+    return steps.get(check, "")
 
 
 def _behind_proxy() -> bool:
@@ -141,8 +176,12 @@ def _source(cfg: ExperimentConfig) -> str:
 
 def _not_cached(cfg: ExperimentConfig, offline: bool, exc: Exception) -> Exception:
     if offline and cfg.model.source == "hub":
-        return RuntimeError(f"{cfg.model.name!r} is not in the local cache {cfg.hf_cache_dir}; the hub is unreachable")
+        return RuntimeError(f"{cfg.model.name!r} is not in the local cache {cfg.hf_cache_dir}; {_why_offline()}")
     return exc
+
+
+def _why_offline() -> str:
+    return "HF_HUB_OFFLINE is set" if hub_offline() else "the hub is unreachable"
 
 
 def _model_check(cfg: ExperimentConfig, offline: bool) -> Callable[[], str]:
@@ -200,10 +239,15 @@ def _dataset_check(cfg: ExperimentConfig, offline: bool) -> Callable[[], str]:
             return f"{len(data.embedded_documents())} embedded documents"
         if d.source == "local":
             small = {"n_train_docs": 50, "n_val_docs": 5, "n_test_docs": 5, "n_attack_docs": 5}
-            sp = data.load_splits(d.model_copy(update=small), 0)
+            quiet = logging.getLogger("monolm.data")  # the sample's part sizes are not the run's
+            level, quiet.level = quiet.level, logging.WARNING
+            try:
+                sp = data.load_splits(d.model_copy(update=small), 0)
+            finally:
+                quiet.setLevel(level)
             return f"local files readable ({len(sp.train)} train docs sampled)"
         if offline:
-            raise ConnectionError(f"{d.dataset} is streamed from the hub, which is unreachable")
+            raise ConnectionError(f"{d.dataset} is streamed from the hub; {_why_offline()}")
         import datasets
 
         splits = list(dict.fromkeys((d.train_split, d.val_split, d.test_split, d.attack_split)))

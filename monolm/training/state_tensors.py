@@ -13,13 +13,14 @@ import numpy as np
 import torch
 
 from monolm.core.artifacts import CorruptArtifact
+from monolm.core.errors import PermanentError
 
 log = logging.getLogger("monolm.checkpoint")
 
 OPTIMIZER_JSON = "optimizer.json"
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(PermanentError, ValueError):
     """The checkpoint belongs to a different model, recipe or run than the one resuming it."""
 
 
