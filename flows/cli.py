@@ -138,7 +138,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         print(format_plan(cfg, plan_study(cfg, last)))
         return 0
-    started = time.time()
+    started, answer = time.time(), None
     from monolm.study.site_preflight import site_preflight
 
     site_preflight(cfg)  # `monolm verify`'s checks for each model still to set up: fail here, in seconds
@@ -166,8 +166,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         if result.get("earlier"):  # other configurations of this study, kept beside it
             print(f"earlier runs of this study (kept): {', '.join(result['earlier'])}")
         print(f"report: {result['report']}")
-        print(f"run ID: {result['run_id']} (`monolm results --run {result['run_name']}` shows its numbers)")
+        print(f"run ID: {result['run_id']} (`monolm results --run {result['run_id']}` shows its numbers)")
+        answer = result.get("answer")  # one cell: the answer in one sentence, last
     print(f"wall time: {time.time() - started:.1f} s")
+    if answer:
+        print(answer)
     return 0
 
 
@@ -186,9 +189,9 @@ def print_constrain(path: Path) -> None:
                 "module": row["name"],
                 "role": row["role"],
                 "params": row["n_params"],
-                "negative_before": row["frac_negative_before"],
-                "rel_change": row["rel_change"],
-                "block_coord_violation_rate": blocks.get(row["name"], {}).get("coord_violation_rate"),
+                "negative before (%)": _pct(row["frac_negative_before"]),
+                "relative change": row["rel_change"],
+                "block monotonicity violations (%)": _pct(blocks.get(row["name"], {}).get("coord_violation_rate")),
             }
             for row in summary["modules"]
         ],
@@ -198,6 +201,10 @@ def print_constrain(path: Path) -> None:
         + ", ".join(f"{k}={v:.4g}" for k, v in report["drift"].items() if isinstance(v, float))
     )
     print(report["note"])
+
+
+def _pct(fraction: float | None) -> float | None:
+    return None if fraction is None else 100 * fraction
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

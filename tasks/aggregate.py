@@ -25,15 +25,15 @@ def publish_artifacts(result: dict[str, Any]) -> dict[str, str]:
     create_table_artifact(
         table=result["table"],
         key=keys["table"],
-        description=f"{run_name}: per model, mean over seeds (perplexity; UAT/HotFlip absolute loss increase in "
-        f"nats/token and success rate). Report: {result['report']}",
+        description=f"{run_name}: per arm, mean over seeds (test perplexity; per attack the damage, the absolute "
+        f"loss increase in nats/token, and the success rate in %). Report: {result['report']}",
     )
     report_md = embed_figures(Path(result["report"]).read_text(encoding="utf-8"), result["dir"])
     note = f"\n\n---\nResults folder: `{result['dir']}` (report.md, tables.tex, summary.csv, figures as PNG)\n"
     create_markdown_artifact(
         markdown=report_md + note,
         key=keys["report"],
-        description=f"{run_name}: report.md with its figures",
+        description=result.get("answer") or f"{run_name}: report.md with its figures",
     )
     return keys
 

@@ -249,7 +249,7 @@ def test_results_shows_run_ids_and_takes_names_prefixes_and_the_long_form(tmp_pa
                     {"arm": "baseline", "stage": "evaluate", "metric": "token_perplexity:std", "value": None},
                 ],
             )
-    plain = monolm("results", "--store", url, cwd=tmp_path)
+    plain = monolm("results", "--store", url, cwd=tmp_path, env={"COLUMNS": "200"})  # a wide terminal
     assert plain.returncode == 0, plain.stderr
     lines = [line for line in plain.stdout.splitlines() if "token_perplexity" in line]
     assert len(lines) == 2 and "tiny-neox-mlp_in-fair-seeds-1-2-aaaa" in lines[0] and "21" in lines[0]

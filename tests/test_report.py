@@ -477,8 +477,20 @@ def test_tables_and_csv(three_seeds):
     assert header[:4] == ["stage", "model", "metric", "n"]
     row = next(line for line in csv_text if line.startswith("evaluate,monotonic,token_perplexity,"))
     assert row.split(",")[3] == "3" and float(row.split(",")[4]) == pytest.approx((23 + 24.5 + 25) / 3)
-    assert out["table"][1]["model"] == "baseline" and out["table"][1]["perplexity"] == pytest.approx(21.1666666)
-    assert out["table"][2]["hotflip_delta_nats"] == pytest.approx(0.9266666, rel=1e-5)
+    # the terminal / artifact table: readable labels with units, the arm column called arm, rates in %
+    assert out["table"][1]["arm"] == "baseline" and out["table"][1]["test perplexity"] == pytest.approx(21.1666666)
+    assert out["table"][2]["HotFlip damage (nats/token)"] == pytest.approx(0.9266666, rel=1e-5)
+    rate = next(
+        s
+        for s in results["summaries"]
+        if s["stage"] == "hotflip" and s["model"] == "monotonic" and s["metric"] == "success_rate"
+    )["mean"]
+    assert out["table"][2]["HotFlip success (%)"] == pytest.approx(100 * rate)
+    # the answer in one sentence: report.md opens with it, and the stage result carries it
+    assert out["answer"].startswith("The constraint cost +") and "HotFlip constrained less robust" in out["answer"]
+    assert "p=" in out["answer"] and "paired t over 3 seeds" in out["answer"]
+    lines = Path(out["report"]).read_text().splitlines()
+    assert lines[2] == f"**{out['answer']}**"
 
 
 def test_every_value_carries_its_provenance(three_seeds):

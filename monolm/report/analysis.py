@@ -82,19 +82,22 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def console_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per model for the terminal and the Prefect table artifact (means over seeds)."""
+    """One row per arm for the terminal and the Prefect table artifact (means over seeds), with
+    readable labels and units; success rates in % as in the report."""
     rows = []
     for model in MODELS:
         ppl = summary(results, "evaluate", model, "token_perplexity")
         row: dict[str, Any] = {
-            "model": model,
+            "arm": model,
             "seeds": ppl["n"] if ppl else 0,
-            "perplexity": ppl["mean"] if ppl else None,
+            "test perplexity": ppl["mean"] if ppl else None,
         }
-        for attack in ATTACKS:
+        for attack, name in ATTACKS.items():
             if model in ARMS:
-                for metric, col in (("abs_increase", "delta_nats"), ("success_rate", "success")):
-                    rec = summary(results, attack, model, metric)
-                    row[f"{attack}_{col}"] = rec["mean"] if rec else None
+                damage = summary(results, attack, model, "abs_increase")
+                success = summary(results, attack, model, "success_rate")
+                row[f"{name} damage (nats/token)"] = damage["mean"] if damage else None
+                rate = success["mean"] if success else None
+                row[f"{name} success (%)"] = None if rate is None else 100 * rate
         rows.append(row)
     return rows

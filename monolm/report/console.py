@@ -1,9 +1,12 @@
-"""Printing result tables in the terminal with rich, always as a rich table 160 columns wide; rich
-itself leaves out colours and styles when the output is not a terminal (a pipe or a log file)."""
+"""Printing result tables in the terminal: as wide as the terminal, text columns (arms, modules,
+IDs) never split (`monolm.store.display`); rich itself leaves out colours and styles when the
+output is not a terminal (a pipe or a log file)."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from monolm.store.display import render_table
 
 
 def _fmt(value: Any) -> str:
@@ -15,17 +18,9 @@ def _fmt(value: Any) -> str:
 
 
 def print_rows(title: str, rows: list[dict[str, Any]]) -> None:
-    """One table with a column per key of any row (first-seen order): the model, module and metric
-    columns left-aligned, the others right-aligned; floats with 4 significant digits, "-" for None."""
-    from rich.console import Console
-    from rich.table import Table
-
+    """One table with a column per key of any row (first-seen order); floats with 4 significant
+    digits, "-" for None."""
     columns: list[str] = []
     for row in rows:
         columns += [c for c in row if c not in columns]
-    table = Table(title=title)
-    for col in columns:
-        table.add_column(col, justify="left" if col in ("model", "module", "metric") else "right")
-    for row in rows:
-        table.add_row(*(_fmt(row.get(c)) for c in columns))
-    Console(width=160).print(table)
+    print(render_table(rows, columns, title=title, cell=_fmt))

@@ -7,6 +7,7 @@ import csv
 import io
 from typing import Any
 
+from monolm.report.answer import answer_sentence
 from monolm.report.cross_cell.cell_verdict import grid_verdict_lines
 from monolm.report.first_screen import headline_table
 from monolm.report.formatting import fmt_pct
@@ -166,7 +167,7 @@ def _provenance_lines(results: dict[str, Any], config_path: str) -> list[str]:
         f"(init `{meta.get('init')}`): non-negative FFN weights.",
         f"- Seeds: {', '.join(str(s) for s in meta['seeds'])} (n = {n}).",
         *([f"- {results['held_out_statement']}"] if results.get("held_out_statement") else []),
-        f"- Run ID `{meta['run_id']}` in the results store (`monolm results --run {meta['run_name']}`).",
+        f"- Run ID `{meta['run_id']}` in the results store (`monolm results --run {meta['run_id']}`).",
         *([f"- **Status: partial** — {meta['incomplete']}."] if meta.get("incomplete") else []),
         f"- Config digest `{meta['config_digest']}`; full config: `{config_path}` (also at the end of this report).",
         f"- Code revision: `{meta['code_revision']}`" + stage_revisions + ".",
@@ -175,8 +176,14 @@ def _provenance_lines(results: dict[str, Any], config_path: str) -> list[str]:
 
 
 def _headline_lines(results: dict[str, Any]) -> list[str]:
-    """The title, the recipe in one line, and the headline table with the caveats its rows share."""
-    lines = [f"# monolm results: {results['meta']['run_name']}", "", *grid_verdict_lines(results)]
+    """The title, the answer in one sentence (in a grid's cell report after the grid's verdict,
+    which counts), the recipe in one line, and the headline table with the caveats its rows share."""
+    lines = [f"# monolm results: {results['meta']['run_name']}", ""]
+    grid = grid_verdict_lines(results)
+    if grid:
+        lines += [*grid, f"This cell's own tests: {answer_sentence(results)}", ""]
+    else:
+        lines += [f"**{answer_sentence(results)}**", ""]
     lines += [f"> {results['recipe_statement']}", ""]
     table = headline_table(results)
     return [*lines, table_markdown(table), ""] if table else lines

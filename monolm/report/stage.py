@@ -35,6 +35,7 @@ from monolm.core.artifacts import (
 )
 from monolm.core.provenance import git_revision
 from monolm.report import figures as plots
+from monolm.report.answer import answer_sentence
 from monolm.report.publish import earlier_runs, publish, published, safe_name  # noqa: F401  (published: re-exported)
 from monolm.study.frame import StageRef, stage_code_version
 from monolm.study.registry import SEED_STAGE_NAMES as STAGES
@@ -273,7 +274,8 @@ def run(cfg: ExperimentConfig, seeds: Sequence[Mapping[str, StageRef | Mapping[s
     """Aggregate all seeds of a run. `seeds` holds one {stage name: StageRef} per seed.
 
     Returns {"stage", "run_name", "run_id", "dir", "report", "files" (absolute paths), "table"
-    (console rows, one per model), "digest" (sha256 of results.json), "metrics" (headline numbers),
+    (console rows, one per model), "answer" (the one-sentence answer), "digest" (sha256 of
+    results.json), "metrics" (headline numbers),
     "status"}.
     """
     started = time.time()
@@ -300,6 +302,7 @@ def run(cfg: ExperimentConfig, seeds: Sequence[Mapping[str, StageRef | Mapping[s
         "report": str(final / "report.md"),
         "files": files,
         "table": report.console_rows(results),
+        "answer": answer_sentence(results),
         "digest": digest,
         "metrics": report.headline(results),
     }

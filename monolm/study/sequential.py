@@ -88,18 +88,21 @@ def run_study(
 
 
 def summary_rows(refs: dict[str, StageRef]) -> list[dict[str, Any]]:
-    """One row per model for the results table printed by `monolm run`."""
+    """One row per arm for the results table printed by `monolm run --no-prefect`: the same
+    readable labels and units as stage 7's table, success rates in %."""
     ev = refs.get("evaluate")
     rows = []
     for name in ("base", "baseline", "monotonic"):
-        row: dict[str, Any] = {"model": name}
+        row: dict[str, Any] = {"arm": name}
         if ev:
-            row["perplexity"] = ev.metrics.get(f"{name}_token_perplexity")
-            row["bits_per_byte"] = ev.metrics.get(f"{name}_bits_per_byte")
-        for attack in ATTACKS:
+            row["test perplexity"] = ev.metrics.get(f"{name}_token_perplexity")
+            row["bits per byte"] = ev.metrics.get(f"{name}_bits_per_byte")
+        for attack, label in ATTACKS.items():
             ref = refs.get(attack)
             if ref and name in ref.metrics.get("per_model", {}):
-                row[f"{attack}_delta_nats"] = ref.metrics["per_model"][name].get("abs_increase")
-                row[f"{attack}_success"] = ref.metrics["per_model"][name].get("success_rate")
+                per_model = ref.metrics["per_model"][name]
+                row[f"{label} damage (nats/token)"] = per_model.get("abs_increase")
+                rate = per_model.get("success_rate")
+                row[f"{label} success (%)"] = None if rate is None else 100 * rate
         rows.append(row)
     return rows

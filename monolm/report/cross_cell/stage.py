@@ -180,9 +180,9 @@ def console_rows(analysed) -> list[dict[str, Any]]:
     rows, seen = [], set()
     for cell, _, results, _ in analysed:
         for row in report.console_rows(results):
-            if row["model"] == "monotonic":
-                rows.append({"cell": cell.label, **row})
-            elif (cell.model, row["model"]) not in seen:
-                seen.add((cell.model, row["model"]))
-                rows.append({"cell": f"{cell.model}/shared", **row})
+            if row["arm"] == "monotonic":
+                rows.append({"model": cell.model, "constraint": f"{cell.variant}-{cell.init}", **row})
+            elif (cell.model, row["arm"]) not in seen:
+                seen.add((cell.model, row["arm"]))
+                rows.append({"model": cell.model, "constraint": "none (shared)", **row})
     return rows
