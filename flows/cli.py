@@ -343,16 +343,17 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--variant", help="only this constraint variant")
     results.add_argument("--arm", help="only this arm: base, baseline or monotonic")
     results.add_argument("--model", dest="arm", help=argparse.SUPPRESS)  # deprecated alias of --arm, for one release
-    results.add_argument("--metric", help="only this metric, e.g. token_perplexity, abs_increase")
+    results.add_argument("--metric", help="only this metric, e.g. perplexity (token_perplexity), abs_increase")
     results.add_argument("--run", metavar="RUN", help="only this run: its ID, its name or a unique prefix of either")
     results.add_argument("--long", action="store_true", help="every stored row (per seed, summaries, tests)")
     results.add_argument(
         "--compare",
         nargs=2,
         metavar=("RUN_A", "RUN_B"),
-        help="metric-by-metric difference of two runs (IDs, names or unique prefixes), or of two cells of a "
-        "grid run: RUN@mlp_in RUN@mlp_both",
+        help="two runs (IDs, names or unique prefixes), or two cells of a grid run (RUN@mlp_in RUN@mlp_both): "
+        "how their configs differ, then the headline metrics (--metric/--arm choose, --all for every metric)",
     )
+    results.add_argument("--all", action="store_true", help="with --compare: every metric, not only the headline")
     results.set_defaults(func=cmd_results, preset_for_store="tiny")
     _runs_parser(sub)
     return parser
@@ -370,6 +371,7 @@ def _user_facing(exc: Exception) -> int | None:
         ("monolm.training.checkpoint", "CheckpointMismatch"): 2,
         ("monolm.study.frame", "StageFailed"): 1,
         ("monolm.store.lookup", "UnknownRun"): 2,
+        ("monolm.store.compare_view", "UnknownMetric"): 2,
         ("flows.experiment", "StagesFailed"): 1,
     }
     for (module, name), code in kinds.items():

@@ -60,11 +60,6 @@ def headline_rows(
     return out
 
 
-def compared_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`ResultsStore.compare` rows without the ones empty on both sides (a one-seed run's std)."""
-    return [r for r in rows if r["mean_a"] is not None or r["mean_b"] is not None]
-
-
 def long_rows(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
     """Every stored row that has a value, and how many without one were left out (an interval
     that needs two seeds, in a one-seed run)."""
