@@ -22,7 +22,7 @@ def test_presets_load_and_differ():
 @pytest.mark.parametrize(
     "assignment, field, fragment",
     [
-        ("bogus.key=1", "bogus", "unknown field"),
+        ("bogus.key=1", "bogus", "unknown setting"),
         ("training.common.lr=0", "training.common.lr", "greater than 0"),
         ("training.common.lr=-1e-4", "training.common.lr", "greater than 0"),
         ("constraint.variant=mlp_out", "constraint.variant", "'mlp_in', 'mlp_both'"),
@@ -75,11 +75,35 @@ def test_overrides_from_yaml_file_and_set(tmp_path):
     f.write_text("training:\n  common:\n    lr: 2.0e-4\nseeds: [7, 8]\n")
     cfg = load_config("tiny", config_file=f, sets=["seeds=[9]"])
     assert cfg.training.common.lr == 2e-4 and cfg.seeds == [9]
-    f.write_text("training: [unclosed\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    f.write_text("seeds: [1]\ntraining: [unclosed\n")
+    with pytest.raises(ConfigError, match=f"config file: {f}, line 3, column 1: not valid YAML") as err:
         load_config("tiny", config_file=f)
+    assert "unicode string" not in str(err.value)
     with pytest.raises(ConfigError, match=f"config file: {tmp_path} is a folder"):
         load_config("tiny", config_file=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "assignment, suggestion",
+    [
+        ("training.common.learning_rate=1e-4", "did you mean 'lr'?"),
+        ("training.common.warmup_ration=0.1", "did you mean 'warmup_ratio'?"),
+        ("trainng.common.lr=1e-4", "did you mean 'training'?"),
+        ("constraint.variant=mlp_bth", "did you mean 'mlp_both'?"),
+        ("grid.variants=[mlp_bth]", "did you mean 'mlp_both'?"),
+    ],
+)
+def test_typos_get_a_did_you_mean(assignment, suggestion):
+    """Issue 24: an unknown setting or value names the closest known one."""
+    assert suggestion in refused(assignment)
+
+
+def test_unknown_preset_gets_a_suggestion_and_secrets_are_never_echoed():
+    with pytest.raises(ConfigError, match="unknown preset 'quik'; did you mean 'quick'"):
+        load_config("quik")
+    for assignment in ("data.api_token=hunter2", "paths.store_url=[hunter2]"):
+        message = refused(assignment)
+        assert "hunter2" not in message and assignment.split("=")[0] in message
 
 
 def test_default_run_name_says_each_part_once():

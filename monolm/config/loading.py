@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
 import os
+import re
+import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from monolm.config.schema import ConfigError, ExperimentConfig
 from monolm.core.artifacts import nearest_existing
@@ -40,8 +44,13 @@ def _read_yaml(path: Path, what: str) -> dict[str, Any]:
         raise ConfigError(f"{what}: {path} is a folder; give a YAML file inside it") from None
     except OSError as exc:
         raise ConfigError(f"{what}: cannot read {path} ({exc.strerror or exc})") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{what}: {path} is not valid YAML ({_yaml_problem(exc)})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        # The file and line, not PyYAML's `in "<unicode string>"`; never the line's text.
+        raise ConfigError(f"{what}: {where}: not valid YAML ({getattr(exc, 'problem', None) or 'syntax'})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what}: {path} is not valid YAML (not UTF-8 text at byte {exc.start})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{what}: {path} must contain a mapping, got {type(data).__name__}")
     return data
@@ -98,16 +107,67 @@ def _shown(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
+# Names people type for a setting that is called otherwise here.
+SYNONYMS = {"learning_rate": "lr", "batch_size": "micro_batch_size", "steps": "max_steps", "lr_schedule": "schedule"}
+
+
+def _model_of(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
+    """The pydantic model a field holds, and whether it holds it in a dict (a key comes first)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, False
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    for arg in args:
+        model, keyed = _model_of(arg)
+        if model is not None:
+            return model, keyed or origin is dict
+    return None, False
+
+
+def fields_at(path: tuple[Any, ...]) -> list[str]:
+    """The setting names allowed at `path` (a dotted location's parts, the last one left out)."""
+    cls: type[BaseModel] | None = ExperimentConfig
+    skip = False
+    for part in path:
+        if skip:
+            skip = False
+            continue
+        field = cls.model_fields.get(str(part)) if cls else None
+        if field is None:
+            return []
+        cls, skip = _model_of(field.annotation)
+    return list(cls.model_fields) if cls else []
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`; did you mean 'x'?` for the closest choice (difflib), or nothing."""
+    choices = list(choices)
+    if SYNONYMS.get(str(word)) in choices:
+        return f"; did you mean {SYNONYMS[str(word)]!r}?"
+    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def _format_validation_error(exc: ValidationError) -> str:
+    """One line per problem naming the setting; an unknown setting or value gets the closest
+    known one; values of settings that may hold a secret are never echoed."""
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "config"
         msg = err["msg"]
         # The field is named, its value never shown: a misplaced key may hold a token.
         if err["type"] == "extra_forbidden":
-            lines.append(f"{loc}: unknown field; check the spelling against `monolm config show`")
+            parent = ".".join(str(p) for p in err["loc"][:-1])
+            known = fields_at(err["loc"][:-1])
+            hint = did_you_mean(err["loc"][-1], known)
+            where = f"under {parent}" if parent else "at the top level"
+            lines.append(
+                f"{loc}: unknown setting{hint or f' (known {where}: ' + ', '.join(known) + ')' if known else hint}"
+                + ("" if hint else "; check the spelling against `monolm config show`")
+            )
         elif err["type"] in ("literal_error", "enum"):
-            lines.append(f"{loc}: not an allowed value; {msg}")
+            allowed = re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected", "")))
+            hint = did_you_mean(err["input"], allowed)
+            lines.append(f"{loc}: not an allowed value{hint} {msg}")
         elif err["type"] == "value_error":
             lines.append(msg.removeprefix("Value error, "))
         else:
@@ -132,12 +192,18 @@ def load_config(
 ) -> ExperimentConfig:
     """Resolve preset <- named overrides <- YAML file <- `extra` dict <- `--set` assignments."""
     if preset not in available_presets():
-        raise ConfigError(f"preset: unknown preset {preset!r}; allowed: {', '.join(available_presets())}")
+        raise ConfigError(
+            f"preset: unknown preset {preset!r}{did_you_mean(preset, available_presets())} "
+            f"(allowed: {', '.join(available_presets())})"
+        )
     data = _read_yaml(PRESETS_DIR / f"{preset}.yaml", f"preset {preset}")
     data["preset"] = preset
     for name in overrides:
         if name not in available_overrides():
-            raise ConfigError(f"override: unknown named override {name!r}; allowed: {', '.join(available_overrides())}")
+            raise ConfigError(
+                f"override: unknown named override {name!r}{did_you_mean(name, available_overrides())} "
+                f"(allowed: {', '.join(available_overrides())})"
+            )
         data = deep_merge(data, _read_yaml(OVERRIDES_DIR / f"{name}.yaml", f"override {name}"))
     if config_file is not None:
         data = deep_merge(data, _read_yaml(Path(config_file), "config file"))

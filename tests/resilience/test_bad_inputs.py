@@ -62,7 +62,7 @@ CONFIG_CASES = {
     "unknown named override": (["--override", "faster"], ["unknown named override 'faster'", "reference"]),
     "unknown field": (
         ["--set", "training.common.learning_rate=1e-4"],
-        ["training.common.learning_rate: unknown field"],
+        ["training.common.learning_rate: unknown setting; did you mean 'lr'?"],
     ),
     "override without '='": (
         ["--set", "training.common.lr"],
