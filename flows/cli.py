@@ -136,7 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         from monolm.study.dry_run import format_plan, plan_study
 
-        print(format_plan(cfg, plan_study(cfg, last)))
+        print(format_plan(cfg, plan_study(cfg, last), aggregate=not args.no_prefect))
         return 0
     started, answer = time.time(), None
     from monolm.study.site_preflight import site_preflight

@@ -310,3 +310,21 @@ def test_runs_rows_show_the_state_in_full_and_why_a_run_failed():
     grid.parameters = {"preset": "tiny", "variants": ["all"], "models": ["tiny-neox", "tiny-neox-wide"]}
     (row,) = flow_run_rows([grid], {"d2": "experiment/variants"})
     assert row["seeds"] == "preset's" and row["grid"] == "models: tiny-neox tiny-neox-wide; variants: all"
+
+
+def test_dry_run_names_the_results_folder_and_respects_stages(tmp_path):
+    """Issue 24: `--dry-run` says which results folder the run writes and whether it exists, and
+    `--no-prefect --stages 4` lists stages 0-4 only, without stage 7."""
+    sets = ["--set", f"paths.runs_root={tmp_path / 'runs'}", "--set", f"paths.results_root={tmp_path / 'results'}"]
+    folder = tmp_path / "results" / "tiny-neox-mlp_in-fair-seeds-42"
+    fresh = monolm("run", "--dry-run", *sets, cwd=tmp_path)
+    assert fresh.returncode == 0, fresh.stderr
+    assert f"results folder: {folder} (does not exist yet)" in fresh.stdout and "aggregate" in fresh.stdout
+    folder.mkdir(parents=True)
+    again = monolm("run", "--dry-run", *sets, cwd=tmp_path)
+    assert f"results folder: {folder} (exists already" in again.stdout
+    partial = monolm("run", "--no-prefect", "--stages", "4", "--dry-run", *sets, cwd=tmp_path)
+    assert partial.returncode == 0, partial.stderr
+    listed = [line.split()[0] for line in partial.stdout.splitlines()[2:] if line.strip()]
+    assert "aggregate" not in listed and "uat" not in listed and "evaluate" in listed, partial.stdout
+    assert "total: 6 stage executions" in partial.stdout and "results folder: none" in partial.stdout

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 from monolm.config import ExperimentConfig
 from monolm.study.cells import cells, model_names
@@ -48,8 +49,15 @@ def plan_study(cfg: ExperimentConfig, last: int = SEED_STAGES[-1].number) -> lis
     return plan
 
 
-def format_plan(cfg: ExperimentConfig, plan: list[Execution]) -> str:
-    """The grid, then per stage how many executions it implies and how many are done."""
+def results_folder(cfg: ExperimentConfig) -> Path:
+    """The folder stage 7 writes: `<paths.results_root>/<run name>` (the default name when unset)."""
+    return Path(cfg.paths.results_root).resolve() / (cfg.run_name or cfg.default_run_name)
+
+
+def format_plan(cfg: ExperimentConfig, plan: list[Execution], *, aggregate: bool = True) -> str:
+    """The grid, then per stage how many executions it implies and how many are done, then the
+    results folder stage 7 writes and whether it exists (`aggregate` False: a `--no-prefect` run,
+    which stops before stage 7 and writes no results folder)."""
     study = cells(cfg)
     variants = sorted({c.variant for c in study}, key=[c.variant for c in study].index)
     inits = sorted({c.init for c in study}, key=[c.init for c in study].index)
@@ -64,11 +72,18 @@ def format_plan(cfg: ExperimentConfig, plan: list[Execution]) -> str:
         if spec.name in total:
             n, d = total[spec.name], done[spec.name]
             lines.append(f"{spec.name:<20}{n:>11}{d:>6}{n - d:>8}")
-    n_done = sum(done.values())
-    lines.append(f"{'aggregate':<20}{1:>11}{'':>6}{'(always)':>8}")
+    n_done, extra = sum(done.values()), int(aggregate)
+    if aggregate:
+        lines.append(f"{'aggregate':<20}{1:>11}{'':>6}{'(always)':>8}")
     lines.append(
-        f"total: {len(plan) + 1} stage executions, {n_done} done already (reused), {len(plan) - n_done + 1} to run; "
-        "a model's shared stages (setup, train_baseline and the baseline's evaluation and attacks) count once "
-        "per seed"
+        f"total: {len(plan) + extra} stage executions, {n_done} done already (reused), "
+        f"{len(plan) - n_done + extra} to run; a model's shared stages (setup, train_baseline and the baseline's "
+        "evaluation and attacks) count once per seed"
     )
+    if aggregate:
+        folder = results_folder(cfg)
+        state = "exists already: this run writes into it" if folder.exists() else "does not exist yet"
+        lines.append(f"results folder: {folder} ({state})")
+    else:
+        lines.append("results folder: none (--no-prefect stops before stage 7: no report is written)")
     return "\n".join(lines)
