@@ -68,6 +68,8 @@ def test_task_publishes_artifacts(harness, tmp_path):
         md = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[keys["report"]])))
     assert table and table[0].type == "table" and "monotonic" in str(table[0].data)
     assert md and md[0].type == "markdown" and "## Findings" in md[0].data and "paired t-test" in md[0].data
+    # the answer in one sentence (issue 24): the artifact's description, and the report's opening
+    assert md[0].description == result["answer"] and f"**{result['answer']}**" in md[0].data
 
 
 def test_unchanged_rerun_is_a_cache_hit_until_the_folder_is_deleted(harness, tmp_path):

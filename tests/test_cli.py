@@ -328,3 +328,21 @@ def test_dry_run_names_the_results_folder_and_respects_stages(tmp_path):
     listed = [line.split()[0] for line in partial.stdout.splitlines()[2:] if line.strip()]
     assert "aggregate" not in listed and "uat" not in listed and "evaluate" in listed, partial.stdout
     assert "total: 6 stage executions" in partial.stdout and "results folder: none" in partial.stdout
+
+
+def test_run_ends_with_the_one_sentence_answer(tmp_path, monkeypatch, capsys):
+    """Issue 24: the last line of `monolm run` is the answer (from stage 7's result), and the hint
+    names the run by its full ID (a name can be the prefix of another run's)."""
+    import flows.cli as cli
+    import flows.experiment as experiment
+
+    answer = "The constraint cost +37% test perplexity (…); attack damage (constrained − baseline): UAT …."
+    result = {"report": str(tmp_path / "report.md"), "run_id": "tiny-run-0123abcd", "run_name": "tiny-run"}
+    monkeypatch.setattr(experiment, "run_experiment", lambda cfg: {**result, "answer": answer})
+    monkeypatch.setattr(cli, "print_constrain", lambda path: None)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    sets = ["--set", f"paths.runs_root={tmp_path / 'runs'}", "--set", f"paths.results_root={tmp_path / 'results'}"]
+    assert cli.main(["run", "-q", *sets]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == answer
+    assert any("`monolm results --run tiny-run-0123abcd`" in line for line in out)

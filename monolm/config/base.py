@@ -3,9 +3,11 @@ small value types (positive numbers, switches, variants, inits, folder-safe name
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
@@ -40,6 +42,19 @@ def check_run_name(value: str | None) -> str | None:
 class ConfigError(PermanentError, ValueError):
     """A configuration problem, phrased for the user: field path, bad value, what is allowed (never
     retried: it fails the same way every time)."""
+
+
+# Names people type for a setting that is called otherwise here.
+SYNONYMS = {"learning_rate": "lr", "batch_size": "micro_batch_size", "steps": "max_steps", "lr_schedule": "schedule"}
+
+
+def did_you_mean(word: object, choices: Iterable[str]) -> str:
+    """`; did you mean 'x'?` for the closest choice (a known synonym, else difflib), or nothing."""
+    choices = list(choices)
+    if SYNONYMS.get(str(word)) in choices:
+        return f"; did you mean {SYNONYMS[str(word)]!r}?"
+    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 class Strict(BaseModel):

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import difflib
 import os
 import re
 import typing
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from monolm.config.base import did_you_mean
 from monolm.config.schema import ConfigError, ExperimentConfig
 from monolm.core.artifacts import nearest_existing
 
@@ -107,10 +106,6 @@ def _shown(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-# Names people type for a setting that is called otherwise here.
-SYNONYMS = {"learning_rate": "lr", "batch_size": "micro_batch_size", "steps": "max_steps", "lr_schedule": "schedule"}
-
-
 def _model_of(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
     """The pydantic model a field holds, and whether it holds it in a dict (a key comes first)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -136,15 +131,6 @@ def fields_at(path: tuple[Any, ...]) -> list[str]:
             return []
         cls, skip = _model_of(field.annotation)
     return list(cls.model_fields) if cls else []
-
-
-def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    """`; did you mean 'x'?` for the closest choice (difflib), or nothing."""
-    choices = list(choices)
-    if SYNONYMS.get(str(word)) in choices:
-        return f"; did you mean {SYNONYMS[str(word)]!r}?"
-    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _format_validation_error(exc: ValidationError) -> str:

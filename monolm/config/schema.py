@@ -27,6 +27,7 @@ from monolm.config.base import (  # noqa: F401  (re-exported: the value types ar
     Switch,
     Variant,
     check_run_name,
+    did_you_mean,
     study_digest_of,
 )
 from monolm.config.controls import ControlsConfig, DamageConfig  # noqa: F401  (re-exported)
@@ -432,7 +433,10 @@ class ExperimentConfig(Strict):
         known = [self.model.slug, *(k for k in self.models if k != self.model.slug)]
         for name in self.grid.models:
             if name not in known:
-                raise ValueError(f"grid.models: unknown model {name!r}; allowed: {', '.join(known)} (named in models:)")
+                raise ValueError(
+                    f"grid.models: unknown model {name!r}{did_you_mean(name, known)} (allowed: {', '.join(known)}, "
+                    "named in models:)"
+                )
 
     def validate_seq_len(self, model_max: int) -> None:
         """Refuse sequence lengths the model cannot attend over (checked again once the model's

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from itertools import product
 
 from monolm.config import ConfigError, ExperimentConfig, ModelConfig, build_config
+from monolm.config.base import did_you_mean
 from monolm.config.schema import GridConfig
 
 
@@ -41,7 +42,8 @@ def model_config(cfg: ExperimentConfig, name: str) -> ModelConfig:
         return cfg.models[name]
     if name == cfg.model.slug:
         return cfg.model
-    raise ConfigError(f"grid.models: unknown model {name!r}; allowed: {', '.join([cfg.model.slug, *cfg.models])}")
+    known = [cfg.model.slug, *cfg.models]
+    raise ConfigError(f"grid.models: unknown model {name!r}{did_you_mean(name, known)} (allowed: {', '.join(known)})")
 
 
 def cell_config(cfg: ExperimentConfig, model: str, variant: str, init: str) -> ExperimentConfig:
