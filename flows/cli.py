@@ -167,7 +167,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"earlier runs of this study (kept): {', '.join(result['earlier'])}")
         print(f"report: {result['report']}")
         print(f"run ID: {result['run_id']} (`monolm results --run {result['run_id']}` shows its numbers)")
-        answer = result.get("answer")  # one cell: the answer in one sentence, last
+        answer = result.get("answer")  # the answer in one sentence (per cell of a grid), last
     print(f"wall time: {time.time() - started:.1f} s")
     if answer:
         print(answer)

@@ -21,6 +21,7 @@ from typing import Any
 from monolm import report
 from monolm.config import ExperimentConfig, config_to_yaml
 from monolm.core.artifacts import MANIFEST, atomic_write_json, atomic_write_text
+from monolm.report.answer import answer_sentence
 from monolm.report.cross_cell.cell_verdict import grid_verdict
 from monolm.report.cross_cell.figures import render_grid_plots
 from monolm.report.stage import (
@@ -117,6 +118,8 @@ def run_grid(cfg: ExperimentConfig, per_cell: Mapping[str, SeedRefs]) -> dict[st
         "report": str(final / "report.md"),
         "files": [str(final / rel) for rel in [*rel_files, MANIFEST]],
         "table": console_rows(analysed),
+        # Each cell's answer in one sentence (its own report opens with it), one line per cell.
+        "answer": "\n".join(f"{cell.label}: {answer_sentence(results)}" for cell, _, results, _ in analysed),
         "digest": digest,
         "metrics": {"cells": meta["cells"], "status": status},
     }
