@@ -346,3 +346,28 @@ def test_run_ends_with_the_one_sentence_answer(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[-1] == answer
     assert any("`monolm results --run tiny-run-0123abcd`" in line for line in out)
+
+
+@pytest.mark.slow
+def test_a_permanent_error_inside_a_stage_is_not_retried_and_prints_no_traceback(tmp_path):
+    """A corpus that passes the pre-run sample but is too small for stage 0 (a `DataError`, which
+    no retry can fix): under Prefect the stage fails once (the preset retries twice otherwise),
+    the console gets the cause in one line and no traceback, the exit status is 1."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(2, 8))) for _ in range(3000)]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split, n in (("train", 70), ("validation", 8), ("test", 8)):
+        texts = [" ".join(rng.choice(words) for _ in range(120)) for _ in range(n)]
+        (corpus / f"{split}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    sets = [f"paths.runs_root={tmp_path / 'runs'}", f"paths.results_root={tmp_path / 'results'}"]
+    sets += ["data.source=local", f"data.dataset={corpus}", "runner.retry_delay_seconds=30"]
+    env = {"PREFECT_HOME": str(tmp_path / "prefect")}
+    out = monolm("run", "-q", *(a for s in sets for a in ("--set", s)), cwd=tmp_path, env=env, timeout=600)
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text[-3000:]
+    assert "monolm: stage(s) failed: setup (42)" in out.stderr and "DataError: the attack part is empty" in text
+    assert "Traceback" not in text and "Retry 1/" not in text, text[-3000:]
