@@ -233,13 +233,15 @@ def experiment(
     or `config_file` (a deploy-time setting left unset) means none.
     Every run first makes the site checks of `monolm verify` for each model whose stage 0 still has
     to run (a failed check fails the run in seconds, naming the cause and what to do, before any
-    stage); `site_checked` says the caller (`monolm run`) made them already."""
+    stage); `site_checked` says the caller (`monolm run`) made them already (ignored in a
+    deployment run)."""
     log = get_run_logger()
     # Deploy-time settings arrive as text: an empty profile or config file means "not set".
     profile, config_file = profile or None, config_file or None
     try:
         if is_deployment_run():  # an allowlist: no config keys, a site file by name only (flows/params.py)
             config_file = check_deployment_parameters(dict(locals()))
+            site_checked = False  # a deployment run always makes the site checks itself
         if nightly:
             run_name = _nightly_name(preset, run_name)
         grid = grid_from_lists(models, variants, init)
