@@ -272,13 +272,7 @@ def experiment(
         cfg.seeds,
         cfg.runner.profile,
     )
-    if cfg.runner.profile == "slurm":
-        untimed = sorted(GPU_STAGES - set(cfg.runner.stage_timeout_minutes))
-        if untimed:
-            log.warning(
-                "no runner.stage_timeout_minutes for GPU stage(s) %s: a stuck one holds its GPU job until the walltime",
-                ", ".join(untimed),
-            )
+    _warn_untimed_stages(cfg, log)
     if not site_checked:  # fail in seconds, naming what is unreachable, rather than deep in stage 0
         from flows.nightly import verify_site
 
@@ -290,6 +284,17 @@ def experiment(
 
         result["regression"] = regression_check(cfg.store_url, result["run_id"], regression_tolerance)
     return result
+
+
+def _warn_untimed_stages(cfg: ExperimentConfig, log) -> None:
+    """On the slurm profile, a GPU stage without a timeout holds its GPU job until the walltime."""
+    if cfg.runner.profile == "slurm":
+        untimed = sorted(GPU_STAGES - set(cfg.runner.stage_timeout_minutes))
+        if untimed:
+            log.warning(
+                "no runner.stage_timeout_minutes for GPU stage(s) %s: a stuck one holds its GPU job until the walltime",
+                ", ".join(untimed),
+            )
 
 
 def _nightly_name(preset: str, run_name: str | None) -> str:
