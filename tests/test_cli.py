@@ -316,7 +316,10 @@ def test_dry_run_names_the_results_folder_and_respects_stages(tmp_path):
     """Issue 24: `--dry-run` says which results folder the run writes and whether it exists, and
     `--no-prefect --stages 4` lists stages 0-4 only, without stage 7."""
     sets = ["--set", f"paths.runs_root={tmp_path / 'runs'}", "--set", f"paths.results_root={tmp_path / 'results'}"]
-    folder = tmp_path / "results" / "tiny-neox-mlp_in-fair-seeds-42"
+    from monolm.config import load_config
+    from monolm.study.dry_run import results_folder
+
+    folder = results_folder(load_config("tiny", sets=[s for s in sets if s != "--set"]))
     fresh = monolm("run", "--dry-run", *sets, cwd=tmp_path)
     assert fresh.returncode == 0, fresh.stderr
     assert f"results folder: {folder} (does not exist yet)" in fresh.stdout and "aggregate" in fresh.stdout
@@ -338,6 +341,7 @@ def test_run_ends_with_the_one_sentence_answer(tmp_path, monkeypatch, capsys):
 
     answer = "The constraint cost +37% test perplexity (…); attack damage (constrained − baseline): UAT …."
     result = {"report": str(tmp_path / "report.md"), "run_id": "tiny-run-0123abcd", "run_name": "tiny-run"}
+    result["dir"] = str(tmp_path / "results" / "tiny-run")
     monkeypatch.setattr(experiment, "run_experiment", lambda cfg: {**result, "answer": answer})
     monkeypatch.setattr(cli, "print_constrain", lambda path: None)
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))

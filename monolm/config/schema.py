@@ -433,10 +433,8 @@ class ExperimentConfig(Strict):
         known = [self.model.slug, *(k for k in self.models if k != self.model.slug)]
         for name in self.grid.models:
             if name not in known:
-                raise ValueError(
-                    f"grid.models: unknown model {name!r}{did_you_mean(name, known)} (allowed: {', '.join(known)}, "
-                    "named in models:)"
-                )
+                hint = did_you_mean(name, known)
+                raise ValueError(f"grid.models: unknown model {name!r}{hint} (allowed: {', '.join(known)})")
 
     def validate_seq_len(self, model_max: int) -> None:
         """Refuse sequence lengths the model cannot attend over (checked again once the model's

@@ -82,7 +82,12 @@ def format_plan(cfg: ExperimentConfig, plan: list[Execution], *, aggregate: bool
     )
     if aggregate:
         folder = results_folder(cfg)
-        state = "exists already: this run writes into it" if folder.exists() else "does not exist yet"
+        state = (
+            "exists already: stage 7 replaces it when it holds this configuration's results, else keeps "
+            f"those as {folder.name}-<their digest>"
+            if folder.exists()
+            else "does not exist yet"
+        )
         lines.append(f"results folder: {folder} ({state})")
     else:
         lines.append("results folder: none (--no-prefect stops before stage 7: no report is written)")
