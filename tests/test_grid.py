@@ -127,7 +127,7 @@ def micro_args(tmp: Path) -> list[str]:
         (["--variants", "mlp_in", "mlp_every"], "grid.variants.1: not an allowed value"),
         (["--variants", "mlp_in", "gated_all"], "constraint.variant='gated_all' does not fit model 'tiny-neox'"),
         (["--variants", "mlp_in", "mlp_in"], "grid.variants=['mlp_in', 'mlp_in'] lists 'mlp_in' more than once"),
-        (["--models", "tiny-neox", "nope"], "grid.models: unknown model 'nope' (allowed: tiny-neox, tiny-neox-wide"),
+        (["--models", "tiny-neox", "nope"], "grid.models: unknown model 'nope'; allowed: tiny-neox, tiny-neox-wide"),
         (["--models", "tiny-neox", "tiny-neox-wid"], "did you mean 'tiny-neox-wide'?"),
         (["--inits", "abs", "sqrt"], "grid.inits.1: not an allowed value"),
         (["--variant", "mlp_in", "--variants", "mlp_both"], "--variant and --variants"),

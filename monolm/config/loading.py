@@ -133,6 +133,15 @@ def fields_at(path: tuple[Any, ...]) -> list[str]:
     return list(cls.model_fields) if cls else []
 
 
+def _with_model_hint(message: str) -> str:
+    """The schema's `grid.models: unknown model 'x'; allowed: a, b (...)` with the closest name."""
+    found = re.match(r"grid\.models: unknown model '([^']*)'; allowed: ([^(]*)", message)
+    if not found:
+        return message
+    hint = did_you_mean(found.group(1), [m.strip() for m in found.group(2).split(",")])
+    return message.replace(f"'{found.group(1)}';", f"'{found.group(1)}'{hint};", 1) if hint else message
+
+
 def _format_validation_error(exc: ValidationError) -> str:
     """One line per problem naming the setting; an unknown setting or value gets the closest
     known one; values of settings that may hold a secret are never echoed."""
@@ -155,7 +164,7 @@ def _format_validation_error(exc: ValidationError) -> str:
             hint = did_you_mean(err["input"], allowed)
             lines.append(f"{loc}: not an allowed value{hint} {msg}")
         elif err["type"] == "value_error":
-            lines.append(msg.removeprefix("Value error, "))
+            lines.append(_with_model_hint(msg.removeprefix("Value error, ")))
         else:
             lines.append(f"{loc}: {msg} (got {_shown(err.get('input'))})")
     return "invalid configuration:\n  " + "\n  ".join(lines)

@@ -27,7 +27,6 @@ from monolm.config.base import (  # noqa: F401  (re-exported: the value types ar
     Switch,
     Variant,
     check_run_name,
-    did_you_mean,
     study_digest_of,
 )
 from monolm.config.controls import ControlsConfig, DamageConfig  # noqa: F401  (re-exported)
@@ -433,8 +432,7 @@ class ExperimentConfig(Strict):
         known = [self.model.slug, *(k for k in self.models if k != self.model.slug)]
         for name in self.grid.models:
             if name not in known:
-                hint = did_you_mean(name, known)
-                raise ValueError(f"grid.models: unknown model {name!r}{hint} (allowed: {', '.join(known)})")
+                raise ValueError(f"grid.models: unknown model {name!r}; allowed: {', '.join(known)} (named in models:)")
 
     def validate_seq_len(self, model_max: int) -> None:
         """Refuse sequence lengths the model cannot attend over (checked again once the model's
