@@ -43,7 +43,7 @@ def attack_texts(cfg: ExperimentConfig, tokenizer, texts: list[str]) -> tuple[li
     """(optimisation texts, held-out report texts) as token ids, disjoint. Texts whose attacked
     prefix (the shorter of the two attacks' truncations) repeats an earlier one are dropped, so no
     optimisation text reappears among the report texts after truncation."""
-    cut = min(cfg.attacks.uat.text_max_tokens, cfg.attacks.hotflip.text_max_tokens)
+    cut = min(cfg.attacks.uat.text_max_tokens, cfg.attacks.hotflip.text_max_tokens, cfg.attacks.gcg.text_max_tokens)
     seen: set[tuple[int, ...]] = set()
     ids = []
     for doc in data_lib.tokenize(tokenizer, texts):
@@ -52,7 +52,7 @@ def attack_texts(cfg: ExperimentConfig, tokenizer, texts: list[str]) -> tuple[li
             ids.append(doc)
     n_opt = cfg.attacks.uat.n_opt_texts
     opt, held_out = ids[:n_opt], ids[n_opt:]
-    needed = max(cfg.attacks.uat.n_eval_texts, cfg.attacks.hotflip.n_texts)
+    needed = max(cfg.attacks.uat.n_eval_texts, cfg.attacks.hotflip.n_texts, cfg.attacks.gcg.n_eval_texts)
     if len(opt) < n_opt or len(held_out) < needed:
         raise ValueError(
             f"only {len(texts)} attack texts; need attacks.uat.n_opt_texts={n_opt} for optimisation "
