@@ -96,6 +96,10 @@ def _metrics(results: dict[str, Any], memory_plan) -> dict[str, Any]:
         "restart_mean": {arm: normalize(r["gcg"]["mean_over_restarts"]["eval"]) for arm, r in results.items()},
         "triggers": {arm: r["gcg"]["trigger_text"] for arm, r in results.items()},
         "trigger_ids": {arm: r["gcg"]["trigger_ids"] for arm, r in results.items()},
+        "curves": {
+            arm: {"attack": r["gcg"]["curves"], **({"control": r["control"]["curves"]} if r["control"] else {})}
+            for arm, r in results.items()
+        },
         "saturation": {
             arm: {kind: r[kind]["saturation"] for kind in ("gcg", "control") if r[kind] is not None}
             for arm, r in results.items()

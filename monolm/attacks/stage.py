@@ -191,6 +191,9 @@ def run_uat(
         "per_model": {arm: normalize(r["eval"]) for arm, r in results.items()},
         "triggers": {arm: r["trigger_text"] for arm, r in results.items()},
         "trigger_ids": {arm: r["trigger_ids"] for arm, r in results.items()},
+        # restarts as replicates, and the budget curves (`monolm.attacks.replicates`, `curves`)
+        "restart_mean": {arm: normalize(r["mean_over_restarts"]["eval"]) for arm, r in results.items()},
+        "curves": {arm: {"attack": r["curves"]} for arm, r in results.items()},
         "memory_plan": memory_plan.to_json(),
     }
     if share is not None:
@@ -206,7 +209,14 @@ def _write_uat_report(out: Path, results: dict[str, Any], transfer: dict[str, An
     atomic_write_json(out / "transfer.json", transfer)
     atomic_write_json(
         out / "per_example.json",
-        {arm: {"clean": r["per_text"]["clean"], "attacked": r["per_text"]["attacked"]} for arm, r in results.items()},
+        {
+            arm: {
+                "clean": r["per_text"]["clean"],
+                "attacked": r["per_text"]["attacked"],
+                "restart_mean": {"clean": r["per_text"]["clean"], "attacked": r["mean_over_restarts"]["attacked"]},
+            }
+            for arm, r in results.items()
+        },
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from monolm.report.budget import budget_curves, saturation_table
 from monolm.report.comparisons import compare_arms
 from monolm.report.examples import attack_examples
 from monolm.report.held_out import held_out_facts, held_out_statement, tag_parts
@@ -45,7 +46,9 @@ def analyze(seeds: Sequence[dict[str, Any]], meta: dict[str, Any]) -> dict[str, 
     results["held_out"] = held_out_facts(seeds)
     results["held_out_statement"] = held_out_statement(results["held_out"])
     results["examples"] = attack_examples(seeds)
-    results["findings"] = findings(results)
+    results["budget"] = budget_curves(seeds)
+    results["saturation"] = saturation_table(results["budget"])
+    results["findings"] = findings(results) + [row["sentence"] for row in results["saturation"]]
     results["recipe_statement"] = recipe_statement(meta, values)
     results["monotonicity_statement"] = monotonicity_statement(results)
     return results

@@ -17,6 +17,7 @@ METRIC_LABEL = {
     "rel_increase": "relative loss increase",
     "success_rate": "success rate",
     "control_abs_increase": "random-control absolute loss increase (nats/token)",
+    "restart_mean_abs_increase": "absolute loss increase, mean over restarts (nats/token)",
     "doc_loss": "per-document loss (nats/token)",
 }
 LOWER_IS_BETTER = {"token_perplexity", "loss", "bits_per_byte"}  # quality metrics
