@@ -13,7 +13,7 @@ from monolm.config.base import NonNegInt, PositiveInt, Strict
 class GCGConfig(Strict):
     trigger_len: PositiveInt = 10  # as UAT, so the two attacks compare
     steps: PositiveInt = 250  # GCG iterations per restart
-    search_width: PositiveInt = 128  # candidate triggers scored exactly per step
+    search_width: PositiveInt = 64  # candidate triggers scored exactly per step (nanoGCG: 512; sized by `monolm plan`)
     topk: PositiveInt = 256  # gradient-ranked tokens per position a candidate draws from
     n_replace: PositiveInt = 1  # trigger positions replaced per candidate
     buffer_size: NonNegInt = 0  # best triggers kept to step from; 0: always move to the step's best
