@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from monolm.attacks.curves import mean_curve, saturation, saturation_sentence
+from monolm.report.figures import COLORS, _figure, _save
 from monolm.report.labels import ARMS, ATTACKS
 
 KINDS = {"attack": "", "control": " (random control)"}
@@ -57,8 +58,6 @@ def saturation_table(budget: dict[str, Any]) -> list[dict[str, Any]]:
 
 def plot_budget(results: dict[str, Any], directory: str | Path) -> dict[str, Path]:
     """`budget-<attack>.png` per universal attack with curves: {name: path}."""
-    from monolm.report.figures import COLORS, _figure, _save
-
     made = {}
     for attack, arms in (results.get("budget") or {}).items():
         fig = _figure(6.4, 3.8)

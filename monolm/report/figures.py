@@ -435,7 +435,4 @@ def render_all(
         "attacks": plot_attacks(results, directory / "attacks.png"),
         "training": plot_training(histories, directory / "training.png"),
     }
-    from monolm.report.budget import plot_budget
-
-    made.update(plot_budget(results, directory))  # budget-<attack>.png per universal attack
     return {name: p for name, p in made.items() if p is not None}
