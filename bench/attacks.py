@@ -17,8 +17,11 @@ The script asserts that both sides produce the same losses (to float tolerance) 
 same candidate, interleaves the two sides (alternating which goes first), repeats, and reports
 medians. For UAT it also prints, for information, the original study's own scoring
 (`compute_trigger_loss` in its stage 5: one candidate trigger at a time, its texts 8 per forward
-pass) and one forward per candidate trigger over the whole text batch. It ends with the two lines
-`uat_speedup=<loop/batched>` and `hotflip_speedup=<loop/batched>` (whole-step time ratios).
+pass) and one forward per candidate trigger over the whole text batch. A GCG step (one-hot
+gradient, top-k, `--gcg-width` candidates from a fixed generator, exact scoring of every
+candidate over the texts) is timed the same way.
+It ends with the lines `uat_speedup=<loop/batched>`, `hotflip_speedup=<loop/batched>` and
+`gcg_speedup=<loop/batched>` (whole-step time ratios), after the batching ceiling.
 
     .venv/bin/python bench/attacks.py [--repeats 5] [--train-steps 60]
 """
@@ -34,7 +37,7 @@ from collections.abc import Callable
 
 import torch
 
-from monolm.attacks import flip_scoring, flip_search, trigger_search
+from monolm.attacks import flip_scoring, flip_search, gcg_search, trigger_search
 from monolm.attacks import scoring as common
 from monolm.config import TinyModelConfig
 from monolm.core.runtime import bf16_enabled, model_device
@@ -209,6 +212,43 @@ def bench_hotflip(model, text, allowed, prefix, top_b: int, repeats: int) -> flo
     return speedup
 
 
+def gcg_step(model, texts, trigger, width, topk, allowed, prefix, scorer: Scorer):
+    """One universal-GCG step (one-hot gradient over the texts, top-k per position, `width`
+    candidates from a fixed generator so both sides score the same ones, exact scoring)."""
+    setup = common.AttackSetup.of(model, prefix, 128, "auto")
+    tt = trigger_search.text_batch(texts, True)
+    grad = gcg_search.one_hot_gradient(setup, tt, trigger.to("cpu"), len(texts))
+    grad[:, ~allowed.to(grad.device)] = float("-inf")
+    topk_ids = grad.topk(topk, dim=1).indices.cpu()
+    gen = torch.Generator().manual_seed(0)
+    cands = gcg_search.sample_candidates(
+        trigger, width, 1, gen, topk_ids=topk_ids, allowed_ids=torch.nonzero(allowed).flatten()
+    )
+    losses = scorer(model, trigger_search.with_triggers(prefix, cands, tt)).view(width, len(texts)).mean(1)
+    return losses, int(torch.argmax(losses))
+
+
+def bench_gcg(model, texts, trigger, allowed, prefix, width: int, repeats: int) -> float:
+    """Batched vs. one-candidate-sequence-per-forward scoring of one GCG step; returns the
+    loop/batched time ratio."""
+    print(
+        f"\nGCG step: trigger length {len(trigger)}, {len(texts)} texts, "
+        f"width {width} -> {width * len(texts)} candidate sequences"
+    )
+    sides = {
+        "batched": lambda: gcg_step(model, texts, trigger, width, 64, allowed, prefix, batched),
+        "loop": lambda: gcg_step(model, texts, trigger, width, 64, allowed, prefix, loop),
+    }
+    med, res = interleaved(sides, repeats)
+    torch.testing.assert_close(res["batched"][0], res["loop"][0], atol=5e-5, rtol=1e-5)
+    assert res["batched"][1] == res["loop"][1], "the loop chose another candidate"
+    for name, t in med.items():
+        print(f"  {name:<11} median {t * 1000:8.1f} ms")
+    speedup = med["loop"] / med["batched"]
+    print(f"  same losses and same chosen candidate; batched is {speedup:.2f}x the per-candidate loop")
+    return speedup
+
+
 def bench_ceiling(model, texts, trigger, prefix, repeats: int) -> None:
     """How much can batching gain at all here? The same forward passes, one row at a time vs. the
     batched scorer: if the machine is compute-bound at batch 1, no batching can beat it."""
@@ -229,6 +269,7 @@ def main() -> None:
     parser.add_argument("--uat-texts", type=int, default=16)
     parser.add_argument("--uat-top-k", type=int, default=64)
     parser.add_argument("--hotflip-top-b", type=int, default=64)
+    parser.add_argument("--gcg-width", type=int, default=64)
     parser.add_argument("--text-tokens", type=int, default=64)
     args = parser.parse_args()
 
@@ -248,9 +289,11 @@ def main() -> None:
     with common.attack_mode(model):
         uat_speedup = bench_uat(model, texts, trigger, allowed, prefix, args)
         hotflip_speedup = bench_hotflip(model, text, allowed, prefix, args.hotflip_top_b, args.repeats)
+        gcg_speedup = bench_gcg(model, texts, trigger, allowed, prefix, args.gcg_width, args.repeats)
         bench_ceiling(model, texts, trigger, prefix, args.repeats)
     print(f"\nuat_speedup={uat_speedup:.2f}")
     print(f"hotflip_speedup={hotflip_speedup:.2f}")
+    print(f"gcg_speedup={gcg_speedup:.2f}")
 
 
 if __name__ == "__main__":

@@ -200,7 +200,7 @@ def same_choice(batched, loop, what: str) -> bool:
 
 
 def bench_attacks(model, args, device) -> dict[str, Any]:
-    """One UAT step and one HotFlip step, batched scoring vs one forward per candidate."""
+    """One UAT step, one HotFlip step and one GCG step, batched scoring vs one forward per candidate."""
     docs = data_lib.embedded_documents()[:400]
     rows = model.get_input_embeddings().weight.shape[0]
     tokenizer = data_lib.train_bpe_tokenizer(docs[40:], min(2000, rows))  # texts' ids must be rows
@@ -227,6 +227,13 @@ def bench_attacks(model, args, device) -> dict[str, Any]:
         out["hotflip"] = _attack_figures(
             med, args.hotflip_top_b + 1, same_choice(res["batched"], res["loop"], "HotFlip")
         )
+        width, topk = args.uat_top_k, min(64, int(allowed.sum()))  # GCG: as many candidates as UAT's step
+        sides = {
+            name: (lambda s=scorer: attack_bench.gcg_step(model, texts, trigger, width, topk, allowed, prefix, s))
+            for name, scorer in (("batched", attack_bench.batched), ("loop", attack_bench.loop))
+        }
+        med, res = attack_bench.interleaved({k: _synced(v, device) for k, v in sides.items()}, args.repeats)
+        out["gcg"] = _attack_figures(med, width * len(texts), same_choice(res["batched"], res["loop"], "GCG"))
     return out
 
 

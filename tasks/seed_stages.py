@@ -70,6 +70,18 @@ def hotflip_task(cfg: dict, seed: int, inputs: dict) -> dict:
     return run_seed_stage("hotflip", cfg, seed, inputs)
 
 
+@task(name="gcg_baseline", task_run_name="gcg-baseline-seed-{seed}")
+def gcg_baseline_task(cfg: dict, seed: int, inputs: dict) -> dict:
+    """GCG's share shared by every cell of a model: GCG and its random control against the baseline."""
+    return run_seed_stage("gcg_baseline", cfg, seed, inputs)
+
+
+@task(name="gcg", task_run_name="gcg-seed-{seed}")
+def gcg_task(cfg: dict, seed: int, inputs: dict) -> dict:
+    """GCG of a cell: GCG and its control against the constrained arm, and transfer between the arms."""
+    return run_seed_stage("gcg", cfg, seed, inputs)
+
+
 @task(name="damage", task_run_name="damage-seed-{seed}")
 def damage_task(cfg: dict, seed: int, inputs: dict) -> dict:
     """The damage-matched arm of a cell: the baseline perturbed to the constrained arm's
@@ -90,6 +102,8 @@ STAGE_TASKS: dict[str, Task] = {
         uat_task,
         hotflip_baseline_task,
         hotflip_task,
+        gcg_baseline_task,
+        gcg_task,
         damage_task,
     )
 }

@@ -45,6 +45,7 @@ def test_gpu_bench_runs_on_cpu_and_reports_every_figure(tmp_path):
         "eval_tokens_per_s",
         "uat_speedup",
         "hotflip_speedup",
+        "gcg_speedup",
         "checkpoint_save_s",
         "checkpoint_gb",
     ):
@@ -58,7 +59,7 @@ def test_gpu_bench_runs_on_cpu_and_reports_every_figure(tmp_path):
         assert train[arm]["micro_batch"] == 2 and not train[arm]["bf16"]  # CPU: fp32, as the stages
     assert train["monotonic"]["estimate_gb"] > train["baseline"]["estimate_gb"]  # V kept, W materialised
     assert record["eval"]["tokens"] > 0
-    for what in ("uat", "hotflip"):
+    for what in ("uat", "hotflip", "gcg"):
         assert record["attacks"][what]["candidates"] > 1 and record["attacks"][what]["speedup"] > 0
     assert record["checkpoint"]["bytes"] >= 12 * record["parameters"]  # fp32 weights + two AdamW moments
     assert not list(tmp_path.glob("tmp*")), "the checkpoint's temporary folder was left behind"

@@ -45,7 +45,7 @@ def test_caching_reruns_exactly_what_changed(tmp_path):
 
     # 2. Changing an attack setting re-runs only stages 5-7.
     threshold = run(tmp_path, "attacks.success_threshold=0.05")
-    attacks = {"uat_baseline", "uat", "hotflip_baseline", "hotflip"}  # each attack's baseline share too
+    attacks = {"uat_baseline", "uat", "hotflip_baseline", "hotflip", "gcg_baseline", "gcg"}  # baseline shares too
     # the damage-matched arm is attacked with the same settings: it re-runs with them
     assert executed(threshold) == {*attacks, "damage", "aggregate"}, states(threshold)
     top_k = run(tmp_path, "attacks.success_threshold=0.05", "attacks.uat.top_k=4")

@@ -13,8 +13,8 @@ import pytest
 from helpers import micro_config, micro_sets
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = {"setup", "train_baseline", "evaluate_baseline", "uat_baseline", "hotflip_baseline"}
-PER_CELL = {"constrain", "train_monotonic", "evaluate", "uat", "hotflip"}
+SHARED = {"setup", "train_baseline", "evaluate_baseline", "uat_baseline", "hotflip_baseline", "gcg_baseline"}
+PER_CELL = {"constrain", "train_monotonic", "evaluate", "uat", "hotflip", "gcg"}
 
 
 def run_grid(tmp: Path, *, variants=None, init=None, run_name="grid") -> dict:

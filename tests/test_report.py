@@ -224,26 +224,29 @@ def make_seed(cfg, seed: int, numbers: dict[str, Any], *, skip: tuple[str, ...] 
         },
         {f"{m}_token_perplexity": p for m, p in numbers["ppl"].items()},
     )
-    for attack in ("uat", "hotflip"):
+    for attack in ("uat", "hotflip", "gcg"):  # GCG: twice UAT's damage, with HotFlip's control numbers
         per_example, per_model, control = {}, {}, {}
+        increases = numbers.get(attack) or {arm: 2 * v for arm, v in numbers["uat"].items()}
         for arm in report.ARMS:
             clean, attacked = _losses(
-                seed, arm, attack, numbers[attack][arm], clean_mean=numbers.get("clean", {}).get(arm, 4.0)
+                seed, arm, attack, increases[arm], clean_mean=numbers.get("clean", {}).get(arm, 4.0)
             )
             per_example[arm] = {"clean": clean, "attacked": attacked}
             per_model[arm] = normalize(effect_summary(clean, attacked, threshold=threshold, seed=seed))
-            if attack == "hotflip":
+            if attack in ("hotflip", "gcg"):
                 c, a = _losses(seed, arm, "control", numbers["control"][arm])
                 control[arm] = normalize(effect_summary(c, a, threshold=threshold, seed=seed))
         metrics: dict[str, Any] = {
             "per_model": per_model,
             "transfer": {
-                "baseline": {"baseline": numbers[attack]["baseline"], "monotonic": 0.1},
-                "monotonic": {"baseline": 0.12, "monotonic": numbers[attack]["monotonic"]},
+                "baseline": {"baseline": increases["baseline"], "monotonic": 0.1},
+                "monotonic": {"baseline": 0.12, "monotonic": increases["monotonic"]},
             },
         }
         if attack == "hotflip":
             metrics.update(control=control, mean_flips={"baseline": 2.5, "monotonic": 2.9})
+        if attack == "gcg":
+            metrics.update(control=control)
         refs[attack] = _stage(cfg, seed, attack, {"per_example.json": per_example}, metrics)
     return {k: v for k, v in refs.items() if k not in skip}
 
@@ -423,8 +426,10 @@ def test_headline_table_opens_the_report_with_the_across_seed_tests(three_seeds)
         "Test loss (nats/token)",
         "UAT absolute loss increase (nats/token)",
         "HotFlip absolute loss increase (nats/token)",
+        "GCG absolute loss increase (nats/token)",
         "UAT success rate (secondary)",
         "HotFlip success rate (secondary)",
+        "GCG success rate (secondary)",
     ]
     from monolm.report import first_screen, formatting
 
@@ -582,7 +587,7 @@ def test_one_seed_uses_examples(one_seed):
 
 def test_one_seed_perplexity_ci_from_documents(tmp_path):
     cfg = make_cfg(tmp_path, [7])
-    refs = make_seed(cfg, 7, NUMBERS[42], skip=("uat", "hotflip"))
+    refs = make_seed(cfg, 7, NUMBERS[42], skip=("uat", "hotflip", "gcg"))
     ev_dir = Path(refs["evaluate"].dir)
     evaluation = json.loads((ev_dir / "evaluation.json").read_text())
     rng = np.random.default_rng(0)
@@ -602,13 +607,13 @@ def test_one_seed_perplexity_ci_from_documents(tmp_path):
     comp = _comparison(results, "evaluate", "doc_loss", scope="documents", seed=7)
     assert comp["n"] == 30 and comp["significant"]
     assert results["meta"]["status"] == "partial"  # no attack stages
-    assert "**Status: partial** — seed 7 lacks uat, hotflip" in Path(out["report"]).read_text()
+    assert "**Status: partial** — seed 7 lacks uat, hotflip, gcg" in Path(out["report"]).read_text()
 
 
 def test_attacks_missing_in_one_seed_are_tested_within_the_other(tmp_path):
     """Two seeds, attacks only in one: no n=1 'across seeds' test, the within-seed test instead."""
     cfg = make_cfg(tmp_path, [42, 1337])
-    seeds = [make_seed(cfg, 42, NUMBERS[42]), make_seed(cfg, 1337, NUMBERS[1337], skip=("uat", "hotflip"))]
+    seeds = [make_seed(cfg, 42, NUMBERS[42]), make_seed(cfg, 1337, NUMBERS[1337], skip=("uat", "hotflip", "gcg"))]
     out = aggregate.run(cfg, seeds)
     results = json.loads(Path(out["dir"], "results.json").read_text())
     # two seeds with quality: no across-seed test either (it would have 1 degree of freedom)

@@ -30,7 +30,7 @@ def _ci(effect: dict) -> list[float]:
     return [effect["ci_low"], effect["ci_high"]]
 
 
-@pytest.mark.parametrize("attack", ["uat", "hotflip"])
+@pytest.mark.parametrize("attack", ["uat", "hotflip", "gcg"])
 def test_one_number_one_interval_in_every_file(run, attack):
     """The same arm's absolute increase on the same texts has one interval: in the attack's
     results file, the diagonal of its transfer matrix, the stage manifest, results.json, the store
@@ -41,7 +41,9 @@ def test_one_number_one_interval_in_every_file(run, attack):
     transfer = json.loads((folder / "transfer.json").read_text())
     manifest, _ = load_manifest(folder)
     for arm in ("baseline", "monotonic"):
-        effect = own[arm]["eval"] if attack == "uat" else own[arm]["gradient"]
+        effect = {"uat": own[arm].get("eval"), "hotflip": own[arm].get("gradient")}.get(attack) or own[arm]["gcg"][
+            "eval"
+        ]
         diagonal = transfer["cells"][arm][arm]
         assert diagonal["abs_increase"]["mean"] == effect["abs_increase"]["mean"]  # the same texts and losses
         assert _ci(diagonal["abs_increase"]) == _ci(effect["abs_increase"])
@@ -66,12 +68,23 @@ def test_report_shows_triggers_examples_control_test_and_run_id(run):
     assert "⟦" not in Path(out["dir"], "tables.tex").read_text()  # attacked text stays out of the paper tables
 
     control = [c for c in results["comparisons"] if c["metric"].startswith("gradient_vs_control_")]
-    assert [(c["metric"], c["scope"], c["seed"], c["n"]) for c in control] == [
-        ("gradient_vs_control_baseline", "texts", 42, 8),
-        ("gradient_vs_control_monotonic", "texts", 42, 8),
+    assert [(c["stage"], c["metric"], c["scope"], c["seed"], c["n"]) for c in control] == [
+        (attack, f"gradient_vs_control_{arm}", "texts", 42, 8)
+        for attack in ("hotflip", "gcg")
+        for arm in ("baseline", "monotonic")
     ]
     findings = md.split("## Findings")[1].split("\n## ")[0]
     assert findings.count("HotFlip vs its random-candidate control on the") == 2 and "n=8 texts" in findings
+    assert findings.count("GCG vs its random-candidate control on the") == 2
+    gcg_triggers = json.loads(Path(refs["gcg"].dir, "triggers.json").read_text())
+    for arm in ("baseline", "monotonic"):
+        assert " ".join(str(i) for i in gcg_triggers[arm]["trigger_ids"]) in section
+    for attack in ("uat", "gcg"):  # budget curves: a figure and a saturation sentence per arm
+        assert f"budget-{attack}.png" in md and Path(out["report"]).with_name(f"budget-{attack}.png").is_file()
+        for arm in ("baseline", "monotonic"):
+            (row,) = [r for r in results["saturation"] if (r["attack"], r["arm"], r["kind"]) == (attack, arm, "attack")]
+            assert row["sentence"] in findings
+    assert any(c["metric"] == "restart_mean_abs_increase" for c in results["comparisons"])
 
     tests = md.split("## Paired tests")[1].split("\n## ")[0]
     assert "doc_loss" not in tests and "| per-document loss (nats/token) | seed 42, over documents |" in tests

@@ -488,6 +488,8 @@ def test_failed_run_retried_like_the_ui_resumes_from_cache(service):
         "uat": "Completed",
         "hotflip_baseline": "Cached",
         "hotflip": "Cached",
+        "gcg_baseline": "Cached",
+        "gcg": "Cached",
         "aggregate": "Completed",
     }
 

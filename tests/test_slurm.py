@@ -41,8 +41,10 @@ SEED_STAGES = (
     "uat",
     "hotflip_baseline",
     "hotflip",
+    "gcg_baseline",
+    "gcg",
 )
-REPORTED_STAGES = ("setup", "constrain", "train_baseline", "train_monotonic", "evaluate", "uat", "hotflip")
+REPORTED_STAGES = ("setup", "constrain", "train_baseline", "train_monotonic", "evaluate", "uat", "hotflip", "gcg")
 GPU_STAGES = SEED_STAGES[2:]
 # Training long enough (a few seconds) to be interrupted mid-way, with checkpoints every 4 steps.
 LONGER = (

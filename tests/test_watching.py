@@ -30,6 +30,8 @@ PROGRESS_STAGES = (
     "uat",
     "hotflip-baseline",
     "hotflip",
+    "gcg-baseline",
+    "gcg",
 )
 
 

@@ -43,7 +43,7 @@ def attack_texts(cfg: ExperimentConfig, tokenizer, texts: list[str]) -> tuple[li
     """(optimisation texts, held-out report texts) as token ids, disjoint. Texts whose attacked
     prefix (the shorter of the two attacks' truncations) repeats an earlier one are dropped, so no
     optimisation text reappears among the report texts after truncation."""
-    cut = min(cfg.attacks.uat.text_max_tokens, cfg.attacks.hotflip.text_max_tokens)
+    cut = min(cfg.attacks.uat.text_max_tokens, cfg.attacks.hotflip.text_max_tokens, cfg.attacks.gcg.text_max_tokens)
     seen: set[tuple[int, ...]] = set()
     ids = []
     for doc in data_lib.tokenize(tokenizer, texts):
@@ -52,7 +52,7 @@ def attack_texts(cfg: ExperimentConfig, tokenizer, texts: list[str]) -> tuple[li
             ids.append(doc)
     n_opt = cfg.attacks.uat.n_opt_texts
     opt, held_out = ids[:n_opt], ids[n_opt:]
-    needed = max(cfg.attacks.uat.n_eval_texts, cfg.attacks.hotflip.n_texts)
+    needed = max(cfg.attacks.uat.n_eval_texts, cfg.attacks.hotflip.n_texts, cfg.attacks.gcg.n_eval_texts)
     if len(opt) < n_opt or len(held_out) < needed:
         raise ValueError(
             f"only {len(texts)} attack texts; need attacks.uat.n_opt_texts={n_opt} for optimisation "
@@ -191,6 +191,9 @@ def run_uat(
         "per_model": {arm: normalize(r["eval"]) for arm, r in results.items()},
         "triggers": {arm: r["trigger_text"] for arm, r in results.items()},
         "trigger_ids": {arm: r["trigger_ids"] for arm, r in results.items()},
+        # restarts as replicates, and the budget curves (`monolm.attacks.replicates`, `curves`)
+        "restart_mean": {arm: normalize(r["mean_over_restarts"]["eval"]) for arm, r in results.items()},
+        "curves": {arm: {"attack": r["curves"]} for arm, r in results.items()},
         "memory_plan": memory_plan.to_json(),
     }
     if share is not None:
@@ -206,7 +209,14 @@ def _write_uat_report(out: Path, results: dict[str, Any], transfer: dict[str, An
     atomic_write_json(out / "transfer.json", transfer)
     atomic_write_json(
         out / "per_example.json",
-        {arm: {"clean": r["per_text"]["clean"], "attacked": r["per_text"]["attacked"]} for arm, r in results.items()},
+        {
+            arm: {
+                "clean": r["per_text"]["clean"],
+                "attacked": r["per_text"]["attacked"],
+                "restart_mean": {"clean": r["per_text"]["clean"], "attacked": r["mean_over_restarts"]["attacked"]},
+            }
+            for arm, r in results.items()
+        },
     )
 
 

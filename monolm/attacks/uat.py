@@ -32,8 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from monolm.attacks import units
+from monolm.attacks import curves, units
 from monolm.attacks.effects import effect_summary, per_text_effects
+from monolm.attacks.replicates import restart_effects
 from monolm.attacks.scoring import (
     AttackSetup,
     BatchSizer,
@@ -137,7 +138,7 @@ def run_key(
 
 
 # --------------------------------------------------------------------------- the stage
-def _held_out_texts(
+def held_out_texts(
     opt_texts: Sequence[Sequence[int]], eval_texts: Sequence[Sequence[int]], cfg: UATConfig, prefix: Sequence[int]
 ) -> tuple[list[list[int]], list[list[int]]]:
     """The optimisation and evaluation texts, cut to size, checked to be scorable and disjoint."""
@@ -261,7 +262,7 @@ def run(
     log = log or default_log
     out_dir = Path(out_dir)
     prefix = context_prefix(tokenizer)
-    opt, ev = _held_out_texts(opt_texts, eval_texts, cfg, prefix)
+    opt, ev = held_out_texts(opt_texts, eval_texts, cfg, prefix)
     allowed = checked_allowed_mask(model, tokenizer, allowed)
     setup = AttackSetup.of(model, prefix, cfg.score_batch_size, bf16)
     opt_batch = text_batch(opt, bool(prefix))
@@ -275,7 +276,16 @@ def run(
         if not complete:
             return {"complete": False, "units_done": len(restarts)}
         best = max(restarts, key=lambda u: (u["opt_loss"], -u["restart"]))
-        evaluation = _clean_and_attacked(setup, best["trigger_ids"], text_batch(ev, bool(prefix)))
+        ev_batch = text_batch(ev, bool(prefix))
+        evaluation = _clean_and_attacked(setup, best["trigger_ids"], ev_batch)
+        reps = restart_effects(
+            setup,
+            [u["trigger_ids"] for u in restarts],
+            ev_batch,
+            evaluation["clean"],
+            threshold=success_threshold,
+            seed=seed,
+        )
     triggers = _triggers_record(tokenizer, cfg, prefix, restarts, best)
     results = {
         "attack": "uat",
@@ -294,11 +304,27 @@ def run(
         "opt": {"clean_loss": sum(clean_opt) / len(clean_opt), "attacked_loss": best["opt_loss"]},
         "eval": effect_summary(evaluation["clean"], evaluation["attacked"], threshold=success_threshold, seed=seed),
         "per_text": {**evaluation, **per_text_effects(evaluation["clean"], evaluation["attacked"], success_threshold)},
+        **_replicates(restarts, reps),
     }
     atomic_write_json(out_dir / "triggers.json", triggers)
     atomic_write_json(out_dir / "uat_results.json", results)
     _log_effect(log, results["eval"])
     return results
+
+
+def _replicates(restarts: list[dict[str, Any]], reps: dict[str, Any]) -> dict[str, Any]:
+    """Every restart's effect on the evaluation texts, the mean over restarts, and the budget
+    curves (best loss after each position step) with their saturation (`monolm.attacks.curves`)."""
+    curve_list = [curves.uat_curve(u["steps"]) for u in restarts]
+    return {
+        "restarts": [
+            {"restart": u["restart"], "trigger_ids": u["trigger_ids"], "opt_loss": u["opt_loss"], **rep}
+            for u, rep in zip(restarts, reps["per_restart"], strict=True)
+        ],
+        "mean_over_restarts": reps["mean_over_restarts"],
+        "curves": curve_list,
+        "saturation": curves.saturation(curve_list),
+    }
 
 
 def _triggers_record(

@@ -30,6 +30,7 @@ from monolm.config.base import (  # noqa: F401  (re-exported: the value types ar
     study_digest_of,
 )
 from monolm.config.controls import ControlsConfig, DamageConfig  # noqa: F401  (re-exported)
+from monolm.config.gcg import GCGConfig  # noqa: F401  (re-exported)
 from monolm.config.runner import RunnerConfig, SlurmConfig  # noqa: F401  (re-exported)
 from monolm.config.store_url import check_cluster_store, without_password
 
@@ -331,6 +332,7 @@ class AttackConfig(Strict):
     bf16: Switch = "auto"  # autocast compute; on CUDA only, fp32 elsewhere
     uat: UATConfig = UATConfig()
     hotflip: HotFlipConfig = HotFlipConfig()
+    gcg: GCGConfig = GCGConfig()
 
 
 # --------------------------------------------------------------------------- paths and runners
@@ -393,12 +395,18 @@ class ExperimentConfig(Strict):
                 f"attacks.uat.trigger_len={uat.trigger_len} is not shorter than the texts it attacks "
                 f"(attacks.uat.text_max_tokens={uat.text_max_tokens}); allowed: 1..{uat.text_max_tokens - 1}"
             )
-        needed = uat.n_opt_texts + max(uat.n_eval_texts, hotflip.n_texts)
+        gcg = self.attacks.gcg
+        if gcg.n_opt_texts > uat.n_opt_texts:  # GCG optimises on UAT's texts, so the two compare
+            raise ValueError(
+                f"attacks.gcg.n_opt_texts={gcg.n_opt_texts} exceeds attacks.uat.n_opt_texts={uat.n_opt_texts}; "
+                f"allowed: 1..{uat.n_opt_texts}"
+            )
+        needed = uat.n_opt_texts + max(uat.n_eval_texts, hotflip.n_texts, gcg.n_eval_texts)
         if self.data.n_attack_docs < needed:
             raise ValueError(
                 f"data.n_attack_docs={self.data.n_attack_docs} is too small: the attacks need "
-                f"attacks.uat.n_opt_texts + max(attacks.uat.n_eval_texts, attacks.hotflip.n_texts) = {needed} "
-                "disjoint held-out texts"
+                "attacks.uat.n_opt_texts + max(attacks.uat.n_eval_texts, attacks.hotflip.n_texts, "
+                f"attacks.gcg.n_eval_texts) = {needed} disjoint held-out texts"
             )
         self._check_grid()
         check_cluster_store(self.runner.profile, self.store_url, self.runner.slurm.allow_sqlite)

@@ -169,9 +169,9 @@ def _plan_eval(
 
 def attack_lengths(cfg: ExperimentConfig, stage: str) -> tuple[int, int, int]:
     """(tokens per attacked sequence, target positions per sequence, rows per gradient pass)."""
-    if stage == "uat":
-        uat = cfg.attacks.uat
-        return 1 + uat.trigger_len + uat.text_max_tokens, uat.text_max_tokens, uat.grad_batch_size
+    if stage in ("uat", "gcg"):
+        u = getattr(cfg.attacks, stage)
+        return 1 + u.trigger_len + u.text_max_tokens, u.text_max_tokens, u.grad_batch_size
     flip = cfg.attacks.hotflip
     return 1 + flip.text_max_tokens, flip.text_max_tokens, 1
 
@@ -283,6 +283,9 @@ def attack_workload(cfg: ExperimentConfig, stage: str, shape: ModelShape) -> Wor
         steps = u.restarts * u.max_sweeps * u.trigger_len
         per_arm = steps * u.n_opt_texts * (3 + u.top_k + 1) + 2 * u.n_eval_texts
         sequences = 2 * per_arm + 4 * 2 * u.n_eval_texts
+    elif stage == "gcg":
+        per_arm = gcg_sequences(cfg)
+        sequences = 2 * per_arm + 4 * 2 * cfg.attacks.gcg.n_eval_texts
     else:
         f = cfg.attacks.hotflip
         searches = 2 if f.random_control else 1
@@ -290,6 +293,15 @@ def attack_workload(cfg: ExperimentConfig, stage: str, shape: ModelShape) -> Wor
         sequences = 2 * per_arm + 4 * 2 * f.n_texts
     tokens = sequences * seq
     return Workload(tokens, tokens * shape.forward_flops_per_token(seq))
+
+
+def gcg_sequences(cfg: ExperimentConfig) -> int:
+    """Sequences one arm's GCG (and its control) runs: per step a gradient pass over the texts
+    (3 forwards) and `search_width` candidates over them; then every restart on the eval texts."""
+    g = cfg.attacks.gcg
+    per_step = g.n_opt_texts * (3 + g.search_width)
+    searches = 2 if g.random_control else 1
+    return searches * (g.restarts * (g.steps * per_step + g.n_eval_texts) + g.n_eval_texts)
 
 
 def plan_table(
@@ -300,7 +312,7 @@ def plan_table(
     cards = cards or memory.CARDS
     shape = shape_for(cfg)
     rows = []
-    for stage in ("constrain", "train_baseline", "train_monotonic", "evaluate", "uat", "hotflip", "damage"):
+    for stage in ("constrain", "train_baseline", "train_monotonic", "evaluate", "uat", "hotflip", "gcg", "damage"):
         row: dict[str, Any] = {"stage": stage}
         for card, total in cards.items():
             capacity = memory.usable_bytes(total, total)
@@ -320,7 +332,7 @@ def _card_plan(cfg, stage, shape, capacity, card) -> MemoryPlan:
     if stage.startswith("train_"):
         arm = stage.removeprefix("train_")
         return _plan_train(cfg, arm, cfg.training.arm(arm), shape, device, capacity, card)[1]
-    if stage in ("uat", "hotflip"):
+    if stage in ("uat", "hotflip", "gcg"):
         return _plan_attack(cfg, stage, shape, device, capacity, card)
     if stage == "constrain":
         return _plan_eval(cfg, shape, device, capacity, card, stage="constrain", resident=2)
@@ -332,7 +344,7 @@ def _card_plan(cfg, stage, shape, capacity, card) -> MemoryPlan:
 def _workload(cfg, stage, shape, tokens_per_doc) -> Workload:
     if stage.startswith("train_"):
         return train_workload(cfg, stage.removeprefix("train_"), shape, tokens_per_doc)
-    if stage in ("uat", "hotflip"):
+    if stage in ("uat", "hotflip", "gcg"):
         return attack_workload(cfg, stage, shape)
     if stage == "constrain":
         return constrain_workload(cfg, shape, tokens_per_doc)

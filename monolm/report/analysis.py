@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from monolm.report.budget import budget_curves, saturation_table
 from monolm.report.comparisons import compare_arms
 from monolm.report.damage_arm import apply_damage_holm, damage_comparisons, damage_findings, damage_seed_values
 from monolm.report.examples import attack_examples
@@ -49,7 +50,11 @@ def analyze(seeds: Sequence[dict[str, Any]], meta: dict[str, Any]) -> dict[str, 
     results["held_out"] = held_out_facts(seeds)
     results["held_out_statement"] = held_out_statement(results["held_out"])
     results["examples"] = attack_examples(seeds)
-    results["findings"] = findings(results) + damage_findings(results)
+    results["budget"] = budget_curves(seeds)
+    results["saturation"] = saturation_table(results["budget"])
+    results["findings"] = (
+        findings(results) + damage_findings(results) + [row["sentence"] for row in results["saturation"]]
+    )
     results["recipe_statement"] = recipe_statement(meta, values)
     results["monotonicity_statement"] = monotonicity_statement(results)
     return results

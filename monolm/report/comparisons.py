@@ -53,12 +53,20 @@ class Comparison:
 
 
 ARM_PAIR = ("monotonic", "baseline")  # every arm difference is monotonic − baseline
-CONTROL_PAIR = ("gradient HotFlip", "random control")
+
+
+def control_pair(stage: str) -> tuple[str, str]:
+    """The two sides of a gradient-vs-control test ("gradient HotFlip", "random control")."""
+    return (f"gradient {ATTACKS.get(stage, stage)}", "random control")
+
 
 ACROSS_SEEDS = (
     *(("evaluate", metric) for metric in ("token_perplexity", "loss", "bits_per_byte")),
     *((attack, metric) for attack in ATTACKS for metric in ATTACK_METRICS),
     ("hotflip", "control_abs_increase"),
+    ("gcg", "control_abs_increase"),
+    ("uat", "restart_mean_abs_increase"),
+    ("gcg", "restart_mean_abs_increase"),
 )
 
 
@@ -106,26 +114,26 @@ def _across_seeds(lookup: Lookup, seed_ids: Sequence[int]) -> list[Comparison]:
     return out
 
 
-def _gradient_vs_control(lookup: Lookup, seed_ids: Sequence[int]) -> list[Comparison]:
-    """Does gradient-guided HotFlip beat its query-only random control on each arm? (a check for
-    gradient masking)"""
+def _gradient_vs_control(lookup: Lookup, seed_ids: Sequence[int], stage: str) -> list[Comparison]:
+    """Does a gradient-guided attack (HotFlip, GCG) beat its query-only random control on each
+    arm? (a check for gradient masking)"""
     out = []
     for arm in ARMS:
-        pairs = _paired_over_seeds(lookup, seed_ids, "hotflip", (arm, "abs_increase"), (arm, "control_abs_increase"))
+        pairs = _paired_over_seeds(lookup, seed_ids, stage, (arm, "abs_increase"), (arm, "control_abs_increase"))
         if len(pairs) >= MIN_SEEDS:
             grad, ctrl = zip(*pairs, strict=True)
             label = f"{arm} arm absolute loss increase (nats/token)"
             out.append(
-                _compare("hotflip", f"gradient_vs_control_{arm}", CONTROL_PAIR, "seeds", None, grad, ctrl, label)
+                _compare(stage, f"gradient_vs_control_{arm}", control_pair(stage), "seeds", None, grad, ctrl, label)
             )
     return out
 
 
-def _control_within_seed(data: dict[str, Any]) -> list[Comparison]:
-    """Gradient-guided HotFlip against its random control on each arm, over the same texts of one
-    seed: does the gradient search beat chance? (a check for gradient masking)"""
+def _control_within_seed(data: dict[str, Any], stage: str) -> list[Comparison]:
+    """A gradient-guided attack against its random control on each arm, over the same texts of
+    one seed: does the gradient search beat chance? (a check for gradient masking)"""
     seed = int(data["seed"])
-    per_example = (data.get("per_example") or {}).get("hotflip") or {}
+    per_example = (data.get("per_example") or {}).get(stage) or {}
     out = []
     for arm in ARMS:
         rec = per_example.get(arm) or {}
@@ -135,7 +143,9 @@ def _control_within_seed(data: dict[str, Any]) -> list[Comparison]:
         label = f"{arm} arm absolute loss increase (nats/token, seed {seed})"
         metric = f"gradient_vs_control_{arm}"
         out.append(
-            _compare("hotflip", metric, CONTROL_PAIR, "texts", seed, grad["abs_increase"], ctrl["abs_increase"], label)
+            _compare(
+                stage, metric, control_pair(stage), "texts", seed, grad["abs_increase"], ctrl["abs_increase"], label
+            )
         )
     return out
 
@@ -153,6 +163,10 @@ def _within_seed(data: dict[str, Any]) -> list[Comparison]:
         for metric in ("abs_increase", "rel_increase"):
             label = f"{metric_label(stage, metric)} (seed {seed})"
             out.append(_compare(stage, metric, ARM_PAIR, "texts", seed, mono[metric], base[metric], label))
+        if all("restart_mean" in per_example[arm] for arm in ARMS):  # universal triggers: per-text restart means
+            mono_r, base_r = (example_effects(per_example[arm], "restart_mean")["abs_increase"] for arm in ARMS[::-1])
+            label = f"{metric_label(stage, 'restart_mean_abs_increase')} (seed {seed})"
+            out.append(_compare(stage, "restart_mean_abs_increase", ARM_PAIR, "texts", seed, mono_r, base_r, label))
     ev = data.get("evaluation")
     if ev:
         mono_docs, base_docs = doc_losses(ev, "monotonic"), doc_losses(ev, "baseline")
@@ -168,11 +182,12 @@ def compare_arms(values: Sequence[dict[str, Any]], seeds: Sequence[dict[str, Any
     across its examples (the same texts/documents in the same order for both arms)."""
     lookup: Lookup = {(r["seed"], r["stage"], r["model"], r["metric"]): r["value"] for r in values}
     seed_ids = [int(d["seed"]) for d in seeds]
-    across_control = _gradient_vs_control(lookup, seed_ids)
-    out = _across_seeds(lookup, seed_ids) + across_control
+    across_control = {stage: _gradient_vs_control(lookup, seed_ids, stage) for stage in ATTACKS}
+    out = _across_seeds(lookup, seed_ids) + [c for comps in across_control.values() for c in comps]
     for data in seeds:
         out += _within_seed(data)
-    if not across_control:  # fewer than 3 seeds with HotFlip: test the control within each seed
-        for data in seeds:
-            out += _control_within_seed(data)
+    for stage, comps in across_control.items():
+        if not comps:  # fewer than MIN_SEEDS seeds with the attack: test its control within each seed
+            for data in seeds:
+                out += _control_within_seed(data, stage)
     return out

@@ -12,19 +12,22 @@ from typing import Any
 from monolm.report.labels import ARMS
 
 _MARKDOWN_SPECIAL = "\\`*_[]<>#~"
+UNIVERSAL = ("uat", "gcg")  # the attacks that learn one trigger per arm
 
 
 def attack_examples(seeds: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """{"triggers": [{seed, arm, text, ids}], "hotflip": [{seed, arm, index, before, after, flips,
+    """{"triggers": [{seed, attack, arm, text, ids}], "hotflip": [{seed, arm, index, before, after, flips,
     abs_increase, rel_increase}]} from the attack stages' manifests (HotFlip: the first seed only)."""
     triggers, hotflip = [], []
     for data in sorted(seeds, key=lambda d: int(d["seed"])):
         seed, stages = int(data["seed"]), data.get("stages", {})
-        uat = (stages.get("uat") or {}).get("metrics") or {}
-        for arm in ARMS:
-            if arm in (uat.get("triggers") or {}):
-                ids = (uat.get("trigger_ids") or {}).get(arm)
-                triggers.append({"seed": seed, "arm": arm, "text": uat["triggers"][arm], "ids": ids})
+        for attack in UNIVERSAL:
+            metrics = (stages.get(attack) or {}).get("metrics") or {}
+            for arm in ARMS:
+                if arm in (metrics.get("triggers") or {}):
+                    ids = (metrics.get("trigger_ids") or {}).get(arm)
+                    text = metrics["triggers"][arm]
+                    triggers.append({"seed": seed, "attack": attack, "arm": arm, "text": text, "ids": ids})
         examples = ((stages.get("hotflip") or {}).get("metrics") or {}).get("examples") or {}
         if examples and not hotflip:
             hotflip = [{"seed": seed, "arm": arm, **ex} for arm in ARMS for ex in examples.get(arm, [])]

@@ -17,6 +17,7 @@ METRIC_LABEL = {
     "rel_increase": "relative loss increase",
     "success_rate": "success rate",
     "control_abs_increase": "random-control absolute loss increase (nats/token)",
+    "restart_mean_abs_increase": "absolute loss increase, mean over restarts (nats/token)",
     "doc_loss": "per-document loss (nats/token)",
     "vs_damage_loss": "test loss, constrained − damage-matched (nats/token)",
     "vs_damage_doc_loss": "per-document loss, constrained − damage-matched (nats/token)",

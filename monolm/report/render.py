@@ -143,8 +143,14 @@ SECTIONS = {
 }
 PLOT_CAPTIONS = {
     "perplexity": "Held-out token perplexity per arm (points: seeds; bars: 95% CI)",
-    "attacks": "Absolute loss increase under attack per arm, nats/token (95% CIs; HotFlip with its random control)",
+    "attacks": "Absolute loss increase under attack per arm, nats/token "
+    "(95% CIs; HotFlip and GCG with their random controls)",
     "training": "Training curves of both arms (validation perplexity and training loss vs tokens seen)",
+    **{
+        f"budget-{attack}": f"{label} budget curves: best optimisation loss vs share of the budget per arm "
+        "(faint: restarts; bold: their mean; dashed: the random control)"
+        for attack, label in ATTACKS.items()
+    },
 }
 
 

@@ -99,7 +99,8 @@ def _metric_findings(results: dict[str, Any], stage: str, metric: str) -> list[s
 
 
 def _control_findings(comps: Sequence[dict[str, Any]]) -> list[str]:
-    """Did gradient-guided HotFlip beat its query-only random control? (a gradient masking check)"""
+    """Did each gradient-guided attack (HotFlip, GCG) beat its query-only random control at the
+    same budget? (a gradient masking check; if not, the finding says so)"""
     out = []
     for comp in comps:
         if comp["metric"].startswith("gradient_vs_control_"):
@@ -110,7 +111,8 @@ def _control_findings(comps: Sequence[dict[str, Any]]) -> list[str]:
                 lead = "the query-only random search beat the gradient-guided search (a sign of gradient masking)"
             else:
                 lead = "the gradient-guided search did not differ significantly from query-only random search"
-            out.append(f"HotFlip vs its random-candidate control on the {arm} arm: {lead}. {comp['sentence']}.")
+            name = ATTACKS.get(comp["stage"], comp["stage"])
+            out.append(f"{name} vs its random-candidate control on the {arm} arm: {lead}. {comp['sentence']}.")
     return out
 
 

@@ -36,6 +36,7 @@ from monolm.core.artifacts import (
 from monolm.core.provenance import git_revision
 from monolm.report import figures as plots
 from monolm.report.answer import answer_sentence
+from monolm.report.budget import plot_budget
 from monolm.report.publish import earlier_runs, publish, published, safe_name  # noqa: F401  (published: re-exported)
 from monolm.study.frame import StageRef, stage_code_version
 from monolm.study.registry import SEED_STAGE_NAMES as STAGES
@@ -263,7 +264,7 @@ def _write_folder(
         ("summary.csv", atomic_write_text(directory / "summary.csv", report.summary_csv(results))),
         ("tables.tex", atomic_write_text(directory / "tables.tex", report.latex(results))),
     ]
-    figures = plots.render_all(results, histories, directory)
+    figures = {**plots.render_all(results, histories, directory), **plot_budget(results, directory)}
     rel_plots = {name: path.name for name, path in figures.items()}
     md = report.markdown(results, plots=rel_plots, config_yaml=config_to_yaml(cfg), config_path=str(config_path))
     written.append(("report.md", atomic_write_text(directory / "report.md", md)))

@@ -94,6 +94,24 @@ def _attack_row(results: dict[str, Any], attack: str, arm: str, prefix: str, rec
     ]
 
 
+def _attack_note(results: dict[str, Any], attack: str) -> str:
+    """What the control and restart rows of an attack's table are, where it has them."""
+    note = ""
+    if any(summary(results, attack, arm, "control_abs_increase") for arm in ARMS):
+        note += (
+            " The random control is the same search with random (query-only) candidates instead of "
+            "gradient-ranked ones, at the same number of scored candidates."
+        )
+    if any(summary(results, attack, arm, "restart_mean_abs_increase") for arm in ARMS):
+        note += (
+            " Universal triggers: the first row per arm is the best of the restarts (the attacker's view, chosen on "
+            "the optimisation texts), 'mean over restarts' scores every restart's trigger on every held-out text and "
+            "averages per text; the paired arm test on it (restart_mean_abs_increase) is over these per-text means, "
+            "so it carries both the text and the restart variance."
+        )
+    return note
+
+
 def attack_table(results: dict[str, Any], attack: str) -> Table | None:
     """One attack's effect per arm (absolute first), then its random control where it has one."""
     name = ATTACKS[attack]
@@ -113,7 +131,7 @@ def attack_table(results: dict[str, Any], attack: str) -> Table | None:
         ],
     )
     recs = []
-    for prefix, suffix in (("", ""), ("control_", " — random control")):
+    for prefix, suffix in (("", ""), ("restart_mean_", " — mean over restarts"), ("control_", " — random control")):
         for arm in ARMS:
             rec = summary(results, attack, arm, prefix + "abs_increase")
             if rec is None:
@@ -122,12 +140,7 @@ def attack_table(results: dict[str, Any], attack: str) -> Table | None:
             t.rows.append([ARM_LABEL[arm] + suffix, *_attack_row(results, attack, arm, prefix, rec)])
     if not t.rows:
         return None
-    t.note = ci_note(recs) + (
-        " The random control is the same greedy search with random (query-only) "
-        "candidates instead of gradient-ranked ones."
-        if attack == "hotflip"
-        else ""
-    )
+    t.note = ci_note(recs) + _attack_note(results, attack)
     if results.get("held_out"):
         t.note += " Texts from the attack part, disjoint from the validation and test parts."
     return t
@@ -221,18 +234,21 @@ def trigger_table(results: dict[str, Any]) -> Table | None:
         return None
     t = Table(
         "triggers",
-        "UAT: the universal trigger found for each arm",
-        ["Seed", "Arm", "Trigger (text)", "Token ids"],
+        "Universal triggers (UAT, GCG): the best trigger found for each arm",
+        ["Attack", "Seed", "Arm", "Trigger (text)", "Token ids"],
         markdown_only=True,
-        left=4,
+        left=5,
     )
     for r in rows:
         ids = " ".join(str(i) for i in r["ids"]) if r.get("ids") is not None else "—"
-        t.rows.append([str(r["seed"]), ARM_LABEL[r["arm"]], md_text(r["text"]), ids])
+        attack = r.get("attack", "uat")
+        t.rows.append([ATTACKS.get(attack, attack), str(r["seed"]), ARM_LABEL[r["arm"]], md_text(r["text"]), ids])
+    groups = sorted({(r["seed"], r.get("attack", "uat")) for r in rows})
     same = [
-        seed
-        for seed in sorted({r["seed"] for r in rows})
-        if len({tuple(r["ids"] or ()) for r in rows if r["seed"] == seed}) == 1 and len(rows) > 1
+        f"{seed} ({ATTACKS.get(attack, attack)})"
+        for seed, attack in groups
+        if len([r for r in rows if (r["seed"], r.get("attack", "uat")) == (seed, attack)]) > 1
+        and len({tuple(r["ids"] or ()) for r in rows if (r["seed"], r.get("attack", "uat")) == (seed, attack)}) == 1
     ]
     t.note = "The trigger is prepended to every held-out text; the effects above are on the text tokens only." + (
         f" Both arms converged to the same trigger in seed(s) {', '.join(map(str, same))}, so their transfer "

@@ -129,7 +129,8 @@ def _attack_effects(attack: str, arm: str, prefix: str, rec: dict[str, Any], add
 def _attack_values(attack: str, metrics: dict[str, Any], add: Add) -> None:
     """An attack stage's manifest metrics: effects per arm (and of its control), mean flips, and
     the transfer matrix (crafted on `source`, evaluated on `target`)."""
-    for prefix, block in (("", metrics.get("per_model")), ("control_", metrics.get("control"))):
+    blocks = (("", metrics.get("per_model")), ("control_", metrics.get("control")))
+    for prefix, block in (*blocks, ("restart_mean_", metrics.get("restart_mean"))):
         for arm, rec in (block or {}).items():
             _attack_effects(attack, arm, prefix, rec, add)
     for arm, value in (metrics.get("mean_flips") or {}).items():

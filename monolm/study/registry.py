@@ -65,6 +65,7 @@ class Stage:
 
 _UAT_CONFIG = ("attacks.uat", "attacks.success_threshold", "attacks.bf16")
 _HOTFLIP_CONFIG = ("attacks.hotflip", "attacks.success_threshold", "attacks.uat.n_opt_texts", "attacks.bf16")
+_GCG_CONFIG = ("attacks.gcg", "attacks.uat.n_opt_texts", "attacks.success_threshold", "attacks.bf16")
 _BASELINE = ("setup", "train_baseline")  # what the baseline's shares start from
 _BOTH_ARMS = ("setup", "train_baseline", "train_monotonic")
 
@@ -187,6 +188,31 @@ SEED_STAGES: tuple[Stage, ...] = (
         entry="monolm.attacks.stage:run_hotflip",
         inputs=(*_BOTH_ARMS, "hotflip_baseline"),
         config=_HOTFLIP_CONFIG,
+        gpu=True,
+        reads="per_example.json",
+    ),
+    # Universal GCG and its random control (stage 6's slot: the attacks after UAT's).
+    Stage(
+        name="gcg_baseline",
+        number=6,
+        kind="attack",
+        scope="model",
+        label="GCG (baseline)",
+        entry="monolm.attacks.gcg_stage:run_gcg_baseline",
+        inputs=_BASELINE,
+        config=_GCG_CONFIG,
+        gpu=True,
+        share_of="gcg",
+    ),
+    Stage(
+        name="gcg",
+        number=6,
+        kind="attack",
+        scope="cell",
+        label="GCG",
+        entry="monolm.attacks.gcg_stage:run_gcg",
+        inputs=(*_BOTH_ARMS, "gcg_baseline"),
+        config=_GCG_CONFIG,
         gpu=True,
         reads="per_example.json",
     ),
