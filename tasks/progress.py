@@ -23,7 +23,7 @@ from tasks.common import artifact_key
 log = logging.getLogger("tasks.progress")
 
 # Stages long enough to deserve a progress bar in the UI (training, evaluation, attacks).
-PROGRESS_KINDS = frozenset({"train", "evaluate", "attack"})
+PROGRESS_KINDS = frozenset({"train", "evaluate", "attack", "control"})
 MIN_INTERVAL_S = 5.0
 CURVE_COLUMNS = ("step", "train_loss", "val_loss", "val_perplexity", "lr", "tokens_per_s")
 

@@ -50,6 +50,7 @@ MICRO = [
     "attacks.hotflip.block_size=4",
     "runner.retries=1",
     "runner.retry_delay_seconds=0",
+    'controls.ladder.rungs=["step10","step30"]',  # snapshots below the micro pre-training's 40 steps
 ]
 
 

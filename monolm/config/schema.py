@@ -27,6 +27,7 @@ from monolm.config.base import (  # noqa: F401  (re-exported: the value types ar
     Switch,
     Variant,
 )
+from monolm.config.controls import ControlsConfig, check_ladder
 from monolm.config.runner import RunnerConfig, SlurmConfig  # noqa: F401  (re-exported)
 
 
@@ -44,6 +45,8 @@ class TinyModelConfig(Strict):
     pretrain_steps: NonNegInt = 150
     pretrain_lr: PositiveFloat = 3e-3
     pretrain_batch_size: PositiveInt = 16
+    # Pre-training steps at which stage 0 keeps a snapshot of the model (the quality ladder's rungs).
+    snapshot_steps: list[PositiveInt] = []
 
     @model_validator(mode="after")
     def _heads_divide(self) -> TinyModelConfig:
@@ -362,6 +365,7 @@ class ExperimentConfig(Strict):
     training: TrainingConfig = TrainingConfig()
     evaluation: EvalConfig = EvalConfig()
     attacks: AttackConfig = AttackConfig()
+    controls: ControlsConfig = ControlsConfig()
     paths: PathsConfig = PathsConfig()
     runner: RunnerConfig = RunnerConfig()
 
@@ -385,6 +389,8 @@ class ExperimentConfig(Strict):
                 "disjoint held-out texts"
             )
         self._check_grid()
+        tiny = self.model.tiny
+        check_ladder(self.controls.ladder, self.model.source, tiny.snapshot_steps, tiny.pretrain_steps)
         if self.model.source == "tiny":
             self.validate_seq_len(self.model.tiny.max_position_embeddings)
         if self.model.source == "architecture":

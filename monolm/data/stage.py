@@ -60,18 +60,37 @@ def _pretrain_tiny(
     )
     result = None
     if tiny.pretrain_steps > 0 and cfg.model.source == "tiny":  # an architecture keeps its random weights
-        result = train(
-            model,
-            blocks,
-            arm,
-            out / "pretrain",
-            seed=derive_seed(seed, "pretrain"),
-            evaluate=None,
-            constrained=False,
-            progress=progress,
-            on_log=on_log,
-        )
+        # Pre-training stops at each snapshot step (with a checkpoint) and resumes from it, which
+        # is the same computation as one uninterrupted run: the snapshots are the quality
+        # ladder's rungs at no extra training (monolm.controls.ladder).
+        done = 0
+        for stop in [*snapshot_steps(cfg), tiny.pretrain_steps]:
+            result = train(
+                model,
+                blocks,
+                arm,
+                out / "pretrain",
+                seed=derive_seed(seed, "pretrain"),
+                evaluate=None,
+                constrained=False,
+                progress=progress,
+                on_log=on_log,
+                max_steps_this_call=stop - done,
+            )
+            done = stop
+            if stop < tiny.pretrain_steps:
+                models.save_model(model, tokenizer, out / SNAPSHOTS / f"step{stop}")
     return model, tokenizer, result
+
+
+SNAPSHOTS = "snapshots"  # stage 0's folder of pre-training snapshots: snapshots/step<N>/
+
+
+def snapshot_steps(cfg: ExperimentConfig) -> list[int]:
+    """The pre-training steps at which stage 0 keeps a snapshot of a tiny model (those below the
+    last step, in order)."""
+    tiny = cfg.model.tiny
+    return sorted({s for s in tiny.snapshot_steps if s < tiny.pretrain_steps})
 
 
 MIN_FREE_BYTES = 1 << 30
@@ -208,6 +227,9 @@ def run(
             }
             shutil.rmtree(out / "pretrain" / "checkpoints", ignore_errors=True)
             outputs.append("pretrain/history.json")
+            if (out / SNAPSHOTS).is_dir():
+                outputs += files_under(out, SNAPSHOTS)
+                metrics["snapshots"] = {p.name: str(p.resolve()) for p in sorted((out / SNAPSHOTS).iterdir())}
     else:
         tokenizer = models.load_tokenizer(path)
         # Weights live outside the stage folder (the HF cache); record their digests.

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-Kind = Literal["setup", "constrain", "train", "evaluate", "attack", "aggregate"]
+Kind = Literal["setup", "constrain", "train", "evaluate", "attack", "control", "aggregate"]
 Scope = Literal["model", "cell", "study"]
 
 
@@ -189,6 +189,20 @@ SEED_STAGES: tuple[Stage, ...] = (
         config=_HOTFLIP_CONFIG,
         gpu=True,
         reads="per_example.json",
+    ),
+    # The quality ladder (monolm.controls.ladder): reference models evaluated and attacked like the
+    # arms, a model's shared work; numbered with the last attack it repeats.
+    Stage(
+        name="ladder",
+        number=6,
+        kind="control",
+        scope="model",
+        label="quality ladder",
+        entry="monolm.controls.ladder:run",
+        inputs=("setup",),
+        config=("controls.ladder", "evaluation", "data.seq_len", "attacks"),
+        gpu=True,
+        reads="ladder.json",
     ),
 )
 SEED_STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in SEED_STAGES)

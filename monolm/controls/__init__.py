@@ -1,0 +1,1 @@
+"""Controls that tell robustness apart from damage: the quality ladder (`ladder`, `rungs`)."""
