@@ -44,7 +44,8 @@ def resolve_rungs(cfg: ExperimentConfig, setup: StageRef) -> list[Rung]:
             snapshots = setup.metrics.get("snapshots") or {}
             if rung not in snapshots:
                 raise ValueError(
-                    f"controls.ladder.rungs: stage 0 kept no snapshot {rung!r} (kept: {', '.join(snapshots) or 'none'}); "
+                    f"controls.ladder.rungs: stage 0 kept no snapshot {rung!r} "
+                    f"(kept: {', '.join(snapshots) or 'none'}); "
                     "add its step to model.tiny.snapshot_steps"
                 )
             path = Path(snapshots[rung])
