@@ -10,6 +10,7 @@ from monolm.report.comparisons import compare_arms
 from monolm.report.examples import attack_examples
 from monolm.report.held_out import held_out_facts, held_out_statement, tag_parts
 from monolm.report.labels import ARMS, ATTACKS, MODELS
+from monolm.report.robust_section import robust_or_damaged
 from monolm.report.sentences import findings, monotonicity_statement, recipe_statement
 from monolm.report.summaries import ALPHA, CONFIDENCE, summarize_values, summary
 from monolm.report.values import seed_values
@@ -45,6 +46,7 @@ def analyze(seeds: Sequence[dict[str, Any]], meta: dict[str, Any]) -> dict[str, 
     results["held_out"] = held_out_facts(seeds)
     results["held_out_statement"] = held_out_statement(results["held_out"])
     results["examples"] = attack_examples(seeds)
+    results["robust_or_damaged"] = robust_or_damaged(seeds)
     results["findings"] = findings(results)
     results["recipe_statement"] = recipe_statement(meta, values)
     results["monotonicity_statement"] = monotonicity_statement(results)

@@ -183,6 +183,8 @@ def read_seed(refs: Mapping[str, StageRef | Mapping[str, Any]]) -> dict[str, Any
         data["constrain"] = _read_output(stages["constrain"], "constrain", STAGE_FILES["constrain"])
     if "evaluate" in stages:
         data["evaluation"] = _read_output(stages["evaluate"], "evaluate", STAGE_FILES["evaluate"])
+    if "ladder" in stages:  # the quality ladder (monolm.controls.ladder), for "Robust or damaged?"
+        data["ladder"] = _read_output(stages["ladder"], "ladder", STAGE_FILES["ladder"])
     for arm in report.ARMS:
         name = f"train_{arm}"
         if name in stages:

@@ -1,0 +1,106 @@
+"""The quality ladder (issue 23): the tiny preset's rungs are stage 0's pre-training snapshots
+(perplexity falls as steps rise), a hub ladder fetches revisions of the same model, a grid of two
+variants climbs one ladder per (model, seed), and the report opens with "Robust or damaged?"."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import micro_config
+
+
+def test_grid_shares_one_ladder_from_stage0_snapshots_and_the_report_uses_it(tmp_path, monkeypatch):
+    from monolm.controls import ladder
+    from monolm.report import stage as one_cell
+    from monolm.study.cells import cells
+    from monolm.study.dry_run import plan_study
+    from monolm.study.sequential import run_study
+
+    cfg = micro_config(tmp_path, 'grid.variants=["mlp_in","mlp_both"]')
+    planned = [e for e in plan_study(cfg) if e.stage == "ladder"]
+    assert [(e.where, e.seed) for e in planned] == [("tiny-neox/shared", 42)]  # visible in --dry-run, once
+
+    climbs = []
+    real = ladder._climb
+    monkeypatch.setattr(ladder, "_climb", lambda *a, **k: climbs.append(1) or real(*a, **k))
+    refs = run_study(cfg, progress=False)
+    assert len(climbs) == 1  # two cells, one seed: one ladder
+    dirs = {cell: seeds[42]["ladder"].dir for cell, seeds in refs.items()}
+    assert len(set(dirs.values())) == 1
+
+    report = json.loads((Path(next(iter(dirs.values()))) / "ladder.json").read_text())
+    names = [r["name"] for r in report["rungs"]]
+    assert names == ["step10", "step30", "base"]
+    setup = refs[cells(cfg)[0].label][42]["setup"]
+    assert set(setup.metrics["snapshots"]) >= {"step10", "step30"}
+    ppl = [r["evaluation"]["token_perplexity"] for r in report["rungs"]]
+    assert ppl[0] > ppl[1] > ppl[2], ppl  # quality rises with pre-training steps
+    for rung in report["rungs"]:
+        assert set(rung["attacks"]) == {"uat", "hotflip"}
+        assert len(rung["attacks"]["hotflip"]["clean"]) == cfg.attacks.hotflip.n_texts
+
+    cell = cells(cfg)[0]
+    out = one_cell.run(cell.cfg.model_copy(update={"run_name": "ladder-report"}), [refs[cell.label][42]])
+    md = Path(out["report"]).read_text()
+    head, _, rest = md.partition("## Robust or damaged?")
+    assert rest and "## Findings" not in head  # right after the headline
+    assert "robustness.png" in rest and (Path(out["dir"]) / "robustness.png").is_file()
+    results = json.loads((Path(out["dir"]) / "results.json").read_text())
+    for attack in ("uat", "hotflip"):
+        arm = results["robust_or_damaged"]["attacks"][attack]["arms"]["monotonic"]
+        assert arm["ci_low"] <= arm["effective"] <= arm["ci_high"]
+        assert arm["verdict"] in rest
+
+
+def test_disabled_ladder_loads_no_model(tmp_path, monkeypatch):
+    from monolm.controls import ladder
+    from monolm.study.layout import cell_paths
+    from monolm.study.frame import StageRef
+
+    cfg = micro_config(tmp_path, "controls.ladder.enabled=false")
+    monkeypatch.setattr(ladder, "_climb", lambda *a, **k: pytest.fail("climbed a disabled ladder"))
+    setup = StageRef("setup", 42, str(tmp_path), "0" * 64, {"model_dir": str(tmp_path)})
+    ref = ladder.run(cfg, cell_paths(cfg, 42), {"setup": setup}, progress=False)
+    assert json.loads((ref.path / "ladder.json").read_text()) == {"enabled": False, "rungs": [], "not_attacked": []}
+
+
+def test_hub_ladder_fetches_each_revision_of_the_same_model(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from monolm.config import load_config
+    from monolm.controls.rungs import resolve_rungs
+    from monolm.study.frame import StageRef
+
+    fetched = []
+
+    def stand_in(repo_id, revision, cache_dir, allow_patterns):  # a local folder per revision
+        folder = tmp_path / "hub" / revision
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text("{}")
+        (folder / "model.safetensors").write_bytes(b"")
+        fetched.append((repo_id, revision))
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", stand_in)
+    cfg = load_config("full", sets=["controls.ladder.enabled=true", 'controls.ladder.rungs=["step3000","step33000"]'])
+    setup = StageRef("setup", 42, str(tmp_path), "0" * 64, {"model_dir": str(tmp_path / "base")})
+    rungs = resolve_rungs(cfg, setup)
+    assert fetched == [(cfg.model.name, "step3000"), (cfg.model.name, "step33000")]
+    assert [(r.name, r.path) for r in rungs] == [
+        ("step3000", tmp_path / "hub" / "step3000"),
+        ("step33000", tmp_path / "hub" / "step33000"),
+        ("base", tmp_path / "base"),
+    ]
+
+
+def test_tiny_rungs_must_be_kept_snapshots(tmp_path):
+    from monolm.config import ConfigError
+
+    with pytest.raises((ConfigError, ValueError), match="controls.ladder.rungs"):
+        micro_config(tmp_path, 'controls.ladder.rungs=["step35"]')
+    with pytest.raises((ConfigError, ValueError), match="controls.ladder.rungs"):
+        micro_config(tmp_path, 'controls.ladder.rungs=["final"]')
+    assert micro_config(tmp_path).controls.ladder.rungs == ["step10", "step30"]
