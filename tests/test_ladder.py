@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from helpers import micro_config
 
 
@@ -57,8 +56,8 @@ def test_grid_shares_one_ladder_from_stage0_snapshots_and_the_report_uses_it(tmp
 
 def test_disabled_ladder_loads_no_model(tmp_path, monkeypatch):
     from monolm.controls import ladder
-    from monolm.study.layout import cell_paths
     from monolm.study.frame import StageRef
+    from monolm.study.layout import cell_paths
 
     cfg = micro_config(tmp_path, "controls.ladder.enabled=false")
     monkeypatch.setattr(ladder, "_climb", lambda *a, **k: pytest.fail("climbed a disabled ladder"))
