@@ -103,3 +103,18 @@ def test_tiny_rungs_must_be_kept_snapshots(tmp_path):
     with pytest.raises((ConfigError, ValueError), match="controls.ladder.rungs"):
         micro_config(tmp_path, 'controls.ladder.rungs=["final"]')
     assert micro_config(tmp_path).controls.ladder.rungs == ["step10", "step30"]
+
+
+def test_plan_shows_the_ladders_cost_per_rung():
+    from monolm.config import load_config
+    from monolm.memory.plans import plan_table
+
+    def ladder_row(*sets):
+        rows = plan_table(load_config("full", sets=list(sets)))[1]
+        return {r["stage"]: r for r in rows}.get("ladder")
+
+    four = ladder_row()  # the full preset: 4 revisions and the final model
+    two = ladder_row('controls.ladder.rungs=["step3000","step8000"]')
+    assert four["flops"] == pytest.approx(two["flops"] * 5 / 3)
+    assert four["a100_hours"] > 0
+    assert ladder_row("controls.ladder.enabled=false") is None

@@ -43,15 +43,18 @@ class ControlsConfig(Strict):
     ladder: LadderConfig = LadderConfig()
 
 
+def climbs(ladder: LadderConfig, source: str) -> bool:
+    """Whether the ladder is climbed: enabled, and the model was pre-trained (an architecture with
+    random weights has no pre-training to take rungs from: its ladder is empty, not an error, so a
+    preset's ladder does not stop a random-weights run)."""
+    return ladder.enabled and source != "architecture"
+
+
 def check_ladder(ladder: LadderConfig, source: str, snapshot_steps: list[int], pretrain_steps: int) -> None:
     """A tiny model's rungs must be snapshots stage 0 keeps (`step<N>`, N in
     `model.tiny.snapshot_steps`, N below `model.tiny.pretrain_steps`); an architecture with random
     weights has no ladder to climb."""
-    if not ladder.enabled:
-        return
-    if source == "architecture":
-        raise ValueError("controls.ladder: a model with random weights has no pre-training to take rungs from")
-    if source != "tiny":
+    if not climbs(ladder, source) or source != "tiny":
         return
     for rung in ladder.rungs:
         match = STEP_RUNG.match(rung)

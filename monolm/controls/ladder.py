@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from monolm.config import ExperimentConfig
+from monolm.config.controls import climbs
 from monolm.controls.rungs import resolve_rungs
 from monolm.core.artifacts import atomic_write_json
 from monolm.core.progress import Progress, labelled
@@ -47,8 +48,8 @@ def run(
         return done
     started = time.time()
     out = prepare(cfg, cell, STAGE, inputs)
-    report: dict[str, Any] = {"enabled": cfg.controls.ladder.enabled, "rungs": [], "not_attacked": []}
-    if cfg.controls.ladder.enabled:
+    report: dict[str, Any] = {"enabled": False, "rungs": [], "not_attacked": []}
+    if climbs(cfg.controls.ladder, cfg.model.source):
         report = _climb(cfg, cell, inputs["setup"], out, progress=progress, on_log=on_log)
     atomic_write_json(out / "ladder.json", report)
     outputs = ["ladder.json"] + [p for p in files_under(out, ".") if "/units/" not in p and p != "ladder.json"]

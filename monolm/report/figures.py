@@ -425,13 +425,6 @@ def plot_training(histories: dict[int, dict[str, dict[str, Any]]], path: str | P
         return _save(fig, Path(path))
 
 
-def plot_robustness(section: dict[str, Any] | None, path: Path) -> Path | None:
-    """The "Robust or damaged?" figure (`monolm.report.robust_section`)."""
-    from monolm.report.robust_section import plot_robustness as plot
-
-    return plot(section, path)
-
-
 def render_all(
     results: dict[str, Any], histories: dict[int, dict[str, dict[str, Any]]], directory: str | Path
 ) -> dict[str, Path]:
@@ -441,6 +434,5 @@ def render_all(
         "perplexity": plot_perplexity(results, directory / "perplexity.png"),
         "attacks": plot_attacks(results, directory / "attacks.png"),
         "training": plot_training(histories, directory / "training.png"),
-        "robustness": plot_robustness(results.get("robust_or_damaged"), directory / "robustness.png"),
     }
     return {name: p for name, p in made.items() if p is not None}

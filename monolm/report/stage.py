@@ -42,6 +42,7 @@ from monolm.core.artifacts import (
 )
 from monolm.core.provenance import git_revision, provenance
 from monolm.report import figures as plots
+from monolm.report.robust_section import plot_robustness
 from monolm.store import ResultsStore
 from monolm.study.frame import StageRef, stage_code_version
 from monolm.study.registry import SEED_STAGE_NAMES as STAGES
@@ -53,7 +54,8 @@ STAGE = "aggregate"
 # The file stage 7 reads from each stage folder (besides the manifest's metrics).
 STAGE_FILES = {s.name: s.reads for s in SEED_STAGES if s.reads}
 # What a complete seed has: every stage but the baseline's shares (their results are in the cell's stages).
-REPORTED_STAGES = tuple(s.name for s in SEED_STAGES if s.share_of is None)
+# A control (the quality ladder) adds a report section but its absence is no gap.
+REPORTED_STAGES = tuple(s.name for s in SEED_STAGES if s.share_of is None and s.kind != "control")
 RESULT_FILES = ("results.json", "summary.csv", "report.md", "tables.tex", "config.yaml")
 
 
@@ -315,6 +317,9 @@ def _write_folder(
         ("tables.tex", atomic_write_text(directory / "tables.tex", report.latex(results))),
     ]
     figures = plots.render_all(results, histories, directory)
+    robustness = plot_robustness(results.get("robust_or_damaged"), directory / "robustness.png")
+    if robustness is not None:
+        figures["robustness"] = robustness
     rel_plots = {name: path.name for name, path in figures.items()}
     md = report.markdown(results, plots=rel_plots, config_yaml=config_to_yaml(cfg), config_path=str(config_path))
     written.append(("report.md", atomic_write_text(directory / "report.md", md)))

@@ -68,7 +68,7 @@ def format_plan(cfg: ExperimentConfig, plan: list[Execution]) -> str:
     lines.append(f"{'aggregate':<20}{1:>11}{'':>6}{'(always)':>8}")
     lines.append(
         f"total: {len(plan) + 1} stage executions, {n_done} done already (reused), {len(plan) - n_done + 1} to run; "
-        "a model's shared stages (setup, train_baseline and the baseline's evaluation and attacks) count once "
-        "per seed"
+        "a model's shared stages (setup, train_baseline, the baseline's evaluation and attacks, and the quality "
+        "ladder) count once per seed"
     )
     return "\n".join(lines)
