@@ -14,6 +14,7 @@ from helpers import micro_config
 def test_grid_shares_one_ladder_from_stage0_snapshots_and_the_report_uses_it(tmp_path, monkeypatch):
     from monolm.controls import ladder
     from monolm.report import stage as one_cell
+    from monolm.report.study import aggregate
     from monolm.study.cells import cells
     from monolm.study.dry_run import plan_study
     from monolm.study.sequential import run_study
@@ -52,6 +53,11 @@ def test_grid_shares_one_ladder_from_stage0_snapshots_and_the_report_uses_it(tmp
         arm = results["robust_or_damaged"]["attacks"][attack]["arms"]["monotonic"]
         assert arm["ci_low"] <= arm["effective"] <= arm["ci_high"]
         assert arm["verdict"] in rest
+
+    grid = aggregate(cfg.model_copy(update={"run_name": "ladder-grid"}), {c: [s[42]] for c, s in refs.items()})
+    grid_md = Path(grid["report"]).read_text()
+    assert grid_md.index("## Robust or damaged?") < grid_md.index("## Findings")
+    assert "| mlp_in | abs |" in grid_md and "| mlp_both | abs |" in grid_md
 
 
 def test_disabled_ladder_loads_no_model(tmp_path, monkeypatch):

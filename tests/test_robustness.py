@@ -66,3 +66,26 @@ def test_models_must_share_documents_and_seeds():
         er.effective_robustness(refs, {"arm": _model(5.1, n_texts=10)}, n_boot=10)
     with pytest.raises(ValueError, match="has seeds"):
         er.effective_robustness(refs, {"arm": _model(5.1, seeds=(7,))}, n_boot=10)
+
+
+def _cell_results(refs, arm):
+    results, trend = er.effective_robustness(refs, {"monotonic": arm}, n_boot=500, seed=1)
+    return {"robust_or_damaged": {"attacks": {"hotflip": {"arms": {k: v.to_json() for k, v in results.items()}}}}}
+
+
+def test_grid_holm_corrects_over_a_models_cells_and_follows_the_corrected_p():
+    from monolm.report.robust_grid import grid_effective, grid_section_lines
+
+    refs = {name: _model(x) for name, x in LADDER.items()}
+    cells = [
+        {"model": "m", "variant": "mlp_in", "init": "abs", "results": _cell_results(refs, _model(5.1))},
+        {"model": "m", "variant": "mlp_in", "init": "clamp", "results": _cell_results(refs, _model(5.2, shift=0.3))},
+        {"model": "m", "variant": "mlp_both", "init": "abs", "results": _cell_results(refs, _model(6.5))},
+    ]
+    rows = grid_effective(cells)["m"]["hotflip"]
+    assert [r["holm_m"] for r in rows] == [2, 2, 2]  # the cell outside the ladder is not tested
+    assert rows[0]["verdict_holm"] == er.EQUAL
+    assert rows[1]["verdict_holm"] == er.LESS and rows[1]["p_holm"] >= rows[1]["p_value"]
+    assert rows[2]["p_holm"] is None and rows[2]["verdict_holm"] == er.OUTSIDE
+    text = "\n".join(grid_section_lines(grid_effective(cells)))
+    assert "## Robust or damaged?" in text and "| clamp |" in text and er.LESS in text

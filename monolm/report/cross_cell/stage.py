@@ -22,6 +22,7 @@ from monolm import report
 from monolm.config import ExperimentConfig, config_to_yaml
 from monolm.core.artifacts import MANIFEST, atomic_write_json, atomic_write_text
 from monolm.report.cross_cell.figures import render_grid_plots
+from monolm.report.robust_grid import grid_effective
 from monolm.report.stage import (
     STAGE,
     _safe_name,
@@ -72,6 +73,9 @@ def run_grid(cfg: ExperimentConfig, per_cell: Mapping[str, SeedRefs]) -> dict[st
         "missing_cells": missing,
     }
     grid["meta"] = meta
+    grid["robust_or_damaged"] = grid_effective(
+        [{"model": c.model, "variant": c.variant, "init": c.init, "results": r} for c, _, r, _ in analysed]
+    )
 
     def write_files(tmp: Path) -> list[str]:
         files = []
