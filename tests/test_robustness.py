@@ -43,10 +43,10 @@ def test_on_the_curve_every_arm_is_as_robust_as_its_quality(seeds):
 
 def test_an_arm_above_the_curve_is_detected_and_named():
     refs = {name: _model(x) for name, x in LADDER.items()}
-    arms = {"on-curve": _model(5.1), "damaged-but-not-robust": _model(5.2, shift=0.3), "robust": _model(5.4, shift=-0.3)}
+    arms = {"on-curve": _model(5.1), "above": _model(5.2, shift=0.3), "robust": _model(5.4, shift=-0.3)}
     results, _ = er.effective_robustness(refs, arms, n_boot=500, seed=1)
     assert results["on-curve"].verdict == er.EQUAL
-    above = results["damaged-but-not-robust"]
+    above = results["above"]
     assert above.effective == pytest.approx(0.3)
     assert above.ci_low > 0 and above.verdict == er.LESS and above.p_value < 0.05
     assert results["robust"].verdict == er.MORE and results["robust"].ci_high < 0
