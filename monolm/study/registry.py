@@ -200,7 +200,7 @@ SEED_STAGES: tuple[Stage, ...] = (
         label="quality ladder",
         entry="monolm.controls.ladder:run",
         inputs=("setup",),
-        config=("controls.ladder", "evaluation", "data.seq_len", "attacks"),
+        config=("controls.ladder", "evaluation", "data.seq_len", *dict.fromkeys(_UAT_CONFIG + _HOTFLIP_CONFIG)),
         gpu=True,
         reads="ladder.json",
     ),
