@@ -124,3 +124,32 @@ def test_plan_shows_the_ladders_cost_per_rung():
     assert four["flops"] == pytest.approx(two["flops"] * 5 / 3)
     assert four["a100_hours"] > 0
     assert ladder_row("controls.ladder.enabled=false") is None
+
+
+def test_snapshots_survive_a_killed_pretraining_and_match_an_uninterrupted_run(tmp_path, monkeypatch):
+    """Stage 0 killed right after pre-training's checkpoint at a snapshot step resumes there and
+    keeps the same snapshot an uninterrupted run keeps (pausing at snapshots changes nothing)."""
+    from monolm.core.artifacts import sha256_file
+    from monolm.data import stage as setup_stage
+    from monolm.models import loading
+    from monolm.study.layout import cell_paths
+
+    def snapshot_digests(cfg):
+        ref = setup_stage.run(cfg, cell_paths(cfg, 42), {}, progress=False)
+        return {name: sha256_file(Path(p) / "model.safetensors") for name, p in ref.metrics["snapshots"].items()}
+
+    clean = snapshot_digests(micro_config(tmp_path / "a"))
+    real_save = loading.save_model
+
+    def killed_at_step30(model, tokenizer, out_dir):
+        if Path(out_dir).name == "step30":
+            raise KeyboardInterrupt("killed")
+        return real_save(model, tokenizer, out_dir)
+
+    cfg = micro_config(tmp_path / "b")
+    monkeypatch.setattr(loading, "save_model", killed_at_step30)
+    with pytest.raises(KeyboardInterrupt):
+        setup_stage.run(cfg, cell_paths(cfg, 42), {}, progress=False)
+    monkeypatch.setattr(loading, "save_model", real_save)
+    assert snapshot_digests(cfg) == clean
+    assert set(clean) == {"step10", "step20", "step30"}

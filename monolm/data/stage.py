@@ -62,10 +62,10 @@ def _pretrain_tiny(
     if tiny.pretrain_steps > 0 and cfg.model.source == "tiny":  # an architecture keeps its random weights
         # Pre-training stops at each snapshot step (with a checkpoint) and resumes from it, which
         # is the same computation as one uninterrupted run: the snapshots are the quality
-        # ladder's rungs at no extra training (monolm.controls.ladder).
-        done = 0
-        for stop in [*snapshot_steps(cfg), tiny.pretrain_steps]:
-            result = train(
+        # ladder's rungs at no extra training (monolm.controls.ladder). The first call takes no
+        # step: it finds where a re-run resumes (a killed stage keeps its checkpoints).
+        def pretrain(steps: int):
+            return train(
                 model,
                 blocks,
                 arm,
@@ -75,12 +75,26 @@ def _pretrain_tiny(
                 constrained=False,
                 progress=progress,
                 on_log=on_log,
-                max_steps_this_call=stop - done,
+                max_steps_this_call=steps,
             )
-            done = stop
-            if stop < tiny.pretrain_steps:
-                models.save_model(model, tokenizer, out / SNAPSHOTS / f"step{stop}")
+
+        result = pretrain(0)
+        for stop in [*snapshot_steps(cfg), tiny.pretrain_steps]:
+            if stop > result.steps:
+                result = pretrain(stop - result.steps)
+            _keep_snapshot(model, tokenizer, out, stop, result.steps, tiny.pretrain_steps)
     return model, tokenizer, result
+
+
+def _keep_snapshot(model, tokenizer, out: Path, stop: int, step: int, last: int) -> None:
+    """Save the model as snapshot `step<stop>` when training stands at `stop` (a re-run finds the
+    snapshots it saved before; one it lost cannot be recomputed without starting over)."""
+    folder = out / SNAPSHOTS / f"step{stop}"
+    if stop >= last or (folder / "config.json").is_file():
+        return
+    if step != stop:
+        raise RuntimeError(f"snapshot {folder} is missing and pre-training is past it; delete {out} to start over")
+    models.save_model(model, tokenizer, folder)
 
 
 SNAPSHOTS = "snapshots"  # stage 0's folder of pre-training snapshots: snapshots/step<N>/
