@@ -47,6 +47,7 @@ def test_grid_shares_one_ladder_from_stage0_snapshots_and_the_report_uses_it(tmp
     md = Path(out["report"]).read_text()
     head, _, rest = md.partition("## Robust or damaged?")
     assert rest and "## Findings" not in head  # right after the headline
+    assert "HotFlip increase vs a model of equal quality" in head  # the headline's quality-matched rows
     assert "robustness.png" in rest and (Path(out["dir"]) / "robustness.png").is_file()
     results = json.loads((Path(out["dir"]) / "results.json").read_text())
     for attack in ("uat", "hotflip"):

@@ -8,6 +8,7 @@ from typing import Any
 
 from monolm.report.formatting import fmt_num, fmt_p, fmt_pct
 from monolm.report.labels import ATTACKS, METRIC_LABEL
+from monolm.report.robust_section import HEADLINE_NOTE, headline_rows
 from monolm.report.summaries import ALPHA, summary
 from monolm.report.table_builders import Table, wilcoxon_floor_note
 
@@ -92,6 +93,8 @@ def headline_table(results: dict[str, Any]) -> Table | None:
         ["Measure", "Baseline", "Constrained", "Difference", "95% CI", "p (paired t)", "Verdict", "n"],
     )
     t.rows = [row for stage, metric in MEASURES if (row := headline_row(results, stage, metric))]
+    matched = headline_rows(results.get("robust_or_damaged"))  # quality-matched ("Robust or damaged?")
+    t.rows += matched
     if not t.rows:
         return None
     tests = [primary_test(results, stage, metric) for stage, metric in MEASURES]
@@ -99,6 +102,8 @@ def headline_table(results: dict[str, Any]) -> Table | None:
         "Difference: constrained − baseline, with the 95% CI and p of a paired t-test "
         f"(α = {ALPHA}, not corrected for multiple comparisons); the Findings give the Wilcoxon test too.",
     ]
+    if matched:
+        caveats.append(HEADLINE_NOTE)
     if any(c is not None and c["scope"] != "seeds" for c in tests):
         caveats.append(WITHIN_SEED_CAVEAT)
     floor = wilcoxon_floor_note([c for c in tests if c is not None]).strip()

@@ -150,3 +150,35 @@ def _panel(ax, attack: str, rec: dict[str, Any]) -> None:
     ax.set_title(ATTACKS.get(attack, attack))
     ax.set_xlabel("clean test loss (nats/token)")
     ax.set_ylabel("loss increase under attack (nats/token)")
+
+
+HEADLINE_NOTE = (
+    "Rows 'vs a model of equal quality': the Baseline column holds the quality ladder's predicted increase at the "
+    "constrained arm's clean loss, the Difference is its effective robustness, with a bootstrap CI and p "
+    "(see Robust or damaged?)."
+)
+
+
+def headline_rows(section: dict[str, Any] | None) -> list[list[str]]:
+    """The headline table's quality-matched rows: per attack and arm, the ladder's prediction at
+    the arm's clean loss (in the baseline's column: the reference), the measured increase, their
+    difference (effective robustness) with its bootstrap CI and p, and the verdict."""
+    rows = []
+    for attack, rec in ((section or {}).get("attacks") or {}).items():
+        for arm, r in rec["arms"].items():
+            label = f"{ATTACKS.get(attack, attack)} increase vs a model of equal quality (ladder; bootstrap p)"
+            if arm != "monotonic":
+                label += f", {ARM_LABEL.get(arm, arm)}"
+            rows.append(
+                [
+                    label,
+                    f"{r['predicted']:.3f}",
+                    f"{r['increase']:.3f}",
+                    _fmt(r["effective"]),
+                    f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]" if r["in_range"] else "—",
+                    f"{r['p_value']:.3g}" if r["in_range"] else "—",
+                    r["verdict"],
+                    f"{section['n_seeds']} seed(s), texts and documents resampled",
+                ]
+            )
+    return rows
