@@ -141,7 +141,8 @@ def effective_robustness(
         er = y[arm] - (intercept + slope * x[arm])
         boot = er[1:]
         low, high = np.quantile(boot, [tail, 1 - tail])
-        p = min(1.0, 2 * min(float(np.mean(boot <= 0)), float(np.mean(boot >= 0))))
+        # Two-sided; never below 1/n_boot, the smallest p that many draws resolve (a bound, not 0).
+        p = min(1.0, max(2 * min(float(np.mean(boot <= 0)), float(np.mean(boot >= 0))), 1 / n_boot))
         in_range = lo <= x[arm][0] <= hi
         out[arm] = Effective(
             arm=arm,
