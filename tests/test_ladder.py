@@ -154,3 +154,21 @@ def test_snapshots_survive_a_killed_pretraining_and_match_an_uninterrupted_run(t
     monkeypatch.setattr(loading, "save_model", real_save)
     assert snapshot_digests(cfg) == clean
     assert set(clean) == {"step10", "step20", "step30"}
+
+
+def test_local_ladder_is_a_list_of_model_folders(tmp_path):
+    from monolm.config import load_config
+    from monolm.controls.rungs import resolve_rungs
+    from monolm.models.loading import ModelError
+    from monolm.study.frame import StageRef
+
+    early = tmp_path / "early"
+    early.mkdir()
+    (early / "config.json").write_text("{}")
+    sets = ["model.source=local", f"model.name={tmp_path / 'final'}", "controls.ladder.enabled=true"]
+    setup = StageRef("setup", 42, str(tmp_path), "0" * 64, {"model_dir": str(tmp_path / "final")})
+    cfg = load_config("full", sets=[*sets, f'controls.ladder.rungs=["{early}"]'])
+    assert [r.path for r in resolve_rungs(cfg, setup)] == [early, tmp_path / "final"]
+    missing = load_config("full", sets=[*sets, f'controls.ladder.rungs=["{tmp_path / "nowhere"}"]'])
+    with pytest.raises(ModelError, match="controls.ladder.rungs"):
+        resolve_rungs(missing, setup)
