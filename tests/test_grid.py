@@ -13,7 +13,7 @@ import pytest
 from helpers import micro_config, micro_sets
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = {"setup", "train_baseline", "evaluate_baseline", "uat_baseline", "hotflip_baseline"}
+SHARED = {"setup", "train_baseline", "evaluate_baseline", "uat_baseline", "hotflip_baseline", "ladder"}
 PER_CELL = {"constrain", "train_monotonic", "evaluate", "uat", "hotflip"}
 
 
@@ -55,6 +55,7 @@ def test_grid_computes_shared_work_once_and_reruns_only_what_changed(tmp_path):
     names = [t.name.removesuffix("-seed-42") for t in runs]
     assert names.count("train-baseline") == 1 and names.count("setup") == 1, sorted(names)
     assert names.count("uat-baseline") == names.count("hotflip-baseline") == names.count("evaluate-baseline") == 1
+    assert names.count("ladder") == 1  # the quality ladder: once per (model, seed), in the Prefect flow too
     assert names.count("train-monotonic") == names.count("constrain") == names.count("uat") == 3
     assert {t.state_name for t in runs} == {"Completed"}
     cfg = micro_config(tmp_path)
