@@ -40,6 +40,7 @@ SEED_STAGES = (
     "uat",
     "hotflip_baseline",
     "hotflip",
+    "ladder",
 )
 REPORTED_STAGES = ("setup", "constrain", "train_baseline", "train_monotonic", "evaluate", "uat", "hotflip")
 GPU_STAGES = SEED_STAGES[2:]
