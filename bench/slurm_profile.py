@@ -45,6 +45,7 @@ def slurm_sets(root: Path) -> list[str]:
         "runner.slurm.walltime=00:20:00",
         "runner.slurm.lifetime_margin_minutes=5",
         "runner.slurm.max_workers=2",
+        "runner.slurm.allow_sqlite=true",  # one node: the jobs share this disk
         f"runner.slurm.python={sys.executable}",
         f"runner.slurm.prologue={json.dumps([f'source {venv}/activate', 'export MONOLM_TORCH_THREADS=1'])}",
         f"runner.slurm.log_directory={root / 'slurm-logs'}",

@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+from infra.api_auth import use_served_auth
+
 SLACK = dt.timedelta(seconds=2)  # /proc start times have 1 s resolution (boot time) plus clock skew
 ACTIVE = ("PENDING", "RUNNING")
 
@@ -222,6 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="list the dead runs, change nothing")
     parser.add_argument("--watch", type=float, metavar="SECONDS", help="repeat every SECONDS until interrupted")
     args = parser.parse_args(argv)
+    use_served_auth()  # the server `make serve` started requires its auth string (before Prefect loads)
     if not os.environ.get("PREFECT_API_URL"):
         print(
             "PREFECT_API_URL is not set (export PREFECT_API_URL=$(infra/server/prefect-server.sh url))", file=sys.stderr

@@ -32,6 +32,8 @@ from typing import Any
 
 import yaml
 
+from infra.api_auth import use_served_auth
+
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILE = REPO / "prefect.yaml"
 
@@ -174,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="delete deployments of the same names that `prefect deploy` bound to a work pool",
     )
     args = parser.parse_args(argv)
+    use_served_auth()  # the server `make serve` started requires its auth string (before Prefect loads)
     specs = deployment_specs()
     if args.list:
         for spec in specs:

@@ -83,13 +83,23 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 def prefect_environment() -> None:
     """Defaults for running flows from the CLI (set before prefect is imported): run history in a
     project-local PREFECT_HOME (SQLite) unless PREFECT_API_URL points at a server, no analytics
-    calls (offline machines), and time for a temporary server to start on a busy machine."""
+    calls (offline machines), and time for a temporary server to start on a busy machine. The
+    default `.state/` and its `prefect/` (the database) are this user's only (0700)."""
     import os
 
-    home = Path(os.environ.setdefault("PREFECT_HOME", str(Path(".state/prefect").resolve())))
+    from monolm.core.private import own_private_files, own_state_dir
+
+    if "PREFECT_HOME" not in os.environ:
+        state = own_state_dir(Path(".state").resolve(), keep_search=True)
+        os.environ["PREFECT_HOME"] = str(own_state_dir(state / "prefect"))
+    home = Path(os.environ["PREFECT_HOME"])
     home.mkdir(parents=True, exist_ok=True)
+    own_private_files(home, "prefect.db*")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from infra.api_auth import use_served_auth
+
+    use_served_auth()  # PREFECT_API_URL at the server `make serve` started: send its auth string
 
 
 LAST_SEED_STAGE = SEED_STAGES[-1].number  # `--stages N` runs stages 0..N of a seed; aggregate needs the flow
@@ -147,6 +157,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         result = run_experiment(cfg)
         if len(study) == 1:
             print_constrain(cell_paths(study[0].cfg, cfg.seeds[0]).stage("constrain") / "report.json")
+        print(f"results folder: {result['dir']}")
+        if result.get("earlier"):  # other configurations of this study, kept beside it
+            print(f"earlier runs of this study (kept): {', '.join(result['earlier'])}")
         print(f"report: {result['report']}")
         print(f"run ID: {result['run_id']} (`monolm results --run {result['run_name']}` shows its numbers)")
     print(f"wall time: {time.time() - started:.1f} s")

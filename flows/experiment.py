@@ -13,8 +13,10 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows.params import check_deployment_parameters, is_deployment_run
 from infra.profiles import gpu_resources, make_task_runner
 from monolm.config import ConfigError, ExperimentConfig, build_config, check_output_folders, load_config
+from monolm.report.publish import check_results_folder
 from monolm.study.cells import cells, grid_from_lists
 from monolm.study.preflight import check_study
 from monolm.study.registry import GPU_STAGES, MODEL_STAGES, SEED_STAGES
@@ -51,6 +53,35 @@ def resolve_config(
     if not cfg.run_name:
         cfg = cfg.model_copy(update={"run_name": cfg.default_run_name})
     return cfg
+
+
+def check_deployment_size(cfg: ExperimentConfig, profile: str | None, deployment_id: Any, log: Any) -> None:
+    """A deployment run (UI, API, schedule; not `monolm run`, where the user chose on their own
+    machine) of a real model says where it trains: on the `slurm` profile, or with an explicit
+    `profile=local` (or dask-local), which is logged as a warning. Otherwise a bare
+    `prefect deployment run experiment/seed-42 --param preset=full` would download and train
+    Pythia-1.4B on whatever host runs the worker (on a cluster, the login node)."""
+    if deployment_id is None or all(m.source == "tiny" for m in (cfg.model, *cfg.models.values())):
+        return
+    if cfg.runner.profile == "slurm":
+        return
+    if profile is None:
+        raise ConfigError(
+            f"profile: preset {cfg.preset} trains {cfg.model.name}; a deployment run of it needs profile=slurm "
+            "(with config_file naming the site file), or an explicit profile=local to train it on the worker's host"
+        )
+    log.warning(
+        "preset %s with profile=%s: %s is downloaded and trained on the worker's own host, as asked",
+        cfg.preset,
+        profile,
+        cfg.model.name,
+    )
+
+
+def _deployment_id() -> Any:
+    from prefect.runtime import deployment
+
+    return deployment.id
 
 
 def expand_all_variants(preset, grid, named_overrides, config_file, overrides) -> dict[str, list[str]]:
@@ -199,9 +230,11 @@ def experiment(
     log = get_run_logger()
     # Deploy-time settings arrive as text: an empty profile or config file means "not set".
     profile, config_file = profile or None, config_file or None
-    if nightly:
-        run_name = _nightly_name(preset, run_name)
     try:
+        if is_deployment_run():  # an allowlist: no config keys, a site file by name only (flows/params.py)
+            config_file = check_deployment_parameters(dict(locals()))
+        if nightly:
+            run_name = _nightly_name(preset, run_name)
         grid = grid_from_lists(models, variants, init)
         cfg = resolve_config(
             preset,
@@ -215,6 +248,8 @@ def experiment(
             expand_all_variants(preset, grid, named_overrides, config_file, overrides),
         )
         check_output_folders(cfg)
+        check_results_folder(cfg)  # a folder stage 7 may not replace is refused before any compute
+        check_deployment_size(cfg, profile, _deployment_id(), log)
         study = check_study(cfg)  # before any stage: a variant the architecture lacks fails here, not in stage 1
     except ConfigError as exc:
         log.error("%s", exc)

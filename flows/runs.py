@@ -116,6 +116,9 @@ def show_runs(limit: int = 20) -> int:
             os.environ["PREFECT_API_URL"] = url
         else:
             print("(no Prefect server running: reading the run history in .state/prefect)")
+    from infra.api_auth import use_served_auth
+
+    use_served_auth()  # the served API requires its auth string (before Prefect is imported)
     runs, deployments = asyncio.run(_read(limit))
     source = os.environ.get("PREFECT_API_URL") or "the local run history"
     rows = flow_run_rows(runs, deployments)

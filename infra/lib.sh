@@ -25,10 +25,30 @@ fi
 MONOLM_REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export MONOLM_REPO_ROOT
 
+# Everything the infra scripts and the services they start write (state folders, logs, the
+# Prefect database, PID and URL files) is for this user only: other users of a shared login
+# node must not read the database or the logs. Files that others must reach get their mode
+# explicitly (PostgreSQL's folder when run as root, munge's socket folder).
+umask 077
+
 # The project-local state directory (absolute): $MONOLM_STATE_DIR or <repo>/.state. Not created
 # here: `--help` and `status` must not leave directories behind; commands create what they use.
 monolm_state_dir() {
     realpath -m -- "${MONOLM_STATE_DIR:-$MONOLM_REPO_ROOT/.state}"
+}
+
+# secure_state_dir: create the state directory with mode 700, or take read and write away from
+# group and others on an existing one of ours (a checkout from before this rule; search
+# permission stays, which PostgreSQL run as root needs to reach its folder).
+secure_state_dir() {
+    local state
+    state="$(monolm_state_dir)"
+    if [[ ! -d "$state" ]]; then
+        mkdir -p -- "$(dirname -- "$state")"
+        mkdir -m 700 -- "$state" 2>/dev/null || [[ -d "$state" ]] || die "cannot create $state"
+    elif [[ -O "$state" ]]; then
+        chmod go-rw -- "$state"
+    fi
 }
 
 log() { printf '[%s] %s\n' "${MONOLM_SCRIPT:-infra}" "$*" >&2; }
@@ -56,6 +76,42 @@ monolm_prefect() {
     else
         die "the prefect CLI was not found: run 'make install' (creates .venv) or set MONOLM_PREFECT"
     fi
+}
+
+# ----------------------------------------------------------------------------- the Prefect API
+# monolm_api_auth URL: export PREFECT_API_AUTH_STRING from <state>/prefect/auth (the server's
+# generated auth string) unless it is set already, when URL is the API of the server started
+# from this state dir (never our secret to another server). Through the environment only:
+# processes started from here (worker, flow runs, sbatch jobs) inherit it, and it never appears
+# on a command line.
+monolm_api_auth() {
+    local dir file; dir="$(monolm_state_dir)/prefect"; file="$dir/auth"
+    [[ -s "$dir/api_url" && "$(<"$dir/api_url")" == "$1" ]] || return 0
+    if [[ -z "${PREFECT_API_AUTH_STRING:-}" && -s "$file" ]]; then
+        PREFECT_API_AUTH_STRING="$(<"$file")"
+        export PREFECT_API_AUTH_STRING
+    fi
+}
+
+# api_request METHOD BASE PATH [JSON]: call the Prefect API at BASE (…/api) with the auth string
+# and, for a state-changing METHOD, a CSRF token. Secrets go to curl as a config on stdin, never
+# as arguments. Prints the response body; fails on an HTTP error.
+api_request() {
+    local method="$1" base="$2" path="$3" data="${4:-}" cfg="" client token
+    if [[ -n "${PREFECT_API_AUTH_STRING:-}" ]]; then
+        cfg+="header = \"Authorization: Basic $(printf '%s' "$PREFECT_API_AUTH_STRING" | base64 -w0)\""$'\n'
+    fi
+    if [[ "$method" != GET ]]; then
+        client="monolm-infra-$$-$RANDOM"
+        # A server without CSRF protection answers 422 here: then no token is needed.
+        if token="$(printf '%s' "$cfg" | curl -fsS --max-time 5 -K - "$base/csrf-token?client=$client" 2>/dev/null \
+                | "$(monolm_python)" -c 'import json, sys; print(json.load(sys.stdin)["token"])' 2>/dev/null)"; then
+            cfg+="header = \"Prefect-Csrf-Token: $token\""$'\n'"header = \"Prefect-Csrf-Client: $client\""$'\n'
+        fi
+    fi
+    local args=(-fsS --max-time 5 -K - -X "$method")
+    [[ -n "$data" ]] && args+=(-H 'Content-Type: application/json' -d "$data")
+    printf '%s' "$cfg" | curl "${args[@]}" "$base$path"
 }
 
 # ----------------------------------------------------------------------------- processes
@@ -238,16 +294,70 @@ with socket.socket() as s:
 EOF
 }
 
-# socket_dir DIR EXTRA: DIR, or a short directory under /tmp named after DIR's hash when DIR plus
-# EXTRA characters of socket file name would not fit a UNIX socket path (108 bytes, sun_path).
+# ----------------------------------------------------------------------------- private scratch
+# Sockets whose folder path is too long go to a per-user scratch folder, never to a shared
+# predictable /tmp name: another user could create that name first and own the socket's folder.
+# scratch_dir [OWNER]: the path (not created) of OWNER's scratch folder: $MONOLM_SCRATCH for the
+# current user, else /tmp/monolm-<uid> (short, for socket paths). The same folder as the Python
+# side's monolm.core.private.private_scratch().
+scratch_dir() {
+    local owner="${1:-$(id -un)}" uid
+    uid="$(id -u "$owner")" || die "no such user: $owner"
+    if [[ "$uid" == "$(id -u)" && -n "${MONOLM_SCRATCH:-}" ]]; then
+        echo "$MONOLM_SCRATCH"
+    else
+        echo "/tmp/monolm-$uid"
+    fi
+}
+
+# check_private_dir DIR UID: fail unless DIR is a folder (not a link) owned by UID with no
+# permission for group or others. Never repairs: a folder someone else made may hold their files.
+check_private_dir() {
+    local dir="$1" uid="$2" info owner mode
+    [[ -d "$dir" && ! -L "$dir" ]] || die "private folder $dir is a link or a file, not a folder; remove it or set MONOLM_SCRATCH"
+    info="$(stat -c '%u %a' -- "$dir")" || die "cannot stat private folder $dir"
+    owner="${info% *}" mode="${info#* }"
+    [[ "$owner" == "$uid" ]] \
+        || die "private folder $dir belongs to user id $owner, not $uid: someone else created it; remove it or set MONOLM_SCRATCH to a folder of your own"
+    (( (8#$mode & 8#077) == 0 )) \
+        || die "private folder $dir has mode $mode, open to other users: it must be 700 (chmod 700 $dir if you trust what is inside, else remove it)"
+}
+
+# ensure_private_dir DIR [OWNER]: create DIR with mode 700 (owned by OWNER, default the current
+# user) when absent, then check it (check_private_dir) in every case.
+ensure_private_dir() {
+    local dir="$1" owner="${2:-$(id -un)}" uid
+    uid="$(id -u "$owner")" || die "no such user: $owner"
+    if [[ ! -e "$dir" && ! -L "$dir" ]]; then
+        mkdir -p -- "$(dirname -- "$dir")"
+        if mkdir -m 700 -- "$dir" 2>/dev/null && [[ "$uid" != "$(id -u)" ]]; then
+            chown -- "$owner": "$dir"
+        fi
+    fi
+    check_private_dir "$dir" "$uid"
+}
+
+# socket_dir DIR EXTRA [OWNER]: DIR, or a folder named after DIR's hash in OWNER's private scratch
+# when DIR plus EXTRA characters of socket file name would not fit a UNIX socket path (108
+# bytes, sun_path). Only names it; prepare_socket_dir creates it.
 socket_dir() {
     local dir="$1" extra="$2" h
     if (( ${#dir} + extra + 1 <= 100 )); then
         echo "$dir"
     else
         h="$(printf '%s' "$dir" | sha256sum | cut -c1-16)"
-        echo "/tmp/monolm-$h"
+        echo "$(scratch_dir "${3:-}")/$h"
     fi
+}
+
+# prepare_socket_dir SOCKDIR HOME [OWNER]: create SOCKDIR; when it is not HOME (socket_dir chose
+# the scratch folder), first create or check OWNER's private scratch folder that holds it.
+prepare_socket_dir() {
+    local sock="$1" home="$2" owner="${3:-$(id -un)}"
+    if [[ "$sock" != "$home" ]]; then
+        ensure_private_dir "$(dirname -- "$sock")" "$owner"
+    fi
+    mkdir -p -- "$sock"
 }
 
 # lock_existing DIR: lock_component, but fail (without creating anything) when DIR does not
@@ -259,6 +369,7 @@ lock_existing() {
 
 # Serialise start/stop of one component: lock_component DIR (holds fd 9 until the script exits).
 lock_component() {
+    secure_state_dir
     mkdir -p "$1"
     exec 9>"$1/.lock"
     flock -w 120 9 || die "another infra command holds $1/.lock for more than 120 s"

@@ -20,6 +20,7 @@ import logging
 import os
 import shlex
 import sys
+from pathlib import Path
 from typing import Any
 
 from monolm.config import ExperimentConfig, SlurmConfig
@@ -70,13 +71,21 @@ def slurm_cluster_kwargs(slurm: SlurmConfig, api_url: str | None = None) -> dict
             f"{stagger}m",
         ],
         "python": slurm.python or sys.executable,
+        # No dashboard; the scheduler's HTTP routes (health, metrics) on a loopback port only.
+        "scheduler_options": dict(NO_DASHBOARD),
     }
+    if slurm.interface:
+        kwargs["interface"] = slurm.interface  # scheduler and workers (dask-jobqueue)
     if slurm.local_directory:
         kwargs["local_directory"] = slurm.local_directory
     if slurm.log_directory:
         kwargs["log_directory"] = slurm.log_directory
     return {k: v for k, v in kwargs.items() if v is not None}
 
+
+# dask's scheduler always starts an HTTP server (health, metrics, and the dashboard unless
+# `dashboard=False`); by default on 0.0.0.0:8787. Off, and on a random loopback port.
+NO_DASHBOARD = {"dashboard": False, "dashboard_address": "127.0.0.1:0"}
 
 DASK_LOG_LEVEL = "DASK_LOGGING__DISTRIBUTED"  # dask's own setting for its `distributed` loggers
 
@@ -111,22 +120,41 @@ def make_task_runner(cfg: ExperimentConfig):
     from prefect_dask import DaskTaskRunner
 
     if profile == "dask-local":
-        return DaskTaskRunner(
-            cluster_class="distributed.LocalCluster",
-            cluster_kwargs={
-                "n_workers": cfg.runner.dask_workers,
-                "threads_per_worker": 1,
-                "processes": True,
-                "dashboard_address": None,
-            },
-        )
+        return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=local_cluster_kwargs(cfg))
     from infra.slurm_runner import SlurmTaskRunner
 
     slurm = cfg.runner.slurm
     return SlurmTaskRunner(
-        cluster_kwargs=slurm_cluster_kwargs(slurm, prefect_api_url()),
+        cluster_kwargs={**slurm_cluster_kwargs(slurm, prefect_api_url()), "tls_directory": tls_directory(cfg)},
         adapt_kwargs={"minimum": slurm.min_workers, "maximum": slurm.max_workers},
     )
+
+
+def local_cluster_kwargs(cfg: ExperimentConfig) -> dict[str, Any]:
+    """`distributed.LocalCluster` for `dask-local`: processes on loopback only, mutual TLS with an
+    in-memory key (`infra/dask_tls.py`), no dashboard."""
+    from infra.dask_tls import temporary_security
+
+    return {
+        "n_workers": cfg.runner.dask_workers,
+        "threads_per_worker": 1,
+        "processes": True,
+        "host": "127.0.0.1",
+        "protocol": "tls://",
+        "security": temporary_security(),
+        "dashboard_address": None,
+        "scheduler_kwargs": dict(NO_DASHBOARD),
+    }
+
+
+def tls_directory(cfg: ExperimentConfig) -> str:
+    """Where the `slurm` profile writes its cluster's TLS key (absolute: worker jobs start
+    elsewhere): `runner.slurm.tls_directory`, else `<runs_root>/.state/dask-tls`. Created (0700)
+    or checked by the cluster when it starts, not here."""
+    configured = cfg.runner.slurm.tls_directory
+    if configured:
+        return str(Path(configured).expanduser().resolve())
+    return str(cfg.paths.runs_root.resolve() / ".state" / "dask-tls")
 
 
 def prefect_api_url() -> str:

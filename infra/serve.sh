@@ -117,7 +117,9 @@ cmd_up() {
 Prefect UI:  $ui
 API:         $url
 Use it:      export PREFECT_API_URL=$url
+             export PREFECT_API_AUTH_STRING="\$(cat $(monolm_state_dir)/prefect/auth)"
              .venv/bin/prefect deployment run experiment/seed-42 --param preset=tiny
+UI login:    the UI asks for the auth string (the content of $(monolm_state_dir)/prefect/auth)
 Run states:  make status
 Stop it:     make stop
 EOF

@@ -25,6 +25,9 @@ Two failure modes of the plain `DaskTaskRunner(cluster_class=SLURMCluster)` agai
   SIGTERM would kill the worker mid-drain, so a retired worker's job gets a few seconds to end
   by itself first.
 
+The cluster speaks mutual TLS, with a key written for it into a private folder that the worker
+jobs read (`infra/dask_tls.py`); its scheduler has no dashboard.
+
 Also installed on every worker: Prefect's task timeouts made to hold in worker threads
 (`install_persistent_task_timeouts`), and the flow uses stage locks that die with their holder
 (`tasks/locks.py`), so a cancelled worker job does not leave its stage locked forever.
@@ -41,6 +44,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from dask_jobqueue import SLURMCluster
@@ -48,6 +52,9 @@ from dask_jobqueue.slurm import SLURMJob
 from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
 from prefect_dask import DaskTaskRunner
+
+from infra.dask_tls import file_security, remove_tls_folder
+from monolm.core.private import make_private_dirs
 
 log = logging.getLogger("monolm.slurm")
 
@@ -205,9 +212,28 @@ class WatchedSLURMCluster(SLURMCluster):
 
     job_cls = WatchedSLURMJob
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, tls_directory: str | None = None, **kwargs: Any):
+        """`tls_directory`: a private folder on the shared filesystem; the cluster then speaks
+        mutual TLS only, with a key of its own written there and removed at close
+        (`infra/dask_tls.py`)."""
         self.submit_watch = SubmitWatch()
-        super().__init__(*args, submit_watch=self.submit_watch, **kwargs)
+        self.tls_folder: Path | None = None
+        if kwargs.get("log_directory"):  # dask-jobqueue would create it with the umask
+            make_private_dirs(kwargs["log_directory"])
+        if tls_directory is not None and kwargs.get("security") is None:
+            kwargs["security"], self.tls_folder = file_security(tls_directory)
+            kwargs["protocol"] = "tls://"
+        try:
+            super().__init__(*args, submit_watch=self.submit_watch, **kwargs)
+        except BaseException:
+            remove_tls_folder(self.tls_folder)
+            raise
+
+    async def _close(self) -> None:
+        try:
+            await super()._close()
+        finally:
+            remove_tls_folder(self.tls_folder)
 
     def _update_worker_status(self, op: str, msg: Any) -> None:
         # distributed's hook for scheduler "add"/"remove" worker events (Cluster base class).

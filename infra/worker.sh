@@ -13,7 +13,8 @@ A Prefect worker for the project's deployments, talking to $PREFECT_API_URL or, 
 unset, to the server started by infra/server/prefect-server.sh (<state>/prefect/api_url).
 
 Commands:
-  start    1. create work pool NAME of type `process` if it does not exist
+  start    1. create work pool NAME of type `process` if it does not exist, with the job
+              template of infra/pool_template.py (no `command`/`env` job variables)
            2. `prefect deploy --all` from the repo root (reads prefect.yaml; skip: --no-deploy)
            3. start `prefect worker start --pool NAME` in the background (PID file + log) and
               wait until the server lists it ONLINE. Idempotent: a running worker is kept.
@@ -54,8 +55,7 @@ api_healthy() { curl -fsS --max-time 5 "$1/health" 2>/dev/null | grep -q true; }
 # Is worker NAME listed ONLINE in pool POOL?
 worker_online() {
     local url="$1" pool="$2" name="$3"
-    curl -fsS --max-time 5 -X POST -H 'Content-Type: application/json' -d '{}' \
-        "$url/work_pools/$pool/workers/filter" 2>/dev/null \
+    api_request POST "$url" "/work_pools/$pool/workers/filter" '{}' 2>/dev/null \
         | "$(monolm_python)" -c '
 import json, sys
 name = sys.argv[1]
@@ -64,19 +64,26 @@ sys.exit(0 if any(w.get("name") == name and w.get("status") == "ONLINE" for w in
 ' "$name"
 }
 
-pool_exists() { curl -fsS --max-time 5 "$1/work_pools/$2" >/dev/null 2>&1; }
+pool_exists() { api_request GET "$1" "/work_pools/$2" >/dev/null 2>&1; }
 
 ensure_pool() {
-    local prefect="$1" pool="$2" url="$3"
+    local prefect="$1" pool="$2" url="$3" template="$W_DIR/pool-template.json"
+    # The pool's base job template has no `command`, `env` or `working_dir` variable and refuses
+    # any other one: a flow run cannot choose what the worker executes (infra/pool_template.py).
+    (cd "$MONOLM_REPO_ROOT" && "$(monolm_python)" -m infra.pool_template) >"$template" 9>&- \
+        || die "could not write the work pool's job template"
     if pool_exists "$url" "$pool"; then
-        log "work pool '$pool' exists"
+        log "work pool '$pool' exists; setting its job template"
+        "$prefect" work-pool update "$pool" --base-job-template "$template" >"$W_DIR/pool.log" 2>&1 9>&- \
+            || { log_tail "$W_DIR/pool.log"; die "could not set the job template of work pool '$pool'"; }
         return 0
     fi
-    # The CLI (not a bare API call) fills in the process worker's base job template.
     log "creating work pool '$pool' (type process)"
-    if ! "$prefect" work-pool create "$pool" --type process >"$W_DIR/pool.log" 2>&1 9>&-; then
+    if ! "$prefect" work-pool create "$pool" --type process --base-job-template "$template" >"$W_DIR/pool.log" 2>&1 9>&-; then
         # Another process may have created it in between.
         pool_exists "$url" "$pool" || { log_tail "$W_DIR/pool.log"; die "could not create work pool '$pool'"; }
+        "$prefect" work-pool update "$pool" --base-job-template "$template" >"$W_DIR/pool.log" 2>&1 9>&- \
+            || { log_tail "$W_DIR/pool.log"; die "could not set the job template of work pool '$pool'"; }
     fi
 }
 
@@ -100,9 +107,12 @@ cmd_start() {
     local pid_file="$W_DIR/$pool.pid" log_file="$W_DIR/$pool.log" url pid prefect t0
     lock_component "$W_DIR"
     url="$(api_url)"
+    monolm_api_auth "$url"
     api_healthy "$url" || die "the Prefect API at $url does not answer /health; start the server first (infra/server/prefect-server.sh start)"
     prefect="$(monolm_prefect)"
     export PREFECT_API_URL="$url"
+    # The auth string, in the environment that the worker, its flow runs and their SLURM jobs inherit.
+    monolm_api_auth "$url"
     # Flow runs inherit this: results and local storage stay inside the project's state dir.
     export PREFECT_HOME="${PREFECT_HOME:-$STATE/prefect}"
     export MONOLM_STATE_DIR="$STATE"
@@ -115,7 +125,7 @@ cmd_start() {
     pid_clear "$pid_file"
     # A worker of the same name that stopped recently is still listed ONLINE until its heartbeat
     # expires; forget it so that "ONLINE" below means *this* worker registered.
-    curl -fsS --max-time 5 -X DELETE "$url/work_pools/$pool/workers/$name" >/dev/null 2>&1 || true
+    api_request DELETE "$url" "/work_pools/$pool/workers/$name" >/dev/null 2>&1 || true
     t0="$(now_ms)"
     printf '\n===== %s: prefect worker start --pool %s --name %s\n' "$(date -Is)" "$pool" "$name" >>"$log_file"
     pid="$(cd "$MONOLM_REPO_ROOT" && start_group "$pid_file" "$log_file" \

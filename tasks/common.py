@@ -116,6 +116,18 @@ def _record_is_json(cfg: ExperimentConfig, key: str) -> bool:
         return False
 
 
+def _same_results(ref: dict) -> bool:
+    """Stage 7's folder still holds the results it returned (the digest of its grid.json or
+    results.json), not another configuration's under the same run name."""
+    import hashlib
+
+    for name in ("grid.json", "results.json"):
+        path = Path(ref["dir"]) / name
+        if path.is_file():
+            return not ref.get("digest") or hashlib.sha256(path.read_bytes()).hexdigest() == ref["digest"]
+    return False
+
+
 def cached_result_still_valid(cfg: ExperimentConfig, key: str) -> bool:
     """A cache hit is allowed only if every folder the cached result names still has a valid
     manifest with the very digest that was returned (or, for stage 7, its files still exist)."""
@@ -127,7 +139,7 @@ def cached_result_still_valid(cfg: ExperimentConfig, key: str) -> bool:
     try:
         for ref in json.loads(sidecar.read_text()):
             if ref.get("files"):
-                if not all(Path(f).is_file() for f in ref["files"]):
+                if not all(Path(f).is_file() for f in ref["files"]) or not _same_results(ref):
                     return False
                 continue
             _, digest = load_manifest(ref["dir"])

@@ -69,7 +69,7 @@ class LivenessLockManager(FileSystemLockManager):
             if mine is not None:
                 return mine[0] == holder  # re-entrant for its holder; other threads of this process wait
             self._ensure_lock_files_directory_exists()
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # holder and host/pid: for this user only
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -82,3 +82,7 @@ def test_unchanged_rerun_is_a_cache_hit_until_the_folder_is_deleted(harness, tmp
     shutil.rmtree(result["dir"])
     third, state = run()
     assert state == "Completed" and Path(third["report"]).is_file() and third["digest"] == result["digest"]
+    # another configuration's results took the folder (the same run name): not a hit either
+    Path(third["dir"], "results.json").write_text("{}")
+    fourth, state = run()
+    assert state == "Completed" and fourth["digest"] == result["digest"]

@@ -83,9 +83,31 @@ def test_overrides_from_yaml_file_and_set(tmp_path):
 
 
 def test_default_run_name_says_each_part_once():
-    assert load_config("tiny").default_run_name == "tiny-neox-mlp_in-fair-seeds-42"
+    tiny = load_config("tiny")
+    assert tiny.study_name == "tiny-neox-mlp_in-fair-seeds-42"
+    assert tiny.default_run_name == f"tiny-neox-mlp_in-fair-seeds-42-{tiny.study_digest()[:8]}"
     full = load_config("full", sets=["seeds=[1, 2]", "constraint.variant=mlp_both"])
-    assert full.default_run_name == "full-EleutherAI--pythia-1.4b-mlp_both-fair-seeds-1-2"
+    assert full.study_name == "full-EleutherAI--pythia-1.4b-mlp_both-fair-seeds-1-2"
+
+
+@pytest.mark.security
+def test_default_run_name_tells_configurations_apart():
+    """Two configurations never share a default results folder; where and how a run runs (paths,
+    runner, its own name) does not make it another configuration."""
+    base = load_config("tiny")
+    other_lr = load_config("tiny", sets=["training.common.lr=0.001"])
+    assert base.default_run_name != other_lr.default_run_name
+    moved = load_config("tiny", sets=["paths.results_root=elsewhere", "runner.retries=0", "run_name=x"])
+    assert moved.default_run_name == base.default_run_name
+
+
+@pytest.mark.security
+@pytest.mark.parametrize("name", ["a*", "../up", "a/b", ".hidden", "-lead", "x" * 151, "a b", "Docs?"])
+def test_run_name_must_be_a_folder_name(name):
+    secret = "PLANTED" + "-value"
+    with pytest.raises(ConfigError, match="run_name: not a folder name") as caught:
+        load_config("tiny", extra={"run_name": name + secret})
+    assert secret not in str(caught.value)  # the value is never echoed
 
 
 def test_cache_digest_follows_only_its_sections():

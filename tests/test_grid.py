@@ -125,11 +125,11 @@ def micro_args(tmp: Path) -> list[str]:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--variants", "mlp_in", "mlp_every"], "grid.variants.1: 'mlp_every' is not allowed"),
+        (["--variants", "mlp_in", "mlp_every"], "grid.variants.1: not an allowed value"),
         (["--variants", "mlp_in", "gated_all"], "constraint.variant='gated_all' does not fit model 'tiny-neox'"),
         (["--variants", "mlp_in", "mlp_in"], "grid.variants=['mlp_in', 'mlp_in'] lists 'mlp_in' more than once"),
         (["--models", "tiny-neox", "nope"], "grid.models: unknown model 'nope'; allowed: tiny-neox, tiny-neox-wide"),
-        (["--inits", "abs", "sqrt"], "grid.inits.1: 'sqrt' is not allowed"),
+        (["--inits", "abs", "sqrt"], "grid.inits.1: not an allowed value"),
         (["--variant", "mlp_in", "--variants", "mlp_both"], "--variant and --variants"),
         (["--variants"], "expected at least one argument"),
     ],
@@ -206,7 +206,7 @@ def test_model_axis_names_folders_and_cells(tmp_path):
     paths = cell_paths(wide, 42)
     assert paths.stage("train_baseline").parent == Path(cfg.paths.runs_root) / "tiny" / "tiny-neox-wide/shared/seed-42"
     assert paths.stage("constrain").parent.parent.name == "mlp_in-abs"
-    assert cfg.default_run_name == "tiny-neox+tiny-neox-wide-mlp_in+mlp_both-fair-seeds-42"
+    assert cfg.study_name == "tiny-neox+tiny-neox-wide-mlp_in+mlp_both-fair-seeds-42"
 
 
 @pytest.mark.slow

@@ -10,10 +10,12 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -100,10 +102,31 @@ def listeners(port: int) -> list[str]:
     return found
 
 
-def http_json(url: str, data: bytes | None = None):
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+def http_json(url: str, data: bytes | None = None, headers: dict[str, str] | None = None):
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read())
+
+
+def api_json(state: Path, api: str, path: str, data: bytes | None = None):
+    """An API call as the scripts make it: the auth string from <state>/prefect/auth and, for a
+    POST, a CSRF token fetched for this client."""
+    import base64
+
+    auth = base64.b64encode((state / "prefect/auth").read_bytes().strip()).decode()
+    headers = {"Authorization": f"Basic {auth}"}
+    if data is not None:
+        token = http_json(f"{api}/csrf-token?client=infra-test", headers=headers)["token"]
+        headers |= {"Prefect-Csrf-Token": token, "Prefect-Csrf-Client": "infra-test"}
+    return http_json(f"{api}{path}", data, headers)
+
+
+def http_status(url: str, data: bytes | None = None, headers: dict[str, str] | None = None) -> int:
+    try:
+        http_json(url, data, headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    return 200
 
 
 def free_port(state: Path) -> int:
@@ -292,6 +315,9 @@ def test_prefect_server_sqlite_on_loopback(state):
         assert listeners(port) and set(listeners(port)) == {"0100007F"}, listeners(port)
         # A project-local SQLite database under PREFECT_HOME=<state>/prefect.
         assert (state / "prefect/prefect.db").exists()
+        # Private (umask 077 in the scripts): the database and its folder are this user's only.
+        assert stat.S_IMODE((state / "prefect/prefect.db").stat().st_mode) & 0o077 == 0
+        assert stat.S_IMODE((state / "prefect").stat().st_mode) == 0o700
         pid, start = recorded(state / "prefect/server.pid")
         # Idempotent: a second start reuses the running server.
         assert run(script, "start", state=state).stdout.strip() == url
@@ -307,9 +333,14 @@ def test_prefect_server_sqlite_on_loopback(state):
 
 
 @pytest.mark.service
+@pytest.mark.security
 @pytest.mark.timeout(300)
 def test_serve_up_down_starts_and_stops_server_and_worker(state):
-    """`serve.sh up` brings up server + work pool + worker; `down` stops exactly those."""
+    """`serve.sh up` brings up server + work pool + worker; `down` stops exactly those. The API
+    requires the generated auth string (mode 600) and a CSRF token; the worker, whose requests
+    need both, came online without the auth string in its environment or arguments."""
+    import base64
+
     require_prefect()
     port = free_port(state)
     try:
@@ -317,10 +348,31 @@ def test_serve_up_down_starts_and_stops_server_and_worker(state):
         assert f"Prefect UI:  http://127.0.0.1:{port}" in proc.stdout
         assert (state / "serve/started").read_text().split() == ["server", "worker:local"]
         api = f"http://127.0.0.1:{port}/api"
-        pools = {p["name"]: p["type"] for p in http_json(f"{api}/work_pools/filter", b"{}")}
+        pools = {p["name"]: p["type"] for p in api_json(state, api, "/work_pools/filter", b"{}")}
         assert pools.get("local") == "process"
-        workers = http_json(f"{api}/work_pools/local/workers/filter", b"{}")
+        workers = api_json(state, api, "/work_pools/local/workers/filter", b"{}")
         assert [w["status"] for w in workers] == ["ONLINE"]
+        # Authentication by default: no auth string, a wrong one, or no CSRF token: refused.
+        auth = (state / "prefect/auth").read_text().strip()
+        assert (state / "prefect/auth").stat().st_mode & 0o777 == 0o600
+        assert http_status(f"{api}/work_pools/filter", b"{}") in (401, 403)  # CSRF is checked first
+        assert http_status(f"{api}/work_pools/local") == 401
+        wrong = base64.b64encode(b"monolm:" + b"0" * 48).decode()
+        assert http_status(f"{api}/work_pools/local", headers={"Authorization": f"Basic {wrong}"}) == 401
+        right = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()}
+        assert http_status(f"{api}/work_pools/filter", b"{}", right) == 403  # no CSRF token
+        # CORS admits the UI's own origin only.
+        for origin, status in ((f"http://127.0.0.1:{port}", 200), ("http://evil.example", 400)):
+            preflight = {"Origin": origin, "Access-Control-Request-Method": "POST"}
+            req = urllib.request.Request(f"{api}/work_pools/filter", method="OPTIONS", headers=preflight)
+            try:
+                with urllib.request.urlopen(req, timeout=10) as resp:
+                    assert resp.status == status, origin
+            except urllib.error.HTTPError as exc:
+                assert exc.code == status, origin
+        # Never on a command line: no process shows the auth string in its arguments.
+        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        assert auth.split(":", 1)[1] not in ps
         server = recorded(state / "prefect/server.pid")
         worker = recorded(state / "worker/local.pid")
         # Running `up` again changes nothing and still knows what it started.
@@ -335,6 +387,23 @@ def test_serve_up_down_starts_and_stops_server_and_worker(state):
     assert_gone(*worker)
     assert_gone(*server)
     assert not (state / "serve/started").exists()
+
+
+@pytest.mark.security
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3"])
+def test_non_loopback_bind_without_auth_is_refused(state, host):
+    """MONOLM_API_AUTH=off (an unauthenticated API) is for loopback only: nothing starts."""
+    env = {**_env(state), "MONOLM_API_AUTH": "off"}
+    proc = subprocess.run(
+        [str(REPO / "infra/server/prefect-server.sh"), "start", "--host", host],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    assert f"refusing to bind {host} without authentication" in proc.stderr
+    assert not (state / "prefect/server.pid").exists()
 
 
 @pytest.mark.service

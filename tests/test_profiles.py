@@ -25,11 +25,9 @@ def site_config(*sets: str):
 
 
 def job_script(cluster_class, slurm, api_url: str = API) -> str:
-    # Dashboard on a free port: nothing in this test should need a fixed port. The scheduler's own
+    # No dashboard, the scheduler's HTTP routes on a free port (NO_DASHBOARD). The scheduler's own
     # (random) address is replaced so that scripts of two clusters compare equal.
-    with cluster_class(
-        **slurm_cluster_kwargs(slurm, api_url), scheduler_options={"dashboard_address": ":0"}
-    ) as cluster:
+    with cluster_class(**slurm_cluster_kwargs(slurm, api_url)) as cluster:
         return cluster.job_script().replace(cluster.scheduler_address, "<scheduler>")
 
 

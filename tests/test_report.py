@@ -714,7 +714,7 @@ def test_bad_run_name_and_duplicate_seeds_are_refused(tmp_path):
     refs = make_seed(cfg, 42, NUMBERS[42])
     with pytest.raises(ValueError, match="more than once"):
         aggregate.run(cfg, [refs, refs])
-    with pytest.raises(ValueError, match="cannot name a results folder"):
+    with pytest.raises(ValueError, match="run_name: not a folder name"):
         aggregate.run(cfg.model_copy(update={"run_name": "../escape"}), [refs])
 
 

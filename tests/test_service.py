@@ -87,12 +87,14 @@ class Service:
             PREFECT_WORKER_QUERY_SECONDS="1",
             PREFECT_RUNNER_POLL_FREQUENCY="1",
             MONOLM_FAULTS=str(self.faults),
+            MONOLM_SITE_DIR=str(state / "sites"),  # the site files deployment runs may name (flows/params.py)
             MONOLM_NIGHTLY_TZ=TZ,
             **NIGHTLY_ENV,
             HF_HUB_OFFLINE="1",
             MONOLM_TORCH_THREADS="1",
         )
         self.api = ""
+        self.auth = ""  # the generated API auth string (<state>/prefect/auth), once started
         self.timings: dict[str, float] = {}
 
     def script(self, script: str, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
@@ -111,7 +113,14 @@ class Service:
         ).stdout.strip()
         self.timings["server_start_s"] = time.monotonic() - t0
         self.env["PREFECT_API_URL"] = self.api
+        # Not in self.env: the scripts and `monolm runs` must find it themselves; user_env has it.
+        self.auth = (self.state / "prefect/auth").read_text().strip()
         self.start_worker(deploy=True)
+
+    @property
+    def user_env(self) -> dict[str, str]:
+        """The environment of a user who followed `make serve`'s instructions (auth string exported)."""
+        return {**self.env, "PREFECT_API_AUTH_STRING": self.auth}
 
     def start_worker(self, deploy: bool) -> None:
         t0 = time.monotonic()
@@ -128,13 +137,28 @@ class Service:
     # -- the CLI, as a user types it
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         proc = subprocess.run(
-            [str(PREFECT), *args], env=self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+            [str(PREFECT), *args], env=self.user_env, cwd=REPO, capture_output=True, text=True, timeout=timeout
         )
         assert proc.returncode == 0, f"prefect {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
         return proc
 
     def run_deployment(self, name: str, sets: list[str]) -> str:
-        out = self.cli("deployment", "run", name, "--param", "preset=tiny", "--param", f"overrides={json.dumps(sets)}")
+        """A deployment run may not set config keys: `sets` go into a site file in MONOLM_SITE_DIR
+        (as the person who starts the service would write one), which the run names."""
+        import hashlib
+
+        import yaml
+
+        from monolm.config.loading import deep_merge, parse_set
+
+        site: dict = {}
+        for assignment in sets:
+            site = deep_merge(site, parse_set(assignment))
+        text = yaml.safe_dump(site)
+        path = self.state / "sites" / f"site-{hashlib.sha256(text.encode()).hexdigest()[:12]}.yaml"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+        out = self.cli("deployment", "run", name, "--param", "preset=tiny", "--param", f"config_file={path.name}")
         return re.search(r"UUID: ([0-9a-f-]{36})", out.stdout).group(1)
 
     # -- the API
@@ -143,7 +167,7 @@ class Service:
         from prefect.client.orchestration import PrefectClient
 
         async def go():
-            async with PrefectClient(self.api) as client:
+            async with PrefectClient(self.api, auth_string=self.auth) as client:
                 return await fn(client)
 
         return asyncio.run(go())
@@ -234,9 +258,9 @@ def test_prefect_yaml_declares_every_deployment():
     assert tuple(specs) == DEPLOYMENTS
     assert {s["entrypoint"] for s in specs.values()} == {"flows/experiment.py:experiment"}
     for seed in (42, 1337, 2024, 8888, 12345):
-        assert specs[f"seed-{seed}"]["parameters"] == {"seeds": [seed], "preset": "full"}
-    assert specs["all-seeds"]["parameters"] == {"seeds": [42, 1337, 2024, 8888, 12345], "preset": "full"}
-    assert specs["variants"]["parameters"] == {"variants": ["all"], "preset": "full"}
+        assert specs[f"seed-{seed}"]["parameters"] == {"seeds": [seed], "preset": "tiny"}
+    assert specs["all-seeds"]["parameters"] == {"seeds": [42, 1337, 2024, 8888, 12345], "preset": "tiny"}
+    assert specs["variants"]["parameters"] == {"variants": ["all"], "preset": "tiny"}
     assert all(not s["schedules"] for name, s in specs.items() if name != "nightly-quick")
 
 
@@ -402,6 +426,8 @@ def test_ui_shows_the_run_its_stages_and_the_report_with_figures(service):
         "&& i.naturalWidth >= 600 && i.getBoundingClientRect().width > 300).length"
     )
     with Browser.launch() as browser:
+        # The UI asks for the auth string once and keeps it (base64) in the origin's localStorage.
+        browser.open(ui).evaluate(f"localStorage.setItem('prefect-password', btoa({json.dumps(service.auth)}))")
         for name, (url, needles) in pages.items():
             page = browser.open(url)
             try:
@@ -488,7 +514,7 @@ def test_nightly_schedule_is_inactive_unless_switched_on(service):
     for name, dep in deployments.items():
         assert dep.work_pool_name == "local", name
         assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
-    assert deployments["seed-2024"].parameters == {"seeds": [2024], "preset": "full"}
+    assert deployments["seed-2024"].parameters == {"seeds": [2024], "preset": "tiny"}
     nightly = deployments["nightly-quick"]
     (schedule,) = nightly.schedules
     assert schedule.active is False and schedule.parameters == NIGHTLY_PARAMETERS
@@ -498,7 +524,7 @@ def test_nightly_schedule_is_inactive_unless_switched_on(service):
 
     on = subprocess.run(
         [str(PREFECT), "--no-prompt", "deploy", "--name", "nightly-quick"],
-        env={**service.env, "MONOLM_NIGHTLY": "on"},
+        env={**service.user_env, "MONOLM_NIGHTLY": "on"},
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -709,3 +735,63 @@ def test_deployed_run_on_postgresql(shared_runs):
     finally:
         pg.stop()
         shutil.rmtree(state, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- security (issue 21)
+@pytest.mark.service
+@pytest.mark.security
+@pytest.mark.timeout(300)
+def test_pool_refuses_a_flow_run_that_sets_command_or_env(service):
+    """The probe of issue 21: `job_variables.command` became the command the worker ran. The
+    pool's job template has no `command`, `env` or `working_dir`, so the server refuses a flow run
+    that sets one (HTTP 422), before any worker sees it."""
+    import datetime as dt
+
+    from prefect.exceptions import PrefectHTTPStatusError
+    from prefect.states import Scheduled
+
+    pool = service.call(lambda c: c.read_work_pool("local"))
+    assert not {"command", "env", "working_dir"} & set(pool.base_job_template["variables"]["properties"])
+    assert not {"command", "env", "working_dir"} & set(pool.base_job_template["job_configuration"])
+    seed_42 = service.call(lambda c: c.read_deployment_by_name("experiment/seed-42"))
+    owned = service.state / "owned.txt"
+    due = dt.datetime.now(dt.UTC) + dt.timedelta(days=365)  # never due, should one be accepted
+    for job_variables in (
+        {"command": f"sh -c 'id > {owned}'"},
+        {"env": {"LD_PRELOAD": str(owned)}},
+        {"working_dir": str(service.state)},
+    ):
+        with pytest.raises(PrefectHTTPStatusError) as refused:
+            service.call(
+                lambda c, jv=job_variables: c.create_flow_run_from_deployment(
+                    seed_42.id, job_variables=jv, state=Scheduled(scheduled_time=due)
+                )
+            )
+        assert refused.value.response.status_code == 422, job_variables
+    assert not owned.exists()
+
+
+@pytest.mark.service
+@pytest.mark.security
+@pytest.mark.timeout(300)
+def test_deployment_run_that_sets_config_keys_fails_without_echoing_them(service, shared_runs):
+    """The probe of issue 21: `overrides` reached the sbatch script and any path. A deployment run
+    that sets a config key fails before any stage, naming the parameter; a planted secret in the
+    value appears in no log of the run."""
+    secret = "hf" + "_" + "q" * 34  # built at run time, no token literal in the source
+    sets = [f"paths.results_root={shared_runs / secret}", f"runner.slurm.prologue=['echo {secret}']"]
+    out = service.cli(
+        "deployment", "run", "experiment/seed-42", "--param", "preset=tiny", "--param", f"overrides={json.dumps(sets)}"
+    )
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", out.stdout).group(1)
+    run = service.wait(flow_run_id)
+    assert run.state_name == "Failed"
+    assert "overrides:" in run.state.message and secret not in run.state.message
+
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    logs = service.call(lambda c: c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id]))))
+    assert any("overrides: a deployment run may not set config keys" in entry.message for entry in logs)
+    assert not [entry.message for entry in logs if secret in entry.message]
+    assert secret not in (service.state / "worker/local.log").read_text()  # the flow run's own output
+    assert not (shared_runs / secret).exists()

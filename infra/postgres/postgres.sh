@@ -41,8 +41,10 @@ USAGE
 STATE="$(monolm_state_dir)"
 PG_DIR="$STATE/postgres"
 DATA="$PG_DIR/data"
-# The socket .s.PGSQL.<port> must fit a UNIX socket path: long state paths use a /tmp dir.
-RUN_DIR="$(socket_dir "$PG_DIR/run" 16)"
+# The socket .s.PGSQL.<port> must fit a UNIX socket path: long state paths use a folder in the
+# cluster owner's private scratch (/tmp/monolm-<uid>, 0700, checked: lib.sh socket_dir).
+pg_owner() { if [[ "$(id -u)" == 0 ]] && id postgres >/dev/null 2>&1; then echo postgres; else id -un; fi; }
+RUN_DIR="$(socket_dir "$PG_DIR/run" 16 "$(pg_owner)")"
 LOG_DIR="$PG_DIR/log"
 PW_FILE="$PG_DIR/password"
 PORT_FILE="$PG_DIR/port"
@@ -92,11 +94,17 @@ owner_name() {
 }
 
 prepare_dirs() {
-    mkdir -p "$PG_DIR" "$RUN_DIR" "$LOG_DIR"
-    chmod 755 "$PG_DIR"
+    RUN_DIR="$(socket_dir "$PG_DIR/run" 16 "$(owner_name)")"  # `postgres` may exist only now
+    mkdir -p "$PG_DIR" "$LOG_DIR"
+    prepare_socket_dir "$RUN_DIR" "$PG_DIR/run" "$(owner_name)"
+    chmod 700 "$PG_DIR"
     if [[ "$(id -u)" == 0 ]]; then
+        chmod 711 "$PG_DIR"  # the `postgres` user searches it to reach data/, run/, log/
         id postgres >/dev/null 2>&1 || die "the 'postgres' system user does not exist (it comes with Debian's postgresql package)"
         chown postgres: "$RUN_DIR" "$LOG_DIR"
+        # The state dir is 700 (lib.sh umask): the `postgres` user may search it (not list it)
+        # to reach its folder; everything else in it stays 600/700.
+        if [[ -O "$STATE" ]]; then chmod o+x "$STATE"; fi
         [[ -d "$DATA" ]] && chown postgres: "$DATA"
         # PostgreSQL runs as `postgres` and must be able to reach its data directory.
         runuser -u postgres -- test -x "$PG_DIR" \
@@ -229,7 +237,7 @@ cmd_stop() {
         # transactions and shut down cleanly.
         as_owner "$BINDIR/pg_ctl" -D "$DATA" -m fast -w -t 60 stop >"$LOG_DIR/pg_ctl.log" 2>&1 9>&- || true
     fi
-    if [[ "$RUN_DIR" == /tmp/monolm-* ]]; then rmdir "$RUN_DIR" 2>/dev/null || true; fi
+    if [[ "$RUN_DIR" != "$PG_DIR/run" ]]; then rmdir "$RUN_DIR" 2>/dev/null || true; fi
     if pid_alive "$PID_FILE" >/dev/null; then
         # pg_ctl did not stop it: signal the recorded postmaster (it takes its children along).
         stop_recorded "$PID_FILE" "PostgreSQL" TERM:30 QUIT:10 KILL:5

@@ -30,13 +30,18 @@ Options:
                        infra/postgres/postgres.sh if needed and sets
                        PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://...
   --host H             address to bind (default 127.0.0.1). A cluster whose compute nodes must
-                       reach the API needs e.g. 0.0.0.0; the API has no authentication, so
-                       only do that on a trusted network
+                       reach the API needs e.g. 0.0.0.0 (refused with MONOLM_API_AUTH=off)
   --timeout S          seconds to wait for /api/health (default 120)
   -h, --help           this help
 
+Authentication: the API requires the auth string in <state>/prefect/auth (generated on the
+first start, mode 600, `monolm:<random hex>`); clients send it from the environment
+(PREFECT_API_AUTH_STRING, which the infra scripts, `monolm runs` and the worker set from that
+file). CSRF protection is on and CORS admits only the UI's own origin. MONOLM_API_AUTH=off
+starts a server without authentication, on loopback only (a non-loopback --host is refused).
+
 Files under <state>/prefect (<state> = $MONOLM_STATE_DIR or <repo>/.state): server.pid,
-server.log, api_url, port, db, host.
+server.log, api_url, port, db, host, auth.
 USAGE
 }
 
@@ -49,12 +54,36 @@ PORT_FILE="$HOME_DIR/port"
 DB_FILE="$HOME_DIR/db"
 HOST_FILE="$HOME_DIR/host"
 OWNS_PG_FILE="$HOME_DIR/started_postgres"
+AUTH_FILE="$HOME_DIR/auth"
 PG_SCRIPT="$MONOLM_REPO_ROOT/infra/postgres/postgres.sh"
 
 # Where to reach a server bound to HOST from this machine, and the URL to give to others.
 local_addr() { case "$1" in 0.0.0.0|::|"[::]") echo 127.0.0.1 ;; *) echo "$1" ;; esac; }
 public_addr() { case "$1" in 0.0.0.0|::|"[::]") hostname -f 2>/dev/null || hostname ;; *) echo "$1" ;; esac; }
 running_host() { cat "$HOST_FILE" 2>/dev/null || echo 127.0.0.1; }
+is_loopback() { case "$1" in 127.*|localhost|::1) return 0 ;; *) return 1 ;; esac; }
+
+# The origins the UI is served from (the server itself): the only ones CORS admits.
+ui_origins() {
+    local host="$1" port="$2" out="http://127.0.0.1:$2,http://localhost:$2"
+    is_loopback "$host" || out+=",http://$(public_addr "$host"):$port"
+    echo "$out"
+}
+
+# The API auth string `monolm:<hex>`: generated once (mode 600, never printed), kept across
+# restarts so running workers and SLURM jobs keep working.
+ensure_auth() {
+    if [[ ! -s "$AUTH_FILE" ]]; then
+        local secret
+        secret="$(od -An -tx1 -N24 /dev/urandom | tr -d ' \n')"
+        (umask 077; printf 'monolm:%s\n' "$secret" >"$AUTH_FILE.tmp")
+        mv -f "$AUTH_FILE.tmp" "$AUTH_FILE"
+        log "generated the API auth string in $AUTH_FILE (mode 600)"
+    fi
+    chmod 600 "$AUTH_FILE"
+    [[ "$(<"$AUTH_FILE")" =~ ^monolm:[0-9a-f]{48}$ ]] \
+        || die "$AUTH_FILE does not hold a generated auth string; delete it and run start again"
+}
 
 # health PORT [HOST]
 health() {
@@ -78,6 +107,8 @@ cmd_start() {
     local port="$1" db="$2" timeout="$3" host="$4" pid t0 elapsed db_url api
     case "$db" in ""|sqlite|postgres) ;; *) die "--db must be sqlite or postgres, not '$db'" ;; esac
     lock_component "$HOME_DIR"
+    # The database and logs are this user's (a PREFECT_HOME from before umask 077 was not).
+    chmod go-rwx "$HOME_DIR" "$HOME_DIR"/prefect.db* "$HOME_DIR"/*.log 2>/dev/null || true
     if pid="$(pid_alive "$PID_FILE")"; then
         local run_port run_db run_host
         run_port="$(<"$PORT_FILE")"; run_db="$(cat "$DB_FILE" 2>/dev/null || echo sqlite)"
@@ -98,10 +129,13 @@ cmd_start() {
     rm -f "$API_URL_FILE"
     [[ -n "$db" ]] || db=sqlite
     [[ -n "$host" ]] || host=127.0.0.1
-    case "$host" in
-        127.*|localhost|::1) ;;
-        *) log "WARNING: binding $host, not loopback: the Prefect API has no authentication; anyone who reaches $host:${port:-<port>} controls this server" ;;
-    esac
+    if [[ "${MONOLM_API_AUTH:-on}" == off ]]; then
+        is_loopback "$host" || die "refusing to bind $host without authentication (MONOLM_API_AUTH=off): anyone who reaches it would control this server; bind 127.0.0.1 or leave authentication on"
+        log "WARNING: MONOLM_API_AUTH=off: the API has no authentication (loopback only)"
+    else
+        ensure_auth
+        is_loopback "$host" || log "binding $host: the API needs the auth string, but travels as plain HTTP; keep it on the cluster's private network"
+    fi
     [[ -n "$port" ]] || port="$(choose_port)"
     [[ "$port" =~ ^[0-9]+$ ]] || die "invalid port: $port"
     port_in_use "$port" && die "port $port is already in use by another process; pass --port N (a free one: infra/free-port.sh)"
@@ -112,7 +146,16 @@ cmd_start() {
     export PREFECT_SERVER_ANALYTICS_ENABLED=false
     export PREFECT_SERVER_API_HOST="$host"
     export PREFECT_SERVER_API_PORT="$port"
-    unset PREFECT_API_URL PREFECT_API_KEY
+    unset PREFECT_API_URL PREFECT_API_KEY PREFECT_API_AUTH_STRING PREFECT_SERVER_API_AUTH_STRING
+    if [[ "${MONOLM_API_AUTH:-on}" != off ]]; then
+        # In the server's environment, never on its command line (other users read process lists).
+        PREFECT_SERVER_API_AUTH_STRING="$(<"$AUTH_FILE")"
+        export PREFECT_SERVER_API_AUTH_STRING
+    fi
+    # CSRF tokens for every state-changing request; cross-origin requests only from the UI itself.
+    export PREFECT_SERVER_CSRF_PROTECTION_ENABLED=true
+    PREFECT_SERVER_CORS_ALLOWED_ORIGINS="$(ui_origins "$host" "$port")"
+    export PREFECT_SERVER_CORS_ALLOWED_ORIGINS
     rm -f "$OWNS_PG_FILE"
     if [[ "$db" == postgres ]]; then
         if ! "$PG_SCRIPT" status >/dev/null 2>&1; then

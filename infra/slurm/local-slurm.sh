@@ -55,8 +55,9 @@ LOG_DIR="$S_DIR/log"
 RUN_DIR="$S_DIR/run"
 CONF="$ETC/slurm.conf"
 NODE=monolm-node
-# A UNIX socket path must fit 108 bytes: long state paths put the socket in a /tmp dir.
-# Separate from the key's directory (700): clients of any user need to reach the socket.
+# A UNIX socket path must fit 108 bytes: long state paths put the socket in a folder of this
+# user's private scratch (/tmp/monolm-<uid>, 0700, checked: lib.sh socket_dir).
+# Separate from the key's directory (700): munged wants its socket folder searchable.
 SOCKET_DIR="$(socket_dir "$S_DIR/munge-run" 20)"
 SOCKET="$SOCKET_DIR/munge.socket.2"
 
@@ -189,7 +190,8 @@ make_devices() {
 }
 
 make_munge_key() {
-    mkdir -p "$MUNGE_DIR" "$SOCKET_DIR"
+    mkdir -p "$MUNGE_DIR"
+    prepare_socket_dir "$SOCKET_DIR" "$S_DIR/munge-run"
     chmod 700 "$MUNGE_DIR"
     chmod 755 "$SOCKET_DIR"
     if [[ ! -s "$MUNGE_DIR/munge.key" ]]; then
@@ -295,7 +297,7 @@ cmd_stop() {
     stop_recorded "$RUN_DIR/slurmd.pid" slurmd TERM:15 KILL:5
     stop_recorded "$RUN_DIR/slurmctld.pid" slurmctld TERM:15 KILL:5
     stop_recorded "$RUN_DIR/munged.pid" munged TERM:10 KILL:5
-    if [[ "$SOCKET_DIR" == /tmp/monolm-* ]]; then rm -rf "$SOCKET_DIR"; fi
+    if [[ "$SOCKET_DIR" != "$S_DIR/munge-run" ]]; then rm -rf "$SOCKET_DIR"; fi
     rm -f "$S_DIR/env"
 }
 

@@ -41,10 +41,18 @@ def _read_yaml(path: Path, what: str) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"{what}: cannot read {path} ({exc.strerror or exc})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{what}: {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{what}: {path} is not valid YAML ({_yaml_problem(exc)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{what}: {path} must contain a mapping, got {type(data).__name__}")
     return data
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """Where and what, never the text: PyYAML's message quotes the offending line, which may hold
+    a secret."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or type(exc).__name__
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -63,13 +71,12 @@ def parse_set(assignment: str) -> dict[str, Any]:
     key, sep, raw = assignment.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(
-            f"invalid override {assignment!r}: expected KEY=VALUE with a dotted key, e.g. --set training.common.lr=1e-4"
-        )
+        # Without '=' the text may be a value (a token pasted in the wrong place): never echoed.
+        raise ConfigError("invalid override: expected KEY=VALUE with a dotted key, e.g. --set training.common.lr=1e-4")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"invalid override {assignment!r}: value is not valid YAML ({exc})") from None
+        raise ConfigError(f"{key}: value is not valid YAML ({_yaml_problem(exc)})") from None
     # PyYAML reads 1e-4 (no dot) as a string; accept it as the float the user meant.
     if isinstance(value, str):
         with contextlib.suppress(ValueError):
@@ -84,21 +91,27 @@ def parse_set(assignment: str) -> dict[str, Any]:
     return root
 
 
+def _shown(value: Any) -> str:
+    """A number cannot hold a secret, so it is shown; any other value only by its type."""
+    if isinstance(value, bool | int | float):
+        return repr(value)
+    return f"a {type(value).__name__}"
+
+
 def _format_validation_error(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "config"
         msg = err["msg"]
+        # The field is named, its value never shown: a misplaced key may hold a token.
         if err["type"] == "extra_forbidden":
-            lines.append(
-                f"{loc}: unknown field (value {err['input']!r}); check the spelling against `monolm config show`"
-            )
+            lines.append(f"{loc}: unknown field; check the spelling against `monolm config show`")
         elif err["type"] in ("literal_error", "enum"):
-            lines.append(f"{loc}: {err['input']!r} is not allowed; {msg}")
+            lines.append(f"{loc}: not an allowed value; {msg}")
         elif err["type"] == "value_error":
             lines.append(msg.removeprefix("Value error, "))
         else:
-            lines.append(f"{loc}: {msg} (got {err.get('input')!r})")
+            lines.append(f"{loc}: {msg} (got {_shown(err.get('input'))})")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from monolm.config.base import (  # noqa: F401  (re-exported: the value types are part of the schema)
     FOLDER_NAME,
@@ -26,9 +26,12 @@ from monolm.config.base import (  # noqa: F401  (re-exported: the value types ar
     Strict,
     Switch,
     Variant,
+    check_run_name,
+    study_digest_of,
 )
 from monolm.config.controls import ControlsConfig, check_ladder
 from monolm.config.runner import RunnerConfig, SlurmConfig  # noqa: F401  (re-exported)
+from monolm.config.store_url import check_cluster_store, without_password
 
 
 # --------------------------------------------------------------------------- model and data
@@ -337,8 +340,14 @@ class PathsConfig(Strict):
     runs_root: Path = Path("runs")
     results_root: Path = Path("results")
     cache_dir: Path = Path(".state/cache")
-    # SQLAlchemy URL of the results store; None -> sqlite:///<runs_root>/results.sqlite
+    # SQLAlchemy URL of the results store; None -> sqlite:///<runs_root>/results.sqlite. A password
+    # in it moves to the environment (`monolm.config.store_url`): never logged, stored or passed on.
     store_url: str | None = None
+
+    @field_validator("store_url")
+    @classmethod
+    def _no_password(cls, value: str | None) -> str | None:
+        return value if value is None else without_password(value)
 
 
 # --------------------------------------------------------------------------- the study's grid
@@ -369,6 +378,11 @@ class ExperimentConfig(Strict):
     paths: PathsConfig = PathsConfig()
     runner: RunnerConfig = RunnerConfig()
 
+    @field_validator("run_name")
+    @classmethod
+    def _run_name(cls, value: str | None) -> str | None:
+        return check_run_name(value)
+
     @model_validator(mode="after")
     def _cross_field(self) -> ExperimentConfig:
         if not self.seeds:
@@ -391,6 +405,7 @@ class ExperimentConfig(Strict):
         self._check_grid()
         tiny = self.model.tiny
         check_ladder(self.controls.ladder, self.model.source, tiny.snapshot_steps, tiny.pretrain_steps)
+        check_cluster_store(self.runner.profile, self.store_url, self.runner.slurm.allow_sqlite)
         if self.model.source == "tiny":
             self.validate_seq_len(self.model.tiny.max_position_embeddings)
         if self.model.source == "architecture":
@@ -441,9 +456,14 @@ class ExperimentConfig(Strict):
 
     @property
     def default_run_name(self) -> str:
-        """`<preset>-<model>-<variant>-<recipe>-seeds-<a>-<b>`: the results folder of a run named by no one.
-        The preset is left out when the model's name already starts with it (`tiny-neox-...`, not
-        `tiny-tiny-neox-...`)."""
+        """`<study name>-<study digest, 8 hex>`: the results folder of a run named by no one; two
+        differently configured runs (another learning rate, ...) never share it."""
+        return f"{self.study_name}-{self.study_digest()[:8]}"
+
+    @property
+    def study_name(self) -> str:
+        """`<preset>-<model>-<variant>-<recipe>-seeds-<a>-<b>`, the preset left out when the model's
+        name starts with it (`tiny-neox-...`); the runs of a study differ in the digest suffix."""
         seeds = "-".join(str(s) for s in self.seeds)
         slug = "+".join(self.grid.models) or self.model.slug
         head = slug if slug == self.preset or slug.startswith(f"{self.preset}-") else f"{self.preset}-{slug}"
@@ -474,6 +494,10 @@ class ExperimentConfig(Strict):
                 node = node[part]
             out[section] = node
         return out
+
+    def study_digest(self) -> str:
+        """Digest of what decides the numbers: the config without run name, paths and runner."""
+        return study_digest_of(self.model_dump(mode="json"))
 
     def digest(self, *sections: str) -> str:
         payload = self.subset(*sections) if sections else self.model_dump(mode="json")

@@ -15,15 +15,9 @@ and an earlier complete result of the same run (folder and rows) stays as it was
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
-import os
-import shutil
-import tempfile
 import time
-import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +32,11 @@ from monolm.core.artifacts import (
     atomic_write_text,
     load_manifest,
     read_json,
-    write_manifest,
 )
-from monolm.core.provenance import git_revision, provenance
+from monolm.core.provenance import git_revision
 from monolm.report import figures as plots
+from monolm.report.publish import earlier_runs, publish, published, safe_name  # noqa: F401  (published: re-exported)
 from monolm.report.robust_section import plot_robustness
-from monolm.store import ResultsStore
 from monolm.study.frame import StageRef, stage_code_version
 from monolm.study.registry import SEED_STAGE_NAMES as STAGES
 from monolm.study.registry import SEED_STAGES
@@ -256,52 +249,6 @@ def _value_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- writing
-def _safe_name(run_name: str) -> str:
-    if not run_name or run_name in (".", "..") or "/" in run_name or os.sep in run_name or run_name.startswith("."):
-        raise ValueError(f"run_name={run_name!r} cannot name a results folder (no '/', not starting with '.')")
-    return run_name
-
-
-def _clean_leftovers(root: Path, name: str) -> None:
-    """Remove temp/old folders a killed earlier aggregation of this run left behind."""
-    for pattern in (f".tmp-{name}-*", f".old-{name}-*"):
-        for leftover in root.glob(pattern):
-            if leftover.is_dir():
-                shutil.rmtree(leftover, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def published(tmp: Path, final: Path) -> Iterator[None]:
-    """Put the finished temp folder in place as `final` for the body of the `with` (which
-    records the store rows): if the body fails, the new folder is removed and the previous one
-    (moved aside, not deleted) is restored; only on success is the previous one removed."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".old-{final.name}-{uuid.uuid4().hex[:8]}")
-        os.replace(final, old)
-    try:
-        os.replace(tmp, final)
-    except BaseException:
-        if old is not None:
-            os.replace(old, final)
-        raise
-    try:
-        yield
-    except BaseException:
-        shutil.rmtree(final, ignore_errors=True)
-        if old is not None:
-            os.replace(old, final)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        fd = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _write_folder(
     directory: Path,
     cfg: ExperimentConfig,
@@ -340,14 +287,15 @@ def run(cfg: ExperimentConfig, seeds: Sequence[Mapping[str, StageRef | Mapping[s
     seed_ids = [d["seed"] for d in data]
     if len(set(seed_ids)) != len(seed_ids):
         raise ValueError(f"seed(s) passed more than once: {sorted(s for s in set(seed_ids) if seed_ids.count(s) > 1)}")
-    run_name = _safe_name(cfg.run_name or cfg.default_run_name)
+    run_name = safe_name(cfg.run_name or cfg.default_run_name)
     final = Path(cfg.paths.results_root).resolve() / run_name
     meta = run_meta(cfg, data, run_name, final)
     results = report.analyze(data, meta)
     rel_files, digest, n_rows = _publish(cfg, data, results, meta, final, started)
     files = [str(final / rel) for rel in [*rel_files, MANIFEST]]
-    log.info("aggregate: %d seed(s) -> %s (%d store rows in %s)", len(data), final, n_rows, cfg.store_url)
+    earlier = log_written(cfg, final, f"{len(data)} seed(s)", n_rows)
     return {
+        "earlier": earlier,
         "stage": STAGE,
         "run_name": run_name,
         "run_id": meta["run_id"],
@@ -359,6 +307,16 @@ def run(cfg: ExperimentConfig, seeds: Sequence[Mapping[str, StageRef | Mapping[s
         "digest": digest,
         "metrics": report.headline(results),
     }
+
+
+def log_written(cfg: ExperimentConfig, final: Path, what: str, n_rows: int) -> list[str]:
+    """Say where the results went and which earlier runs of the same study are kept beside them;
+    returns those runs' folder names."""
+    earlier = earlier_runs(cfg, final)
+    log.info("aggregate: %s -> results folder %s (%d store rows)", what, final, n_rows)
+    if earlier:
+        log.info("aggregate: earlier runs of this study, kept: %s", ", ".join(earlier))
+    return earlier
 
 
 def _gaps(cfg: ExperimentConfig, data: list[dict[str, Any]]) -> list[str]:
@@ -446,46 +404,3 @@ def _publish(
         rows=store_rows(results, cell_tags(cfg)),
         digest_of="results.json",
     )
-
-
-def publish(
-    cfg: ExperimentConfig,
-    final: Path,
-    started: float,
-    *,
-    write_files: Callable[[Path], list[str]],
-    inputs: dict[str, str],
-    metrics: dict[str, Any],
-    run: dict[str, Any],
-    rows: list[dict[str, Any]],
-    digest_of: str,
-) -> tuple[list[str], str, int]:
-    """Write the results folder beside `final` (`write_files(tmp)` returns the relative file
-    names), its manifest last, then put it in place and record the store rows in one step
-    (`published`). Returns (relative file names, sha256 of `digest_of`, store rows)."""
-    root = final.parent
-    root.mkdir(parents=True, exist_ok=True)
-    _clean_leftovers(root, final.name)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
-    store: ResultsStore | None = None
-    try:
-        rel_files = write_files(tmp)
-        write_manifest(
-            tmp,
-            stage=STAGE,
-            config=cfg.model_dump(mode="json"),
-            inputs=inputs,
-            outputs=rel_files,
-            metrics=metrics,
-            wall_time_s=time.time() - started,
-            provenance=provenance(),
-        )
-        digest = hashlib.sha256((tmp / digest_of).read_bytes()).hexdigest()
-        store = ResultsStore(cfg.store_url)  # opened (schema checked) before anything is put in place
-        with published(tmp, final):
-            n_rows = store.record_run(run, rows)  # one transaction
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already unless something failed before the rename
-        if store is not None:
-            store.close()
-    return rel_files, digest, n_rows

@@ -15,8 +15,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, and_, create_engine, delete, event, insert, make_url, or_, select
+from sqlalchemy import Engine, and_, create_engine, delete, event, insert, or_, select
 
+from monolm.config.store_url import connect_url
 from monolm.store.lookup import UnknownRun, match_run
 from monolm.store.rows import iso, metric_row, run_dict, run_row
 from monolm.store.schema import ensure_schema, metrics_table, read_version, runs_table
@@ -28,7 +29,7 @@ class ResultsStore:
     """`ResultsStore(url)` with any SQLAlchemy URL; the schema is created on first use."""
 
     def __init__(self, url: str, *, echo: bool = False):
-        parsed = make_url(url)
+        parsed = connect_url(url)  # a password kept out of the config comes from the environment
         connect_args: dict[str, Any] = {}
         if parsed.get_backend_name() == "sqlite":
             database = parsed.database

@@ -10,13 +10,14 @@ import contextlib
 import fcntl
 import hashlib
 import logging
-import tempfile
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from monolm.config import ExperimentConfig
 from monolm.core.deadline import stage_deadline
+from monolm.core.private import private_scratch
 from monolm.study.frame import StageRef, stage_errors
 from monolm.study.layout import cell_paths
 from monolm.study.registry import ATTACKS, SEED_STAGES
@@ -29,12 +30,14 @@ def folder_lock(folder: Path, what: str) -> Iterator[None]:
     """One writer of a stage folder at a time on this machine: a second run of the same stage (the
     same seed, or another cell sharing the model's baseline stages) waits, then reuses what the
     first finished. Without it both redo the stage and move each other's folders aside mid-run.
-    The lock file lives in the temp dir, so a run refused for bad inputs leaves the runs root
-    untouched; across machines, the Prefect flow's file locks under `paths.runs_root` serialize
-    stages instead."""
+    The lock file lives in this user's private scratch folder (`monolm.core.private`: 0700,
+    checked before use; a predictable name in the shared /tmp could be taken by another user),
+    so a run refused for bad inputs leaves the runs root untouched; across machines, the Prefect
+    flow's file locks under `paths.runs_root` serialize stages instead."""
     key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
-    path = Path(tempfile.gettempdir()) / f"monolm-stage-{key}.lock"
-    with open(path, "a") as fh:
+    path = private_scratch() / f"stage-{key}.lock"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "a") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -58,7 +58,7 @@ def refused(cwd: Path, argv: list[str], code: int, *needles: str, env: dict | No
 # --------------------------------------------------------------------------- configuration (no compute)
 CONFIG_CASES = {
     "unknown preset": (["--preset", "huge"], ["unknown preset 'huge'", "allowed: full, quick, tiny"]),
-    "unknown variant": (["--variant", "mlp_everything"], ["constraint.variant", "'mlp_everything' is not allowed"]),
+    "unknown variant": (["--variant", "mlp_everything"], ["constraint.variant", "not an allowed value"]),
     "unknown named override": (["--override", "faster"], ["unknown named override 'faster'", "reference"]),
     "unknown field": (
         ["--set", "training.common.learning_rate=1e-4"],
@@ -66,25 +66,25 @@ CONFIG_CASES = {
     ),
     "override without '='": (
         ["--set", "training.common.lr"],
-        ["invalid override 'training.common.lr'", "expected KEY=VALUE"],
+        ["invalid override: expected KEY=VALUE"],
     ),
-    "override with empty key part": (["--set", "training..lr=1"], ["invalid override 'training..lr=1'"]),
-    "override with empty key": (["--set", "=1"], ["invalid override '=1'"]),
-    "override value not YAML": (["--set", "seeds=[1,"], ["invalid override 'seeds=[1,'", "not valid YAML"]),
+    "override with empty key part": (["--set", "training..lr=1"], ["invalid override: expected KEY=VALUE"]),
+    "override with empty key": (["--set", "=1"], ["invalid override: expected KEY=VALUE"]),
+    "override value not YAML": (["--set", "seeds=[1,"], ["seeds: value is not valid YAML"]),
     "string for an integer": (
         ["--set", "training.common.micro_batch_size=abc"],
-        ["training.common.micro_batch_size", "valid integer", "'abc'"],
+        ["training.common.micro_batch_size", "valid integer", "got a str"],
     ),
     "float for an integer": (
         ["--set", "training.common.grad_accum_steps=2.5"],
         ["training.common.grad_accum_steps", "valid integer"],
     ),
-    "string for a rate": (["--set", "training.common.lr=fast"], ["training.common.lr", "'fast'"]),
+    "string for a rate": (["--set", "training.common.lr=fast"], ["training.common.lr", "got a str"]),
     "string for a boolean": (
         ["--set", "attacks.hotflip.random_control=maybe"],
-        ["attacks.hotflip.random_control", "'maybe'"],
+        ["attacks.hotflip.random_control", "got a str"],
     ),
-    "scalar for a list": (["--set", "seeds=oops"], ["seeds", "'oops'"]),
+    "scalar for a list": (["--set", "seeds=oops"], ["seeds", "got a str"]),
     "zero learning rate": (["--set", "training.common.lr=0"], ["training.common.lr", "greater than 0"]),
     "negative learning rate": (
         ["--set", "training.common.lr=-1e-4"],
@@ -147,7 +147,7 @@ IN_A_PROCESS = {
 
 @pytest.mark.parametrize("name", list(CONFIG_CASES))
 def test_config_errors_are_refused_before_anything_runs(tmp_path, name):
-    """Exit 2, the field and the value named, nothing written."""
+    """Exit 2, the field named (never its value: it may be a token pasted in the wrong place), nothing written."""
     args, needles = CONFIG_CASES[name]
     refused(
         tmp_path,

@@ -25,14 +25,15 @@ from monolm.report.cross_cell.figures import render_grid_plots
 from monolm.report.robust_grid import grid_effective
 from monolm.report.stage import (
     STAGE,
-    _safe_name,
     _write_folder,
     cell_tags,
+    log_written,
     publish,
     read_seed,
     run_id_for,
     run_meta,
     run_row_of,
+    safe_name,
     store_rows,
 )
 from monolm.study.cells import Cell, cells
@@ -51,7 +52,7 @@ def run_grid(cfg: ExperimentConfig, per_cell: Mapping[str, SeedRefs]) -> dict[st
     started = time.time()
     if not per_cell:
         raise ValueError("aggregate needs at least one cell's stage results")
-    run_name = _safe_name(cfg.run_name or cfg.default_run_name)
+    run_name = safe_name(cfg.run_name or cfg.default_run_name)
     final = Path(cfg.paths.results_root).resolve() / run_name
     analysed = [_analyse_cell(cell, per_cell[cell.label], run_name, final, cfg) for cell in _cells_given(cfg, per_cell)]
     grid = report.grid_analysis(
@@ -107,8 +108,9 @@ def run_grid(cfg: ExperimentConfig, per_cell: Mapping[str, SeedRefs]) -> dict[st
         rows=[row for cell, _, results, _ in analysed for row in store_rows(results, cell_tags(cell.cfg))],
         digest_of="grid.json",
     )
-    log.info("aggregate: %d cell(s) -> %s (%d store rows in %s)", len(analysed), final, n_rows, cfg.store_url)
+    earlier = log_written(cfg, final, f"{len(analysed)} cell(s)", n_rows)
     return {
+        "earlier": earlier,
         "stage": STAGE,
         "run_name": run_name,
         "run_id": meta["run_id"],
