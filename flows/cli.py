@@ -307,7 +307,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     )
     for failure in failures:
         print(failure)
+    print_power(cfg, args.target_effect)
     return 0
+
+
+def print_power(cfg: ExperimentConfig, target: float | None) -> None:
+    """The minimum detectable effect of each headline test (`monolm.study.power_plan`)."""
+    from monolm.study import power_plan
+
+    run_name, rows = power_plan.latest_comparable(cfg)
+    source = f"run {run_name}" if run_name else "stated default"
+    print()
+    print(power_plan.format_power(power_plan.power_rows(cfg, power_plan.observed_sds(rows), source, target), target))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -344,6 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="memory plan and token/FLOP count of every GPU stage on A100-40GB/80GB")
     _config_args(plan)
     plan.add_argument("--tokens-per-doc", type=int, default=1400, help="mean document length in tokens (the Pile's)")
+    plan.add_argument(
+        "--target-effect",
+        type=float,
+        metavar="X",
+        help="also print how many seeds, texts or documents each headline test needs to detect a difference X",
+    )
     plan.set_defaults(func=cmd_plan)
 
     results = sub.add_parser("results", help="query the results store")

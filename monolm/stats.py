@@ -19,6 +19,8 @@ from typing import Any, Literal
 import numpy as np
 from scipy import stats
 
+from monolm.stats_power import mde_paired, mde_sentence
+
 TEST_NAMES = {"t": "paired t-test", "wilcoxon": "Wilcoxon signed-rank test"}
 
 
@@ -156,6 +158,8 @@ def paired_test(
     else:
         out["wilcoxon_reason"] = "the Wilcoxon test is undefined for these differences"
     out["significant"] = is_significant(out, alpha)
+    out["sd_diff"] = diff["std"]
+    out["mde"] = mde_paired(diff["std"], n, alpha=alpha)  # what "not significant" could have seen
     return out
 
 
@@ -201,7 +205,8 @@ def describe_difference(
     elif result.get("t_p") is None:
         verdict = f"not significant at α={alpha:g} (no t-test possible)"
     else:
-        verdict = f"not significant at α={alpha:g}"
+        mde = mde_paired(result.get("sd_diff"), n, alpha=alpha) if "sd_diff" in result else result.get("mde")
+        verdict = f"not significant at α={alpha:g}; {mde_sentence(mde)}"
     label = unit[:-1] if n == 1 and unit.endswith("s") else unit
     return head + ", ".join(parts) + f", n={n} {label}: {verdict}"
 

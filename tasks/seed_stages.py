@@ -70,6 +70,13 @@ def hotflip_task(cfg: dict, seed: int, inputs: dict) -> dict:
     return run_seed_stage("hotflip", cfg, seed, inputs)
 
 
+@task(name="damage", task_run_name="damage-seed-{seed}")
+def damage_task(cfg: dict, seed: int, inputs: dict) -> dict:
+    """The damage-matched arm of a cell: the baseline perturbed to the constrained arm's
+    validation loss, evaluated and attacked (no training)."""
+    return run_seed_stage("damage", cfg, seed, inputs)
+
+
 @task(name="ladder", task_run_name="ladder-seed-{seed}")
 def ladder_task(cfg: dict, seed: int, inputs: dict) -> dict:
     """The quality ladder of a model: reference models evaluated and attacked like the arms."""
@@ -89,6 +96,7 @@ STAGE_TASKS: dict[str, Task] = {
         uat_task,
         hotflip_baseline_task,
         hotflip_task,
+        damage_task,
         ladder_task,
     )
 }

@@ -118,9 +118,10 @@ def test_plan_command_prints_every_gpu_stage_for_both_cards(capsys):
     out = capsys.readouterr().out
     assert "pythia-1.4b: 1,414,647,808 parameters" in out
     assert "A100-40GB batch" in out and "A100-80GB batch" in out
-    for stage in ("constrain", "train_baseline", "train_monotonic", "evaluate", "uat", "hotflip"):
+    for stage in ("constrain", "train_baseline", "train_monotonic", "evaluate", "uat", "hotflip", "damage"):
         assert any(line.startswith(stage) for line in out.splitlines()), stage
     assert "does not fit" not in out
+    assert "Minimum detectable effect (MDE) of each headline test at 80% power" in out
     train = next(line for line in out.splitlines() if line.startswith("train_baseline"))
     assert "4 x 8" in train  # micro-batch x accumulation of the full preset
 

@@ -301,35 +301,38 @@ def test_three_seed_summary_matches_hand_formulas(three_seeds):
 
 
 def test_success_rate_interval_across_seeds_stays_within_zero_and_one():
-    # two seeds with rates 0.0625 and 0.8125: the t-interval (df=1, t=12.71) spans about
-    # [-4.3, 5.2]; a rate's interval is clipped to [0, 1] and the method says so
+    # three seeds with rates 0.0625, 0.8125, 0.0625: the t-interval (df=2, t=4.30) spans about
+    # [-0.76, 1.39]; a rate's interval is clipped to [0, 1] and the method says so
     values = [
         {"stage": "hotflip", "model": "baseline", "metric": "success_rate", "seed": seed, "value": v}
-        for seed, v in ((42, 0.0625), (1337, 0.8125))
+        for seed, v in ((42, 0.0625), (1337, 0.8125), (2024, 0.0625))
     ]
-    seeds = [{"seed": 42}, {"seed": 1337}]
+    seeds = [{"seed": 42}, {"seed": 1337}, {"seed": 2024}]
     (rec,) = report.summarize_values(values, seeds)
     assert (rec["ci_low"], rec["ci_high"]) == (0.0, 1.0)
-    assert rec["ci_method"] == "t-interval over seeds (n=2), clipped to [0, 1]"
-    assert rec["mean"] == pytest.approx(0.4375)
+    assert rec["ci_method"] == "t-interval over seeds (n=3), clipped to [0, 1]"
+    assert rec["mean"] == pytest.approx(0.3125)
     # a loss increase is not a rate: the same numbers keep their unclipped t-interval
     values = [dict(v, metric="abs_increase") for v in values]
     (rec,) = report.summarize_values(values, seeds)
-    assert rec["ci_low"] < -4 and rec["ci_high"] > 5 and rec["ci_method"] == "t-interval over seeds (n=2)"
+    assert rec["ci_low"] < -0.7 and rec["ci_high"] > 1.3 and rec["ci_method"] == "t-interval over seeds (n=3)"
 
 
 def test_success_rate_difference_interval_stays_within_minus_one_and_one():
     from monolm.report.comparisons import compare_arms
 
-    rates = {("monotonic", 42): 0.4375, ("monotonic", 1337): 0.4375, ("baseline", 42): 0.625, ("baseline", 1337): 0.0}
+    mono = {42: 0.4375, 1337: 0.4375, 2024: 0.0}
+    base = {42: 1.0, 1337: 0.0, 2024: 1.0}
+    rates = {**{("monotonic", s): v for s, v in mono.items()}, **{("baseline", s): v for s, v in base.items()}}
     values = [
         {"stage": "hotflip", "model": arm, "metric": metric, "seed": seed, "value": v * scale}
         for (arm, seed), v in rates.items()
         for metric, scale in (("success_rate", 1.0), ("abs_increase", 10.0))
     ]
-    comps = {(c.metric, c.scope): c.to_json() for c in compare_arms(values, [{"seed": 42}, {"seed": 1337}])}
+    seeds = [{"seed": 42}, {"seed": 1337}, {"seed": 2024}]
+    comps = {(c.metric, c.scope): c.to_json() for c in compare_arms(values, seeds)}
     rate = comps[("success_rate", "seeds")]
-    assert rate["mean_diff"] == pytest.approx(0.125)
+    assert rate["mean_diff"] == pytest.approx(-0.375)
     assert (rate["ci_low"], rate["ci_high"]) == (-1.0, 1.0) and "two rates" in rate["ci_clipped"]
     loss = comps[("abs_increase", "seeds")]  # not a rate: unclipped, no note
     assert loss["ci_low"] < -10 and "ci_clipped" not in loss
@@ -417,11 +420,11 @@ def test_headline_table_opens_the_report_with_the_across_seed_tests(three_seeds)
         if line.startswith("| ") and not line.startswith("| Measure")
     }
     assert list(rows) == [
-        "Test perplexity",
+        "Test loss (nats/token)",
         "UAT absolute loss increase (nats/token)",
         "HotFlip absolute loss increase (nats/token)",
-        "UAT success rate",
-        "HotFlip success rate",
+        "UAT success rate (secondary)",
+        "HotFlip success rate (secondary)",
     ]
     from monolm.report import first_screen, formatting
 
@@ -430,12 +433,15 @@ def test_headline_table_opens_the_report_with_the_across_seed_tests(three_seeds)
         cells = rows[label]
         fmt = formatting.fmt_pct if metric == "success_rate" else formatting.fmt_num
         assert (cells[1], cells[2]) == (fmt(comp["mean_b"]), fmt(comp["mean_a"]))
-        assert cells[5] == formatting.fmt_p(comp["t_p"]) and cells[7] == "3 seeds"
+        p = formatting.fmt_p(comp["t_p"])
+        if comp["role"] == "primary":  # Holm over the primary family first, the uncorrected p after it
+            p = f"{formatting.fmt_p(comp['p_holm'])} (uncorrected {p})"
+        assert cells[5] == p and cells[7] == "3 seeds"
         assert cells[6] == first_screen.verdict(stage, comp)
-    ppl = _comparison(results, "evaluate", "token_perplexity")
-    assert float(rows["Test perplexity"][3]) == pytest.approx(ppl["mean_diff"], rel=1e-3)
+    loss = _comparison(results, "evaluate", "loss")
+    assert float(rows["Test loss (nats/token)"][3]) == pytest.approx(loss["mean_diff"], rel=1e-3)
     assert "say nothing about variation between training seeds" not in md  # no within-seed row here
-    assert "not corrected for multiple comparisons" in head
+    assert "Holm-corrected over the 3 primary tests" in head and "secondary" in head
 
 
 def test_relative_without_absolute_difference_is_explained(tmp_path):
@@ -547,7 +553,7 @@ def test_one_seed_uses_examples(one_seed):
     assert not [c for c in results["comparisons"] if c["scope"] == "seeds"]  # no across-seed test with n=1
     uat = next(s for s in results["findings"] if s.startswith("UAT absolute loss increase"))
     assert "n=40 texts" in uat and "(seed 42)" in uat
-    ppl = next(s for s in results["findings"] if s.startswith("Held-out token perplexity"))
+    ppl = next(s for s in results["findings"] if s.startswith("Held-out loss"))
     assert "no paired test possible" in ppl and "no difference is claimed" in ppl and "n=1 seed)" in ppl
     md = Path(out["report"]).read_text()
     assert "No confidence interval" in md  # perplexity: no per-document losses
@@ -593,11 +599,9 @@ def test_attacks_missing_in_one_seed_are_tested_within_the_other(tmp_path):
     seeds = [make_seed(cfg, 42, NUMBERS[42]), make_seed(cfg, 1337, NUMBERS[1337], skip=("uat", "hotflip"))]
     out = aggregate.run(cfg, seeds)
     results = json.loads(Path(out["dir"], "results.json").read_text())
-    assert [c["metric"] for c in results["comparisons"] if c["scope"] == "seeds"] == [
-        "token_perplexity",
-        "loss",
-        "bits_per_byte",
-    ]
+    # two seeds with quality: no across-seed test either (it would have 1 degree of freedom)
+    assert [c["metric"] for c in results["comparisons"] if c["scope"] == "seeds"] == []
+    assert results["findings"][0].startswith("2 seeds: no across-seed test or interval")
     hotflip = next(s for s in results["findings"] if s.startswith("HotFlip absolute loss increase"))
     assert "n=40 texts" in hotflip and "(seed 42)" in hotflip  # the only seed with this measurement
     assert results["meta"]["status"] == "partial" and out["status"] == "partial"

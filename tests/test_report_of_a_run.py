@@ -76,3 +76,40 @@ def test_report_shows_triggers_examples_control_test_and_run_id(run):
     tests = md.split("## Paired tests")[1].split("\n## ")[0]
     assert "doc_loss" not in tests and "| per-document loss (nats/token) | seed 42, over documents |" in tests
     assert f"Run ID `{out['run_id']}`" in md and "tiny-tiny" not in out["run_id"]
+
+
+def test_the_damage_matched_arm_is_run_reported_and_reused(run, tmp_path):
+    """The damage stage of a micro run: matched within the tolerance (or says it is not), attacked
+    with every attack, in the headline with its paired tests; a second run reuses it."""
+    from monolm.study.frame import existing
+    from monolm.study.layout import cell_paths
+
+    refs, _, results, md = run
+    cfg = micro_config(Path(refs["setup"].dir).parents[5])  # the run's own folders
+    damage, tolerance = refs["damage"].metrics, cfg.controls.damage.tolerance
+    assert damage["enabled"] and damage["bisection_steps"] <= cfg.controls.damage.max_steps
+    assert damage["within_tolerance"] == (abs(damage["val_loss"] - damage["target_val_loss"]) <= tolerance)
+    assert damage["not_attacked"] == {}
+    assert set(damage["per_model"]) == {"uat", "hotflip"}
+    head = md.split("## What was run")[0]
+    assert "| Damage-matched |" in head and "constrained vs damage-matched" in head
+    assert any(c["b"] == "damage-matched" and c["stage"] == "hotflip" for c in results["comparisons"])
+    inputs = {name: refs[name] for name in ("setup", "train_baseline", "train_monotonic")}
+    again = existing(cfg, cell_paths(cfg, 42), "damage", inputs)
+    assert again is not None and again.digest == refs["damage"].digest
+    constrain = refs["constrain"].metrics
+    assert 0.0 <= constrain["frozen_share"] <= 1.0
+    assert set(refs["train_monotonic"].metrics["frozen"]) == {"start", "end"}
+
+
+def test_a_disabled_damage_arm_records_only_that_it_was_off(run, tmp_path):
+    from monolm.controls.stage import run as run_damage
+    from monolm.report.stage import read_seed
+    from monolm.study.layout import cell_paths
+
+    refs, _, _, _ = run
+    cfg = micro_config(tmp_path, "controls.damage.enabled=false")  # its own runs folder
+    inputs = {name: refs[name] for name in ("setup", "train_baseline", "train_monotonic")}
+    off = run_damage(cfg, cell_paths(cfg, 42), inputs, progress=False)
+    assert off.metrics["enabled"] is False and not (off.path / "damage.json").exists()
+    assert "damage" not in read_seed({**refs, "damage": off})  # the report has no damage-matched arm

@@ -173,13 +173,13 @@ def test_describe_significant():
     assert "Wilcoxon signed-rank test p=" in s
     assert s.endswith("n=5 seeds: significant at α=0.05")
     strict = describe_difference("monotonic", "baseline", "perplexity", r, 0.01)
-    assert strict.endswith("not significant at α=0.01")
+    assert "not significant at α=0.01; the smallest difference this test detects with 80% power is ±" in strict
 
 
 def test_describe_not_significant_and_degenerate():
     r = paired_test([5.0, 7.0, 9.5], [4.0, 5.0, 6.0])
     s = describe_difference("monotonic", "baseline", "loss", r, 0.05, unit="examples")
-    assert "paired t-test p=0.0964" in s and s.endswith("n=3 examples: not significant at α=0.05")
+    assert "paired t-test p=0.0964" in s and "n=3 examples: not significant at α=0.05; the smallest difference" in s
     one = describe_difference("monotonic", "baseline", "loss", paired_test([1.0], [2.0]), 0.05)
     assert "-1" in one and "not computed (n=1" in one and "n=1 seed:" in one and "not significant" in one
     assert "no data" in describe_difference("a", "b", "loss", paired_test([], []), 0.05)

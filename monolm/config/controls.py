@@ -1,21 +1,39 @@
-"""Controls: reference models that tell robustness apart from damage.
+"""Quality controls: models that tell "more robust" apart from "more damaged" (issue 23).
 
 A constrained model that is worse at its job is often less sensitive to an attack only because it
-models text less sharply. The quality ladder (`controls.ladder`) is a set of reference models of
-the same architecture and tokenizer that span a range of clean quality; they are evaluated and
-attacked exactly like the arms, and the trend of loss increase against clean loss they trace is
-what "a model of equal quality" would show (effective robustness, Taori et al. 2020).
+models text less sharply.
+
+`controls.damage`: the baseline's final model with the same FFN matrices the variant constrains
+perturbed by Gaussian noise, the noise scale bisected on the validation part until its validation
+loss matches the constrained arm's within `tolerance` nats per token.
+
+`controls.ladder`: reference models of the same architecture and tokenizer that span a range of
+clean quality, evaluated and attacked exactly like the arms; the trend of loss increase against
+clean loss they trace is what "a model of equal quality" would show (effective robustness,
+Taori et al. 2020).
 """
 
 from __future__ import annotations
 
 import re
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
-from monolm.config.base import Strict
+from monolm.config.base import PositiveFloat, PositiveInt, Strict
 
 STEP_RUNG = re.compile(r"^step(\d+)$")  # a tiny model's pre-training snapshot: step<N>
+
+
+class DamageConfig(Strict):
+    """The damage-matched arm. `tolerance`: the largest |validation loss - target| (nats/token)
+    that counts as matched; `max_steps`: validation evaluations the bisection may spend (the
+    bracketing doublings included); `initial_scale`: the first noise scale tried, in units of each
+    matrix's RMS; a run that ends outside the tolerance keeps its closest scale and says so."""
+
+    enabled: bool = True
+    tolerance: PositiveFloat = 0.02
+    max_steps: PositiveInt = Field(default=16, le=64)
+    initial_scale: PositiveFloat = 0.5
 
 
 class LadderConfig(Strict):
@@ -38,8 +56,9 @@ class LadderConfig(Strict):
 
 
 class ControlsConfig(Strict):
-    """Every control of the study (each off unless a preset or the user turns it on)."""
+    """Every control of the study."""
 
+    damage: DamageConfig = DamageConfig()
     ladder: LadderConfig = LadderConfig()
 
 
@@ -50,19 +69,34 @@ def climbs(ladder: LadderConfig, source: str) -> bool:
     return ladder.enabled and source != "architecture"
 
 
-def check_ladder(ladder: LadderConfig, source: str, snapshot_steps: list[int], pretrain_steps: int) -> None:
+class TinySnapshots(Strict):
+    """The ladder's part of `model.tiny`: the pre-training steps at which stage 0 keeps a snapshot
+    of the model (the tiny preset's rungs; part of the model's config, so stage 0's cache key)."""
+
+    snapshot_steps: list[PositiveInt] = []
+
+
+class LadderChecks(Strict):
+    """The ladder's cross-section check of the whole config (`ExperimentConfig` derives from it)."""
+
+    @model_validator(mode="after")
+    def _ladder(self):
+        check_ladder(self.controls.ladder, self.model)  # type: ignore[attr-defined]
+        return self
+
+
+def check_ladder(ladder: LadderConfig, model) -> None:
     """A tiny model's rungs must be snapshots stage 0 keeps (`step<N>`, N in
-    `model.tiny.snapshot_steps`, N below `model.tiny.pretrain_steps`); an architecture with random
-    weights has no ladder to climb."""
-    if not climbs(ladder, source) or source != "tiny":
+    `model.tiny.snapshot_steps`, N below `model.tiny.pretrain_steps`)."""
+    if not climbs(ladder, model.source) or model.source != "tiny":
         return
     for rung in ladder.rungs:
         match = STEP_RUNG.match(rung)
         if match is None:
             raise ValueError(f"controls.ladder.rungs: {rung!r} is not step<N> (a tiny model's rungs are snapshots)")
         step = int(match.group(1))
-        if step not in snapshot_steps or step >= pretrain_steps:
+        if step not in model.tiny.snapshot_steps or step >= model.tiny.pretrain_steps:
             raise ValueError(
                 f"controls.ladder.rungs: {rung!r} is not a snapshot stage 0 keeps; allowed: steps in "
-                f"model.tiny.snapshot_steps below model.tiny.pretrain_steps={pretrain_steps}"
+                f"model.tiny.snapshot_steps below model.tiny.pretrain_steps={model.tiny.pretrain_steps}"
             )

@@ -29,13 +29,13 @@ from monolm.config.base import (  # noqa: F401  (re-exported: the value types ar
     check_run_name,
     study_digest_of,
 )
-from monolm.config.controls import ControlsConfig, check_ladder
+from monolm.config.controls import ControlsConfig, DamageConfig, LadderChecks, TinySnapshots  # noqa: F401
 from monolm.config.runner import RunnerConfig, SlurmConfig  # noqa: F401  (re-exported)
 from monolm.config.store_url import check_cluster_store, without_password
 
 
 # --------------------------------------------------------------------------- model and data
-class TinyModelConfig(Strict):
+class TinyModelConfig(TinySnapshots):
     """The offline GPT-NeoX stand-in for Pythia, built from a config and pre-trained in stage 0."""
 
     vocab_size: PositiveInt = 2000  # BPE vocabulary; the embedding is padded to 2048 rows
@@ -48,8 +48,6 @@ class TinyModelConfig(Strict):
     pretrain_steps: NonNegInt = 150
     pretrain_lr: PositiveFloat = 3e-3
     pretrain_batch_size: PositiveInt = 16
-    # Pre-training steps at which stage 0 keeps a snapshot of the model (the quality ladder's rungs).
-    snapshot_steps: list[PositiveInt] = []
 
     @model_validator(mode="after")
     def _heads_divide(self) -> TinyModelConfig:
@@ -362,7 +360,7 @@ class GridConfig(Strict):
 
 
 # --------------------------------------------------------------------------- the whole thing
-class ExperimentConfig(Strict):
+class ExperimentConfig(LadderChecks):
     preset: str = "full"
     run_name: str | None = None
     seeds: list[NonNegInt] = [42, 1337, 2024, 8888, 12345]  # folder names seed-<n>; numpy seeds are >= 0
@@ -403,8 +401,6 @@ class ExperimentConfig(Strict):
                 "disjoint held-out texts"
             )
         self._check_grid()
-        tiny = self.model.tiny
-        check_ladder(self.controls.ladder, self.model.source, tiny.snapshot_steps, tiny.pretrain_steps)
         check_cluster_store(self.runner.profile, self.store_url, self.runner.slurm.allow_sqlite)
         if self.model.source == "tiny":
             self.validate_seq_len(self.model.tiny.max_position_embeddings)

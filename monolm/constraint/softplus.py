@@ -1,8 +1,11 @@
 """Stage 1's science: non-negative weights W = softplus(V) on selected `nn.Linear` layers.
 
 Why a reparametrization and not clipping: the optimizer updates V freely and W = softplus(V) is
-non-negative by construction after every step, with gradients that never vanish the way a clamp's
-do. `torch.nn.utils.parametrize` keeps the original module structure (so HF forward code, hooks
+non-negative by construction after every step. Its gradient dW/dV = sigmoid(V) is never exactly
+zero, but it is tiny where W is tiny: a weight that starts at W ≈ eps (every negative weight under
+`init: clamp`, about half of them) has dW/dV ≈ eps and stays there, so in effect it is pruned and
+frozen. Stage 1 and the constrained arm's training report that share (`monolm.constraint.frozen`).
+`torch.nn.utils.parametrize` keeps the original module structure (so HF forward code, hooks
 and attacks work unchanged) and works with `parametrize.cached()`, which computes softplus once
 per forward instead of once per weight access.
 

@@ -16,6 +16,7 @@ import torch
 from monolm.config import ExperimentConfig
 from monolm.constraint import softplus as constraints
 from monolm.constraint.drift import function_drift
+from monolm.constraint.frozen import frozen_share
 from monolm.constraint.monotonicity import monotonicity_violation_rate
 from monolm.core.artifacts import atomic_write_json
 from monolm.core.runtime import generator, pick_device
@@ -86,6 +87,7 @@ def run(
         "drift_part": "validation",
         "monotonicity": monotonicity,
         "min_constrained_weight": constraints.min_constrained_weight(constrained),
+        "frozen": frozen_share(constrained),  # dW/dV below a bound: weights the init froze
         "note": monotonicity_note(monotonicity),
     }
     atomic_write_json(out / "report.json", report)
@@ -95,6 +97,7 @@ def run(
         "frac_negative_before": summary.frac_negative_before,
         "drift": drift,
         "min_constrained_weight": report["min_constrained_weight"],
+        "frozen_share": report["frozen"]["frozen_share"],
         "model_dir": str((out / "model").resolve()),
     }
     return finish(

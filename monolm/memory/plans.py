@@ -263,6 +263,19 @@ def constrain_workload(cfg: ExperimentConfig, shape: ModelShape, tokens_per_doc:
     return Workload(tokens, tokens * shape.forward_flops_per_token(cfg.data.seq_len))
 
 
+def damage_workload(cfg: ExperimentConfig, shape: ModelShape, tokens_per_doc: int) -> Workload:
+    """The damage-matched arm at most: the constrained arm's and every bisection step's validation
+    pass, one test pass, and each attack on one model (about half an attack stage)."""
+    if not cfg.controls.damage.enabled:
+        return Workload(0, 0)
+    recipe = cfg.training.arm("monotonic")
+    val = (cfg.controls.damage.max_steps + 1) * min(recipe.eval_max_docs, _held_out_docs(cfg, "n_val_docs"))
+    tokens = (val + min(cfg.evaluation.max_docs, _held_out_docs(cfg, "n_test_docs"))) * tokens_per_doc
+    flops = tokens * shape.forward_flops_per_token(cfg.data.seq_len)
+    attacks = [attack_workload(cfg, stage, shape) for stage in ("uat", "hotflip")]
+    return Workload(tokens + sum(a.tokens for a in attacks) / 2, flops + sum(a.flops for a in attacks) / 2)
+
+
 def attack_workload(cfg: ExperimentConfig, stage: str, shape: ModelShape) -> Workload:
     """Both arms attacked, plus the 2x2 transfer matrix. A gradient pass counts as 3 forwards."""
     seq, _, _ = attack_lengths(cfg, stage)
@@ -306,7 +319,7 @@ def plan_table(
     cards = cards or memory.CARDS
     shape = shape_for(cfg)
     rows = []
-    stages = ["constrain", "train_baseline", "train_monotonic", "evaluate", "uat", "hotflip"]
+    stages = ["constrain", "train_baseline", "train_monotonic", "evaluate", "uat", "hotflip", "damage"]
     for stage in stages + (["ladder"] if climbs(cfg.controls.ladder, cfg.model.source) else []):
         row: dict[str, Any] = {"stage": stage}
         for card, total in cards.items():
@@ -333,6 +346,8 @@ def _card_plan(cfg, stage, shape, capacity, card) -> MemoryPlan:
         return _plan_attack(cfg, "uat", shape, device, capacity, card)
     if stage == "constrain":
         return _plan_eval(cfg, shape, device, capacity, card, stage="constrain", resident=2)
+    if stage == "damage":  # the model, plus the originals and noise of its perturbed matrices
+        return _plan_eval(cfg, shape, device, capacity, card, stage="damage", resident=2)
     return _plan_eval(cfg, shape, device, capacity, card)
 
 
@@ -345,4 +360,6 @@ def _workload(cfg, stage, shape, tokens_per_doc) -> Workload:
         return ladder_workload(cfg, shape, tokens_per_doc)
     if stage == "constrain":
         return constrain_workload(cfg, shape, tokens_per_doc)
+    if stage == "damage":
+        return damage_workload(cfg, shape, tokens_per_doc)
     return eval_workload(cfg, shape, tokens_per_doc)

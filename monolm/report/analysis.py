@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from monolm.report.comparisons import compare_arms
+from monolm.report.damage_arm import apply_damage_holm, damage_comparisons, damage_findings, damage_seed_values
 from monolm.report.examples import attack_examples
 from monolm.report.held_out import held_out_facts, held_out_statement, tag_parts
 from monolm.report.labels import ARMS, ATTACKS, MODELS
@@ -14,6 +15,7 @@ from monolm.report.robust_section import robust_or_damaged
 from monolm.report.sentences import findings, monotonicity_statement, recipe_statement
 from monolm.report.summaries import ALPHA, CONFIDENCE, summarize_values, summary
 from monolm.report.values import seed_values
+from monolm.report.verdicts import apply_primary_holm, significant
 
 SCHEMA_VERSION = 1
 
@@ -27,9 +29,11 @@ def analyze(seeds: Sequence[dict[str, Any]], meta: dict[str, Any]) -> dict[str, 
     """
     seeds = sorted(seeds, key=lambda d: int(d["seed"]))
     tags = {k: meta[k] for k in ("variant", "preset", "recipe", "config_digest", "code_revision")}
-    values = [v for data in seeds for v in seed_values(data)]
+    values = [v for data in seeds for v in (*seed_values(data), *damage_seed_values(data))]
     summaries = summarize_values(values, seeds)
-    comparisons = [c.to_json() for c in compare_arms(values, seeds)]
+    comparisons = [c.to_json() for c in (*compare_arms(values, seeds), *damage_comparisons(values, seeds))]
+    apply_primary_holm(comparisons, ALPHA)  # roles (primary/secondary) and Holm over the primary family
+    apply_damage_holm(comparisons, ALPHA)  # constrained vs damage-matched: a family of its own
     for records in (values, summaries, comparisons):
         tag_parts(records)  # which data part (train, validation, test, attack) each number is from
     results: dict[str, Any] = {
@@ -47,7 +51,7 @@ def analyze(seeds: Sequence[dict[str, Any]], meta: dict[str, Any]) -> dict[str, 
     results["held_out_statement"] = held_out_statement(results["held_out"])
     results["examples"] = attack_examples(seeds)
     results["robust_or_damaged"] = robust_or_damaged(seeds)
-    results["findings"] = findings(results)
+    results["findings"] = findings(results) + damage_findings(results)
     results["recipe_statement"] = recipe_statement(meta, values)
     results["monotonicity_statement"] = monotonicity_statement(results)
     return results
@@ -67,11 +71,15 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
                 if rec:
                     out[f"{arm}_{attack}_{metric}"] = rec["mean"]
     for comp in results["comparisons"]:
-        if comp["scope"] == "seeds" and comp["metric"] in ("token_perplexity", "abs_increase"):
+        if (
+            comp["scope"] == "seeds"
+            and comp["b"] == "baseline"
+            and comp["metric"] in ("token_perplexity", "loss", "abs_increase")
+        ):
             key = f"{comp['stage']}_{comp['metric']}"
             out[f"{key}_diff"] = comp["mean_diff"]
             out[f"{key}_t_p"] = comp["t_p"]
-            out[f"{key}_significant"] = comp["significant"]
+            out[f"{key}_significant"] = significant(comp)  # Holm-corrected for a primary measure
     return out
 
 

@@ -15,6 +15,7 @@ from monolm import stats
 from monolm.report.labels import ARMS, ATTACK_METRICS, ATTACKS, metric_label
 from monolm.report.summaries import ALPHA, CONFIDENCE, clip_ci, is_rate
 from monolm.report.values import doc_losses, example_effects
+from monolm.report.verdicts import MIN_SEEDS
 
 
 @dataclass
@@ -94,12 +95,12 @@ def _paired_over_seeds(
 
 
 def _across_seeds(lookup: Lookup, seed_ids: Sequence[int]) -> list[Comparison]:
-    """Monotonic vs baseline over seeds, where at least 2 seeds have both values (a stage may be
-    missing in some seeds)."""
+    """Monotonic vs baseline over seeds, where at least `MIN_SEEDS` (3) seeds have both values (a
+    stage may be missing in some seeds): with 2 seeds a t-test has one degree of freedom."""
     out = []
     for stage, metric in ACROSS_SEEDS:
         pairs = _paired_over_seeds(lookup, seed_ids, stage, ("monotonic", metric), ("baseline", metric))
-        if len(pairs) >= 2:
+        if len(pairs) >= MIN_SEEDS:
             mono, base = zip(*pairs, strict=True)
             out.append(_compare(stage, metric, ARM_PAIR, "seeds", None, mono, base, metric_label(stage, metric)))
     return out
@@ -111,7 +112,7 @@ def _gradient_vs_control(lookup: Lookup, seed_ids: Sequence[int]) -> list[Compar
     out = []
     for arm in ARMS:
         pairs = _paired_over_seeds(lookup, seed_ids, "hotflip", (arm, "abs_increase"), (arm, "control_abs_increase"))
-        if len(pairs) >= 2:
+        if len(pairs) >= MIN_SEEDS:
             grad, ctrl = zip(*pairs, strict=True)
             label = f"{arm} arm absolute loss increase (nats/token)"
             out.append(
@@ -171,7 +172,7 @@ def compare_arms(values: Sequence[dict[str, Any]], seeds: Sequence[dict[str, Any
     out = _across_seeds(lookup, seed_ids) + across_control
     for data in seeds:
         out += _within_seed(data)
-    if not across_control:  # fewer than 2 seeds with HotFlip: test the control within each seed
+    if not across_control:  # fewer than 3 seeds with HotFlip: test the control within each seed
         for data in seeds:
             out += _control_within_seed(data)
     return out

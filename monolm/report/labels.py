@@ -18,6 +18,9 @@ METRIC_LABEL = {
     "success_rate": "success rate",
     "control_abs_increase": "random-control absolute loss increase (nats/token)",
     "doc_loss": "per-document loss (nats/token)",
+    "vs_damage_loss": "test loss, constrained − damage-matched (nats/token)",
+    "vs_damage_doc_loss": "per-document loss, constrained − damage-matched (nats/token)",
+    "vs_damage_abs_increase": "absolute loss increase, constrained − damage-matched (nats/token)",
 }
 LOWER_IS_BETTER = {"token_perplexity", "loss", "bits_per_byte"}  # quality metrics
 ATTACK_METRICS = ("abs_increase", "rel_increase", "success_rate")  # reported for every attack

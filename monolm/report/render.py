@@ -7,6 +7,7 @@ import csv
 import io
 from typing import Any
 
+from monolm.report.cross_cell.cell_verdict import grid_verdict_lines
 from monolm.report.first_screen import headline_table
 from monolm.report.formatting import fmt_pct
 from monolm.report.labels import ATTACKS
@@ -176,7 +177,8 @@ def _provenance_lines(results: dict[str, Any], config_path: str) -> list[str]:
 
 def _headline_lines(results: dict[str, Any]) -> list[str]:
     """The title, the recipe in one line, and the headline table with the caveats its rows share."""
-    lines = [f"# monolm results: {results['meta']['run_name']}", "", f"> {results['recipe_statement']}", ""]
+    lines = [f"# monolm results: {results['meta']['run_name']}", "", *grid_verdict_lines(results)]
+    lines += [f"> {results['recipe_statement']}", ""]
     table = headline_table(results)
     return [*lines, table_markdown(table), ""] if table else lines
 
@@ -223,7 +225,9 @@ def _methods_lines(meta: dict[str, Any]) -> list[str]:
         "- Attack effects are measured on the original text tokens only (trigger and flipped tokens are never "
         "scored). The absolute loss increase (nats/token) is primary; relative increase and success rate "
         f"(relative increase above {fmt_pct(meta.get('success_threshold'))}) are secondary.",
-        f"- Significance level α = {ALPHA}; no correction for multiple comparisons.",
+        f"- Significance level α = {ALPHA}. Verdicts rest on the primary measures (test loss; each attack's "
+        "absolute loss increase), Holm-corrected over this report's primary tests; other tests are secondary "
+        "and uncorrected. With fewer than 3 seeds no across-seed test or interval is computed.",
         "",
     ]
 

@@ -9,9 +9,10 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from monolm.report.formatting import fmt_num, fmt_pct
+from monolm.report.formatting import fmt_num, fmt_p, fmt_pct
 from monolm.report.labels import ARMS, ATTACK_METRICS, ATTACKS, LOWER_IS_BETTER, METRIC_LABEL, MODELS
 from monolm.report.summaries import summary_of
+from monolm.report.verdicts import MIN_SEEDS, few_seeds_sentence, significant
 
 
 def _direction_words(stage: str, metric: str, diff: float) -> str:
@@ -28,18 +29,34 @@ def _direction_words(stage: str, metric: str, diff: float) -> str:
 
 
 def finding(comp: dict[str, Any], *, headline: str) -> str:
-    """One finding sentence from a comparison record: verdict words from its numbers, then the test."""
+    """One finding sentence from a comparison record: verdict words from its numbers, then the test.
+    A primary test's verdict is Holm-corrected over the report's primary tests; a secondary
+    (or supporting within-seed) test is reported without a verdict (`monolm.report.verdicts`)."""
     if comp["mean_diff"] is None:
         return f"{headline}: no data. {comp['sentence']}."
-    if comp["significant"]:
+    role, sentence = comp.get("role"), comp["sentence"]
+    if role in ("secondary", "supporting"):
+        what = "secondary measure" if role == "secondary" else "a within-seed test supporting the across-seed one"
+        lead = f"{what}, not a verdict"
+        sentence = sentence.replace(": significant at α=", ": p below α before any correction, α=")
+    elif significant(comp):
         lead = _direction_words(comp["stage"], comp["metric"], comp["mean_diff"])
+        if role == "primary":
+            lead += f" (Holm-adjusted p={fmt_p(comp['p_holm'])} over {comp['holm_m']} primary tests)"
+    elif comp["significant"] and role == "primary":
+        lead = (
+            f"no significant difference after the Holm correction over the {comp['holm_m']} primary tests "
+            f"(Holm-adjusted p={fmt_p(comp['p_holm'])})"
+        )
+        sentence = sentence.replace(": significant at α=", ": significant before the correction only, α=")
     else:
         lead = "no significant difference between the constrained arm and the baseline"
-    return f"{headline}: {lead}. {comp['sentence']}."
+    return f"{headline}: {lead}. {sentence}."
 
 
 # Quality first, then each attack metric for every attack (absolute before relative before rates).
 FINDING_ORDER = (
+    ("evaluate", "loss"),
     ("evaluate", "token_perplexity"),
     *((attack, metric) for metric in ATTACK_METRICS for attack in ATTACKS),
 )
@@ -50,7 +67,7 @@ def _within_seed_count(within: Sequence[dict[str, Any]]) -> str:
     higher = sum(c["significant"] and (c["mean_diff"] or 0) > 0 for c in within)
     lower = sum(c["significant"] and (c["mean_diff"] or 0) < 0 for c in within)
     return (
-        f" Within single seeds (paired t-tests over {within[0]['scope']}), the difference was "
+        f" Within single seeds (paired t-tests over {within[0]['scope']}, uncorrected), the difference was "
         f"significant in {higher + lower} of {len(within)} seeds"
         + (f" ({higher} with the constrained arm higher, {lower} lower)" if higher + lower else "")
         + "."
@@ -64,14 +81,14 @@ def _metric_findings(results: dict[str, Any], stage: str, metric: str) -> list[s
     headline = f"{ATTACKS[stage]} {METRIC_LABEL[metric]}" if stage in ATTACKS else METRIC_LABEL[metric].capitalize()
     across = [c for c in comps if c["stage"] == stage and c["metric"] == metric and c["scope"] == "seeds"]
     within = [c for c in comps if c["stage"] == stage and c["metric"] == metric and c["scope"] != "seeds"]
-    if stage == "evaluate":  # within a seed, quality is compared per document
-        within = [c for c in comps if c["stage"] == "evaluate" and c["metric"] == "doc_loss"]
+    if stage == "evaluate":  # within a seed, quality (the loss) is compared per document
+        within = [c for c in comps if c["stage"] == "evaluate" and c["metric"] == "doc_loss" and metric == "loss"]
     if across:
         return [finding(across[0], headline=headline) + (_within_seed_count(within) if within else "")]
     if within:  # the caveat these tests share is said once, under the headline table
         return [finding(comp, headline=headline) for comp in within]
     means = {r["model"]: r for r in results["summaries"] if r["stage"] == stage and r["metric"] == metric}
-    if metric not in ("token_perplexity", "abs_increase") or not means:
+    if metric not in ("loss", "abs_increase") or not means:
         return []
     n = max(r["n"] for r in means.values())
     shown = ", ".join(f"{m} {fmt_num(means[m]['mean'])}" for m in MODELS if m in means)
@@ -100,7 +117,9 @@ def _control_findings(comps: Sequence[dict[str, Any]]) -> list[str]:
 def findings(results: dict[str, Any]) -> list[str]:
     """The report's finding sentences, in reading order: quality, then absolute attack effects,
     then relative effects and success rates, then the gradient-vs-control check."""
-    out = [sentence for stage, metric in FINDING_ORDER for sentence in _metric_findings(results, stage, metric)]
+    n_seeds = len((results.get("meta") or {}).get("seeds") or [])
+    out = [few_seeds_sentence(n_seeds)] if 1 < n_seeds < MIN_SEEDS else []
+    out += [sentence for stage, metric in FINDING_ORDER for sentence in _metric_findings(results, stage, metric)]
     out.extend(_disagreement(results["comparisons"], results["summaries"]))
     out.extend(_control_findings(results["comparisons"]))
     return out
@@ -116,7 +135,7 @@ def _disagreement(comps: Sequence[dict[str, Any]], summaries: Sequence[dict[str,
         ]
         by_metric = {c["metric"]: c for c in primary}
         a, r = by_metric.get("abs_increase"), by_metric.get("rel_increase")
-        if a and r and r["significant"] and not a["significant"]:
+        if a and r and r["significant"] and not significant(a):
             clean = {arm: summary_of(summaries, stage, arm, "clean_loss") for arm in ARMS}
             if all(clean.values()):
                 higher = max(ARMS, key=lambda arm: clean[arm]["mean"])

@@ -46,8 +46,8 @@ log = logging.getLogger("monolm.stages")
 STAGE = "aggregate"
 # The file stage 7 reads from each stage folder (besides the manifest's metrics).
 STAGE_FILES = {s.name: s.reads for s in SEED_STAGES if s.reads}
-# What a complete seed has: every stage but the baseline's shares (their results are in the cell's stages).
-# A control (the quality ladder) adds a report section but its absence is no gap.
+# What a complete seed has: every stage but the baseline's shares (their results are in the cell's stages)
+# and the quality controls (optional: `controls.*.enabled`).
 REPORTED_STAGES = tuple(s.name for s in SEED_STAGES if s.share_of is None and s.kind != "control")
 RESULT_FILES = ("results.json", "summary.csv", "report.md", "tables.tex", "config.yaml")
 
@@ -184,6 +184,8 @@ def read_seed(refs: Mapping[str, StageRef | Mapping[str, Any]]) -> dict[str, Any
         name = f"train_{arm}"
         if name in stages:
             data["histories"][arm] = _read_output(stages[name], name, STAGE_FILES[name])
+    if STAGE_FILES["damage"] in (stages.get("damage") or {}).get("outputs", {}):  # the damage-matched arm, if on
+        data["damage"] = _read_output(stages["damage"], "damage", STAGE_FILES["damage"])
     for attack in report.ATTACKS:
         if attack in stages:
             per_example = _read_output(stages[attack], attack, STAGE_FILES[attack])

@@ -16,6 +16,7 @@ from monolm.attacks.effects import mean_ci
 from monolm.core.runtime import derive_seed
 from monolm.report.labels import ARMS, ATTACKS
 from monolm.report.values import ATTACK_KEYS, EXAMPLE_METRICS, doc_losses, example_effects
+from monolm.report.verdicts import MIN_SEEDS
 
 ALPHA = 0.05  # significance level of every paired test
 CONFIDENCE = 0.95  # level of every confidence interval
@@ -116,7 +117,9 @@ def summarize_values(values: Sequence[dict[str, Any]], seeds: Sequence[dict[str,
             "n_examples": None,
             "reason": s["reason"],
         }
-        if s["n"] >= 2 and s["ci_low"] is not None:
+        if 1 < s["n"] < MIN_SEEDS:  # 2 seeds: a t-interval with 1 degree of freedom (zero width if equal)
+            rec.update(ci_low=None, ci_high=None, reason=f"{s['n']} seeds: no interval (needs at least {MIN_SEEDS})")
+        elif s["n"] >= MIN_SEEDS and s["ci_low"] is not None:
             rec["ci_method"] = f"t-interval over seeds (n={s['n']})"
             if is_rate(metric) and clip_ci(rec, 0.0, 1.0):
                 rec["ci_method"] += ", clipped to [0, 1]"

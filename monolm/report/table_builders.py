@@ -8,12 +8,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from monolm.constraint.frozen import FROZEN_BOUND
 from monolm.report.examples import md_text
 from monolm.report.formatting import fmt_ci, fmt_mean_std, fmt_num, fmt_p, fmt_pct
 from monolm.report.held_out import part_note, window_sentence
 from monolm.report.labels import ARM_LABEL, ARMS, ATTACKS, MODELS, metric_label
 from monolm.report.summaries import ALPHA, summary
 from monolm.report.values import value
+from monolm.report.verdicts import mde_clause
 
 
 @dataclass
@@ -138,7 +140,15 @@ def _test_row(c: dict[str, Any]) -> list[str]:
         if c["metric"].startswith("gradient_vs_control_")
         else metric_label(c["stage"], c["metric"])
     )
-    verdict = "significant" if c["significant"] else "not significant"
+    verdict = "significant" if c["significant"] else f"not significant{mde_clause(c)}"
+    if c.get("role") == "primary":
+        holm = "significant" if c.get("significant_holm") else "not significant"
+        verdict = f"primary: {holm} (Holm p={fmt_p(c.get('p_holm'))})"
+    elif c.get("role") == "damage" and c.get("p_holm") is not None:  # its own family (damage_arm)
+        holm = "significant" if c.get("significant_holm") else "not significant"
+        verdict = f"vs damage-matched: {holm} (Holm p={fmt_p(c['p_holm'])})"
+    elif c.get("role") in ("secondary", "supporting"):
+        verdict = f"{c['role']}, uncorrected: {verdict}"
     ci = f"[{fmt_num(c['ci_low'])}, {fmt_num(c['ci_high'])}]" if c["ci_low"] is not None else "—"
     return [
         metric,
@@ -162,9 +172,10 @@ def tests_table(results: dict[str, Any]) -> Table | None:
     tests.rows = [_test_row(c) for c in results["comparisons"]]
     if not tests.rows:
         return None
-    tests.note = f"α = {ALPHA}; tests are not corrected for multiple comparisons." + wilcoxon_floor_note(
-        results["comparisons"]
-    )
+    tests.note = (
+        f"α = {ALPHA}. Primary tests (test loss, each attack's absolute loss increase) are Holm-corrected over "
+        "the report's primary family; secondary and supporting tests are shown uncorrected and give no verdict."
+    ) + wilcoxon_floor_note(results["comparisons"])
     return tests
 
 
@@ -320,7 +331,19 @@ def constraint_table(results: dict[str, Any]) -> Table | None:
     rec = summary(results, "evaluate", "monotonic", "min_constrained_weight")
     if rec:
         cons.rows.append(["minimum constrained weight after training", str(rec["n"]), fmt_mean_std(rec)])
+    for stage, metric, when in FROZEN_ROWS:
+        rec = summary(results, stage, "monotonic", metric)
+        if rec:
+            label = f"share of constrained weights effectively frozen (dW/dV < {FROZEN_BOUND:g}), {when}"
+            cons.rows.append([label, str(rec["n"]), fmt_mean_std(rec, pct=True)])
     return cons if cons.rows else None
+
+
+FROZEN_ROWS = (
+    ("constrain", "frozen_share", "after stage 1"),
+    ("train_monotonic", "frozen_share_start", "at the start of training"),
+    ("train_monotonic", "frozen_share_end", "at the end of training"),
+)
 
 
 def training_table(results: dict[str, Any]) -> Table | None:

@@ -86,6 +86,7 @@ def _constrain_values(report: dict[str, Any], add: Add) -> None:
     for key, value in (report.get("drift") or {}).items():
         add("constrain", "monotonic", f"drift_{key}", value)
     add("constrain", "monotonic", "min_constrained_weight", report.get("min_constrained_weight"))
+    add("constrain", "monotonic", "frozen_share", (report.get("frozen") or {}).get("frozen_share"))
     for key, value in monotonicity_rates(report.get("monotonicity") or []).items():
         add("constrain", "monotonic", key, value)
 
@@ -99,6 +100,8 @@ def _train_values(arm: str, stage: dict[str, Any], add: Add) -> None:
     for key, value in (metrics.get("final") or {}).items():
         add(name, arm, f"final_{key}", value)
     add(name, arm, "wall_time_s", stage.get("wall_time_s"))
+    for when, rec in (metrics.get("frozen") or {}).items():  # the constrained arm: start and end
+        add(name, arm, f"frozen_share_{when}", (rec or {}).get("frozen_share"))
 
 
 def _evaluation_values(evaluation: dict[str, Any], add: Add) -> None:

@@ -190,6 +190,21 @@ SEED_STAGES: tuple[Stage, ...] = (
         gpu=True,
         reads="per_example.json",
     ),
+    # The damage-matched arm (issue 23): the baseline perturbed to the constrained arm's validation
+    # loss, evaluated and attacked with every attack's settings (`monolm.controls`). Last, so that
+    # `--stages 6` still means "everything"; its number is HotFlip's because it runs the attacks.
+    Stage(
+        name="damage",
+        number=6,
+        kind="control",
+        scope="cell",
+        label="damage-matched arm",
+        entry="monolm.controls.stage:run",
+        inputs=("setup", "train_baseline", "train_monotonic"),
+        config=("controls.damage", "constraint.variant", "training", "data.seq_len", "evaluation", "attacks"),
+        gpu=True,
+        reads="damage.json",
+    ),
     # The quality ladder (monolm.controls.ladder): reference models evaluated and attacked like the
     # arms, a model's shared work; numbered with the last attack it repeats.
     Stage(

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from monolm.config import ArmConfig, ExperimentConfig
+from monolm.constraint.frozen import frozen_share
 from monolm.core.runtime import derive_seed, pick_device
 from monolm.data import splits as data_lib
 from monolm.data.stage import load_setup, model_dir
@@ -74,6 +75,7 @@ def run(
     evaluate = validation(cfg, recipe, tokenizer, splits.validation[: recipe.eval_max_docs], device)
     save = saver(cfg, arm, tokenizer)
 
+    frozen_start = frozen_share(model) if arm == "monotonic" else None  # before any step (a resume: of the init)
     # Both arms see the same data order: the data seed does not depend on the arm.
     result = train(
         model,
@@ -100,6 +102,8 @@ def run(
         "model_dir": str((out / "best").resolve()),
         "memory_plan": memory_plan.to_json(),
     }
+    if frozen_start is not None:  # constrained weights with dW/dV below the bound, at the start and end
+        metrics["frozen"] = {"start": frozen_start, "end": frozen_share(model)}
     return finish(
         cfg,
         cell,

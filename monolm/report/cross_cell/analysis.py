@@ -79,6 +79,7 @@ def _from_test(comp: dict[str, Any] | None) -> dict[str, Any] | None:
         mean_constrained=comp.get("mean_a"),
         mean_baseline=comp.get("mean_b"),
         sentence=comp.get("sentence"),
+        mde=comp.get("mde"),  # what the test could detect with 80% power (monolm.stats_power)
     )
     return out
 

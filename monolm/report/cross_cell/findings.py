@@ -87,6 +87,8 @@ def _ranking(
     bottom = [item for item in ranked if item[1]["value"] == ranked[-1][1]["value"]]
     best_word, worst_word = ("largest", "smallest") if high_first else ("lowest", "highest")
     clause = _order_clause(top, ranked[len(top) :], "above" if high_first else "below")
+    if "lies entirely" not in clause:  # no "best" claim unless the intervals separate the rows
+        best_word, worst_word = f"{best_word} point estimate", f"{worst_word} point estimate"
     return [f"{model}, {what}: {best_word} for {_named(top, extra)}; {worst_word} for {_named(bottom, extra)}.{clause}"]
 
 
@@ -115,19 +117,37 @@ def _gain_ranking(entry: dict[str, Any], attack: str) -> list[str]:
     return out
 
 
+def separated(row: dict[str, Any], attack: str) -> bool:
+    """Whether a row's intervals set it apart from the unconstrained baseline (zero cost, zero
+    gain): its robustness gain interval lies above 0, or its quality cost interval below 0."""
+    gain = (row["attacks"].get(attack) or {}).get("gain") or {}
+    cost = row["quality"].get("delta_loss") or {}
+    return (gain.get("ci_low") is not None and gain["ci_low"] > 0) or (
+        cost.get("ci_high") is not None and cost["ci_high"] < 0
+    )
+
+
 def _pareto_sentence(entry: dict[str, Any], attack: str) -> list[str]:
+    """Pareto-optimal rows, claimed only where their intervals separate them from the baseline."""
     pareto = entry["pareto"][attack]
-    names = {row["label"]: row_name(row) for row in entry["rows"]}
+    rows = {row["label"]: row for row in entry["rows"]}
     if not pareto["optimal"] and not pareto["dominated"]:
         return []
-    optimal = ", ".join(names[label] for label in pareto["optimal"]) or "none of the variants"
-    dominated = ", ".join(names[label] for label in pareto["dominated"]) or "none"
+    claimed = [row_name(rows[label]) for label in pareto["optimal"] if separated(rows[label], attack)]
+    unclaimed = [row_name(rows[label]) for label in pareto["optimal"] if not separated(rows[label], attack)]
+    dominated = ", ".join(row_name(rows[label]) for label in pareto["dominated"]) or "none"
     text = (
         f"{entry['model']}, {ATTACKS[attack]}: Pareto-optimal (no other variant, nor the unconstrained baseline "
-        f"at zero cost and zero gain, has both a lower quality cost and a higher robustness gain; point "
-        f"estimates): {optimal}; dominated: {dominated}."
+        f"at zero cost and zero gain, has both a lower quality cost and a higher robustness gain), with "
+        f"intervals that separate them from the baseline: {', '.join(claimed) or 'none of the variants'}"
     )
-    if not pareto["baseline_optimal"]:
+    if unclaimed:
+        text += (
+            f"; on the front by point estimates only, with intervals that include the baseline's zero gain, so "
+            f"no Pareto claim is made: {', '.join(unclaimed)}"
+        )
+    text += f"; dominated (point estimates): {dominated}."
+    if not pareto["baseline_optimal"] and any(separated(rows[label], attack) for label in pareto["optimal"]):
         text += (
             " The unconstrained baseline itself is dominated (a variant has Δ loss ≤ 0 and gain ≥ 0, one of them "
             "strictly)."
@@ -162,9 +182,12 @@ def _holm_sentence(entry: dict[str, Any], family: str, alpha: float) -> list[str
         text = f"{head}: after {over}, {len(kept)} of {m} differences {verb} significant at α={alpha:g} ({listed})."
     else:
         row, t = min(tested, key=lambda item: item[1]["p_holm"])
+        detectable = (
+            f"; with 80% power its test detects a difference of ±{t['mde']:.3g}" if t.get("mde") is not None else ""
+        )
         text = (
             f"{head}: after {over}, no difference is significant at α={alpha:g} "
-            f"(smallest Holm-adjusted p={fmt_p(t['p_holm'])}, {row_name(row)})."
+            f"(smallest Holm-adjusted p={fmt_p(t['p_holm'])}, {row_name(row)}{detectable})."
         )
     if lost:
         text += " Significant before the correction only: " + "; ".join(

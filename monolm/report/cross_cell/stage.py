@@ -21,6 +21,7 @@ from typing import Any
 from monolm import report
 from monolm.config import ExperimentConfig, config_to_yaml
 from monolm.core.artifacts import MANIFEST, atomic_write_json, atomic_write_text
+from monolm.report.cross_cell.cell_verdict import grid_verdict
 from monolm.report.cross_cell.figures import render_grid_plots
 from monolm.report.robust_grid import grid_effective
 from monolm.report.stage import (
@@ -81,6 +82,7 @@ def run_grid(cfg: ExperimentConfig, per_cell: Mapping[str, SeedRefs]) -> dict[st
     def write_files(tmp: Path) -> list[str]:
         files = []
         for cell, data, results, _ in analysed:
+            results["grid_verdict"] = grid_verdict(grid, cell.label)  # the corrected verdict that counts
             histories = {d["seed"]: d["histories"] for d in data}
             folder = Path(CELLS, cell.label)
             written = _write_folder(tmp / folder, cell.cfg, results, histories, final / folder / "config.yaml")
