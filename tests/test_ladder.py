@@ -51,6 +51,7 @@ def test_grid_shares_one_ladder_from_stage0_snapshots_and_the_report_uses_it(tmp
     assert "robustness.png" in rest and (Path(out["dir"]) / "robustness.png").is_file()
     results = json.loads((Path(out["dir"]) / "results.json").read_text())
     for attack in ("uat", "hotflip"):
+        assert set(results["robust_or_damaged"]["attacks"][attack]["arms"]) == {"monotonic", "damage"}
         arm = results["robust_or_damaged"]["attacks"][attack]["arms"]["monotonic"]
         assert arm["ci_low"] <= arm["effective"] <= arm["ci_high"]
         assert arm["verdict"] in rest

@@ -13,10 +13,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from monolm.report.labels import ARM_LABEL, ATTACKS
+from monolm.report.labels import ARM_LABEL as _ARM_LABEL
+from monolm.report.labels import ATTACKS
 from monolm.report.robustness import SeedPoint, effective_robustness
 
 REFERENCE_ARM = "baseline"  # the unconstrained arm: a point of the trend, not a tested arm
+DAMAGE_ARM = "damage"  # the damage-matched arm's name in the section
+ARM_LABEL = {**_ARM_LABEL, DAMAGE_ARM: "damage-matched (baseline + noise, equal validation loss)"}
 TITLE = "Robust or damaged?"
 CAPTION = (
     "Loss increase under each attack vs clean test loss: the quality ladder (grey), base and baseline, the fitted "
@@ -49,6 +52,13 @@ def _seed_models(data: dict[str, Any], attack: str) -> tuple[dict[str, SeedPoint
         return None
     refs[REFERENCE_ARM] = _doc_point(models[REFERENCE_ARM], _increase(per_example[REFERENCE_ARM]))
     arms = {m: _doc_point(models[m], _increase(rec)) for m, rec in per_example.items() if m != REFERENCE_ARM}
+    damage = data.get("damage") or {}  # the damage-matched arm (controls.damage), on the same documents and texts
+    record = (damage.get("attacks") or {}).get(attack) or {}
+    if record.get("clean") and (damage.get("test") or {}).get("per_doc"):
+        point = _doc_point(damage["test"], _increase(record))
+        first = next(iter(arms.values()), None)
+        if first is None or (point.increase.size, point.doc_nll.size) == (first.increase.size, first.doc_nll.size):
+            arms[DAMAGE_ARM] = point
     return refs, arms
 
 
@@ -140,7 +150,8 @@ def _panel(ax, attack: str, rec: dict[str, Any]) -> None:
     ax.plot(trend["grid"], trend["fit"], color="0.4", lw=1)
     styles = {"base": ("s", "0.2"), REFERENCE_ARM: ("D", "tab:blue")}
     for name, (x, y) in trend["points"].items():
-        marker, color = styles.get(name, ("o", "0.55")) if name in trend["references"] else ("*", "tab:red")
+        arm = ("P", "tab:orange") if name == DAMAGE_ARM else ("*", "tab:red")
+        marker, color = styles.get(name, ("o", "0.55")) if name in trend["references"] else arm
         xerr = [[x - trend["x_ci"][name][0]], [trend["x_ci"][name][1] - x]]
         yerr = [[y - trend["y_ci"][name][0]], [trend["y_ci"][name][1] - y]]
         ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=marker, color=color, ms=7 if marker == "*" else 5, lw=0.8)
