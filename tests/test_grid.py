@@ -14,7 +14,7 @@ from helpers import micro_config, micro_sets
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = {"setup", "train_baseline", "evaluate_baseline", "uat_baseline", "hotflip_baseline", "ladder"}
-PER_CELL = {"constrain", "train_monotonic", "evaluate", "uat", "hotflip"}
+PER_CELL = {"constrain", "train_monotonic", "evaluate", "uat", "hotflip", "damage"}
 
 
 def run_grid(tmp: Path, *, variants=None, init=None, run_name="grid") -> dict:
