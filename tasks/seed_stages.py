@@ -89,6 +89,12 @@ def damage_task(cfg: dict, seed: int, inputs: dict) -> dict:
     return run_seed_stage("damage", cfg, seed, inputs)
 
 
+@task(name="ladder", task_run_name="ladder-seed-{seed}")
+def ladder_task(cfg: dict, seed: int, inputs: dict) -> dict:
+    """The quality ladder of a model: reference models evaluated and attacked like the arms."""
+    return run_seed_stage("ladder", cfg, seed, inputs)
+
+
 STAGE_TASKS: dict[str, Task] = {
     t.name: t
     for t in (
@@ -105,6 +111,7 @@ STAGE_TASKS: dict[str, Task] = {
         gcg_baseline_task,
         gcg_task,
         damage_task,
+        ladder_task,
     )
 }
 if set(STAGE_TASKS) != set(SEED_STAGE_NAMES):  # a stage added to the registry needs its task here

@@ -58,6 +58,7 @@ MICRO = [
     "attacks.gcg.text_max_tokens=24",
     "runner.retries=1",
     "runner.retry_delay_seconds=0",
+    'controls.ladder.rungs=["step10","step30"]',  # snapshots below the micro pre-training's 40 steps
 ]
 
 

@@ -46,10 +46,10 @@ def test_caching_reruns_exactly_what_changed(tmp_path):
     # 2. Changing an attack setting re-runs only stages 5-7.
     threshold = run(tmp_path, "attacks.success_threshold=0.05")
     attacks = {"uat_baseline", "uat", "hotflip_baseline", "hotflip", "gcg_baseline", "gcg"}  # baseline shares too
-    # the damage-matched arm is attacked with the same settings: it re-runs with them
-    assert executed(threshold) == {*attacks, "damage", "aggregate"}, states(threshold)
+    # the damage-matched arm and the quality ladder are attacked with the same settings: they re-run with them
+    assert executed(threshold) == {*attacks, "damage", "ladder", "aggregate"}, states(threshold)
     top_k = run(tmp_path, "attacks.success_threshold=0.05", "attacks.uat.top_k=4")
-    assert executed(top_k) == {"uat_baseline", "uat", "damage", "aggregate"}, states(top_k)
+    assert executed(top_k) == {"uat_baseline", "uat", "damage", "ladder", "aggregate"}, states(top_k)
 
     # 3. Changing the learning rate re-runs 2/3 and everything downstream, not 0/1.
     lr = run(tmp_path, "attacks.success_threshold=0.05", "attacks.uat.top_k=4", "training.common.lr=1e-3")

@@ -13,8 +13,8 @@ import pytest
 from helpers import micro_config, micro_sets
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = {"setup", "train_baseline", "evaluate_baseline", "uat_baseline", "hotflip_baseline", "gcg_baseline"}
-PER_CELL = {"constrain", "train_monotonic", "evaluate", "uat", "hotflip", "gcg"}
+SHARED = {"setup", "train_baseline", "evaluate_baseline", "uat_baseline", "hotflip_baseline", "gcg_baseline", "ladder"}
+PER_CELL = {"constrain", "train_monotonic", "evaluate", "uat", "hotflip", "gcg", "damage"}
 
 
 def run_grid(tmp: Path, *, variants=None, init=None, run_name="grid") -> dict:
@@ -55,6 +55,7 @@ def test_grid_computes_shared_work_once_and_reruns_only_what_changed(tmp_path):
     names = [t.name.removesuffix("-seed-42") for t in runs]
     assert names.count("train-baseline") == 1 and names.count("setup") == 1, sorted(names)
     assert names.count("uat-baseline") == names.count("hotflip-baseline") == names.count("evaluate-baseline") == 1
+    assert names.count("ladder") == 1  # the quality ladder: once per (model, seed), in the Prefect flow too
     assert names.count("train-monotonic") == names.count("constrain") == names.count("uat") == 3
     assert {t.state_name for t in runs} == {"Completed"}
     cfg = micro_config(tmp_path)
@@ -155,15 +156,16 @@ def test_dry_run_counts_executions_and_what_is_done_already(tmp_path):
     before = monolm(*args, cwd=tmp_path)
     assert before.returncode == 0, before.stderr
     assert "= 2 cell(s)" in before.stdout
-    # 5 shared stages once, 6 per cell (the damage-matched arm included), and stage 7.
-    assert "total: 18 stage executions, 0 done already (reused), 18 to run" in before.stdout
+    # 6 shared stages once (the quality ladder among them), 6 per cell (the damage-matched arm included), stage 7.
+    assert "total: 19 stage executions, 0 done already (reused), 19 to run" in before.stdout
     assert any(line.split() == ["damage", "2", "0", "2"] for line in before.stdout.splitlines())
+    assert any(line.split() == ["ladder", "1", "0", "1"] for line in before.stdout.splitlines())
     assert not (tmp_path / "runs").exists()  # a dry run writes nothing
     one = monolm("run", "--preset", "tiny", "--no-prefect", "-q", *micro_args(tmp_path), cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-2000:]
     after = monolm(*args, cwd=tmp_path)
-    # mlp_in's cell and the shared stages are done: 5 shared + 6 of the cell; mlp_both's 6 to run.
-    assert "total: 18 stage executions, 11 done already (reused), 7 to run" in after.stdout, after.stdout
+    # mlp_in's cell and the shared stages are done: 6 shared + 6 of the cell; mlp_both's 6 to run.
+    assert "total: 19 stage executions, 12 done already (reused), 7 to run" in after.stdout, after.stdout
     assert after.stdout.splitlines()[2].split() == ["setup", "1", "1", "0"]
 
 

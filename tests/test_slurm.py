@@ -43,6 +43,7 @@ SEED_STAGES = (
     "hotflip",
     "gcg_baseline",
     "gcg",
+    "ladder",
 )
 REPORTED_STAGES = ("setup", "constrain", "train_baseline", "train_monotonic", "evaluate", "uat", "hotflip", "gcg")
 GPU_STAGES = SEED_STAGES[2:]

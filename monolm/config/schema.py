@@ -29,14 +29,14 @@ from monolm.config.base import (  # noqa: F401  (re-exported: the value types ar
     check_run_name,
     study_digest_of,
 )
-from monolm.config.controls import ControlsConfig, DamageConfig  # noqa: F401  (re-exported)
+from monolm.config.controls import ControlsConfig, DamageConfig, LadderChecks, TinySnapshots  # noqa: F401
 from monolm.config.gcg import GCGConfig  # noqa: F401  (re-exported)
 from monolm.config.runner import RunnerConfig, SlurmConfig  # noqa: F401  (re-exported)
 from monolm.config.store_url import check_cluster_store, without_password
 
 
 # --------------------------------------------------------------------------- model and data
-class TinyModelConfig(Strict):
+class TinyModelConfig(TinySnapshots):
     """The offline GPT-NeoX stand-in for Pythia, built from a config and pre-trained in stage 0."""
 
     vocab_size: PositiveInt = 2000  # BPE vocabulary; the embedding is padded to 2048 rows
@@ -362,7 +362,7 @@ class GridConfig(Strict):
 
 
 # --------------------------------------------------------------------------- the whole thing
-class ExperimentConfig(Strict):
+class ExperimentConfig(LadderChecks):
     preset: str = "full"
     run_name: str | None = None
     seeds: list[NonNegInt] = [42, 1337, 2024, 8888, 12345]  # folder names seed-<n>; numpy seeds are >= 0

@@ -60,18 +60,51 @@ def _pretrain_tiny(
     )
     result = None
     if tiny.pretrain_steps > 0 and cfg.model.source == "tiny":  # an architecture keeps its random weights
-        result = train(
-            model,
-            blocks,
-            arm,
-            out / "pretrain",
-            seed=derive_seed(seed, "pretrain"),
-            evaluate=None,
-            constrained=False,
-            progress=progress,
-            on_log=on_log,
-        )
+        # Pre-training stops at each snapshot step (with a checkpoint) and resumes from it, which
+        # is the same computation as one uninterrupted run: the snapshots are the quality
+        # ladder's rungs at no extra training (monolm.controls.ladder). The first call takes no
+        # step: it finds where a re-run resumes (a killed stage keeps its checkpoints).
+        def pretrain(steps: int):
+            return train(
+                model,
+                blocks,
+                arm,
+                out / "pretrain",
+                seed=derive_seed(seed, "pretrain"),
+                evaluate=None,
+                constrained=False,
+                progress=progress,
+                on_log=on_log,
+                max_steps_this_call=steps,
+            )
+
+        result = pretrain(0)
+        for stop in [*snapshot_steps(cfg), tiny.pretrain_steps]:
+            if stop > result.steps:
+                result = pretrain(stop - result.steps)
+            _keep_snapshot(model, tokenizer, out, stop, result.steps, tiny.pretrain_steps)
     return model, tokenizer, result
+
+
+def _keep_snapshot(model, tokenizer, out: Path, stop: int, step: int, last: int) -> None:
+    """Save the model as snapshot `step<stop>` when training stands at `stop` (a re-run finds the
+    snapshots it saved before; one it lost cannot be recomputed without starting over)."""
+    folder = out / SNAPSHOTS / f"step{stop}"
+    if stop >= last or (folder / "config.json").is_file():
+        return
+    if step != stop:
+        raise RuntimeError(f"snapshot {folder} is missing and pre-training is past it; delete {out} to start over")
+    models.save_model(model, tokenizer, folder)
+
+
+SNAPSHOTS = "snapshots"  # stage 0's folder of pre-training snapshots: snapshots/step<N>/
+
+
+def snapshot_steps(cfg: ExperimentConfig) -> list[int]:
+    """The pre-training steps at which stage 0 keeps a snapshot of a tiny model (those below the
+    last step, in order)."""
+    tiny = cfg.model.tiny
+    return sorted({s for s in tiny.snapshot_steps if s < tiny.pretrain_steps})
 
 
 MIN_FREE_BYTES = 1 << 30
@@ -208,6 +241,9 @@ def run(
             }
             shutil.rmtree(out / "pretrain" / "checkpoints", ignore_errors=True)
             outputs.append("pretrain/history.json")
+            if (out / SNAPSHOTS).is_dir():
+                outputs += files_under(out, SNAPSHOTS)
+                metrics["snapshots"] = {p.name: str(p.resolve()) for p in sorted((out / SNAPSHOTS).iterdir())}
     else:
         tokenizer = models.load_tokenizer(path)
         # Weights live outside the stage folder (the HF cache); record their digests.

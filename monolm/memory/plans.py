@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from monolm.config import ArmConfig, ExperimentConfig
+from monolm.config.controls import climbs
 from monolm.memory import estimates as memory
 from monolm.memory.estimates import MemoryPlan, ModelShape
 
@@ -304,6 +305,24 @@ def gcg_sequences(cfg: ExperimentConfig) -> int:
     return searches * (g.restarts * (g.steps * per_step + g.n_eval_texts) + g.n_eval_texts)
 
 
+def ladder_workload(cfg: ExperimentConfig, shape: ModelShape, tokens_per_doc: int) -> Workload:
+    """The quality ladder (`monolm.controls.ladder`): each rung and the base model evaluated on the
+    test part and attacked once with UAT and HotFlip (no transfer, no random control)."""
+    u, f = cfg.attacks.uat, cfg.attacks.hotflip
+    work = [
+        (min(cfg.evaluation.max_docs, _held_out_docs(cfg, "n_test_docs")) * tokens_per_doc, cfg.eval_seq_len),
+        ((u.restarts * u.max_sweeps * u.trigger_len * u.n_opt_texts * (u.top_k + 4) + 2 * u.n_eval_texts), "uat"),
+        (f.n_texts * f.max_flips * (f.top_b + 4), "hotflip"),
+    ]
+    tokens = flops = 0.0
+    for amount, where in work:
+        seq = attack_lengths(cfg, where)[0] if isinstance(where, str) else where
+        n = amount * seq if isinstance(where, str) else amount
+        tokens, flops = tokens + n, flops + n * shape.forward_flops_per_token(seq)
+    models = len(cfg.controls.ladder.rungs) + 1  # the rungs and the base model
+    return Workload(models * tokens, models * flops)
+
+
 def plan_table(
     cfg: ExperimentConfig, cards: dict[str, int] | None = None, tokens_per_doc: int = DEFAULT_TOKENS_PER_DOC
 ) -> tuple[ModelShape, list[dict[str, Any]]]:
@@ -312,7 +331,8 @@ def plan_table(
     cards = cards or memory.CARDS
     shape = shape_for(cfg)
     rows = []
-    for stage in ("constrain", "train_baseline", "train_monotonic", "evaluate", "uat", "hotflip", "gcg", "damage"):
+    stages = ["constrain", "train_baseline", "train_monotonic", "evaluate", "uat", "hotflip", "gcg", "damage"]
+    for stage in stages + (["ladder"] if climbs(cfg.controls.ladder, cfg.model.source) else []):
         row: dict[str, Any] = {"stage": stage}
         for card, total in cards.items():
             capacity = memory.usable_bytes(total, total)
@@ -334,6 +354,8 @@ def _card_plan(cfg, stage, shape, capacity, card) -> MemoryPlan:
         return _plan_train(cfg, arm, cfg.training.arm(arm), shape, device, capacity, card)[1]
     if stage in ("uat", "hotflip", "gcg"):
         return _plan_attack(cfg, stage, shape, device, capacity, card)
+    if stage == "ladder":  # one rung at a time, attacked like an arm: UAT's plan is the larger
+        return _plan_attack(cfg, "uat", shape, device, capacity, card)
     if stage == "constrain":
         return _plan_eval(cfg, shape, device, capacity, card, stage="constrain", resident=2)
     if stage == "damage":  # the model, plus the originals and noise of its perturbed matrices
@@ -346,6 +368,8 @@ def _workload(cfg, stage, shape, tokens_per_doc) -> Workload:
         return train_workload(cfg, stage.removeprefix("train_"), shape, tokens_per_doc)
     if stage in ("uat", "hotflip", "gcg"):
         return attack_workload(cfg, stage, shape)
+    if stage == "ladder":
+        return ladder_workload(cfg, shape, tokens_per_doc)
     if stage == "constrain":
         return constrain_workload(cfg, shape, tokens_per_doc)
     if stage == "damage":

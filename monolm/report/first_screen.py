@@ -9,6 +9,7 @@ from typing import Any
 from monolm.report.damage_arm import damage_mean, damage_note, damage_rows, has_damage
 from monolm.report.formatting import fmt_num, fmt_p, fmt_pct
 from monolm.report.labels import ATTACKS, METRIC_LABEL
+from monolm.report.robust_section import HEADLINE_NOTE, headline_rows
 from monolm.report.summaries import ALPHA, summary
 from monolm.report.table_builders import Table, wilcoxon_floor_note
 from monolm.report.verdicts import (
@@ -133,6 +134,10 @@ def headline_table(results: dict[str, Any]) -> Table | None:
         for row, (stage, metric) in zip(t.rows, [m for m in shown if headline_row(results, *m)], strict=True):
             row.insert(3, (fmt_pct if metric == "success_rate" else fmt_num)(damage_mean(results, stage, metric)))
         t.rows += damage_rows(results, shown)
+    # Quality-matched rows ("Robust or damaged?"): the ladder's prediction stands in the baseline's column.
+    pad = ["—"] * (len(t.columns) - 8)  # the damage-matched column, when there is one
+    matched = [row[:3] + pad + row[3:] for row in headline_rows(results.get("robust_or_damaged"))]
+    t.rows += matched
     tests = [primary_test(results, stage, metric) for stage, metric in shown]
     caveats = [
         "Difference: constrained − baseline, with the 95% CI and p of a paired t-test "
@@ -145,6 +150,8 @@ def headline_table(results: dict[str, Any]) -> Table | None:
     caveats += [constant_sentence(results, s, m, v) for (s, m), v in constant.items()]
     if has_damage(results):
         caveats.append(damage_note(results))
+    if matched:
+        caveats.append(HEADLINE_NOTE)
     if any(c is not None and c["scope"] != "seeds" for c in tests):
         caveats.append(WITHIN_SEED_CAVEAT)
     floor = wilcoxon_floor_note([c for c in tests if c is not None]).strip()

@@ -12,6 +12,7 @@ from monolm.report.cross_cell.cell_verdict import grid_verdict_lines
 from monolm.report.first_screen import headline_table
 from monolm.report.formatting import fmt_pct
 from monolm.report.labels import ATTACKS
+from monolm.report.robust_section import section_lines
 from monolm.report.summaries import ALPHA
 from monolm.report.table_builders import Table, tables
 
@@ -247,8 +248,10 @@ def _methods_lines(meta: dict[str, Any]) -> list[str]:
 def markdown(results: dict[str, Any], *, plots: dict[str, str], config_yaml: str, config_path: str) -> str:
     """report.md: the headline table first, then what was run, findings, tables, plots, methods,
     config."""
+    plots = dict(plots)
     lines = [
         *_headline_lines(results),
+        *section_lines(results.get("robust_or_damaged"), plots.pop("robustness", None)),
         *_provenance_lines(results, config_path),
         *_findings_lines(results),
         *_table_lines(results),

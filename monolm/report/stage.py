@@ -38,6 +38,7 @@ from monolm.report import figures as plots
 from monolm.report.answer import answer_sentence
 from monolm.report.budget import plot_budget
 from monolm.report.publish import earlier_runs, publish, published, safe_name  # noqa: F401  (published: re-exported)
+from monolm.report.robust_section import plot_robustness
 from monolm.study.frame import StageRef, stage_code_version
 from monolm.study.registry import SEED_STAGE_NAMES as STAGES
 from monolm.study.registry import SEED_STAGES
@@ -179,6 +180,8 @@ def read_seed(refs: Mapping[str, StageRef | Mapping[str, Any]]) -> dict[str, Any
         data["constrain"] = _read_output(stages["constrain"], "constrain", STAGE_FILES["constrain"])
     if "evaluate" in stages:
         data["evaluation"] = _read_output(stages["evaluate"], "evaluate", STAGE_FILES["evaluate"])
+    if "ladder" in stages:  # the quality ladder (monolm.controls.ladder), for "Robust or damaged?"
+        data["ladder"] = _read_output(stages["ladder"], "ladder", STAGE_FILES["ladder"])
     for arm in report.ARMS:
         name = f"train_{arm}"
         if name in stages:
@@ -265,6 +268,9 @@ def _write_folder(
         ("tables.tex", atomic_write_text(directory / "tables.tex", report.latex(results))),
     ]
     figures = {**plots.render_all(results, histories, directory), **plot_budget(results, directory)}
+    robustness = plot_robustness(results.get("robust_or_damaged"), directory / "robustness.png")
+    if robustness is not None:
+        figures["robustness"] = robustness
     rel_plots = {name: path.name for name, path in figures.items()}
     md = report.markdown(results, plots=rel_plots, config_yaml=config_to_yaml(cfg), config_path=str(config_path))
     written.append(("report.md", atomic_write_text(directory / "report.md", md)))

@@ -77,8 +77,8 @@ def format_plan(cfg: ExperimentConfig, plan: list[Execution], *, aggregate: bool
         lines.append(f"{'aggregate':<20}{1:>11}{'':>6}{'(always)':>8}")
     lines.append(
         f"total: {len(plan) + extra} stage executions, {n_done} done already (reused), "
-        f"{len(plan) - n_done + extra} to run; a model's shared stages (setup, train_baseline and the baseline's "
-        "evaluation and attacks) count once per seed"
+        f"{len(plan) - n_done + extra} to run; a model's shared stages (setup, train_baseline, the baseline's "
+        "evaluation and attacks, and the quality ladder) count once per seed"
     )
     if aggregate:
         folder = results_folder(cfg)

@@ -231,6 +231,20 @@ SEED_STAGES: tuple[Stage, ...] = (
         gpu=True,
         reads="damage.json",
     ),
+    # The quality ladder (monolm.controls.ladder): reference models evaluated and attacked like the
+    # arms, a model's shared work; numbered with the last attack it repeats.
+    Stage(
+        name="ladder",
+        number=6,
+        kind="control",
+        scope="model",
+        label="quality ladder",
+        entry="monolm.controls.ladder:run",
+        inputs=("setup",),
+        config=("controls.ladder", "evaluation", "data.seq_len", *dict.fromkeys(_UAT_CONFIG + _HOTFLIP_CONFIG)),
+        gpu=True,
+        reads="ladder.json",
+    ),
 )
 SEED_STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in SEED_STAGES)
 # Stage 7 reads every per-seed stage of every cell and seed; its output depends on the whole config.

@@ -23,6 +23,7 @@ from monolm.report.cross_cell.terms import (
 )
 from monolm.report.formatting import fmt_p, fmt_pct
 from monolm.report.render import table_latex, table_markdown
+from monolm.report.robust_grid import grid_section_lines
 from monolm.report.table_builders import Table
 
 
@@ -232,6 +233,7 @@ def grid_markdown(grid: dict[str, Any], *, plots: dict[str, str], cell_reports: 
         f"> {n_cells} cell{'s' if n_cells != 1 else ''} ({axes}): what each constraint variant costs in "
         "quality and buys in robustness, against the baseline of the same model and seed.",
         "",
+        *grid_section_lines(grid.get("robust_or_damaged")),
         "## Findings",
         "",
         *([f"- {s}" for s in grid["findings"]] or ["- No comparisons could be computed."]),

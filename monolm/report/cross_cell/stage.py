@@ -24,6 +24,7 @@ from monolm.core.artifacts import MANIFEST, atomic_write_json, atomic_write_text
 from monolm.report.answer import answer_sentence
 from monolm.report.cross_cell.cell_verdict import grid_verdict
 from monolm.report.cross_cell.figures import render_grid_plots
+from monolm.report.robust_grid import grid_effective
 from monolm.report.stage import (
     STAGE,
     _write_folder,
@@ -75,6 +76,9 @@ def run_grid(cfg: ExperimentConfig, per_cell: Mapping[str, SeedRefs]) -> dict[st
         "missing_cells": missing,
     }
     grid["meta"] = meta
+    grid["robust_or_damaged"] = grid_effective(
+        [{"model": c.model, "variant": c.variant, "init": c.init, "results": r} for c, _, r, _ in analysed]
+    )
 
     def write_files(tmp: Path) -> list[str]:
         files = []

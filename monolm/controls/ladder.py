@@ -1,0 +1,178 @@
+"""The quality ladder's stage: every rung (and the base model) evaluated on the test part and
+attacked with the arms' attacks, texts and seed, once per (model, seed).
+
+Why: a constrained model that is worse at its job is often less sensitive to an attack only
+because it models text less sharply. The ladder's models trace how the loss increase under each
+attack varies with clean quality among models that differ only in how far they were trained;
+stage 7 compares each arm with that trend (`monolm.report.robustness`).
+
+The stage is a model's shared work (scope `model` in `monolm.study.registry`): every variant and
+init of a grid reuses it. Each rung's attacks keep their resumable units under `<rung>/<attack>/`.
+With `controls.ladder.enabled: false` it writes an empty ladder.json and loads no model.
+
+ladder.json: {"enabled", "rungs": [{"name", "source", "evaluation": {loss, token_perplexity,
+tokens, per_doc}, "attacks": {attack: {"clean": [...], "attacked": [...]}}}], "not_attacked"}.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from monolm.config import ExperimentConfig
+from monolm.config.controls import climbs
+from monolm.controls.rungs import resolve_rungs
+from monolm.core.artifacts import atomic_write_json
+from monolm.core.progress import Progress, labelled
+from monolm.core.runtime import pick_device
+from monolm.data import splits as data_lib
+from monolm.data.stage import load_setup, model_dir
+from monolm.study.frame import Inputs, OnLog, StageRef, existing, files_under, finish, prepare
+from monolm.study.layout import CellPaths
+from monolm.study.registry import ATTACKS
+
+STAGE = "ladder"
+LADDER_ATTACKS = ("uat", "hotflip")  # the attacks a rung is attacked with (each has an adapter below)
+log = logging.getLogger("monolm.stages")
+
+
+def run(
+    cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: bool = True, on_log: OnLog | None = None
+) -> StageRef:
+    """The ladder of `cell`'s model and seed (inputs: `setup`)."""
+    done = existing(cfg, cell, STAGE, inputs)
+    if done:
+        return done
+    started = time.time()
+    out = prepare(cfg, cell, STAGE, inputs)
+    report: dict[str, Any] = {"enabled": False, "rungs": [], "not_attacked": []}
+    if climbs(cfg.controls.ladder, cfg.model.source):
+        report = _climb(cfg, cell, inputs["setup"], out, progress=progress, on_log=on_log)
+    atomic_write_json(out / "ladder.json", report)
+    outputs = ["ladder.json"] + [p for p in files_under(out, ".") if "/units/" not in p and p != "ladder.json"]
+    outputs = [p for p in outputs if not p.startswith(".")]
+    metrics = {
+        "enabled": report["enabled"],
+        "rungs": {r["name"]: {"loss": r["evaluation"]["loss"], **_increases(r)} for r in report["rungs"]},
+    }
+    return finish(cfg, cell, STAGE, inputs=inputs, outputs=outputs, metrics=metrics, started=started)
+
+
+def _increases(rung: dict[str, Any]) -> dict[str, float]:
+    """A rung's mean loss increase per attack, for the manifest's metrics."""
+    out = {}
+    for attack, rec in rung["attacks"].items():
+        pairs = list(zip(rec["clean"], rec["attacked"], strict=True))
+        out[f"{attack}_abs_increase"] = sum(a - c for c, a in pairs) / max(len(pairs), 1)
+    return out
+
+
+def _climb(cfg: ExperimentConfig, cell: CellPaths, setup: StageRef, out: Path, *, progress: bool, on_log):
+    """Evaluate and attack every rung, one model on the device at a time."""
+    from monolm.attacks.stage import attack_texts
+    from monolm.models import loading as models
+
+    device = pick_device()
+    tokenizer, splits = load_setup(setup)
+    test_texts = splits.test[: cfg.evaluation.max_docs]
+    docs = data_lib.tokenize(tokenizer, test_texts)
+    texts = attack_texts(cfg, tokenizer, splits.attack)
+    settings = _settings(cfg, model_dir(setup), device)
+    rungs = resolve_rungs(cfg, setup)
+    tracker = Progress(len(rungs), log=log, on_log=on_log, what="ladder")
+    records = []
+    for i, rung in enumerate(rungs):
+        model = models.load_model(rung.path, device)
+        record = {"name": rung.name, "source": str(rung.path)}
+        record["evaluation"] = _evaluate(cfg, model, docs, test_texts, tokenizer, settings["eval_batch"], device)
+        record["attacks"] = {
+            attack: _ATTACK[attack](cfg, model, tokenizer, texts, settings[attack], out / rung.name / attack, cell.seed)
+            for attack in LADDER_ATTACKS
+        }
+        del model
+        records.append(record)
+        tracker.update(i + 1, f"ladder {rung.name}: clean loss {record['evaluation']['loss']:.3f}")
+    return {
+        "enabled": True,
+        "rungs": records,
+        "not_attacked": [a for a in ATTACKS if a not in LADDER_ATTACKS],  # an attack without a ladder adapter
+    }
+
+
+def _settings(cfg: ExperimentConfig, base: Path, device) -> dict[str, Any]:
+    """The evaluation batch and each attack's settings with the candidate batch that fits, as the
+    arms' stages choose them."""
+    from monolm.memory import plans as planning
+
+    settings: dict[str, Any] = {"eval_batch": planning.plan_eval_stage(cfg, base, device, name=STAGE).chosen}
+    for attack in LADDER_ATTACKS:
+        settings[attack] = planning.plan_attack_stage(cfg, attack, base, device, name=STAGE)[0]
+    return settings
+
+
+def _evaluate(cfg, model, docs, texts, tokenizer, batch_size, device) -> dict[str, Any]:
+    """Test-part perplexity exactly as stage 4 computes it, with per-document losses."""
+    from monolm.evaluation import perplexity as evaluation
+
+    return evaluation.perplexity(
+        model,
+        docs,
+        seq_len=cfg.eval_seq_len,
+        batch_size=batch_size,
+        prefix_token_id=tokenizer.eos_token_id,
+        texts=texts,
+        device=device,
+        progress=False,
+        return_per_doc=True,
+        bf16=cfg.evaluation.bf16,
+    )
+
+
+def _uat(cfg, model, tokenizer, texts, settings, out: Path, seed: int) -> dict[str, list[float]]:
+    """UAT as stage 5 runs it: a trigger optimised on the optimisation texts, reported on the held-out ones."""
+    from monolm.attacks import uat
+
+    opt, held_out = texts
+    result = uat.run(
+        model,
+        tokenizer=tokenizer,
+        opt_texts=opt,
+        eval_texts=held_out,
+        cfg=settings,
+        seed=seed,
+        out_dir=out,
+        success_threshold=cfg.attacks.success_threshold,
+        bf16=cfg.attacks.bf16,
+        progress=False,
+        log=labelled(logging.getLogger("monolm.attacks"), out.parent.name),
+    )
+    return {"clean": result["per_text"]["clean"], "attacked": result["per_text"]["attacked"]}
+
+
+def _hotflip(cfg, model, tokenizer, texts, settings, out: Path, seed: int) -> dict[str, list[float]]:
+    """HotFlip as stage 6 runs it, without the random control (the ladder needs the attack's effect only)."""
+    from monolm.attacks import hotflip
+
+    _, held_out = texts
+    hotflip.run(
+        model,
+        tokenizer=tokenizer,
+        texts=held_out,
+        cfg=settings,
+        seed=seed,
+        out_dir=out,
+        success_threshold=cfg.attacks.success_threshold,
+        control=False,
+        bf16=cfg.attacks.bf16,
+        progress=False,
+        log=labelled(logging.getLogger("monolm.attacks"), out.parent.name),
+    )
+    lines = (out / hotflip.EXAMPLE_FILES["gradient"]).read_text(encoding="utf-8").splitlines()
+    rows = sorted((json.loads(line) for line in lines if line.strip()), key=lambda r: r["index"])
+    return {"clean": [r["clean_loss"] for r in rows], "attacked": [r["attacked_loss"] for r in rows]}
+
+
+_ATTACK = {"uat": _uat, "hotflip": _hotflip}
