@@ -19,6 +19,8 @@ from typing import Any
 from monolm.config import ArmConfig, ExperimentConfig
 from monolm.memory import estimates as memory
 from monolm.memory.estimates import MemoryPlan, ModelShape
+from monolm.study import registry
+from monolm.study.registry import SEED_STAGES
 
 log = logging.getLogger("monolm.planning")
 
@@ -279,6 +281,12 @@ def attack_workload(cfg: ExperimentConfig, stage: str, shape: ModelShape) -> Wor
     return Workload(tokens, tokens * shape.forward_flops_per_token(seq))
 
 
+def planned_stages() -> tuple[str, ...]:
+    """The GPU stages `monolm plan` lists, from the registry: each GPU stage that is not a
+    baseline's share (a share runs the same code on the same model as its cell stage)."""
+    return tuple(s.name for s in SEED_STAGES if s.gpu and s.share_of is None)
+
+
 def plan_table(
     cfg: ExperimentConfig, cards: dict[str, int] | None = None, tokens_per_doc: int = DEFAULT_TOKENS_PER_DOC
 ) -> tuple[ModelShape, list[dict[str, Any]]]:
@@ -287,7 +295,7 @@ def plan_table(
     cards = cards or memory.CARDS
     shape = shape_for(cfg)
     rows = []
-    for stage in ("constrain", "train_baseline", "train_monotonic", "evaluate", "uat", "hotflip"):
+    for stage in planned_stages():
         row: dict[str, Any] = {"stage": stage}
         for card, total in cards.items():
             capacity = memory.usable_bytes(total, total)
@@ -303,22 +311,27 @@ def plan_table(
 
 
 def _card_plan(cfg, stage, shape, capacity, card) -> MemoryPlan:
-    device = "cuda"
-    if stage.startswith("train_"):
+    device, kind = "cuda", registry.stage(stage).kind
+    if kind == "train":
         arm = stage.removeprefix("train_")
         return _plan_train(cfg, arm, cfg.training.arm(arm), shape, device, capacity, card)[1]
-    if stage in ("uat", "hotflip"):
+    if kind == "attack":
         return _plan_attack(cfg, stage, shape, device, capacity, card)
-    if stage == "constrain":
+    if kind == "constrain":
         return _plan_eval(cfg, shape, device, capacity, card, stage="constrain", resident=2)
-    return _plan_eval(cfg, shape, device, capacity, card)
+    if kind == "evaluate":
+        return _plan_eval(cfg, shape, device, capacity, card)
+    raise ValueError(f"no memory plan for stage {stage!r} of kind {kind!r}")
 
 
 def _workload(cfg, stage, shape, tokens_per_doc) -> Workload:
-    if stage.startswith("train_"):
+    kind = registry.stage(stage).kind
+    if kind == "train":
         return train_workload(cfg, stage.removeprefix("train_"), shape, tokens_per_doc)
-    if stage in ("uat", "hotflip"):
+    if kind == "attack":
         return attack_workload(cfg, stage, shape)
-    if stage == "constrain":
+    if kind == "constrain":
         return constrain_workload(cfg, shape, tokens_per_doc)
-    return eval_workload(cfg, shape, tokens_per_doc)
+    if kind == "evaluate":
+        return eval_workload(cfg, shape, tokens_per_doc)
+    raise ValueError(f"no workload for stage {stage!r} of kind {kind!r}")

@@ -3,10 +3,10 @@ output, whether it depends on the constraint, whether it needs a GPU worker, and
 reads from it.
 
 Every list of stages in the project is derived from `STAGES` (config validation, folder layout,
-manifests and cache keys, the plain pipeline, the Prefect flow, the task runners' GPU
-annotations, stage 7 and the report's attack names). Adding a stage is one entry here plus its
-entry function (`entry`), its task in `tasks/seed_stages.py` and, for an attack, its report section
-(README, "Adding an attack").
+manifests and cache keys, the plain pipeline, the Prefect flow and its per-seed tasks (made by one
+factory in `tasks/seed_stages.py`), the task runners' GPU annotations, the memory plans of
+`monolm plan`, stage 7 and the report's attack names). Adding a stage is one entry here plus its
+entry function (`entry`) and, for an attack, its report section (README, "Adding an attack").
 
 `scope`: a `model` stage does not depend on the constraint (stage 0, the baseline's training, and
 the baseline's share of evaluation and of each attack): it is computed once per (model, seed) and
