@@ -4,8 +4,8 @@ Two users: the stages (train, evaluate, attack), which call `plan_*_stage` befor
 step and record the plan in their manifest, and `monolm plan`, which prints for every GPU stage
 the estimate on the cards a cluster user plans for (`memory.CARDS`), the batch the plan chooses
 and the stage's token and FLOP count, so walltimes (`runner.stage_timeout_minutes`, the SLURM
-walltime) can be set from it. The model's shape comes from its saved config (stages) or, before
-stage 0 has run, from the shipped architectures, the tiny config or a config in the HF cache.
+walltime) can be set from it. The model's shape comes from `monolm.models.shape`: its saved config
+(stages) or, before stage 0 has run, `model_shape` (every `model.source`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 from monolm.config import ArmConfig, ExperimentConfig
 from monolm.memory import estimates as memory
 from monolm.memory.estimates import MemoryPlan, ModelShape
+from monolm.models.shape import model_shape, shape_of_dir
 from monolm.study import registry
 from monolm.study.registry import SEED_STAGES
 
@@ -29,69 +30,6 @@ DEFAULT_TOKENS_PER_DOC = 1400
 # bf16 dense matmul peak of an A100, for the walltime column of `monolm plan`.
 A100_BF16_FLOPS = 312e12
 PLAN_MFU = 0.35
-
-
-class PlanError(ValueError):
-    """The model's shape cannot be known without downloading it."""
-
-
-def count_parameters_meta(config) -> int:
-    """Parameter count of the model `config` describes, built on the meta device (no memory)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
-
-
-def shape_of_dir(path: str | Path, name: str | None = None) -> ModelShape:
-    """The shape of a saved model directory (its config.json; constrained ones too)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(path)
-    return ModelShape.from_config(config, name or Path(path).name, count_parameters_meta(config))
-
-
-def shape_for(cfg: ExperimentConfig) -> ModelShape:
-    """The base model's shape before stage 0 has run (no download)."""
-    from monolm.models import catalogue as architectures
-    from monolm.models.loading import padded_vocab_size
-
-    m = cfg.model
-    if m.source == "architecture":
-        return ModelShape.from_architecture(architectures.get(m.architecture))
-    if m.source == "tiny":
-        from transformers import GPTNeoXConfig
-
-        t = m.tiny
-        config = GPTNeoXConfig(
-            vocab_size=padded_vocab_size(t.vocab_size, t.pad_vocab_to_multiple_of),
-            hidden_size=t.hidden_size,
-            num_hidden_layers=t.num_layers,
-            num_attention_heads=t.num_heads,
-            intermediate_size=t.intermediate_size,
-            max_position_embeddings=t.max_position_embeddings,
-            tie_word_embeddings=False,
-        )
-        return ModelShape.from_config(config, m.slug, count_parameters_meta(config))
-    if m.source == "local":
-        return shape_of_dir(m.name, m.name)
-    arch = architectures.for_hub_id(m.name)
-    if arch is not None:
-        return ModelShape.from_architecture(arch)
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(
-            m.name, revision=m.revision, cache_dir=str(cfg.hf_cache_dir), local_files_only=True
-        )
-    except OSError:
-        raise PlanError(
-            f"cannot tell the shape of model.name={m.name!r} offline: it is not a shipped architecture "
-            "and its config is not in the HF cache (run `monolm verify` or stage 0 first)"
-        ) from None
-    return ModelShape.from_config(config, m.name, count_parameters_meta(config))
 
 
 # --------------------------------------------------------------------------- the stages' plans
@@ -293,7 +231,7 @@ def plan_table(
     """One row per GPU stage: per card the chosen batch and the estimate (or why it does not fit),
     the stage's tokens and model FLOPs, and hours on one A100 at `PLAN_MFU`."""
     cards = cards or memory.CARDS
-    shape = shape_for(cfg)
+    shape = model_shape(cfg)
     rows = []
     for stage in planned_stages():
         row: dict[str, Any] = {"stage": stage}
