@@ -28,6 +28,7 @@ from monolm.config.base import (  # noqa: F401  (re-exported: the value types ar
     Variant,
 )
 from monolm.config.runner import RunnerConfig, SlurmConfig  # noqa: F401  (re-exported)
+from monolm.study.registry import ATTACK_SPECS, attack_text_budget
 
 
 # --------------------------------------------------------------------------- model and data
@@ -371,18 +372,17 @@ class ExperimentConfig(Strict):
             raise ValueError("seeds: at least one seed is required")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds={self.seeds} contains duplicates")
-        uat, hotflip = self.attacks.uat, self.attacks.hotflip
+        uat = self.attacks.uat  # its trigger must leave text to attack
         if uat.trigger_len >= uat.text_max_tokens:
             raise ValueError(
                 f"attacks.uat.trigger_len={uat.trigger_len} is not shorter than the texts it attacks "
                 f"(attacks.uat.text_max_tokens={uat.text_max_tokens}); allowed: 1..{uat.text_max_tokens - 1}"
             )
-        needed = uat.n_opt_texts + max(uat.n_eval_texts, hotflip.n_texts)
-        if self.data.n_attack_docs < needed:
+        n_opt, n_held_out, fields = attack_text_budget(self)
+        if self.data.n_attack_docs < n_opt + n_held_out:
             raise ValueError(
                 f"data.n_attack_docs={self.data.n_attack_docs} is too small: the attacks need "
-                f"attacks.uat.n_opt_texts + max(attacks.uat.n_eval_texts, attacks.hotflip.n_texts) = {needed} "
-                "disjoint held-out texts"
+                f"{fields} = {n_opt + n_held_out} disjoint held-out texts"
             )
         self._check_grid()
         if self.model.source == "tiny":
@@ -423,9 +423,7 @@ class ExperimentConfig(Strict):
         checks = {
             "data.seq_len": self.data.seq_len,
             "evaluation.seq_len": self.evaluation.seq_len,
-            "attacks.uat (trigger_len + text_max_tokens)": self.attacks.uat.trigger_len
-            + self.attacks.uat.text_max_tokens,
-            "attacks.hotflip.text_max_tokens": self.attacks.hotflip.text_max_tokens,
+            **dict(attack.attended_tokens(self) for attack in ATTACK_SPECS.values()),
         }
         for field, value in checks.items():
             if value is not None and value > model_max:

@@ -108,12 +108,10 @@ def _plan_eval(
 
 
 def attack_lengths(cfg: ExperimentConfig, stage: str) -> tuple[int, int, int]:
-    """(tokens per attacked sequence, target positions per sequence, rows per gradient pass)."""
-    if stage == "uat":
-        uat = cfg.attacks.uat
-        return 1 + uat.trigger_len + uat.text_max_tokens, uat.text_max_tokens, uat.grad_batch_size
-    flip = cfg.attacks.hotflip
-    return 1 + flip.text_max_tokens, flip.text_max_tokens, 1
+    """(tokens per attacked sequence, target positions per sequence, rows per gradient pass), as
+    the attack declares them (`registry.AttackSpec`); an attack the registry does not know is a
+    ValueError, never another attack's lengths."""
+    return registry.attack_spec(stage).lengths(cfg)
 
 
 def plan_attack_stage(
@@ -204,17 +202,9 @@ def constrain_workload(cfg: ExperimentConfig, shape: ModelShape, tokens_per_doc:
 
 def attack_workload(cfg: ExperimentConfig, stage: str, shape: ModelShape) -> Workload:
     """Both arms attacked, plus the 2x2 transfer matrix. A gradient pass counts as 3 forwards."""
-    seq, _, _ = attack_lengths(cfg, stage)
-    if stage == "uat":
-        u = cfg.attacks.uat
-        steps = u.restarts * u.max_sweeps * u.trigger_len
-        per_arm = steps * u.n_opt_texts * (3 + u.top_k + 1) + 2 * u.n_eval_texts
-        sequences = 2 * per_arm + 4 * 2 * u.n_eval_texts
-    else:
-        f = cfg.attacks.hotflip
-        searches = 2 if f.random_control else 1
-        per_arm = searches * f.n_texts * f.max_flips * (3 + f.top_b + 1)
-        sequences = 2 * per_arm + 4 * 2 * f.n_texts
+    attack = registry.attack_spec(stage)
+    seq, _, _ = attack.lengths(cfg)
+    sequences = 2 * attack.search_sequences(attack.section(cfg)) + 4 * 2 * attack.n_eval_texts(cfg)
     tokens = sequences * seq
     return Workload(tokens, tokens * shape.forward_flops_per_token(seq))
 
