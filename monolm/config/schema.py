@@ -391,11 +391,12 @@ class ExperimentConfig(Strict):
             from monolm.models import catalogue as architectures
 
             self.validate_seq_len(architectures.get(self.model.architecture).max_positions)
-            if self.data.source == "hub":
-                raise ValueError(
-                    "data.source='hub' with model.source='tiny': the tiny model's "
-                    "tokenizer is trained on data.source='embedded' or 'local'"
-                )
+        if self.model.source in ("tiny", "architecture") and self.data.source == "hub":
+            # Stage 0 trains the offline model's tokenizer on the corpus (monolm.data.stage).
+            raise ValueError(
+                f"data.source='hub' with model.source={self.model.source!r}: a model built offline trains its "
+                "tokenizer on the corpus, so data.source must be 'embedded' or 'local'"
+            )
         return self
 
     def _check_grid(self) -> None:

@@ -71,19 +71,6 @@ def run_seed(
     return refs
 
 
-def run_study(
-    cfg: ExperimentConfig, *, stages: int = SEED_STAGES[-1].number, progress: bool = True
-) -> dict[str, dict[int, dict[str, StageRef]]]:
-    """Every cell of the study's grid for every seed (`run_seed`), one after another: {cell label:
-    {seed: stage refs}}. A model's stages that do not depend on the constraint run once per seed."""
-    from monolm.study.cells import cells
-
-    return {
-        cell.label: {seed: run_seed(cell.cfg, seed, stages=stages, progress=progress) for seed in cfg.seeds}
-        for cell in cells(cfg)
-    }
-
-
 def summary_rows(refs: dict[str, StageRef]) -> list[dict[str, Any]]:
     """One row per model for the results table printed by `monolm run`."""
     ev = refs.get("evaluate")
