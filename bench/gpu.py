@@ -47,6 +47,7 @@ from monolm.data import splits as data_lib  # noqa: E402
 from monolm.evaluation import perplexity as evaluation  # noqa: E402
 from monolm.memory import estimates as memory  # noqa: E402
 from monolm.models import catalogue as architectures  # noqa: E402
+from monolm.models.shape import shape_of_config  # noqa: E402
 from monolm.training import build_optimizer, training_step  # noqa: E402
 from monolm.training.checkpoint import load_checkpoint, make_fingerprint, save_checkpoint  # noqa: E402
 from monolm.training.step import enable_gradient_checkpointing  # noqa: E402
@@ -353,9 +354,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(1)
         clock = attack_bench.CLOCK = time.process_time
     arch = small_architecture(args) if args.arch == "small" else architectures.get(args.arch)
-    meta = architectures.build_model(arch, device="meta")
-    shape = memory.ModelShape.from_config(meta.config, arch.name, sum(p.numel() for p in meta.parameters()))
-    del meta
+    shape = shape_of_config(architectures.hf_config(arch), arch.name)
     args.micro_batch, plan = choose_micro_batch(shape, args, device)
     rate, how = matmul_rate(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()

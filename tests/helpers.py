@@ -8,9 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
 # Everything the full pipeline does, on numbers small enough for a test.
 MICRO = [
@@ -96,7 +94,7 @@ def tiny_neox(
     **config,
 ):
     """A fp32 GPT-NeoX built from a config (no download), seeded under a forked RNG so building it
-    leaves the global RNG alone; `constrained` puts `Softplus` on every FFN input projection.
+    leaves the global RNG alone; `constrained` applies monolm's own constraint to it (`constrain`).
     Extra keyword arguments go to `GPTNeoXConfig` (e.g. `initializer_range`)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -117,21 +115,46 @@ def tiny_neox(
     return constrain(model) if constrained else model
 
 
-class Softplus(nn.Module):
-    """W = softplus(V); V initialised from |W| like the study's `abs` init."""
+def constrain(model: nn.Module, variant: str = "mlp_in", init: str = "abs") -> nn.Module:
+    """The study's own constraint on `model` (`monolm.constraint.softplus.apply_constraint`:
+    W = softplus(V) on the variant's Linear weights, V from the `init` conversion), so the
+    training, checkpoint, resume and kill tests exercise the real parametrization."""
+    from monolm.constraint.softplus import apply_constraint
 
-    def forward(self, v: torch.Tensor) -> torch.Tensor:
-        return F.softplus(v)
-
-    def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
-        return torch.log(torch.expm1(w.abs() + 1e-6))
-
-
-def constrain(model: nn.Module, parametrization: type[nn.Module] = Softplus) -> nn.Module:
-    """Reparametrize every FFN input projection of a GPT-NeoX with `parametrization`."""
-    for layer in model.gpt_neox.layers:
-        parametrize.register_parametrization(layer.mlp.dense_h_to_4h, "weight", parametrization())
+    apply_constraint(model, variant, init)
     return model
+
+
+# --------------------------------------------------------------------------- training recipes
+# What every CPU test recipe shares: no gradient checkpointing, fp32 compute.
+CPU_RECIPE = dict(gradient_checkpointing="off", bf16="off")
+# 40 sequences / batch 8 = 5 steps per epoch: 12 steps cross two epoch boundaries (resume tests).
+RESUME_RECIPE = dict(
+    lr=3e-3,
+    epochs=3.0,
+    max_steps=12,
+    warmup_ratio=0.25,
+    schedule="cosine",
+    min_lr_ratio=0.1,
+    micro_batch_size=4,
+    grad_accum_steps=2,
+    log_every_steps=5,
+    eval_every_steps=4,
+    checkpoint_every_steps=4,
+    keep_last_checkpoints=3,
+)
+
+
+def arm_config(**settings):
+    """An `ArmConfig` for a CPU test: `CPU_RECIPE` plus `settings`."""
+    from monolm.config import ArmConfig
+
+    return ArmConfig(**{**CPU_RECIPE, **settings})
+
+
+def resume_recipe(**overrides):
+    """The recipe of the checkpoint and kill tests (`RESUME_RECIPE`), with `overrides`."""
+    return arm_config(**{**RESUME_RECIPE, **overrides})
 
 
 def counter_blocks(n: int = 48, seed: int = 1, *, seq: int = SEQ, vocab: int = VOCAB) -> torch.Tensor:

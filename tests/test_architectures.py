@@ -121,3 +121,41 @@ def test_setup_stage_builds_the_architecture_offline_and_says_so(tmp_path):
     model = load_model(ref.metrics["model_dir"])
     assert sum(p.numel() for p in model.parameters()) == PUBLISHED["pythia-70m"]
     assert "RANDOM WEIGHTS" in random_weights_note(model)  # in config.json: every copy carries it
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        ["model.source=architecture", "model.architecture=pythia-70m"],
+        [],  # the tiny model
+    ],
+)
+def test_one_shape_for_every_source_known_without_a_download(sets, tmp_path):
+    """`model_shape` (plan, memory plans) and `transformers_config` (preflight, verify) describe
+    the same model: the counted parameters of the config equal the shape's."""
+    from monolm.models.shape import count_parameters, model_shape, transformers_config
+
+    cfg = load_config("tiny", sets=[*sets, f"paths.cache_dir={tmp_path}"])
+    shape, config = model_shape(cfg), transformers_config(cfg)
+    assert config is not None
+    assert shape.parameters == count_parameters(config)
+    assert (shape.layers, shape.hidden, shape.vocab) == (
+        config.num_hidden_layers,
+        config.hidden_size,
+        config.vocab_size,
+    )
+
+
+def test_variants_all_and_the_variant_check_know_a_shipped_architecture():
+    """`--variants all` on `model.source: architecture` lists the variants a GPT-NeoX has (it was
+    refused as "not known before it is downloaded"), and `verify`'s variant check runs."""
+    from monolm.models.shape import check_variant
+    from monolm.study.preflight import applicable_variants
+
+    cfg = load_config("tiny", sets=["model.source=architecture", "model.architecture=pythia-70m"])
+    assert applicable_variants(cfg) == ["mlp_in", "mlp_both", "mlp_in_attn_out"]
+    assert check_variant(cfg).startswith("mlp_in: 6 Linear modules")
+    gated = load_config("tiny", sets=["model.source=architecture", "model.architecture=pythia-70m",
+                                      "constraint.variant=gated_all"])  # fmt: skip
+    with pytest.raises(ConfigError, match="constraint.variant"):
+        check_variant(gated)

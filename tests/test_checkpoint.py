@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import VOCAB, counter_blocks, tiny_neox
+from helpers import VOCAB, counter_blocks, resume_recipe, tiny_neox
 from safetensors.torch import load_file
 from torch import nn
 
@@ -45,25 +45,7 @@ def evaluate(model) -> dict:
 
 
 def arm_(**kw) -> ArmConfig:
-    # 40 sequences / batch 8 = 5 steps per epoch: 12 steps cross two epoch boundaries.
-    base = dict(
-        lr=3e-3,
-        epochs=3.0,
-        max_steps=12,
-        warmup_ratio=0.25,
-        schedule="cosine",
-        min_lr_ratio=0.1,
-        micro_batch_size=4,
-        grad_accum_steps=2,
-        log_every_steps=5,
-        eval_every_steps=4,
-        checkpoint_every_steps=4,
-        keep_last_checkpoints=3,
-        gradient_checkpointing="off",
-        bf16="off",
-    )
-    base.update(kw)
-    return ArmConfig(**base)
+    return resume_recipe(**kw)
 
 
 def run(out: Path, *, constrained: bool = False, model=None, arm=None, data=None, stop=None, **kw):
@@ -318,3 +300,21 @@ def test_atomic_dir_leaves_nothing_on_failure_and_recovers_an_interrupted_swap(t
     assert (target / "x").read_text() == "two" and sorted(p.name for p in tmp_path.iterdir()) == ["best"]
     target.rename(tmp_path / ".old-best-1234")  # crash between the two renames of a swap
     assert recover_replaced(target) and (target / "x").read_text() == "two"
+
+
+def test_a_resumed_constrained_run_saves_and_loads_with_the_real_parametrization(tmp_path):
+    """The constrained model of the resume tests carries monolm's own `NonNegativeSoftplus`; after
+    a resume it is written by `save_constrained` and read back by `load_constrained` still
+    parametrized, computing the same function."""
+    from monolm.constraint.softplus import NonNegativeSoftplus, constrained_modules, load_constrained, save_constrained
+
+    run(tmp_path, constrained=True, stop=4)
+    model, res = run(tmp_path, constrained=True)
+    assert res.resumed_from.name == "step-00000004" and res.completed
+    assert all(isinstance(m.parametrizations.weight[0], NonNegativeSoftplus) for _, m in constrained_modules(model))
+    save_constrained(model, None, tmp_path / "model", spec={"variant": "mlp_in", "init": "abs", "eps": 1e-6})
+    loaded = load_constrained(tmp_path / "model")
+    assert [n for n, _ in constrained_modules(loaded)] == [n for n, _ in constrained_modules(model)]
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=HELD_OUT).logits, model(input_ids=HELD_OUT).logits)

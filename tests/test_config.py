@@ -139,3 +139,18 @@ def test_cache_digest_follows_only_its_sections():
     b = load_config("tiny", sets=["attacks.uat.top_k=7"])
     assert a.digest("training") == b.digest("training")
     assert a.digest("attacks.uat") != b.digest("attacks.uat")
+
+
+@pytest.mark.parametrize(
+    "model_sets",
+    [[], ["model.source=architecture", "model.architecture=pythia-70m"]],
+    ids=["tiny", "architecture"],
+)
+def test_a_model_built_offline_refuses_hub_data_naming_its_source(model_sets):
+    """The tiny model (and a shipped architecture) trains its tokenizer on the corpus in stage 0:
+    hub data is refused, the message naming the model's own source (the refusal had moved under
+    `architecture` only and still said 'tiny')."""
+    message = refused(*model_sets, "data.source=hub", "data.dataset=monology/pile-uncopyrighted")
+    source = "architecture" if model_sets else "tiny"
+    assert f"data.source='hub' with model.source='{source}'" in message
+    assert "'embedded' or 'local'" in message

@@ -136,3 +136,23 @@ def test_plan_command_names_random_weights_and_what_does_not_fit(capsys):
     assert "RANDOM WEIGHTS" in out
     assert "train_baseline on A100-40GB: pythia-2.8b does not fit A100-40GB" in out
     assert torch.__version__  # the plan needs torch only for the meta-device count
+
+
+def test_each_attack_declares_its_lengths_and_an_unknown_one_is_refused():
+    """Planning takes an attack's sequence lengths from its own declaration (the registry's
+    AttackSpec), the config checks and stage 0 its text budget; an attack planning does not know
+    is an error, not another attack's lengths."""
+    from monolm.config import load_config
+    from monolm.study.registry import attack_text_budget
+
+    cfg = load_config("tiny")
+    uat, flip = cfg.attacks.uat, cfg.attacks.hotflip
+    assert planning.attack_lengths(cfg, "uat") == (
+        1 + uat.trigger_len + uat.text_max_tokens,
+        uat.text_max_tokens,
+        uat.grad_batch_size,
+    )
+    assert planning.attack_lengths(cfg, "hotflip") == (1 + flip.text_max_tokens, flip.text_max_tokens, 1)
+    assert attack_text_budget(cfg)[:2] == (uat.n_opt_texts, max(uat.n_eval_texts, flip.n_texts))
+    with pytest.raises(ValueError, match="unknown attack 'gcg'; known: uat, hotflip"):
+        planning.attack_lengths(cfg, "gcg")

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import SEQ, constrain, counter_blocks, tiny_neox
+from helpers import SEQ, arm_config, constrain, counter_blocks, tiny_neox
 from safetensors.torch import load_file
 from torch import nn
 
@@ -30,11 +30,8 @@ def arm(**kw) -> ArmConfig:
         log_every_steps=2,
         eval_every_steps=3,
         checkpoint_every_steps=100,
-        gradient_checkpointing="off",
-        bf16="off",
     )
-    base.update(kw)
-    return ArmConfig(**base)
+    return arm_config(**{**base, **kw})
 
 
 # --------------------------------------------------------------------------- budget and schedule
@@ -201,7 +198,9 @@ class ShiftedSoftplus(nn.Module):
 
 
 def test_negative_constrained_weight_aborts_training(tmp_path):
-    model = constrain(tiny_neox(), ShiftedSoftplus)
+    model = tiny_neox()
+    for layer in model.gpt_neox.layers:
+        torch.nn.utils.parametrize.register_parametrization(layer.mlp.dense_h_to_4h, "weight", ShiftedSoftplus())
     with pytest.raises(ConstraintViolation, match=r"optimizer step 1: .*dense_h_to_4h\.weight"):
         train(
             model,

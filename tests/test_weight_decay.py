@@ -8,10 +8,10 @@ import math
 
 import pytest
 import torch
-from helpers import constrain, counter_blocks, tiny_neox
+from helpers import arm_config, counter_blocks, tiny_neox
 
 from monolm.config import ArmConfig
-from monolm.constraint.softplus import apply_constraint, constrained_modules, constrained_weights
+from monolm.constraint.softplus import constrained_modules, constrained_weights
 from monolm.training import build_optimizer, train
 from monolm.training import step as step_lib
 
@@ -31,17 +31,12 @@ def arm(**kw) -> ArmConfig:
         log_every_steps=1,
         eval_every_steps=100,
         checkpoint_every_steps=2,
-        gradient_checkpointing="off",
-        bf16="off",
     )
-    base.update(kw)
-    return ArmConfig(**base)
+    return arm_config(**{**base, **kw})
 
 
 def constrained_model(seed: int = 0):
-    model = tiny_neox(seed=seed)
-    apply_constraint(model, "mlp_in", init="abs")
-    return model
+    return tiny_neox(seed=seed, constrained=True)
 
 
 def weights(model) -> dict[str, torch.Tensor]:
@@ -118,8 +113,17 @@ def test_no_decay_policy_leaves_constrained_weights_alone(monkeypatch):
     torch.testing.assert_close(model.gpt_neox.embed_in.weight.detach(), embed * (1 - a.lr * a.weight_decay))
 
 
+class ForeignSoftplus(torch.nn.Module):
+    """A softplus parametrization that is not monolm's `NonNegativeSoftplus`."""
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.softplus(v)
+
+
 def test_materialized_decay_needs_the_softplus_parametrization():
-    model = constrain(tiny_neox())  # the tests' own softplus class, not NonNegativeSoftplus
+    model = tiny_neox()
+    for layer in model.gpt_neox.layers:
+        torch.nn.utils.parametrize.register_parametrization(layer.mlp.dense_h_to_4h, "weight", ForeignSoftplus())
     with pytest.raises(ValueError, match="constrained_weight_decay='materialized' needs W = softplus"):
         build_optimizer(model, arm(constrained_weight_decay="materialized"), total_steps=10)
 

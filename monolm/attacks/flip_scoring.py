@@ -19,11 +19,10 @@ from transformers import DynamicCache
 from monolm.attacks.scoring import (
     BatchSizer,
     cache_argument,
-    cross_entropy_fp32,
     masked_mean,
-    max_rows_for,
     output_cache,
 )
+from monolm.core.cross_entropy import cross_entropy_fp32, max_tokens_per_forward
 from monolm.core.runtime import autocast, is_oom, model_device
 
 
@@ -138,7 +137,7 @@ def score_flips(
     sorted_pos = cand_pos[order].tolist()
     done = 0
     while done < B:
-        rows_cap = min(sizer.size, max(1, max_rows_for(device) // T))
+        rows_cap = min(sizer.size, max(1, max_tokens_per_forward(device) // T))
         if kv is None:
             end = min(B, done + rows_cap)
         else:

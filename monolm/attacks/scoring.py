@@ -35,10 +35,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from monolm.core.cross_entropy import cross_entropy_fp32, max_tokens_per_forward
 from monolm.core.runtime import Bf16, autocast, bf16_enabled, eval_mode, is_oom, model_device
 
 log = logging.getLogger("monolm.attacks")
@@ -234,21 +234,6 @@ def _token_losses_from(
     return out
 
 
-def cross_entropy_fp32(logits: torch.Tensor, labels: torch.Tensor, max_elements: int = 1 << 26) -> torch.Tensor:
-    """Per-token CE [N, L] from logits [N, L, V], upcast to fp32 a slice at a time, so that a
-    batch of bf16 logits over a 50k vocabulary is never copied to fp32 all at once."""
-    N, L, V = logits.shape
-    if N * L == 0:  # e.g. a flip of the last token: nothing after it is predicted
-        return torch.zeros((N, L), dtype=torch.float32, device=logits.device)
-    flat, flat_labels = logits.reshape(-1, V), labels.reshape(-1)
-    step = max(1, max_elements // V)
-    parts = [
-        F.cross_entropy(flat[i : i + step].float(), flat_labels[i : i + step], reduction="none")
-        for i in range(0, flat.shape[0], step)
-    ]
-    return torch.cat(parts).view(N, L)
-
-
 def masked_mean(token_losses: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
     """Per-sequence mean over target positions (NaN for a row without targets)."""
     mask = target_mask.to(token_losses.dtype)
@@ -315,15 +300,6 @@ def first_order_scores(
 
 
 # --------------------------------------------------------------------------- batched scoring
-# On CPU, throughput per sequence peaks at about a thousand tokens per forward pass and then
-# falls again once the activations no longer fit in the CPU's caches. On a GPU, bigger is better
-# up to memory, which the OOM back-off handles.
-CPU_TOKENS_PER_BATCH = 1024
-
-
-def max_rows_for(device: torch.device) -> int:
-    """Token budget per forward pass: `CPU_TOKENS_PER_BATCH` on CPU, unlimited elsewhere."""
-    return CPU_TOKENS_PER_BATCH if device.type == "cpu" else 1 << 62
 
 
 @dataclass
@@ -354,7 +330,7 @@ def score_candidates_batched(
 
     Rows are sorted by length (longest first, so an OOM shows up in the first batch) and every
     batch is cut to its longest row, so almost no padding is computed. On CPU a batch also holds
-    at most `CPU_TOKENS_PER_BATCH` tokens (see `max_rows_for`). Returns the per-row mean
+    at most `CPU_TOKENS_PER_FORWARD` tokens (`max_tokens_per_forward`). Returns the per-row mean
     loss over target positions [N] (fp32, on CPU), or with `per_token` the per-token losses [N, T].
     """
     sizer = batch_size if isinstance(batch_size, BatchSizer) else BatchSizer(int(batch_size))
@@ -364,7 +340,7 @@ def score_candidates_batched(
     order = torch.argsort(-lengths, stable=True)
     out = torch.zeros((N, T), dtype=torch.float32)
     start = 0
-    cap = max_rows_for(device)
+    cap = max_tokens_per_forward(device)
     while start < N:
         width = int(lengths[order[start]])  # longest remaining row
         idx = order[start : start + min(sizer.size, max(1, cap // width))]

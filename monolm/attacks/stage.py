@@ -33,7 +33,7 @@ from monolm.memory import plans as planning
 from monolm.models import loading as models_lib
 from monolm.study.frame import Inputs, OnLog, StageRef, existing, files_under, finish, prepare, read_output
 from monolm.study.layout import CellPaths
-from monolm.study.registry import TRAIN_STAGES
+from monolm.study.registry import ATTACK_SPECS, TRAIN_STAGES, attack_text_budget
 
 ARMS = tuple(TRAIN_STAGES)
 attack_log = logging.getLogger("monolm.attacks")
@@ -43,20 +43,19 @@ def attack_texts(cfg: ExperimentConfig, tokenizer, texts: list[str]) -> tuple[li
     """(optimisation texts, held-out report texts) as token ids, disjoint. Texts whose attacked
     prefix (the shorter of the two attacks' truncations) repeats an earlier one are dropped, so no
     optimisation text reappears among the report texts after truncation."""
-    cut = min(cfg.attacks.uat.text_max_tokens, cfg.attacks.hotflip.text_max_tokens, cfg.attacks.gcg.text_max_tokens)
+    cut = min(getattr(a.section(cfg), a.text_tokens) for a in ATTACK_SPECS.values())
     seen: set[tuple[int, ...]] = set()
     ids = []
     for doc in data_lib.tokenize(tokenizer, texts):
         if tuple(doc[:cut]) not in seen:
             seen.add(tuple(doc[:cut]))
             ids.append(doc)
-    n_opt = cfg.attacks.uat.n_opt_texts
+    n_opt, needed, fields = attack_text_budget(cfg)
     opt, held_out = ids[:n_opt], ids[n_opt:]
-    needed = max(cfg.attacks.uat.n_eval_texts, cfg.attacks.hotflip.n_texts, cfg.attacks.gcg.n_eval_texts)
     if len(opt) < n_opt or len(held_out) < needed:
         raise ValueError(
-            f"only {len(texts)} attack texts; need attacks.uat.n_opt_texts={n_opt} for optimisation "
-            f"plus {needed} held-out texts (lower the counts or raise data.n_attack_docs)"
+            f"only {len(texts)} attack texts; need {n_opt} for optimisation plus {needed} held-out texts "
+            f"({fields}; lower the counts or raise data.n_attack_docs)"
         )
     return opt, held_out
 

@@ -33,6 +33,7 @@ from monolm.config.controls import ControlsConfig, DamageConfig, LadderChecks, T
 from monolm.config.gcg import GCGConfig  # noqa: F401  (re-exported)
 from monolm.config.runner import RunnerConfig, SlurmConfig  # noqa: F401  (re-exported)
 from monolm.config.store_url import check_cluster_store, without_password
+from monolm.study.registry import ATTACK_SPECS, attack_text_budget
 
 
 # --------------------------------------------------------------------------- model and data
@@ -389,7 +390,7 @@ class ExperimentConfig(LadderChecks):
             raise ValueError("seeds: at least one seed is required")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds={self.seeds} contains duplicates")
-        uat, hotflip = self.attacks.uat, self.attacks.hotflip
+        uat = self.attacks.uat  # its trigger must leave text to attack
         if uat.trigger_len >= uat.text_max_tokens:
             raise ValueError(
                 f"attacks.uat.trigger_len={uat.trigger_len} is not shorter than the texts it attacks "
@@ -401,12 +402,11 @@ class ExperimentConfig(LadderChecks):
                 f"attacks.gcg.n_opt_texts={gcg.n_opt_texts} exceeds attacks.uat.n_opt_texts={uat.n_opt_texts}; "
                 f"allowed: 1..{uat.n_opt_texts}"
             )
-        needed = uat.n_opt_texts + max(uat.n_eval_texts, hotflip.n_texts, gcg.n_eval_texts)
-        if self.data.n_attack_docs < needed:
+        n_opt, n_held_out, fields = attack_text_budget(self)
+        if self.data.n_attack_docs < n_opt + n_held_out:
             raise ValueError(
                 f"data.n_attack_docs={self.data.n_attack_docs} is too small: the attacks need "
-                "attacks.uat.n_opt_texts + max(attacks.uat.n_eval_texts, attacks.hotflip.n_texts, "
-                f"attacks.gcg.n_eval_texts) = {needed} disjoint held-out texts"
+                f"{fields} = {n_opt + n_held_out} disjoint held-out texts"
             )
         self._check_grid()
         check_cluster_store(self.runner.profile, self.store_url, self.runner.slurm.allow_sqlite)
@@ -416,11 +416,12 @@ class ExperimentConfig(LadderChecks):
             from monolm.models import catalogue as architectures
 
             self.validate_seq_len(architectures.get(self.model.architecture).max_positions)
-            if self.data.source == "hub":
-                raise ValueError(
-                    "data.source='hub' with model.source='tiny': the tiny model's "
-                    "tokenizer is trained on data.source='embedded' or 'local'"
-                )
+        if self.model.source in ("tiny", "architecture") and self.data.source == "hub":
+            # Stage 0 trains the offline model's tokenizer on the corpus (monolm.data.stage).
+            raise ValueError(
+                f"data.source='hub' with model.source={self.model.source!r}: a model built offline trains its "
+                "tokenizer on the corpus, so data.source must be 'embedded' or 'local'"
+            )
         return self
 
     def _check_grid(self) -> None:
@@ -448,9 +449,7 @@ class ExperimentConfig(LadderChecks):
         checks = {
             "data.seq_len": self.data.seq_len,
             "evaluation.seq_len": self.evaluation.seq_len,
-            "attacks.uat (trigger_len + text_max_tokens)": self.attacks.uat.trigger_len
-            + self.attacks.uat.text_max_tokens,
-            "attacks.hotflip.text_max_tokens": self.attacks.hotflip.text_max_tokens,
+            **dict(attack.attended_tokens(self) for attack in ATTACK_SPECS.values()),
         }
         for field, value in checks.items():
             if value is not None and value > model_max:

@@ -23,6 +23,7 @@ from monolm.data import splits as data_lib
 from monolm.models import loading as models
 from monolm.study.frame import Inputs, OnLog, StageFailed, StageRef, existing, files_under, finish, prepare
 from monolm.study.layout import CellPaths
+from monolm.study.registry import attack_text_budget
 
 log = logging.getLogger("monolm.stages.setup")
 STAGE = "setup"
@@ -141,7 +142,8 @@ def check_splits(cfg: ExperimentConfig, splits: data_lib.Splits) -> dict[str, An
 
     checks = verify_parts(splits.as_dict(), cfg.data.contamination)
     have = len(splits.attack)
-    needed = cfg.attacks.uat.n_opt_texts + max(cfg.attacks.uat.n_eval_texts, cfg.attacks.hotflip.n_texts)
+    n_opt, n_held_out, _ = attack_text_budget(cfg)
+    needed = n_opt + n_held_out
     checks["attack_texts"] = {"ok": have >= needed, "detail": f"{have} held-out attack texts, attacks need {needed}"}
     _raise_failed(checks)
     return checks

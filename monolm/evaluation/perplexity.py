@@ -33,10 +33,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from monolm.core.cross_entropy import CPU_TOKENS_PER_FORWARD, cross_entropy_fp32
 from monolm.core.deadline import check_deadline
 from monolm.core.runtime import Bf16, autocast, bf16_enabled, eval_mode, is_oom, model_device, pick_device
 
@@ -90,9 +90,6 @@ def _max_positions(model: nn.Module) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
-# On the CPU, throughput per token peaks at about a thousand tokens per forward pass and falls once
-# the activations outgrow the caches (bench/attacks.py measured it); a GPU wants the largest batch.
-CPU_TOKENS_PER_FORWARD = 1024
 # Model types whose causal-LM head is a plain linear map of the base model's last hidden state
 # (no logit scaling or soft-capping): their head is applied to the scored positions only.
 PLAIN_HEAD_TYPES = frozenset({"gpt_neox", "llama", "mistral", "qwen2", "gpt2", "gptj", "opt"})
@@ -144,17 +141,6 @@ def _scored_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
     return logits[batch.rows, batch.cols]
 
 
-def _token_nll(logits: torch.Tensor, targets: torch.Tensor, max_elements: int = 1 << 26) -> torch.Tensor:
-    """Per-token NLL [n] in fp32, the logits upcast a slice at a time (a whole fp32 copy of
-    Pythia's logits at batch 8 x 2048 tokens would be ~3 GB)."""
-    step = max(1, max_elements // logits.shape[-1])
-    parts = [
-        F.cross_entropy(logits[i : i + step].float(), targets[i : i + step], reduction="none")
-        for i in range(0, logits.shape[0], step)
-    ]
-    return torch.cat(parts)
-
-
 @torch.inference_mode()
 def score_windows(
     model: nn.Module,
@@ -171,7 +157,7 @@ def score_windows(
     batch = _make_batch(windows, pad_token_id=pad_token_id, pad_to=pad_to, device=device)
     with autocast(device, bf16):
         logits = _scored_logits(model, batch)
-    nll = _token_nll(logits, batch.targets)
+    nll = cross_entropy_fp32(logits, batch.targets)
     sums = torch.zeros(len(windows), dtype=torch.float64, device=nll.device)
     sums.index_add_(0, batch.rows, nll.double())
     return sums.tolist()

@@ -35,11 +35,11 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from monolm.core.cross_entropy import CE_CHUNK_ELEMENTS  # the slice the one kernel upcasts at a time
+
 log = logging.getLogger("monolm.memory")
 
 GiB = 1 << 30
-# Logits are upcast to fp32 for the cross-entropy at most this many at a time (evaluation, attacks).
-CE_CHUNK_ELEMENTS = 1 << 26
 # Memory kept free for the allocator's fragmentation and for kernels' workspaces.
 MIN_HEADROOM_BYTES = GiB
 HEADROOM_FRACTION = 0.05

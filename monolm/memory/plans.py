@@ -4,8 +4,8 @@ Two users: the stages (train, evaluate, attack), which call `plan_*_stage` befor
 step and record the plan in their manifest, and `monolm plan`, which prints for every GPU stage
 the estimate on the cards a cluster user plans for (`memory.CARDS`), the batch the plan chooses
 and the stage's token and FLOP count, so walltimes (`runner.stage_timeout_minutes`, the SLURM
-walltime) can be set from it. The model's shape comes from its saved config (stages) or, before
-stage 0 has run, from the shipped architectures, the tiny config or a config in the HF cache.
+walltime) can be set from it. The model's shape comes from `monolm.models.shape`: its saved config
+(stages) or, before stage 0 has run, `model_shape` (every `model.source`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ from monolm.config import ArmConfig, ExperimentConfig
 from monolm.config.controls import climbs
 from monolm.memory import estimates as memory
 from monolm.memory.estimates import MemoryPlan, ModelShape
+from monolm.models.shape import model_shape, shape_of_dir
+from monolm.study import registry
+from monolm.study.registry import SEED_STAGES
 
 log = logging.getLogger("monolm.planning")
 
@@ -28,69 +31,6 @@ DEFAULT_TOKENS_PER_DOC = 1400
 # bf16 dense matmul peak of an A100, for the walltime column of `monolm plan`.
 A100_BF16_FLOPS = 312e12
 PLAN_MFU = 0.35
-
-
-class PlanError(ValueError):
-    """The model's shape cannot be known without downloading it."""
-
-
-def count_parameters_meta(config) -> int:
-    """Parameter count of the model `config` describes, built on the meta device (no memory)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
-
-
-def shape_of_dir(path: str | Path, name: str | None = None) -> ModelShape:
-    """The shape of a saved model directory (its config.json; constrained ones too)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(path)
-    return ModelShape.from_config(config, name or Path(path).name, count_parameters_meta(config))
-
-
-def shape_for(cfg: ExperimentConfig) -> ModelShape:
-    """The base model's shape before stage 0 has run (no download)."""
-    from monolm.models import catalogue as architectures
-    from monolm.models.loading import padded_vocab_size
-
-    m = cfg.model
-    if m.source == "architecture":
-        return ModelShape.from_architecture(architectures.get(m.architecture))
-    if m.source == "tiny":
-        from transformers import GPTNeoXConfig
-
-        t = m.tiny
-        config = GPTNeoXConfig(
-            vocab_size=padded_vocab_size(t.vocab_size, t.pad_vocab_to_multiple_of),
-            hidden_size=t.hidden_size,
-            num_hidden_layers=t.num_layers,
-            num_attention_heads=t.num_heads,
-            intermediate_size=t.intermediate_size,
-            max_position_embeddings=t.max_position_embeddings,
-            tie_word_embeddings=False,
-        )
-        return ModelShape.from_config(config, m.slug, count_parameters_meta(config))
-    if m.source == "local":
-        return shape_of_dir(m.name, m.name)
-    arch = architectures.for_hub_id(m.name)
-    if arch is not None:
-        return ModelShape.from_architecture(arch)
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(
-            m.name, revision=m.revision, cache_dir=str(cfg.hf_cache_dir), local_files_only=True
-        )
-    except OSError:
-        raise PlanError(
-            f"cannot tell the shape of model.name={m.name!r} offline: it is not a shipped architecture "
-            "and its config is not in the HF cache (run `monolm verify` or stage 0 first)"
-        ) from None
-    return ModelShape.from_config(config, m.name, count_parameters_meta(config))
 
 
 # --------------------------------------------------------------------------- the stages' plans
@@ -169,12 +109,10 @@ def _plan_eval(
 
 
 def attack_lengths(cfg: ExperimentConfig, stage: str) -> tuple[int, int, int]:
-    """(tokens per attacked sequence, target positions per sequence, rows per gradient pass)."""
-    if stage in ("uat", "gcg"):
-        u = getattr(cfg.attacks, stage)
-        return 1 + u.trigger_len + u.text_max_tokens, u.text_max_tokens, u.grad_batch_size
-    flip = cfg.attacks.hotflip
-    return 1 + flip.text_max_tokens, flip.text_max_tokens, 1
+    """(tokens per attacked sequence, target positions per sequence, rows per gradient pass), as
+    the attack declares them (`registry.AttackSpec`); an attack the registry does not know is a
+    ValueError, never another attack's lengths."""
+    return registry.attack_spec(stage).lengths(cfg)
 
 
 def plan_attack_stage(
@@ -278,31 +216,17 @@ def damage_workload(cfg: ExperimentConfig, shape: ModelShape, tokens_per_doc: in
 
 def attack_workload(cfg: ExperimentConfig, stage: str, shape: ModelShape) -> Workload:
     """Both arms attacked, plus the 2x2 transfer matrix. A gradient pass counts as 3 forwards."""
-    seq, _, _ = attack_lengths(cfg, stage)
-    if stage == "uat":
-        u = cfg.attacks.uat
-        steps = u.restarts * u.max_sweeps * u.trigger_len
-        per_arm = steps * u.n_opt_texts * (3 + u.top_k + 1) + 2 * u.n_eval_texts
-        sequences = 2 * per_arm + 4 * 2 * u.n_eval_texts
-    elif stage == "gcg":
-        per_arm = gcg_sequences(cfg)
-        sequences = 2 * per_arm + 4 * 2 * cfg.attacks.gcg.n_eval_texts
-    else:
-        f = cfg.attacks.hotflip
-        searches = 2 if f.random_control else 1
-        per_arm = searches * f.n_texts * f.max_flips * (3 + f.top_b + 1)
-        sequences = 2 * per_arm + 4 * 2 * f.n_texts
+    attack = registry.attack_spec(stage)
+    seq, _, _ = attack.lengths(cfg)
+    sequences = 2 * attack.search_sequences(attack.section(cfg)) + 4 * 2 * attack.n_eval_texts(cfg)
     tokens = sequences * seq
     return Workload(tokens, tokens * shape.forward_flops_per_token(seq))
 
 
-def gcg_sequences(cfg: ExperimentConfig) -> int:
-    """Sequences one arm's GCG (and its control) runs: per step a gradient pass over the texts
-    (3 forwards) and `search_width` candidates over them; then every restart on the eval texts."""
-    g = cfg.attacks.gcg
-    per_step = g.n_opt_texts * (3 + g.search_width)
-    searches = 2 if g.random_control else 1
-    return searches * (g.restarts * (g.steps * per_step + g.n_eval_texts) + g.n_eval_texts)
+def planned_stages() -> tuple[str, ...]:
+    """The GPU stages `monolm plan` lists, from the registry: each GPU stage that is not a
+    baseline's share (a share runs the same code on the same model as its cell stage)."""
+    return tuple(s.name for s in SEED_STAGES if s.gpu and s.share_of is None)
 
 
 def ladder_workload(cfg: ExperimentConfig, shape: ModelShape, tokens_per_doc: int) -> Workload:
@@ -329,10 +253,11 @@ def plan_table(
     """One row per GPU stage: per card the chosen batch and the estimate (or why it does not fit),
     the stage's tokens and model FLOPs, and hours on one A100 at `PLAN_MFU`."""
     cards = cards or memory.CARDS
-    shape = shape_for(cfg)
+    shape = model_shape(cfg)
     rows = []
-    stages = ["constrain", "train_baseline", "train_monotonic", "evaluate", "uat", "hotflip", "gcg", "damage"]
-    for stage in stages + (["ladder"] if climbs(cfg.controls.ladder, cfg.model.source) else []):
+    for stage in planned_stages():
+        if stage == "ladder" and not climbs(cfg.controls.ladder, cfg.model.source):
+            continue
         row: dict[str, Any] = {"stage": stage}
         for card, total in cards.items():
             capacity = memory.usable_bytes(total, total)
@@ -348,30 +273,33 @@ def plan_table(
 
 
 def _card_plan(cfg, stage, shape, capacity, card) -> MemoryPlan:
-    device = "cuda"
-    if stage.startswith("train_"):
+    device, kind = "cuda", registry.stage(stage).kind
+    if kind == "train":
         arm = stage.removeprefix("train_")
         return _plan_train(cfg, arm, cfg.training.arm(arm), shape, device, capacity, card)[1]
-    if stage in ("uat", "hotflip", "gcg"):
+    if kind == "attack":
         return _plan_attack(cfg, stage, shape, device, capacity, card)
     if stage == "ladder":  # one rung at a time, attacked like an arm: UAT's plan is the larger
         return _plan_attack(cfg, "uat", shape, device, capacity, card)
-    if stage == "constrain":
-        return _plan_eval(cfg, shape, device, capacity, card, stage="constrain", resident=2)
-    if stage == "damage":  # the model, plus the originals and noise of its perturbed matrices
-        return _plan_eval(cfg, shape, device, capacity, card, stage="damage", resident=2)
-    return _plan_eval(cfg, shape, device, capacity, card)
+    if kind == "constrain" or stage == "damage":  # the model plus its matrices' originals (and noise)
+        return _plan_eval(cfg, shape, device, capacity, card, stage=stage, resident=2)
+    if kind == "evaluate":
+        return _plan_eval(cfg, shape, device, capacity, card)
+    raise ValueError(f"no memory plan for stage {stage!r} of kind {kind!r}")
 
 
 def _workload(cfg, stage, shape, tokens_per_doc) -> Workload:
-    if stage.startswith("train_"):
+    kind = registry.stage(stage).kind
+    if kind == "train":
         return train_workload(cfg, stage.removeprefix("train_"), shape, tokens_per_doc)
-    if stage in ("uat", "hotflip", "gcg"):
+    if kind == "attack":
         return attack_workload(cfg, stage, shape)
     if stage == "ladder":
         return ladder_workload(cfg, shape, tokens_per_doc)
-    if stage == "constrain":
+    if kind == "constrain":
         return constrain_workload(cfg, shape, tokens_per_doc)
     if stage == "damage":
         return damage_workload(cfg, shape, tokens_per_doc)
-    return eval_workload(cfg, shape, tokens_per_doc)
+    if kind == "evaluate":
+        return eval_workload(cfg, shape, tokens_per_doc)
+    raise ValueError(f"no workload for stage {stage!r} of kind {kind!r}")

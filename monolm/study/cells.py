@@ -69,11 +69,6 @@ def cells(cfg: ExperimentConfig) -> list[Cell]:
     ]
 
 
-def is_single(cfg: ExperimentConfig) -> bool:
-    """True for a study of one cell (what every run was before the grid)."""
-    return len(model_names(cfg)) * max(1, len(cfg.grid.variants)) * max(1, len(cfg.grid.inits)) == 1
-
-
 def grid_from_lists(
     models: list[str] | None, variants: list[str] | None, inits: list[str] | None
 ) -> dict[str, list[str]]:

@@ -8,7 +8,7 @@ from torch import nn
 
 from monolm.config import VARIANTS, ConfigError, ExperimentConfig
 from monolm.constraint.softplus import resolve_targets
-from monolm.models.shape import architecture_config, check_variant, skeleton
+from monolm.models.shape import check_variant, skeleton, transformers_config
 from monolm.study.cells import Cell, cells, model_config, model_names
 from monolm.study.layout import earlier_layout
 
@@ -40,7 +40,7 @@ def applicable_variants(cfg: ExperimentConfig) -> list[str]:
     fitting = list(VARIANTS)
     for name in model_names(cfg):
         single = cfg.model_copy(update={"model": model_config(cfg, name)})
-        config = architecture_config(single)
+        config = transformers_config(single)
         if config is None:
             raise ConfigError(
                 f"variants=all: the architecture of model {name!r} is not known before it is downloaded; "

@@ -3,10 +3,10 @@ output, whether it depends on the constraint, whether it needs a GPU worker, and
 reads from it.
 
 Every list of stages in the project is derived from `STAGES` (config validation, folder layout,
-manifests and cache keys, the plain pipeline, the Prefect flow, the task runners' GPU
-annotations, stage 7 and the report's attack names). Adding a stage is one entry here plus its
-entry function (`entry`), its task in `tasks/seed_stages.py` and, for an attack, its report section
-(README, "Adding an attack").
+manifests and cache keys, the plain pipeline, the Prefect flow and its per-seed tasks (made by one
+factory in `tasks/seed_stages.py`), the task runners' GPU annotations, the memory plans of
+`monolm plan`, stage 7 and the report's attack names). Adding a stage is one entry here plus its
+entry function (`entry`) and, for an attack, its report section (README, "Adding an attack").
 
 `scope`: a `model` stage does not depend on the constraint (stage 0, the baseline's training, and
 the baseline's share of evaluation and of each attack): it is computed once per (model, seed) and
@@ -38,7 +38,7 @@ class Stage:
     "module:function" of the stage's run function, imported only when the stage runs; per-seed
     stages take `(cfg, cell, inputs, *, progress, on_log)`. `reads`: the file stage 7 reads from
     the stage's folder. `label`: how reports name it. `share_of`: the cell stage a model-scope
-    stage computes the baseline's share of.
+    stage computes the baseline's share of. `attack`: an attack stage's lengths and text budget.
     """
 
     name: str
@@ -52,6 +52,7 @@ class Stage:
     gpu: bool
     reads: str | None = None
     share_of: str | None = None
+    attack: AttackSpec | None = None
 
     @property
     def module(self) -> str:
@@ -63,6 +64,94 @@ class Stage:
         return getattr(importlib.import_module(module), name)
 
 
+@dataclass(frozen=True)
+class AttackSpec:
+    """What planning, the config checks, stage 0 and the attack stage need to know of an attack,
+    declared once: fields of its config section `attacks.<name>`.
+
+    `eval_texts`: the held-out texts it reports on; `text_tokens`: the tokens each text is cut to;
+    `opt_texts`: optimisation texts it needs, disjoint from every attack's held-out texts (None:
+    it optimises per text); `prefix_tokens`: tokens it prepends to every text (a trigger);
+    `grad_rows`: rows per gradient pass (None: one). `search_sequences(section)`: sequences one
+    arm's search puts through the model (`monolm plan`'s workload; a gradient pass counts as 3).
+    An attacked sequence is one context token, the prefix and the text.
+    """
+
+    name: str
+    eval_texts: str
+    text_tokens: str
+    search_sequences: Callable[[Any], int]
+    opt_texts: str | None = None
+    prefix_tokens: str | None = None
+    grad_rows: str | None = None
+
+    def section(self, cfg: Any) -> Any:
+        """The attack's config section, `cfg.attacks.<name>`."""
+        return getattr(cfg.attacks, self.name)
+
+    def field(self, name: str) -> str:
+        return f"attacks.{self.name}.{name}"
+
+    def _value(self, cfg: Any, name: str | None, default: int = 0) -> int:
+        return default if name is None else getattr(self.section(cfg), name)
+
+    def n_eval_texts(self, cfg: Any) -> int:
+        return self._value(cfg, self.eval_texts)
+
+    def n_opt_texts(self, cfg: Any) -> int:
+        return self._value(cfg, self.opt_texts)
+
+    def attended_tokens(self, cfg: Any) -> tuple[str, int]:
+        """(how a config error names it, its value): the prefix and text the model attends over."""
+        if self.prefix_tokens is None:
+            return self.field(self.text_tokens), self._value(cfg, self.text_tokens)
+        name = f"attacks.{self.name} ({self.prefix_tokens} + {self.text_tokens})"
+        return name, self._value(cfg, self.prefix_tokens) + self._value(cfg, self.text_tokens)
+
+    def lengths(self, cfg: Any) -> tuple[int, int, int]:
+        """(tokens per attacked sequence, target positions per sequence, rows per gradient pass)."""
+        targets = self._value(cfg, self.text_tokens)
+        return 1 + self._value(cfg, self.prefix_tokens) + targets, targets, self._value(cfg, self.grad_rows, 1)
+
+
+def _uat_search(u: Any) -> int:
+    steps = u.restarts * u.max_sweeps * u.trigger_len
+    return steps * u.n_opt_texts * (3 + u.top_k + 1) + 2 * u.n_eval_texts
+
+
+def _hotflip_search(f: Any) -> int:
+    return (2 if f.random_control else 1) * f.n_texts * f.max_flips * (3 + f.top_b + 1)
+
+
+UAT = AttackSpec(
+    "uat",
+    eval_texts="n_eval_texts",
+    text_tokens="text_max_tokens",
+    search_sequences=_uat_search,
+    opt_texts="n_opt_texts",
+    prefix_tokens="trigger_len",
+    grad_rows="grad_batch_size",
+)
+
+
+def _gcg_search(g: Any) -> int:
+    # per step a gradient pass over the optimisation texts (3) and `search_width` candidates over
+    # them; each restart's best trigger on the held-out texts; the random control the same again
+    per_step = g.n_opt_texts * (3 + g.search_width)
+    searches = 2 if g.random_control else 1
+    return searches * (g.restarts * (g.steps * per_step + g.n_eval_texts) + g.n_eval_texts)
+
+
+HOTFLIP = AttackSpec("hotflip", eval_texts="n_texts", text_tokens="text_max_tokens", search_sequences=_hotflip_search)
+GCG = AttackSpec(
+    "gcg",
+    eval_texts="n_eval_texts",
+    text_tokens="text_max_tokens",
+    search_sequences=_gcg_search,
+    opt_texts="n_opt_texts",
+    prefix_tokens="trigger_len",
+    grad_rows="grad_batch_size",
+)
 _UAT_CONFIG = ("attacks.uat", "attacks.success_threshold", "attacks.bf16")
 _HOTFLIP_CONFIG = ("attacks.hotflip", "attacks.success_threshold", "attacks.uat.n_opt_texts", "attacks.bf16")
 _GCG_CONFIG = ("attacks.gcg", "attacks.uat.n_opt_texts", "attacks.success_threshold", "attacks.bf16")
@@ -166,6 +255,7 @@ SEED_STAGES: tuple[Stage, ...] = (
         config=_UAT_CONFIG,
         gpu=True,
         reads="per_example.json",
+        attack=UAT,
     ),
     Stage(
         name="hotflip_baseline",
@@ -190,6 +280,7 @@ SEED_STAGES: tuple[Stage, ...] = (
         config=_HOTFLIP_CONFIG,
         gpu=True,
         reads="per_example.json",
+        attack=HOTFLIP,
     ),
     # Universal GCG and its random control (stage 6's slot: the attacks after UAT's).
     Stage(
@@ -215,6 +306,7 @@ SEED_STAGES: tuple[Stage, ...] = (
         config=_GCG_CONFIG,
         gpu=True,
         reads="per_example.json",
+        attack=GCG,
     ),
     # The damage-matched arm (issue 23): the baseline perturbed to the constrained arm's validation
     # loss, evaluated and attacked with every attack's settings (`monolm.controls`). Last, so that
@@ -270,6 +362,9 @@ GPU_STAGES: frozenset[str] = frozenset(s.name for s in STAGES if s.gpu)
 ATTACKS: dict[str, str] = {s.name: s.label for s in STAGES if s.kind == "attack" and s.share_of is None}
 MODEL_STAGES: frozenset[str] = frozenset(s.name for s in SEED_STAGES if s.scope == "model")
 TRAIN_STAGES: dict[str, str] = {s.name.removeprefix("train_"): s.name for s in STAGES if s.kind == "train"}
+ATTACK_SPECS: dict[str, AttackSpec] = {s.name: s.attack for s in STAGES if s.attack is not None}
+if set(ATTACK_SPECS) != set(ATTACKS) or any(a.name != n for n, a in ATTACK_SPECS.items()):
+    raise ValueError(f"each attack stage ({', '.join(ATTACKS)}) declares its own AttackSpec (`attack=`), named as it")
 
 
 def stage(name: str) -> Stage:
@@ -278,3 +373,30 @@ def stage(name: str) -> Stage:
         return BY_NAME[name]
     except KeyError:
         raise ValueError(f"unknown stage {name!r}; known: {', '.join(STAGE_NAMES)}") from None
+
+
+def attack_spec(name: str) -> AttackSpec:
+    """The attack called `name`; a ValueError naming the known attacks otherwise (planning never
+    guesses an unknown attack's lengths)."""
+    try:
+        return ATTACK_SPECS[name]
+    except KeyError:
+        raise ValueError(f"unknown attack {name!r}; known: {', '.join(ATTACK_SPECS)}") from None
+
+
+def attack_text_budget(cfg: Any) -> tuple[int, int, str]:
+    """(optimisation texts, held-out texts, how the config names their sum) that every attack
+    together needs from the attack split: the optimisation texts come first and are shared, and
+    the held-out ones after them are shared too (each attack reports on its first ones)."""
+    opt = [a for a in ATTACK_SPECS.values() if a.opt_texts is not None]
+    n_opt = max((a.n_opt_texts(cfg) for a in opt), default=0)
+    n_held_out = max(a.n_eval_texts(cfg) for a in ATTACK_SPECS.values())
+    parts = [
+        _max_of([a.field(a.opt_texts) for a in opt]),
+        _max_of([a.field(a.eval_texts) for a in ATTACK_SPECS.values()]),
+    ]
+    return n_opt, n_held_out, " + ".join(p for p in parts if p)
+
+
+def _max_of(fields: list[str]) -> str:
+    return fields[0] if len(fields) == 1 else f"max({', '.join(fields)})" if fields else ""

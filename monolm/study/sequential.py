@@ -78,7 +78,8 @@ def run_study(
     cfg: ExperimentConfig, *, stages: int = SEED_STAGES[-1].number, progress: bool = True
 ) -> dict[str, dict[int, dict[str, StageRef]]]:
     """Every cell of the study's grid for every seed (`run_seed`), one after another: {cell label:
-    {seed: stage refs}}. A model's stages that do not depend on the constraint run once per seed."""
+    {seed: stage refs}}. A model's stages that do not depend on the constraint run once per seed
+    (the library's whole study without an orchestrator: notebooks, and the ladder's sharing test)."""
     from monolm.study.cells import cells
 
     return {

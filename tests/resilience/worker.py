@@ -157,27 +157,9 @@ def tiny_data(n: int = 40, seed: int = 1):
 
 
 def tiny_arm(**overrides):
-    from monolm.config import ArmConfig
+    from helpers import resume_recipe
 
-    # 40 sequences / 8 per step = 5 steps per epoch: 12 steps cross two epoch boundaries.
-    recipe = dict(
-        lr=3e-3,
-        epochs=3.0,
-        max_steps=12,
-        warmup_ratio=0.25,
-        schedule="cosine",
-        min_lr_ratio=0.1,
-        micro_batch_size=4,
-        grad_accum_steps=2,
-        log_every_steps=1,
-        eval_every_steps=4,
-        checkpoint_every_steps=3,
-        keep_last_checkpoints=3,
-        gradient_checkpointing="off",
-        bf16="off",
-    )
-    recipe.update(overrides)
-    return ArmConfig(**recipe)
+    return resume_recipe(**{"log_every_steps": 1, "checkpoint_every_steps": 3, **overrides})
 
 
 def run_train(spec: dict[str, Any]) -> int:

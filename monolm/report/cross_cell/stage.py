@@ -157,11 +157,9 @@ def _parameters(data: list[dict[str, Any]]) -> int | None:
         setup = d["stages"].get("setup")
         model_dir = (setup or {}).get("metrics", {}).get("model_dir")
         if model_dir and (Path(model_dir) / "config.json").is_file():
-            from transformers import AutoConfig
+            from monolm.models.shape import shape_of_dir
 
-            from monolm.models.shape import skeleton
-
-            return sum(p.numel() for p in skeleton(AutoConfig.from_pretrained(model_dir)).parameters())
+            return shape_of_dir(model_dir).parameters
     return None
 
 
