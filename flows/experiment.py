@@ -19,10 +19,10 @@ from monolm.config import ConfigError, ExperimentConfig, build_config, check_out
 from monolm.report.publish import check_results_folder
 from monolm.study.cells import cells, grid_from_lists
 from monolm.study.preflight import check_study
-from monolm.study.registry import GPU_STAGES, MODEL_STAGES, SEED_STAGES
+from monolm.study.registry import gpu_stages, model_stages, seed_stages
 from tasks.aggregate import aggregate_task
 from tasks.common import stage_options
-from tasks.seed_stages import STAGE_TASKS
+from tasks.seed_stages import stage_task_for
 
 
 class StagesFailed(RuntimeError):
@@ -147,12 +147,12 @@ def submit_cell(cfg: ExperimentConfig, seed: int, shared: dict[str, Any]) -> dic
     submitted once per (model, seed) and their futures kept in `shared` for the model's other
     cells (a 3-variant grid trains its baseline once per seed)."""
     futures: dict[str, Any] = {}
-    for spec in SEED_STAGES:
+    for spec in seed_stages():
         if spec.scope == "model" and spec.name in shared:
             futures[spec.name] = shared[spec.name]
             continue
         inputs = {name: futures[name] for name in spec.inputs}
-        futures[spec.name] = submit(STAGE_TASKS[spec.name], cfg, spec.name, seed=seed, inputs=inputs)
+        futures[spec.name] = submit(stage_task_for(spec), cfg, spec.name, seed=seed, inputs=inputs)
         if spec.scope == "model":
             shared[spec.name] = futures[spec.name]
     return futures
@@ -174,8 +174,8 @@ def run_stages(cfg_data: dict[str, Any]) -> dict[str, Any]:
             if len(grid_cells) == 1:
                 per_run[str(seed)] = futures
                 continue
-            per_run[f"{cell.model}/shared/seed-{seed}"] = {k: f for k, f in futures.items() if k in MODEL_STAGES}
-            per_run[f"{cell.label}/seed-{seed}"] = {k: f for k, f in futures.items() if k not in MODEL_STAGES}
+            per_run[f"{cell.model}/shared/seed-{seed}"] = {k: f for k, f in futures.items() if k in model_stages()}
+            per_run[f"{cell.label}/seed-{seed}"] = {k: f for k, f in futures.items() if k not in model_stages()}
         per_cell.append({"label": cell.label, "seeds": seeds})
     aggregate_future = submit(aggregate_task, cfg, "aggregate", seed=None, cells=per_cell)
     try:
@@ -289,7 +289,7 @@ def experiment(
 def _warn_untimed_stages(cfg: ExperimentConfig, log) -> None:
     """On the slurm profile, a GPU stage without a timeout holds its GPU job until the walltime."""
     if cfg.runner.profile == "slurm":
-        untimed = sorted(GPU_STAGES - set(cfg.runner.stage_timeout_minutes))
+        untimed = sorted(gpu_stages() - set(cfg.runner.stage_timeout_minutes))
         if untimed:
             log.warning(
                 "no runner.stage_timeout_minutes for GPU stage(s) %s: a stuck one holds its GPU job until the walltime",

@@ -1,7 +1,7 @@
 """One Prefect task per per-seed stage (0-6), made from the registry by one factory.
 
 Each task is a thin call of the library's stage function (`monolm.study.registry`) on the results
-of its input stages; `STAGE_TASKS` maps stage names to tasks for the flow. A stage added to the
+of its input stages; `stage_task_for` gives the flow a stage's task. A stage added to the
 registry gets its task here with nothing to write. Training resumes from checkpoints on retry,
 attacks from finished units.
 """
@@ -33,3 +33,10 @@ def stage_task(spec: Stage) -> Task:
 
 
 STAGE_TASKS: dict[str, Task] = {spec.name: stage_task(spec) for spec in SEED_STAGES}
+
+
+def stage_task_for(spec: Stage) -> Task:
+    """The task of `spec`, made on first use for a stage registered after import (`register_attack`)."""
+    if spec.name not in STAGE_TASKS:
+        STAGE_TASKS[spec.name] = stage_task(spec)
+    return STAGE_TASKS[spec.name]

@@ -154,5 +154,5 @@ def test_each_attack_declares_its_lengths_and_an_unknown_one_is_refused():
     )
     assert planning.attack_lengths(cfg, "hotflip") == (1 + flip.text_max_tokens, flip.text_max_tokens, 1)
     assert attack_text_budget(cfg)[:2] == (uat.n_opt_texts, max(uat.n_eval_texts, flip.n_texts))
-    with pytest.raises(ValueError, match="unknown attack 'gcg'; known: uat, hotflip"):
-        planning.attack_lengths(cfg, "gcg")
+    with pytest.raises(ValueError, match="unknown attack 'random_trigger'; known: uat, hotflip, gcg"):
+        planning.attack_lengths(cfg, "random_trigger")

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from monolm.config.base import NonNegInt, PositiveFloat, PositiveInt, Strict
-from monolm.study.registry import STAGE_NAMES
+from monolm.study.registry import stage_names
 
 # Upper bounds: a typo (or a stranger's parameter) must not queue thousands of GPU jobs or fork
 # hundreds of local workers on a shared node.
@@ -55,8 +55,8 @@ class RunnerConfig(Strict):
     @model_validator(mode="after")
     def _known_stages(self) -> RunnerConfig:
         for stage in self.stage_timeout_minutes:
-            if stage not in STAGE_NAMES:
+            if stage not in stage_names():
                 raise ValueError(
-                    f"runner.stage_timeout_minutes.{stage}: unknown stage; allowed: {', '.join(STAGE_NAMES)}"
+                    f"runner.stage_timeout_minutes.{stage}: unknown stage; allowed: {', '.join(stage_names())}"
                 )
         return self

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from monolm.config.attacks import AttackConfig, HotFlipConfig, UATConfig  # noqa: F401  (re-exported)
 from monolm.config.base import (  # noqa: F401  (re-exported: the value types are part of the schema)
     FOLDER_NAME,
     INITS,
@@ -304,36 +305,6 @@ class EvalConfig(Strict):
     batch_size: PositiveInt = 8
     seq_len: PositiveInt | None = None  # window length; None -> data.seq_len
     bf16: Switch = "auto"  # autocast compute; on CUDA only, fp32 elsewhere
-
-
-class UATConfig(Strict):
-    trigger_len: PositiveInt = 10
-    top_k: PositiveInt = 100
-    restarts: PositiveInt = 3
-    max_sweeps: PositiveInt = 10
-    n_opt_texts: PositiveInt = 80
-    n_eval_texts: PositiveInt = 120
-    text_max_tokens: PositiveInt = 128
-    grad_batch_size: PositiveInt = 16
-    score_batch_size: PositiveInt = 128  # candidate sequences per forward; halves on OOM
-
-
-class HotFlipConfig(Strict):
-    max_flips: PositiveInt = 10
-    top_b: PositiveInt = 64  # candidates re-scored exactly per flip
-    n_texts: PositiveInt = 120
-    text_max_tokens: PositiveInt = 64
-    block_size: PositiveInt = 10  # examples per resumable unit
-    score_batch_size: PositiveInt = 128
-    random_control: bool = True  # query-only greedy search with random candidates
-
-
-class AttackConfig(Strict):
-    success_threshold: PositiveFloat = 0.15  # relative loss increase that counts as a success
-    bf16: Switch = "auto"  # autocast compute; on CUDA only, fp32 elsewhere
-    uat: UATConfig = UATConfig()
-    hotflip: HotFlipConfig = HotFlipConfig()
-    gcg: GCGConfig = GCGConfig()
 
 
 # --------------------------------------------------------------------------- paths and runners

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import importlib.util
 from pathlib import Path
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
@@ -94,22 +95,33 @@ def _closure(root: Path, entries: tuple[str, ...]) -> tuple[Path, ...]:
         if module in seen:
             continue
         seen.add(module)
-        path = module_path(module, root)
+        path = module_path(module, root) or (_outside_entry(module) if module in entries else None)
         if path is None:
             raise ValueError(f"code digest: {module!r} is not a module of {PACKAGE}")
         tree = ast.parse(path.read_bytes(), filename=str(path))
         files.add(path)
         files.update(_data_files(path, tree, root))
-        parent = module.rpartition(".")[0]
+        parent = module.rpartition(".")[0] if path.is_relative_to(root) else ""
         todo.extend(m for m in (_imported(tree, root) | ({parent} if parent else set())) if m not in seen)
     return tuple(sorted(files))
+
+
+def _outside_entry(module: str) -> Path | None:
+    """The source file of an entry module outside the package (an attack registered by a plugin or
+    a test, `registry.register_attack`): its own file counts, and the project modules it imports."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    origin = spec.origin if spec is not None else None
+    return Path(origin) if origin and origin.endswith(".py") else None
 
 
 def code_digest(*entries: str) -> str:
     """sha256 (16 hex digits) over the import closure of `entries` (see `import_closure`)."""
     h = hashlib.sha256()
     for path in import_closure(*entries):
-        h.update(str(path.relative_to(PACKAGE_ROOT)).encode())
+        h.update(str(path.relative_to(PACKAGE_ROOT) if path.is_relative_to(PACKAGE_ROOT) else path.name).encode())
         h.update(b"\0")
         h.update(path.read_bytes())
     return h.hexdigest()[:16]

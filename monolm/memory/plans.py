@@ -22,7 +22,6 @@ from monolm.memory import estimates as memory
 from monolm.memory.estimates import MemoryPlan, ModelShape
 from monolm.models.shape import model_shape, shape_of_dir
 from monolm.study import registry
-from monolm.study.registry import SEED_STAGES
 
 log = logging.getLogger("monolm.planning")
 
@@ -226,7 +225,7 @@ def attack_workload(cfg: ExperimentConfig, stage: str, shape: ModelShape) -> Wor
 def planned_stages() -> tuple[str, ...]:
     """The GPU stages `monolm plan` lists, from the registry: each GPU stage that is not a
     baseline's share (a share runs the same code on the same model as its cell stage)."""
-    return tuple(s.name for s in SEED_STAGES if s.gpu and s.share_of is None)
+    return tuple(s.name for s in registry.seed_stages() if s.gpu and s.share_of is None)
 
 
 def ladder_workload(cfg: ExperimentConfig, shape: ModelShape, tokens_per_doc: int) -> Workload:

@@ -129,12 +129,12 @@ def summary_csv(results: dict[str, Any]) -> str:
     return buffer.getvalue()
 
 
-# table key -> report.md section (tables of one section follow each other)
+# table key -> report.md section (tables of one section follow each other); an attack's tables
+# (`attack-<name>`, `transfer-<name>`) by `section_of`, for every attack the registry has now
+ATTACK_SECTIONS = {"attack": "Robustness", "transfer": "Transfer"}
 SECTIONS = {
     "quality": "Quality",
-    **{f"attack-{attack}": "Robustness" for attack in ATTACKS},
     "tests": "Paired tests",
-    **{f"transfer-{attack}": "Transfer" for attack in ATTACKS},
     "triggers": "Attack examples",
     "hotflip-examples": "Attack examples",
     "monotonicity": "The constraint",
@@ -147,12 +147,23 @@ PLOT_CAPTIONS = {
     "attacks": "Absolute loss increase under attack per arm, nats/token "
     "(95% CIs; HotFlip and GCG with their random controls)",
     "training": "Training curves of both arms (validation perplexity and training loss vs tokens seen)",
-    **{
-        f"budget-{attack}": f"{label} budget curves: best optimisation loss vs share of the budget per arm "
-        "(faint: restarts; bold: their mean; dashed: the random control)"
-        for attack, label in ATTACKS.items()
-    },
 }
+
+
+def section_of(key: str, title: str) -> str:
+    """The report.md section of table `key` (its own title when it has none)."""
+    kind, _, attack = key.partition("-")
+    return ATTACK_SECTIONS[kind] if kind in ATTACK_SECTIONS and attack in ATTACKS else SECTIONS.get(key, title)
+
+
+def caption_of(plot: str) -> str:
+    kind, _, attack = plot.partition("-")
+    if kind == "budget" and attack in ATTACKS:
+        return (
+            f"{ATTACKS[attack]} budget curves: best optimisation loss vs share of the budget per arm "
+            "(faint: restarts; bold: their mean; dashed: the random control)"
+        )
+    return PLOT_CAPTIONS.get(plot, plot)
 
 
 def _provenance_lines(results: dict[str, Any], config_path: str) -> list[str]:
@@ -207,7 +218,7 @@ def _table_lines(results: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     done: set[str] = set()
     for t in tables(results):
-        heading = SECTIONS.get(t.key, t.title)
+        heading = section_of(t.key, t.title)
         if heading not in done:
             lines += [f"## {heading}", ""]
             done.add(heading)
@@ -221,7 +232,7 @@ def _plot_lines(plots: dict[str, str]) -> list[str]:
         return []
     lines = ["## Plots", ""]
     for name, rel in plots.items():
-        caption = PLOT_CAPTIONS.get(name, name)
+        caption = caption_of(name)
         lines += [f"![{caption}]({rel})", "", f"_{caption}._", ""]
     return lines
 

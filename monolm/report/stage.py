@@ -39,18 +39,25 @@ from monolm.report.answer import answer_sentence
 from monolm.report.budget import plot_budget
 from monolm.report.publish import earlier_runs, publish, published, safe_name  # noqa: F401  (published: re-exported)
 from monolm.report.robust_section import plot_robustness
+from monolm.study import registry
 from monolm.study.frame import StageRef, stage_code_version
-from monolm.study.registry import SEED_STAGE_NAMES as STAGES
-from monolm.study.registry import SEED_STAGES
 
 log = logging.getLogger("monolm.stages")
 
 STAGE = "aggregate"
+
+
 # The file stage 7 reads from each stage folder (besides the manifest's metrics).
-STAGE_FILES = {s.name: s.reads for s in SEED_STAGES if s.reads}
-# What a complete seed has: every stage but the baseline's shares (their results are in the cell's stages)
-# and the quality controls (optional: `controls.*.enabled`).
-REPORTED_STAGES = tuple(s.name for s in SEED_STAGES if s.share_of is None and s.kind != "control")
+def stage_file(name: str) -> str:
+    return registry.stage(name).reads or ""
+
+
+def reported_stages() -> tuple[str, ...]:
+    """What a complete seed has: every stage but the baseline's shares (their results are in the
+    cell's stages) and the quality controls (optional: `controls.*.enabled`)."""
+    return tuple(s.name for s in registry.seed_stages() if s.share_of is None and s.kind != "control")
+
+
 RESULT_FILES = ("results.json", "summary.csv", "report.md", "tables.tex", "config.yaml")
 
 
@@ -71,8 +78,10 @@ def _load_stage(name: str, ref: StageRef) -> dict[str, Any]:
     """The verified manifest of one input stage as a plain record."""
     directory = Path(ref.dir)
     path = directory / MANIFEST
-    if name not in STAGES:
-        raise ValueError(f"unknown input stage {name!r} for seed {ref.seed}; known: {', '.join(STAGES)}")
+    if name not in registry.seed_stage_names():
+        raise ValueError(
+            f"unknown input stage {name!r} for seed {ref.seed}; known: {', '.join(registry.seed_stage_names())}"
+        )
     try:
         manifest, digest = load_manifest(directory)  # verifies every output's sha256
     except FileNotFoundError:
@@ -108,7 +117,7 @@ def _read_output(stage: dict[str, Any], name: str, rel: str) -> Any:
 def _check_per_example(name: str, stage: dict[str, Any], per_example: dict[str, Any]) -> None:
     """per_example.json must hold both arms' losses on the same texts and agree with the stage's
     own summary; otherwise the paired tests over texts would be meaningless."""
-    path = Path(stage["dir"]) / STAGE_FILES[name]
+    path = Path(stage["dir"]) / stage_file(name)
     per_model = stage["metrics"].get("per_model") or {}
     lengths = set()
     for arm in report.ARMS:
@@ -177,20 +186,20 @@ def read_seed(refs: Mapping[str, StageRef | Mapping[str, Any]]) -> dict[str, Any
         "per_example": {},
     }
     if "constrain" in stages:
-        data["constrain"] = _read_output(stages["constrain"], "constrain", STAGE_FILES["constrain"])
+        data["constrain"] = _read_output(stages["constrain"], "constrain", stage_file("constrain"))
     if "evaluate" in stages:
-        data["evaluation"] = _read_output(stages["evaluate"], "evaluate", STAGE_FILES["evaluate"])
+        data["evaluation"] = _read_output(stages["evaluate"], "evaluate", stage_file("evaluate"))
     if "ladder" in stages:  # the quality ladder (monolm.controls.ladder), for "Robust or damaged?"
-        data["ladder"] = _read_output(stages["ladder"], "ladder", STAGE_FILES["ladder"])
+        data["ladder"] = _read_output(stages["ladder"], "ladder", stage_file("ladder"))
     for arm in report.ARMS:
         name = f"train_{arm}"
         if name in stages:
-            data["histories"][arm] = _read_output(stages[name], name, STAGE_FILES[name])
-    if STAGE_FILES["damage"] in (stages.get("damage") or {}).get("outputs", {}):  # the damage-matched arm, if on
-        data["damage"] = _read_output(stages["damage"], "damage", STAGE_FILES["damage"])
+            data["histories"][arm] = _read_output(stages[name], name, stage_file(name))
+    if stage_file("damage") in (stages.get("damage") or {}).get("outputs", {}):  # the damage-matched arm, if on
+        data["damage"] = _read_output(stages["damage"], "damage", stage_file("damage"))
     for attack in report.ATTACKS:
         if attack in stages:
-            per_example = _read_output(stages[attack], attack, STAGE_FILES[attack])
+            per_example = _read_output(stages[attack], attack, stage_file(attack))
             _check_per_example(attack, stages[attack], per_example)
             data["per_example"][attack] = per_example
     return data
@@ -328,9 +337,9 @@ def log_written(cfg: ExperimentConfig, final: Path, what: str, n_rows: int) -> l
 def _gaps(cfg: ExperimentConfig, data: list[dict[str, Any]]) -> list[str]:
     """What keeps the run from being complete: seeds lacking stages, configured seeds not given."""
     gaps = [
-        f"seed {d['seed']} lacks {', '.join(s for s in REPORTED_STAGES if s not in d['stages'])}"
+        f"seed {d['seed']} lacks {', '.join(s for s in reported_stages() if s not in d['stages'])}"
         for d in sorted(data, key=lambda d: d["seed"])
-        if not set(REPORTED_STAGES) <= set(d["stages"])
+        if not set(reported_stages()) <= set(d["stages"])
     ]
     absent = sorted(set(cfg.seeds) - {d["seed"] for d in data})
     if absent:

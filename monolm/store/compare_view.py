@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from monolm.study.registry import ATTACKS, STAGE_NAMES
+from monolm.study.registry import ATTACKS, stage_names
 
 HEADLINE_METRICS = ("token_perplexity", "abs_increase", "success_rate")
 # Names a reader meets in the tables (the run table's columns) for the stored metric names.
@@ -54,7 +54,7 @@ def resolve_metric(name: str, known: Iterable[str]) -> str:
 
 
 def _order(row: dict[str, Any]) -> tuple:
-    stages = {name: i for i, name in enumerate(STAGE_NAMES)}
+    stages = {name: i for i, name in enumerate(stage_names())}
     headline = row["metric"] in HEADLINE_METRICS and (row["stage"] == "evaluate" or row["stage"] in ATTACKS)
     wall = row["metric"] == "wall_time_s"
     return (not headline, wall, stages.get(row["stage"], 99), row["metric"], row["arm"] or "")

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from monolm.store.results_store import cell_label
-from monolm.study.registry import ATTACKS, STAGE_NAMES
+from monolm.study.registry import ATTACKS, stage_names
 
 # (stage, metric) shown by default: held-out quality and the primary attack effect.
 HEADLINE = (("evaluate", "token_perplexity"), *((attack, "abs_increase") for attack in ATTACKS))
@@ -47,7 +47,7 @@ def headline_rows(
             }
         )
     run_order = {run_id: i for i, run_id in enumerate(runs)}
-    stage_order = {name: i for i, name in enumerate(STAGE_NAMES)}
+    stage_order = {name: i for i, name in enumerate(stage_names())}
     out.sort(
         key=lambda r: (
             run_order.get(r["run_id"], -1),

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from monolm.config import ExperimentConfig
+from monolm.study import registry
 from monolm.study.cells import cells, model_names
 from monolm.study.frame import StageRef, existing
 from monolm.study.layout import cell_paths
-from monolm.study.registry import SEED_STAGES
 
 
 @dataclass(frozen=True)
@@ -25,16 +25,17 @@ class Execution:
     done: bool
 
 
-def plan_study(cfg: ExperimentConfig, last: int = SEED_STAGES[-1].number) -> list[Execution]:
+def plan_study(cfg: ExperimentConfig, last: int | None = None) -> list[Execution]:
     """Every stage execution of stages 0..`last` of the study, in run order; a stage is `done`
     when its finished result would be reused (so, are all of its inputs)."""
+    last = registry.last_seed_stage() if last is None else last
     plan: list[Execution] = []
     seen: set[tuple[str, int, str]] = set()
     for cell in cells(cfg):
         for seed in cfg.seeds:
             paths = cell_paths(cell.cfg, seed)
             refs: dict[str, StageRef | None] = {}
-            for spec in SEED_STAGES:
+            for spec in registry.seed_stages():
                 if spec.number > last:
                     break
                 inputs = {name: refs.get(name) for name in spec.inputs}
@@ -68,7 +69,7 @@ def format_plan(cfg: ExperimentConfig, plan: list[Execution], *, aggregate: bool
         f"{'stage':<20}{'executions':>11}{'done':>6}{'to run':>8}",
     ]
     total, done = Counter(e.stage for e in plan), Counter(e.stage for e in plan if e.done)
-    for spec in SEED_STAGES:
+    for spec in registry.seed_stages():
         if spec.name in total:
             n, d = total[spec.name], done[spec.name]
             lines.append(f"{spec.name:<20}{n:>11}{d:>6}{n - d:>8}")

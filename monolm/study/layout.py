@@ -18,7 +18,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from monolm.study.registry import SEED_STAGES, stage
+from monolm.study.registry import seed_stages, stage
 
 if TYPE_CHECKING:
     from monolm.config import ExperimentConfig
@@ -54,7 +54,7 @@ def cell_paths(cfg: ExperimentConfig, seed: int) -> CellPaths:
     """The folders of `cfg`'s cell (one model, variant and init) for `seed`."""
     shared = model_dir(cfg) / SHARED / f"seed-{seed}"
     root = model_dir(cfg) / f"{cfg.constraint.variant}-{cfg.constraint.init}" / f"seed-{seed}"
-    dirs = {s.name: (shared if s.scope == "model" else root) / s.name for s in SEED_STAGES}
+    dirs = {s.name: (shared if s.scope == "model" else root) / s.name for s in seed_stages()}
     return CellPaths(seed, root, shared, MappingProxyType(dirs))
 
 

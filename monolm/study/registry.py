@@ -18,8 +18,10 @@ import torch.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -72,8 +74,10 @@ class AttackSpec:
     `eval_texts`: the held-out texts it reports on; `text_tokens`: the tokens each text is cut to;
     `opt_texts`: optimisation texts it needs, disjoint from every attack's held-out texts (None:
     it optimises per text); `prefix_tokens`: tokens it prepends to every text (a trigger);
-    `grad_rows`: rows per gradient pass (None: one). `search_sequences(section)`: sequences one
-    arm's search puts through the model (`monolm plan`'s workload; a gradient pass counts as 3).
+    `grad_rows`: rows per gradient pass (None: one). `settings`: the pydantic model of a registered
+    (`register_attack`) attack's config section; the built-in attacks' sections are fixed fields.
+    `search_sequences(section)`: sequences one arm's search puts through the model (`monolm plan`'s
+    workload; a gradient pass counts as 3).
     An attacked sequence is one context token, the prefix and the text.
     """
 
@@ -84,6 +88,7 @@ class AttackSpec:
     opt_texts: str | None = None
     prefix_tokens: str | None = None
     grad_rows: str | None = None
+    settings: Any = None  # a registered attack's config model (pydantic); built-in attacks: None
 
     def section(self, cfg: Any) -> Any:
         """The attack's config section, `cfg.attacks.<name>`."""
@@ -338,7 +343,6 @@ SEED_STAGES: tuple[Stage, ...] = (
         reads="ladder.json",
     ),
 )
-SEED_STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in SEED_STAGES)
 # Stage 7 reads every per-seed stage of every cell and seed; its output depends on the whole config.
 AGGREGATE = Stage(
     name="aggregate",
@@ -347,24 +351,115 @@ AGGREGATE = Stage(
     scope="study",
     label="aggregate",
     entry="monolm.report.study:aggregate",
-    inputs=SEED_STAGE_NAMES,
+    inputs=(),
     config=None,
     gpu=False,
 )
-STAGES: tuple[Stage, ...] = (*SEED_STAGES, AGGREGATE)
-_numbers = [s.number for s in STAGES]
-if _numbers != sorted(_numbers) or set(_numbers) != set(range(_numbers[-1] + 1)):
-    raise ValueError("stages must be listed in pipeline order, numbered 0, 1, 2, ... without gaps")
+# The derived views, (re)computed by `_derive` alone: at import and when an attack is registered
+# (`register_attack`). The dicts are updated in place, so a module that imported one sees the
+# change; tuples and sets are replaced, so read them through the functions below.
+BY_NAME: dict[str, Stage] = {}
+ATTACKS: dict[str, str] = {}
+TRAIN_STAGES: dict[str, str] = {}
+ATTACK_SPECS: dict[str, AttackSpec] = {}
+SEED_STAGE_NAMES: tuple[str, ...] = ()
+STAGES: tuple[Stage, ...] = ()
+STAGE_NAMES: tuple[str, ...] = ()
+GPU_STAGES: frozenset[str] = frozenset()
+MODEL_STAGES: frozenset[str] = frozenset()
 
-BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
-STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
-GPU_STAGES: frozenset[str] = frozenset(s.name for s in STAGES if s.gpu)
-ATTACKS: dict[str, str] = {s.name: s.label for s in STAGES if s.kind == "attack" and s.share_of is None}
-MODEL_STAGES: frozenset[str] = frozenset(s.name for s in SEED_STAGES if s.scope == "model")
-TRAIN_STAGES: dict[str, str] = {s.name.removeprefix("train_"): s.name for s in STAGES if s.kind == "train"}
-ATTACK_SPECS: dict[str, AttackSpec] = {s.name: s.attack for s in STAGES if s.attack is not None}
-if set(ATTACK_SPECS) != set(ATTACKS) or any(a.name != n for n, a in ATTACK_SPECS.items()):
-    raise ValueError(f"each attack stage ({', '.join(ATTACKS)}) declares its own AttackSpec (`attack=`), named as it")
+
+def _derive(seed_stages: tuple[Stage, ...]) -> None:
+    """Check `seed_stages` and make every derived view from them (nothing changes if they are refused)."""
+    global SEED_STAGES, SEED_STAGE_NAMES, AGGREGATE, STAGES, STAGE_NAMES, GPU_STAGES, MODEL_STAGES
+    aggregate = dataclasses.replace(AGGREGATE, inputs=tuple(s.name for s in seed_stages))
+    stages = (*seed_stages, aggregate)
+    numbers = [s.number for s in stages]
+    if numbers != sorted(numbers) or set(numbers) != set(range(numbers[-1] + 1)):
+        raise ValueError("stages must be listed in pipeline order, numbered 0, 1, 2, ... without gaps")
+    if len({s.name for s in stages}) != len(stages):
+        raise ValueError("stage names must be unique")
+    attacks = {s.name: s.label for s in stages if s.kind == "attack" and s.share_of is None}
+    specs = {s.name: s.attack for s in stages if s.attack is not None}
+    if set(specs) != set(attacks) or any(a.name != n for n, a in specs.items()):
+        raise ValueError(
+            f"each attack stage ({', '.join(attacks)}) declares its own AttackSpec (`attack=`), named as it"
+        )
+    SEED_STAGES, AGGREGATE, STAGES = seed_stages, aggregate, stages
+    SEED_STAGE_NAMES = aggregate.inputs
+    STAGE_NAMES = tuple(s.name for s in stages)
+    GPU_STAGES = frozenset(s.name for s in stages if s.gpu)
+    MODEL_STAGES = frozenset(s.name for s in seed_stages if s.scope == "model")
+    for view, value in (
+        (BY_NAME, {s.name: s for s in stages}),
+        (ATTACKS, attacks),
+        (TRAIN_STAGES, {s.name.removeprefix("train_"): s.name for s in stages if s.kind == "train"}),
+        (ATTACK_SPECS, specs),
+    ):
+        view.clear()
+        view.update(value)
+
+
+_derive(SEED_STAGES)
+
+
+def seed_stages() -> tuple[Stage, ...]:
+    """The per-seed stages (0-6) in pipeline order, registered attacks included."""
+    return SEED_STAGES
+
+
+def seed_stage_names() -> tuple[str, ...]:
+    return SEED_STAGE_NAMES
+
+
+def stage_names() -> tuple[str, ...]:
+    """Every stage's name, stage 7 included."""
+    return STAGE_NAMES
+
+
+def gpu_stages() -> frozenset[str]:
+    return GPU_STAGES
+
+
+def model_stages() -> frozenset[str]:
+    """The stages computed once per (model, seed), shared by a model's cells."""
+    return MODEL_STAGES
+
+
+def last_seed_stage() -> int:
+    """The number of the last per-seed stage (`--stages N` runs 0..N)."""
+    return SEED_STAGES[-1].number
+
+
+def register_attack(baseline: Stage, cell: Stage) -> None:
+    """Add an attack: its baseline's share (`baseline`, scope `model`) and its cell stage (`cell`,
+    with its `AttackSpec`), after the last attack stage, every derived view updated. Its config
+    section `attacks.<name>` is validated by `cell.attack.settings` (a pydantic model)."""
+    spec = cell.attack
+    if spec is None or spec.settings is None:
+        raise ValueError(f"attack {cell.name!r}: its stage declares `attack=AttackSpec(..., settings=<model>)`")
+    if baseline.share_of != cell.name or baseline.scope != "model" or cell.scope != "cell":
+        raise ValueError(f"attack {cell.name!r}: the baseline stage is the model-scope share_of={cell.name!r}")
+    at = max(i for i, s in enumerate(SEED_STAGES) if s.kind == "attack") + 1
+    _derive((*SEED_STAGES[:at], baseline, cell, *SEED_STAGES[at:]))
+
+
+def unregister_attack(name: str) -> None:
+    """Remove an attack added by `register_attack` (a built-in attack has fixed config fields)."""
+    spec = attack_spec(name)
+    if spec.settings is None:
+        raise ValueError(f"attack {name!r} is built in; only a registered attack can be removed")
+    _derive(tuple(s for s in SEED_STAGES if name not in (s.name, s.share_of)))
+
+
+@contextlib.contextmanager
+def registered_attack(baseline: Stage, cell: Stage) -> Iterator[None]:
+    """`register_attack` for the `with` block only (tests, notebooks)."""
+    register_attack(baseline, cell)
+    try:
+        yield
+    finally:
+        unregister_attack(cell.name)
 
 
 def stage(name: str) -> Stage:

@@ -18,9 +18,10 @@ from typing import Any
 from monolm.config import ExperimentConfig
 from monolm.core.deadline import stage_deadline
 from monolm.core.private import private_scratch
+from monolm.study import registry
 from monolm.study.frame import StageRef, stage_errors
 from monolm.study.layout import cell_paths
-from monolm.study.registry import ATTACKS, SEED_STAGES
+from monolm.study.registry import ATTACKS
 
 log = logging.getLogger("monolm.pipeline")
 
@@ -50,7 +51,7 @@ def folder_lock(folder: Path, what: str) -> Iterator[None]:
 
 
 def run_seed(
-    cfg: ExperimentConfig, seed: int, *, stages: int = SEED_STAGES[-1].number, progress: bool = True
+    cfg: ExperimentConfig, seed: int, *, stages: int | None = None, progress: bool = True
 ) -> dict[str, StageRef]:
     """Run stages 0..`stages` (default: all of a seed's) of one cell (`cfg` with one model, variant
     and init) for one seed, in order; finished stages with valid manifests are reused, the
@@ -59,8 +60,9 @@ def run_seed(
     second run of the same stage started meanwhile waits for this one (`folder_lock`)."""
     cell = cell_paths(cfg, seed)
     refs: dict[str, StageRef] = {}
-    for spec in SEED_STAGES:
-        if spec.number > stages:
+    last = registry.last_seed_stage() if stages is None else stages
+    for spec in registry.seed_stages():
+        if spec.number > last:
             break
         inputs = {name: refs[name] for name in spec.inputs}
         folder = cell.stage(spec.name)
@@ -75,7 +77,7 @@ def run_seed(
 
 
 def run_study(
-    cfg: ExperimentConfig, *, stages: int = SEED_STAGES[-1].number, progress: bool = True
+    cfg: ExperimentConfig, *, stages: int | None = None, progress: bool = True
 ) -> dict[str, dict[int, dict[str, StageRef]]]:
     """Every cell of the study's grid for every seed (`run_seed`), one after another: {cell label:
     {seed: stage refs}}. A model's stages that do not depend on the constraint run once per seed
