@@ -162,3 +162,4 @@ def test_attack_runs_and_is_reported(study):
     md = Path(out["report"]).read_text()
     section = md.index("**Random trigger: effect on the original text tokens")  # its table...
     assert md.rindex("\n## ", 0, section) == md.index("\n## Robustness")  # ...under Robustness
+    assert "Random trigger Δ" in md and "Random trigger absolute loss increase" in md  # per seed, first screen

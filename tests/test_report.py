@@ -433,7 +433,7 @@ def test_headline_table_opens_the_report_with_the_across_seed_tests(three_seeds)
     ]
     from monolm.report import first_screen, formatting
 
-    for label, (stage, metric) in zip(rows, first_screen.MEASURES, strict=True):
+    for label, (stage, metric) in zip(rows, first_screen.measures(), strict=True):
         comp = _comparison(results, stage, metric)
         cells = rows[label]
         fmt = formatting.fmt_pct if metric == "success_rate" else formatting.fmt_num

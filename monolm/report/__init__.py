@@ -37,7 +37,7 @@ and can be tested on hand-made numbers. One module per job, in the order the dat
 from __future__ import annotations
 
 from monolm.report.analysis import SCHEMA_VERSION, analyze, console_rows, headline
-from monolm.report.comparisons import ACROSS_SEEDS, Comparison, compare_arms
+from monolm.report.comparisons import Comparison, across_seeds, compare_arms
 from monolm.report.cross_cell.analysis import GRID_SCHEMA_VERSION, apply_holm, grid_analysis, pareto_optimal
 from monolm.report.cross_cell.render import grid_csv, grid_latex, grid_markdown
 from monolm.report.cross_cell.terms import QUALITY, cell_label
@@ -60,7 +60,7 @@ from monolm.report.values import (
 )
 
 __all__ = [
-    "ACROSS_SEEDS",
+    "across_seeds",
     "ALPHA",
     "ARM_LABEL",
     "ARMS",

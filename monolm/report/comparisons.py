@@ -60,14 +60,16 @@ def control_pair(stage: str) -> tuple[str, str]:
     return (f"gradient {ATTACKS.get(stage, stage)}", "random control")
 
 
-ACROSS_SEEDS = (
-    *(("evaluate", metric) for metric in ("token_perplexity", "loss", "bits_per_byte")),
-    *((attack, metric) for attack in ATTACKS for metric in ATTACK_METRICS),
-    ("hotflip", "control_abs_increase"),
-    ("gcg", "control_abs_increase"),
-    ("uat", "restart_mean_abs_increase"),
-    ("gcg", "restart_mean_abs_increase"),
-)
+def across_seeds() -> tuple[tuple[str, str], ...]:
+    """The (stage, metric) pairs compared across seeds, for every attack the registry has."""
+    return (
+        *(("evaluate", metric) for metric in ("token_perplexity", "loss", "bits_per_byte")),
+        *((attack, metric) for attack in ATTACKS for metric in ATTACK_METRICS),
+        ("hotflip", "control_abs_increase"),
+        ("gcg", "control_abs_increase"),
+        ("uat", "restart_mean_abs_increase"),
+        ("gcg", "restart_mean_abs_increase"),
+    )
 
 
 Lookup = dict[tuple[int, str, str | None, str], float]  # (seed, stage, model, metric) -> value
@@ -106,7 +108,7 @@ def _across_seeds(lookup: Lookup, seed_ids: Sequence[int]) -> list[Comparison]:
     """Monotonic vs baseline over seeds, where at least `MIN_SEEDS` (3) seeds have both values (a
     stage may be missing in some seeds): with 2 seeds a t-test has one degree of freedom."""
     out = []
-    for stage, metric in ACROSS_SEEDS:
+    for stage, metric in across_seeds():
         pairs = _paired_over_seeds(lookup, seed_ids, stage, ("monotonic", metric), ("baseline", metric))
         if len(pairs) >= MIN_SEEDS:
             mono, base = zip(*pairs, strict=True)

@@ -23,12 +23,16 @@ from monolm.report.verdicts import (
     within_seed_verdict,
 )
 
+
 # Quality first, then for every attack the primary effect, then (secondary) its success rate.
-MEASURES: tuple[tuple[str, str], ...] = (
-    ("evaluate", "loss"),
-    *((attack, "abs_increase") for attack in ATTACKS),
-    *((attack, "success_rate") for attack in ATTACKS),
-)
+def measures() -> tuple[tuple[str, str], ...]:
+    return (
+        ("evaluate", "loss"),
+        *((attack, "abs_increase") for attack in ATTACKS),
+        *((attack, "success_rate") for attack in ATTACKS),
+    )
+
+
 WITHIN_SEED_CAVEAT = (
     "Rows tested within one seed (over the attacked texts or the test documents of that seed) compare "
     "one trained pair of models: they say nothing about variation between training seeds."
@@ -124,8 +128,8 @@ def headline_table(results: dict[str, Any]) -> Table | None:
         "Headline: the constrained arm against the baseline",
         ["Measure", "Baseline", "Constrained", "Difference", "95% CI", "p (paired t, Holm)", "Verdict", "n"],
     )
-    constant = {(s, m): v for s, m in MEASURES if (v := constant_measure(results, s, m)) is not None}
-    shown = [(s, m) for s, m in MEASURES if (s, m) not in constant]
+    constant = {(s, m): v for s, m in measures() if (v := constant_measure(results, s, m)) is not None}
+    shown = [(s, m) for s, m in measures() if (s, m) not in constant]
     t.rows = [row for stage, metric in shown if (row := headline_row(results, stage, metric))]
     if not t.rows:
         return None

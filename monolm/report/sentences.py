@@ -55,11 +55,12 @@ def finding(comp: dict[str, Any], *, headline: str) -> str:
 
 
 # Quality first, then each attack metric for every attack (absolute before relative before rates).
-FINDING_ORDER = (
-    ("evaluate", "loss"),
-    ("evaluate", "token_perplexity"),
-    *((attack, metric) for metric in ATTACK_METRICS for attack in ATTACKS),
-)
+def finding_order() -> tuple[tuple[str, str], ...]:
+    return (
+        ("evaluate", "loss"),
+        ("evaluate", "token_perplexity"),
+        *((attack, metric) for metric in ATTACK_METRICS for attack in ATTACKS),
+    )
 
 
 def _within_seed_count(within: Sequence[dict[str, Any]]) -> str:
@@ -121,7 +122,7 @@ def findings(results: dict[str, Any]) -> list[str]:
     then relative effects and success rates, then the gradient-vs-control check."""
     n_seeds = len((results.get("meta") or {}).get("seeds") or [])
     out = [few_seeds_sentence(n_seeds)] if 1 < n_seeds < MIN_SEEDS else []
-    out += [sentence for stage, metric in FINDING_ORDER for sentence in _metric_findings(results, stage, metric)]
+    out += [sentence for stage, metric in finding_order() for sentence in _metric_findings(results, stage, metric)]
     out.extend(_disagreement(results["comparisons"], results["summaries"]))
     out.extend(_control_findings(results["comparisons"]))
     return out

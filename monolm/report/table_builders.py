@@ -411,15 +411,16 @@ def training_table(results: dict[str, Any]) -> Table | None:
 
 
 # (stage, metric, column title) of the per-seed table; each column is shown for every arm.
-PER_SEED_COLUMNS = (
-    ("evaluate", "token_perplexity", "PPL"),
-    *((attack, "abs_increase", f"{label} Δ") for attack, label in ATTACKS.items()),
-)
+def per_seed_columns() -> tuple[tuple[str, str, str], ...]:
+    return (
+        ("evaluate", "token_perplexity", "PPL"),
+        *((attack, "abs_increase", f"{label} Δ") for attack, label in ATTACKS.items()),
+    )
 
 
 def per_seed_table(results: dict[str, Any]) -> Table:
     """The headline numbers of every seed, so a reader can see whether one seed drives a mean."""
-    titles = [f"{title} {arm}" for _, _, title in PER_SEED_COLUMNS for arm in ARMS]
+    titles = [f"{title} {arm}" for _, _, title in per_seed_columns() for arm in ARMS]
     per_seed = Table("per-seed", "Per-seed values", ["Seed", *titles])
     for seed in results["meta"]["seeds"]:
         per_seed.rows.append(
@@ -427,7 +428,7 @@ def per_seed_table(results: dict[str, Any]) -> Table:
                 str(seed),
                 *(
                     fmt_num(value(results, seed, stage, arm, metric))
-                    for stage, metric, _ in PER_SEED_COLUMNS
+                    for stage, metric, _ in per_seed_columns()
                     for arm in ARMS
                 ),
             ]

@@ -26,7 +26,13 @@ from monolm.report.formatting import fmt_num, fmt_pct
 from monolm.report.labels import ATTACKS, METRIC_LABEL
 
 MIN_SEEDS = 3  # an across-seed test or interval needs at least this many seeds
-PRIMARY_METRICS = {"evaluate": ("loss", "doc_loss"), **{attack: ("abs_increase",) for attack in ATTACKS}}
+
+
+def primary_metrics() -> dict[str, tuple[str, ...]]:
+    """{stage: its primary metrics}: the test loss, and each attack's absolute increase."""
+    return {"evaluate": ("loss", "doc_loss"), **{attack: ("abs_increase",) for attack in ATTACKS}}
+
+
 PRIMARY_NOTE = (
     "Primary measures: the test loss for quality and each attack's absolute loss increase for robustness; "
     "verdicts rest on these alone, Holm-corrected over the {m} primary test{s} of this report. Every other "
@@ -36,7 +42,7 @@ PRIMARY_NOTE = (
 
 def is_primary(comp: dict[str, Any]) -> bool:
     """A constrained − baseline test of a primary measure."""
-    return (comp["a"], comp["b"]) == ("monotonic", "baseline") and comp["metric"] in PRIMARY_METRICS.get(
+    return (comp["a"], comp["b"]) == ("monotonic", "baseline") and comp["metric"] in primary_metrics().get(
         comp["stage"], ()
     )
 

@@ -11,8 +11,12 @@ from typing import Any
 from monolm.store.results_store import cell_label
 from monolm.study.registry import ATTACKS, stage_names
 
+
 # (stage, metric) shown by default: held-out quality and the primary attack effect.
-HEADLINE = (("evaluate", "token_perplexity"), *((attack, "abs_increase") for attack in ATTACKS))
+def headline() -> tuple[tuple[str, str], ...]:
+    return (("evaluate", "token_perplexity"), *((attack, "abs_increase") for attack in ATTACKS))
+
+
 SUMMARY_COLUMNS = ("run_id", "created", "status", "cell", "arm", "stage", "metric", "mean", "n_seeds")
 LONG_COLUMNS = ("run_id", "seed", "arm", "stage", "metric", "value")  # preset, variant, recipe: in the ID
 
@@ -23,7 +27,8 @@ def headline_rows(
     """Per-seed metric rows (from `ResultsStore.query`) as one row per (run, grid cell, arm, stage,
     metric): the mean over seeds and how many seeds have a value. Only the headline metrics unless
     `metric` names one; summary statistics and tests (`<metric>:<stat>`, seed NULL) are left out."""
-    wanted = (lambda stage, name: name == metric) if metric else (lambda stage, name: (stage, name) in HEADLINE)
+    shown = headline()
+    wanted = (lambda stage, name: name == metric) if metric else (lambda stage, name: (stage, name) in shown)
     groups: dict[tuple[str, str, Any, Any, str], list[float]] = {}
     for row in rows:
         if row["seed"] is None or row["value"] is None or not wanted(row["stage"], row["metric"]):
