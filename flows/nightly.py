@@ -42,11 +42,14 @@ from monolm.study.site_preflight import SiteCheckError
 from tasks.aggregate import artifact_key
 
 RUN_NAME_PREFIX = "nightly-"
-# (stage, metric) pairs compared; every model/arm the store holds for them is compared.
-KEY_METRICS: tuple[tuple[str, str], ...] = (
-    ("evaluate", "token_perplexity"),
-    *((attack, "abs_increase") for attack in ATTACKS),
-)
+
+
+def compared_metrics() -> tuple[tuple[str, str], ...]:
+    """(stage, metric) pairs compared, every attack of the registry's; every model/arm the store
+    holds for them is compared."""
+    return (("evaluate", "token_perplexity"), *((attack, "abs_increase") for attack in ATTACKS))
+
+
 SUMMARY = ":mean"  # the across-seed mean stage 7 records (seed NULL)
 
 
@@ -109,7 +112,7 @@ MetricKey = tuple[str, str, str]  # (stage, model, metric)
 def key_metrics(rows: Iterable[Mapping[str, Any]]) -> dict[MetricKey, float | None]:
     """The compared numbers among a run's store rows: across-seed means of the key metrics.
     None marks a value the store holds as not finite (a diverged run)."""
-    wanted = {(stage, metric + SUMMARY) for stage, metric in KEY_METRICS}
+    wanted = {(stage, metric + SUMMARY) for stage, metric in compared_metrics()}
     out: dict[MetricKey, float | None] = {}
     for row in rows:
         if row.get("seed") is None and (row.get("stage"), row.get("metric")) in wanted and row.get("arm"):
