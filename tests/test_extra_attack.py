@@ -120,12 +120,16 @@ def study(extra_attack, tmp_path_factory):
 
 def test_registered_attack_has_config_section_and_views(study):
     from monolm.config import ConfigError
+    from monolm.core.code_digest import import_closure
 
     assert study.attacks.random_trigger.trigger_len == 2  # its own fields, from --set
     assert registry.ATTACKS[NAME] == "Random trigger" and registry.attack_spec(NAME) is SPEC
     assert [s.name for s in registry.seed_stages()].index(NAME) < registry.seed_stage_names().index("damage")
     assert NAME in registry.stage("aggregate").inputs and NAME in registry.gpu_stages()
     assert f"{NAME}_baseline" in registry.model_stages()
+    closure = import_closure(CELL_STAGE.module)  # its code version: this file and what it imports
+    assert Path(__file__).resolve() in {p.resolve() for p in closure}
+    assert any(p.name == "uat.py" for p in closure) and any(p.name == "effects.py" for p in closure)
     with pytest.raises(ConfigError, match="attacks.random_trigger.*trigger_len"):
         micro_config(Path("/nonexistent"), "attacks.random_trigger.trigger_len=0")
 
