@@ -125,7 +125,7 @@ def test_cache_records_that_are_not_plain_json_are_never_trusted(tmp_path):
     keys.mkdir(parents=True)
     output = tmp_path / "results.json"
     output.write_text("{}")
-    atomic_write_json(_ref_sidecar(cfg, "k"), [{"dir": None, "digest": None, "files": [str(output)]}])
+    atomic_write_json(_ref_sidecar(cfg, "k"), [{"dir": str(tmp_path), "digest": None, "files": [str(output)]}])
     record = keys / "k"
     record.write_text(json.dumps({"serializer": {"type": "json", "object_decoder": None}}))
     assert cached_result_still_valid(cfg, "k")

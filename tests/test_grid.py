@@ -156,16 +156,17 @@ def test_dry_run_counts_executions_and_what_is_done_already(tmp_path):
     before = monolm(*args, cwd=tmp_path)
     assert before.returncode == 0, before.stderr
     assert "= 2 cell(s)" in before.stdout
-    # 6 shared stages once (the quality ladder among them), 6 per cell (the damage-matched arm included), stage 7.
-    assert "total: 19 stage executions, 0 done already (reused), 19 to run" in before.stdout
+    # 7 shared stages once (GCG's baseline share and the quality ladder among them), 7 per cell (GCG
+    # and the damage-matched arm included), stage 7.
+    assert "total: 22 stage executions, 0 done already (reused), 22 to run" in before.stdout
     assert any(line.split() == ["damage", "2", "0", "2"] for line in before.stdout.splitlines())
     assert any(line.split() == ["ladder", "1", "0", "1"] for line in before.stdout.splitlines())
     assert not (tmp_path / "runs").exists()  # a dry run writes nothing
     one = monolm("run", "--preset", "tiny", "--no-prefect", "-q", *micro_args(tmp_path), cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-2000:]
     after = monolm(*args, cwd=tmp_path)
-    # mlp_in's cell and the shared stages are done: 6 shared + 6 of the cell; mlp_both's 6 to run.
-    assert "total: 19 stage executions, 12 done already (reused), 7 to run" in after.stdout, after.stdout
+    # mlp_in's cell and the shared stages are done: 7 shared + 7 of the cell; mlp_both's 7 to run.
+    assert "total: 22 stage executions, 14 done already (reused), 8 to run" in after.stdout, after.stdout
     assert after.stdout.splitlines()[2].split() == ["setup", "1", "1", "0"]
 
 

@@ -446,7 +446,7 @@ def test_headline_table_opens_the_report_with_the_across_seed_tests(three_seeds)
     loss = _comparison(results, "evaluate", "loss")
     assert float(rows["Test loss (nats/token)"][3]) == pytest.approx(loss["mean_diff"], rel=1e-3)
     assert "say nothing about variation between training seeds" not in md  # no within-seed row here
-    assert "Holm-corrected over the 3 primary tests" in head and "secondary" in head
+    assert "Holm-corrected over the 4 primary tests" in head and "secondary" in head  # test loss, UAT, HotFlip, GCG
 
 
 def test_relative_without_absolute_difference_is_explained(tmp_path):

@@ -32,6 +32,8 @@ PROGRESS_STAGES = (
     "hotflip",
     "gcg-baseline",
     "gcg",
+    "damage",
+    "ladder",
 )
 
 

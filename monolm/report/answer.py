@@ -14,6 +14,7 @@ from monolm.report.first_screen import primary_test, verdict
 from monolm.report.formatting import fmt_num, fmt_p
 from monolm.report.labels import ATTACKS
 from monolm.report.summaries import summary
+from monolm.report.verdicts import significant
 
 
 def _test(comp: dict[str, Any] | None) -> str:
@@ -21,6 +22,8 @@ def _test(comp: dict[str, Any] | None) -> str:
     if comp is None or comp.get("t_p") is None:
         return "no test"
     where = f"{comp['n']} {comp['scope']}" + (f" of seed {comp['seed']}" if comp["scope"] != "seeds" else "")
+    if comp.get("p_holm") is not None:  # a primary test: its verdict rests on the Holm-adjusted p
+        return f"Holm-adjusted p={fmt_p(comp['p_holm'])}, paired t over {where}"
     return f"p={fmt_p(comp['t_p'])}, paired t over {where}"
 
 
@@ -30,11 +33,12 @@ def _quality(results: dict[str, Any]) -> str | None:
     if not base or not mono or base.get("mean") is None or mono.get("mean") is None or not base["mean"]:
         return None
     change = 100 * (mono["mean"] / base["mean"] - 1)
-    comp = primary_test(results, "evaluate", "token_perplexity")
-    significant = "" if comp is None or comp.get("significant") else "not significant, "
+    # the primary quality test is the test loss's (perplexity is its exponential: the readable cost)
+    comp = primary_test(results, "evaluate", "loss") or primary_test(results, "evaluate", "token_perplexity")
+    tested = "" if comp is None or significant(comp) else "not significant, "
     verb = "cost" if change >= 0 else "changed"
     values = f"{fmt_num(base['mean'], digits=3)} → {fmt_num(mono['mean'], digits=3)}"
-    return f"The constraint {verb} {change:+.0f}% test perplexity ({values}; {significant}{_test(comp)})"
+    return f"The constraint {verb} {change:+.0f}% test perplexity ({values}; {tested}{_test(comp)})"
 
 
 def _attack(results: dict[str, Any], stage: str) -> str | None:
