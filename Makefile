@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint format bench clean serve serve-postgres stop status slurm-up slurm-down mark-crashed serve-process screenshots
+.PHONY: install demo test test-fast lint format docs bench clean clean-superseded serve serve-postgres stop status slurm-up slurm-down mark-crashed serve-process screenshots
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,10 +33,16 @@ test: install
 test-fast: install
 	$(PY) -m pytest -m "not service and not slurm and not postgres and not resilience" $(PYTEST_ARGS)
 
-# ruff lint (pyflakes, pycodestyle, isort, bugbear, pyupgrade, simplify, complexity) and format check.
+# ruff lint (pyflakes, pycodestyle, isort, bugbear, pyupgrade, simplify, complexity), format check,
+# and the documentation site's strict build (a broken link or anchor fails).
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+# The documentation site (mkdocs.yml, docs/) served with live reload on http://127.0.0.1:8000.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
 
 # Apply ruff's safe fixes and format the tree.
 format: install
