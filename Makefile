@@ -95,6 +95,12 @@ slurm-up:
 slurm-down:
 	infra/slurm/local-slurm.sh stop
 
+# Superseded stage results (kept when a config change replaced them, reused if it changes back):
+# listed only; `make clean-superseded CLEAN_ARGS=--yes` removes them.
+CLEAN_ARGS ?=
+clean-superseded: install
+	$(VENV)/bin/monolm clean $(CLEAN_ARGS)
+
 # Stops services first: deleting .state under a running PostgreSQL would corrupt it.
 clean:
 	-infra/serve.sh down
