@@ -17,7 +17,7 @@ prefect = pytest.importorskip("prefect")
 from prefect import flow  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-from tasks.aggregate import aggregate_task, artifact_key  # noqa: E402
+from tasks.aggregate import aggregate_task, artifact_key, publish_artifacts  # noqa: E402
 from tasks.common import stage_options  # noqa: E402
 
 
@@ -49,7 +49,9 @@ def _setup(tmp_path):
         cells = [{"label": "tiny-neox/mlp_in-abs", "seeds": seeds}]
         future = aggregate_task.with_options(**options).submit(cfg=cfg_data, seed=None, cells=cells)
         future.wait()
-        return future.result(), future.state.name
+        result = future.result()
+        result["artifacts"] = publish_artifacts(result)  # as the experiment flow does, on its own run
+        return result, future.state.name
 
     return run
 
