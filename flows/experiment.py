@@ -275,14 +275,18 @@ def experiment(
 
         verify_site(cfg.model_dump(mode="json"))
     stages = run_stages.with_options(task_runner=make_task_runner(cfg), flow_run_name=f"{cfg.run_name}-stages")
-    result = stages(cfg.model_dump(mode="json"))
-    # On this run, the one `prefect deployment run` links to: the sub-flow holds the stages' task
-    # runs and progress, this run the results table, the report and a state message saying where.
+    return _finished(cfg, stages(cfg.model_dump(mode="json")), nightly, regression_tolerance)
+
+
+def _finished(cfg: ExperimentConfig, result: dict[str, Any], nightly: bool, tolerance: dict[str, Any] | None):
+    """Publish the artifacts on this run, the one `prefect deployment run` links to (the sub-flow
+    holds the stages' task runs and progress), check a nightly for regressions, and end with a
+    state message that says where the report is."""
     result["artifacts"] = publish_artifacts(result)
     if nightly:
         from flows.nightly import regression_check
 
-        result["regression"] = regression_check(cfg.store_url, result["run_id"], regression_tolerance)
+        result["regression"] = regression_check(cfg.store_url, result["run_id"], tolerance)
     return Completed(message=completion_message(result), data=result)
 
 
