@@ -29,7 +29,8 @@ demo: install
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Everything but the tests that start services, SLURM or PostgreSQL, or inject faults (a minute or two).
+# Everything but the tests that start services, SLURM or PostgreSQL, or inject faults (about 5
+# minutes on a 2-core machine; the README gives the measured times).
 test-fast: install
 	$(PY) -m pytest -m "not service and not slurm and not postgres and not resilience" $(PYTEST_ARGS)
 
@@ -88,7 +89,8 @@ serve-process: install
 	PREFECT_API_URL=$$(infra/server/prefect-server.sh url) $(PY) -m deployments.serve --replace
 
 SLURM_ARGS ?= --cpus 2 --gpus 2
-# A one-node SLURM with fake A100s on loopback; then: eval "$$(infra/slurm/local-slurm.sh env)"
+# A one-node SLURM on this machine with fake A100s (daemons on all interfaces, munge-authenticated);
+# then: eval "$$(infra/slurm/local-slurm.sh env)"; `make slurm-down` stops it.
 slurm-up:
 	infra/slurm/local-slurm.sh start $(SLURM_ARGS)
 
