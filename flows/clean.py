@@ -13,11 +13,11 @@ import argparse
 import shutil
 from pathlib import Path
 
-from monolm.study.frame import SUPERSEDED
-
 
 def superseded_folders(root: Path) -> list[Path]:
     """Every superseded stage folder under `root` (stage folders sit a few levels down), sorted."""
+    from monolm.study.frame import SUPERSEDED  # here: `monolm --help` and a bad config never wait for torch
+
     if not root.is_dir():
         return []
     return sorted(p for p in root.rglob(f"*{SUPERSEDED}*") if p.is_dir() and not p.is_symlink())
@@ -28,7 +28,7 @@ def _size(folder: Path) -> int:
 
 
 def _kind(folder: Path) -> str:
-    """"finished" (a run with the same config reuses it) or "unfinished" (kept as evidence only)."""
+    """ "finished" (a run with the same config reuses it) or "unfinished" (kept as evidence only)."""
     return "finished" if (folder / "manifest.json").is_file() else "unfinished"
 
 
