@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint format bench clean serve serve-postgres stop status slurm-up slurm-down mark-crashed serve-process screenshots
+.PHONY: install demo test test-fast lint format docs bench clean clean-superseded serve serve-postgres stop status slurm-up slurm-down mark-crashed serve-process screenshots
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,14 +29,21 @@ demo: install
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Everything but the tests that start services, SLURM or PostgreSQL, or inject faults (a minute or two).
+# Everything but the tests that start services, SLURM or PostgreSQL, or inject faults (about 5
+# minutes on a 2-core machine; the README gives the measured times).
 test-fast: install
 	$(PY) -m pytest -m "not service and not slurm and not postgres and not resilience" $(PYTEST_ARGS)
 
-# ruff lint (pyflakes, pycodestyle, isort, bugbear, pyupgrade, simplify, complexity) and format check.
+# ruff lint (pyflakes, pycodestyle, isort, bugbear, pyupgrade, simplify, complexity), format check,
+# and the documentation site's strict build (a broken link or anchor fails).
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+# The documentation site (mkdocs.yml, docs/) served with live reload on http://127.0.0.1:8000.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
 
 # Apply ruff's safe fixes and format the tree.
 format: install
@@ -82,12 +89,19 @@ serve-process: install
 	PREFECT_API_URL=$$(infra/server/prefect-server.sh url) $(PY) -m deployments.serve --replace
 
 SLURM_ARGS ?= --cpus 2 --gpus 2
-# A one-node SLURM with fake A100s on loopback; then: eval "$$(infra/slurm/local-slurm.sh env)"
+# A one-node SLURM on this machine with fake A100s (daemons on all interfaces, munge-authenticated);
+# then: eval "$$(infra/slurm/local-slurm.sh env)"; `make slurm-down` stops it.
 slurm-up:
 	infra/slurm/local-slurm.sh start $(SLURM_ARGS)
 
 slurm-down:
 	infra/slurm/local-slurm.sh stop
+
+# Superseded stage results (kept when a config change replaced them, reused if it changes back):
+# listed only; `make clean-superseded CLEAN_ARGS=--yes` removes them.
+CLEAN_ARGS ?=
+clean-superseded: install
+	$(VENV)/bin/monolm clean $(CLEAN_ARGS)
 
 # Stops services first: deleting .state under a running PostgreSQL would corrupt it.
 clean:

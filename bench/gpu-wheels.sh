@@ -8,7 +8,7 @@
 #   bench/gpu-wheels.sh [DEST]            # default .whl; needs pip and the package registry
 #
 # Then on the GPU machine, from the repository root, one command (bench/gpu-run.sh) installs them
-# into a scratch folder and runs the benchmark (README, "Running at full size").
+# into a scratch folder and runs the benchmark (docs/full-size.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dest=${1:-.whl}

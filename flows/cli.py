@@ -356,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--all", action="store_true", help="with --compare: every metric, not only the headline")
     results.set_defaults(func=cmd_results, preset_for_store="tiny")
     _runs_parser(sub)
+    from flows.clean import add_clean_parser
+
+    add_clean_parser(sub)
     return parser
 
 

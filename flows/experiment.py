@@ -12,6 +12,7 @@ import contextlib
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.states import Completed
 
 from flows.params import check_deployment_parameters, is_deployment_run
 from infra.profiles import gpu_resources, make_task_runner
@@ -20,7 +21,7 @@ from monolm.report.publish import check_results_folder
 from monolm.study.cells import cells, grid_from_lists
 from monolm.study.preflight import check_study
 from monolm.study.registry import gpu_stages, model_stages, seed_stages
-from tasks.aggregate import aggregate_task
+from tasks.aggregate import aggregate_task, publish_artifacts
 from tasks.common import stage_options
 from tasks.seed_stages import stage_task_for
 
@@ -197,10 +198,6 @@ def run_stages(cfg_data: dict[str, Any]) -> dict[str, Any]:
         where: {stage: fut.state.name for stage, fut in f.items()} for where, f in per_run.items()
     }
     summary["stage_states"]["aggregate"] = aggregate_future.state.name
-    if aggregate_future.state.name == "Cached":  # a cache hit ran no task: publish on this run too
-        from tasks.aggregate import publish_artifacts
-
-        publish_artifacts(summary)
     return summary
 
 
@@ -278,12 +275,26 @@ def experiment(
 
         verify_site(cfg.model_dump(mode="json"))
     stages = run_stages.with_options(task_runner=make_task_runner(cfg), flow_run_name=f"{cfg.run_name}-stages")
-    result = stages(cfg.model_dump(mode="json"))
+    return _finished(cfg, stages(cfg.model_dump(mode="json")), nightly, regression_tolerance)
+
+
+def _finished(cfg: ExperimentConfig, result: dict[str, Any], nightly: bool, tolerance: dict[str, Any] | None):
+    """Publish the artifacts on this run, the one `prefect deployment run` links to (the sub-flow
+    holds the stages' task runs and progress), check a nightly for regressions, and end with a
+    state message that says where the report is."""
+    result["artifacts"] = publish_artifacts(result)
     if nightly:
         from flows.nightly import regression_check
 
-        result["regression"] = regression_check(cfg.store_url, result["run_id"], regression_tolerance)
-    return result
+        result["regression"] = regression_check(cfg.store_url, result["run_id"], tolerance)
+    return Completed(message=completion_message(result), data=result)
+
+
+def completion_message(result: dict[str, Any]) -> str:
+    """The finished run's state message in the UI and `monolm runs`: the answer when the report
+    has one, then where the report is."""
+    answer = str(result.get("answer") or "finished").rstrip(".")
+    return f"{result['run_name']}: {answer}. Report: artifact `{result['artifacts']['report']}` and {result['report']}"
 
 
 def _warn_untimed_stages(cfg: ExperimentConfig, log) -> None:

@@ -144,7 +144,28 @@ def local_cluster_kwargs(cfg: ExperimentConfig) -> dict[str, Any]:
         "security": temporary_security(),
         "dashboard_address": None,
         "scheduler_kwargs": dict(NO_DASHBOARD),
+        "env": flow_api_env(),  # the workers' environment (distributed's Nanny)
     }
+
+
+def flow_api_env() -> dict[str, str]:
+    """`PREFECT_API_URL` for dask-local's worker processes when the flow runs without a server.
+
+    Then the flow talks to Prefect's temporary (ephemeral) server in its own process tree, and a
+    worker process, seeing no API URL either, would start a temporary server of its own at its
+    first task: one per worker, seconds each (a fully cached run took 52 s instead of 23 s), with
+    task runs recorded in databases nobody reads, and servers still shutting down when the
+    cluster closes ("Worker process still alive after 4.0 seconds, killing"). Pointing the
+    workers at the flow's own temporary server avoids all three. With a configured API URL
+    (environment or Prefect profile) workers inherit it: nothing to add."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return {}
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the process's one temporary server (a singleton)
+    return {"PREFECT_API_URL": server.api_url} if server.running else {}
 
 
 def tls_directory(cfg: ExperimentConfig) -> str:

@@ -1,6 +1,6 @@
-"""Stage 7 task: aggregate all seeds, then publish the results table and the report (with its
-figures embedded, `tasks.figures`) as Prefect artifacts on the flow run, so the UI shows the
-results without opening any file."""
+"""Stage 7 task: aggregate all seeds; and `publish_artifacts`, which the `experiment` flow calls on
+its own run (the one a deployment run links to) to show the results table and the report (with
+its figures embedded, `tasks.figures`) in the UI without opening any file."""
 
 from __future__ import annotations
 
@@ -41,16 +41,14 @@ def publish_artifacts(result: dict[str, Any]) -> dict[str, str]:
 @task(name="aggregate", task_run_name="aggregate")
 def aggregate_task(cfg: dict, seed: int | None = None, cells: list[dict] | None = None) -> dict:
     """`cells`: per cell of the grid {"label", "seeds": one {stage name: stage task result} per
-    seed}. Returns the stage result (with "dir" and "files", which the cache-validity check uses)
-    and the artifact keys."""
+    seed}. Returns the stage result (with "dir" and "files", which the cache-validity check uses);
+    the flow publishes it (`publish_artifacts`), so a cache hit shows the same artifacts."""
     per_cell = {
         cell["label"]: [{stage: as_ref(ref) for stage, ref in refs.items()} for refs in cell["seeds"]]
         for cell in cells or []
     }
     config = config_of(cfg)
 
-    result = run_stage(
+    return run_stage(
         "aggregate", config, None, Path(config.paths.results_root), lambda c: AGGREGATE.function()(c, per_cell)
     )
-    result["artifacts"] = publish_artifacts(result)
-    return result

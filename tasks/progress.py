@@ -129,7 +129,7 @@ class StageProgress:
         """One row per evaluation (with the latest training loss and rate): the curve table is
         created at the first evaluation and updated in place after (one artifact per arm, not a
         version per evaluation)."""
-        train = self.train or {}
+        train = self.train if event["step"] > 0 and self.train else {}  # step 0: the starting model, untrained
         point = {
             "step": event["step"],
             "train_loss": train.get("train_loss"),
@@ -139,7 +139,7 @@ class StageProgress:
             "tokens_per_s": train.get("tokens_per_s"),
         }
         self.curve.append(point)
-        rows = [{col: _rounded(p.get(col)) for col in CURVE_COLUMNS} for p in self.curve]
+        rows = [{col: _rounded(col, p.get(col)) for col in CURVE_COLUMNS} for p in self.curve]
         try:
             if self.curve_id is None:
                 from prefect.artifacts import create_table_artifact
@@ -164,11 +164,21 @@ def update_table_artifact(artifact_id: Any, rows: list[dict[str, Any]]) -> None:
         client.update_artifact(artifact_id=artifact_id, artifact=ArtifactUpdate(data=json.dumps(rows)))
 
 
-def _rounded(value: Any) -> Any:
-    """5 decimals; None for a value JSON cannot hold (NaN, inf)."""
-    if isinstance(value, float):
-        return round(value, 5) if math.isfinite(value) else None
-    return value
+# Digits a reader of the curve can use: losses to 4 decimals, perplexity to 2, the learning rate to
+# 3 significant digits, throughput in whole tokens per second.
+_DECIMALS = {"train_loss": 4, "val_loss": 4, "val_perplexity": 2, "tokens_per_s": 0}
+
+
+def _rounded(column: str, value: Any) -> Any:
+    """`value` at the precision of its `column`; None for a value JSON cannot hold (NaN, inf)."""
+    if not isinstance(value, float):
+        return value
+    if not math.isfinite(value):
+        return None
+    if column == "lr":
+        return float(f"{value:.3g}")
+    digits = _DECIMALS.get(column, 5)
+    return round(value) if digits == 0 else round(value, digits)
 
 
 def compose(*hooks: Callable[[dict[str, Any]], None] | None) -> Callable[[dict[str, Any]], None]:

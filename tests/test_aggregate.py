@@ -17,7 +17,7 @@ prefect = pytest.importorskip("prefect")
 from prefect import flow  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-from tasks.aggregate import aggregate_task, artifact_key  # noqa: E402
+from tasks.aggregate import aggregate_task, artifact_key, publish_artifacts  # noqa: E402
 from tasks.common import stage_options  # noqa: E402
 
 
@@ -49,7 +49,9 @@ def _setup(tmp_path):
         cells = [{"label": "tiny-neox/mlp_in-abs", "seeds": seeds}]
         future = aggregate_task.with_options(**options).submit(cfg=cfg_data, seed=None, cells=cells)
         future.wait()
-        return future.result(), future.state.name
+        result = future.result()
+        result["artifacts"] = publish_artifacts(result)  # as the experiment flow does, on its own run
+        return result, future.state.name
 
     return run
 
@@ -70,6 +72,9 @@ def test_task_publishes_artifacts(harness, tmp_path):
     assert md and md[0].type == "markdown" and "## Findings" in md[0].data and "paired t-test" in md[0].data
     # the answer in one sentence (issue 24): the artifact's description, and the report's opening
     assert md[0].description == result["answer"] and f"**{result['answer']}**" in md[0].data
+    # report.md names its config file next to it, not by this machine's absolute path
+    text = Path(result["report"]).read_text()
+    assert "full config: [`config.yaml`](config.yaml)" in text and str(Path(result["dir"]) / "config.yaml") not in text
 
 
 def test_unchanged_rerun_is_a_cache_hit_until_the_folder_is_deleted(harness, tmp_path):

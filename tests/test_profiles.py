@@ -197,3 +197,60 @@ def test_persistent_timeouts_survive_a_dropped_injection(monkeypatch):
     assert not install_persistent_task_timeouts()  # idempotent
     outcome = _spin_under_timeout(0.2, budget=10)
     assert outcome.startswith("timed out after") and float(outcome.split()[3]) < 2, outcome
+
+
+# A flow without a Prefect server (its own temporary one) running a task on the dask-local profile.
+_DASK_LOCAL_WITHOUT_SERVER = """
+import os
+from prefect import flow, task
+from infra.profiles import make_task_runner
+from monolm.config import load_config
+
+@task
+def where():
+    from prefect.server.api.server import SubprocessASGIServer
+    return os.environ.get("PREFECT_API_URL"), SubprocessASGIServer().running
+
+@flow
+def stages():
+    return where.submit().result()
+
+@flow
+def outer():
+    from prefect.server.api.server import SubprocessASGIServer
+    cfg = load_config("tiny", sets=["runner.profile=dask-local", "runner.dask_workers=2"])
+    worker_url, worker_server = stages.with_options(task_runner=make_task_runner(cfg))()
+    print("RESULT", worker_url == SubprocessASGIServer().api_url, worker_server, flush=True)
+
+outer()
+"""
+
+
+@pytest.mark.slow
+def test_dask_local_workers_use_the_flows_temporary_server(tmp_path):
+    """`--profile dask-local` without a Prefect server (issue 24): the worker processes report to
+    the flow's own temporary server instead of each starting one (seconds per worker, and slow
+    to close: "Worker process still alive after 4.0 seconds, killing")."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DASK_"))}
+    env.update(PYTHONPATH=str(REPO), PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    # A busy 2-core machine can take longer than Prefect's default 20 s to start a temporary server.
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
+    proc = subprocess.run(
+        [sys.executable, "-c", _DASK_LOCAL_WITHOUT_SERVER],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert "RESULT True False" in output, output[-3000:]  # the flow's URL; no server of the worker's own
+    assert output.count("Starting temporary server") == 1, output[-3000:]
+    # Not asserted: "Worker process still alive after 4.0 seconds, killing". Without the workers'
+    # own servers it is gone on an idle machine, but a worker still closing after 4 s on a loaded
+    # 2-core machine prints it too.

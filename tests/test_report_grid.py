@@ -329,21 +329,37 @@ def test_markdown_latex_and_csv(grid):
     md = report.grid_markdown(grid, plots={"tradeoff-tiny-neox": "tradeoff-tiny-neox.png"}, cell_reports=links)
     assert grid["axes"] == {"model": [MODEL], "variant": list(VARIANTS), "init": ["abs"]}
     assert "3 cells (models: `tiny-neox`; variants: `mlp_in`, `mlp_both`, `mlp_in_attn_out`; inits: `abs`)" in md
-    assert md.count("| Variant (init) |") == 1  # one table per model
+    # per model a quality table and one per attack, none wider than 8 columns
+    assert md.count("| Variant (init) |") == 3
+    assert max(line.count("|") - 1 for line in md.splitlines() if line.startswith("| Variant (init) |")) <= 8
     assert "Holm" in md and "uncorrected" in md and "results.json keep the uncorrected p-values" in md
+    assert md.count("Holm's step-down method") == 1  # the multiple-comparison paragraph once (Methods)
     assert "the geometric mean of the per-seed perplexity ratios" in md and "per-document" not in md
     assert all(f"- {s}" in md for s in grid["findings"])
     assert "![tiny-neox: quality cost" in md and "(tradeoff-tiny-neox.png)" in md
     assert all(f"]({path})" in md for path in links.values())
-    line = next(x for x in md.splitlines() if x.startswith("| mlp_in_attn_out (abs) |"))
-    cells = [c.strip() for c in line.strip("|").split("|")]
-    test = _row(grid, "mlp_in_attn_out")["attacks"]["uat"]["difference"]
-    assert cells[1] == "3 seeds" and cells[3] == "+0.1100 [0.08516, 0.1348]"
-    assert cells[8] == f"{report.formatting.fmt_p(test['t_p'])} ({report.formatting.fmt_p(test['p_holm'])})"
-    assert cells[-1] == "UAT"  # Pareto-optimal under UAT only
+    # every interval column named with its CI method
+    assert "95% CI — Δ loss: " in md and "95% CI — loss increase: " in md and "; robustness gain: " in md
+    quality, uat, _hotflip = [
+        [c.strip() for c in x.strip("|").split("|")]
+        for x in md.splitlines()
+        if x.startswith("| mlp_in_attn_out (abs) |")
+    ]
+    assert quality[1] == "3 seeds" and quality[3] == "+0.1100 [0.08516, 0.1348]"
+    # one sign convention: the table's robustness gain is the findings' gain (baseline − constrained)
+    row = _row(grid, "mlp_in_attn_out")["attacks"]["uat"]
+    test, gain = row["difference"], row["gain"]
+    assert gain["value"] == pytest.approx(-test["value"]) and gain["value"] > 0
+    assert uat[4].startswith(report.cross_cell.terms.fmt_value(gain["value"], sign=True)) and uat[4].startswith("+")
+    uat_gains = [x.split("|")[5].split()[0] for x in md.splitlines() if x.startswith("| mlp_") and "UAT" not in x]
+    finding = _sentence(grid, f"{MODEL}, UAT robustness gain")
+    assert all(g.startswith("+") for g in uat_gains[3:6]), uat_gains  # positive in table and findings alike
+    assert any(g in finding for g in uat_gains[3:6]), (uat_gains, finding)
+    assert uat[5] == f"{report.formatting.fmt_p(test['t_p'])} ({report.formatting.fmt_p(test['p_holm'])})"
+    assert uat[-1] == "yes" and _hotflip[-1] == "—"  # Pareto-optimal under UAT only
 
     tex = report.grid_latex(grid)
-    assert tex.count(r"\begin{table*}") == 1 and r"\toprule" in tex and r"\bottomrule" in tex
+    assert tex.count(r"\begin{table*}") == 3 and r"\toprule" in tex and r"\bottomrule" in tex
     assert r"mlp\_in\_attn\_out (abs)" in tex and r"$\Delta$ loss" in tex and "_" not in tex.replace(r"\_", "")
 
     rows = list(csv.DictReader(io.StringIO(report.grid_csv(grid))))

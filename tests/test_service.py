@@ -349,22 +349,16 @@ def test_deployed_tiny_run_completes(service, shared_runs):
     from prefect.client.schemas.filters import (
         ArtifactFilter,
         ArtifactFilterFlowRunId,
-        FlowRunFilter,
-        FlowRunFilterParentFlowRunId,
     )
 
-    async def artifact_keys(client):
-        subs = await client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
-        )
+    async def artifact_keys(client):  # on the run the deployment run created, not only its sub-flow
         arts = await client.read_artifacts(
-            artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id, *(s.id for s in subs)])
-            )
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
         )
         return {a.key.split("-")[0] for a in arts if a.key}
 
     assert {"results", "report"} <= service.call(artifact_keys)
+    assert "Report: artifact `report-" in run.state.message, run.state.message
 
 
 def screenshot_dir() -> Path:
@@ -403,8 +397,8 @@ def test_ui_shows_the_run_its_stages_and_the_report_with_figures(service):
         (sub,) = await client.read_flow_runs(
             flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
         )
-        arts = await client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[sub.id]))
+        arts = await client.read_artifacts(  # the report is on the run the deployment run links to
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
         )
         (report,) = [a for a in arts if a.key and a.key.startswith("report-")]
         return sub, report
@@ -414,6 +408,7 @@ def test_ui_shows_the_run_its_stages_and_the_report_with_figures(service):
     shots = screenshot_dir()
     pages = {
         "flow-run": (f"{ui}/runs/flow-run/{flow_run_id}", (run.name, "Completed", "seed-42", "experiment")),
+        "flow-run-artifacts": (f"{ui}/runs/flow-run/{flow_run_id}?tab=Artifacts", (report.key, "results-")),
         "stage-task-runs": (
             f"{ui}/runs/flow-run/{sub.id}?tab=TaskRuns",
             (sub.name, "11 Task runs", "(11 Completed)", *(f"{s.replace('_', '-')}-seed-42" for s in STAGES[:-1])),

@@ -245,8 +245,10 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path):
 
 # --------------------------------------------------------------------------- history and best model
 def test_history_and_best_model_selection(tmp_path):
-    """Best = lowest validation perplexity, and best/ holds exactly the weights evaluated then."""
-    scripted = iter([30.0, 20.0, 25.0, 22.0])  # eval at steps 2, 4, 6, 8 -> best is step 4
+    """Best = lowest validation perplexity of a trained model, and best/ holds exactly the weights
+    evaluated then. The starting model is evaluated too (step 0: the curve starts where training
+    did) but is never selected, even with the lowest perplexity."""
+    scripted = iter([10.0, 30.0, 20.0, 25.0, 22.0])  # eval at steps 0, 2, 4, 6, 8 -> best is step 4
     snapshots = {}
     logs = []
 
@@ -284,8 +286,14 @@ def test_history_and_best_model_selection(tmp_path):
         }
         assert entry["tokens_per_s"] > 0 and entry["grad_norm"] > 0
     assert hist["log"][-1]["epoch"] == pytest.approx(8 * 8 / 32)
-    assert [(e["step"], e["val_perplexity"]) for e in hist["eval"]] == [(2, 30.0), (4, 20.0), (6, 25.0), (8, 22.0)]
-    assert hist["eval"][0]["val_loss"] == pytest.approx(math.log(30.0))
+    assert [(e["step"], e["val_perplexity"]) for e in hist["eval"]] == [
+        (0, 10.0),
+        (2, 30.0),
+        (4, 20.0),
+        (6, 25.0),
+        (8, 22.0),
+    ]
+    assert hist["eval"][1]["val_loss"] == pytest.approx(math.log(30.0))
     s = hist["summary"]
     assert (
         s["best_step"],
@@ -295,9 +303,9 @@ def test_history_and_best_model_selection(tmp_path):
         s["tokens_seen"],
     ) == (4, 20.0, 8, 8, res.tokens_seen)
     assert res.final_metrics["best_step"] == 4 and res.final_metrics["val_perplexity"] == 22.0
-    assert [e["kind"] for e in logs].count("eval") == 4 and [e["kind"] for e in logs].count("train") == 3
+    assert [e["kind"] for e in logs].count("eval") == 5 and [e["kind"] for e in logs].count("train") == 3
     best = load_file(str(res.best_dir / "model.safetensors"))
-    at_step_4 = snapshots[1]
+    at_step_4 = snapshots[2]
     assert set(best) == set(at_step_4)
     assert all(torch.equal(best[k], at_step_4[k]) for k in best)
     assert not torch.equal(best["lm_head.weight"], model.state_dict()["lm_head.weight"])

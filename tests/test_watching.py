@@ -151,6 +151,43 @@ def test_stage_progress_artifact_updates_are_throttled(monkeypatch):
     assert tracker._description().startswith("**train_baseline seed 42**: 100%\n")
 
 
+def test_training_curve_starts_at_step_0_with_readable_precision(monkeypatch):
+    """The curve artifact's first row is the starting model (step 0, no training loss yet); losses
+    to 4 decimals, perplexity to 2, the learning rate to 3 significant digits, whole tokens/s."""
+    import prefect.artifacts as artifacts
+
+    from tasks import progress
+    from tasks.progress import StageProgress
+
+    tables: list[list[dict]] = []
+    monkeypatch.setattr(artifacts, "create_progress_artifact", lambda progress, key=None, description=None: "id")
+    monkeypatch.setattr(artifacts, "update_progress_artifact", lambda artifact_id, progress, description=None: None)
+    monkeypatch.setattr(artifacts, "create_table_artifact", lambda **kw: tables.append(kw["table"]) or "table-id")
+    monkeypatch.setattr(progress, "update_table_artifact", lambda artifact_id, rows: tables.append(rows))
+    tracker = StageProgress("train_baseline", 42, "run")
+    tracker({"kind": "eval", "step": 0, "fraction": 0.0, "val_perplexity": 41.123456, "val_loss": 3.716789123})
+    train = {"kind": "train", "step": 2, "train_loss": 3.5123456, "lr": 0.000312345, "tokens_per_s": 1234.56789}
+    tracker({**train, "fraction": 0.5})
+    tracker({"kind": "eval", "step": 2, "fraction": 0.5, "val_perplexity": 30.987654, "val_loss": 3.4335678})
+    start, after = tables[-1]
+    assert start == {
+        "step": 0,
+        "train_loss": None,
+        "val_loss": 3.7168,
+        "val_perplexity": 41.12,
+        "lr": None,
+        "tokens_per_s": None,
+    }
+    assert after == {
+        "step": 2,
+        "train_loss": 3.5123,
+        "val_loss": 3.4336,
+        "val_perplexity": 30.99,
+        "lr": 0.000312,
+        "tokens_per_s": 1235,
+    }
+
+
 # ----------------------------------------------------------------------------- a flow run
 def _api_url() -> str:
     from prefect.settings import PREFECT_API_URL
@@ -241,6 +278,12 @@ def test_training_and_attack_progress_in_the_task_run_logs(watched_run):
     assert [m for m in logs if re.search(r"evaluate monotonic \(1/1\): perplexity [\d.]+", m)]  # the cell's own
 
 
+def _parent_flow_run(sub):
+    """The `experiment` run that started sub-flow run `sub` (the run a deployment run links to)."""
+    with _sync_client() as client:
+        return client.read_flow_run(client.read_task_run(sub.parent_task_run_id).flow_run_id)
+
+
 @pytest.mark.slow
 def test_progress_artifacts_curves_and_embedded_figures(watched_run):
     run = _stage_flow_run(watched_run["name"])
@@ -254,16 +297,26 @@ def test_progress_artifacts_curves_and_embedded_figures(watched_run):
         assert float(artifact.data) == 100.0, (stage, artifact.data)
         assert artifact.description.startswith(f"**{stage.replace('-', '_')} seed 42**: 100%\n"), artifact.description
     # The training curve: one table per arm, updated in place at each evaluation: one row per
-    # evaluation (steps 2 and 4), with the training loss.
+    # evaluation (the starting model at step 0, then steps 2 and 4), with the training loss.
     curves = {a.key: a for a in sorted(artifacts, key=lambda a: a.created) if a.key and a.key.startswith("curve-")}
     assert set(curves) == {f"curve-{watched_run['name']}-seed-42-train-{arm}" for arm in ("baseline", "monotonic")}
     import json
 
     for curve in curves.values():
         rows = json.loads(curve.data)
-        assert [r["step"] for r in rows] == [2, 4] and all(r["train_loss"] and r["val_perplexity"] for r in rows)
-    # The report carries its three figures as small embedded PNGs.
-    (report,) = [a for a in artifacts if a.key and a.key.startswith("report-")]
+        assert [r["step"] for r in rows] == [0, 2, 4]
+        assert rows[0]["train_loss"] is None and rows[0]["val_perplexity"]
+        assert all(r["train_loss"] and r["val_perplexity"] for r in rows[1:])
+        assert all(isinstance(r["tokens_per_s"], int) for r in rows[1:]), rows
+    # The report (with its three figures as small embedded PNGs) and the results table are on the
+    # parent `experiment` run, whose state message says where the report is; not on the sub-flow.
+    assert not [a for a in artifacts if a.key and a.key.startswith("report-")]
+    parent = _parent_flow_run(run)
+    assert parent.state_name == "Completed" and f"{watched_run['name']}: " in parent.state.message
+    assert f"Report: artifact `report-{watched_run['name']}`" in parent.state.message, parent.state.message
+    on_parent = _artifacts(parent.id)
+    assert {a.key for a in on_parent} >= {f"report-{watched_run['name']}", f"results-{watched_run['name']}"}
+    (report,) = [a for a in on_parent if a.key and a.key.startswith("report-")]
     images = re.findall(r"!\[[^\]]+\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", report.data)
     assert len(images) == 3
     assert all(len(i) < 80_000 for i in images) and len(report.data) < 200_000

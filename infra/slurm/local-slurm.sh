@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A single-node SLURM cluster on loopback with fake A100 GPUs, for tests and for trying the
+# A single-node SLURM cluster on this machine with fake A100 GPUs (its daemons listen on all
+# interfaces, every message munge-authenticated), for tests and for trying the
 # `slurm` runner profile on a laptop. Everything lives under <state>/slurm.
 set -euo pipefail
 MONOLM_SCRIPT=local-slurm

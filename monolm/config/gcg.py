@@ -1,7 +1,7 @@
 """`attacks.gcg`: the knobs of universal GCG (Zou et al. 2023, as GraySwan's nanoGCG implements
 it) and of its gradient-free control. Defaults follow nanoGCG (250 steps, width 512, top-k 256,
 one replaced position, no buffer) except the width, which `monolm plan` sizes for a 1.4B model
-(see the README, "GCG")."""
+(see docs/science.md, "GCG")."""
 
 from __future__ import annotations
 

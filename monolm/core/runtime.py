@@ -98,7 +98,7 @@ def configure_threads() -> int:
 
     Why: stages 2||3 and 5||6 run concurrently, and processes whose OpenMP threads together
     oversubscribe the cores spin against each other and run many times slower than one thread
-    each (README, "Profiles").
+    each (docs/running.md, "Profiles").
     """
     global _threads_configured
     if not _threads_configured:

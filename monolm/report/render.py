@@ -187,7 +187,8 @@ def _provenance_lines(results: dict[str, Any], config_path: str) -> list[str]:
         *([f"- {results['held_out_statement']}"] if results.get("held_out_statement") else []),
         f"- Run ID `{meta['run_id']}` in the results store (`monolm results --run {meta['run_id']}`).",
         *([f"- **Status: partial** — {meta['incomplete']}."] if meta.get("incomplete") else []),
-        f"- Config digest `{meta['config_digest']}`; full config: `{config_path}` (also at the end of this report).",
+        f"- Config digest `{meta['config_digest']}`; full config: [`{config_path}`]({config_path}) next to this "
+        "report (also at the end of it).",
         f"- Code revision: `{meta['code_revision']}`" + stage_revisions + ".",
         "",
     ]

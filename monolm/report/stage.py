@@ -281,7 +281,8 @@ def _write_folder(
     if robustness is not None:
         figures["robustness"] = robustness
     rel_plots = {name: path.name for name, path in figures.items()}
-    md = report.markdown(results, plots=rel_plots, config_yaml=config_to_yaml(cfg), config_path=str(config_path))
+    # The file next to report.md, by name: the report is read on other machines (no absolute path of this one).
+    md = report.markdown(results, plots=rel_plots, config_yaml=config_to_yaml(cfg), config_path=config_path.name)
     written.append(("report.md", atomic_write_text(directory / "report.md", md)))
     return [rel for rel, _ in written] + sorted(rel_plots.values())
 

@@ -78,8 +78,28 @@ def stage_code_version(stage: str) -> str:
 
 def existing(cfg: ExperimentConfig, cell: CellPaths, stage: str, inputs: Inputs) -> StageRef | None:
     """The stage's earlier result if it finished with the same config, inputs and code, and its
-    files still match their digests; else None (and a warning when something was corrupt)."""
+    files still match their digests; else None (and a warning when something was corrupt).
+
+    A finished result that a config change superseded is kept as `<stage>.superseded-<work key>`
+    (see `prepare`); when the config returns to it, it is moved back and reused, not recomputed."""
     directory = cell.stage(stage)
+    ref = _matching(cfg, cell, stage, inputs, directory)
+    if ref is not None:
+        return ref
+    kept = superseded_dir(directory, work_key(cfg, stage, inputs))
+    ref = _matching(cfg, cell, stage, inputs, kept)  # names `directory`, where it is moved back to
+    if ref is None:
+        return None
+    if directory.exists() and any(directory.iterdir()):
+        _move_aside(directory)
+    shutil.rmtree(directory, ignore_errors=True)  # an empty folder (or nothing) left behind
+    os.replace(kept, directory)
+    log.info("reusing %s: the result kept from when the config was last the same", directory)
+    return ref
+
+
+def _matching(cfg: ExperimentConfig, cell: CellPaths, stage: str, inputs: Inputs, directory: Path) -> StageRef | None:
+    """The finished result in `directory` if it was computed from this config, inputs and code."""
     try:
         manifest, digest = load_manifest(directory)
     except FileNotFoundError:
@@ -94,7 +114,34 @@ def existing(cfg: ExperimentConfig, cell: CellPaths, stage: str, inputs: Inputs)
         or manifest.metrics.get("code_version") != stage_code_version(stage)
     ):
         return None
-    return StageRef(stage, cell.seed, str(directory), digest, manifest.metrics)
+    return StageRef(stage, cell.seed, str(cell.stage(stage)), digest, manifest.metrics)
+
+
+SUPERSEDED = ".superseded-"  # `<stage>.superseded-<work key or time>`: moved aside, never deleted silently
+
+
+def superseded_dir(directory: Path, key: str) -> Path:
+    """Where `directory`'s finished result computed under work key `key` is kept once superseded."""
+    return directory.with_name(f"{directory.name}{SUPERSEDED}{key}")
+
+
+def _move_aside(directory: Path) -> Path:
+    """Move `directory` out of the way of a different computation. A finished result goes to
+    `<stage>.superseded-<its work key>`, where `existing` finds it again if the config comes back
+    (replacing an older copy of the same key: the same inputs, config and code); unfinished work
+    goes to `<stage>.superseded-<time>` (kept as evidence, never resumed)."""
+    try:
+        key = json.loads((directory / ".work.json").read_text())["key"]
+        load_manifest(directory)
+    except (OSError, ValueError, KeyError, CorruptArtifact):
+        key = None
+    if key is None:
+        aside = directory.with_name(f"{directory.name}{SUPERSEDED}{time.strftime('%Y%m%d-%H%M%S')}")
+    else:
+        aside = superseded_dir(directory, key)
+        shutil.rmtree(aside, ignore_errors=True)
+    os.replace(directory, aside)
+    return aside
 
 
 def work_key(cfg: ExperimentConfig, stage: str, inputs: Inputs) -> str:
@@ -114,8 +161,9 @@ def prepare(cfg: ExperimentConfig, cell: CellPaths, stage: str, inputs: Inputs) 
     half-redone stage is never mistaken for a finished one. Work in progress (checkpoints,
     finished attack units) is kept for resuming only if it was computed from the same config,
     inputs and code (recorded in `.work.json` when the stage starts); otherwise the old folder is
-    moved aside to `<stage>.superseded-<time>` with a warning, never resumed and never silently
-    deleted.
+    moved aside with a warning, never silently deleted: a finished result to
+    `<stage>.superseded-<work key>` (reused by `existing` when the config returns to it), unfinished
+    work to `<stage>.superseded-<time>` (never resumed). `monolm clean` lists and removes them.
     """
     configure_threads()
     directory = cell.stage(stage)
@@ -127,8 +175,7 @@ def prepare(cfg: ExperimentConfig, cell: CellPaths, stage: str, inputs: Inputs) 
         except (OSError, ValueError, KeyError):
             previous = None
         if previous != key and any(directory.iterdir()):
-            aside = directory.with_name(f"{directory.name}.superseded-{time.strftime('%Y%m%d-%H%M%S')}")
-            os.replace(directory, aside)
+            aside = _move_aside(directory)
             log.warning("%s held work for a different config/inputs/code; moved it to %s", directory, aside)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "manifest.json").unlink(missing_ok=True)

@@ -6,7 +6,7 @@ Every list of stages in the project is derived from `STAGES` (config validation,
 manifests and cache keys, the plain pipeline, the Prefect flow and its per-seed tasks (made by one
 factory in `tasks/seed_stages.py`), the task runners' GPU annotations, the memory plans of
 `monolm plan`, stage 7 and the report's attack names). Adding a stage is one entry here plus its
-entry function (`entry`) and, for an attack, its report section (README, "Adding an attack"); an
+entry function (`entry`) and, for an attack, its report section (docs/development.md, "Adding an attack"); an
 attack can also be added from its own module, `register_attack` (the derived views are recomputed
 in one place, `_derive`, so read the tuples through the functions below, not copies made at import).
 

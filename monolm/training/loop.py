@@ -96,6 +96,8 @@ def train(
     stop_at = total if max_steps_this_call is None else min(total, state.step + max_steps_this_call)
     state.start_clocks()
 
+    if evaluate is not None and state.step == 0 and not state.history["eval"]:
+        evaluate_start(run, state)
     model.train()
     bar = _progress_bar(run, state, progress)
     try:
@@ -214,6 +216,18 @@ def evaluate_and_keep_best(run: TrainingRun, state: LoopState, first_step: int =
             fingerprint_digest=run.fingerprint_digest,
         )
         summary.update(best_step=state.step, best_val_perplexity=ppl)
+
+
+def evaluate_start(run: TrainingRun, state: LoopState) -> None:
+    """Evaluate the starting model (step 0) so the training curve starts where training did (the
+    base model, or the constrained initialisation). It is recorded and shown, but never a
+    candidate for `best/`: the selected model is always a trained one."""
+    metrics = _run_eval(run.model, run.evaluate, run.constrained)
+    entry = {"step": 0, **metrics}
+    state.history["eval"].append(entry)
+    message = f"{_label(run)} eval at step 0/{run.total_steps}: val perplexity {metrics['val_perplexity']:.3f} (start)"
+    log.info("%s", message)
+    run.emit("eval", {**entry, "total_steps": run.total_steps, "fraction": 0.0, "eta_s": None, "message": message})
 
 
 def keep_final_as_best(run: TrainingRun, state: LoopState) -> None:

@@ -1,6 +1,7 @@
-"""The cross-variant report's files, from `grid_analysis`'s dict: report.md (findings, one table
-per model, the multiple-comparison note, figures, links to every cell's own report, methods),
-tables.tex (booktabs, one table per model) and summary.csv (one row per model, variant, init and
+"""The cross-variant report's files, from `grid_analysis`'s dict: report.md (the sign convention,
+findings, per model a quality table and one table per attack (`tables.py`), figures, links to
+every cell's own report, methods with the multiple-comparison note, once), tables.tex (booktabs,
+the same tables) and summary.csv (one row per model, variant, init and
 measure). The tables are built once as `Table`s and shared by the Markdown and LaTeX renderers."""
 
 from __future__ import annotations
@@ -10,150 +11,10 @@ import io
 from collections.abc import Iterator
 from typing import Any
 
-from monolm.report.cross_cell.terms import (
-    SIZE_FIGURE,
-    family_label,
-    file_slug,
-    fmt_interval,
-    fmt_params,
-    fmt_value,
-    row_name,
-    tradeoff_names,
-    unit_text,
-)
-from monolm.report.formatting import fmt_p, fmt_pct
+from monolm.report.cross_cell.tables import SIGN_CONVENTION, grid_tables, model_tables
+from monolm.report.cross_cell.terms import SIZE_FIGURE, family_label, fmt_params, row_name, tradeoff_names
 from monolm.report.render import table_latex, table_markdown
 from monolm.report.robust_grid import grid_section_lines
-from monolm.report.table_builders import Table
-
-
-def _cell(est: dict[str, Any] | None, *, sign: bool = False, pct: bool = False) -> str:
-    """ "value [low, high]", with its n when that is not the row's seeds (one seed: texts, documents)."""
-    if not est or est.get("value") is None:
-        return "—"
-    text = fmt_value(est["value"], sign=sign, pct=pct)
-    if est.get("ci_low") is not None:
-        text += " " + fmt_interval(est, pct=pct)
-    if est.get("unit") != "seeds":
-        text += f" (n={unit_text(est.get('n'), est['unit'])})"
-    return text
-
-
-def _p_cell(test: dict[str, Any] | None) -> str:
-    """ "uncorrected (Holm)"."""
-    if not test or test.get("t_p") is None:
-        return "—"
-    return f"{fmt_p(test['t_p'])} ({fmt_p(test.get('p_holm'))})"
-
-
-def _columns(grid: dict[str, Any], attacks: list[str]) -> list[str]:
-    threshold = grid.get("success_threshold")
-    success = f"success rate (rel. > {fmt_pct(threshold)})" if threshold is not None else "success rate"
-    columns = ["Variant (init)", "n", "Perplexity ratio", "Δ loss (nats/token)", "p (Holm)"]
-    for attack in attacks:
-        name = grid["attacks"][attack]
-        columns += [
-            f"{name} loss increase, constrained",
-            f"{name} {success}",
-            f"{name} constrained − baseline",
-            "p (Holm)",
-        ]
-    return [*columns, "Pareto-optimal under"]
-
-
-def _row_cells(grid: dict[str, Any], row: dict[str, Any], attacks: list[str]) -> list[str]:
-    quality = row["quality"]
-    cells = [
-        row_name(row),
-        unit_text(row["n_seeds"], "seeds"),
-        _cell(quality["perplexity_ratio"]),
-        _cell(quality["delta_loss"], sign=True),
-        _p_cell(quality["delta_loss"]),
-    ]
-    for attack in attacks:
-        block = row["attacks"].get(attack) or {}
-        cells += [
-            _cell(block.get("constrained_abs_increase")),
-            _cell(block.get("constrained_success_rate"), pct=True),
-            _cell(block.get("difference"), sign=True),
-            _p_cell(block.get("difference")),
-        ]
-    pareto = [grid["attacks"][a] for a in attacks if row["pareto"].get(a)]
-    return [*cells, ", ".join(pareto) or "—"]
-
-
-def _baseline_sentence(grid: dict[str, Any], entry: dict[str, Any]) -> str:
-    ref = entry["baseline"]
-    parts = [f"test perplexity {_cell(ref['perplexity'])}"] if ref["perplexity"] else []
-    for attack in entry["attacks"]:
-        rec = ref["attacks"].get(attack)
-        if rec:
-            name = grid["attacks"][attack]
-            parts.append(
-                f"{name} loss increase {_cell(rec['abs_increase'])}, success rate "
-                f"{_cell(rec['success_rate'], pct=True)}"
-            )
-    return ("Baseline (shared by every variant of a seed): " + "; ".join(parts) + ".") if parts else ""
-
-
-def _ci_methods(entry: dict[str, Any]) -> str:
-    methods = set()
-    for row in entry["rows"]:
-        ests = [row["quality"]["delta_loss"]]
-        for block in row["attacks"].values():
-            ests += [block["constrained_abs_increase"], block["constrained_success_rate"], block["difference"]]
-        methods |= {e["ci_method"] for e in ests if e and e.get("ci_method")}
-    return ("95% CI: " + "; ".join(sorted(methods)) + ".") if methods else "No confidence intervals."
-
-
-def _ratio_words(entry: dict[str, Any]) -> str:
-    """What exp(Δ loss) is: across seeds the geometric mean of the per-seed perplexity ratios; with one
-    seed, Δ loss is the mean per-document difference, so the ratio is over documents."""
-    units = {(row["quality"]["delta_loss"] or {}).get("unit") for row in entry["rows"]} - {None}
-    words = []
-    if "seeds" in units:
-        words.append("across seeds: the geometric mean of the per-seed perplexity ratios")
-    if "documents" in units:
-        words.append(
-            "with one seed: from the mean per-document loss difference, which weighs documents equally and can "
-            "differ slightly from the ratio of the token-weighted perplexities in the cell's report"
-        )
-    return "; ".join(words) or "no test"
-
-
-def model_table(grid: dict[str, Any], entry: dict[str, Any]) -> Table:
-    """One model's table: a row per (variant, init), quality cost then each attack, with a note
-    that says what every column is, the baseline's own numbers and the Holm correction."""
-    attacks = entry["attacks"]
-    size = f" ({fmt_params(entry['parameters'])} parameters)" if entry["parameters"] is not None else ""
-    n_rows = len(entry["rows"])
-    t = Table(
-        f"grid-{file_slug(entry['model'])}",
-        f"{entry['model']}{size}: quality cost and robustness of each constraint variant against the baseline",
-        _columns(grid, attacks),
-    )
-    t.rows = [_row_cells(grid, row, attacks) for row in entry["rows"]]
-    t.note = " ".join(
-        s
-        for s in (
-            f"Perplexity ratio: constrained / baseline test perplexity, exp(Δ loss) ({_ratio_words(entry)}). "
-            "Δ loss: constrained − baseline test loss in nats/token. Attack columns: the "
-            "constrained arm's absolute loss increase (nats/token) and success rate, and the paired difference "
-            "constrained − baseline of the absolute increase (negative: harder to attack). Cells: value [95% CI].",
-            _ci_methods(entry),
-            f"p: paired t-test, uncorrected (in parentheses Holm-adjusted over the {n_rows} variant"
-            f"{'s' if n_rows != 1 else ''} of this model, separately for Δ loss and each attack).",
-            _baseline_sentence(grid, entry),
-            "Pareto-optimal: no other variant, nor the baseline at zero cost and zero gain, has both a lower Δ "
-            "loss and a higher robustness gain (point estimates).",
-        )
-        if s
-    )
-    return t
-
-
-def grid_tables(grid: dict[str, Any]) -> list[Table]:
-    return [model_table(grid, entry) for entry in grid["models"]]
 
 
 def holm_note(grid: dict[str, Any]) -> str:
@@ -196,10 +57,12 @@ def _cell_links(entry: dict[str, Any], cell_reports: dict[str, str]) -> list[str
 
 
 def _model_sections(grid: dict[str, Any], cell_reports: dict[str, str]) -> Iterator[str]:
-    for entry, table in zip(grid["models"], grid_tables(grid), strict=True):
+    for entry in grid["models"]:
         size = f" ({fmt_params(entry['parameters'])} parameters)" if entry["parameters"] is not None else ""
         seeds = ", ".join(str(s) for s in entry["seeds"])
-        yield from [f"## {entry['model']}{size}", "", f"Seeds: {seeds}.", "", table_markdown(table), ""]
+        yield from [f"## {entry['model']}{size}", "", f"Seeds: {seeds}.", ""]
+        for table in model_tables(grid, entry):
+            yield from [table_markdown(table), ""]
         yield from _cell_links(entry, cell_reports)
 
 
@@ -207,14 +70,14 @@ def _methods(grid: dict[str, Any]) -> list[str]:
     return [
         "## Methods",
         "",
-        "- Every difference is constrained − baseline within one model and seed; the baseline is trained once per "
+        f"- {SIGN_CONVENTION} Both are paired within one model and seed; the baseline is trained once per "
         "model and seed and shared by all variants. Across seeds: paired t-test (primary) and Wilcoxon "
         "signed-rank test over seeds, Student-t 95% CI. With one seed: the same tests over the test documents "
         "(quality) or the attacked texts (attacks) of that seed, which say nothing about variation between "
         "training seeds.",
         "- Quality cost: Δ test loss (nats/token); perplexity ratio = exp(Δ loss). Robustness gain under an "
-        "attack: baseline − constrained absolute loss increase (nats/token), the negative of the paired "
-        "difference, with its interval mirrored.",
+        "attack (nats/token): the negative of the paired test's constrained − baseline difference, with its "
+        "interval mirrored; its p is that test's.",
         f"- {holm_note(grid)}",
         "- Pareto front: the variants (and the baseline at the origin) that no other point beats in both quality "
         "cost and robustness gain, per attack, on the point estimates.",
@@ -233,14 +96,12 @@ def grid_markdown(grid: dict[str, Any], *, plots: dict[str, str], cell_reports: 
         f"> {n_cells} cell{'s' if n_cells != 1 else ''} ({axes}): what each constraint variant costs in "
         "quality and buys in robustness, against the baseline of the same model and seed.",
         "",
+        f"{SIGN_CONVENTION} Tests are Holm-corrected per model (Methods).",
+        "",
         *grid_section_lines(grid.get("robust_or_damaged")),
         "## Findings",
         "",
         *([f"- {s}" for s in grid["findings"]] or ["- No comparisons could be computed."]),
-        "",
-        "## Multiple comparisons",
-        "",
-        holm_note(grid),
         "",
         *_model_sections(grid, cell_reports),
     ]
