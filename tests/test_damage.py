@@ -102,3 +102,62 @@ def test_noise_is_scaled_per_matrix_by_its_rms():
     Perturbation(base, [name], seed=0).apply(0.5)
     ratio = float((weight.detach() - original).pow(2).mean().sqrt() / original.pow(2).mean().sqrt())
     assert ratio == pytest.approx(0.5, rel=0.05)
+
+
+def test_every_attack_of_the_registry_has_a_damage_runner_and_a_planned_cost():
+    """So the damage stage's `not_attacked` is empty and `monolm plan` counts what it runs."""
+    from monolm.controls.attack_runners import RUNNERS
+    from monolm.memory.plans import DAMAGE_ATTACKS
+    from monolm.study.registry import ATTACKS
+
+    assert set(RUNNERS) == set(ATTACKS)
+    assert set(DAMAGE_ATTACKS) == set(RUNNERS)
+
+
+def test_the_gcg_runner_attacks_the_damaged_model_as_the_gcg_stage_attacks_an_arm(tmp_path):
+    """Same settings, texts and seed as `gcg.run` on an arm: the same best trigger and per-text
+    losses, without the random control (no control units are written)."""
+    from monolm.attacks import gcg
+    from monolm.config import GCGConfig, TinyModelConfig
+    from monolm.controls.attack_runners import RUNNERS
+    from monolm.data import splits as data_lib
+    from monolm.models import loading as models
+    from tests.helpers import micro_config
+
+    docs = data_lib.embedded_documents()
+    tok = data_lib.train_bpe_tokenizer(docs[20:], 300)
+    model = models.build_tiny_model(
+        TinyModelConfig(vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), tok, seed=0
+    )
+    ids = data_lib.tokenize(tok, docs[:14])
+    opt, held_out = ids[:4], ids[4:]
+    cfg = micro_config(tmp_path)
+    settings = GCGConfig(
+        trigger_len=2, steps=2, search_width=4, topk=6, restarts=1, n_opt_texts=4, n_eval_texts=6, text_max_tokens=16
+    )
+    got = RUNNERS["gcg"](cfg, settings, model, tok, opt, held_out, seed=7, out_dir=tmp_path / "damage")
+    arm = gcg.run(
+        model,
+        tok,
+        opt,
+        held_out,
+        settings,
+        seed=7,
+        out_dir=tmp_path / "arm",
+        success_threshold=cfg.attacks.success_threshold,
+    )
+    assert got["clean"] == arm["per_text"]["clean"] and got["attacked"] == arm["per_text"]["attacked"]
+    assert len(got["attacked"]) == settings.n_eval_texts
+    assert got["summary"]["abs_increase"] == pytest.approx(arm["eval"]["abs_increase"]["mean"])
+    assert not list((tmp_path / "damage").glob("gcg_control*"))
+
+
+def test_plan_counts_gcg_in_the_damage_arms_cost():
+    from monolm.config import load_config
+    from monolm.memory.plans import plan_table
+
+    def damage_flops(*sets):
+        rows = plan_table(load_config("full", sets=list(sets)))[1]
+        return {r["stage"]: r for r in rows}["damage"]["flops"]
+
+    assert damage_flops("attacks.gcg.steps=1000") > damage_flops("attacks.gcg.steps=10") > 0

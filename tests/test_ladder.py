@@ -39,8 +39,12 @@ def test_grid_shares_one_ladder_from_stage0_snapshots_and_the_report_uses_it(tmp
     ppl = [r["evaluation"]["token_perplexity"] for r in report["rungs"]]
     assert ppl[0] > ppl[1] > ppl[2], ppl  # quality rises with pre-training steps
     for rung in report["rungs"]:
-        assert set(rung["attacks"]) == {"uat", "hotflip"}
+        assert set(rung["attacks"]) == {"uat", "hotflip", "gcg"}
         assert len(rung["attacks"]["hotflip"]["clean"]) == cfg.attacks.hotflip.n_texts
+        assert len(rung["attacks"]["gcg"]["attacked"]) == cfg.attacks.gcg.n_eval_texts
+    assert report["not_attacked"] == []
+    units = {p.name for p in (Path(next(iter(dirs.values()))) / "base" / "gcg" / "units").iterdir()}
+    assert units and not any(u.startswith("gcg_control") for u in units)  # no random control on a rung
 
     cell = cells(cfg)[0]
     out = one_cell.run(cell.cfg.model_copy(update={"run_name": "ladder-report"}), [refs[cell.label][42]])
@@ -50,7 +54,7 @@ def test_grid_shares_one_ladder_from_stage0_snapshots_and_the_report_uses_it(tmp
     assert "HotFlip increase vs a model of equal quality" in head  # the headline's quality-matched rows
     assert "robustness.png" in rest and (Path(out["dir"]) / "robustness.png").is_file()
     results = json.loads((Path(out["dir"]) / "results.json").read_text())
-    for attack in ("uat", "hotflip"):
+    for attack in ("uat", "hotflip", "gcg"):
         assert set(results["robust_or_damaged"]["attacks"][attack]["arms"]) == {"monotonic", "damage"}
         arm = results["robust_or_damaged"]["attacks"][attack]["arms"]["monotonic"]
         assert arm["ci_low"] <= arm["effective"] <= arm["ci_high"]
@@ -124,6 +128,8 @@ def test_plan_shows_the_ladders_cost_per_rung():
     four = ladder_row()  # the full preset: 4 revisions and the final model
     two = ladder_row('controls.ladder.rungs=["step3000","step8000"]')
     assert four["flops"] == pytest.approx(two["flops"] * 5 / 3)
+    longer_gcg = ladder_row("attacks.gcg.steps=1000")  # GCG is part of every rung's cost
+    assert longer_gcg["flops"] > four["flops"]
     assert four["a100_hours"] > 0
     assert ladder_row("controls.ladder.enabled=false") is None
 

@@ -103,10 +103,11 @@ def test_the_damage_matched_arm_is_run_reported_and_reused(run, tmp_path):
     assert damage["enabled"] and damage["bisection_steps"] <= cfg.controls.damage.max_steps
     assert damage["within_tolerance"] == (abs(damage["val_loss"] - damage["target_val_loss"]) <= tolerance)
     assert damage["not_attacked"] == {}
-    assert set(damage["per_model"]) == {"uat", "hotflip"}
+    assert set(damage["per_model"]) == {"uat", "hotflip", "gcg"}
     head = md.split("## What was run")[0]
     assert "| Damage-matched |" in head and "constrained vs damage-matched" in head
-    assert any(c["b"] == "damage-matched" and c["stage"] == "hotflip" for c in results["comparisons"])
+    for attack in ("hotflip", "gcg"):  # every attack the damage arm ran is compared with it
+        assert any(c["b"] == "damage-matched" and c["stage"] == attack for c in results["comparisons"])
     inputs = {name: refs[name] for name in ("setup", "train_baseline", "train_monotonic")}
     again = existing(cfg, cell_paths(cfg, 42), "damage", inputs)
     assert again is not None and again.digest == refs["damage"].digest

@@ -62,4 +62,28 @@ def _hotflip(cfg: ExperimentConfig, hotflip_cfg, model, tokenizer, opt, held_out
     }
 
 
-RUNNERS: dict[str, Runner] = {"uat": _uat, "hotflip": _hotflip}
+def _gcg(cfg: ExperimentConfig, gcg_cfg, model, tokenizer, opt, held_out, *, seed, out_dir: Path, **kw) -> dict:
+    """GCG as the `gcg` stage runs it on an arm, without its random control (the control checks
+    the attack's strength on the arms; the damage arm needs the attack's effect only). The
+    per-text losses are the best restart's, as the arms' `per_example.json` pairs them."""
+    from monolm.attacks import gcg
+    from monolm.attacks.stage import normalize
+
+    result = gcg.run(
+        model,
+        tokenizer=tokenizer,
+        opt_texts=opt,
+        eval_texts=held_out,
+        cfg=gcg_cfg,
+        seed=seed,
+        out_dir=out_dir,
+        success_threshold=cfg.attacks.success_threshold,
+        bf16=cfg.attacks.bf16,
+        control=False,
+        **kw,
+    )
+    per_text = result["per_text"]
+    return {"summary": normalize(result["eval"]), "clean": per_text["clean"], "attacked": per_text["attacked"]}
+
+
+RUNNERS: dict[str, Runner] = {"uat": _uat, "hotflip": _hotflip, "gcg": _gcg}

@@ -35,7 +35,7 @@ from monolm.study.layout import CellPaths
 from monolm.study.registry import ATTACKS
 
 STAGE = "ladder"
-LADDER_ATTACKS = ("uat", "hotflip")  # the attacks a rung is attacked with (each has an adapter below)
+LADDER_ATTACKS = ("uat", "hotflip", "gcg")  # the attacks a rung is attacked with (each has an adapter below)
 log = logging.getLogger("monolm.stages")
 
 
@@ -175,4 +175,26 @@ def _hotflip(cfg, model, tokenizer, texts, settings, out: Path, seed: int) -> di
     return {"clean": [r["clean_loss"] for r in rows], "attacked": [r["attacked_loss"] for r in rows]}
 
 
-_ATTACK = {"uat": _uat, "hotflip": _hotflip}
+def _gcg(cfg, model, tokenizer, texts, settings, out: Path, seed: int) -> dict[str, list[float]]:
+    """GCG as its stage runs it on an arm, without the random control (as HotFlip's rungs): the
+    best restart's per-text losses, the ones the arms' `per_example.json` pairs."""
+    from monolm.attacks import gcg
+
+    opt, held_out = texts
+    result = gcg.run(
+        model,
+        tokenizer=tokenizer,
+        opt_texts=opt,
+        eval_texts=held_out,
+        cfg=settings,
+        seed=seed,
+        out_dir=out,
+        success_threshold=cfg.attacks.success_threshold,
+        control=False,
+        bf16=cfg.attacks.bf16,
+        log=labelled(logging.getLogger("monolm.attacks"), out.parent.name),
+    )
+    return {"clean": result["per_text"]["clean"], "attacked": result["per_text"]["attacked"]}
+
+
+_ATTACK = {"uat": _uat, "hotflip": _hotflip, "gcg": _gcg}

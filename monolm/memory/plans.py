@@ -200,16 +200,20 @@ def constrain_workload(cfg: ExperimentConfig, shape: ModelShape, tokens_per_doc:
     return Workload(tokens, tokens * shape.forward_flops_per_token(cfg.data.seq_len))
 
 
+DAMAGE_ATTACKS = ("uat", "hotflip", "gcg")  # the attacks of `monolm.controls.attack_runners.RUNNERS`
+
+
 def damage_workload(cfg: ExperimentConfig, shape: ModelShape, tokens_per_doc: int) -> Workload:
     """The damage-matched arm at most: the constrained arm's and every bisection step's validation
-    pass, one test pass, and each attack on one model (about half an attack stage)."""
+    pass, one test pass, and each attack on one model (about half an attack stage, random
+    controls included although the damage arm runs none: an upper bound)."""
     if not cfg.controls.damage.enabled:
         return Workload(0, 0)
     recipe = cfg.training.arm("monotonic")
     val = (cfg.controls.damage.max_steps + 1) * min(recipe.eval_max_docs, _held_out_docs(cfg, "n_val_docs"))
     tokens = (val + min(cfg.evaluation.max_docs, _held_out_docs(cfg, "n_test_docs"))) * tokens_per_doc
     flops = tokens * shape.forward_flops_per_token(cfg.data.seq_len)
-    attacks = [attack_workload(cfg, stage, shape) for stage in ("uat", "hotflip")]
+    attacks = [attack_workload(cfg, stage, shape) for stage in DAMAGE_ATTACKS]
     return Workload(tokens + sum(a.tokens for a in attacks) / 2, flops + sum(a.flops for a in attacks) / 2)
 
 
@@ -230,12 +234,14 @@ def planned_stages() -> tuple[str, ...]:
 
 def ladder_workload(cfg: ExperimentConfig, shape: ModelShape, tokens_per_doc: int) -> Workload:
     """The quality ladder (`monolm.controls.ladder`): each rung and the base model evaluated on the
-    test part and attacked once with UAT and HotFlip (no transfer, no random control)."""
+    test part and attacked once with UAT, HotFlip and GCG (no transfer, no random control)."""
     u, f = cfg.attacks.uat, cfg.attacks.hotflip
+    gcg_search = registry.attack_spec("gcg").search_sequences
     work = [
         (min(cfg.evaluation.max_docs, _held_out_docs(cfg, "n_test_docs")) * tokens_per_doc, cfg.eval_seq_len),
         ((u.restarts * u.max_sweeps * u.trigger_len * u.n_opt_texts * (u.top_k + 4) + 2 * u.n_eval_texts), "uat"),
         (f.n_texts * f.max_flips * (f.top_b + 4), "hotflip"),
+        (gcg_search(cfg.attacks.gcg.model_copy(update={"random_control": False})), "gcg"),
     ]
     tokens = flops = 0.0
     for amount, where in work:
