@@ -207,16 +207,21 @@ def test_nightly_experiment_flow_end_to_end(tmp_path):
     assert second["run_name"] != first["run_name"]
     check = second["regression"]
     assert check["passed"] and check["previous_run_id"] == first["run_id"]
-    # Every key metric the real stage 7 records was compared: 3 perplexities, 3 attacks x 2 arms.
+    # Every key metric the real stage 7 records was compared: 4 perplexities (base, both arms and
+    # the damage-matched arm), 3 attacks x 3 attacked models.
     assert sorted((f["stage"], f["model"]) for f in check["findings"]) == [
         ("evaluate", "base"),
         ("evaluate", "baseline"),
+        ("evaluate", "damage"),
         ("evaluate", "monotonic"),
         ("gcg", "baseline"),
+        ("gcg", "damage"),
         ("gcg", "monotonic"),
         ("hotflip", "baseline"),
+        ("hotflip", "damage"),
         ("hotflip", "monotonic"),
         ("uat", "baseline"),
+        ("uat", "damage"),
         ("uat", "monotonic"),
     ]
     assert {f["status"] for f in check["findings"]} == {"ok"}
@@ -238,7 +243,7 @@ def test_nightly_experiment_flow_end_to_end(tmp_path):
 
     state = experiment(preset="tiny", seeds=[42], overrides=sets, nightly=True, return_state=True)
     assert state.is_failed()
-    assert "regression: 1 of 9 key metrics" in state.message and "token_perplexity (monotonic)" in state.message
+    assert "regression: 1 of 13 key metrics" in state.message and "token_perplexity (monotonic)" in state.message
     with ResultsStore(store_url) as store:
         regressed = [r for r in store.runs("tiny", run_name_prefix="nightly-tiny-2") if r["status"] == "failed"]
         assert len(regressed) == 1  # the third run, kept with its numbers but never a baseline
@@ -251,5 +256,5 @@ def test_nightly_experiment_flow_end_to_end(tmp_path):
 
     latest = {a.key: a for a in asyncio.run(artifact())}
     md = latest["nightly-regression-tiny"].data
-    assert "**Regression**: 1 of 9" in md and "`nightly-tiny-better`" in md
+    assert "**Regression**: 1 of 13" in md and "`nightly-tiny-better`" in md
     assert json.dumps(md)  # plain markdown text
