@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,6 +54,19 @@ def _rich(rows, columns, texts, title, width) -> str:
     return buffer.getvalue().rstrip("\n")
 
 
+def _heading_lines(pairs: Sequence[str], width: int) -> list[str]:
+    """`name: value` pairs joined by "; " into indented lines of at most `width`, a pair never split
+    (textwrap would cut `started / due` or `experiment/seed-42` at a space or hyphen); a pair longer
+    than the line gets a line of its own."""
+    lines: list[str] = []
+    for pair in pairs:
+        if lines and len(lines[-1]) + 2 + len(pair) <= width:
+            lines[-1] += f"; {pair}"
+        else:
+            lines.append(f"  {pair}")
+    return lines
+
+
 def render_table(
     rows: Sequence[dict[str, Any]],
     columns: Sequence[str],
@@ -88,8 +100,7 @@ def render_table(
         out.append(f"{columns[0]}: {value}")
         first = texts[members[0]]
         if [j for j in same if j not in keep]:
-            heading = "; ".join(f"{columns[j]}: {first[j]}" for j in same if j not in keep)
-            out.append(textwrap.fill(heading, width, initial_indent="  ", subsequent_indent="  "))
+            out.extend(_heading_lines([f"{columns[j]}: {first[j]}" for j in same if j not in keep], width))
         sub = [rows[i] for i in members]
         out.append(_rich(sub, [columns[j] for j in keep], [[texts[i][j] for j in keep] for i in members], None, width))
     return "\n".join(out)
