@@ -584,8 +584,21 @@ def test_monolm_runs_shows_each_state_in_full(service):
             timeout=120,
         )
         assert out.returncode == 0, out.stderr
-        line = next(line for line in out.stdout.splitlines() if flow_run.name in line)
-        assert "experiment/seed-42" in line and "Scheduled" in line and due.strftime("%Y-") in line
+        # Too narrow for one line per run: each run is named on its own line, its one-valued
+        # columns below it as whole `name: value` pairs (never cut), up to the next run.
+        lines = out.stdout.splitlines()
+        start = lines.index(f"flow run: {flow_run.name}")
+        block = next(
+            (lines[start + 1 : i] for i in range(start + 1, len(lines)) if lines[i].startswith("flow run: ")),
+            lines[start + 1 :],
+        )
+        assert all(len(line) <= 60 for line in block), out.stdout
+        for pair in (
+            "deployment: experiment/seed-42",
+            "state: Scheduled",
+            f"started / due: {due.astimezone().strftime('%Y-%m-%d')}",
+        ):
+            assert any(pair in line for line in block), (pair, out.stdout)
     finally:
         service.call(lambda c: c.delete_flow_run(flow_run.id))
 
