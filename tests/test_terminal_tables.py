@@ -63,3 +63,23 @@ def test_run_table_labels_arm_units_and_percent(capsys, monkeypatch):
     print_rows("seed 1", rows)
     out = capsys.readouterr().out
     assert "arm" in out and "UAT damage (nats/token)" in out and "_" not in out
+
+
+def test_narrow_group_heading_never_cuts_a_name_value_pair():
+    """Grouped (too narrow for one line per row): the one-valued columns go above each group as
+    `name: value` pairs, each whole on one line (a header with a space, a value with hyphens)."""
+    rows = [
+        {
+            "flow run": name,
+            "deployment": "experiment/seed-42",
+            "state": "Scheduled",
+            "started / due": "2027-12-06 19:45",
+            "preset": "tiny",
+            "seeds": "42 1337",
+        }
+        for name in ("crimson-tortoise", "able-fox")
+    ]
+    lines = format_table(rows, width=40).splitlines()
+    assert all(len(line) <= 40 for line in lines), lines
+    for pair in ("deployment: experiment/seed-42", "state: Scheduled", "started / due: 2027-12-06 19:45"):
+        assert sum(pair in line for line in lines) == 2, (pair, lines)
