@@ -10,8 +10,9 @@ The stage is a model's shared work (scope `model` in `monolm.study.registry`): e
 init of a grid reuses it. Each rung's attacks keep their resumable units under `<rung>/<attack>/`.
 With `controls.ladder.enabled: false` it writes an empty ladder.json and loads no model.
 
-ladder.json: {"enabled", "rungs": [{"name", "source", "evaluation": {loss, token_perplexity,
-tokens, per_doc}, "attacks": {attack: {"clean": [...], "attacked": [...]}}}], "not_attacked"}.
+ladder.json: {"enabled", "rungs": [{"name", "source" (relative to paths.runs_root when inside it),
+"evaluation": {loss, token_perplexity, tokens, per_doc}, "attacks": {attack: {"clean": [...],
+"attacked": [...]}}}], "not_attacked"}.
 """
 
 from __future__ import annotations
@@ -61,6 +62,17 @@ def run(
     return finish(cfg, cell, STAGE, inputs=inputs, outputs=outputs, metrics=metrics, started=started)
 
 
+def _source(cfg: ExperimentConfig, path: Path) -> str:
+    """Where a rung's weights came from, without the runs folder's own location: a snapshot kept
+    by stage 0 is named relative to `paths.runs_root`, so ladder.json is the same bytes whichever
+    folder (or resumed run) produced it, as every stage's outputs are."""
+    root = Path(cfg.paths.runs_root).resolve()
+    resolved = Path(path).resolve()
+    if resolved.is_relative_to(root):
+        return f"<paths.runs_root>/{resolved.relative_to(root).as_posix()}"
+    return str(path)
+
+
 def _increases(rung: dict[str, Any]) -> dict[str, float]:
     """A rung's mean loss increase per attack, for the manifest's metrics."""
     out = {}
@@ -86,7 +98,7 @@ def _climb(cfg: ExperimentConfig, cell: CellPaths, setup: StageRef, out: Path, *
     records = []
     for i, rung in enumerate(rungs):
         model = models.load_model(rung.path, device)
-        record = {"name": rung.name, "source": str(rung.path)}
+        record = {"name": rung.name, "source": _source(cfg, rung.path)}
         record["evaluation"] = _evaluate(cfg, model, docs, test_texts, tokenizer, settings["eval_batch"], device)
         record["attacks"] = {
             attack: _ATTACK[attack](cfg, model, tokenizer, texts, settings[attack], out / rung.name / attack, cell.seed)
