@@ -26,26 +26,24 @@ import pytest
 from helpers import micro_sets
 from helpers import stage_dir as stage_folder
 
+from monolm.study.registry import SEED_STAGE_NAMES
+
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("prefect_backend")]
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "infra/slurm/local-slurm.sh"
-SEED_STAGES = (
+SEED_STAGES = SEED_STAGE_NAMES  # every per-seed stage, in order, from the registry
+REPORTED_STAGES = (
     "setup",
     "constrain",
     "train_baseline",
     "train_monotonic",
-    "evaluate_baseline",
     "evaluate",
-    "uat_baseline",
     "uat",
-    "hotflip_baseline",
     "hotflip",
-    "gcg_baseline",
     "gcg",
-    "ladder",
+    "damage",
 )
-REPORTED_STAGES = ("setup", "constrain", "train_baseline", "train_monotonic", "evaluate", "uat", "hotflip", "gcg")
 GPU_STAGES = SEED_STAGES[2:]
 # Training long enough (a few seconds) to be interrupted mid-way, with checkpoints every 4 steps.
 LONGER = (
@@ -317,11 +315,24 @@ def _connect_new_jobs(slurm: Slurm, scripts: dict[str, str], names: dict[str, st
         if job in scripts:
             continue
         scripts[job] = slurm.run("scontrol", "write", "batch_script", job, "-", check=False).stdout
-        found = re.search(r"dask_worker (tcp://\S+) --name (\S+)", scripts[job])
+        found = re.search(r"dask_worker ((?:tls|tcp)://\S+) --name (\S+)", scripts[job])
         if found:
             names[found.group(2)] = job
             if found.group(1) not in clients:
-                clients[found.group(1)] = Client(found.group(1), timeout=10, set_as_default=False)
+                clients[found.group(1)] = Client(
+                    found.group(1), timeout=10, set_as_default=False, security=_job_security(scripts[job])
+                )
+
+
+def _job_security(script: str):
+    """The scheduler speaks mutual TLS only: connect with the key files the job script names."""
+    from distributed.security import Security
+
+    tls = {flag: re.search(rf"--tls-{flag} (\S+)", script) for flag in ("ca-file", "cert", "key")}
+    if not all(tls.values()):
+        return None
+    ca, cert, key = (tls[f].group(1) for f in ("ca-file", "cert", "key"))
+    return Security(tls_ca_file=ca, tls_client_cert=cert, tls_client_key=key, require_encryption=True)
 
 
 def kill_worker_running(slurm: Slurm, stage_dir: Path, key_part: str, kill: Kill, deadline: float) -> None:
@@ -366,7 +377,10 @@ def test_cancelled_worker_job_mid_training_is_retried_elsewhere_and_resumes(slur
     checkpoint, and the run completes with every result exactly once."""
     from monolm.store import ResultsStore
 
-    longer = LONGER
+    # 200 steps (about 15 s on an idle CPU): long enough that the scancel lands while the stage
+    # still trains, also on a busy machine (with LONGER's 40 steps it could finish first).
+    steps_total = 200
+    longer = (*LONGER, f"training.common.max_steps={steps_total}", "training.common.epochs=50")
     cfg = config(root, *longer)
     stage_dir = stage_folder(cfg, 42, "train_monotonic")
     name = unique_name("slurm-scancel")
@@ -393,10 +407,10 @@ def test_cancelled_worker_job_mid_training_is_retried_elsewhere_and_resumes(slur
     # before the kill landed), and the history holds every step exactly once.
     history = json.loads((stage_dir / "history.json").read_text())
     assert len(history["resumes"]) == 1, history["resumes"]
-    assert min(kill.checkpoints) <= history["resumes"][0]["step"] < 40
+    assert min(kill.checkpoints) <= history["resumes"][0]["step"] < steps_total
     steps = [entry["step"] for entry in history["log"]]
-    assert steps == sorted(set(steps)) and steps[-1] == 40, steps
-    assert history["summary"]["steps_done"] == 40
+    assert steps == sorted(set(steps)) and steps[-1] == steps_total, steps
+    assert history["summary"]["steps_done"] == steps_total
 
     # One task run per stage, each Completed once; the store holds the run's rows exactly once.
     runs = task_runs(f"{name}-stages")
