@@ -663,6 +663,79 @@ def test_killed_run_is_marked_crashed(service):
         service.start_worker(deploy=False)  # the module's later tests need a worker
 
 
+# These two run before test_serve_runs_all_deployments_from_one_process: serving re-registers
+# the deployments as served ones (no work pool), so after it the pool's job template no longer
+# applies to experiment/seed-42 and no worker picks up its runs.
+# ----------------------------------------------------------------------------- security (issue 21)
+@pytest.mark.service
+@pytest.mark.security
+@pytest.mark.timeout(300)
+def test_pool_refuses_a_flow_run_that_sets_command_or_env(service):
+    """The probe of issue 21: `job_variables.command` became the command the worker ran. The
+    pool's job template has no `command`, `env` or `working_dir`, so the server refuses a flow run
+    that sets one (HTTP 422), before any worker sees it."""
+    import datetime as dt
+
+    from prefect.exceptions import PrefectHTTPStatusError
+    from prefect.states import Scheduled
+
+    pool = service.call(lambda c: c.read_work_pool("local"))
+    assert not {"command", "env", "working_dir"} & set(pool.base_job_template["variables"]["properties"])
+    assert not {"command", "env", "working_dir"} & set(pool.base_job_template["job_configuration"])
+    seed_42 = service.call(lambda c: c.read_deployment_by_name("experiment/seed-42"))
+    owned = service.state / "owned.txt"
+    due = dt.datetime.now(dt.UTC) + dt.timedelta(days=365)  # never due, should one be accepted
+    for job_variables in (
+        {"command": f"sh -c 'id > {owned}'"},
+        {"env": {"LD_PRELOAD": str(owned)}},
+        {"working_dir": str(service.state)},
+    ):
+        with pytest.raises(PrefectHTTPStatusError) as refused:
+            service.call(
+                lambda c, jv=job_variables: c.create_flow_run_from_deployment(
+                    seed_42.id, job_variables=jv, state=Scheduled(scheduled_time=due)
+                )
+            )
+        assert refused.value.response.status_code == 422, job_variables
+    assert not owned.exists()
+
+
+@pytest.mark.service
+@pytest.mark.security
+@pytest.mark.timeout(300)
+def test_deployment_run_that_sets_config_keys_fails_without_echoing_them(service, shared_runs):
+    """The probe of issue 21: `overrides` reached the sbatch script and any path. A deployment run
+    that sets a config key fails before any stage, naming the parameter; a planted secret in the
+    value appears in no log of the run."""
+    secret = "hf" + "_" + "q" * 34  # built at run time, no token literal in the source
+    sets = [f"paths.results_root={shared_runs / secret}", f"runner.slurm.prologue=['echo {secret}']"]
+    out = service.cli(
+        "deployment", "run", "experiment/seed-42", "--param", "preset=tiny", "--param", f"overrides={json.dumps(sets)}"
+    )
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", out.stdout).group(1)
+    run = service.wait(flow_run_id)
+    assert run.state_name == "Failed"
+    assert "overrides:" in run.state.message and secret not in run.state.message
+
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    def run_logs() -> list:
+        return service.call(lambda c: c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id]))))
+
+    def refused(entries: list) -> bool:
+        return any("overrides: a deployment run may not set config keys" in entry.message for entry in entries)
+
+    # The flow run's logs reach the API in batches, possibly after its state: wait for them (a condition).
+    logs, waited = run_logs(), time.monotonic() + 60
+    while not refused(logs) and time.monotonic() < waited:
+        time.sleep(0.5)
+        logs = run_logs()
+    assert refused(logs), [entry.message for entry in logs]
+    assert not [entry.message for entry in logs if secret in entry.message]
+    assert secret not in (service.state / "worker/local.log").read_text()  # the flow run's own output
+    assert not (shared_runs / secret).exists()
+
+
 @pytest.mark.service
 @pytest.mark.timeout(600)
 def test_serve_runs_all_deployments_from_one_process(service, shared_runs):
@@ -757,63 +830,3 @@ def test_deployed_run_on_postgresql(shared_runs):
     finally:
         pg.stop()
         shutil.rmtree(state, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------- security (issue 21)
-@pytest.mark.service
-@pytest.mark.security
-@pytest.mark.timeout(300)
-def test_pool_refuses_a_flow_run_that_sets_command_or_env(service):
-    """The probe of issue 21: `job_variables.command` became the command the worker ran. The
-    pool's job template has no `command`, `env` or `working_dir`, so the server refuses a flow run
-    that sets one (HTTP 422), before any worker sees it."""
-    import datetime as dt
-
-    from prefect.exceptions import PrefectHTTPStatusError
-    from prefect.states import Scheduled
-
-    pool = service.call(lambda c: c.read_work_pool("local"))
-    assert not {"command", "env", "working_dir"} & set(pool.base_job_template["variables"]["properties"])
-    assert not {"command", "env", "working_dir"} & set(pool.base_job_template["job_configuration"])
-    seed_42 = service.call(lambda c: c.read_deployment_by_name("experiment/seed-42"))
-    owned = service.state / "owned.txt"
-    due = dt.datetime.now(dt.UTC) + dt.timedelta(days=365)  # never due, should one be accepted
-    for job_variables in (
-        {"command": f"sh -c 'id > {owned}'"},
-        {"env": {"LD_PRELOAD": str(owned)}},
-        {"working_dir": str(service.state)},
-    ):
-        with pytest.raises(PrefectHTTPStatusError) as refused:
-            service.call(
-                lambda c, jv=job_variables: c.create_flow_run_from_deployment(
-                    seed_42.id, job_variables=jv, state=Scheduled(scheduled_time=due)
-                )
-            )
-        assert refused.value.response.status_code == 422, job_variables
-    assert not owned.exists()
-
-
-@pytest.mark.service
-@pytest.mark.security
-@pytest.mark.timeout(300)
-def test_deployment_run_that_sets_config_keys_fails_without_echoing_them(service, shared_runs):
-    """The probe of issue 21: `overrides` reached the sbatch script and any path. A deployment run
-    that sets a config key fails before any stage, naming the parameter; a planted secret in the
-    value appears in no log of the run."""
-    secret = "hf" + "_" + "q" * 34  # built at run time, no token literal in the source
-    sets = [f"paths.results_root={shared_runs / secret}", f"runner.slurm.prologue=['echo {secret}']"]
-    out = service.cli(
-        "deployment", "run", "experiment/seed-42", "--param", "preset=tiny", "--param", f"overrides={json.dumps(sets)}"
-    )
-    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", out.stdout).group(1)
-    run = service.wait(flow_run_id)
-    assert run.state_name == "Failed"
-    assert "overrides:" in run.state.message and secret not in run.state.message
-
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-
-    logs = service.call(lambda c: c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id]))))
-    assert any("overrides: a deployment run may not set config keys" in entry.message for entry in logs)
-    assert not [entry.message for entry in logs if secret in entry.message]
-    assert secret not in (service.state / "worker/local.log").read_text()  # the flow run's own output
-    assert not (shared_runs / secret).exists()
