@@ -121,7 +121,7 @@ def _settings(cfg: ExperimentConfig, base: Path, device) -> dict[str, Any]:
 
     settings: dict[str, Any] = {"eval_batch": planning.plan_eval_stage(cfg, base, device, name=STAGE).chosen}
     for attack in LADDER_ATTACKS:
-        settings[attack] = planning.plan_attack_stage(cfg, attack, base, device, name=STAGE)[0]
+        settings[attack] = planning.plan_attack_stage(cfg, attack, base, device, name=f"{STAGE} ({attack})")[0]
     return settings
 
 
@@ -159,7 +159,7 @@ def _uat(cfg, model, tokenizer, texts, settings, out: Path, seed: int) -> dict[s
         success_threshold=cfg.attacks.success_threshold,
         bf16=cfg.attacks.bf16,
         progress=False,
-        log=labelled(logging.getLogger("monolm.attacks"), out.parent.name),
+        log=labelled(logging.getLogger("monolm.attacks"), f"ladder {out.parent.name}"),
     )
     return {"clean": result["per_text"]["clean"], "attacked": result["per_text"]["attacked"]}
 
@@ -180,7 +180,7 @@ def _hotflip(cfg, model, tokenizer, texts, settings, out: Path, seed: int) -> di
         control=False,
         bf16=cfg.attacks.bf16,
         progress=False,
-        log=labelled(logging.getLogger("monolm.attacks"), out.parent.name),
+        log=labelled(logging.getLogger("monolm.attacks"), f"ladder {out.parent.name}"),
     )
     lines = (out / hotflip.EXAMPLE_FILES["gradient"]).read_text(encoding="utf-8").splitlines()
     rows = sorted((json.loads(line) for line in lines if line.strip()), key=lambda r: r["index"])
@@ -204,7 +204,7 @@ def _gcg(cfg, model, tokenizer, texts, settings, out: Path, seed: int) -> dict[s
         success_threshold=cfg.attacks.success_threshold,
         control=False,
         bf16=cfg.attacks.bf16,
-        log=labelled(logging.getLogger("monolm.attacks"), out.parent.name),
+        log=labelled(logging.getLogger("monolm.attacks"), f"ladder {out.parent.name}"),
     )
     return {"clean": result["per_text"]["clean"], "attacked": result["per_text"]["attacked"]}
 

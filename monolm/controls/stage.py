@@ -145,7 +145,9 @@ def attack_damaged(cfg, cell, inputs, model, tokenizer, attack_docs, out: Path, 
     skipped = {name: "no damage-arm runner for this attack" for name in ATTACKS if name not in RUNNERS}
     todo = [name for name in ATTACKS if name in RUNNERS]
     for i, name in enumerate(todo):
-        attack_cfg, plan = planning.plan_attack_stage(cfg, name, model_dir(inputs["setup"]), pick_device(), name=STAGE)
+        attack_cfg, plan = planning.plan_attack_stage(
+            cfg, name, model_dir(inputs["setup"]), pick_device(), name=f"{STAGE} ({name})"
+        )
         plans[name] = plan.to_json()
         results[name] = RUNNERS[name](
             cfg,
