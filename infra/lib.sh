@@ -54,28 +54,76 @@ secure_state_dir() {
 log() { printf '[%s] %s\n' "${MONOLM_SCRIPT:-infra}" "$*" >&2; }
 die() { printf '[%s] error: %s\n' "${MONOLM_SCRIPT:-infra}" "$*" >&2; exit 1; }
 
+# venv_tool NAME PATHNAME MESSAGE: the project venv's NAME if present, else PATHNAME on PATH,
+# else die with MESSAGE. One lookup order for every tool the scripts run.
+venv_tool() {
+    if [[ -x "$MONOLM_REPO_ROOT/.venv/bin/$1" ]]; then
+        echo "$MONOLM_REPO_ROOT/.venv/bin/$1"
+    elif command -v "$2" >/dev/null 2>&1; then
+        command -v "$2"
+    else
+        die "$3"
+    fi
+}
+
 # A Python interpreter for small helpers: the project venv if present, else python3.
 monolm_python() {
-    if [[ -x "$MONOLM_REPO_ROOT/.venv/bin/python" ]]; then
-        echo "$MONOLM_REPO_ROOT/.venv/bin/python"
-    elif command -v python3 >/dev/null 2>&1; then
-        command -v python3
-    else
-        die "no Python found (.venv/bin/python or python3)"
-    fi
+    venv_tool python python3 "no Python found (.venv/bin/python or python3)"
 }
 
 # The prefect CLI: $MONOLM_PREFECT, the project venv's, or the one on PATH.
 monolm_prefect() {
     if [[ -n "${MONOLM_PREFECT:-}" ]]; then
         echo "$MONOLM_PREFECT"
-    elif [[ -x "$MONOLM_REPO_ROOT/.venv/bin/prefect" ]]; then
-        echo "$MONOLM_REPO_ROOT/.venv/bin/prefect"
-    elif command -v prefect >/dev/null 2>&1; then
-        command -v prefect
     else
-        die "the prefect CLI was not found: run 'make install' (creates .venv) or set MONOLM_PREFECT"
+        venv_tool prefect prefect "the prefect CLI was not found: run 'make install' (creates .venv) or set MONOLM_PREFECT"
     fi
+}
+
+# parse_command_line --OPTION=VAR[:VALUE]... -- ARG...: the front of every infra script's main.
+# Sets the caller's `cmd` to the first ARG (usage on stderr and exit 2 when there is none), then
+# reads the other ARGs as options: --OPTION=VAR takes the next word into the caller's VAR,
+# --OPTION=VAR:VALUE is a flag that sets VAR to VALUE; -h/--help prints usage and exits 0; any
+# other word is an error. It assigns by name (bash's dynamic scope): main declares the
+# variables local, with their defaults, before calling it.
+parse_command_line() {
+    local -A _takes=() _flags=()
+    local _spec _opt
+    while [[ $# -gt 0 && "$1" != -- ]]; do
+        _opt="${1%%=*}" _spec="${1#*=}"; shift
+        if [[ "$_spec" == *:* ]]; then _flags[$_opt]="$_spec"; else _takes[$_opt]="$_spec"; fi
+    done
+    shift
+    cmd="${1:-}"
+    [[ -n "$cmd" ]] || { usage >&2; exit 2; }
+    shift || true
+    while [[ $# -gt 0 ]]; do
+        _opt="$1"
+        if [[ "$_opt" == -h || "$_opt" == --help ]]; then
+            usage; exit 0
+        elif [[ -n "$_opt" && -n "${_takes[$_opt]:-}" ]]; then
+            printf -v "${_takes[$_opt]}" '%s' "${2:?$_opt needs a value}"; shift 2
+        elif [[ -n "$_opt" && -n "${_flags[$_opt]:-}" ]]; then
+            printf -v "${_flags[$_opt]%%:*}" '%s' "${_flags[$_opt]#*:}"; shift
+        else
+            die "unknown option: $_opt (see --help)"
+        fi
+    done
+}
+
+# ensure_secret FILE PREFIX WHAT: write PREFIX and 48 random hex digits to FILE (mode 600,
+# atomically, never printed) unless it holds something already: generated once and kept across
+# restarts, so whoever holds it (workers, SLURM jobs, the database role) keeps working.
+ensure_secret() {
+    local file="$1" prefix="$2" what="$3"
+    if [[ ! -s "$file" ]]; then
+        local secret
+        secret="$(od -An -tx1 -N24 /dev/urandom | tr -d ' \n')"
+        (umask 077; printf '%s%s\n' "$prefix" "$secret" >"$file.tmp")
+        mv -f "$file.tmp" "$file"
+        log "generated $what in $file (mode 600)"
+    fi
+    chmod 600 "$file"
 }
 
 # ----------------------------------------------------------------------------- the Prefect API

@@ -152,20 +152,8 @@ cmd_status() {
 }
 
 main() {
-    local cmd="${1:-}" port="" db="" host="" pool=local deploy=1
-    [[ -n "$cmd" ]] || { usage >&2; exit 2; }
-    shift || true
-    while [[ $# -gt 0 ]]; do
-        case "$1" in
-            --port) port="${2:?--port needs a value}"; shift 2 ;;
-            --db) db="${2:?--db needs a value}"; shift 2 ;;
-            --host) host="${2:?--host needs a value}"; shift 2 ;;
-            --pool) pool="${2:?--pool needs a value}"; shift 2 ;;
-            --no-deploy) deploy=0; shift ;;
-            -h|--help) usage; exit 0 ;;
-            *) die "unknown option: $1 (see --help)" ;;
-        esac
-    done
+    local cmd port="" db="" host="" pool=local deploy=1
+    parse_command_line --port=port --db=db --host=host --pool=pool --no-deploy=deploy:0 -- "$@"
     case "$cmd" in
         -h|--help|help) usage ;;
         up) cmd_up "$port" "$db" "$pool" "$deploy" "$host" ;;

@@ -161,20 +161,8 @@ cmd_status() {
 }
 
 main() {
-    local cmd="${1:-}" pool=local name="" deploy=1 timeout=60 grace=10
-    [[ -n "$cmd" ]] || { usage >&2; exit 2; }
-    shift || true
-    while [[ $# -gt 0 ]]; do
-        case "$1" in
-            --pool) pool="${2:?--pool needs a value}"; shift 2 ;;
-            --name) name="${2:?--name needs a value}"; shift 2 ;;
-            --no-deploy) deploy=0; shift ;;
-            --timeout) timeout="${2:?--timeout needs a value}"; shift 2 ;;
-            --grace) grace="${2:?--grace needs a value}"; shift 2 ;;
-            -h|--help) usage; exit 0 ;;
-            *) die "unknown option: $1 (see --help)" ;;
-        esac
-    done
+    local cmd pool=local name="" deploy=1 timeout=60 grace=10
+    parse_command_line --pool=pool --name=name --no-deploy=deploy:0 --timeout=timeout --grace=grace -- "$@"
     [[ "$pool" =~ ^[A-Za-z0-9._-]+$ ]] || die "invalid pool name: $pool"
     [[ -n "$name" ]] || name="monolm-$(hostname -s 2>/dev/null || echo host)-$pool"
     case "$cmd" in

@@ -113,14 +113,7 @@ prepare_dirs() {
 }
 
 ensure_password() {
-    if [[ ! -s "$PW_FILE" ]]; then
-        local pw
-        pw="$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')"
-        (umask 077; printf '%s\n' "$pw" >"$PW_FILE.tmp")
-        mv -f "$PW_FILE.tmp" "$PW_FILE"
-        log "generated a password for role '$DB_USER' in $PW_FILE (mode 600)"
-    fi
-    chmod 600 "$PW_FILE"
+    ensure_secret "$PW_FILE" "" "a password for role '$DB_USER'"
 }
 
 init_cluster() {
@@ -264,17 +257,8 @@ cmd_url() {
 }
 
 main() {
-    local cmd="${1:-}" port="" timeout=60
-    [[ -n "$cmd" ]] || { usage >&2; exit 2; }
-    shift || true
-    while [[ $# -gt 0 ]]; do
-        case "$1" in
-            --port) port="${2:?--port needs a value}"; shift 2 ;;
-            --timeout) timeout="${2:?--timeout needs a value}"; shift 2 ;;
-            -h|--help) usage; exit 0 ;;
-            *) die "unknown option: $1 (see --help)" ;;
-        esac
-    done
+    local cmd port="" timeout=60
+    parse_command_line --port=port --timeout=timeout -- "$@"
     case "$cmd" in
         -h|--help|help) usage ;;
         install) cmd_install ;;

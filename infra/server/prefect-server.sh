@@ -73,14 +73,7 @@ ui_origins() {
 # The API auth string `monolm:<hex>`: generated once (mode 600, never printed), kept across
 # restarts so running workers and SLURM jobs keep working.
 ensure_auth() {
-    if [[ ! -s "$AUTH_FILE" ]]; then
-        local secret
-        secret="$(od -An -tx1 -N24 /dev/urandom | tr -d ' \n')"
-        (umask 077; printf 'monolm:%s\n' "$secret" >"$AUTH_FILE.tmp")
-        mv -f "$AUTH_FILE.tmp" "$AUTH_FILE"
-        log "generated the API auth string in $AUTH_FILE (mode 600)"
-    fi
-    chmod 600 "$AUTH_FILE"
+    ensure_secret "$AUTH_FILE" monolm: "the API auth string"
     [[ "$(<"$AUTH_FILE")" =~ ^monolm:[0-9a-f]{48}$ ]] \
         || die "$AUTH_FILE does not hold a generated auth string; delete it and run start again"
 }
@@ -222,19 +215,8 @@ cmd_url() {
 }
 
 main() {
-    local cmd="${1:-}" port="" db="" host="" timeout=120
-    [[ -n "$cmd" ]] || { usage >&2; exit 2; }
-    shift || true
-    while [[ $# -gt 0 ]]; do
-        case "$1" in
-            --port) port="${2:?--port needs a value}"; shift 2 ;;
-            --db) db="${2:?--db needs a value}"; shift 2 ;;
-            --host) host="${2:?--host needs a value}"; shift 2 ;;
-            --timeout) timeout="${2:?--timeout needs a value}"; shift 2 ;;
-            -h|--help) usage; exit 0 ;;
-            *) die "unknown option: $1 (see --help)" ;;
-        esac
-    done
+    local cmd port="" db="" host="" timeout=120
+    parse_command_line --port=port --db=db --host=host --timeout=timeout -- "$@"
     command -v curl >/dev/null || die "curl is needed for the health check (apt-get install -y curl)"
     case "$cmd" in
         -h|--help|help) usage ;;

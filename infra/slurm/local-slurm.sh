@@ -324,23 +324,11 @@ cmd_env() {
 }
 
 main() {
-    local cmd="${1:-}" cpus gpus=2 mem part=gpu timeout=60
+    local cmd cpus gpus=2 mem part=gpu timeout=60
     cpus="$(nproc)"
     mem=$(( $(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo) - 1024 ))
     (( mem > 256 )) || mem=256
-    [[ -n "$cmd" ]] || { usage >&2; exit 2; }
-    shift || true
-    while [[ $# -gt 0 ]]; do
-        case "$1" in
-            --cpus) cpus="${2:?--cpus needs a value}"; shift 2 ;;
-            --gpus) gpus="${2:?--gpus needs a value}"; shift 2 ;;
-            --memory) mem="${2:?--memory needs a value}"; shift 2 ;;
-            --partition) part="${2:?--partition needs a value}"; shift 2 ;;
-            --timeout) timeout="${2:?--timeout needs a value}"; shift 2 ;;
-            -h|--help) usage; exit 0 ;;
-            *) die "unknown option: $1 (see --help)" ;;
-        esac
-    done
+    parse_command_line --cpus=cpus --gpus=gpus --memory=mem --partition=part --timeout=timeout -- "$@"
     case "$cmd" in
         -h|--help|help) usage ;;
         install) cmd_install ;;
