@@ -162,6 +162,18 @@ def interleaved(sides: dict[str, Callable], repeats: int) -> tuple[dict[str, flo
     return {name: statistics.median(ts) for name, ts in times.items()}, results
 
 
+def compare(sides: dict[str, Callable], repeats: int, choice: str, article: str = "") -> dict[str, float]:
+    """Time `sides` interleaved and check each against "batched": the same values (to float
+    tolerance) and the same chosen `choice`; prints and returns each side's median time."""
+    med, res = interleaved(sides, repeats)
+    for name in [n for n in sides if n != "batched"]:
+        torch.testing.assert_close(res["batched"][0], res[name][0], atol=5e-5, rtol=1e-5)
+        assert res["batched"][1] == res[name][1], f"{article}{name} chose another {choice}"
+    for name, t in med.items():
+        print(f"  {name:<11} median {t * 1000:8.1f} ms")
+    return med
+
+
 def bench_uat(model, texts, trigger, allowed, prefix, args: argparse.Namespace) -> float:
     """Batched vs. per-candidate scoring of one UAT step; returns the loop/batched time ratio."""
     top_k = args.uat_top_k
@@ -179,12 +191,7 @@ def bench_uat(model, texts, trigger, allowed, prefix, args: argparse.Namespace) 
         "original": step(lambda m, b: uat_group_loop(m, b, len(texts), 8)),
         "group-loop": step(lambda m, b: uat_group_loop(m, b, len(texts), len(texts))),
     }
-    med, res = interleaved(sides, args.repeats)
-    for name in ("loop", "original", "group-loop"):
-        torch.testing.assert_close(res["batched"][0], res[name][0], atol=5e-5, rtol=1e-5)
-        assert res["batched"][1] == res[name][1], f"{name} chose another candidate"
-    for name, t in med.items():
-        print(f"  {name:<11} median {t * 1000:8.1f} ms")
+    med = compare(sides, args.repeats, "candidate")
     speedup = med["loop"] / med["batched"]
     print(
         f"  same losses and same chosen token; batched is {speedup:.2f}x the per-candidate loop, "
@@ -202,11 +209,7 @@ def bench_hotflip(model, text, allowed, prefix, top_b: int, repeats: int) -> flo
         "batched": lambda: hotflip_step(model, text, top_b, allowed, prefix, "batched"),
         "loop": lambda: hotflip_step(model, text, top_b, allowed, prefix, "loop"),
     }
-    med, res = interleaved(sides, repeats)
-    torch.testing.assert_close(res["batched"][0], res["loop"][0], atol=5e-5, rtol=1e-5)
-    assert res["batched"][1] == res["loop"][1], "the loop chose another flip"
-    for name, t in med.items():
-        print(f"  {name:<11} median {t * 1000:8.1f} ms")
+    med = compare(sides, repeats, "flip", "the ")
     speedup = med["loop"] / med["batched"]
     print(f"  same gains and same chosen flip; batched is {speedup:.2f}x the per-candidate loop")
     return speedup
@@ -239,11 +242,7 @@ def bench_gcg(model, texts, trigger, allowed, prefix, width: int, repeats: int) 
         "batched": lambda: gcg_step(model, texts, trigger, width, 64, allowed, prefix, batched),
         "loop": lambda: gcg_step(model, texts, trigger, width, 64, allowed, prefix, loop),
     }
-    med, res = interleaved(sides, repeats)
-    torch.testing.assert_close(res["batched"][0], res["loop"][0], atol=5e-5, rtol=1e-5)
-    assert res["batched"][1] == res["loop"][1], "the loop chose another candidate"
-    for name, t in med.items():
-        print(f"  {name:<11} median {t * 1000:8.1f} ms")
+    med = compare(sides, repeats, "candidate", "the ")
     speedup = med["loop"] / med["batched"]
     print(f"  same losses and same chosen candidate; batched is {speedup:.2f}x the per-candidate loop")
     return speedup
@@ -262,15 +261,22 @@ def bench_ceiling(model, texts, trigger, prefix, repeats: int) -> None:
     )
 
 
+# The command line: every option is a whole number (flag: default).
+INT_OPTIONS = {
+    "--repeats": 5,
+    "--train-steps": 60,
+    "--uat-texts": 16,
+    "--uat-top-k": 64,
+    "--hotflip-top-b": 64,
+    "--gcg-width": 64,
+    "--text-tokens": 64,
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--train-steps", type=int, default=60)
-    parser.add_argument("--uat-texts", type=int, default=16)
-    parser.add_argument("--uat-top-k", type=int, default=64)
-    parser.add_argument("--hotflip-top-b", type=int, default=64)
-    parser.add_argument("--gcg-width", type=int, default=64)
-    parser.add_argument("--text-tokens", type=int, default=64)
+    for flag, default in INT_OPTIONS.items():
+        parser.add_argument(flag, type=int, default=default)
     args = parser.parse_args()
 
     print(

@@ -30,36 +30,17 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from helpers import micro_sets  # noqa: E402  (the tests' tiny-pipeline overrides)
+from helpers import micro_sets, slurm_sets  # noqa: E402  (the tests' tiny-pipeline and local-SLURM overrides)
 
 SCRIPT = REPO / "infra/slurm/local-slurm.sh"
-
-
-def slurm_sets(root: Path) -> list[str]:
-    venv = Path(sys.executable).parent
-    return [
-        "runner.profile=slurm",
-        "runner.slurm.partition=gpu",
-        "runner.slurm.cores=1",
-        "runner.slurm.memory=3GB",
-        "runner.slurm.walltime=00:20:00",
-        "runner.slurm.lifetime_margin_minutes=5",
-        "runner.slurm.max_workers=2",
-        "runner.slurm.allow_sqlite=true",  # one node: the jobs share this disk
-        f"runner.slurm.python={sys.executable}",
-        f"runner.slurm.prologue={json.dumps([f'source {venv}/activate', 'export MONOLM_TORCH_THREADS=1'])}",
-        f"runner.slurm.log_directory={root / 'slurm-logs'}",
-    ]
 
 
 def one_run(profile: str, root: Path) -> float:
     from flows.experiment import experiment
 
-    extra = slurm_sets(root) if profile == "slurm" else ["runner.profile=local"]
+    sets = slurm_sets(root) if profile == "slurm" else micro_sets(root, "runner.profile=local")
     t0 = time.perf_counter()
-    result = experiment(
-        seeds=[42, 1337], preset="tiny", overrides=micro_sets(root, *extra), run_name=f"bench-{profile}-{root.name}"
-    )
+    result = experiment(seeds=[42, 1337], preset="tiny", overrides=sets, run_name=f"bench-{profile}-{root.name}")
     wall = time.perf_counter() - t0
     states = {s for seed, v in result["stage_states"].items() if isinstance(v, dict) for s in v.values()}
     assert states == {"Completed"}, result["stage_states"]

@@ -39,6 +39,22 @@ class _Softplus(nn.Module):
         return torch.log(torch.expm1(w.abs() + 1e-6))
 
 
+def neox_model(vocab: int, hidden: int, layers: int, max_positions: int) -> GPTNeoXForCausalLM:
+    """The benchmarks' GPT-NeoX (heads of 64, a 4x FFN, untied embeddings), fp32 from torch seed 0:
+    bench/train_vs_trainer.py builds its models here too, so both time the same architecture."""
+    config = GPTNeoXConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        intermediate_size=4 * hidden,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    return GPTNeoXForCausalLM(config).float()
+
+
 def constrain(model: nn.Module, variant: str) -> str:
     try:
         from monolm.constraint.softplus import apply_constraint
@@ -72,16 +88,7 @@ def main() -> None:
     args = ap.parse_args()
 
     device = pick_device(args.device)
-    cfg = GPTNeoXConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=max(1, args.hidden // 64),
-        intermediate_size=4 * args.hidden,
-        max_position_embeddings=max(256, args.seq),
-    )
-    torch.manual_seed(0)
-    base = GPTNeoXForCausalLM(cfg).float()
+    base = neox_model(args.vocab, args.hidden, args.layers, max(256, args.seq))
     cons = copy.deepcopy(base)
     how = constrain(cons, args.variant)
     arm = ArmConfig(

@@ -30,20 +30,9 @@ from eval_vs_lmeval import _ensure_lm_eval  # noqa: E402  (the same scratch envi
 
 
 def make_model(args):
-    import torch
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from train_step import neox_model  # the same GPT-NeoX as bench/train_step.py
 
-    config = GPTNeoXConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=max(1, args.hidden // 64),
-        intermediate_size=4 * args.hidden,
-        max_position_embeddings=max(args.seq_len, 64),
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    return GPTNeoXForCausalLM(config).float()
+    return neox_model(args.vocab, args.hidden, args.layers, max(args.seq_len, 64))
 
 
 def monolm_run(args, blocks, device, steps: int) -> None:
@@ -121,17 +110,24 @@ def step_time(run, args, blocks, device, clock) -> float:
     return (times[args.steps] - times[2]) / (args.steps - 2)
 
 
+# The command line: every option is a whole number (flag, default, help).
+INT_OPTIONS = (
+    ("--hidden", 256, None),
+    ("--layers", 4, None),
+    ("--vocab", 8192, None),
+    ("--seq-len", 128, None),
+    ("--micro-batch", 8, None),
+    ("--grad-accum", 2, None),
+    ("--steps", 12, "optimizer steps of the longer run (the shorter has 2)"),
+    ("--rounds", 3, "sides run alternately this many times"),
+    ("--threads", 1, None),
+)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--grad-accum", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=12, help="optimizer steps of the longer run (the shorter has 2)")
-    parser.add_argument("--rounds", type=int, default=3, help="sides run alternately this many times")
-    parser.add_argument("--threads", type=int, default=1)
+    for flag, default, text in INT_OPTIONS:
+        parser.add_argument(flag, type=int, default=default, help=text)
     args = parser.parse_args()
     _ensure_lm_eval()
 

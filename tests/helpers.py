@@ -5,6 +5,8 @@ resilience tests."""
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import torch
@@ -62,6 +64,30 @@ MICRO = [
 
 def micro_sets(tmp: Path, *extra: str) -> list[str]:
     return [*MICRO, f"paths.runs_root={tmp / 'runs'}", f"paths.results_root={tmp / 'results'}", *extra]
+
+
+def slurm_sets(root: Path, *extra: str) -> list[str]:
+    """The micro sets with the `slurm` profile for the local cluster (infra/slurm/local-slurm.sh):
+    one CPU and one a100 per worker job, at most two jobs; workers activate this venv and report to
+    the caller's Prefect server (exported by the profile). Shared by tests/test_slurm.py and
+    bench/slurm_profile.py, so the benchmark times the configuration the tests prove."""
+    venv = Path(sys.executable).parent
+    return micro_sets(
+        root,
+        "runner.profile=slurm",
+        "runner.slurm.partition=gpu",
+        "runner.slurm.cores=1",
+        "runner.slurm.memory=3GB",
+        "runner.slurm.walltime=00:20:00",
+        "runner.slurm.lifetime_margin_minutes=5",
+        "runner.slurm.min_workers=0",
+        "runner.slurm.max_workers=2",
+        "runner.slurm.allow_sqlite=true",  # one node: the jobs share this disk
+        f"runner.slurm.python={sys.executable}",
+        f"runner.slurm.prologue={json.dumps([f'source {venv}/activate', 'export MONOLM_TORCH_THREADS=1'])}",
+        f"runner.slurm.log_directory={root / 'slurm-logs'}",
+        *extra,
+    )
 
 
 def micro_config(tmp: Path, *extra: str):
@@ -128,21 +154,29 @@ def constrain(model: nn.Module, variant: str = "mlp_in", init: str = "abs") -> n
 # --------------------------------------------------------------------------- training recipes
 # What every CPU test recipe shares: no gradient checkpointing, fp32 compute.
 CPU_RECIPE = dict(gradient_checkpointing="off", bf16="off")
-# 40 sequences / batch 8 = 5 steps per epoch: 12 steps cross two epoch boundaries (resume tests).
-RESUME_RECIPE = dict(
-    lr=3e-3,
-    epochs=3.0,
-    max_steps=12,
-    warmup_ratio=0.25,
-    schedule="cosine",
-    min_lr_ratio=0.1,
-    micro_batch_size=4,
-    grad_accum_steps=2,
-    log_every_steps=5,
-    eval_every_steps=4,
-    checkpoint_every_steps=4,
-    keep_last_checkpoints=3,
+# The test modules' recipes, one row each: the values of RECIPE_FIELDS, then the recipe's own fields.
+RECIPE_FIELDS = (
+    "lr",
+    "max_steps",
+    "micro_batch_size",
+    "grad_accum_steps",
+    "log_every_steps",
+    "eval_every_steps",
+    "checkpoint_every_steps",
 )
+CONSTANT_LR = dict(warmup_ratio=0.0, schedule="constant")
+RECIPES = {
+    # The loop tests (test_training): 6 steps of 4 x 2 sequences, evaluated every 3, no checkpoint.
+    "loop": ((1e-3, 6, 4, 2, 2, 3, 100), dict(epochs=100.0, **CONSTANT_LR)),
+    # The weight-decay tests: 4 steps of strong decay without clipping, a checkpoint every 2.
+    "decay": ((0.1, 4, 4, 1, 1, 100, 2), dict(weight_decay=0.1, grad_clip=None, **CONSTANT_LR)),
+    # The checkpoint and kill tests: 40 sequences / batch 8 = 5 steps per epoch, so 12 steps cross
+    # two epoch boundaries.
+    "resume": (
+        (3e-3, 12, 4, 2, 5, 4, 4),
+        dict(epochs=3.0, warmup_ratio=0.25, schedule="cosine", min_lr_ratio=0.1, keep_last_checkpoints=3),
+    ),
+}
 
 
 def arm_config(**settings):
@@ -152,9 +186,15 @@ def arm_config(**settings):
     return ArmConfig(**{**CPU_RECIPE, **settings})
 
 
+def recipe(name: str, **overrides):
+    """The `ArmConfig` of the test recipe `name` (`RECIPES`, on top of `CPU_RECIPE`), with `overrides`."""
+    values, own = RECIPES[name]
+    return arm_config(**{**dict(zip(RECIPE_FIELDS, values, strict=True)), **own, **overrides})
+
+
 def resume_recipe(**overrides):
-    """The recipe of the checkpoint and kill tests (`RESUME_RECIPE`), with `overrides`."""
-    return arm_config(**{**RESUME_RECIPE, **overrides})
+    """The recipe of the checkpoint and kill tests (`RECIPES["resume"]`), with `overrides`."""
+    return recipe("resume", **overrides)
 
 
 def counter_blocks(n: int = 48, seed: int = 1, *, seq: int = SEQ, vocab: int = VOCAB) -> torch.Tensor:

@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,17 +25,11 @@ from monolm.data import splits as data_lib
 from monolm.models import loading as models
 
 ROWS = 1024
-UAT_CFG = UATConfig(
-    trigger_len=2,
-    top_k=8,
-    restarts=2,
-    max_sweeps=2,
-    n_opt_texts=8,
-    n_eval_texts=16,
-    text_max_tokens=24,
-    grad_batch_size=8,
-    score_batch_size=32,
-)
+# What the UAT and GCG tests share: two restarts of a 2-token trigger, 8 + 16 texts of 24 tokens,
+# gradients over 8 texts at a time, 32 candidate sequences per scoring pass.
+TRIGGER_ATTACK = dict(trigger_len=2, restarts=2, n_opt_texts=8, n_eval_texts=16, text_max_tokens=24)
+TRIGGER_ATTACK |= dict(grad_batch_size=8, score_batch_size=32)
+UAT_CFG = UATConfig(**TRIGGER_ATTACK, top_k=8, max_sweeps=2)
 HF_CFG = HotFlipConfig(max_flips=3, top_b=8, n_texts=6, text_max_tokens=20, block_size=2, score_batch_size=32)
 
 
@@ -308,15 +303,33 @@ def test_first_order_scores_rank_exact_loss_increases(trained):
 
 
 # --------------------------------------------------------------------------- UAT
+def run_attack(trained, attack, cfg, out: Path, **kw):
+    """`attack.run` (uat, gcg) on the trained model's optimisation and evaluation texts, seed 3."""
+    model, tok, held = trained
+    return attack.run(model, tok, *_opt_eval(held), cfg, seed=3, out_dir=out, **kw)
+
+
+def spied_run(trained, attack, cfg, out: Path, **kw):
+    """`run_attack` with every scored target mask recorded: (result, calls)."""
+    with pytest.MonkeyPatch.context() as mp:
+        calls = _record_masks(mp)
+        return run_attack(trained, attack, cfg, out, **kw), calls
+
+
+def scored_rows(calls):
+    """Every row of the recorded forward passes (`_record_masks`): (its target mask, its length
+    without padding, the token ids it scores)."""
+    for ids, tm, am in calls:
+        lengths = am.sum(1) if am is not None else torch.full((ids.shape[0],), ids.shape[1])
+        for row in range(ids.shape[0]):
+            yield tm[row], int(lengths[row]), ids[row][tm[row]].tolist()
+
+
 @pytest.fixture(scope="session")
 def uat_spied(trained, tmp_path_factory):
     """One UAT run with every scored target mask recorded."""
-    model, tok, held = trained
-    opt, ev = _opt_eval(held)
     out = tmp_path_factory.mktemp("uat")
-    with pytest.MonkeyPatch.context() as mp:
-        calls = _record_masks(mp)
-        res = uat.run(model, tok, opt, ev, UAT_CFG, seed=3, out_dir=out, progress=False)
+    res, calls = spied_run(trained, uat, UAT_CFG, out, progress=False)
     return res, calls, out
 
 
@@ -344,16 +357,12 @@ def test_uat_never_scores_trigger_or_prefix_tokens(trained, uat_spied):
     texts = {tuple(t[: UAT_CFG.text_max_tokens]) for t in opt + ev}
     P, L = 1, UAT_CFG.trigger_len
     heads = set()
-    for ids, tm, am in calls:
-        lengths = am.sum(1) if am is not None else torch.full((ids.shape[0],), ids.shape[1])
-        for row in range(ids.shape[0]):
-            n = int(lengths[row])
-            scored = ids[row][tm[row]].tolist()
-            head = n - len(scored)
-            heads.add(head)
-            assert head in (P, P + L), "only prefix/trigger positions may be unscored"
-            assert tm[row, head:n].all() and not tm[row, :head].any() and not tm[row, n:].any()
-            assert tuple(scored) in texts, "a scored token is not an original text token"
+    for tm, n, scored in scored_rows(calls):
+        head = n - len(scored)
+        heads.add(head)
+        assert head in (P, P + L), "only prefix/trigger positions may be unscored"
+        assert tm[head:n].all() and not tm[:head].any() and not tm[n:].any()
+        assert tuple(scored) in texts, "a scored token is not an original text token"
     assert heads == {P, P + L}, "both clean and attacked rows were checked"
     assert sum(ids.shape[0] for ids, _, _ in calls) > 300
 

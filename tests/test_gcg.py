@@ -11,25 +11,14 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from test_attacks import _opt_eval, _record_masks, _trained
+from test_attacks import TRIGGER_ATTACK, _opt_eval, _trained, run_attack, scored_rows, spied_run
 from torch import nn
 
 from monolm.attacks import curves, gcg, gcg_search, trigger_search
 from monolm.attacks import scoring as common
 from monolm.config import GCGConfig
 
-CFG = GCGConfig(
-    trigger_len=2,
-    steps=4,
-    search_width=8,
-    topk=8,
-    restarts=2,
-    n_opt_texts=8,
-    n_eval_texts=16,
-    text_max_tokens=24,
-    grad_batch_size=8,
-    score_batch_size=32,
-)
+CFG = GCGConfig(**TRIGGER_ATTACK, steps=4, search_width=8, topk=8)
 
 
 @pytest.fixture(scope="session")
@@ -40,13 +29,9 @@ def trained():
 @pytest.fixture(scope="session")
 def gcg_runs(trained, tmp_path_factory):
     """GCG (every scored mask recorded) and its control, seed 3."""
-    model, tok, held = trained
-    opt, ev = _opt_eval(held)
     out = tmp_path_factory.mktemp("gcg")
-    with pytest.MonkeyPatch.context() as mp:
-        calls = _record_masks(mp)
-        res = gcg.run(model, tok, opt, ev, CFG, seed=3, out_dir=out)
-    ctrl = gcg.run(model, tok, opt, ev, CFG, seed=3, out_dir=out, control=True)
+    res, calls = spied_run(trained, gcg, CFG, out)
+    ctrl = run_attack(trained, gcg, CFG, out, control=True)
     return res, ctrl, calls, out
 
 
@@ -85,14 +70,10 @@ def test_gcg_never_scores_trigger_or_prefix_tokens(trained, gcg_runs):
     opt, ev = _opt_eval(held)
     texts = {tuple(t[: CFG.text_max_tokens]) for t in opt + ev}
     heads = set()
-    for ids, tm, am in calls:
-        lengths = am.sum(1) if am is not None else torch.full((ids.shape[0],), ids.shape[1])
-        for row in range(ids.shape[0]):
-            n = int(lengths[row])
-            scored = ids[row][tm[row]].tolist()
-            heads.add(n - len(scored))
-            assert not tm[row, : n - len(scored)].any() and tm[row, n - len(scored) : n].all()
-            assert tuple(scored) in texts, "a scored token is not an original text token"
+    for tm, n, scored in scored_rows(calls):
+        heads.add(n - len(scored))
+        assert not tm[: n - len(scored)].any() and tm[n - len(scored) : n].all()
+        assert tuple(scored) in texts, "a scored token is not an original text token"
     assert heads == {1, 1 + CFG.trigger_len}
 
 

@@ -14,7 +14,6 @@ import shutil
 import socket
 import stat
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -23,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers import micro_sets
+from helpers import micro_sets, slurm_sets
 from helpers import stage_dir as stage_folder
 
 from monolm.study.registry import SEED_STAGE_NAMES
@@ -151,28 +150,6 @@ def slurm():
 def root(tmp_path_factory) -> Path:
     """One runs root for the module: later tests find stage 0/1 of the same config cached."""
     return tmp_path_factory.mktemp("slurm-runs")
-
-
-def slurm_sets(root: Path, *extra: str) -> list[str]:
-    """The `slurm` profile for the local cluster: one CPU and one a100 per worker job, at most two
-    jobs; workers activate this venv and report to the test's Prefect server (exported by the profile)."""
-    venv = Path(sys.executable).parent
-    return micro_sets(
-        root,
-        "runner.profile=slurm",
-        "runner.slurm.partition=gpu",
-        "runner.slurm.cores=1",
-        "runner.slurm.memory=3GB",
-        "runner.slurm.walltime=00:20:00",
-        "runner.slurm.lifetime_margin_minutes=5",
-        "runner.slurm.min_workers=0",
-        "runner.slurm.max_workers=2",
-        "runner.slurm.allow_sqlite=true",  # one node: the jobs share this disk
-        f"runner.slurm.python={sys.executable}",
-        f"runner.slurm.prologue={json.dumps([f'source {venv}/activate', 'export MONOLM_TORCH_THREADS=1'])}",
-        f"runner.slurm.log_directory={root / 'slurm-logs'}",
-        *extra,
-    )
 
 
 def run_flow(root: Path, seeds: list[int], *extra: str, run_name: str) -> dict:

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import SEQ, arm_config, constrain, counter_blocks, tiny_neox
+from helpers import SEQ, constrain, counter_blocks, recipe, tiny_neox
 from safetensors.torch import load_file
 from torch import nn
 
@@ -19,19 +19,12 @@ from monolm.training import DataOrder, LRSchedule, accumulate_gradients, total_s
 
 
 def arm(**kw) -> ArmConfig:
-    base = dict(
-        lr=1e-3,
-        epochs=100.0,
-        max_steps=6,
-        warmup_ratio=0.0,
-        schedule="constant",
-        micro_batch_size=4,
-        grad_accum_steps=2,
-        log_every_steps=2,
-        eval_every_steps=3,
-        checkpoint_every_steps=100,
-    )
-    return arm_config(**{**base, **kw})
+    return recipe("loop", **kw)
+
+
+def cpu_train(model, blocks, a: ArmConfig, out, **kw):
+    """`train` on the CPU without a progress bar, from seed 0 and without evaluation unless `kw` says."""
+    return train(model, blocks, a, out, **{"seed": 0, "evaluate": None, "device": "cpu", "progress": False, **kw})
 
 
 # --------------------------------------------------------------------------- budget and schedule
@@ -87,15 +80,12 @@ def test_training_with_accumulation_matches_one_batch_update(tmp_path):
     results = []
     for micro, accum in ((8, 1), (2, 4)):
         model = tiny_neox()
-        res = train(
+        res = cpu_train(
             model,
             data,
             arm(micro_batch_size=micro, grad_accum_steps=accum, max_steps=3, lr=1e-3),
             tmp_path / f"{micro}x{accum}",
             seed=3,
-            evaluate=None,
-            device="cpu",
-            progress=False,
         )
         assert res.effective_batch_size == 8
         results.append((model, res))
@@ -120,17 +110,7 @@ def test_small_lr_moves_most_weights_in_fp32_even_from_a_bf16_model(tmp_path):
             constrain(model)
         model.to(torch.bfloat16)  # handed in low-precision: the loop must train fp32 anyway
         before = {n: p.detach().float().clone() for n, p in model.named_parameters()}
-        train(
-            model,
-            data,
-            recipe,
-            tmp_path / str(constrained),
-            seed=0,
-            evaluate=None,
-            constrained=constrained,
-            device="cpu",
-            progress=False,
-        )
+        cpu_train(model, data, recipe, tmp_path / str(constrained), constrained=constrained)
         assert all(p.dtype == torch.float32 for p in model.parameters())
         after = dict(model.named_parameters())
         if constrained:
@@ -148,17 +128,7 @@ def test_small_lr_moves_most_weights_in_fp32_even_from_a_bf16_model(tmp_path):
 
 def test_bf16_autocast_keeps_fp32_params_and_optimizer_state(tmp_path):
     model = constrain(tiny_neox())
-    res = train(
-        model,
-        counter_blocks(16),
-        arm(bf16="on", max_steps=2),
-        tmp_path,
-        seed=0,
-        evaluate=None,
-        constrained=True,
-        device="cpu",
-        progress=False,
-    )
+    res = cpu_train(model, counter_blocks(16), arm(bf16="on", max_steps=2), tmp_path, constrained=True)
     assert res.history["summary"]["bf16_autocast"] is True
     assert all(p.dtype == torch.float32 for p in model.parameters())
     opt = load_file(str(tmp_path / "checkpoints" / "step-00000002" / "optimizer.safetensors"))
@@ -169,17 +139,7 @@ def test_bf16_autocast_keeps_fp32_params_and_optimizer_state(tmp_path):
 # --------------------------------------------------------------------------- constrained arm
 def test_constrained_arm_logs_min_materialized_weight(tmp_path):
     model = constrain(tiny_neox())
-    res = train(
-        model,
-        counter_blocks(16),
-        arm(max_steps=4, log_every_steps=2, lr=1e-2),
-        tmp_path,
-        seed=0,
-        evaluate=None,
-        constrained=True,
-        device="cpu",
-        progress=False,
-    )
+    res = cpu_train(model, counter_blocks(16), arm(max_steps=4, log_every_steps=2, lr=1e-2), tmp_path, constrained=True)
     logged = [e["min_constrained_weight"] for e in res.history["log"]]
     assert len(logged) == 2 and all(0 <= w < 1e-3 for w in logged)
     actual = min(float(m.weight.detach().min()) for _, m in constrained_modules(model))
@@ -202,17 +162,7 @@ def test_negative_constrained_weight_aborts_training(tmp_path):
     for layer in model.gpt_neox.layers:
         torch.nn.utils.parametrize.register_parametrization(layer.mlp.dense_h_to_4h, "weight", ShiftedSoftplus())
     with pytest.raises(ConstraintViolation, match=r"optimizer step 1: .*dense_h_to_4h\.weight"):
-        train(
-            model,
-            counter_blocks(16),
-            arm(lr=1e-2),
-            tmp_path,
-            seed=0,
-            evaluate=None,
-            constrained=True,
-            device="cpu",
-            progress=False,
-        )
+        cpu_train(model, counter_blocks(16), arm(lr=1e-2), tmp_path, constrained=True)
 
 
 def test_arm_flag_must_match_the_model(tmp_path):
@@ -226,16 +176,12 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path):
     losses = {}
     for gc in ("off", "on"):
         model = constrain(tiny_neox())
-        res = train(
+        res = cpu_train(
             model,
             counter_blocks(16),
             arm(gradient_checkpointing=gc, max_steps=3, log_every_steps=1),
             tmp_path / gc,
-            seed=0,
-            evaluate=None,
             constrained=True,
-            device="cpu",
-            progress=False,
         )
         flag = getattr(model, "is_activation_checkpointing", None)
         assert (flag if flag is not None else model.is_gradient_checkpointing) == (gc == "on")
@@ -258,15 +204,12 @@ def test_history_and_best_model_selection(tmp_path):
         return {"perplexity": ppl, "loss": math.log(ppl)}
 
     model = tiny_neox()
-    res = train(
+    res = cpu_train(
         model,
         counter_blocks(32),
         arm(max_steps=8, eval_every_steps=2, log_every_steps=3),
         tmp_path,
-        seed=0,
         evaluate=evaluate,
-        device="cpu",
-        progress=False,
         on_log=logs.append,
     )
     assert res.completed and res.steps == res.total_steps == 8
@@ -323,17 +266,7 @@ def test_caller_save_model_writes_the_best_dir(tmp_path):
         (directory / "weights" / "w.txt").write_text(str(float(model.get_output_embeddings().weight.detach().sum())))
         return ["weights/w.txt"]
 
-    res = train(
-        tiny_neox(),
-        counter_blocks(16),
-        arm(max_steps=2),
-        tmp_path,
-        seed=0,
-        evaluate=None,
-        device="cpu",
-        progress=False,
-        save_model=save,
-    )
+    res = cpu_train(tiny_neox(), counter_blocks(16), arm(max_steps=2), tmp_path, save_model=save)
     assert len(calls) == 1 and (res.best_dir / "weights" / "w.txt").is_file()
     assert json.loads((res.best_dir / "best.json").read_text())["files"].keys() == {"weights/w.txt"}
     assert not any(p.name.startswith((".tmp-", ".old-")) for p in tmp_path.iterdir())
@@ -341,13 +274,4 @@ def test_caller_save_model_writes_the_best_dir(tmp_path):
 
 def test_evaluate_must_report_perplexity(tmp_path):
     with pytest.raises(KeyError, match="perplexity"):
-        train(
-            tiny_neox(),
-            counter_blocks(16),
-            arm(max_steps=3),
-            tmp_path,
-            seed=0,
-            evaluate=lambda m: {"loss": 1.0},
-            device="cpu",
-            progress=False,
-        )
+        cpu_train(tiny_neox(), counter_blocks(16), arm(max_steps=3), tmp_path, evaluate=lambda m: {"loss": 1.0})

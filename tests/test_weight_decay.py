@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers import arm_config, counter_blocks, tiny_neox
+from helpers import counter_blocks, recipe, tiny_neox
 
 from monolm.config import ArmConfig
 from monolm.constraint.softplus import constrained_modules, constrained_weights
@@ -19,20 +19,7 @@ LN2 = math.log(2.0)
 
 
 def arm(**kw) -> ArmConfig:
-    base = dict(
-        lr=0.1,
-        weight_decay=0.1,
-        max_steps=4,
-        warmup_ratio=0.0,
-        schedule="constant",
-        micro_batch_size=4,
-        grad_accum_steps=1,
-        grad_clip=None,
-        log_every_steps=1,
-        eval_every_steps=100,
-        checkpoint_every_steps=2,
-    )
-    return arm_config(**{**base, **kw})
+    return recipe("decay", **kw)
 
 
 def constrained_model(seed: int = 0):

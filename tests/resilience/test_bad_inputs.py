@@ -56,79 +56,65 @@ def refused(cwd: Path, argv: list[str], code: int, *needles: str, env: dict | No
 
 
 # --------------------------------------------------------------------------- configuration (no compute)
+# name -> (the arguments, or the one `--set` setting, as a string; what the message must say)
 CONFIG_CASES = {
     "unknown preset": (["--preset", "huge"], ["unknown preset 'huge'", "allowed: full, quick, tiny"]),
     "unknown variant": (["--variant", "mlp_everything"], ["constraint.variant", "not an allowed value"]),
     "unknown named override": (["--override", "faster"], ["unknown named override 'faster'", "reference"]),
     "unknown field": (
-        ["--set", "training.common.learning_rate=1e-4"],
+        "training.common.learning_rate=1e-4",
         ["training.common.learning_rate: unknown setting; did you mean 'lr'?"],
     ),
-    "override without '='": (
-        ["--set", "training.common.lr"],
-        ["invalid override: expected KEY=VALUE"],
-    ),
-    "override with empty key part": (["--set", "training..lr=1"], ["invalid override: expected KEY=VALUE"]),
-    "override with empty key": (["--set", "=1"], ["invalid override: expected KEY=VALUE"]),
-    "override value not YAML": (["--set", "seeds=[1,"], ["seeds: value is not valid YAML"]),
+    "override without '='": ("training.common.lr", ["invalid override: expected KEY=VALUE"]),
+    "override with empty key part": ("training..lr=1", ["invalid override: expected KEY=VALUE"]),
+    "override with empty key": ("=1", ["invalid override: expected KEY=VALUE"]),
+    "override value not YAML": ("seeds=[1,", ["seeds: value is not valid YAML"]),
     "string for an integer": (
-        ["--set", "training.common.micro_batch_size=abc"],
+        "training.common.micro_batch_size=abc",
         ["training.common.micro_batch_size", "valid integer", "got a str"],
     ),
     "float for an integer": (
-        ["--set", "training.common.grad_accum_steps=2.5"],
+        "training.common.grad_accum_steps=2.5",
         ["training.common.grad_accum_steps", "valid integer"],
     ),
-    "string for a rate": (["--set", "training.common.lr=fast"], ["training.common.lr", "got a str"]),
-    "string for a boolean": (
-        ["--set", "attacks.hotflip.random_control=maybe"],
-        ["attacks.hotflip.random_control", "got a str"],
-    ),
-    "scalar for a list": (["--set", "seeds=oops"], ["seeds", "got a str"]),
-    "zero learning rate": (["--set", "training.common.lr=0"], ["training.common.lr", "greater than 0"]),
-    "negative learning rate": (
-        ["--set", "training.common.lr=-1e-4"],
-        ["training.common.lr", "greater than 0", "-0.0001"],
-    ),
-    "zero batch size": (
-        ["--set", "training.common.micro_batch_size=0"],
-        ["training.common.micro_batch_size", "greater than 0"],
-    ),
-    "negative seq len": (["--set", "data.seq_len=-5"], ["data.seq_len", "greater than 0"]),
-    "zero hidden size": (["--set", "model.tiny.hidden_size=0"], ["model.tiny.hidden_size", "greater than 0"]),
-    "zero trigger length": (["--set", "attacks.uat.trigger_len=0"], ["attacks.uat.trigger_len", "greater than 0"]),
-    "zero HotFlip block": (["--set", "attacks.hotflip.block_size=0"], ["attacks.hotflip.block_size"]),
-    "negative eval batch": (["--set", "evaluation.batch_size=-1"], ["evaluation.batch_size", "greater than 0"]),
+    "string for a rate": ("training.common.lr=fast", ["training.common.lr", "got a str"]),
+    "string for a boolean": ("attacks.hotflip.random_control=maybe", ["attacks.hotflip.random_control", "got a str"]),
+    "scalar for a list": ("seeds=oops", ["seeds", "got a str"]),
+    "zero learning rate": ("training.common.lr=0", ["training.common.lr", "greater than 0"]),
+    "negative learning rate": ("training.common.lr=-1e-4", ["training.common.lr", "greater than 0", "-0.0001"]),
+    "zero batch size": ("training.common.micro_batch_size=0", ["training.common.micro_batch_size", "greater than 0"]),
+    "negative seq len": ("data.seq_len=-5", ["data.seq_len", "greater than 0"]),
+    "zero hidden size": ("model.tiny.hidden_size=0", ["model.tiny.hidden_size", "greater than 0"]),
+    "zero trigger length": ("attacks.uat.trigger_len=0", ["attacks.uat.trigger_len", "greater than 0"]),
+    "zero HotFlip block": ("attacks.hotflip.block_size=0", ["attacks.hotflip.block_size"]),
+    "negative eval batch": ("evaluation.batch_size=-1", ["evaluation.batch_size", "greater than 0"]),
     "warmup ratio above 1": (
-        ["--set", "training.common.warmup_ratio=1.5"],
+        "training.common.warmup_ratio=1.5",
         ["training.common.warmup_ratio", "less than or equal to 1"],
     ),
-    "zero success threshold": (["--set", "attacks.success_threshold=0"], ["attacks.success_threshold"]),
+    "zero success threshold": ("attacks.success_threshold=0", ["attacks.success_threshold"]),
     "seq len above the model maximum": (
-        ["--set", "data.seq_len=999"],
+        "data.seq_len=999",
         ["data.seq_len=999 exceeds the model's maximum sequence length 256"],
     ),
     "eval window above the model maximum": (
-        ["--set", "evaluation.seq_len=300"],
+        "evaluation.seq_len=300",
         ["evaluation.seq_len=300 exceeds the model's maximum"],
     ),
     "attack text above the model maximum": (
-        ["--set", "attacks.hotflip.text_max_tokens=300"],
+        "attacks.hotflip.text_max_tokens=300",
         ["attacks.hotflip.text_max_tokens=300 exceeds"],
     ),
     "trigger longer than the texts": (
         ["--set", "attacks.uat.trigger_len=60", "--set", "attacks.uat.text_max_tokens=48"],
         ["attacks.uat.trigger_len=60 is not shorter than the texts it attacks"],
     ),
-    "too few attack texts": (["--set", "data.n_attack_docs=5"], ["data.n_attack_docs=5 is too small"]),
-    "heads do not divide hidden size": (["--set", "model.tiny.num_heads=3"], ["divisible by model.tiny.num_heads=3"]),
-    "unfair per-arm recipe": (
-        ["--set", "training.monotonic.lr=1e-3"],
-        ["training.monotonic.lr=0.001", "training.recipe='fair'"],
-    ),
+    "too few attack texts": ("data.n_attack_docs=5", ["data.n_attack_docs=5 is too small"]),
+    "heads do not divide hidden size": ("model.tiny.num_heads=3", ["divisible by model.tiny.num_heads=3"]),
+    "unfair per-arm recipe": ("training.monotonic.lr=1e-3", ["training.monotonic.lr=0.001", "training.recipe='fair'"]),
     "duplicate seeds": (["--seeds", "1", "1"], ["seeds=[1, 1] contains duplicates"]),
     "evaluation on the training split": (
-        ["--set", "data.test_split=train"],
+        "data.test_split=train",
         ["data.test_split='train' and data.train_split='train' point the test part and the train part"],
     ),
 }
@@ -149,6 +135,7 @@ IN_A_PROCESS = {
 def test_config_errors_are_refused_before_anything_runs(tmp_path, name):
     """Exit 2, the field named (never its value: it may be a token pasted in the wrong place), nothing written."""
     args, needles = CONFIG_CASES[name]
+    args = ["--set", args] if isinstance(args, str) else args
     refused(
         tmp_path,
         [*RUN, *args, "--set", f"paths.runs_root={tmp_path / 'runs'}"],

@@ -32,6 +32,7 @@ pytestmark = pytest.mark.resilience
 
 ATTACKS = ("attacks.uat.restarts=3", "attacks.hotflip.block_size=2")
 ATTACK_STAGES = ("uat_baseline", "uat", "hotflip_baseline", "hotflip")
+WRITE_UNIT = "monolm.attacks.units:write_unit"
 
 
 def argv(root: Path) -> list[str]:
@@ -51,6 +52,15 @@ def uninterrupted(micro_pipeline, tmp_path_factory) -> Path:
     return root
 
 
+def kill_run(root: Path, tmp_path: Path, log: str, marker_name: str, target: str, **where):
+    """Run the attack stages on `root` and SIGKILL the run where it pauses at `target` (`pause`
+    with `where`); returns the killed process, for its output."""
+    marker = tmp_path / marker_name
+    proc = spawn_cli(argv(root), cwd=root, log=tmp_path / log, pauses=[pause(target, marker, **where)])
+    kill_at_marker(proc, marker)
+    return proc
+
+
 def units(stage_dir: Path, arm: str = "baseline") -> dict[str, tuple[int, int]]:
     """unit file -> (inode, mtime_ns): a reused unit keeps both, a rewritten one gets a new inode."""
     folder = stage_dir / arm / "units"
@@ -62,27 +72,15 @@ def test_uat_killed_twice_resumes_from_finished_restarts(tmp_path, micro_pipelin
     uat = seed_dir(root) / "uat_baseline"  # the baseline's share of stage 5, attacked first
 
     # 1. Killed right after the baseline's second restart was written.
-    marker = tmp_path / "after-unit"
-    proc = spawn_cli(
-        argv(root),
-        cwd=root,
-        log=tmp_path / "kill1.log",
-        pauses=[pause("monolm.attacks.units:write_unit", marker, nth=2, when="after")],
-    )
-    kill_at_marker(proc, marker)
+    kill_run(root, tmp_path, "kill1.log", "after-unit", WRITE_UNIT, nth=2, when="after")
     assert list(units(uat)) == ["uat-0000.json", "uat-0001.json"]
     assert not (uat / "manifest.json").exists()
     kept = units(uat)
 
     # 2. The re-run is killed inside the write of restart 2 (temp file written, not renamed).
-    marker = tmp_path / "in-write"
-    proc = spawn_cli(
-        argv(root),
-        cwd=root,
-        log=tmp_path / "kill2.log",
-        pauses=[pause("os:replace", marker, match=r"/baseline/units/\.tmp-uat-0002\.json\.")],
+    proc = kill_run(
+        root, tmp_path, "kill2.log", "in-write", "os:replace", match=r"/baseline/units/\.tmp-uat-0002\.json\."
     )
-    kill_at_marker(proc, marker)
     assert "uat restart 1/3: reused finished unit" in proc.output()
     assert list((uat / "baseline" / "units").glob(".tmp-uat-0002.json.*"))
     assert units(uat) == kept  # restarts 0 and 1 were reused, not rewritten
@@ -107,14 +105,7 @@ def test_hotflip_killed_mid_way_resumes_from_finished_blocks(tmp_path, micro_pip
     hotflip = seed_dir(root) / "hotflip_baseline"  # the baseline's share of stage 6, attacked first
 
     # Killed after 3 of the baseline's 8 units (4 gradient blocks, then 4 control blocks).
-    marker = tmp_path / "after-unit"
-    proc = spawn_cli(
-        argv(root),
-        cwd=root,
-        log=tmp_path / "kill.log",
-        pauses=[pause("monolm.attacks.units:write_unit", marker, nth=3, when="after")],
-    )
-    kill_at_marker(proc, marker)
+    kill_run(root, tmp_path, "kill.log", "after-unit", WRITE_UNIT, nth=3, when="after")
     kept = units(hotflip)
     assert list(kept) == ["hotflip-0000.json", "hotflip-0001.json", "hotflip-0002.json"]
     assert not (hotflip / "manifest.json").exists()
