@@ -484,28 +484,22 @@ def test_runs_filters_and_order(store):
 
 
 def test_compare_means_and_differences(store):
-    store.record_run(
-        _run("a"),
-        _metrics(
-            {
-                ("baseline", "loss", 1): 3.0,
-                ("baseline", "loss", 2): 4.0,
-                ("monotonic", "loss", 1): 5.0,
-                ("monotonic", "acc", 1): 0.5,
-            }
-        ),
-    )
-    store.record_run(
-        _run("b"),
-        _metrics(
-            {
-                ("baseline", "loss", 1): 2.0,
-                ("baseline", "loss", 2): 2.5,
-                ("monotonic", "loss", 1): 5.0,
-                ("monotonic", "new", 1): 1.0,
-            }
-        ),
-    )
+    values = {
+        "a": {
+            ("baseline", "loss", 1): 3.0,
+            ("baseline", "loss", 2): 4.0,
+            ("monotonic", "loss", 1): 5.0,
+            ("monotonic", "acc", 1): 0.5,
+        },
+        "b": {
+            ("baseline", "loss", 1): 2.0,
+            ("baseline", "loss", 2): 2.5,
+            ("monotonic", "loss", 1): 5.0,
+            ("monotonic", "new", 1): 1.0,
+        },
+    }
+    for run_id, metrics in values.items():
+        store.record_run(_run(run_id), _metrics(metrics))
     rows = {(r["arm"], r["metric"]): r for r in store.compare("a", "b")}
     base = rows[("baseline", "loss")]
     assert (base["n_a"], base["mean_a"], base["n_b"], base["mean_b"]) == (2, 3.5, 2, 2.25)

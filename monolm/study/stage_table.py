@@ -214,6 +214,23 @@ def _attack_stages(name: str, number: int, label: str, entry: str, config: tuple
     )
 
 
+def _training(arm: str, number: int, scope: Scope, inputs: tuple[str, ...], config: tuple[str, ...]) -> Stage:
+    """An arm's training stage, `train_<arm>`: the recipe and sequence length decide its output,
+    plus `config` (the constrained arm's constraint); it writes its curves to history.json."""
+    return Stage(
+        name=f"train_{arm}",
+        number=number,
+        kind="train",
+        scope=scope,
+        label=f"train {arm}",
+        entry=f"monolm.training.stage:run_{arm}",
+        inputs=inputs,
+        config=("training", "data.seq_len", *config),
+        gpu=True,
+        reads="history.json",
+    )
+
+
 SEED_STAGES: tuple[Stage, ...] = (
     Stage(
         name="setup",
@@ -240,30 +257,8 @@ SEED_STAGES: tuple[Stage, ...] = (
         gpu=True,
         reads="report.json",
     ),
-    Stage(
-        name="train_baseline",
-        number=2,
-        kind="train",
-        scope="model",
-        label="train baseline",
-        entry="monolm.training.stage:run_baseline",
-        inputs=("setup",),
-        config=("training", "data.seq_len"),
-        gpu=True,
-        reads="history.json",
-    ),
-    Stage(
-        name="train_monotonic",
-        number=3,
-        kind="train",
-        scope="cell",
-        label="train monotonic",
-        entry="monolm.training.stage:run_monotonic",
-        inputs=("setup", "constrain"),
-        config=("training", "data.seq_len", "constraint"),
-        gpu=True,
-        reads="history.json",
-    ),
+    _training("baseline", 2, "model", ("setup",), ()),
+    _training("monotonic", 3, "cell", ("setup", "constrain"), ("constraint",)),
     *shared_stages(
         "evaluate",
         number=4,
