@@ -5,17 +5,18 @@ fields and what is allowed (`ConfigError` where the model's own limit is known o
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from monolm.config.base import FOLDER_NAME, ConfigError
 from monolm.config.store_url import check_cluster_store
 from monolm.study.registry import ATTACK_SPECS, attack_text_budget
 
-if TYPE_CHECKING:
-    from monolm.config.schema import ExperimentConfig
+# The checks take the `ExperimentConfig` being validated (`monolm.config.schema`, which imports
+# this module: typed `Any` here so that the import graph stays acyclic).
+Config = Any
 
 
-def check_experiment(cfg: ExperimentConfig) -> None:
+def check_experiment(cfg: Config) -> None:
     """Every cross-section check, in the order a user meets them (first problem raised)."""
     if not cfg.seeds:
         raise ValueError("seeds: at least one seed is required")
@@ -38,7 +39,7 @@ def check_experiment(cfg: ExperimentConfig) -> None:
         )
 
 
-def _check_attack_texts(cfg: ExperimentConfig) -> None:
+def _check_attack_texts(cfg: Config) -> None:
     """UAT's trigger leaves text to attack, GCG optimises on (a prefix of) UAT's texts, and the
     attack split holds every attack's texts."""
     uat = cfg.attacks.uat  # its trigger must leave text to attack
@@ -61,7 +62,7 @@ def _check_attack_texts(cfg: ExperimentConfig) -> None:
         )
 
 
-def check_grid(cfg: ExperimentConfig) -> None:
+def check_grid(cfg: Config) -> None:
     """Named models are labelled by their key; grid axes hold no duplicates and only known
     model names (variants and inits are checked by their types)."""
     for key, model in cfg.models.items():
@@ -81,7 +82,7 @@ def check_grid(cfg: ExperimentConfig) -> None:
             raise ValueError(f"grid.models: unknown model {name!r}; allowed: {', '.join(known)} (named in models:)")
 
 
-def check_seq_len(cfg: ExperimentConfig, model_max: int) -> None:
+def check_seq_len(cfg: Config, model_max: int) -> None:
     """Refuse sequence lengths the model cannot attend over (checked again once the model's
     own config is known, before any compute)."""
     checks = {
