@@ -33,100 +33,15 @@ from monolm.config.base import (  # noqa: F401  (re-exported: the value types ar
 from monolm.config.controls import ControlsConfig, DamageConfig, LadderChecks, TinySnapshots  # noqa: F401
 from monolm.config.cross_checks import check_experiment, check_seq_len
 from monolm.config.gcg import GCGConfig  # noqa: F401  (re-exported)
-from monolm.config.model import ModelConfig, TinyModelConfig  # noqa: F401  (re-exported)
+from monolm.config.model_data import (  # noqa: F401  (re-exported)
+    HELD_OUT_PARTS,
+    ContaminationConfig,
+    DataConfig,
+    ModelConfig,
+    TinyModelConfig,
+)
 from monolm.config.runner import RunnerConfig, SlurmConfig  # noqa: F401  (re-exported)
 from monolm.config.store_url import without_password
-
-
-# --------------------------------------------------------------------------- data
-class ContaminationConfig(Strict):
-    """The near-duplicate check of stage 0 between train and every held-out part (each part is
-    also checked against the held-out parts chosen before it: validation, then test, then attack)."""
-
-    ngram: PositiveInt = 13  # words per n-gram (the GPT-3 contamination study's choice)
-    # A held-out document is contaminated when more than this share of its word n-grams occurs in
-    # the text it is checked against...
-    max_ngram_overlap: Fraction = 0.1
-    # ...or more than this share of its characters lies in paragraphs (of at least
-    # min_paragraph_chars) that occur there verbatim (0: any duplicated paragraph).
-    max_paragraph_overlap: Fraction = 0.0
-    min_paragraph_chars: PositiveInt = 80
-    # drop: leave contaminated documents out (and report how many); fail: stop stage 0.
-    action: Literal["drop", "fail"] = "drop"
-
-
-# Fields of an earlier layout of the data section, and what replaced them.
-_RENAMED_DATA_FIELDS = {
-    "eval_split": "data.val_split (checkpoint selection) and data.test_split (reported quality)",
-    "n_eval_docs": "data.n_val_docs (checkpoint selection) and data.n_test_docs (reported quality)",
-    "embedded_eval_fraction": "the document counts data.n_val_docs, data.n_test_docs and data.n_attack_docs",
-    "embedded_attack_fraction": "the document counts data.n_val_docs, data.n_test_docs and data.n_attack_docs",
-}
-HELD_OUT_PARTS = ("validation", "test", "attack")
-
-
-class DataConfig(Strict):
-    """Where the text comes from and how it is cut into four parts: train, and three held-out
-    parts that are pairwise disjoint and free of near-duplicates of train. validation selects
-    the checkpoint (and draws the training curves), test is where reported quality is measured,
-    attack is what stages 5-6 attack."""
-
-    source: Literal["hub", "local", "embedded"] = "hub"
-    # hub: a dataset id; local: a directory or file of jsonl/parquet in Pile format
-    # ({"text": ..., "meta": {"pile_set_name": ...}}); embedded: ignored (stdlib documentation prose).
-    dataset: str = "monology/pile-uncopyrighted"
-    text_field: str = "text"
-    # Split names (hub datasets and local directories; a single file or the embedded corpus is
-    # carved per seed instead). Pythia was pre-trained on the Pile's train split, so held-out text
-    # must never be later rows of the training stream. Held-out parts that name the same split are
-    # drawn from it disjointly (validation first, then test, then attack).
-    train_split: str = "train"
-    val_split: str = "validation"
-    test_split: str = "test"
-    attack_split: str = "test"
-    seq_len: PositiveInt = 2048
-    n_train_docs: PositiveInt = 20000
-    n_val_docs: PositiveInt = 200
-    n_test_docs: PositiveInt = 500
-    n_attack_docs: PositiveInt = 400
-    min_doc_chars: NonNegInt = 200
-    contamination: ContaminationConfig = ContaminationConfig()
-
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for old, new in _RENAMED_DATA_FIELDS.items():
-                if old in data:
-                    raise ValueError(f"data.{old}={data[old]!r}: this field was replaced by {new}")
-        return data
-
-    @model_validator(mode="after")
-    def _held_out(self) -> DataConfig:
-        for part in HELD_OUT_PARTS:
-            field = self.split_field(part)
-            if getattr(self, field) == self.train_split:
-                raise ValueError(
-                    f"data.{field}={getattr(self, field)!r} and data.train_split={self.train_split!r} point the "
-                    f"{part} part and the train part at the same documents; held-out text must come from a "
-                    "held-out split (e.g. 'validation' or 'test')"
-                )
-        return self
-
-    @staticmethod
-    def split_field(part: str) -> str:
-        """The config field naming the split a part is drawn from."""
-        return {"train": "train_split", "validation": "val_split", "test": "test_split", "attack": "attack_split"}[part]
-
-    def part_size(self, part: str) -> int:
-        """How many documents the part holds at most."""
-        sizes = {
-            "train": self.n_train_docs,
-            "validation": self.n_val_docs,
-            "test": self.n_test_docs,
-            "attack": self.n_attack_docs,
-        }
-        return sizes[part]
 
 
 # --------------------------------------------------------------------------- constraint
