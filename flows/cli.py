@@ -13,73 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-from flows.results_cli import cmd_results
-from monolm.config import ConfigError, ExperimentConfig, check_output_folders, config_to_yaml, load_config
+from flows.cli_config import add_config_args, config_from_args  # noqa: F401  (config_from_args: re-exported)
+from flows.results_cli import add_results_parser
+from monolm.config import ConfigError, check_output_folders, config_to_yaml
 from monolm.core.errors import PermanentError
 from monolm.study.registry import SEED_STAGES
-
-
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny", help="tiny (offline, CPU), quick (nightly) or full (paper)")
-    p.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: the preset's)")
-    p.add_argument("--variant", help="constraint variant: mlp_in, mlp_both, mlp_in_attn_out, gated_updown, gated_all")
-    p.add_argument(
-        "--variants",
-        nargs="+",
-        metavar="VARIANT",
-        help="a grid of constraint variants (or 'all': every variant the model's architecture has)",
-    )
-    p.add_argument("--models", nargs="+", metavar="MODEL", help="a grid of models, named in the config's models:")
-    p.add_argument("--inits", nargs="+", metavar="INIT", help="a grid of conversions of W into V: abs, clamp")
-    p.add_argument(
-        "--override",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="named override, e.g. 'reference' (the original study's recipe); repeatable",
-    )
-    p.add_argument("--config", type=Path, metavar="FILE", help="YAML file of overrides")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        dest="sets",
-        help="override one field, e.g. --set training.common.lr=1e-4; repeatable",
-    )
-
-
-def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
-    """The validated config of the command line's options (the grid's 'all' variants expanded)."""
-    from monolm.study.cells import grid_from_lists
-
-    extra: dict = {}
-    grid = grid_from_lists(getattr(args, "models", None), getattr(args, "variants", None), getattr(args, "inits", None))
-    if getattr(args, "variant", None) and "variants" in grid:
-        raise ConfigError("--variant and --variants: give the grid's variants with --variants alone")
-    if grid.get("variants") == ["all"]:
-        from monolm.study.preflight import applicable_variants
-
-        without = {k: v for k, v in grid.items() if k != "variants"}
-        base = load_config(
-            args.preset,
-            overrides=args.override,
-            config_file=args.config,
-            sets=args.sets,
-            extra={"grid": without} if without else None,
-        )
-        grid["variants"] = applicable_variants(base)
-    if grid:
-        extra["grid"] = grid
-    if args.seeds:
-        extra["seeds"] = args.seeds
-    if getattr(args, "variant", None):
-        extra["constraint"] = {"variant": args.variant}
-    if getattr(args, "profile", None):
-        extra["runner"] = {"profile": args.profile}
-    if getattr(args, "run_name", None):
-        extra["run_name"] = args.run_name
-    return load_config(args.preset, overrides=args.override, config_file=args.config, extra=extra, sets=args.sets)
 
 
 def prefect_environment() -> None:
@@ -243,65 +181,10 @@ def _runs_parser(sub: argparse._SubParsersAction) -> None:
     runs.set_defaults(func=cmd_runs)
 
 
-def cmd_plan(args: argparse.Namespace) -> int:
-    """Per GPU stage: the memory estimate and chosen batch on each card, tokens and model FLOPs."""
-    from monolm.memory.estimates import GiB
-    from monolm.memory.plans import A100_BF16_FLOPS, PLAN_MFU, plan_table
-
-    cfg = config_from_args(args)
-    logging.getLogger("monolm.planning").setLevel(logging.ERROR)  # the table says it all
-    shape, rows = plan_table(cfg, tokens_per_doc=args.tokens_per_doc)
-    print(
-        f"{shape.name}: {shape.parameters:,} parameters, {shape.layers} layers, hidden {shape.hidden}, "
-        f"vocab {shape.vocab}; preset {cfg.preset}, variant {cfg.constraint.variant}, seq_len {cfg.data.seq_len}"
-    )
-    if cfg.model.random_weights:
-        print(f"NOTE: {cfg.model.name}")
-    cards = [k for k in rows[0] if k not in ("stage", "tokens", "flops", "a100_hours")]
-    print(f"{'stage':<16}" + "".join(f"{card + ' batch':>18}{'GiB':>7}" for card in cards), end="")
-    print(f"{'tokens':>11}{'PFLOP':>9}{'A100 h':>8}  batch setting")
-    failures = []
-    for row in rows:
-        line, setting = f"{row['stage']:<16}", ""
-        for card in cards:
-            plan = row[card]
-            if isinstance(plan, Exception):
-                line += f"{'does not fit':>18}{'-':>7}"
-                failures.append(f"{row['stage']} on {card}: {plan}")
-                continue
-            batch = str(plan.chosen) + (f" x {plan.grad_accum_chosen}" if plan.grad_accum_chosen is not None else "")
-            line += f"{batch:>18}{plan.estimate_bytes / GiB:>7.1f}"
-            setting = plan.setting + (" x grad_accum_steps" if plan.grad_accum_chosen is not None else "")
-        print(line + f"{row['tokens']:>11.3g}{row['flops'] / 1e15:>9.1f}{row['a100_hours']:>8.2f}  {setting}")
-    print(
-        f"GiB: estimated peak at the chosen batch (training keeps micro-batch x accumulation = the effective batch). "
-        f"A100 h: model FLOPs at {PLAN_MFU:.0%} MFU of {A100_BF16_FLOPS / 1e12:.0f} TFLOP/s on one GPU, documents "
-        f"of {args.tokens_per_doc} tokens (--tokens-per-doc); set runner.stage_timeout_minutes and the SLURM "
-        "walltime with a margin above it."
-    )
-    for failure in failures:
-        print(failure)
-    print_power(cfg, args.target_effect)
-    return 0
-
-
-def print_power(cfg: ExperimentConfig, target: float | None) -> None:
-    """The minimum detectable effect of each headline test (`monolm.study.power_plan`)."""
-    from monolm.study import power_plan
-
-    run_name, rows = power_plan.latest_comparable(cfg)
-    source = f"run {run_name}" if run_name else "stated default"
-    print()
-    print(power_plan.format_power(power_plan.power_rows(cfg, power_plan.observed_sds(rows), source, target), target))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="monolm", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _run_parser(sub: argparse._SubParsersAction) -> None:
+    """`monolm run`: the config options, the runner, the run's name and how much of it to run."""
     run = sub.add_parser("run", help="run the experiment (stages 0-7) for the given seeds")
-    _config_args(run)
+    add_config_args(run)
     run.add_argument("--profile", choices=["local", "dask-local", "slurm"], help="task runner profile")
     run.add_argument("--run-name", help="name of the results folder results/<run-name>/")
     run.add_argument("--no-prefect", action="store_true", help="plain sequential run without the orchestrator")
@@ -316,45 +199,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=cmd_run)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand, in the order `monolm --help` lists them."""
+    parser = argparse.ArgumentParser(prog="monolm", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _run_parser(sub)
+
     verify = sub.add_parser("verify", help="check that stage 0 can run here (hub, model, data, disk)")
-    _config_args(verify)
+    add_config_args(verify)
     verify.add_argument("--timeout", type=float, default=30.0, help="seconds per check")
     verify.set_defaults(func=cmd_verify)
 
     config = sub.add_parser("config", help="show the resolved configuration")
     config.add_argument("action", choices=["show"])
-    _config_args(config)
+    add_config_args(config)
     config.set_defaults(func=cmd_config)
 
-    plan = sub.add_parser("plan", help="memory plan and token/FLOP count of every GPU stage on A100-40GB/80GB")
-    _config_args(plan)
-    plan.add_argument("--tokens-per-doc", type=int, default=1400, help="mean document length in tokens (the Pile's)")
-    plan.add_argument(
-        "--target-effect",
-        type=float,
-        metavar="X",
-        help="also print how many seeds, texts or documents each headline test needs to detect a difference X",
-    )
-    plan.set_defaults(func=cmd_plan)
+    from flows.plan_cli import add_plan_parser
 
-    results = sub.add_parser("results", help="query the results store")
-    results.add_argument("--store", help="SQLAlchemy URL (default: sqlite:///runs/results.sqlite)")
-    results.add_argument("--preset", help="only this preset (tiny, quick, full)")
-    results.add_argument("--variant", help="only this constraint variant")
-    results.add_argument("--arm", help="only this arm: base, baseline or monotonic")
-    results.add_argument("--model", dest="arm", help=argparse.SUPPRESS)  # deprecated alias of --arm, for one release
-    results.add_argument("--metric", help="only this metric, e.g. perplexity (token_perplexity), abs_increase")
-    results.add_argument("--run", metavar="RUN", help="only this run: its ID, its name or a unique prefix of either")
-    results.add_argument("--long", action="store_true", help="every stored row (per seed, summaries, tests)")
-    results.add_argument(
-        "--compare",
-        nargs=2,
-        metavar=("RUN_A", "RUN_B"),
-        help="two runs (IDs, names or unique prefixes), or two cells of a grid run (RUN@mlp_in RUN@mlp_both): "
-        "how their configs differ, then the headline metrics (--metric/--arm choose, --all for every metric)",
-    )
-    results.add_argument("--all", action="store_true", help="with --compare: every metric, not only the headline")
-    results.set_defaults(func=cmd_results, preset_for_store="tiny")
+    add_plan_parser(sub)
+    add_results_parser(sub)
     _runs_parser(sub)
     from flows.clean import add_clean_parser
 

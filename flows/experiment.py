@@ -18,7 +18,7 @@ from flows.params import check_deployment_parameters, is_deployment_run
 from infra.profiles import gpu_resources, make_task_runner
 from monolm.config import ConfigError, ExperimentConfig, build_config, check_output_folders, load_config
 from monolm.report.publish import check_results_folder
-from monolm.study.cells import cells, grid_from_lists
+from monolm.study.cells import Cell, cells, grid_from_lists
 from monolm.study.preflight import check_study
 from monolm.study.registry import gpu_stages, model_stages, seed_stages
 from tasks.aggregate import aggregate_task, publish_artifacts
@@ -253,13 +253,26 @@ def experiment(
             config_file,
             expand_all_variants(preset, grid, named_overrides, config_file, overrides),
         )
-        check_output_folders(cfg)
-        check_results_folder(cfg)  # a folder stage 7 may not replace is refused before any compute
-        check_deployment_size(cfg, profile, _deployment_id(), log)
-        study = check_study(cfg)  # before any stage: a variant the architecture lacks fails here, not in stage 1
+        study = _check_before_compute(cfg, profile, log)
     except ConfigError as exc:
         log.error("%s", exc)
         raise
+    _announce(cfg, study, site_checked, log)
+    stages = run_stages.with_options(task_runner=make_task_runner(cfg), flow_run_name=f"{cfg.run_name}-stages")
+    return _finished(cfg, stages(cfg.model_dump(mode="json")), nightly, regression_tolerance)
+
+
+def _check_before_compute(cfg: ExperimentConfig, profile: str | None, log: Any) -> list[Cell]:
+    """The checks a run makes before any stage; returns the study's cells."""
+    check_output_folders(cfg)
+    check_results_folder(cfg)  # a folder stage 7 may not replace is refused before any compute
+    check_deployment_size(cfg, profile, _deployment_id(), log)
+    return check_study(cfg)  # before any stage: a variant the architecture lacks fails here, not in stage 1
+
+
+def _announce(cfg: ExperimentConfig, study: list[Cell], site_checked: bool, log: Any) -> None:
+    """The run's settings in the log, its untimed stages warned of, and the site checks of
+    `monolm verify` unless the caller made them."""
     log.info(
         "experiment %s: preset=%s cells=%s recipe=%s seeds=%s profile=%s",
         cfg.run_name,
@@ -274,8 +287,6 @@ def experiment(
         from flows.nightly import verify_site
 
         verify_site(cfg.model_dump(mode="json"))
-    stages = run_stages.with_options(task_runner=make_task_runner(cfg), flow_run_name=f"{cfg.run_name}-stages")
-    return _finished(cfg, stages(cfg.model_dump(mode="json")), nightly, regression_tolerance)
 
 
 def _finished(cfg: ExperimentConfig, result: dict[str, Any], nightly: bool, tolerance: dict[str, Any] | None):

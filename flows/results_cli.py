@@ -76,3 +76,25 @@ def show_comparison(store, args: argparse.Namespace, results_root: Path) -> None
             "(--metric NAME or --arm ARM to choose, --all for every metric; p-values and summary rows are not "
             "differenced: see each run's report)"
         )
+
+
+def add_results_parser(sub: argparse._SubParsersAction) -> None:
+    """`monolm results`: the store, the filters, and a comparison of two runs or cells."""
+    results = sub.add_parser("results", help="query the results store")
+    results.add_argument("--store", help="SQLAlchemy URL (default: sqlite:///runs/results.sqlite)")
+    results.add_argument("--preset", help="only this preset (tiny, quick, full)")
+    results.add_argument("--variant", help="only this constraint variant")
+    results.add_argument("--arm", help="only this arm: base, baseline or monotonic")
+    results.add_argument("--model", dest="arm", help=argparse.SUPPRESS)  # deprecated alias of --arm, for one release
+    results.add_argument("--metric", help="only this metric, e.g. perplexity (token_perplexity), abs_increase")
+    results.add_argument("--run", metavar="RUN", help="only this run: its ID, its name or a unique prefix of either")
+    results.add_argument("--long", action="store_true", help="every stored row (per seed, summaries, tests)")
+    results.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("RUN_A", "RUN_B"),
+        help="two runs (IDs, names or unique prefixes), or two cells of a grid run (RUN@mlp_in RUN@mlp_both): "
+        "how their configs differ, then the headline metrics (--metric/--arm choose, --all for every metric)",
+    )
+    results.add_argument("--all", action="store_true", help="with --compare: every metric, not only the headline")
+    results.set_defaults(func=cmd_results, preset_for_store="tiny")

@@ -6,12 +6,12 @@ from __future__ import annotations
 import datetime as dt
 import os
 import threading
+from collections.abc import Callable
 
 import pytest
 from sqlalchemy import (
     JSON,
     Column,
-    DateTime,
     Double,
     ForeignKey,
     Index,
@@ -260,27 +260,33 @@ def test_foreign_database_is_refused(tmp_path):
         ResultsStore(url)
 
 
+def _all_at_once(n: int, action: Callable[[], object]) -> list[BaseException]:
+    """Run `action` in `n` threads released together (a barrier, so they race for real); returns
+    what they raised (an assertion in `action` included)."""
+    barrier = threading.Barrier(n)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            barrier.wait()
+            action()
+        except BaseException as exc:  # noqa: BLE001 - returned to the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
 @pytest.mark.parametrize("attempt", range(3))
 def test_concurrent_first_open_creates_schema_once(tmp_path, attempt):
     """Several processes opening a fresh store race on CREATE TABLE (seen for real on SQLite and
     PostgreSQL); every opener must succeed and exactly one version row must exist."""
     url = _store_url(tmp_path / f"fresh-{attempt}")
-    barrier = threading.Barrier(8)
-    errors: list[BaseException] = []
-
-    def opener() -> None:
-        try:
-            barrier.wait()
-            ResultsStore(url).close()
-        except BaseException as exc:  # noqa: BLE001 - surfaced below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=opener) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    assert not _all_at_once(8, lambda: ResultsStore(url).close())
     with ResultsStore(url) as s:
         assert _count(s, "schema_version") == 1 and s.schema_version() == store_mod.SCHEMA_VERSION
 
@@ -294,31 +300,13 @@ def test_schema_version_row_is_single(tmp_path):
 
 
 # --------------------------------------------------------------------------- migration from version 1
-# The fixture: the schema exactly as monolm created it at schema version 1 (the Table definitions
-# of monolm/store.py at that version, copied), where the metrics table called the arm `model`.
+# The fixture: the schema exactly as monolm created it at schema version 1. Its schema_version and
+# runs tables are today's (no migration has touched them: were one to, its ALTER would fail on this
+# fixture, so the copy cannot silently drift); the metrics table as it was then (the Table
+# definition of monolm/store.py at that version, copied), where it called the arm `model`.
 V1 = MetaData()
-Table(
-    "schema_version",
-    V1,
-    Column("id", Integer, primary_key=True, autoincrement=False),
-    Column("version", Integer, nullable=False),
-    Column("created_at", DateTime, nullable=False),
-)
-Table(
-    "runs",
-    V1,
-    Column("run_id", String(200), primary_key=True),
-    Column("run_name", String(200), index=True),
-    Column("created_at", DateTime, nullable=False, index=True),
-    Column("preset", String(100), index=True),
-    Column("model", String(300)),
-    Column("variant", String(100)),
-    Column("recipe", String(50)),
-    Column("config_digest", String(64)),
-    Column("code_revision", String(100)),
-    Column("seeds", JSON),
-    Column("status", String(20), nullable=False),
-)
+store_schema.schema_version_table.to_metadata(V1)
+store_schema.runs_table.to_metadata(V1)
 V1_METRICS = Table(
     "metrics",
     V1,
@@ -471,23 +459,12 @@ def test_failed_upgrade_leaves_the_store_as_it_was(tmp_path, monkeypatch):
 def test_concurrent_openers_upgrade_a_v1_store_once(tmp_path):
     url = _store_url(tmp_path)
     _write_v1_store(url)
-    barrier = threading.Barrier(6)
-    errors: list[BaseException] = []
 
     def opener() -> None:
-        try:
-            barrier.wait()
-            with ResultsStore(url) as s:
-                assert len(s.query(arm="baseline")) == 2
-        except BaseException as exc:  # noqa: BLE001 - surfaced below
-            errors.append(exc)
+        with ResultsStore(url) as s:
+            assert len(s.query(arm="baseline")) == 2
 
-    threads = [threading.Thread(target=opener) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    assert not _all_at_once(6, opener)
     with ResultsStore(url) as s:
         assert s.schema_version() == store_mod.SCHEMA_VERSION and len(s.query()) == len(V1_ROWS)
 
@@ -507,28 +484,22 @@ def test_runs_filters_and_order(store):
 
 
 def test_compare_means_and_differences(store):
-    store.record_run(
-        _run("a"),
-        _metrics(
-            {
-                ("baseline", "loss", 1): 3.0,
-                ("baseline", "loss", 2): 4.0,
-                ("monotonic", "loss", 1): 5.0,
-                ("monotonic", "acc", 1): 0.5,
-            }
-        ),
-    )
-    store.record_run(
-        _run("b"),
-        _metrics(
-            {
-                ("baseline", "loss", 1): 2.0,
-                ("baseline", "loss", 2): 2.5,
-                ("monotonic", "loss", 1): 5.0,
-                ("monotonic", "new", 1): 1.0,
-            }
-        ),
-    )
+    values = {
+        "a": {
+            ("baseline", "loss", 1): 3.0,
+            ("baseline", "loss", 2): 4.0,
+            ("monotonic", "loss", 1): 5.0,
+            ("monotonic", "acc", 1): 0.5,
+        },
+        "b": {
+            ("baseline", "loss", 1): 2.0,
+            ("baseline", "loss", 2): 2.5,
+            ("monotonic", "loss", 1): 5.0,
+            ("monotonic", "new", 1): 1.0,
+        },
+    }
+    for run_id, metrics in values.items():
+        store.record_run(_run(run_id), _metrics(metrics))
     rows = {(r["arm"], r["metric"]): r for r in store.compare("a", "b")}
     base = rows[("baseline", "loss")]
     assert (base["n_a"], base["mean_a"], base["n_b"], base["mean_b"]) == (2, 3.5, 2, 2.25)

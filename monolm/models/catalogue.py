@@ -26,6 +26,15 @@ RANDOM_WEIGHTS_NOTE = (
 )
 
 
+def _config_field(key: str) -> property:
+    """A read-only number of an architecture: its GPT-NeoX config's `key`."""
+
+    def get(self: Architecture) -> int:
+        return self.config[key]
+
+    return property(get, doc=f"The config's `{key}`.")
+
+
 @dataclass(frozen=True)
 class Architecture:
     """One shipped architecture: its name, the hub id of the published model, the GPT-NeoX config
@@ -36,29 +45,13 @@ class Architecture:
     config: dict[str, Any]
     parameters: int
 
-    @property
-    def layers(self) -> int:
-        return self.config["num_hidden_layers"]
-
-    @property
-    def hidden(self) -> int:
-        return self.config["hidden_size"]
-
-    @property
-    def heads(self) -> int:
-        return self.config["num_attention_heads"]
-
-    @property
-    def ffn(self) -> int:
-        return self.config["intermediate_size"]
-
-    @property
-    def vocab(self) -> int:
-        return self.config["vocab_size"]
-
-    @property
-    def max_positions(self) -> int:
-        return self.config["max_position_embeddings"]
+    # The shape's numbers, read from the config under their GPT-NeoX names.
+    layers = _config_field("num_hidden_layers")
+    hidden = _config_field("hidden_size")
+    heads = _config_field("num_attention_heads")
+    ffn = _config_field("intermediate_size")
+    vocab = _config_field("vocab_size")
+    max_positions = _config_field("max_position_embeddings")
 
     def note(self) -> str:
         return RANDOM_WEIGHTS_NOTE.format(name=self.name)

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from monolm.config import ExperimentConfig
@@ -184,18 +185,24 @@ def _why_offline() -> str:
     return "HF_HUB_OFFLINE is set" if hub_offline() else "the hub is unreachable"
 
 
+def _from_pretrained(auto: Any, cfg: ExperimentConfig, offline: bool) -> Any:
+    """`auto.from_pretrained` (AutoConfig, AutoTokenizer) of the configured model, revision and
+    cache; a model missing from the cache while offline says so and why."""
+    try:
+        return auto.from_pretrained(
+            _source(cfg), revision=cfg.model.revision, cache_dir=str(cfg.hf_cache_dir), local_files_only=offline
+        )
+    except OSError as exc:
+        raise _not_cached(cfg, offline, exc) from None
+
+
 def _model_check(cfg: ExperimentConfig, offline: bool) -> Callable[[], str]:
     def model() -> str:
         from transformers import AutoConfig
 
         from monolm.models.loading import max_sequence_length
 
-        try:
-            config = AutoConfig.from_pretrained(
-                _source(cfg), revision=cfg.model.revision, cache_dir=str(cfg.hf_cache_dir), local_files_only=offline
-            )
-        except OSError as exc:
-            raise _not_cached(cfg, offline, exc) from None
+        config = _from_pretrained(AutoConfig, cfg, offline)
         cfg.validate_seq_len(max_sequence_length(config))
         return f"{config.model_type}, max length {max_sequence_length(config)}, vocab {config.vocab_size}"
 
@@ -206,13 +213,7 @@ def _tokenizer_check(cfg: ExperimentConfig, offline: bool) -> Callable[[], str]:
     def tokenizer() -> str:
         from transformers import AutoTokenizer
 
-        try:
-            tok = AutoTokenizer.from_pretrained(
-                _source(cfg), revision=cfg.model.revision, cache_dir=str(cfg.hf_cache_dir), local_files_only=offline
-            )
-        except OSError as exc:
-            raise _not_cached(cfg, offline, exc) from None
-        return f"{len(tok)} tokens"
+        return f"{len(_from_pretrained(AutoTokenizer, cfg, offline))} tokens"
 
     return tokenizer
 
