@@ -153,18 +153,13 @@ def run(cfg: ExperimentConfig, seeds: Sequence[Mapping[str, StageRef | Mapping[s
     run_name, final = results_folder(cfg)
     meta = run_meta(cfg, data, run_name, final)
     results = report.analyze(data, meta)
-    rel_files, digest, n_rows = _publish(cfg, data, results, meta, final, started)
-    earlier = log_written(cfg, final, f"{len(data)} seed(s)", n_rows)
-    return stage_result(
-        meta,
-        final,
-        rel_files,
-        earlier,
-        table=report.console_rows(results),
-        answer=answer_sentence(results),
-        digest=digest,
-        metrics=report.headline(results),
-    )
+    outcome = _publish(cfg, data, results, meta, final, started)
+    shown = {
+        "table": report.console_rows(results),
+        "answer": answer_sentence(results),
+        "metrics": report.headline(results),
+    }
+    return finish(cfg, meta, final, outcome, f"{len(data)} seed(s)", shown)
 
 
 def results_folder(cfg: ExperimentConfig) -> tuple[str, Path]:
@@ -173,12 +168,20 @@ def results_folder(cfg: ExperimentConfig) -> tuple[str, Path]:
     return run_name, Path(cfg.paths.results_root).resolve() / run_name
 
 
-def stage_result(
-    meta: dict[str, Any], final: Path, rel_files: list[str], earlier: list[str], **shown: Any
+def finish(
+    cfg: ExperimentConfig,
+    meta: dict[str, Any],
+    final: Path,
+    outcome: tuple[list[str], str, int],
+    what: str,
+    shown: dict[str, Any],
 ) -> dict[str, Any]:
-    """What stage 7 returns, for one cell or a grid: the run, where its files went (`rel_files`
-    under `final`, and the manifest), the earlier runs kept beside it, then `shown` (the console
-    table, the answer, the digest and the headline metrics)."""
+    """Say where the published results went (`what`: how much they summarise) and return what
+    stage 7 returns, for one cell or a grid: the run, its files (`outcome`: `publish`'s relative
+    names under `final`, then the manifest), the earlier runs kept beside it, the console `table`, the `answer`,
+    the digest and the headline `metrics` (those three from `shown`)."""
+    rel_files, digest, n_rows = outcome
+    earlier = log_written(cfg, final, what, n_rows)
     return {
         "earlier": earlier,
         "stage": STAGE,
@@ -188,7 +191,10 @@ def stage_result(
         "dir": str(final),
         "report": str(final / "report.md"),
         "files": [str(final / rel) for rel in [*rel_files, MANIFEST]],
-        **shown,
+        "table": shown["table"],
+        "answer": shown["answer"],
+        "digest": digest,
+        "metrics": shown["metrics"],
     }
 
 

@@ -28,14 +28,13 @@ from monolm.report.robust_grid import grid_effective
 from monolm.report.stage import (
     _write_folder,
     cell_tags,
-    log_written,
+    finish,
     publish,
     read_seed,
     results_folder,
     run_id_for,
     run_meta,
     run_row_of,
-    stage_result,
     store_rows,
 )
 from monolm.study.cells import Cell, cells
@@ -58,19 +57,14 @@ def run_grid(cfg: ExperimentConfig, per_cell: Mapping[str, SeedRefs]) -> dict[st
     analysed = [_analyse_cell(cell, per_cell[cell.label], run_name, final, cfg) for cell in _cells_given(cfg, per_cell)]
     grid = _grid(cfg, per_cell, run_name, analysed)
     meta = grid["meta"]
-    rel_files, digest, n_rows = _publish_grid(cfg, final, started, grid, analysed)
-    earlier = log_written(cfg, final, f"{len(analysed)} cell(s)", n_rows)
-    return stage_result(
-        meta,
-        final,
-        rel_files,
-        earlier,
-        table=console_rows(analysed),
+    outcome = _publish_grid(cfg, final, started, grid, analysed)
+    shown = {
+        "table": console_rows(analysed),
         # Each cell's answer in one sentence (its own report opens with it), one line per cell.
-        answer="\n".join(f"{cell.label}: {answer_sentence(results)}" for cell, _, results, _ in analysed),
-        digest=digest,
-        metrics={"cells": meta["cells"], "status": meta["status"]},
-    )
+        "answer": "\n".join(f"{cell.label}: {answer_sentence(results)}" for cell, _, results, _ in analysed),
+        "metrics": {"cells": meta["cells"], "status": meta["status"]},
+    }
+    return finish(cfg, meta, final, outcome, f"{len(analysed)} cell(s)", shown)
 
 
 def _grid(cfg: ExperimentConfig, per_cell: Mapping[str, SeedRefs], run_name: str, analysed: list) -> dict[str, Any]:
