@@ -18,7 +18,7 @@ Conventions:
 * The constrained arm has non-negative FFN weights (W = softplus(V)); it is not a monotone model,
   and the measured monotonicity violation rates are reported next to that statement.
 
-Inputs are plain dicts (see `SeedData` in `monolm.report.stage`), so the package does no I/O
+Inputs are plain dicts (see `SeedData` in `monolm.report.seed_inputs`), so the package does no I/O
 and can be tested on hand-made numbers. One module per job, in the order the data flows:
 
 * `labels`: arm, model, attack and metric names and how they read (shared with the figures);

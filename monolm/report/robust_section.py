@@ -2,7 +2,7 @@
 clean test loss beside the quality ladder's trend (`monolm.report.robustness`), as a figure, a
 table of effective robustness with 95% intervals and verdicts, and a sentence per verdict.
 
-Inputs are the seeds' plain dicts (`monolm.report.stage.read_seed`): `ladder` (the ladder stage's
+Inputs are the seeds' plain dicts (`monolm.report.seed_inputs.read_seed`): `ladder` (the ladder stage's
 ladder.json), `evaluation` (per-document losses of base, baseline and arms) and `per_example`
 (per-text losses under each attack).
 """
