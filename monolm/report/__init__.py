@@ -18,17 +18,18 @@ Conventions:
 * The constrained arm has non-negative FFN weights (W = softplus(V)); it is not a monotone model,
   and the measured monotonicity violation rates are reported next to that statement.
 
-Inputs are plain dicts (see `SeedData` in `monolm.report.stage`), so the package does no I/O
+Inputs are plain dicts (see `SeedData` in `monolm.report.seed_inputs`), so the package does no I/O
 and can be tested on hand-made numbers. One module per job, in the order the data flows:
 
-* `labels`: arm, model, attack and metric names and how they read (shared with `monolm.report.figures`);
+* `labels`: arm, model, attack and metric names and how they read (shared with the figures);
 * `values`: every number of one seed as flat records, and the per-example arrays;
 * `summaries`: across-seed summaries with their confidence intervals;
 * `comparisons`: paired tests monotonic − baseline, across seeds and within a seed;
 * `sentences`: the findings, the recipe statement and the monotonicity statement;
 * `examples`: the UAT triggers and a few HotFlip examples, as the attacks left them;
 * `analysis`: all of the above as results.json, plus the headline numbers and console rows;
-* `formatting`, `table_builders`, `render`: the tables and their Markdown, LaTeX and CSV forms;
+* `formatting`, `table_builders`, `render`: the tables and their Markdown, LaTeX and CSV forms
+  (`table_builders` puts together `effect_tables`, `example_tables` and `model_tables`);
   `first_screen`: the headline table that opens report.md, with the caveats its rows share;
 * `grid`, `grid_findings`, `grid_render` (with `grid_terms`): the cross-variant report of a grid
   run, one table per model over its variants and inits, Holm-corrected, with Pareto sets.

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from monolm.attacks.curves import mean_curve, saturation, saturation_sentence
-from monolm.report.figures import COLORS, _figure, _save
+from monolm.report.figure_style import COLORS, new_figure, save_png
 from monolm.report.labels import ARMS, ATTACKS
 
 KINDS = {"attack": "", "control": " (random control)"}
@@ -60,7 +60,7 @@ def plot_budget(results: dict[str, Any], directory: str | Path) -> dict[str, Pat
     """`budget-<attack>.png` per universal attack with curves: {name: path}."""
     made = {}
     for attack, arms in (results.get("budget") or {}).items():
-        fig = _figure(6.4, 3.8)
+        fig = new_figure(6.4, 3.8)
         ax = fig.add_subplot()
         for arm in ARMS:
             for kind, style in (("attack", "-"), ("control", "--")):
@@ -78,5 +78,5 @@ def plot_budget(results: dict[str, Any], directory: str | Path) -> dict[str, Pat
         ax.set_title(f"{ATTACKS.get(attack, attack)}: budget curves (faint: restarts; bold: mean)")
         ax.legend(frameon=False, fontsize=8)
         name = f"budget-{attack}"
-        made[name] = _save(fig, Path(directory) / f"{name}.png")
+        made[name] = save_png(fig, Path(directory) / f"{name}.png")
     return made

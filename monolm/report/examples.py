@@ -2,7 +2,7 @@
 trigger per arm (text and token ids; two arms that converged to the same trigger explain two
 identical transfer rows) and a few HotFlip examples of the first seed, the text before and after
 with each flipped token marked ⟦…⟧ (the same texts for both arms). Their tables are
-`table_builders.trigger_table` and `table_builders.hotflip_examples_table`."""
+`example_tables.trigger_table` and `example_tables.hotflip_examples_table`."""
 
 from __future__ import annotations
 

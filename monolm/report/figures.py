@@ -3,12 +3,10 @@
 Why these three: a reader should see at a glance what the constraint costs (perplexity), what it
 buys (absolute loss increase under each attack, with the random-candidate control that separates
 robustness from gradient masking) and whether the two arms were trained comparably (curves over
-the same token axis). Every figure shows the per-seed values, not only the means, because with
-five seeds a mean hides whether one seed drives the effect.
+the same token axis, `monolm.report.training_figure`). Every figure shows the per-seed values, not
+only the means, because with five seeds a mean hides whether one seed drives the effect.
 
-Figures are drawn on `matplotlib.figure.Figure` with the Agg canvas directly: no pyplot, so no
-global backend switch and no GUI, and a notebook that imports monolm keeps its own backend. Files
-are written with `monolm.core.artifacts.atomic_path`.
+How they are drawn and written (no pyplot, byte-stable PNGs): `monolm.report.figure_style`.
 """
 
 from __future__ import annotations
@@ -19,56 +17,18 @@ from typing import Any
 
 import matplotlib
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import EngFormatter
 
-from monolm.core.artifacts import atomic_path
-from monolm.report.labels import ARM_LABEL, ARMS, ATTACKS, MODELS
+from monolm.report.figure_style import COLORS, SHORT, STYLE, n_text, new_figure, panel_row, save_png
+from monolm.report.labels import ARMS, ATTACKS, MODELS
 from monolm.report.summaries import summary
+from monolm.report.training_figure import plot_training
 from monolm.report.values import value
-
-COLORS = {"base": "#7f7f7f", "baseline": "#1f77b4", "monotonic": "#d95f02"}
-SHORT = {"base": "base", "baseline": "baseline", "monotonic": "monotonic\n(non-neg. FFN)"}
-STYLE = {
-    "font.size": 9,
-    "axes.titlesize": 10,
-    "axes.labelsize": 9,
-    "legend.fontsize": 8,
-    "xtick.labelsize": 8.5,
-    "ytick.labelsize": 8.5,
-    "axes.spines.top": False,
-    "axes.spines.right": False,
-    "axes.grid": True,
-    "axes.grid.axis": "y",
-    "grid.alpha": 0.3,
-    "grid.linewidth": 0.6,
-    "savefig.dpi": 200,
-}
-DPI = 200
-METADATA = {"Software": None}  # no version string: identical inputs give identical files
-
-
-def _figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI, metadata=METADATA)
-    return path
 
 
 def _jitter(n: int, width: float = 0.16) -> np.ndarray:
     """Deterministic horizontal offsets for n per-seed points (no randomness in a figure)."""
     return np.zeros(1) if n == 1 else np.linspace(-width, width, n)
-
-
-def _n_text(n: int) -> str:
-    return f"n = {n} seed{'s' if n != 1 else ''}"
 
 
 def _p_label(comp: dict[str, Any] | None) -> str | None:
@@ -146,7 +106,7 @@ def plot_perplexity(results: dict[str, Any], path: str | Path) -> Path | None:
     seeds = results["meta"]["seeds"]
     offsets = _jitter(len(seeds))
     with matplotlib.rc_context(STYLE):
-        fig = _figure(4.2, 3.4)
+        fig = new_figure(4.2, 3.4)
         ax = fig.add_subplot()
         for i, model in enumerate(models):
             rec = summary(results, "evaluate", model, "token_perplexity")
@@ -188,9 +148,9 @@ def plot_perplexity(results: dict[str, Any], path: str | Path) -> Path | None:
         ax.set_xticks(range(len(models)), [SHORT[m] for m in models])
         ax.set_xlim(-0.5, len(models) - 0.2)
         ax.set_ylabel("Held-out token perplexity")
-        ax.set_title(f"Quality: held-out perplexity ({_n_text(len(seeds))})")
+        ax.set_title(f"Quality: held-out perplexity ({n_text(len(seeds))})")
         fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=2, frameon=False)
-        return _save(fig, Path(path))
+        return save_png(fig, Path(path))
 
 
 def _top(results: dict[str, Any], stage: str, model: str, metric: str) -> float:
@@ -289,7 +249,7 @@ def _attack_panel(ax: Any, results: dict[str, Any], attack: str) -> int:
     ax.set_ylabel("Absolute loss increase (nats/token)")
     n_texts = summary(results, attack, "baseline", "n_texts")
     texts = f", {n_texts['mean']:.0f} texts/seed" if n_texts and n_texts["mean"] is not None else ""
-    ax.set_title(f"{ATTACKS[attack]} ({_n_text(len(seeds))}{texts})")
+    ax.set_title(f"{ATTACKS[attack]} ({n_text(len(seeds))}{texts})")
     return len(seeds)
 
 
@@ -301,9 +261,7 @@ def plot_attacks(results: dict[str, Any], path: str | Path) -> Path | None:
     if not attacks:
         return None
     with matplotlib.rc_context(STYLE):
-        fig = _figure(3.6 * len(attacks) + 0.4, 3.6)
-        axes = fig.subplots(1, len(attacks), squeeze=False)[0]
-        n_seeds = [_attack_panel(ax, results, attack) for ax, attack in zip(axes, attacks, strict=True)]
+        fig, n_seeds = panel_row(attacks, 3.6, 3.6, lambda ax, attack: _attack_panel(ax, results, attack))
         recs = [summary(results, a, arm, "abs_increase") for a in attacks for arm in ARMS]
         handles = [Line2D([], [], marker="D", color="0.3", ls="none", ms=6, label=_mean_label(recs))]
         if max(n_seeds) > 1:
@@ -333,96 +291,7 @@ def plot_attacks(results: dict[str, Any], path: str | Path) -> Path | None:
                 )
             )
         fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
-        return _save(fig, Path(path))
-
-
-def history_curves(history: dict[str, Any]) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], bool]:
-    """(x, value) series from a training history and whether x is tokens seen (else steps):
-    `val_perplexity` from the eval entries and `train_loss` from the log entries. Eval entries
-    carry only the step, so their token count comes from the summary's batch × sequence length
-    (or the log entries' tokens per step)."""
-    log = [e for e in history.get("log", []) if "step" in e]
-    evals = [e for e in history.get("eval", []) if "step" in e]
-    info = history.get("summary", {})
-    per_step = None
-    if info.get("effective_batch_size") and info.get("seq_len"):
-        per_step = info["effective_batch_size"] * info["seq_len"]
-    else:
-        with_tokens = [e for e in log if e.get("tokens_seen") and e["step"]]
-        if with_tokens:
-            per_step = with_tokens[-1]["tokens_seen"] / with_tokens[-1]["step"]
-
-    def xs(entries: Sequence[dict[str, Any]]) -> np.ndarray:
-        return np.asarray(
-            [
-                e["tokens_seen"]
-                if e.get("tokens_seen") is not None and per_step
-                else (e["step"] * per_step if per_step else e["step"])
-                for e in entries
-            ],
-            dtype=float,
-        )
-
-    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    loss = [e for e in log if e.get("train_loss") is not None]
-    if loss:
-        out["train_loss"] = (xs(loss), np.asarray([e["train_loss"] for e in loss], dtype=float))
-    ppl = [e for e in evals if e.get("val_perplexity") is not None]
-    if ppl:
-        out["val_perplexity"] = (xs(ppl), np.asarray([e["val_perplexity"] for e in ppl], dtype=float))
-    return out, per_step is not None
-
-
-def plot_training(histories: dict[int, dict[str, dict[str, Any]]], path: str | Path) -> Path | None:
-    """Validation perplexity and training loss vs tokens seen for both arms: one thin line per
-    seed and, where the seeds share their evaluation points, the mean over seeds in bold."""
-    parsed = {seed: {arm: history_curves(h) for arm, h in arms.items()} for seed, arms in histories.items()}
-    curves = {seed: {arm: c for arm, (c, _) in arms.items()} for seed, arms in parsed.items()}
-    token_axis = all(known for arms in parsed.values() for _, known in arms.values())
-    panels = [("val_perplexity", "Validation perplexity"), ("train_loss", "Training loss (nats/token)")]
-    panels = [p for p in panels if any(p[0] in c for arms in curves.values() for c in arms.values())]
-    if not panels:
-        return None
-    n = len(histories)
-    with matplotlib.rc_context(STYLE | {"axes.grid.axis": "both"}):
-        fig = _figure(3.6 * len(panels) + 0.4, 3.3)
-        axes = fig.subplots(1, len(panels), squeeze=False)[0]
-        for ax, (key, label) in zip(axes, panels, strict=True):
-            for arm in ARMS:
-                series = [c[arm][key] for c in curves.values() if arm in c and key in c[arm]]
-                for x, y in series:
-                    ax.plot(
-                        x,
-                        y,
-                        color=COLORS[arm],
-                        lw=0.8,
-                        alpha=0.35 if len(series) > 1 else 1.0,
-                        marker="o" if key == "val_perplexity" else None,
-                        ms=2.5,
-                    )
-                if len(series) > 1 and all(
-                    len(s[0]) == len(series[0][0]) and np.allclose(s[0], series[0][0]) for s in series
-                ):
-                    ax.plot(
-                        series[0][0],
-                        np.mean([s[1] for s in series], axis=0),
-                        color=COLORS[arm],
-                        lw=2.0,
-                        label=f"{ARM_LABEL[arm]}, mean of {len(series)}",
-                    )
-                elif series:
-                    ax.plot([], [], color=COLORS[arm], lw=2.0, label=ARM_LABEL[arm])
-            ax.set_xlabel("Tokens seen" if token_axis else "Optimizer step")
-            if token_axis:
-                ax.xaxis.set_major_formatter(EngFormatter(sep=""))
-            ax.set_ylabel(label)
-            ys = np.concatenate([c[arm][key][1] for c in curves.values() for arm in c if key in c[arm]])
-            if ys.size and ys.min() > 0 and ys.max() / ys.min() > 20:
-                ax.set_yscale("log")
-            ax.set_title(f"{label.split(' (')[0]} ({_n_text(n)})")
-        handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="outside lower center", ncol=2, frameon=False)
-        return _save(fig, Path(path))
+        return save_png(fig, Path(path))
 
 
 def render_all(

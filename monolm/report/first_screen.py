@@ -7,11 +7,12 @@ from __future__ import annotations
 from typing import Any
 
 from monolm.report.damage_arm import damage_mean, damage_note, damage_rows, has_damage
+from monolm.report.effect_tables import wilcoxon_floor_note
 from monolm.report.formatting import fmt_num, fmt_p, fmt_pct
 from monolm.report.labels import ATTACKS, METRIC_LABEL
 from monolm.report.robust_section import HEADLINE_NOTE, headline_rows
 from monolm.report.summaries import ALPHA, summary
-from monolm.report.table_builders import Table, wilcoxon_floor_note
+from monolm.report.table_base import Table
 from monolm.report.verdicts import (
     MIN_SEEDS,
     constant_measure,

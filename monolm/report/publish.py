@@ -40,7 +40,7 @@ from typing import Any
 
 from monolm.config import ExperimentConfig
 from monolm.config.base import ConfigError, check_run_name, study_digest_of
-from monolm.core.artifacts import Manifest, load_manifest, write_manifest
+from monolm.core.artifacts import Manifest, fsync_dir, load_manifest, write_manifest
 from monolm.core.provenance import provenance
 from monolm.store import ResultsStore
 
@@ -60,15 +60,6 @@ def safe_name(run_name: str) -> str:
         raise ValueError("run_name: empty; it names the results folder")
     check_run_name(run_name)
     return run_name
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 @contextlib.contextmanager
@@ -119,7 +110,7 @@ def keep_aside(final: Path, digest: str) -> Path:
             )
         shutil.rmtree(archive)  # an older copy of the very same configuration's results
     os.replace(final, archive)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     log.warning("aggregate: %s held another configuration's results; kept as %s", final, archive.name)
     return archive
 
@@ -178,7 +169,7 @@ def recover(root: Path, name: str, store: ResultsStore) -> None:
         shutil.rmtree(final)
     os.replace(backups[-1], final)
     log.warning("aggregate: restored %s from the backup a killed publish left", final)
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 def _move_aside(final: Path) -> Path:
@@ -189,7 +180,7 @@ def _move_aside(final: Path) -> Path:
 
 def _put_in_place(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def _drop_backup(old: Path) -> None:
@@ -217,7 +208,7 @@ def published(tmp: Path, final: Path) -> Iterator[None]:
         raise
     if old is not None:
         _drop_backup(old)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def publish(

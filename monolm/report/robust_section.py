@@ -2,7 +2,7 @@
 clean test loss beside the quality ladder's trend (`monolm.report.robustness`), as a figure, a
 table of effective robustness with 95% intervals and verdicts, and a sentence per verdict.
 
-Inputs are the seeds' plain dicts (`monolm.report.stage.read_seed`): `ladder` (the ladder stage's
+Inputs are the seeds' plain dicts (`monolm.report.seed_inputs.read_seed`): `ladder` (the ladder stage's
 ladder.json), `evaluation` (per-document losses of base, baseline and arms) and `per_example`
 (per-text losses under each attack).
 """
@@ -133,15 +133,12 @@ def plot_robustness(section: dict[str, Any] | None, path: str | Path) -> Path | 
         return None
     import matplotlib
 
-    from monolm.report.figures import STYLE, _figure, _save
+    from monolm.report.figure_style import STYLE, panel_row, save_png
 
     attacks = list(section["attacks"])
     with matplotlib.rc_context(STYLE):
-        fig = _figure(3.8 * len(attacks) + 0.4, 3.6)
-        axes = fig.subplots(1, len(attacks), squeeze=False)[0]
-        for ax, attack in zip(axes, attacks, strict=True):
-            _panel(ax, attack, section["attacks"][attack])
-        return _save(fig, Path(path))
+        fig, _ = panel_row(attacks, 3.8, 3.6, lambda ax, attack: _panel(ax, attack, section["attacks"][attack]))
+        return save_png(fig, Path(path))
 
 
 def _panel(ax, attack: str, rec: dict[str, Any]) -> None:

@@ -1,5 +1,5 @@
 """Every number of one seed as flat records {seed, stage, model, metric, value}, pulled from the
-seed's verified stage outputs (the plain `SeedData` dict of `monolm.report.stage.read_seed`),
+seed's verified stage outputs (the plain `SeedData` dict of `monolm.report.seed_inputs.read_seed`),
 and the per-example arrays (texts, documents) that the within-seed statistics use."""
 
 from __future__ import annotations

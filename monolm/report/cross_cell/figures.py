@@ -12,8 +12,8 @@ are no faint points: the interval is over documents or texts of that seed.
 `size.png` (only when the grid has models of at least two known sizes): robustness gain against
 the number of parameters (log scale), one line per variant (init), one panel per attack.
 
-Drawn as `monolm.report.figures` draws: `Figure` with the Agg canvas (no pyplot), the same style, fixed
-metadata (same inputs, same bytes), written through `monolm.core.artifacts.atomic_path`.
+Drawn as every report figure is (`monolm.report.figure_style`): `Figure` with the Agg canvas (no
+pyplot), the same style, fixed metadata (same inputs, same bytes), written atomically.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import NullFormatter
 
 from monolm.report.cross_cell.terms import SIZE_FIGURE, fmt_params, row_name, tradeoff_names
-from monolm.report.figures import STYLE, _figure, _save
+from monolm.report.figure_style import STYLE, panel_row, save_png
 
 PALETTE = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666", "#1f78b4")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h")
@@ -163,14 +163,13 @@ def plot_tradeoff(grid: dict[str, Any], entry: dict[str, Any], path: str | Path,
     if not attacks:
         return None
     with matplotlib.rc_context(STYLE):
-        fig = _figure(4.2 * len(attacks) + 0.4, 4.4)
-        axes = fig.subplots(1, len(attacks), squeeze=False)[0]
-        for ax, attack in zip(axes, attacks, strict=True):
-            _tradeoff_panel(ax, entry, attack, grid["attacks"][attack], style)
+        fig, _ = panel_row(
+            attacks, 4.2, 4.4, lambda ax, attack: _tradeoff_panel(ax, entry, attack, grid["attacks"][attack], style)
+        )
         handles = _tradeoff_legend(entry, style)
         fig.legend(handles=handles, loc="outside lower center", ncol=min(2, len(handles)), frameon=False)
         fig.suptitle(f"{entry['model']}: what each constraint variant costs and buys")
-        return _save(fig, Path(path))
+        return save_png(fig, Path(path))
 
 
 def _size_panel(ax: Any, series: Sequence[dict[str, Any]], attack: str, name: str, style: Styles) -> list[float]:
@@ -210,10 +209,12 @@ def plot_size(grid: dict[str, Any], path: str | Path, style: Styles) -> Path | N
     if not attacks:
         return None
     with matplotlib.rc_context(STYLE):
-        fig = _figure(4.0 * len(attacks) + 0.4, 3.8)
-        axes = fig.subplots(1, len(attacks), squeeze=False)[0]
-        for ax, attack in zip(axes, attacks, strict=True):
-            _size_panel(ax, across["series"], attack, grid["attacks"][attack], style)
+        fig, _ = panel_row(
+            attacks,
+            4.0,
+            3.8,
+            lambda ax, attack: _size_panel(ax, across["series"], attack, grid["attacks"][attack], style),
+        )
         handles = [
             Line2D(
                 [],
@@ -226,7 +227,7 @@ def plot_size(grid: dict[str, Any], path: str | Path, style: Styles) -> Path | N
         ]
         fig.legend(handles=handles, loc="outside lower center", ncol=min(3, len(handles)), frameon=False)
         fig.suptitle("Robustness gain (baseline − constrained absolute loss increase) by model size")
-        return _save(fig, Path(path))
+        return save_png(fig, Path(path))
 
 
 def render_grid_plots(grid: dict[str, Any], directory: str | Path) -> dict[str, Path]:

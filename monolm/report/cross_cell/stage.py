@@ -20,22 +20,21 @@ from typing import Any
 
 from monolm import report
 from monolm.config import ExperimentConfig, config_to_yaml
-from monolm.core.artifacts import MANIFEST, atomic_write_json, atomic_write_text
+from monolm.core.artifacts import atomic_write_json, atomic_write_text
 from monolm.report.answer import answer_sentence
 from monolm.report.cross_cell.cell_verdict import grid_verdict
 from monolm.report.cross_cell.figures import render_grid_plots
 from monolm.report.robust_grid import grid_effective
 from monolm.report.stage import (
-    STAGE,
     _write_folder,
     cell_tags,
-    log_written,
+    finish,
     publish,
     read_seed,
+    results_folder,
     run_id_for,
     run_meta,
     run_row_of,
-    safe_name,
     store_rows,
 )
 from monolm.study.cells import Cell, cells
@@ -54,9 +53,23 @@ def run_grid(cfg: ExperimentConfig, per_cell: Mapping[str, SeedRefs]) -> dict[st
     started = time.time()
     if not per_cell:
         raise ValueError("aggregate needs at least one cell's stage results")
-    run_name = safe_name(cfg.run_name or cfg.default_run_name)
-    final = Path(cfg.paths.results_root).resolve() / run_name
+    run_name, final = results_folder(cfg)
     analysed = [_analyse_cell(cell, per_cell[cell.label], run_name, final, cfg) for cell in _cells_given(cfg, per_cell)]
+    grid = _grid(cfg, per_cell, run_name, analysed)
+    meta = grid["meta"]
+    outcome = _publish_grid(cfg, final, started, grid, analysed)
+    shown = {
+        "table": console_rows(analysed),
+        # Each cell's answer in one sentence (its own report opens with it), one line per cell.
+        "answer": "\n".join(f"{cell.label}: {answer_sentence(results)}" for cell, _, results, _ in analysed),
+        "metrics": {"cells": meta["cells"], "status": meta["status"]},
+    }
+    return finish(cfg, meta, final, outcome, f"{len(analysed)} cell(s)", shown)
+
+
+def _grid(cfg: ExperimentConfig, per_cell: Mapping[str, SeedRefs], run_name: str, analysed: list) -> dict[str, Any]:
+    """The cross-cell analysis with its `meta` (the run; complete only when every cell of the grid
+    is, with every seed) and the quality-matched robustness of every cell."""
     grid = report.grid_analysis(
         [
             {"model": cell.model, "parameters": parameters, "variant": cell.variant, "init": cell.init, "results": r}
@@ -67,7 +80,7 @@ def run_grid(cfg: ExperimentConfig, per_cell: Mapping[str, SeedRefs]) -> dict[st
     status = (
         "completed" if not missing and all(r["meta"]["status"] == "completed" for _, _, r, _ in analysed) else "partial"
     )
-    meta = {
+    grid["meta"] = {
         **analysed[0][2]["meta"],
         "run_id": run_id_for(cfg, run_name),
         "status": status,
@@ -75,10 +88,17 @@ def run_grid(cfg: ExperimentConfig, per_cell: Mapping[str, SeedRefs]) -> dict[st
         "cells": [c.label for c, _, _, _ in analysed],
         "missing_cells": missing,
     }
-    grid["meta"] = meta
     grid["robust_or_damaged"] = grid_effective(
         [{"model": c.model, "variant": c.variant, "init": c.init, "results": r} for c, _, r, _ in analysed]
     )
+    return grid
+
+
+def _publish_grid(
+    cfg: ExperimentConfig, final: Path, started: float, grid: dict[str, Any], analysed: list
+) -> tuple[list[str], str, int]:
+    """The grid's results folder (each cell's own under `cells/`, the cross-cell report on top)
+    and every cell's store rows, all or nothing (`publish`)."""
 
     def write_files(tmp: Path) -> list[str]:
         files = []
@@ -90,7 +110,8 @@ def run_grid(cfg: ExperimentConfig, per_cell: Mapping[str, SeedRefs]) -> dict[st
             files += [str(folder / rel) for rel in written]
         return files + _write_grid_files(tmp, cfg, grid, [c for c, _, _, _ in analysed])
 
-    rel_files, digest, n_rows = publish(
+    meta = grid["meta"]
+    return publish(
         cfg,
         final,
         started,
@@ -101,7 +122,7 @@ def run_grid(cfg: ExperimentConfig, per_cell: Mapping[str, SeedRefs]) -> dict[st
             for d in data
             for name, st in d["stages"].items()
         },
-        metrics={"cells": [c.label for c, _, _, _ in analysed], "status": status},
+        metrics={"cells": [c.label for c, _, _, _ in analysed], "status": meta["status"]},
         run=run_row_of(
             cfg,
             meta,
@@ -111,22 +132,6 @@ def run_grid(cfg: ExperimentConfig, per_cell: Mapping[str, SeedRefs]) -> dict[st
         rows=[row for cell, _, results, _ in analysed for row in store_rows(results, cell_tags(cell.cfg))],
         digest_of="grid.json",
     )
-    earlier = log_written(cfg, final, f"{len(analysed)} cell(s)", n_rows)
-    return {
-        "earlier": earlier,
-        "stage": STAGE,
-        "run_name": run_name,
-        "run_id": meta["run_id"],
-        "status": status,
-        "dir": str(final),
-        "report": str(final / "report.md"),
-        "files": [str(final / rel) for rel in [*rel_files, MANIFEST]],
-        "table": console_rows(analysed),
-        # Each cell's answer in one sentence (its own report opens with it), one line per cell.
-        "answer": "\n".join(f"{cell.label}: {answer_sentence(results)}" for cell, _, results, _ in analysed),
-        "digest": digest,
-        "metrics": {"cells": meta["cells"], "status": status},
-    }
 
 
 def _cells_given(cfg: ExperimentConfig, per_cell: Mapping[str, SeedRefs]) -> list[Cell]:

@@ -13,7 +13,7 @@ from typing import Any
 
 from monolm.report.cross_cell.terms import file_slug, fmt_interval, fmt_params, fmt_value, row_name, unit_text
 from monolm.report.formatting import fmt_p, fmt_pct
-from monolm.report.table_builders import Table
+from monolm.report.table_base import Table
 
 SIGN_CONVENTION = (
     "Signs: quality cost Δ loss = constrained − baseline (positive: the constraint made the model worse); "
