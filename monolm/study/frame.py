@@ -211,6 +211,23 @@ def finish(
     return StageRef(stage, cell.seed, str(directory), digest, metrics)
 
 
+# What a stage computes in its prepared folder: (its outputs, relative to the folder; its metrics).
+Compute = Callable[[Path], tuple[list[str], dict[str, Any]]]
+
+
+def framed(cfg: ExperimentConfig, cell: CellPaths, stage: str, inputs: Inputs, compute: Compute) -> StageRef:
+    """Every stage's frame, in one place so that none can skip a step: the earlier result if it
+    still holds (`existing`); else the folder made ready (`prepare`), `compute(folder)` run in it,
+    and the manifest written last (`finish`), its wall time counted from before `prepare`."""
+    done = existing(cfg, cell, stage, inputs)
+    if done:
+        return done
+    started = time.time()
+    out = prepare(cfg, cell, stage, inputs)
+    outputs, metrics = compute(out)
+    return finish(cfg, cell, stage, inputs=inputs, outputs=outputs, metrics=metrics, started=started)
+
+
 def read_output(ref: StageRef, rel: str) -> Any:
     """A JSON output of a finished input stage, trusted only if it matches the digest its
     manifest recorded (and the manifest is the one `ref` was handed over with)."""
