@@ -3,6 +3,7 @@
 Stages exchange `StageRef`s (a folder, the digest of its manifest, headline metrics): small,
 JSON-able, never a model object. A finished stage is recognised by a manifest whose outputs still
 match their digests; anything else is re-run from scratch (or from its own checkpoints).
+`framed` runs a stage's own computation inside that frame (skip, prepare, compute, finish).
 """
 
 from __future__ import annotations
