@@ -35,7 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from monolm.constraint.softplus import Target, constrained_targets, mlp_roles
+from monolm.constraint.roles import Target, mlp_roles
+from monolm.constraint.softplus import constrained_targets
 from monolm.core.runtime import eval_mode, model_device
 
 _CHUNK_ELEMENTS = 1 << 22  # input elements per evaluated chunk (32 MiB in float64)
@@ -86,6 +87,22 @@ def _rows(x: torch.Tensor, valid: torch.Tensor | None, max_rows: int) -> torch.T
 
 
 @torch.no_grad()
+def _block_call(args: tuple, kwargs: dict, valid: torch.Tensor | None, max_rows: int, sequence: bool) -> BlockCall:
+    """What a block was called with: its input rows (a block applied per position), or for a
+    sequence block (attention) its whole call, cloned, so that it can be called again."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    if not sequence:
+        return BlockCall(_rows(hidden, valid, max_rows))
+    rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+    clone = lambda t: t.detach().clone()  # noqa: E731
+    return BlockCall(
+        hidden.detach().clone(),
+        _map_tensors(tuple(args[1:]), clone),
+        _map_tensors(rest, clone),
+        valid.clone() if valid is not None else None,
+    )
+
+
 def capture_inputs(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -113,20 +130,8 @@ def capture_inputs(
 
     def block_hook(name: str, sequence: bool):
         def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if name in blocks:
-                return
-            hidden = args[0] if args else kwargs["hidden_states"]
-            if not sequence:
-                blocks[name] = BlockCall(_rows(hidden, valid, max_rows))
-                return
-            rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            clone = lambda t: t.detach().clone()  # noqa: E731
-            blocks[name] = BlockCall(
-                hidden.detach().clone(),
-                _map_tensors(tuple(args[1:]), clone),
-                _map_tensors(rest, clone),
-                valid.clone() if valid is not None else None,
-            )
+            if name not in blocks:
+                blocks[name] = _block_call(args, kwargs, valid, max_rows, sequence)
 
         return hook
 

@@ -8,7 +8,7 @@ constrained sublayers violate order on sampled input pairs instead of claiming m
 
 from __future__ import annotations
 
-import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +23,7 @@ from monolm.core.runtime import generator, pick_device
 from monolm.data import splits as data_lib
 from monolm.data.stage import load_setup, model_dir
 from monolm.models import loading as models
-from monolm.study.frame import Inputs, OnLog, StageRef, existing, files_under, finish, prepare
+from monolm.study.frame import Inputs, OnLog, StageRef, files_under, framed
 from monolm.study.layout import CellPaths
 
 STAGE = "constrain"
@@ -59,12 +59,11 @@ def run(
     cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: bool = True, on_log: OnLog | None = None
 ) -> StageRef:
     """Stage 1 from stage 0's base model (`inputs["setup"]`)."""
-    done = existing(cfg, cell, STAGE, inputs)
-    if done:
-        return done
-    started = time.time()
-    setup = inputs["setup"]
-    out = prepare(cfg, cell, STAGE, inputs)
+    return framed(cfg, cell, STAGE, inputs, lambda out: _constrain(cfg, cell, inputs["setup"], out))
+
+
+def _constrain(cfg: ExperimentConfig, cell: CellPaths, setup: StageRef, out: Path) -> tuple[list[str], dict[str, Any]]:
+    """The constrained model and report.json in `out`; the stage's outputs and metrics."""
     device = pick_device()
     tokenizer, splits = load_setup(setup)
     base = models.load_model(model_dir(setup), device)
@@ -100,12 +99,4 @@ def run(
         "frozen_share": report["frozen"]["frozen_share"],
         "model_dir": str((out / "model").resolve()),
     }
-    return finish(
-        cfg,
-        cell,
-        STAGE,
-        inputs=inputs,
-        outputs=["report.json", *files_under(out, "model")],
-        metrics=metrics,
-        started=started,
-    )
+    return ["report.json", *files_under(out, "model")], metrics

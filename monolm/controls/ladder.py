@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from monolm.core.progress import Progress, labelled
 from monolm.core.runtime import pick_device
 from monolm.data import splits as data_lib
 from monolm.data.stage import load_setup, model_dir
-from monolm.study.frame import Inputs, OnLog, StageRef, existing, files_under, finish, prepare
+from monolm.study.frame import Inputs, OnLog, StageRef, files_under, framed
 from monolm.study.layout import CellPaths
 from monolm.study.registry import ATTACKS
 
@@ -44,11 +44,11 @@ def run(
     cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: bool = True, on_log: OnLog | None = None
 ) -> StageRef:
     """The ladder of `cell`'s model and seed (inputs: `setup`)."""
-    done = existing(cfg, cell, STAGE, inputs)
-    if done:
-        return done
-    started = time.time()
-    out = prepare(cfg, cell, STAGE, inputs)
+    return framed(cfg, cell, STAGE, inputs, partial(_ladder, cfg, cell, inputs, progress=progress, on_log=on_log))
+
+
+def _ladder(cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, out: Path, *, progress: bool, on_log):
+    """ladder.json (and each rung's attack files) in `out`; the stage's outputs and metrics."""
     report: dict[str, Any] = {"enabled": False, "rungs": [], "not_attacked": []}
     if climbs(cfg.controls.ladder, cfg.model.source):
         report = _climb(cfg, cell, inputs["setup"], out, progress=progress, on_log=on_log)
@@ -59,7 +59,7 @@ def run(
         "enabled": report["enabled"],
         "rungs": {r["name"]: {"loss": r["evaluation"]["loss"], **_increases(r)} for r in report["rungs"]},
     }
-    return finish(cfg, cell, STAGE, inputs=inputs, outputs=outputs, metrics=metrics, started=started)
+    return outputs, metrics
 
 
 def _source(cfg: ExperimentConfig, path: Path) -> str:
@@ -127,20 +127,9 @@ def _settings(cfg: ExperimentConfig, base: Path, device) -> dict[str, Any]:
 
 def _evaluate(cfg, model, docs, texts, tokenizer, batch_size, device) -> dict[str, Any]:
     """Test-part perplexity exactly as stage 4 computes it, with per-document losses."""
-    from monolm.evaluation import perplexity as evaluation
+    from monolm.evaluation.held_out import perplexity_on_test
 
-    return evaluation.perplexity(
-        model,
-        docs,
-        seq_len=cfg.eval_seq_len,
-        batch_size=batch_size,
-        prefix_token_id=tokenizer.eos_token_id,
-        texts=texts,
-        device=device,
-        progress=False,
-        return_per_doc=True,
-        bf16=cfg.evaluation.bf16,
-    )
+    return perplexity_on_test(cfg, model, tokenizer, docs, texts, batch_size=batch_size, device=device, progress=False)
 
 
 def _uat(cfg, model, tokenizer, texts, settings, out: Path, seed: int) -> dict[str, list[float]]:

@@ -14,7 +14,6 @@ With `controls.damage.enabled: false` the stage records only that it was off.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,10 +25,10 @@ from monolm.core.progress import labelled, part_callback
 from monolm.core.runtime import derive_seed, pick_device
 from monolm.data import splits as data_lib
 from monolm.data.stage import load_setup, model_dir
-from monolm.evaluation import perplexity as evaluation
+from monolm.evaluation.held_out import perplexity_on_test, validation_evaluator
 from monolm.memory import plans as planning
 from monolm.models import loading as models
-from monolm.study.frame import Inputs, OnLog, StageRef, existing, files_under, finish, prepare
+from monolm.study.frame import Inputs, OnLog, StageRef, files_under, framed
 from monolm.study.layout import CellPaths
 from monolm.study.registry import ATTACKS
 
@@ -41,37 +40,15 @@ log = logging.getLogger("monolm.stages")
 def _val_loss(cfg: ExperimentConfig, tokenizer, texts: list[str], device) -> Callable[[Any], float]:
     """The validation loss the training's checkpoint selection used (same documents, precision)."""
     recipe = cfg.training.arm("monotonic")
-    docs = data_lib.tokenize(tokenizer, texts[: recipe.eval_max_docs])
-
-    def loss(model) -> float:
-        return evaluation.perplexity(
-            model,
-            docs,
-            seq_len=cfg.data.seq_len,
-            batch_size=cfg.evaluation.batch_size,
-            prefix_token_id=tokenizer.eos_token_id,
-            device=device,
-            progress=False,
-            bf16=recipe.bf16,
-        )["loss"]
-
-    return loss
+    evaluate = validation_evaluator(cfg, recipe, tokenizer, texts[: recipe.eval_max_docs], device)
+    return lambda model: evaluate(model)["loss"]
 
 
 def _test(cfg: ExperimentConfig, model, tokenizer, texts: list[str], device, progress: bool) -> dict[str, Any]:
     texts = texts[: cfg.evaluation.max_docs]  # the documents stage 4 reports on
-    result = evaluation.perplexity(
-        model,
-        data_lib.tokenize(tokenizer, texts),
-        seq_len=cfg.eval_seq_len,
-        batch_size=cfg.evaluation.batch_size,
-        prefix_token_id=tokenizer.eos_token_id,
-        texts=texts,
-        device=device,
-        progress=progress,
-        return_per_doc=True,
-        bf16=cfg.evaluation.bf16,
-    )
+    docs = data_lib.tokenize(tokenizer, texts)
+    batch = cfg.evaluation.batch_size
+    result = perplexity_on_test(cfg, model, tokenizer, docs, texts, batch_size=batch, device=device, progress=progress)
     return {k: result[k] for k in ("loss", "token_perplexity", "tokens", "docs", "per_doc")}
 
 
@@ -79,13 +56,17 @@ def run(
     cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: bool = True, on_log: OnLog | None = None
 ) -> StageRef:
     """The damage-matched arm of one cell and seed: matched, evaluated and attacked."""
-    done = existing(cfg, cell, STAGE, inputs)
-    if done:
-        return done
-    started = time.time()
-    out = prepare(cfg, cell, STAGE, inputs)
-    if not cfg.controls.damage.enabled:
-        return finish(cfg, cell, STAGE, inputs=inputs, outputs=[], metrics={"enabled": False}, started=started)
+
+    def compute(out: Path) -> tuple[list[str], dict[str, Any]]:
+        if not cfg.controls.damage.enabled:
+            return [], {"enabled": False}
+        return _damage(cfg, cell, inputs, out, progress=progress, on_log=on_log)
+
+    return framed(cfg, cell, STAGE, inputs, compute)
+
+
+def _damage(cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, out: Path, *, progress: bool, on_log):
+    """Match, save, evaluate and attack the damaged model in `out`; the stage's outputs and metrics."""
     device = pick_device()
     tokenizer, splits = load_setup(inputs["setup"])
     val_loss = _val_loss(cfg, tokenizer, splits.validation, device)
@@ -129,7 +110,7 @@ def run(
     }
     outputs = [RESULT_FILE, *files_under(out, "model")]
     outputs += [p for name in attacks for p in files_under(out, name) if "/units/" not in p]
-    return finish(cfg, cell, STAGE, inputs=inputs, outputs=outputs, metrics=metrics, started=started)
+    return outputs, metrics
 
 
 def attack_damaged(cfg, cell, inputs, model, tokenizer, attack_docs, out: Path, progress, on_log):

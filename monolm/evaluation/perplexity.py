@@ -30,7 +30,7 @@ import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Required, TypedDict, Unpack
 
 import torch
 from torch import nn
@@ -299,18 +299,25 @@ def perplexity(
     return out
 
 
+class PerplexityOptions(TypedDict, total=False):
+    """`perplexity`'s settings besides the model, documents and device, which `evaluate_models`
+    applies to every model."""
+
+    seq_len: Required[int]
+    batch_size: Required[int]
+    prefix_token_id: Required[int]
+    texts: list[str] | None
+    progress: bool
+    bf16: Bf16
+    return_per_doc: bool
+
+
 def evaluate_models(
     models: Mapping[str, ModelOrLoader],
     docs: list[list[int]],
     *,
-    seq_len: int,
-    batch_size: int,
-    prefix_token_id: int,
-    texts: list[str] | None = None,
     device: torch.device | str | None = None,
-    progress: bool = True,
-    bf16: Bf16 = "auto",
-    return_per_doc: bool = False,
+    **options: Unpack[PerplexityOptions],
 ) -> dict[str, dict[str, Any]]:
     """Evaluate several models (base, baseline, monotonic) on the very same documents.
 
@@ -327,18 +334,7 @@ def evaluate_models(
             raise TypeError(f"evaluate_models: {name!r} is neither an nn.Module nor a loader returning one")
         target = device if device is not None else (pick_device() if loaded else None)
         try:
-            results[name] = perplexity(
-                model,
-                docs,
-                seq_len=seq_len,
-                batch_size=batch_size,
-                prefix_token_id=prefix_token_id,
-                texts=texts,
-                device=target,
-                progress=progress,
-                bf16=bf16,
-                return_per_doc=return_per_doc,
-            )
+            results[name] = perplexity(model, docs, device=target, **options)
         finally:
             if loaded:
                 del model

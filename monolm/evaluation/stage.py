@@ -11,7 +11,6 @@ windows, predicted tokens only). The trained monotonic model's constrained weigh
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +22,10 @@ from monolm.core.progress import Progress
 from monolm.core.runtime import generator, pick_device
 from monolm.data import splits as data_lib
 from monolm.data.stage import load_setup, model_dir
-from monolm.evaluation import perplexity as evaluation
+from monolm.evaluation.held_out import perplexity_on_test
 from monolm.memory import plans as planning
 from monolm.models import loading as models
-from monolm.study.frame import Inputs, OnLog, StageRef, existing, finish, prepare, read_output
+from monolm.study.frame import Inputs, OnLog, StageRef, framed, read_output
 from monolm.study.layout import CellPaths
 
 STAGE = "evaluate"
@@ -63,12 +62,16 @@ def _evaluate(
     progress: bool,
     on_log: OnLog | None,
 ) -> StageRef:
-    done = existing(cfg, cell, stage, inputs)
-    if done:
-        return done
-    started = time.time()
+    def compute(out: Path) -> tuple[list[str], dict[str, Any]]:
+        return _write_evaluation(cfg, cell, stage, inputs, paths, out, progress=progress, on_log=on_log)
+
+    return framed(cfg, cell, stage, inputs, compute)
+
+
+def _write_evaluation(cfg, cell, stage, inputs, paths, out: Path, *, progress, on_log):
+    """evaluation.json in `out` (with the shared base and baseline results in the cell's stage),
+    and the stage's outputs and metrics."""
     setup = inputs["setup"]
-    out = prepare(cfg, cell, stage, inputs)
     device = pick_device()
     tokenizer, splits = load_setup(setup)
     texts = splits.test[: cfg.evaluation.max_docs]  # never the validation part that selected best/
@@ -98,7 +101,7 @@ def _evaluate(
     metrics.update(extra.get("metrics", {}))
     metrics["n_docs"] = len(docs)
     metrics["memory_plan"] = memory_plan.to_json()
-    return finish(cfg, cell, stage, inputs=inputs, outputs=["evaluation.json"], metrics=metrics, started=started)
+    return ["evaluation.json"], metrics
 
 
 def _perplexities(cfg, seed, paths, docs, texts, tokenizer, batch_size, device, *, progress, on_log):
@@ -109,17 +112,8 @@ def _perplexities(cfg, seed, paths, docs, texts, tokenizer, batch_size, device, 
     tracker = Progress(len(paths), log=log, on_log=on_log, what="evaluate")
     for i, (name, path) in enumerate(paths.items()):
         model = models.load_model(path, device)
-        results[name] = evaluation.perplexity(
-            model,
-            docs,
-            seq_len=cfg.eval_seq_len,
-            batch_size=batch_size,
-            prefix_token_id=tokenizer.eos_token_id,
-            texts=texts,
-            device=device,
-            progress=progress,
-            return_per_doc=True,
-            bf16=cfg.evaluation.bf16,
+        results[name] = perplexity_on_test(
+            cfg, model, tokenizer, docs, texts, batch_size=batch_size, device=device, progress=progress
         )
         if name == "monotonic":
             blocks = data_lib.pack_blocks(docs[:8], min(cfg.data.seq_len, 128), tokenizer.eos_token_id).to(device)

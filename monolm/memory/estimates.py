@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from monolm.core.cross_entropy import CE_CHUNK_ELEMENTS  # the slice the one kernel upcasts at a time
@@ -61,6 +61,16 @@ class MemoryPlanError(RuntimeError):
     """Even the smallest batch does not fit the device: stopped before any compute."""
 
 
+# ModelShape's sizes and the Hugging Face config attributes that hold them.
+_HF_SIZES = {
+    "layers": "num_hidden_layers",
+    "hidden": "hidden_size",
+    "heads": "num_attention_heads",
+    "ffn": "intermediate_size",
+    "vocab": "vocab_size",
+}
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """What the estimate needs to know about a model (GPT-NeoX or a Llama-style gated MLP)."""
@@ -83,17 +93,10 @@ class ModelShape:
     @classmethod
     def from_config(cls, config, name: str, parameters: int) -> ModelShape:
         """From a Hugging Face config (`parameters` counted on the meta device by the caller)."""
-        return cls(
-            name=name,
-            layers=config.num_hidden_layers,
-            hidden=config.hidden_size,
-            heads=config.num_attention_heads,
-            ffn=config.intermediate_size,
-            vocab=config.vocab_size,
-            parameters=parameters,
-            max_positions=getattr(config, "max_position_embeddings", 0) or 0,
-            gated=getattr(config, "model_type", "") in ("llama", "mistral", "qwen2", "gemma"),
-        )
+        sizes = {name_: getattr(config, attr) for name_, attr in _HF_SIZES.items()}
+        max_positions = getattr(config, "max_position_embeddings", 0) or 0
+        gated = getattr(config, "model_type", "") in ("llama", "mistral", "qwen2", "gemma")
+        return cls(name=name, parameters=parameters, max_positions=max_positions, gated=gated, **sizes)
 
     @property
     def matmul_parameters(self) -> int:
@@ -335,42 +338,28 @@ def plan_training(
             foreach_optimizer=foreach_optimizer,
         )
 
-    chosen, parts = choose(
-        micro_batch_candidates(micro_batch, grad_accum),
-        estimate,
-        capacity,
-        what="micro_batch_size",
-        model=shape.name,
-        device=device,
-    )
-    return MemoryPlan(
-        stage=stage,
-        model=shape.name,
-        device=device,
-        setting="micro_batch_size",
-        requested=micro_batch,
-        chosen=chosen,
-        estimate_bytes=parts["peak"],
-        capacity_bytes=capacity,
-        breakdown=parts,
-        grad_accum_requested=grad_accum,
-        grad_accum_chosen=micro_batch * grad_accum // chosen,
-    )
+    candidates = micro_batch_candidates(micro_batch, grad_accum)
+    plan = _plan(shape, stage, "micro_batch_size", micro_batch, candidates, estimate, capacity, device)
+    return replace(plan, grad_accum_requested=grad_accum, grad_accum_chosen=micro_batch * grad_accum // plan.chosen)
 
 
 def plan_batch(
     shape: ModelShape, *, stage: str, setting: str, requested: int, estimate, capacity: int | None, device: str
 ) -> MemoryPlan:
     """The largest batch <= `requested` whose `estimate(batch)` fits (evaluation, attacks)."""
-    chosen, parts = choose(range(requested, 0, -1), estimate, capacity, what=setting, model=shape.name, device=device)
-    return MemoryPlan(
-        stage=stage,
-        model=shape.name,
-        device=device,
-        setting=setting,
-        requested=requested,
-        chosen=chosen,
-        estimate_bytes=parts["peak"],
-        capacity_bytes=capacity,
-        breakdown=parts,
-    )
+    return _plan(shape, stage, setting, requested, range(requested, 0, -1), estimate, capacity, device)
+
+
+def _plan(
+    shape: ModelShape,
+    stage: str,
+    setting: str,
+    requested: int,
+    candidates: Iterable[int],
+    estimate,
+    capacity: int | None,
+    device: str,
+) -> MemoryPlan:
+    """The first of `candidates` whose `estimate` fits `capacity` (`choose`), as the stage's plan."""
+    chosen, parts = choose(candidates, estimate, capacity, what=setting, model=shape.name, device=device)
+    return MemoryPlan(stage, shape.name, device, setting, requested, chosen, parts["peak"], capacity, parts)

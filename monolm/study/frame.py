@@ -3,6 +3,7 @@
 Stages exchange `StageRef`s (a folder, the digest of its manifest, headline metrics): small,
 JSON-able, never a model object. A finished stage is recognised by a manifest whose outputs still
 match their digests; anything else is re-run from scratch (or from its own checkpoints).
+`framed` runs a stage's own computation inside that frame (skip, prepare, compute, finish).
 """
 
 from __future__ import annotations
@@ -209,6 +210,23 @@ def finish(
     )
     log.info("stage %s (seed %d) finished in %.1f s -> %s", stage, cell.seed, time.time() - started, directory)
     return StageRef(stage, cell.seed, str(directory), digest, metrics)
+
+
+# What a stage computes in its prepared folder: (its outputs, relative to the folder; its metrics).
+Compute = Callable[[Path], tuple[list[str], dict[str, Any]]]
+
+
+def framed(cfg: ExperimentConfig, cell: CellPaths, stage: str, inputs: Inputs, compute: Compute) -> StageRef:
+    """Every stage's frame, in one place so that none can skip a step: the earlier result if it
+    still holds (`existing`); else the folder made ready (`prepare`), `compute(folder)` run in it,
+    and the manifest written last (`finish`), its wall time counted from before `prepare`."""
+    done = existing(cfg, cell, stage, inputs)
+    if done:
+        return done
+    started = time.time()
+    out = prepare(cfg, cell, stage, inputs)
+    outputs, metrics = compute(out)
+    return finish(cfg, cell, stage, inputs=inputs, outputs=outputs, metrics=metrics, started=started)
 
 
 def read_output(ref: StageRef, rel: str) -> Any:

@@ -23,7 +23,7 @@ from monolm.core.deadline import check_deadline
 from monolm.core.progress import eta_seconds, format_eta
 from monolm.core.runtime import eval_mode
 from monolm.training.best import SaveModel, read_best, save_best
-from monolm.training.run import Evaluate, OnLog, TrainingRun, prepare_run
+from monolm.training.run import Callbacks, Evaluate, OnLog, TrainingRun, prepare_run
 from monolm.training.state import Interval, LoopState, checkpoint_due, save_loop_checkpoint, start_or_resume
 from monolm.training.step import TrainingDiverged, training_step
 
@@ -78,18 +78,8 @@ def train(
     "train")`; a resume restores them, the optimizer, scheduler and data position from the
     checkpoint, so the continuation is the same computation as an uninterrupted run.
     """
-    run = prepare_run(
-        model,
-        train_blocks,
-        arm,
-        out_dir,
-        seed=seed,
-        evaluate=evaluate,
-        constrained=constrained,
-        device=device,
-        save_model=save_model,
-        on_log=on_log,
-    )
+    callbacks = Callbacks(evaluate, save_model, on_log)
+    run = prepare_run(model, train_blocks, arm, out_dir, seed, constrained, device, callbacks)
     state = start_or_resume(run)
     first_step = state.step  # for the ETA: steps reused from a checkpoint do not count as speed
     total = run.total_steps
@@ -103,28 +93,34 @@ def train(
     try:
         while state.step < stop_at:
             check_deadline("between training steps")
-            lr = take_step(run, state)
-            step = state.step
-            history_changed = False
-
-            if step % arm.log_every_steps == 0 or step == total:
-                log_step(run, state, lr, bar, first_step)
-                history_changed = True
-            if evaluate is not None and (step % arm.eval_every_steps == 0 or step == total):
-                evaluate_and_keep_best(run, state, first_step)
-                history_changed = True
-            if evaluate is None and step == total:
-                keep_final_as_best(run, state)
-                history_changed = True
-
-            if history_changed:
-                atomic_write_json(run.history_path, state.history)
-            if checkpoint_due(run, state, stop_at):
-                save_loop_checkpoint(run, state)
+            _step_and_record(run, state, stop_at, bar, first_step)
             bar.update(1)
     finally:
         bar.close()
     return _finish(run, state)
+
+
+def _step_and_record(run: TrainingRun, state: LoopState, stop_at: int, bar: tqdm, first_step: int) -> None:
+    """One optimizer step, then what its step number calls for: a log line, an evaluation (and
+    `best/`), the final model as best without an evaluation, the history file, a checkpoint."""
+    lr = take_step(run, state)
+    step, total, arm = state.step, run.total_steps, run.arm
+    history_changed = False
+
+    if step % arm.log_every_steps == 0 or step == total:
+        log_step(run, state, lr, bar, first_step)
+        history_changed = True
+    if run.evaluate is not None and (step % arm.eval_every_steps == 0 or step == total):
+        evaluate_and_keep_best(run, state, first_step)
+        history_changed = True
+    if run.evaluate is None and step == total:
+        keep_final_as_best(run, state)
+        history_changed = True
+
+    if history_changed:
+        atomic_write_json(run.history_path, state.history)
+    if checkpoint_due(run, state, stop_at):
+        save_loop_checkpoint(run, state)
 
 
 def _label(run: TrainingRun) -> str:

@@ -119,18 +119,25 @@ def _setup_model(model: nn.Module, arm: ArmConfig, device: torch.device) -> bool
     return bf16
 
 
+@dataclass(frozen=True)
+class Callbacks:
+    """What the caller of `train()` plugs in: the held-out evaluation (None: the final model is
+    the best), how a model is written (None: `default_save_model`), who gets the log entries."""
+
+    evaluate: Evaluate | None
+    save_model: SaveModel | None
+    on_log: OnLog | None
+
+
 def prepare_run(
     model: nn.Module,
     train_blocks: torch.LongTensor,
     arm: ArmConfig,
     out_dir: Path,
-    *,
     seed: int,
-    evaluate: Evaluate | None,
     constrained: bool,
     device: torch.device | str | None,
-    save_model: SaveModel | None,
-    on_log: OnLog | None,
+    callbacks: Callbacks,
 ) -> TrainingRun:
     """Check the inputs, prepare model and optimizer, and fingerprint the run (see module doc)."""
     out_dir = Path(out_dir)
@@ -168,7 +175,7 @@ def prepare_run(
         scheduler=scheduler,
         fingerprint=fingerprint,
         fingerprint_digest=digest_json(fingerprint),
-        evaluate=evaluate,
-        save_model=save_model or default_save_model,
-        on_log=on_log,
+        evaluate=callbacks.evaluate,
+        save_model=callbacks.save_model or default_save_model,
+        on_log=callbacks.on_log,
     )

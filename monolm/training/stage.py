@@ -7,19 +7,18 @@ from the base model, the monotonic arm from stage 1's constrained initialisation
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from monolm.config import ArmConfig, ExperimentConfig
 from monolm.constraint.frozen import frozen_share
 from monolm.core.runtime import derive_seed, pick_device
 from monolm.data import splits as data_lib
 from monolm.data.stage import load_setup, model_dir
-from monolm.evaluation import perplexity as evaluation
+from monolm.evaluation.held_out import validation_evaluator
 from monolm.memory import plans as planning
 from monolm.models import loading as models
-from monolm.study.frame import Inputs, OnLog, StageRef, existing, files_under, finish, prepare
+from monolm.study.frame import Inputs, OnLog, StageRef, files_under, framed
 from monolm.study.layout import CellPaths
 from monolm.study.registry import TRAIN_STAGES
 
@@ -52,18 +51,23 @@ def run(
     progress: bool = True,
     on_log: OnLog | None = None,
 ) -> StageRef:
-    from monolm.training import train
-
-    stage = TRAIN_STAGES[arm]
     if arm == "monotonic" and "constrain" not in inputs:
         raise ValueError("the monotonic arm starts from stage 1's constrained model: pass inputs['constrain']")
-    done = existing(cfg, cell, stage, inputs)
-    if done:
-        return done
-    started = time.time()
+
+    # `out` is not a fresh folder: a retried stage resumes from its last valid checkpoint in it.
+    def compute(out: Path) -> tuple[list[str], dict[str, Any]]:
+        return _train_arm(cfg, cell, arm, inputs, out, progress=progress, on_log=on_log)
+
+    return framed(cfg, cell, TRAIN_STAGES[arm], inputs, compute)
+
+
+def _train_arm(
+    cfg: ExperimentConfig, cell: CellPaths, arm: Arm, inputs: Inputs, out: Path, *, progress: bool, on_log
+) -> tuple[list[str], dict[str, Any]]:
+    """Train the arm in `out` (or finish an interrupted training); the stage's outputs and metrics."""
+    from monolm.training import train
+
     setup = inputs["setup"]
-    # Not a fresh folder: a retried stage resumes from its last valid checkpoint in this folder.
-    out = prepare(cfg, cell, stage, inputs)
     device = pick_device()
     tokenizer, splits = load_setup(setup)
     init_dir = model_dir(setup) if arm == "baseline" else Path(inputs["constrain"].metrics["model_dir"])
@@ -104,35 +108,12 @@ def run(
     }
     if frozen_start is not None:  # constrained weights with dW/dV below the bound, at the start and end
         metrics["frozen"] = {"start": frozen_start, "end": frozen_share(model)}
-    return finish(
-        cfg,
-        cell,
-        stage,
-        inputs=inputs,
-        outputs=["history.json", *files_under(out, "best")],
-        metrics=metrics,
-        started=started,
-    )
+    return ["history.json", *files_under(out, "best")], metrics
 
 
 def validation(cfg: ExperimentConfig, recipe: ArmConfig, tokenizer, texts: list[str], device) -> Evaluate:
     """The held-out perplexity that picks the best checkpoint, in the arm's own precision."""
-    docs = data_lib.tokenize(tokenizer, texts)
-
-    def evaluate(model) -> dict:
-        result = evaluation.perplexity(
-            model,
-            docs,
-            seq_len=cfg.data.seq_len,
-            batch_size=cfg.evaluation.batch_size,
-            prefix_token_id=tokenizer.eos_token_id,
-            device=device,
-            progress=False,
-            bf16=recipe.bf16,
-        )
-        return {"perplexity": result["token_perplexity"], "loss": result["loss"], "tokens": result["tokens"]}
-
-    return evaluate
+    return validation_evaluator(cfg, recipe, tokenizer, texts, device)
 
 
 def saver(cfg: ExperimentConfig, arm: Arm, tokenizer) -> SaveModel:
