@@ -71,21 +71,6 @@ def gcg_allowed_mask(model: nn.Module, tokenizer: Any, cfg: GCGConfig, allowed: 
     return mask
 
 
-def run_key(model: nn.Module, opt: Sequence[Sequence[int]], cfg: GCGConfig, *, kind: str, seed: int, prefix, allowed):
-    """Digest of everything a restart's result depends on (see `units`)."""
-    return units.digest_json(
-        {
-            "attack": kind,
-            "cfg": cfg.model_dump(mode="json"),
-            "seed": seed,
-            "model": units.model_fingerprint(model),
-            "opt_texts": units.digest_json([list(t) for t in opt]),
-            "prefix": list(prefix),
-            "allowed": units.digest_json(torch.nonzero(allowed).flatten().tolist()),
-        }
-    )
-
-
 def _restarts(base: Restart, seed: int, max_units: int | None, tracker: Progress, clean: float) -> list[dict] | None:
     """Every restart's payload (finished units reused, partial ones resumed); None when
     `max_units` restarts were computed and more are missing."""
@@ -146,7 +131,7 @@ def run(
     setup = AttackSetup.of(model, prefix, cfg.score_batch_size, bf16)
     opt_batch, ev_batch = text_batch(opt, bool(prefix)), text_batch(ev, bool(prefix))
     with attack_mode(model):
-        key = run_key(model, opt, cfg, kind=kind, seed=seed, prefix=prefix, allowed=allowed)
+        key = units.trigger_run_key(model, opt, cfg, kind=kind, seed=seed, prefix=prefix, allowed=allowed)
         clean_opt = setup.losses(with_triggers(prefix, NO_TRIGGER, opt_batch)).tolist()
         clean_loss = sum(clean_opt) / len(clean_opt)
         keep = survives_roundtrip(tokenizer) if cfg.filter_ids else None

@@ -35,16 +35,8 @@ from torch import nn
 from monolm.attacks import curves, units
 from monolm.attacks.effects import effect_summary, per_text_effects
 from monolm.attacks.replicates import restart_effects
-from monolm.attacks.scoring import (
-    AttackSetup,
-    BatchSizer,
-    TextBatch,
-    attack_mode,
-    check_texts,
-    checked_allowed_mask,
-    context_prefix,
-    truncate,
-)
+from monolm.attacks.scoring import AttackSetup, BatchSizer, attack_mode
+from monolm.attacks.sequences import TextBatch, check_texts, checked_allowed_mask, context_prefix, truncate
 from monolm.attacks.trigger_search import NO_TRIGGER, optimise_restart, text_batch, trigger_row, with_triggers
 from monolm.config import UATConfig
 from monolm.core.artifacts import atomic_write_json
@@ -124,17 +116,7 @@ def run_key(
     allowed: torch.Tensor,
 ) -> str:
     """Digest of everything a restart's result depends on (see `units`)."""
-    return units.digest_json(
-        {
-            "attack": KIND,
-            "cfg": cfg.model_dump(mode="json"),
-            "seed": seed,
-            "model": units.model_fingerprint(model),
-            "opt_texts": units.digest_json([list(t) for t in opt_texts]),
-            "prefix": list(prefix),
-            "allowed": units.digest_json(torch.nonzero(allowed).flatten().tolist()),
-        }
-    )
+    return units.trigger_run_key(model, opt_texts, cfg, kind=KIND, seed=seed, prefix=prefix, allowed=allowed)
 
 
 # --------------------------------------------------------------------------- the stage
