@@ -14,26 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from monolm.attacks.stage import AttackRun, normalize, run_attack_stage
-from monolm.config import ExperimentConfig
+from monolm.attacks.stage import AttackRun, AttackStage, normalize
 from monolm.core.artifacts import atomic_write_json
-from monolm.study.frame import Inputs, OnLog, StageRef
-from monolm.study.layout import CellPaths
-
-
-def run_gcg_baseline(
-    cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: bool = True, on_log: OnLog | None = None
-) -> StageRef:
-    """The GCG stage's share that does not depend on the constraint: the baseline, once per
-    (model, seed) for every cell of the grid."""
-    return run_attack_stage(cfg, cell, inputs, "gcg_baseline", "gcg", _gcg, progress, on_log)
-
-
-def run_gcg(
-    cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: bool = True, on_log: OnLog | None = None
-) -> StageRef:
-    """Universal GCG and its random control per arm, reported on held-out texts, and transfer."""
-    return run_attack_stage(cfg, cell, inputs, "gcg", "gcg", _gcg, progress, on_log)
+from monolm.study.frame import OnLog
 
 
 def _attack(run: AttackRun, on_log: OnLog | None, progress: bool) -> dict[str, Any]:
@@ -47,6 +30,7 @@ def _attack(run: AttackRun, on_log: OnLog | None, progress: bool) -> dict[str, A
 
 
 def _gcg(run: AttackRun, on_log: OnLog | None, progress: bool) -> tuple[list[str], dict[str, Any]]:
+    """Universal GCG and its random control per arm, reported on held-out texts, and transfer."""
     results = run.with_baseline(_attack(run, on_log, progress), "gcg_results.json")
     files = ["gcg_results.json"]
     if run.share is not None:  # the cell: both arms, their transfer, and what stage 7 reads
@@ -116,3 +100,8 @@ def _per_example(r: dict[str, Any]) -> dict[str, Any]:
     if r["control"] is not None:
         rec["control"] = {"clean": r["control"]["per_text"]["clean"], "attacked": r["control"]["per_text"]["attacked"]}
     return rec
+
+
+# The registry's entries (`monolm.study.registry`): the baseline's share and the cell's stage.
+run_gcg_baseline = AttackStage("gcg_baseline", "gcg", _gcg)
+run_gcg = AttackStage("gcg", "gcg", _gcg)

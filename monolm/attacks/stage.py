@@ -198,38 +198,38 @@ class AttackRun:
 Body = Callable[[AttackRun, OnLog | None, bool], tuple[list[str], dict[str, Any]]]
 
 
-def run_attack_stage(
-    cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, stage: str, attack: str, body: Body, progress, on_log
-) -> StageRef:
-    """What every attack stage does around its attack: a finished stage is reused; otherwise
-    `body(run, on_log, progress)` attacks the arms and writes the stage's files, and returns their
+@dataclass(frozen=True)
+class AttackStage:
+    """An attack stage's entry (the registry's `entry`): `attack`'s stage `stage`, the baseline's
+    share (`<attack>_baseline`, once per (model, seed) for every cell of the grid: the baseline
+    alone) or a cell's stage (its constrained arm, the baseline's results taken from the share,
+    and the transfer between the arms). A finished stage is reused; otherwise
+    `body(run, on_log, progress)` attacks the arms, writes the stage's files and returns their
     names and the stage's metrics for its manifest."""
-    done = existing(cfg, cell, stage, inputs)
-    if done:
-        return done
-    run = AttackRun.open(cfg, cell, inputs, stage, attack)
-    files, metrics = body(run, on_log, progress)
-    return run.finish(files, metrics)
 
+    stage: str
+    attack: str
+    body: Body
 
-def run_uat_baseline(
-    cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: bool = True, on_log: OnLog | None = None
-) -> StageRef:
-    """Stage 5's share that does not depend on the constraint: the baseline's universal trigger,
-    once per (model, seed) for every cell of the grid."""
-    return run_attack_stage(cfg, cell, inputs, "uat_baseline", "uat", _uat, progress, on_log)
-
-
-def run_uat(
-    cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: bool = True, on_log: OnLog | None = None
-) -> StageRef:
-    """Stage 5: a universal trigger per arm, reported on held-out texts, and its transfer. A
-    cell's stage attacks its constrained arm and takes the baseline's results from the shared
-    `uat_baseline` stage; the baseline's share attacks the baseline alone."""
-    return run_attack_stage(cfg, cell, inputs, "uat", "uat", _uat, progress, on_log)
+    def __call__(
+        self,
+        cfg: ExperimentConfig,
+        cell: CellPaths,
+        inputs: Inputs,
+        *,
+        progress: bool = True,
+        on_log: OnLog | None = None,
+    ) -> StageRef:
+        done = existing(cfg, cell, self.stage, inputs)
+        if done:
+            return done
+        run = AttackRun.open(cfg, cell, inputs, self.stage, self.attack)
+        files, metrics = self.body(run, on_log, progress)
+        return run.finish(files, metrics)
 
 
 def _uat(run: AttackRun, on_log: OnLog | None, progress: bool) -> tuple[list[str], dict[str, Any]]:
+    """Stage 5: a universal trigger per arm, reported on held-out texts, and its transfer."""
     from monolm.attacks import uat
 
     results = run.attack(uat, on_log, progress, opt_texts=run.opt, eval_texts=run.held_out)
@@ -322,24 +322,8 @@ def _per_example(arm_dirs: dict[str, Path], examples: dict[str, list[dict[str, A
     return table
 
 
-def run_hotflip_baseline(
-    cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: bool = True, on_log: OnLog | None = None
-) -> StageRef:
-    """Stage 6's share that does not depend on the constraint: HotFlip on the baseline, once per
-    (model, seed) for every cell of the grid."""
-    return run_attack_stage(cfg, cell, inputs, "hotflip_baseline", "hotflip", _hotflip, progress, on_log)
-
-
-def run_hotflip(
-    cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: bool = True, on_log: OnLog | None = None
-) -> StageRef:
-    """Stage 6: greedy first-order token flips per held-out text and arm, and their transfer. A
-    cell's stage attacks its constrained arm and takes the baseline's results from the shared
-    `hotflip_baseline` stage; the baseline's share attacks the baseline alone."""
-    return run_attack_stage(cfg, cell, inputs, "hotflip", "hotflip", _hotflip, progress, on_log)
-
-
 def _hotflip(run: AttackRun, on_log: OnLog | None, progress: bool) -> tuple[list[str], dict[str, Any]]:
+    """Stage 6: greedy first-order token flips per held-out text and arm, and their transfer."""
     from monolm.attacks import hotflip
 
     cfg = run.cfg
@@ -382,3 +366,10 @@ def _write_hotflip_report(cfg, seed, out, tokenizer, models, arm_dirs) -> list[s
     atomic_write_json(out / "transfer.json", transfer)
     atomic_write_json(out / "per_example.json", _per_example(arm_dirs, examples, cfg.attacks.hotflip.random_control))
     return ["transfer.json", "per_example.json"]
+
+
+# The registry's entries (`monolm.study.registry`): each attack's baseline share and cell stage.
+run_uat_baseline = AttackStage("uat_baseline", "uat", _uat)
+run_uat = AttackStage("uat", "uat", _uat)
+run_hotflip_baseline = AttackStage("hotflip_baseline", "hotflip", _hotflip)
+run_hotflip = AttackStage("hotflip", "hotflip", _hotflip)
