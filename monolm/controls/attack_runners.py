@@ -11,7 +11,6 @@ attacked, never silently dropped.
 from __future__ import annotations
 
 import functools
-import importlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,8 @@ from monolm.config import ExperimentConfig
 Runner = Callable[..., dict[str, Any]]
 
 
-def _call(attack: str, cfg: ExperimentConfig, settings, model, tokenizer, *, seed, out_dir: Path, **kw) -> dict:
-    """`monolm.attacks.<attack>.run` on `model` with the arms' success threshold and precision."""
-    module = importlib.import_module(f"monolm.attacks.{attack}")
+def _call(module, cfg: ExperimentConfig, settings, model, tokenizer, *, seed, out_dir: Path, **kw) -> dict:
+    """The attack `module`'s `run` on `model` with the arms' success threshold and precision."""
     return module.run(
         model,
         tokenizer=tokenizer,
@@ -41,18 +39,21 @@ def _trigger(attack: str, fixed: dict[str, Any], cfg, settings, model, tokenizer
     strength on the arms, while the damage arm and the rungs need the attack's effect only),
     optimised on the optimisation texts and reported on the held-out ones. The per-text losses
     are the best restart's, as the arms' `per_example.json` pairs them."""
+    from monolm.attacks import gcg, uat  # imported by name: the stages' code digests follow imports
     from monolm.attacks.stage import normalize
 
-    result = _call(attack, cfg, settings, model, tokenizer, opt_texts=opt, eval_texts=held_out, **fixed, **kw)
+    module = {"uat": uat, "gcg": gcg}[attack]
+    result = _call(module, cfg, settings, model, tokenizer, opt_texts=opt, eval_texts=held_out, **fixed, **kw)
     per_text = result["per_text"]
     return {"summary": normalize(result["eval"]), "clean": per_text["clean"], "attacked": per_text["attacked"]}
 
 
 def _hotflip(cfg: ExperimentConfig, settings, model, tokenizer, opt, held_out, *, out_dir: Path, **kw) -> dict:
     """HotFlip on the held-out texts, without the random control (the arms' attack-strength check)."""
+    from monolm.attacks import hotflip
     from monolm.attacks.stage import _read_examples, normalize
 
-    result = _call("hotflip", cfg, settings, model, tokenizer, texts=held_out, out_dir=out_dir, control=False, **kw)
+    result = _call(hotflip, cfg, settings, model, tokenizer, texts=held_out, out_dir=out_dir, control=False, **kw)
     rows = _read_examples(out_dir / "hotflip_examples.jsonl")
     return {
         "summary": normalize(result["gradient"]),
