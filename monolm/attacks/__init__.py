@@ -3,6 +3,6 @@
 one text's search in `flip_search`, its exact candidate scoring in `flip_scoring`) and `gcg`
 (universal GCG with a random control; one restart's resumable search in `gcg_search`, its stages in
 `gcg_stage`; restarts as replicates in `replicates`, budget curves in `curves`), on shared
-machinery in `common` (allowed vocabulary, the original-text objective, embedding gradients,
-batched exact scoring), `units` (resumable work) and `effects` (absolute-first effect
-summaries). Output schemas: SCHEMA.md."""
+machinery in `sequences` (allowed vocabulary, context prefix, padded batches with target masks),
+`scoring` (the original-text objective, embedding gradients, batched exact scoring), `units`
+(resumable work) and `effects` (absolute-first effect summaries). Output schemas: SCHEMA.md."""

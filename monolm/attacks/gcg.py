@@ -38,9 +38,8 @@ from monolm.attacks import curves, units
 from monolm.attacks.effects import effect_summary, per_text_effects
 from monolm.attacks.gcg_search import Restart, SearchState, optimise_restart, survives_roundtrip
 from monolm.attacks.replicates import restart_effects
-from monolm.attacks.scoring import AttackSetup, attack_mode, checked_allowed_mask, context_prefix
-from monolm.attacks.trigger_search import NO_TRIGGER, text_batch, with_triggers
-from monolm.attacks.uat import held_out_texts
+from monolm.attacks.scoring import attack_mode, checked_allowed_mask
+from monolm.attacks.trigger_search import TriggerRun, clean_losses
 from monolm.config import GCGConfig
 from monolm.core.artifacts import atomic_write_json
 from monolm.core.deadline import check_deadline
@@ -69,21 +68,6 @@ def gcg_allowed_mask(model: nn.Module, tokenizer: Any, cfg: GCGConfig, allowed: 
     if not mask.any():
         raise ValueError("no token is allowed for GCG (check attacks.gcg.allow_non_ascii and the tokenizer)")
     return mask
-
-
-def run_key(model: nn.Module, opt: Sequence[Sequence[int]], cfg: GCGConfig, *, kind: str, seed: int, prefix, allowed):
-    """Digest of everything a restart's result depends on (see `units`)."""
-    return units.digest_json(
-        {
-            "attack": kind,
-            "cfg": cfg.model_dump(mode="json"),
-            "seed": seed,
-            "model": units.model_fingerprint(model),
-            "opt_texts": units.digest_json([list(t) for t in opt]),
-            "prefix": list(prefix),
-            "allowed": units.digest_json(torch.nonzero(allowed).flatten().tolist()),
-        }
-    )
 
 
 def _restarts(base: Restart, seed: int, max_units: int | None, tracker: Progress, clean: float) -> list[dict] | None:
@@ -140,30 +124,34 @@ def run(
     log = log or default_log
     kind = KINDS[control]
     out_dir = Path(out_dir)
-    prefix = context_prefix(tokenizer)
-    opt, ev = held_out_texts(opt_texts, eval_texts, cfg, prefix)
-    allowed = gcg_allowed_mask(model, tokenizer, cfg, allowed)
-    setup = AttackSetup.of(model, prefix, cfg.score_batch_size, bf16)
-    opt_batch, ev_batch = text_batch(opt, bool(prefix)), text_batch(ev, bool(prefix))
+    run = TriggerRun.of(
+        model, tokenizer, opt_texts, eval_texts, cfg, bf16, lambda: gcg_allowed_mask(model, tokenizer, cfg, allowed)
+    )
+    setup = run.setup
     with attack_mode(model):
-        key = run_key(model, opt, cfg, kind=kind, seed=seed, prefix=prefix, allowed=allowed)
-        clean_opt = setup.losses(with_triggers(prefix, NO_TRIGGER, opt_batch)).tolist()
+        key = units.trigger_run_key(model, run.opt, cfg, kind=kind, seed=seed, prefix=setup.prefix, allowed=run.allowed)
+        clean_opt = clean_losses(setup, run.opt_batch)
         clean_loss = sum(clean_opt) / len(clean_opt)
         keep = survives_roundtrip(tokenizer) if cfg.filter_ids else None
-        base = Restart(setup, opt_batch, cfg, allowed, keep, control, out_dir, kind, 0, key)
+        base = Restart(setup, run.opt_batch, cfg, run.allowed, keep, control, out_dir, kind, 0, key)
         tracker = Progress(cfg.restarts * cfg.steps, log=log, on_log=on_log, what=kind)
         restarts = _restarts(base, seed, max_units, tracker, clean_loss)
         if restarts is None:
             return {"complete": False}
-        clean = setup.losses(with_triggers(prefix, NO_TRIGGER, ev_batch)).tolist()
+        clean = clean_losses(setup, run.ev_batch)
         reps = restart_effects(
-            setup, [u["trigger_ids"] for u in restarts], ev_batch, clean, threshold=success_threshold, seed=seed
+            setup, [u["trigger_ids"] for u in restarts], run.ev_batch, clean, threshold=success_threshold, seed=seed
         )
-    results = _results(tokenizer, cfg, kind, seed, key, prefix, opt, clean_opt, clean, restarts, reps, allowed)
+    results = _results(tokenizer, cfg, kind, seed, key, run, clean_opt, clean, restarts, reps)
     results["success_threshold"] = success_threshold
     results["eval"] = effect_summary(clean, results["per_text"]["attacked"], threshold=success_threshold, seed=seed)
     results["per_text"].update(per_text_effects(clean, results["per_text"]["attacked"], success_threshold))
     atomic_write_json(out_dir / f"{kind}_results.json", results)
+    _log_effect(log, kind, results)
+    return results
+
+
+def _log_effect(log: logging.Logger | logging.LoggerAdapter, kind: str, results: dict[str, Any]) -> None:
     e = results["eval"]
     log.info(
         "%s on %d held-out texts: clean %.4f -> attacked %.4f nats/token (+%.4f) best of %d; mean over restarts +%.4f",
@@ -172,13 +160,12 @@ def run(
         e["clean_loss"]["mean"],
         e["attacked_loss"]["mean"],
         e["abs_increase"]["mean"],
-        len(restarts),
+        len(results["restarts"]),
         results["mean_over_restarts"]["eval"]["abs_increase"]["mean"],
     )
-    return results
 
 
-def _results(tokenizer, cfg, kind, seed, key, prefix, opt, clean_opt, clean, restarts, reps, allowed) -> dict:
+def _results(tokenizer, cfg, kind, seed, key, run: TriggerRun, clean_opt, clean, restarts, reps) -> dict:
     """The run's record (its `eval` and per-text effects are added by `run`): the best restart's
     trigger, every restart, the mean over restarts, and the budget curves with their saturation."""
     best = max(restarts, key=lambda u: (u["opt_loss"], -u["restart"]))
@@ -190,10 +177,10 @@ def _results(tokenizer, cfg, kind, seed, key, prefix, opt, clean_opt, clean, res
         "seed": seed,
         "config": cfg.model_dump(mode="json"),
         "run_key": key,
-        "prefix_ids": list(prefix),
-        "n_opt_texts": len(opt),
+        "prefix_ids": list(run.setup.prefix),
+        "n_opt_texts": len(run.opt),
         "n_eval_texts": len(clean),
-        "n_allowed_tokens": int(allowed.sum()),
+        "n_allowed_tokens": int(run.allowed.sum()),
         "candidates_scored": sum(sum(u["scored"]) for u in restarts),
         "best_restart": best["restart"],
         "trigger_ids": best["trigger_ids"],

@@ -12,78 +12,32 @@ restarts.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-from monolm.attacks.stage import _attack_arms, _models, _open_stage, _outputs, _share, _transfer_means, normalize
-from monolm.config import ExperimentConfig
-from monolm.core.artifacts import atomic_write_json, read_json
-from monolm.core.runtime import pick_device
-from monolm.data.stage import model_dir
-from monolm.memory import plans as planning
-from monolm.study.frame import Inputs, OnLog, StageRef, existing, finish, read_output
-from monolm.study.layout import CellPaths
+from monolm.attacks.stage import AttackRun, AttackStage, normalize
+from monolm.core.artifacts import atomic_write_json
+from monolm.study.frame import OnLog
 
 
-def run_gcg_baseline(
-    cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: bool = True, on_log: OnLog | None = None
-) -> StageRef:
-    """The GCG stage's share that does not depend on the constraint: the baseline, once per
-    (model, seed) for every cell of the grid."""
-    return run_gcg(cfg, cell, inputs, progress=progress, on_log=on_log, stage="gcg_baseline")
-
-
-def _attack(cfg, gcg_cfg, models, out, on_log, tokenizer, opt, held_out, seed, progress) -> dict[str, Any]:
+def _attack(run: AttackRun, on_log: OnLog | None, progress: bool) -> dict[str, Any]:
     """{arm: {"gcg": results, "control": results or None}}."""
     from monolm.attacks import gcg
 
-    common = dict(
-        tokenizer=tokenizer,
-        opt_texts=opt,
-        eval_texts=held_out,
-        cfg=gcg_cfg,
-        seed=seed,
-        success_threshold=cfg.attacks.success_threshold,
-        bf16=cfg.attacks.bf16,
-        progress=progress,
-    )
-    grad = _attack_arms(gcg, models, out, on_log, **common)
-    ctrl = _attack_arms(gcg, models, out, on_log, control=True, **common) if gcg_cfg.random_control else {}
-    return {arm: {"gcg": grad[arm], "control": ctrl.get(arm)} for arm in models}
+    texts = dict(opt_texts=run.opt[: run.cfg.attacks.gcg.n_opt_texts], eval_texts=run.held_out)
+    grad = run.attack(gcg, on_log, progress, **texts)
+    ctrl = run.attack(gcg, on_log, progress, control=True, **texts) if run.settings.random_control else {}
+    return {arm: {"gcg": grad[arm], "control": ctrl.get(arm)} for arm in run.models}
 
 
-def run_gcg(
-    cfg: ExperimentConfig,
-    cell: CellPaths,
-    inputs: Inputs,
-    *,
-    progress: bool = True,
-    on_log: OnLog | None = None,
-    stage: str = "gcg",
-) -> StageRef:
+def _gcg(run: AttackRun, on_log: OnLog | None, progress: bool) -> tuple[list[str], dict[str, Any]]:
     """Universal GCG and its random control per arm, reported on held-out texts, and transfer."""
-    done = existing(cfg, cell, stage, inputs)
-    if done:
-        return done
-    started = time.time()
-    share = _share(inputs, "gcg")
-    arms = ("monotonic",) if share is not None else ("baseline",)
-    gcg_cfg, memory_plan = planning.plan_attack_stage(cfg, "gcg", model_dir(inputs["setup"]), pick_device(), name=stage)
-    out, tokenizer, (opt, held_out) = _open_stage(cfg, cell, stage, inputs)
-    opt = opt[: cfg.attacks.gcg.n_opt_texts]
-    models = _models(inputs, arms, pick_device())
-    results = _attack(cfg, gcg_cfg, models, out, on_log, tokenizer, opt, held_out, cell.seed, progress)
+    results = run.with_baseline(_attack(run, on_log, progress), "gcg_results.json")
     files = ["gcg_results.json"]
-    if share is not None:
-        results = {"baseline": read_output(share, "gcg_results.json")["baseline"], **results}
-        models = {**_models(inputs, ("baseline",), pick_device()), **models}
-        _write_cell_files(cfg, cell.seed, out, tokenizer, models, results, held_out)
+    if run.share is not None:  # the cell: both arms, their transfer, and what stage 7 reads
+        _write_cell_files(run, results)
         files += ["triggers.json", "transfer.json", "per_example.json", "curves.json"]
-    atomic_write_json(out / "gcg_results.json", results)
-    metrics = _metrics(results, memory_plan)
-    if share is not None:
-        metrics["transfer"] = _transfer_means(read_json(out / "transfer.json"))
-    return finish(cfg, cell, stage, inputs=inputs, outputs=_outputs(out, files, arms), metrics=metrics, started=started)
+    atomic_write_json(run.out / "gcg_results.json", results)
+    return files, _metrics(results, run.memory_plan)
 
 
 def _metrics(results: dict[str, Any], memory_plan) -> dict[str, Any]:
@@ -109,20 +63,11 @@ def _metrics(results: dict[str, Any], memory_plan) -> dict[str, Any]:
     }
 
 
-def _write_cell_files(cfg, seed, out, tokenizer, models, results, held_out) -> None:
-    from monolm.attacks import uat
-    from monolm.attacks.scoring import context_prefix
-
-    transfer = uat.transfer_matrix(
-        models,
-        {arm: r["gcg"]["trigger_ids"] for arm, r in results.items()},
-        held_out[: cfg.attacks.gcg.n_eval_texts],
-        prefix=context_prefix(tokenizer),
-        seed=seed,
-        success_threshold=cfg.attacks.success_threshold,
-        text_max_tokens=cfg.attacks.gcg.text_max_tokens,
-        bf16=cfg.attacks.bf16,
-    )
+def _write_cell_files(run: AttackRun, results: dict[str, Any]) -> None:
+    """A cell's GCG files over both arms: the transfer matrix, the triggers, the curves and
+    `per_example.json`."""
+    out = run.out
+    transfer = run.trigger_transfer({arm: r["gcg"]["trigger_ids"] for arm, r in results.items()}, run.cfg.attacks.gcg)
     atomic_write_json(out / "transfer.json", {**transfer, "attack": "gcg"})
     atomic_write_json(
         out / "triggers.json",
@@ -155,3 +100,8 @@ def _per_example(r: dict[str, Any]) -> dict[str, Any]:
     if r["control"] is not None:
         rec["control"] = {"clean": r["control"]["per_text"]["clean"], "attacked": r["control"]["per_text"]["attacked"]}
     return rec
+
+
+# The registry's entries (`monolm.study.registry`): the baseline's share and the cell's stage.
+run_gcg_baseline = AttackStage("gcg_baseline", "gcg", _gcg)
+run_gcg = AttackStage("gcg", "gcg", _gcg)

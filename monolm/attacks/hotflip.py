@@ -40,17 +40,8 @@ from monolm import stats
 from monolm.attacks import units
 from monolm.attacks.effects import effect_summary
 from monolm.attacks.flip_search import Method, attack_text, base_targets
-from monolm.attacks.scoring import (
-    AttackSetup,
-    BatchSizer,
-    TextBatch,
-    attack_mode,
-    check_texts,
-    checked_allowed_mask,
-    context_prefix,
-    pad_batch,
-    truncate,
-)
+from monolm.attacks.scoring import AttackSetup, BatchSizer, attack_mode
+from monolm.attacks.sequences import TextBatch, check_texts, checked_allowed_mask, context_prefix, pad_batch, truncate
 from monolm.config import HotFlipConfig
 from monolm.core.artifacts import atomic_write_json, atomic_write_text
 from monolm.core.deadline import check_deadline

@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,115 +94,167 @@ def _open_stage(cfg: ExperimentConfig, cell: CellPaths, stage: str, inputs: Inpu
     return out, tokenizer, attack_texts(cfg, tokenizer, splits.attack)
 
 
-def _share(inputs: Inputs, stage: str) -> StageRef | None:
-    """The baseline's share of `stage` (a model-scope stage) when this is a cell's stage."""
-    return inputs.get(f"{stage}_baseline")
-
-
 def _transfer_means(transfer: dict[str, Any]) -> dict[str, dict[str, float]]:
     return {
         src: {dst: cell["abs_increase"]["mean"] for dst, cell in row.items()} for src, row in transfer["cells"].items()
     }
 
 
-def _outputs(out: Path, files: list[str], arms: tuple[str, ...]) -> list[str]:
-    """The stage's own files plus each arm's it attacked, without the resumable units (work in progress)."""
-    return files + [p for arm in arms for p in files_under(out, arm) if "/units/" not in p]
+@dataclass
+class AttackRun:
+    """An attack stage under way, as the UAT, HotFlip and GCG stages share it: the arms it
+    attacks (a cell's stage the constrained arm, the baseline's share the baseline), the attack's
+    settings with the candidate batch that fits, the stage folder, the tokenizer, the
+    (optimisation, held-out) texts and the arms' models on the device."""
 
+    cfg: ExperimentConfig
+    cell: CellPaths
+    inputs: Inputs
+    stage: str
+    started: float
+    share: StageRef | None
+    arms: tuple[str, ...]
+    settings: Any
+    memory_plan: Any
+    out: Path
+    tokenizer: Any
+    opt: list[list[int]]
+    held_out: list[list[int]]
+    models: dict[str, Any]
 
-def _attack_arms(attack, models: dict[str, Any], out: Path, on_log: OnLog | None, **kwargs: Any) -> dict[str, Any]:
-    """`attack.run` on each arm (its units under `out/<arm>/`), progress reported per arm."""
-    return {
-        arm: attack.run(
-            model,
-            out_dir=out / arm,
-            on_log=part_callback(on_log, i, len(models), arm),
-            log=labelled(attack_log, arm),
-            **kwargs,
+    @classmethod
+    def open(cls, cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, stage: str, attack: str) -> AttackRun:
+        """Start `attack`'s stage `stage` (the caller has checked that it is not done yet)."""
+        started = time.time()
+        share = inputs.get(f"{attack}_baseline")  # a cell's stage: the baseline's share of it
+        arms = ("monotonic",) if share is not None else ("baseline",)
+        # Before the arms are moved to the device: the candidate batch that fits.
+        settings, memory_plan = planning.plan_attack_stage(
+            cfg, attack, model_dir(inputs["setup"]), pick_device(), name=stage
         )
-        for i, (arm, model) in enumerate(models.items())
-    }
+        out, tokenizer, (opt, held_out) = _open_stage(cfg, cell, stage, inputs)
+        models = _models(inputs, arms, pick_device())
+        return cls(
+            cfg, cell, inputs, stage, started, share, arms, settings, memory_plan, out, tokenizer, opt, held_out, models
+        )
+
+    def attack(self, module: Any, on_log: OnLog | None, progress: bool, **kwargs: Any) -> dict[str, Any]:
+        """`module.run` on each arm (its units under `out/<arm>/`) with the stage's settings, seed,
+        threshold and precision, progress reported per arm."""
+        return {
+            arm: module.run(
+                model,
+                out_dir=self.out / arm,
+                on_log=part_callback(on_log, i, len(self.models), arm),
+                log=labelled(attack_log, arm),
+                tokenizer=self.tokenizer,
+                cfg=self.settings,
+                seed=self.cell.seed,
+                success_threshold=self.cfg.attacks.success_threshold,
+                bf16=self.cfg.attacks.bf16,
+                progress=progress,
+                **kwargs,
+            )
+            for i, (arm, model) in enumerate(self.models.items())
+        }
+
+    def with_baseline(self, results: dict[str, Any], results_file: str) -> dict[str, Any]:
+        """The results as the stage reports them: a cell's over both arms, the baseline's from its
+        share first (its model is loaded too, for the transfer between the arms); the baseline's
+        share's as they are."""
+        if self.share is None:
+            return results
+        self.models = {**_models(self.inputs, ("baseline",), pick_device()), **self.models}
+        return {"baseline": read_output(self.share, results_file)["baseline"], **results}
+
+    def trigger_transfer(self, triggers: dict[str, list[int]], section: Any) -> dict[str, Any]:
+        """Each arm's universal trigger on every arm's model (`uat.transfer_matrix`), on the
+        held-out texts the attack reports on (`section`: its settings' text counts)."""
+        from monolm.attacks import uat
+        from monolm.attacks.scoring import context_prefix
+
+        return uat.transfer_matrix(
+            self.models,
+            triggers,
+            self.held_out[: section.n_eval_texts],
+            prefix=context_prefix(self.tokenizer),
+            seed=self.cell.seed,
+            success_threshold=self.cfg.attacks.success_threshold,
+            text_max_tokens=section.text_max_tokens,
+            bf16=self.cfg.attacks.bf16,
+        )
+
+    def finish(self, files: list[str], metrics: dict[str, Any]) -> StageRef:
+        """The stage's manifest; a cell's metrics add the transfer's mean increases."""
+        if self.share is not None:
+            metrics["transfer"] = _transfer_means(read_json(self.out / "transfer.json"))
+        # the stage's own files plus each arm's it attacked, without the resumable units (work in progress)
+        outputs = files + [p for arm in self.arms for p in files_under(self.out, arm) if "/units/" not in p]
+        return finish(
+            self.cfg, self.cell, self.stage, inputs=self.inputs, outputs=outputs, metrics=metrics, started=self.started
+        )
 
 
-def run_uat_baseline(
-    cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: bool = True, on_log: OnLog | None = None
-) -> StageRef:
-    """Stage 5's share that does not depend on the constraint: the baseline's universal trigger,
-    once per (model, seed) for every cell of the grid."""
-    return run_uat(cfg, cell, inputs, progress=progress, on_log=on_log, stage="uat_baseline")
+Body = Callable[[AttackRun, OnLog | None, bool], tuple[list[str], dict[str, Any]]]
 
 
-def run_uat(
-    cfg: ExperimentConfig,
-    cell: CellPaths,
-    inputs: Inputs,
-    *,
-    progress: bool = True,
-    on_log: OnLog | None = None,
-    stage: str = "uat",
-) -> StageRef:
-    """Stage 5: a universal trigger per arm, reported on held-out texts, and its transfer. A
-    cell's stage attacks its constrained arm and takes the baseline's results from the shared
-    `uat_baseline` stage; the baseline's share attacks the baseline alone."""
+@dataclass(frozen=True)
+class AttackStage:
+    """An attack stage's entry (the registry's `entry`): `attack`'s stage `stage`, the baseline's
+    share (`<attack>_baseline`, once per (model, seed) for every cell of the grid: the baseline
+    alone) or a cell's stage (its constrained arm, the baseline's results taken from the share,
+    and the transfer between the arms). A finished stage is reused; otherwise
+    `body(run, on_log, progress)` attacks the arms, writes the stage's files and returns their
+    names and the stage's metrics for its manifest."""
+
+    stage: str
+    attack: str
+    body: Body
+
+    def __call__(
+        self,
+        cfg: ExperimentConfig,
+        cell: CellPaths,
+        inputs: Inputs,
+        *,
+        progress: bool = True,
+        on_log: OnLog | None = None,
+    ) -> StageRef:
+        done = existing(cfg, cell, self.stage, inputs)
+        if done:
+            return done
+        run = AttackRun.open(cfg, cell, inputs, self.stage, self.attack)
+        files, metrics = self.body(run, on_log, progress)
+        return run.finish(files, metrics)
+
+
+def _uat(run: AttackRun, on_log: OnLog | None, progress: bool) -> tuple[list[str], dict[str, Any]]:
+    """Stage 5: a universal trigger per arm, reported on held-out texts, and its transfer."""
     from monolm.attacks import uat
-    from monolm.attacks.scoring import context_prefix
 
-    done = existing(cfg, cell, stage, inputs)
-    if done:
-        return done
-    started = time.time()
-    share = _share(inputs, "uat")
-    arms = ("monotonic",) if share is not None else ("baseline",)
-    # Before the arms are moved to the device: the candidate batch that fits.
-    uat_cfg, memory_plan = planning.plan_attack_stage(cfg, "uat", model_dir(inputs["setup"]), pick_device(), name=stage)
-    out, tokenizer, (opt, held_out) = _open_stage(cfg, cell, stage, inputs)
-    models = _models(inputs, arms, pick_device())
-    results = _attack_arms(
-        uat,
-        models,
-        out,
-        on_log,
-        tokenizer=tokenizer,
-        opt_texts=opt,
-        eval_texts=held_out,
-        cfg=uat_cfg,
-        seed=cell.seed,
-        success_threshold=cfg.attacks.success_threshold,
-        bf16=cfg.attacks.bf16,
-        progress=progress,
-    )
+    results = run.attack(uat, on_log, progress, opt_texts=run.opt, eval_texts=run.held_out)
+    results = run.with_baseline(results, "uat_results.json")
     files = ["uat_results.json"]
-    if share is not None:  # the cell: both arms, their transfer, and what stage 7 reads
-        results = {"baseline": read_output(share, "uat_results.json")["baseline"], **results}
-        models = {**_models(inputs, ("baseline",), pick_device()), **models}
-        transfer = uat.transfer_matrix(
-            models,
-            {arm: r["trigger_ids"] for arm, r in results.items()},
-            held_out[: cfg.attacks.uat.n_eval_texts],
-            prefix=context_prefix(tokenizer),
-            seed=cell.seed,
-            success_threshold=cfg.attacks.success_threshold,
-            text_max_tokens=cfg.attacks.uat.text_max_tokens,
-            bf16=cfg.attacks.bf16,
-        )
-        _write_uat_report(out, results, transfer)
+    if run.share is not None:  # the cell: both arms, their transfer, and what stage 7 reads
+        _write_uat_report(run, results)
         files += ["triggers.json", "transfer.json", "per_example.json"]
-    atomic_write_json(out / "uat_results.json", results)
-    metrics = {
+    atomic_write_json(run.out / "uat_results.json", results)
+    return files, {
         "per_model": {arm: normalize(r["eval"]) for arm, r in results.items()},
         "triggers": {arm: r["trigger_text"] for arm, r in results.items()},
         "trigger_ids": {arm: r["trigger_ids"] for arm, r in results.items()},
         # restarts as replicates, and the budget curves (`monolm.attacks.replicates`, `curves`)
         "restart_mean": {arm: normalize(r["mean_over_restarts"]["eval"]) for arm, r in results.items()},
         "curves": {arm: {"attack": r["curves"]} for arm, r in results.items()},
-        "memory_plan": memory_plan.to_json(),
+        "memory_plan": run.memory_plan.to_json(),
     }
-    if share is not None:
-        metrics["transfer"] = _transfer_means(read_json(out / "transfer.json"))
-    return finish(cfg, cell, stage, inputs=inputs, outputs=_outputs(out, files, arms), metrics=metrics, started=started)
 
 
-def _write_uat_report(out: Path, results: dict[str, Any], transfer: dict[str, Any]) -> None:
+def _write_uat_report(run: AttackRun, results: dict[str, Any]) -> None:
+    """A cell's UAT files over both arms: the triggers, the transfer matrix (each arm's trigger on
+    the other) and `per_example.json`."""
+    out = run.out
+    transfer = run.trigger_transfer({arm: r["trigger_ids"] for arm, r in results.items()}, run.cfg.attacks.uat)
     atomic_write_json(
         out / "triggers.json",
         {arm: {"trigger_ids": r["trigger_ids"], "trigger_text": r["trigger_text"]} for arm, r in results.items()},
@@ -268,74 +322,30 @@ def _per_example(arm_dirs: dict[str, Path], examples: dict[str, list[dict[str, A
     return table
 
 
-def run_hotflip_baseline(
-    cfg: ExperimentConfig, cell: CellPaths, inputs: Inputs, *, progress: bool = True, on_log: OnLog | None = None
-) -> StageRef:
-    """Stage 6's share that does not depend on the constraint: HotFlip on the baseline, once per
-    (model, seed) for every cell of the grid."""
-    return run_hotflip(cfg, cell, inputs, progress=progress, on_log=on_log, stage="hotflip_baseline")
-
-
-def run_hotflip(
-    cfg: ExperimentConfig,
-    cell: CellPaths,
-    inputs: Inputs,
-    *,
-    progress: bool = True,
-    on_log: OnLog | None = None,
-    stage: str = "hotflip",
-) -> StageRef:
-    """Stage 6: greedy first-order token flips per held-out text and arm, and their transfer. A
-    cell's stage attacks its constrained arm and takes the baseline's results from the shared
-    `hotflip_baseline` stage; the baseline's share attacks the baseline alone."""
+def _hotflip(run: AttackRun, on_log: OnLog | None, progress: bool) -> tuple[list[str], dict[str, Any]]:
+    """Stage 6: greedy first-order token flips per held-out text and arm, and their transfer."""
     from monolm.attacks import hotflip
 
-    done = existing(cfg, cell, stage, inputs)
-    if done:
-        return done
-    started = time.time()
-    share = _share(inputs, "hotflip")
-    arms = ("monotonic",) if share is not None else ("baseline",)
-    hotflip_cfg, memory_plan = planning.plan_attack_stage(
-        cfg, "hotflip", model_dir(inputs["setup"]), pick_device(), name=stage
-    )
-    out, tokenizer, (_, held_out) = _open_stage(cfg, cell, stage, inputs)
-    models = _models(inputs, arms, pick_device())
-    results = _attack_arms(
-        hotflip,
-        models,
-        out,
-        on_log,
-        tokenizer=tokenizer,
-        texts=held_out,
-        cfg=hotflip_cfg,
-        seed=cell.seed,
-        success_threshold=cfg.attacks.success_threshold,
-        bf16=cfg.attacks.bf16,
-        progress=progress,
-    )
-    arm_dirs = {arm: out / arm for arm in arms}
+    cfg = run.cfg
+    results = run.attack(hotflip, on_log, progress, texts=run.held_out)
+    results = run.with_baseline(results, "hotflip_results.json")
+    arm_dirs = {arm: run.out / arm for arm in run.arms}
     files = ["hotflip_results.json"]
-    if share is not None:  # the cell: both arms, their transfer, and what stage 7 reads
-        results = {"baseline": read_output(share, "hotflip_results.json")["baseline"], **results}
-        arm_dirs = {"baseline": share.path / "baseline", **arm_dirs}
-        models = {**_models(inputs, ("baseline",), pick_device()), **models}
-        files += _write_hotflip_report(cfg, cell.seed, out, tokenizer, models, arm_dirs)
-    atomic_write_json(out / "hotflip_results.json", results)
+    if run.share is not None:  # the cell: both arms, their transfer, and what stage 7 reads
+        arm_dirs = {"baseline": run.share.path / "baseline", **arm_dirs}
+        files += _write_hotflip_report(cfg, run.cell.seed, run.out, run.tokenizer, run.models, arm_dirs)
+    atomic_write_json(run.out / "hotflip_results.json", results)
     with_control = cfg.attacks.hotflip.random_control
     examples = {arm: _read_examples(arm_dirs[arm] / "hotflip_examples.jsonl") for arm in results}
-    metrics = {
+    return files, {
         "per_model": {arm: normalize(r["gradient"]) for arm, r in results.items()},
         "control": {arm: normalize(r["control"]) for arm, r in results.items()} if with_control else None,
         "mean_flips": {arm: r["gradient"]["mean_flips"] for arm, r in results.items()},
         "examples": {
-            arm: [flip_example(tokenizer, r) for r in rows[:REPORTED_EXAMPLES]] for arm, rows in examples.items()
+            arm: [flip_example(run.tokenizer, r) for r in rows[:REPORTED_EXAMPLES]] for arm, rows in examples.items()
         },
-        "memory_plan": memory_plan.to_json(),
+        "memory_plan": run.memory_plan.to_json(),
     }
-    if share is not None:
-        metrics["transfer"] = _transfer_means(read_json(out / "transfer.json"))
-    return finish(cfg, cell, stage, inputs=inputs, outputs=_outputs(out, files, arms), metrics=metrics, started=started)
 
 
 def _write_hotflip_report(cfg, seed, out, tokenizer, models, arm_dirs) -> list[str]:
@@ -356,3 +366,10 @@ def _write_hotflip_report(cfg, seed, out, tokenizer, models, arm_dirs) -> list[s
     atomic_write_json(out / "transfer.json", transfer)
     atomic_write_json(out / "per_example.json", _per_example(arm_dirs, examples, cfg.attacks.hotflip.random_control))
     return ["transfer.json", "per_example.json"]
+
+
+# The registry's entries (`monolm.study.registry`): each attack's baseline share and cell stage.
+run_uat_baseline = AttackStage("uat_baseline", "uat", _uat)
+run_uat = AttackStage("uat", "uat", _uat)
+run_hotflip_baseline = AttackStage("hotflip_baseline", "hotflip", _hotflip)
+run_hotflip = AttackStage("hotflip", "hotflip", _hotflip)

@@ -6,19 +6,14 @@ prefix and trigger are attended but never targets, so only original text tokens 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from monolm.attacks.scoring import (
-    AttackSetup,
-    TextBatch,
-    embedding_gradient,
-    first_order_scores,
-    pad_batch,
-    text_target_mask,
-)
+from monolm.attacks.scoring import AttackSetup, embedding_gradient, first_order_scores
+from monolm.attacks.sequences import TextBatch, check_texts, context_prefix, pad_batch, text_target_mask, truncate
 from monolm.config import UATConfig
 from monolm.core.deadline import check_deadline
 from monolm.core.runtime import model_device
@@ -57,6 +52,52 @@ def trigger_batch(prefix: Sequence[int], trigger_ids: Sequence[int], texts: Sequ
     return with_triggers(prefix, trigger_row(trigger_ids), text_batch(texts, bool(prefix)))
 
 
+def clean_losses(setup: AttackSetup, texts: TextBatch) -> list[float]:
+    """Each text's loss without a trigger (after the context prefix alone)."""
+    return setup.losses(with_triggers(setup.prefix, NO_TRIGGER, texts)).tolist()
+
+
+# --------------------------------------------------------------------------- a run's texts
+def held_out_texts(
+    opt_texts: Sequence[Sequence[int]], eval_texts: Sequence[Sequence[int]], cfg: Any, prefix: Sequence[int]
+) -> tuple[list[list[int]], list[list[int]]]:
+    """The optimisation and evaluation texts, cut to size, checked to be scorable and disjoint."""
+    opt = truncate(opt_texts[: cfg.n_opt_texts], cfg.text_max_tokens)
+    ev = truncate(eval_texts[: cfg.n_eval_texts], cfg.text_max_tokens)
+    check_texts(opt, prefix, "opt_texts")
+    check_texts(ev, prefix, "eval_texts")
+    shared = {tuple(t) for t in opt} & {tuple(t) for t in ev}
+    if shared:
+        raise ValueError(
+            f"{len(shared)} evaluation texts also occur among the optimisation texts; "
+            "the trigger must be reported on held-out texts"
+        )
+    return opt, ev
+
+
+@dataclass(frozen=True)
+class TriggerRun:
+    """What a universal-trigger run (UAT, GCG) works with: its setup (model, context prefix,
+    batch sizer, precision), the optimisation and held-out evaluation texts as lists and as
+    batches, and the allowed tokens."""
+
+    setup: AttackSetup
+    opt: list[list[int]]
+    ev: list[list[int]]
+    allowed: torch.Tensor
+    opt_batch: TextBatch
+    ev_batch: TextBatch
+
+    @classmethod
+    def of(cls, model, tokenizer, opt_texts, eval_texts, cfg, bf16, allowed_mask: Callable[[], torch.Tensor]):
+        """The run's texts (`held_out_texts`), then its vocabulary (`allowed_mask()`), then its setup."""
+        prefix = context_prefix(tokenizer)
+        opt, ev = held_out_texts(opt_texts, eval_texts, cfg, prefix)
+        allowed = allowed_mask()
+        setup = AttackSetup.of(model, prefix, cfg.score_batch_size, bf16)
+        return cls(setup, opt, ev, allowed, text_batch(opt, bool(prefix)), text_batch(ev, bool(prefix)))
+
+
 # --------------------------------------------------------------------------- optimisation
 def _grad_batch(n: int, size: int, gen: torch.Generator) -> torch.Tensor:
     """Indices of the optimisation texts used for one position step (all of them if they fit)."""
@@ -84,6 +125,50 @@ def _position_step(
     return tokens, losses.view(len(tokens), texts.input_ids.shape[0]).mean(1)
 
 
+def _sweep(
+    setup: AttackSetup,
+    opt: TextBatch,
+    cfg: UATConfig,
+    trigger: torch.Tensor,
+    sweep: int,
+    k: int,
+    allowed: torch.Tensor,
+    gen: torch.Generator,
+    steps: list[dict[str, Any]],
+    bar: Any,
+) -> tuple[bool, float]:
+    """One sweep over the trigger's positions, changing `trigger` in place and recording each
+    position step in `steps`: (whether a token changed, the current trigger's batch loss)."""
+    n = opt.input_ids.shape[0]
+    changed = False
+    current = float("nan")
+    for p in range(cfg.trigger_len):
+        check_deadline("between UAT position steps")
+        idx = _grad_batch(n, cfg.grad_batch_size, gen)
+        tokens, losses = _position_step(setup, opt.rows(idx), trigger, p, k, allowed)
+        best = int(torch.argmax(losses[1:])) + 1
+        accept = bool(losses[best] > losses[0])
+        steps.append(
+            {
+                "sweep": sweep,
+                "position": p,
+                "n_texts": len(idx),
+                "loss_before": float(losses[0]),
+                "best_candidate_loss": float(losses[best]),
+                "token_before": int(trigger[p]),
+                "token_after": int(tokens[best]) if accept else int(trigger[p]),
+                "accepted": accept,
+            }
+        )
+        if accept:
+            trigger[p] = tokens[best]
+            changed = True
+        current = float(losses[best] if accept else losses[0])
+        bar.update(1)
+        bar.set_postfix(loss=f"{current:.3f}")
+    return changed, current
+
+
 def optimise_restart(
     setup: AttackSetup,
     opt: TextBatch,
@@ -100,40 +185,14 @@ def optimise_restart(
     allowed_ids = torch.nonzero(allowed).flatten()
     trigger = allowed_ids[torch.randint(len(allowed_ids), (cfg.trigger_len,), generator=gen)]
     initial = trigger.tolist()
-    n = opt.input_ids.shape[0]
     k = min(cfg.top_k, int(allowed.sum()) - 1)
     steps: list[dict[str, Any]] = []
     converged = False
     sweeps = 0
-    current = float("nan")
     bar = tqdm(total=cfg.max_sweeps * cfg.trigger_len, desc=desc, disable=(not progress) or None, leave=False)
     for sweep in range(cfg.max_sweeps):
         sweeps += 1
-        changed = False
-        for p in range(cfg.trigger_len):
-            check_deadline("between UAT position steps")
-            idx = _grad_batch(n, cfg.grad_batch_size, gen)
-            tokens, losses = _position_step(setup, opt.rows(idx), trigger, p, k, allowed)
-            best = int(torch.argmax(losses[1:])) + 1
-            accept = bool(losses[best] > losses[0])
-            steps.append(
-                {
-                    "sweep": sweep,
-                    "position": p,
-                    "n_texts": len(idx),
-                    "loss_before": float(losses[0]),
-                    "best_candidate_loss": float(losses[best]),
-                    "token_before": int(trigger[p]),
-                    "token_after": int(tokens[best]) if accept else int(trigger[p]),
-                    "accepted": accept,
-                }
-            )
-            if accept:
-                trigger[p] = tokens[best]
-                changed = True
-            current = float(losses[best] if accept else losses[0])
-            bar.update(1)
-            bar.set_postfix(loss=f"{current:.3f}")
+        changed, current = _sweep(setup, opt, cfg, trigger, sweep, k, allowed, gen, steps, bar)
         if on_sweep is not None:
             on_sweep(sweeps, current)
         if not changed:

@@ -35,17 +35,16 @@ from torch import nn
 from monolm.attacks import curves, units
 from monolm.attacks.effects import effect_summary, per_text_effects
 from monolm.attacks.replicates import restart_effects
-from monolm.attacks.scoring import (
-    AttackSetup,
-    BatchSizer,
-    TextBatch,
-    attack_mode,
-    check_texts,
-    checked_allowed_mask,
-    context_prefix,
-    truncate,
+from monolm.attacks.scoring import AttackSetup, BatchSizer, attack_mode
+from monolm.attacks.sequences import TextBatch, check_texts, checked_allowed_mask, truncate
+from monolm.attacks.trigger_search import (
+    TriggerRun,
+    clean_losses,
+    optimise_restart,
+    text_batch,
+    trigger_row,
+    with_triggers,
 )
-from monolm.attacks.trigger_search import NO_TRIGGER, optimise_restart, text_batch, trigger_row, with_triggers
 from monolm.config import UATConfig
 from monolm.core.artifacts import atomic_write_json
 from monolm.core.deadline import check_deadline
@@ -59,9 +58,9 @@ STAGE = "uat"
 
 # --------------------------------------------------------------------------- evaluation, transfer
 def _clean_and_attacked(setup: AttackSetup, trigger_ids: Sequence[int], texts: TextBatch) -> dict[str, list[float]]:
-    clean = setup.losses(with_triggers(setup.prefix, NO_TRIGGER, texts))
+    clean = clean_losses(setup, texts)
     attacked = setup.losses(with_triggers(setup.prefix, trigger_row(trigger_ids), texts))
-    return {"clean": clean.tolist(), "attacked": attacked.tolist()}
+    return {"clean": clean, "attacked": attacked.tolist()}
 
 
 def evaluate_trigger(
@@ -124,37 +123,10 @@ def run_key(
     allowed: torch.Tensor,
 ) -> str:
     """Digest of everything a restart's result depends on (see `units`)."""
-    return units.digest_json(
-        {
-            "attack": KIND,
-            "cfg": cfg.model_dump(mode="json"),
-            "seed": seed,
-            "model": units.model_fingerprint(model),
-            "opt_texts": units.digest_json([list(t) for t in opt_texts]),
-            "prefix": list(prefix),
-            "allowed": units.digest_json(torch.nonzero(allowed).flatten().tolist()),
-        }
-    )
+    return units.trigger_run_key(model, opt_texts, cfg, kind=KIND, seed=seed, prefix=prefix, allowed=allowed)
 
 
 # --------------------------------------------------------------------------- the stage
-def held_out_texts(
-    opt_texts: Sequence[Sequence[int]], eval_texts: Sequence[Sequence[int]], cfg: UATConfig, prefix: Sequence[int]
-) -> tuple[list[list[int]], list[list[int]]]:
-    """The optimisation and evaluation texts, cut to size, checked to be scorable and disjoint."""
-    opt = truncate(opt_texts[: cfg.n_opt_texts], cfg.text_max_tokens)
-    ev = truncate(eval_texts[: cfg.n_eval_texts], cfg.text_max_tokens)
-    check_texts(opt, prefix, "opt_texts")
-    check_texts(ev, prefix, "eval_texts")
-    shared = {tuple(t) for t in opt} & {tuple(t) for t in ev}
-    if shared:
-        raise ValueError(
-            f"{len(shared)} evaluation texts also occur among the optimisation texts; "
-            "the trigger must be reported on held-out texts"
-        )
-    return opt, ev
-
-
 def _restart(
     setup: AttackSetup,
     opt: TextBatch,
@@ -261,55 +233,73 @@ def run(
     """
     log = log or default_log
     out_dir = Path(out_dir)
-    prefix = context_prefix(tokenizer)
-    opt, ev = held_out_texts(opt_texts, eval_texts, cfg, prefix)
-    allowed = checked_allowed_mask(model, tokenizer, allowed)
-    setup = AttackSetup.of(model, prefix, cfg.score_batch_size, bf16)
-    opt_batch = text_batch(opt, bool(prefix))
+    run = TriggerRun.of(
+        model, tokenizer, opt_texts, eval_texts, cfg, bf16, lambda: checked_allowed_mask(model, tokenizer, allowed)
+    )
+    setup = run.setup
     with attack_mode(model):
-        key = run_key(model, opt, cfg, seed=seed, prefix=prefix, allowed=allowed)
-        clean_opt = setup.losses(with_triggers(prefix, NO_TRIGGER, opt_batch)).tolist()
+        key = run_key(model, run.opt, cfg, seed=seed, prefix=setup.prefix, allowed=run.allowed)
+        clean_opt = clean_losses(setup, run.opt_batch)
         clean_loss = sum(clean_opt) / len(clean_opt)
         tracker = Progress(cfg.restarts * cfg.max_sweeps, log=log, on_log=on_log, what="uat")
-        compute = functools.partial(_restart, setup, opt_batch, cfg, allowed, seed, progress, tracker, clean_loss)
+        compute = functools.partial(
+            _restart, setup, run.opt_batch, cfg, run.allowed, seed, progress, tracker, clean_loss
+        )
         restarts, complete = _restart_units(compute, tokenizer, cfg, key, out_dir, max_units, tracker, clean_loss)
         if not complete:
             return {"complete": False, "units_done": len(restarts)}
-        best = max(restarts, key=lambda u: (u["opt_loss"], -u["restart"]))
-        ev_batch = text_batch(ev, bool(prefix))
-        evaluation = _clean_and_attacked(setup, best["trigger_ids"], ev_batch)
-        reps = restart_effects(
-            setup,
-            [u["trigger_ids"] for u in restarts],
-            ev_batch,
-            evaluation["clean"],
-            threshold=success_threshold,
-            seed=seed,
-        )
-    triggers = _triggers_record(tokenizer, cfg, prefix, restarts, best)
-    results = {
+        best, evaluation, reps = _best_on_held_out(setup, restarts, run.ev_batch, success_threshold, seed)
+    triggers = _triggers_record(tokenizer, cfg, setup.prefix, restarts, best)
+    results = _results(run, cfg, seed, key, success_threshold, clean_loss, best, triggers, evaluation)
+    results.update(_replicates(restarts, reps))
+    atomic_write_json(out_dir / "triggers.json", triggers)
+    atomic_write_json(out_dir / "uat_results.json", results)
+    _log_effect(log, results["eval"])
+    return results
+
+
+def _best_on_held_out(
+    setup: AttackSetup, restarts: list[dict[str, Any]], texts: TextBatch, threshold: float, seed: int
+) -> tuple[dict[str, Any], dict[str, list[float]], dict[str, Any]]:
+    """The best restart (highest loss over all optimisation texts; the first on a tie), its
+    trigger's per-text clean and attacked losses on the held-out texts, and every restart's
+    effect there (`replicates.restart_effects`)."""
+    best = max(restarts, key=lambda u: (u["opt_loss"], -u["restart"]))
+    evaluation = _clean_and_attacked(setup, best["trigger_ids"], texts)
+    reps = restart_effects(
+        setup, [u["trigger_ids"] for u in restarts], texts, evaluation["clean"], threshold=threshold, seed=seed
+    )
+    return best, evaluation, reps
+
+
+def _results(run: TriggerRun, cfg: UATConfig, seed, key, success_threshold, clean_loss, best, triggers, evaluation):
+    """`uat_results.json` up to the best trigger's effect (`run` adds the restarts as replicates)."""
+    return {
         "attack": "uat",
         "complete": True,
         "seed": seed,
         "config": cfg.model_dump(mode="json"),
         "success_threshold": success_threshold,
         "run_key": key,
-        "prefix_ids": prefix,
-        "n_opt_texts": len(opt),
-        "n_eval_texts": len(ev),
-        "n_allowed_tokens": int(allowed.sum()),
+        "prefix_ids": run.setup.prefix,
+        "n_opt_texts": len(run.opt),
+        "n_eval_texts": len(run.ev),
+        "n_allowed_tokens": int(run.allowed.sum()),
         "best_restart": best["restart"],
         "trigger_ids": best["trigger_ids"],
         "trigger_text": triggers["best"]["trigger_text"],
-        "opt": {"clean_loss": sum(clean_opt) / len(clean_opt), "attacked_loss": best["opt_loss"]},
-        "eval": effect_summary(evaluation["clean"], evaluation["attacked"], threshold=success_threshold, seed=seed),
-        "per_text": {**evaluation, **per_text_effects(evaluation["clean"], evaluation["attacked"], success_threshold)},
-        **_replicates(restarts, reps),
+        "opt": {"clean_loss": clean_loss, "attacked_loss": best["opt_loss"]},
+        **_effects(evaluation, success_threshold, seed),
     }
-    atomic_write_json(out_dir / "triggers.json", triggers)
-    atomic_write_json(out_dir / "uat_results.json", results)
-    _log_effect(log, results["eval"])
-    return results
+
+
+def _effects(evaluation: dict[str, list[float]], success_threshold: float, seed: int) -> dict[str, Any]:
+    """The best trigger's effect on the evaluation texts, summarised and per text."""
+    clean, attacked = evaluation["clean"], evaluation["attacked"]
+    return {
+        "eval": effect_summary(clean, attacked, threshold=success_threshold, seed=seed),
+        "per_text": {**evaluation, **per_text_effects(clean, attacked, success_threshold)},
+    }
 
 
 def _replicates(restarts: list[dict[str, Any]], reps: dict[str, Any]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from monolm.core.artifacts import atomic_write_json
@@ -69,6 +70,23 @@ def read_unit(out_dir: str | Path, kind: str, index: int, key: str) -> Any | Non
         log.info("unit %s belongs to a different run (config, model or texts changed); recomputing", path)
         return None
     return payload
+
+
+def trigger_run_key(model: nn.Module, opt_texts, cfg, *, kind: str, seed: int, prefix, allowed: torch.Tensor) -> str:
+    """Digest of everything a universal-trigger restart's result depends on (UAT's and GCG's):
+    the attack, its settings, the seed, the model, the optimisation texts, the context prefix and
+    the allowed tokens."""
+    return digest_json(
+        {
+            "attack": kind,
+            "cfg": cfg.model_dump(mode="json"),
+            "seed": seed,
+            "model": model_fingerprint(model),
+            "opt_texts": digest_json([list(t) for t in opt_texts]),
+            "prefix": list(prefix),
+            "allowed": digest_json(torch.nonzero(allowed).flatten().tolist()),
+        }
+    )
 
 
 def model_fingerprint(model: nn.Module, sample: int = 512) -> str:

@@ -17,7 +17,6 @@ ladder.json: {"enabled", "rungs": [{"name", "source" (relative to paths.runs_roo
 
 from __future__ import annotations
 
-import json
 import logging
 from functools import partial
 from pathlib import Path
@@ -36,7 +35,7 @@ from monolm.study.layout import CellPaths
 from monolm.study.registry import ATTACKS
 
 STAGE = "ladder"
-LADDER_ATTACKS = ("uat", "hotflip", "gcg")  # the attacks a rung is attacked with (each has an adapter below)
+LADDER_ATTACKS = ("uat", "hotflip", "gcg")  # the attacks a rung is attacked with (each has a runner in attack_runners)
 log = logging.getLogger("monolm.stages")
 
 
@@ -101,7 +100,7 @@ def _climb(cfg: ExperimentConfig, cell: CellPaths, setup: StageRef, out: Path, *
         record = {"name": rung.name, "source": _source(cfg, rung.path)}
         record["evaluation"] = _evaluate(cfg, model, docs, test_texts, tokenizer, settings["eval_batch"], device)
         record["attacks"] = {
-            attack: _ATTACK[attack](cfg, model, tokenizer, texts, settings[attack], out / rung.name / attack, cell.seed)
+            attack: _attack(attack, cfg, model, tokenizer, texts, settings[attack], out / rung.name / attack, cell.seed)
             for attack in LADDER_ATTACKS
         }
         del model
@@ -110,7 +109,7 @@ def _climb(cfg: ExperimentConfig, cell: CellPaths, setup: StageRef, out: Path, *
     return {
         "enabled": True,
         "rungs": records,
-        "not_attacked": [a for a in ATTACKS if a not in LADDER_ATTACKS],  # an attack without a ladder adapter
+        "not_attacked": [a for a in ATTACKS if a not in LADDER_ATTACKS],  # an attack without a ladder runner
     }
 
 
@@ -132,70 +131,23 @@ def _evaluate(cfg, model, docs, texts, tokenizer, batch_size, device) -> dict[st
     return perplexity_on_test(cfg, model, tokenizer, docs, texts, batch_size=batch_size, device=device, progress=False)
 
 
-def _uat(cfg, model, tokenizer, texts, settings, out: Path, seed: int) -> dict[str, list[float]]:
-    """UAT as stage 5 runs it: a trigger optimised on the optimisation texts, reported on the held-out ones."""
-    from monolm.attacks import uat
+def _attack(attack: str, cfg, model, tokenizer, texts, settings, out: Path, seed: int) -> dict[str, list[float]]:
+    """`attack` on a rung as its stage runs it on an arm (the damage arm's runner: UAT's trigger
+    reported on the held-out texts, HotFlip and GCG without their random control, as the ladder
+    needs the attack's effect only): the per-text losses the arms' `per_example.json` pairs."""
+    from monolm.controls.attack_runners import RUNNERS
 
     opt, held_out = texts
-    result = uat.run(
+    result = RUNNERS[attack](
+        cfg,
+        settings,
         model,
-        tokenizer=tokenizer,
-        opt_texts=opt,
-        eval_texts=held_out,
-        cfg=settings,
+        tokenizer,
+        opt,
+        held_out,
         seed=seed,
         out_dir=out,
-        success_threshold=cfg.attacks.success_threshold,
-        bf16=cfg.attacks.bf16,
         progress=False,
         log=labelled(logging.getLogger("monolm.attacks"), f"ladder {out.parent.name}"),
     )
-    return {"clean": result["per_text"]["clean"], "attacked": result["per_text"]["attacked"]}
-
-
-def _hotflip(cfg, model, tokenizer, texts, settings, out: Path, seed: int) -> dict[str, list[float]]:
-    """HotFlip as stage 6 runs it, without the random control (the ladder needs the attack's effect only)."""
-    from monolm.attacks import hotflip
-
-    _, held_out = texts
-    hotflip.run(
-        model,
-        tokenizer=tokenizer,
-        texts=held_out,
-        cfg=settings,
-        seed=seed,
-        out_dir=out,
-        success_threshold=cfg.attacks.success_threshold,
-        control=False,
-        bf16=cfg.attacks.bf16,
-        progress=False,
-        log=labelled(logging.getLogger("monolm.attacks"), f"ladder {out.parent.name}"),
-    )
-    lines = (out / hotflip.EXAMPLE_FILES["gradient"]).read_text(encoding="utf-8").splitlines()
-    rows = sorted((json.loads(line) for line in lines if line.strip()), key=lambda r: r["index"])
-    return {"clean": [r["clean_loss"] for r in rows], "attacked": [r["attacked_loss"] for r in rows]}
-
-
-def _gcg(cfg, model, tokenizer, texts, settings, out: Path, seed: int) -> dict[str, list[float]]:
-    """GCG as its stage runs it on an arm, without the random control (as HotFlip's rungs): the
-    best restart's per-text losses, the ones the arms' `per_example.json` pairs."""
-    from monolm.attacks import gcg
-
-    opt, held_out = texts
-    result = gcg.run(
-        model,
-        tokenizer=tokenizer,
-        opt_texts=opt,
-        eval_texts=held_out,
-        cfg=settings,
-        seed=seed,
-        out_dir=out,
-        success_threshold=cfg.attacks.success_threshold,
-        control=False,
-        bf16=cfg.attacks.bf16,
-        log=labelled(logging.getLogger("monolm.attacks"), f"ladder {out.parent.name}"),
-    )
-    return {"clean": result["per_text"]["clean"], "attacked": result["per_text"]["attacked"]}
-
-
-_ATTACK = {"uat": _uat, "hotflip": _hotflip, "gcg": _gcg}
+    return {"clean": result["clean"], "attacked": result["attacked"]}
