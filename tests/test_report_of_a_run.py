@@ -85,6 +85,11 @@ def test_report_shows_triggers_examples_control_test_and_run_id(run):
             (row,) = [r for r in results["saturation"] if (r["attack"], r["arm"], r["kind"]) == (attack, arm, "attack")]
             assert row["sentence"] in findings
     assert any(c["metric"] == "restart_mean_abs_increase" for c in results["comparisons"])
+    # Which robustness differences survive the quality control: one sentence per attack the ladder covers.
+    assert set(results["robust_or_damaged"]["attacks"]) == {"uat", "hotflip", "gcg"}
+    for attack in results["robust_or_damaged"]["attacks"]:
+        label = {"uat": "UAT", "hotflip": "HotFlip", "gcg": "GCG"}[attack]
+        assert findings.count(f"{label}, quality-controlled: ") == 1
 
     tests = md.split("## Paired tests")[1].split("\n## ")[0]
     assert "doc_loss" not in tests and "| per-document loss (nats/token) | seed 42, over documents |" in tests

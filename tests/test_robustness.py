@@ -89,3 +89,43 @@ def test_grid_holm_corrects_over_a_models_cells_and_follows_the_corrected_p():
     assert rows[2]["p_holm"] is None and rows[2]["verdict_holm"] == er.OUTSIDE
     text = "\n".join(grid_section_lines(grid_effective(cells)))
     assert "## Robust or damaged?" in text and "| clamp |" in text and er.LESS in text
+
+
+def _raw(mean_diff: float, significant: bool) -> dict:
+    """The arms' primary test of HotFlip's absolute increase (monotonic − baseline), Holm-corrected."""
+    return {
+        "stage": "hotflip",
+        "metric": "abs_increase",
+        "a": "baseline",
+        "b": "monotonic",
+        "scope": "texts",
+        "role": "primary",
+        "mean_diff": mean_diff,
+        "significant_holm": significant,
+    }
+
+
+@pytest.mark.parametrize(
+    ("arm", "raw", "says"),
+    [
+        # Attacked less than the baseline only because it is worse at its job: on the ladder's curve.
+        (_model(5.1), _raw(-0.2, True), "the robustness gain does not survive the quality control"),
+        # Below the curve: the gain is more than its quality explains.
+        (_model(5.1, shift=-0.3), _raw(-0.4, True), "the robustness gain survives the quality control"),
+        # Above the curve while the raw gain looked like one: reversed.
+        (_model(5.1, shift=0.3), _raw(-0.1, True), "the robustness gain reverses under the quality control"),
+        # No raw difference, yet less robust than its quality predicts (the tiny demo's case).
+        (_model(5.1, shift=0.3), _raw(0.05, False), "a loss the raw comparison does not show"),
+        (_model(6.5), _raw(-0.2, True), "cannot check it"),
+    ],
+)
+def test_findings_say_whether_a_raw_difference_survives_the_quality_control(arm, raw, says):
+    from monolm.report.quality_control import quality_control_findings
+
+    refs = {name: _model(x) for name, x in LADDER.items()}
+    damage = {**raw, "b": "damage-matched", "mean_diff": 9.0}  # another pair's test: never the raw one
+    results = {**_cell_results(refs, arm), "comparisons": [damage, raw]}
+    (sentence,) = quality_control_findings(results)
+    assert sentence.startswith("HotFlip, quality-controlled: ") and says in sentence
+    assert f"{raw['mean_diff']:+.3f} nats/token" in sentence
+    assert "9.000" not in sentence

@@ -12,6 +12,7 @@ from monolm.report.damage_arm import apply_damage_holm, damage_comparisons, dama
 from monolm.report.examples import attack_examples
 from monolm.report.held_out import held_out_facts, held_out_statement, tag_parts
 from monolm.report.labels import ARMS, ATTACKS, MODELS
+from monolm.report.quality_control import quality_control_findings
 from monolm.report.robust_section import robust_or_damaged
 from monolm.report.sentences import findings, monotonicity_statement, recipe_statement
 from monolm.report.summaries import ALPHA, CONFIDENCE, summarize_values, summary
@@ -55,7 +56,10 @@ def analyze(seeds: Sequence[dict[str, Any]], meta: dict[str, Any]) -> dict[str, 
     results["saturation"] = saturation_table(results["budget"])
     results["robust_or_damaged"] = robust_or_damaged(seeds)
     results["findings"] = (
-        findings(results) + damage_findings(results) + [row["sentence"] for row in results["saturation"]]
+        findings(results)
+        + quality_control_findings(results)
+        + damage_findings(results)
+        + [row["sentence"] for row in results["saturation"]]
     )
     results["recipe_statement"] = recipe_statement(meta, values)
     results["monotonicity_statement"] = monotonicity_statement(results)
