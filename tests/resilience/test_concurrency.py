@@ -69,10 +69,12 @@ def _no_duplicate_work(folder: Path) -> None:
 
 
 def test_two_plain_runs_of_one_seed_at_once(tmp_path, micro_pipeline):
-    """`monolm run --no-prefect` twice at the same time on seed 42: the second waits and reuses."""
+    """`monolm run --no-prefect` twice at the same time on seed 42: whichever reaches a stage second
+    waits and reuses it. Which run that is may change from stage to stage (both wait for the next
+    stage's lock when one finishes a stage), so at least one waited, and no work was done twice."""
     outputs = start_all(tmp_path, {"first": micro_argv(tmp_path), "second": micro_argv(tmp_path)}, audit=False)
     waited = [name for name, out in outputs.items() if "is being run by another process; waiting" in out]
-    assert len(waited) == 1, outputs
+    assert waited, outputs
     _no_duplicate_work(seed_dir(tmp_path))
     assert stage_outputs(seed_dir(tmp_path), STAGES) == stage_outputs(seed_dir(micro_pipeline), STAGES)
 
