@@ -87,6 +87,14 @@ def test_report_shows_triggers_examples_control_test_and_run_id(run):
     assert any(c["metric"] == "restart_mean_abs_increase" for c in results["comparisons"])
     # Which robustness differences survive the quality control: one sentence per attack the ladder covers.
     assert set(results["robust_or_damaged"]["attacks"]) == {"uat", "hotflip", "gcg"}
+    from monolm.report.stage import store_rows
+
+    stored = {(r["stage"], r["arm"], r["metric"]): r for r in store_rows(results)}
+    for attack, rec in results["robust_or_damaged"]["attacks"].items():  # effective robustness in the store
+        for arm, r in rec["arms"].items():
+            row = stored[(attack, "damage-matched" if arm == "damage" else arm, "effective_robustness:value")]
+            assert row["value"] == r["effective"] and row["extra"]["verdict"] == r["verdict"]
+            assert stored[(attack, row["arm"], "effective_robustness:ci_high")]["value"] == r["ci_high"]
     for attack in results["robust_or_damaged"]["attacks"]:
         label = {"uat": "UAT", "hotflip": "HotFlip", "gcg": "GCG"}[attack]
         assert findings.count(f"{label}, quality-controlled: ") == 1

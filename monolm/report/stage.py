@@ -64,8 +64,34 @@ def store_rows(results: dict[str, Any], cell: dict[str, str] | None = None) -> l
     `<metric>:mean|std|ci_low|ci_high` (seed NULL), tests as `<metric>:diff|t_p|wilcoxon_p` under
     arm `monotonic-baseline` (seed NULL across seeds, the seed for a test over its examples); each
     row tagged with its grid `cell` (model, variant, init)."""
-    rows = _value_rows(results)
+    rows = _value_rows(results) + _robustness_rows(results)
     return [{**row, **(cell or {})} for row in rows]
+
+
+def _robustness_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Effective robustness (the "Robust or damaged?" section) per attack and arm, seed NULL:
+    `effective_robustness:value|ci_low|ci_high|p`, the ladder's prediction and verdict in `extra`
+    (the damage-matched arm under arm `damage-matched`, as in its paired tests' rows)."""
+    section = results.get("robust_or_damaged") or {}
+    rows = []
+    for attack, rec in (section.get("attacks") or {}).items():
+        for arm, r in rec["arms"].items():
+            extra = {k: r[k] for k in ("clean_loss", "increase", "predicted", "in_range", "verdict") if k in r} | {
+                "n_seeds": section.get("n_seeds"),
+                "method": section.get("method"),
+            }
+            for stat, key in (("value", "effective"), ("ci_low", "ci_low"), ("ci_high", "ci_high"), ("p", "p_value")):
+                rows.append(
+                    {
+                        "seed": None,
+                        "arm": "damage-matched" if arm == "damage" else arm,
+                        "stage": attack,
+                        "metric": f"effective_robustness:{stat}",
+                        "value": r[key],
+                        "extra": extra,
+                    }
+                )
+    return rows
 
 
 def _value_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
