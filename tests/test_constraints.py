@@ -374,3 +374,18 @@ def test_mlp_both_block_is_non_monotone_only_because_of_gelu(neox_state):
         results[act] = _rates(rows, "block")
     assert all(r > 0 for r in results["gelu"])
     assert results["relu"] == [0.0] * (2 * LAYERS)
+
+
+def test_constrained_weights_never_switch_autograd_off_for_the_caller():
+    """The generator computes W without autograd but yields outside `no_grad`: a caller's loop
+    body, and a caller that stops early, keep autograd on (a yield inside `no_grad` left it off for
+    the rest of the process, and a later test's backward() failed)."""
+    from monolm.constraint.softplus import constrained_weights
+
+    model = tiny_neox(seed=0, constrained=True)
+    weights = constrained_weights(model)
+    name, w = next(weights)
+    assert torch.is_grad_enabled() and not w.requires_grad and name.endswith(".weight")
+    del weights  # stopped early
+    assert torch.is_grad_enabled()
+    assert all(torch.is_grad_enabled() for _ in constrained_weights(model))

@@ -145,11 +145,14 @@ def constrained_targets(model: nn.Module) -> list[Target]:
 
 
 def constrained_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(qualified weight name, materialized W = softplus(V)) for every constrained Linear."""
+    """(qualified weight name, materialized W = softplus(V)) for every constrained Linear. W is
+    computed without autograd, but the generator yields outside `no_grad`: a yield inside it would
+    switch autograd off in the caller's loop body, and for good if the caller stops early."""
     for name, module in model.named_modules():
         if is_constrained_module(module):
             with torch.no_grad():
-                yield f"{name}.weight", module.weight.detach()
+                weight = module.weight.detach()
+            yield f"{name}.weight", weight
 
 
 class ConstraintViolation(ValueError):
