@@ -9,11 +9,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from monolm.report.damage_arm import PAIR
 from monolm.report.labels import ATTACKS
 from monolm.report.robustness import EQUAL, LESS, MORE, OUTSIDE
 from monolm.report.verdicts import significant
 
-CONSTRAINED = "monotonic"
+CONSTRAINED, DAMAGE_MATCHED = PAIR  # the arms of the constrained vs damage-matched tests
 
 
 def _raw_comparison(comps: Sequence[dict[str, Any]], attack: str) -> dict[str, Any] | None:
@@ -22,7 +23,7 @@ def _raw_comparison(comps: Sequence[dict[str, Any]], attack: str) -> dict[str, A
     own = [
         c
         for c in comps
-        if c["stage"] == attack and c["metric"] == "abs_increase" and c.get("b") != "damage-matched"
+        if c["stage"] == attack and c["metric"] == "abs_increase" and c.get("b") != DAMAGE_MATCHED
         if c.get("mean_diff") is not None
     ]
     primary = [c for c in own if c.get("role") == "primary"]

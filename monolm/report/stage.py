@@ -27,8 +27,9 @@ from monolm.core.provenance import git_revision
 from monolm.report import figures as plots
 from monolm.report.answer import answer_sentence
 from monolm.report.budget import plot_budget
+from monolm.report.damage_arm import PAIR
 from monolm.report.publish import earlier_runs, publish, published, safe_name  # noqa: F401  (published: re-exported)
-from monolm.report.robust_section import plot_robustness
+from monolm.report.robust_section import DAMAGE_ARM, plot_robustness
 from monolm.report.seed_inputs import read_seed
 from monolm.study import registry
 from monolm.study.frame import StageRef, stage_code_version
@@ -84,7 +85,7 @@ def _robustness_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 rows.append(
                     {
                         "seed": None,
-                        "arm": "damage-matched" if arm == "damage" else arm,
+                        "arm": PAIR[1] if arm == DAMAGE_ARM else arm,
                         "stage": attack,
                         "metric": f"effective_robustness:{stat}",
                         "value": r[key],
