@@ -18,7 +18,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from monolm.attacks import flip_scoring, flip_search, hotflip, trigger_search, uat, units
+from monolm.attacks import flip_scoring, flip_search, hotflip, trigger_search, typeable, uat, units
 from monolm.attacks import scoring as common
 from monolm.config import HotFlipConfig, TinyModelConfig, UATConfig
 from monolm.data import splits as data_lib
@@ -388,7 +388,7 @@ def test_uat_same_seed_resume_and_disallowed_tokens(trained, uat_spied, tmp_path
         again = uat.run(model, tok, opt, ev, UAT_CFG, seed=3, out_dir=tmp_path / "res", progress=False)
     assert "corrupt" in caplog.text and again == full
     # a unit computed with another config is not reused
-    allowed = common.allowed_token_mask(tok, ROWS)
+    allowed = common.allowed_token_mask(tok, ROWS) & typeable.ascii_mask(tok, ROWS)
     opt = common.truncate(opt, UAT_CFG.text_max_tokens)
     key = uat.run_key(model, opt, UAT_CFG, seed=3, prefix=[tok.eos_token_id], allowed=allowed)
     other = uat.run_key(
@@ -402,13 +402,53 @@ def test_uat_same_seed_resume_and_disallowed_tokens(trained, uat_spied, tmp_path
     banned = used | set(random.Random(0).sample(range(len(tok)), len(tok) // 3))
     allowed = common.allowed_token_mask(tok, ROWS, disallow=sorted(banned))
     d = uat.run(model, tok, opt, ev, UAT_CFG, seed=3, out_dir=tmp_path / "ban", allowed=allowed, progress=False)
-    assert d["n_allowed_tokens"] == int(allowed.sum())
+    assert d["n_allowed_tokens"] == int((allowed & typeable.ascii_mask(tok, ROWS)).sum())
     td = json.loads((tmp_path / "ban" / "triggers.json").read_text())
     for r in td["restarts"]:
         for t in r["trigger_ids"] + r["initial_trigger_ids"]:
             assert allowed[t] and t not in banned and t < len(tok) and t not in tok.all_special_ids
         steps = json.loads(units.unit_path(tmp_path / "ban", "uat", r["restart"]).read_text())["payload"]["steps"]
         assert all(allowed[s["token_after"]] for s in steps)
+
+
+def test_uat_triggers_are_typeable_text_as_gcg_s(trained, uat_spied):
+    """UAT shares GCG's threat model: by default every trigger it tries or keeps is printable
+    ASCII without special tokens and survives decode/re-encode."""
+    _, tok, _ = trained
+    _, _, out = uat_spied
+    keep = typeable.survives_roundtrip(tok)
+    trig = json.loads((out / "triggers.json").read_text())
+    for r in trig["restarts"]:
+        for ids in (r["initial_trigger_ids"], r["trigger_ids"]):
+            assert keep(ids) and not set(ids) & set(tok.all_special_ids)
+            assert all(tok.decode([i]).isascii() and tok.decode([i]).isprintable() for i in ids)
+        steps = json.loads(units.unit_path(out, "uat", r["restart"]).read_text())["payload"]["steps"]
+        assert any(s["accepted"] for s in steps), "the filtered search still moves"
+
+
+def test_uat_replacements_are_the_top_k_that_pass_the_filter():
+    """With a filter, position p's candidates are the k best-scored tokens whose trigger passes it,
+    in score order, never a disallowed (-inf) token; without, plain top-k."""
+    scores = torch.tensor([0.1, 5.0, 4.0, float("-inf"), 3.0, 2.0, 1.0])
+    trigger = torch.tensor([0, 0, 0])
+    odd_only = lambda ids: ids[1] % 2 == 1  # noqa: E731 - keeps triggers whose position 1 is odd
+    picked = trigger_search._top_replacements(scores, trigger, 1, 2, odd_only)
+    assert picked.tolist() == [1, 5]
+    assert trigger_search._top_replacements(scores, trigger, 1, 9, odd_only).tolist() == [1, 5]
+    assert trigger_search._top_replacements(scores, trigger, 1, 2, None).tolist() == [1, 2]
+    assert trigger.tolist() == [0, 0, 0], "the current trigger is not modified"
+
+
+def test_uat_without_the_filter_is_the_token_level_search(trained, uat_spied, tmp_path):
+    """`filter_ids: false, allow_non_ascii: true` is Wallace et al.'s token-level UAT: the whole
+    allowed vocabulary, the plain top-k; it may keep a trigger no text produces."""
+    model, tok, held = trained
+    opt, ev = _opt_eval(held)
+    cfg = UAT_CFG.model_copy(update={"filter_ids": False, "allow_non_ascii": True})
+    free = uat.run(model, tok, opt, ev, cfg, seed=3, out_dir=tmp_path, progress=False)
+    assert free["n_allowed_tokens"] == int(common.allowed_token_mask(tok, ROWS).sum())
+    assert free["n_allowed_tokens"] > uat_spied[0]["n_allowed_tokens"]
+    assert free["opt"]["attacked_loss"] > free["opt"]["clean_loss"]
 
 
 def test_uat_refuses_overlapping_eval_texts(trained, tmp_path):

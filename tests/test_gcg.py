@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from test_attacks import TRIGGER_ATTACK, _opt_eval, _trained, run_attack, scored_rows, spied_run
 from torch import nn
 
-from monolm.attacks import curves, gcg, gcg_search, trigger_search
+from monolm.attacks import curves, gcg, gcg_search, trigger_search, typeable
 from monolm.attacks import scoring as common
 from monolm.config import GCGConfig
 
@@ -80,7 +80,7 @@ def test_gcg_never_scores_trigger_or_prefix_tokens(trained, gcg_runs):
 def test_filtering_no_special_no_non_ascii_and_roundtrip(trained, gcg_runs):
     _, tok, _ = trained
     special = set(tok.all_special_ids)
-    keep = gcg_search.survives_roundtrip(tok)
+    keep = typeable.survives_roundtrip(tok)
     for r in gcg_runs[:2]:
         for u in r["restarts"]:
             ids = u["trigger_ids"]

@@ -13,9 +13,9 @@ the top-k tokens of that position, GCG samples `search_width` candidates per ste
 allowed tokens instead of gradient-ranked ones: same steps, width and scoring passes, no
 gradient. If GCG does not beat it, the gradient carries no information (or is masked).
 
-Candidate tokens: never special tokens or unused embedding rows (`allowed_token_mask`), no
-non-ASCII tokens unless `allow_non_ascii`, and with `filter_ids` only candidate triggers whose
-decoded text encodes back to the same ids (a trigger that is a real string).
+Candidate tokens and triggers follow the threat model UAT shares (`monolm.attacks.typeable`): no
+special tokens or unused rows, no non-ASCII tokens unless `allow_non_ascii`, and with
+`filter_ids` only candidate triggers whose decoded text encodes back to the same ids.
 
 `restarts` restarts from triggers drawn with generators seeded by (seed, kind, restart). Every
 restart is kept: its trigger, its budget curve, and its effect on every evaluation text
@@ -36,10 +36,11 @@ from torch import nn
 
 from monolm.attacks import curves, units
 from monolm.attacks.effects import effect_summary, per_text_effects
-from monolm.attacks.gcg_search import Restart, SearchState, optimise_restart, survives_roundtrip
+from monolm.attacks.gcg_search import Restart, SearchState, optimise_restart
 from monolm.attacks.replicates import restart_effects
-from monolm.attacks.scoring import attack_mode, checked_allowed_mask
+from monolm.attacks.scoring import attack_mode
 from monolm.attacks.trigger_search import TriggerRun, clean_losses
+from monolm.attacks.typeable import roundtrip_filter, trigger_vocabulary
 from monolm.config import GCGConfig
 from monolm.core.artifacts import atomic_write_json
 from monolm.core.deadline import check_deadline
@@ -48,26 +49,6 @@ from monolm.core.runtime import Bf16, generator
 
 default_log = logging.getLogger("monolm.attacks")
 KINDS = {False: "gcg", True: "gcg_control"}
-
-
-def ascii_mask(tokenizer: Any, rows: int) -> torch.Tensor:
-    """True where a token decodes to printable ASCII (nanoGCG's `get_nonascii_toks`, inverted)."""
-    mask = torch.zeros(rows, dtype=torch.bool)
-    for i in range(min(rows, len(tokenizer))):
-        text = tokenizer.decode([i])
-        mask[i] = bool(text) and text.isascii() and text.isprintable()
-    return mask
-
-
-def gcg_allowed_mask(model: nn.Module, tokenizer: Any, cfg: GCGConfig, allowed: torch.Tensor | None) -> torch.Tensor:
-    """The attack's vocabulary: `checked_allowed_mask` (no special or unused rows), and printable
-    ASCII only unless `cfg.allow_non_ascii`."""
-    mask = checked_allowed_mask(model, tokenizer, allowed)
-    if not cfg.allow_non_ascii:
-        mask = mask & ascii_mask(tokenizer, mask.shape[0])
-    if not mask.any():
-        raise ValueError("no token is allowed for GCG (check attacks.gcg.allow_non_ascii and the tokenizer)")
-    return mask
 
 
 def _restarts(base: Restart, seed: int, max_units: int | None, tracker: Progress, clean: float) -> list[dict] | None:
@@ -125,14 +106,20 @@ def run(
     kind = KINDS[control]
     out_dir = Path(out_dir)
     run = TriggerRun.of(
-        model, tokenizer, opt_texts, eval_texts, cfg, bf16, lambda: gcg_allowed_mask(model, tokenizer, cfg, allowed)
+        model,
+        tokenizer,
+        opt_texts,
+        eval_texts,
+        cfg,
+        bf16,
+        lambda: trigger_vocabulary(model, tokenizer, cfg, allowed, "attacks.gcg"),
     )
     setup = run.setup
     with attack_mode(model):
         key = units.trigger_run_key(model, run.opt, cfg, kind=kind, seed=seed, prefix=setup.prefix, allowed=run.allowed)
         clean_opt = clean_losses(setup, run.opt_batch)
         clean_loss = sum(clean_opt) / len(clean_opt)
-        keep = survives_roundtrip(tokenizer) if cfg.filter_ids else None
+        keep = roundtrip_filter(tokenizer, cfg)
         base = Restart(setup, run.opt_batch, cfg, run.allowed, keep, control, out_dir, kind, 0, key)
         tracker = Progress(cfg.restarts * cfg.steps, log=log, on_log=on_log, what=kind)
         restarts = _restarts(base, seed, max_units, tracker, clean_loss)

@@ -31,6 +31,7 @@ import torch
 from monolm.attacks import units
 from monolm.attacks.scoring import AttackSetup, TextBatch, embedding_gradient
 from monolm.attacks.trigger_search import with_triggers
+from monolm.attacks.typeable import initial_trigger
 from monolm.config import GCGConfig
 from monolm.core.deadline import check_deadline
 from monolm.core.runtime import model_device
@@ -96,27 +97,6 @@ def sample_candidates(
         pick = torch.randint(topk_ids.shape[1], (width, n_replace, 1), generator=gen)
         vals = torch.gather(topk_ids[pos], 2, pick).squeeze(2)
     return trigger.view(1, -1).repeat(width, 1).scatter_(1, pos, vals)
-
-
-def survives_roundtrip(tokenizer: Any) -> Callable[[Sequence[int]], bool]:
-    """Whether a trigger's decoded text encodes back to exactly its ids."""
-
-    def check(ids: Sequence[int]) -> bool:
-        text = tokenizer.decode(list(ids), clean_up_tokenization_spaces=False)
-        return tokenizer.encode(text, add_special_tokens=False) == list(ids)
-
-    return check
-
-
-def initial_trigger(
-    length: int, allowed_ids: torch.Tensor, gen: torch.Generator, keep: Callable[[Sequence[int]], bool] | None
-) -> torch.Tensor:
-    """A random allowed trigger that passes the filter (at most 1000 draws)."""
-    for _ in range(1000):
-        trigger = allowed_ids[torch.randint(len(allowed_ids), (length,), generator=gen)]
-        if keep is None or keep(trigger.tolist()):
-            return trigger
-    raise ValueError("no random trigger survives decode/re-encode; set attacks.gcg.filter_ids=false")
 
 
 # --------------------------------------------------------------------------- the restart

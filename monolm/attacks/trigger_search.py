@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from monolm.attacks.scoring import AttackSetup, embedding_gradient, first_order_scores
 from monolm.attacks.sequences import TextBatch, check_texts, context_prefix, pad_batch, text_target_mask, truncate
+from monolm.attacks.typeable import Keep, initial_trigger
 from monolm.config import UATConfig
 from monolm.core.deadline import check_deadline
 from monolm.core.runtime import model_device
@@ -106,18 +107,42 @@ def _grad_batch(n: int, size: int, gen: torch.Generator) -> torch.Tensor:
     return torch.sort(torch.randperm(n, generator=gen)[:size]).values
 
 
+def _top_replacements(scores: torch.Tensor, trigger: torch.Tensor, p: int, k: int, keep: Keep | None) -> torch.Tensor:
+    """The `k` best-scored replacements for position `p`; with a filter, the `k` best whose
+    trigger survives it (fewer when fewer do), so the exact re-scoring budget stays `k`."""
+    if keep is None:
+        return torch.topk(scores, k).indices.cpu()
+    scores = scores.detach().cpu()
+    row = trigger.tolist()
+    picked: list[int] = []
+    for t in torch.argsort(scores, descending=True).tolist():
+        if len(picked) == k or scores[t] == float("-inf"):
+            break
+        row[p] = t
+        if keep(row):
+            picked.append(t)
+    return torch.tensor(picked, dtype=torch.long)
+
+
 def _position_step(
-    setup: AttackSetup, texts: TextBatch, trigger: torch.Tensor, p: int, k: int, allowed: torch.Tensor
+    setup: AttackSetup,
+    texts: TextBatch,
+    trigger: torch.Tensor,
+    p: int,
+    k: int,
+    allowed: torch.Tensor,
+    keep: Keep | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The current token at trigger position `p` and its top-`k` first-order replacements
-    (candidate 0 is the current token), with each candidate trigger's exact mean loss over `texts`."""
+    (candidate 0 is the current token; with `keep`, only replacements whose trigger passes it),
+    with each candidate trigger's exact mean loss over `texts`."""
     model, prefix = setup.model, setup.prefix
     cur = with_triggers(prefix, trigger.view(1, -1), texts).to(model_device(model))
     grad, _ = embedding_gradient(model, cur.input_ids, cur.attention_mask, cur.target_mask, bf16=setup.bf16)
     g = grad[:, len(prefix) + p, :].mean(0, keepdim=True)  # gradient of the mean loss
     scores = first_order_scores(g, model.get_input_embeddings().weight.detach(), allowed)[0]
     scores[trigger[p]] = float("-inf")
-    top = torch.topk(scores, k).indices.cpu()
+    top = _top_replacements(scores, trigger, p, k, keep)
     tokens = torch.cat([trigger[p].view(1), top])  # candidate 0 = the current trigger
     cands = trigger.view(1, -1).repeat(len(tokens), 1)
     cands[:, p] = tokens
@@ -136,6 +161,7 @@ def _sweep(
     gen: torch.Generator,
     steps: list[dict[str, Any]],
     bar: Any,
+    keep: Keep | None = None,
 ) -> tuple[bool, float]:
     """One sweep over the trigger's positions, changing `trigger` in place and recording each
     position step in `steps`: (whether a token changed, the current trigger's batch loss)."""
@@ -145,8 +171,8 @@ def _sweep(
     for p in range(cfg.trigger_len):
         check_deadline("between UAT position steps")
         idx = _grad_batch(n, cfg.grad_batch_size, gen)
-        tokens, losses = _position_step(setup, opt.rows(idx), trigger, p, k, allowed)
-        best = int(torch.argmax(losses[1:])) + 1
+        tokens, losses = _position_step(setup, opt.rows(idx), trigger, p, k, allowed, keep)
+        best = int(torch.argmax(losses[1:])) + 1 if len(tokens) > 1 else 0  # 0: no replacement passed
         accept = bool(losses[best] > losses[0])
         steps.append(
             {
@@ -179,11 +205,13 @@ def optimise_restart(
     progress: bool = False,
     desc: str = "uat",
     on_sweep: Callable[[int, float], None] | None = None,
+    keep: Keep | None = None,
 ) -> dict[str, Any]:
-    """One restart: random allowed initial trigger, then greedy sweeps until no change.
+    """One restart: random allowed initial trigger (one that passes `keep`, the decode/re-encode
+    filter, when given), then greedy sweeps until no change.
     `on_sweep(sweeps done, current trigger's batch loss)` is called after each sweep."""
     allowed_ids = torch.nonzero(allowed).flatten()
-    trigger = allowed_ids[torch.randint(len(allowed_ids), (cfg.trigger_len,), generator=gen)]
+    trigger = initial_trigger(cfg.trigger_len, allowed_ids, gen, keep, "attacks.uat")
     initial = trigger.tolist()
     k = min(cfg.top_k, int(allowed.sum()) - 1)
     steps: list[dict[str, Any]] = []
@@ -192,7 +220,7 @@ def optimise_restart(
     bar = tqdm(total=cfg.max_sweeps * cfg.trigger_len, desc=desc, disable=(not progress) or None, leave=False)
     for sweep in range(cfg.max_sweeps):
         sweeps += 1
-        changed, current = _sweep(setup, opt, cfg, trigger, sweep, k, allowed, gen, steps, bar)
+        changed, current = _sweep(setup, opt, cfg, trigger, sweep, k, allowed, gen, steps, bar, keep)
         if on_sweep is not None:
             on_sweep(sweeps, current)
         if not changed:

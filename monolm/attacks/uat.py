@@ -11,6 +11,10 @@ text tokens. Per restart, per sweep, per trigger position (`trigger_search`):
 3. the best variant is kept if it raises the batch loss above the current trigger's loss (both
    from the same batched forward pass, so the comparison is exact).
 
+Candidates follow the threat model GCG shares (`monolm.attacks.typeable`): printable-ASCII tokens
+unless `allow_non_ascii`, and with `filter_ids` (the default) only variants whose decoded text
+encodes back to the same ids; step 2 then re-scores the top-k variants that pass.
+
 A restart ends after a sweep that changed nothing or after `max_sweeps`. `restarts` restarts
 start from different random triggers (allowed tokens, drawn from a generator seeded with
 (seed, "uat", restart)); the trigger with the highest loss over *all* optimisation texts wins.
@@ -36,7 +40,7 @@ from monolm.attacks import curves, units
 from monolm.attacks.effects import effect_summary, per_text_effects
 from monolm.attacks.replicates import restart_effects
 from monolm.attacks.scoring import AttackSetup, BatchSizer, attack_mode
-from monolm.attacks.sequences import TextBatch, check_texts, checked_allowed_mask, truncate
+from monolm.attacks.sequences import TextBatch, check_texts, truncate
 from monolm.attacks.trigger_search import (
     TriggerRun,
     clean_losses,
@@ -45,6 +49,7 @@ from monolm.attacks.trigger_search import (
     trigger_row,
     with_triggers,
 )
+from monolm.attacks.typeable import Keep, roundtrip_filter, trigger_vocabulary
 from monolm.config import UATConfig
 from monolm.core.artifacts import atomic_write_json
 from monolm.core.deadline import check_deadline
@@ -136,6 +141,7 @@ def _restart(
     progress: bool,
     tracker: Progress,
     clean_loss: float,
+    keep: Keep | None,
     r: int,
 ) -> dict[str, Any]:
     """Restart `r` from its own seeded generator, with its trigger's loss over all optimisation
@@ -151,7 +157,15 @@ def _restart(
         )
 
     result = optimise_restart(
-        setup, opt, cfg, allowed=allowed, gen=gen, progress=progress, desc=f"uat restart {r}", on_sweep=on_sweep
+        setup,
+        opt,
+        cfg,
+        allowed=allowed,
+        gen=gen,
+        progress=progress,
+        desc=f"uat restart {r}",
+        on_sweep=on_sweep,
+        keep=keep,
     )
     per_text = setup.losses(with_triggers(setup.prefix, trigger_row(result["trigger_ids"]), opt)).tolist()
     result.update(restart=r, opt_loss=sum(per_text) / len(per_text))
@@ -224,8 +238,9 @@ def run(
 
     Texts are token ids, cut to `cfg.text_max_tokens`; at most `cfg.n_opt_texts` /
     `cfg.n_eval_texts` are used. `allowed` (bool over embedding rows) defaults to
-    `allowed_token_mask(tokenizer, rows)`. Writes `units/uat-<r>.json` per restart, then
-    `triggers.json` and `uat_results.json` (schemas in SCHEMA.md) and returns the results.
+    `allowed_token_mask(tokenizer, rows)`, narrowed by the threat model (`typeable`). Writes
+    `units/uat-<r>.json` per restart, then `triggers.json` and `uat_results.json` (schemas in
+    SCHEMA.md) and returns the results.
     `max_units` stops after computing that many new restarts (returns `{"complete": False}`),
     which is how tests simulate a run killed part-way. `bf16` is the autocast setting
     (`runtime.bf16_enabled`: on CUDA only). Every sweep and restart is a log line with the loss
@@ -233,17 +248,17 @@ def run(
     """
     log = log or default_log
     out_dir = Path(out_dir)
-    run = TriggerRun.of(
-        model, tokenizer, opt_texts, eval_texts, cfg, bf16, lambda: checked_allowed_mask(model, tokenizer, allowed)
-    )
+    vocabulary = functools.partial(trigger_vocabulary, model, tokenizer, cfg, allowed, "attacks.uat")
+    run = TriggerRun.of(model, tokenizer, opt_texts, eval_texts, cfg, bf16, vocabulary)
     setup = run.setup
     with attack_mode(model):
         key = run_key(model, run.opt, cfg, seed=seed, prefix=setup.prefix, allowed=run.allowed)
         clean_opt = clean_losses(setup, run.opt_batch)
         clean_loss = sum(clean_opt) / len(clean_opt)
         tracker = Progress(cfg.restarts * cfg.max_sweeps, log=log, on_log=on_log, what="uat")
+        keep = roundtrip_filter(tokenizer, cfg)
         compute = functools.partial(
-            _restart, setup, run.opt_batch, cfg, run.allowed, seed, progress, tracker, clean_loss
+            _restart, setup, run.opt_batch, cfg, run.allowed, seed, progress, tracker, clean_loss, keep
         )
         restarts, complete = _restart_units(compute, tokenizer, cfg, key, out_dir, max_units, tracker, clean_loss)
         if not complete:

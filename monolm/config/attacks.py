@@ -22,6 +22,9 @@ class UATConfig(Strict):
     text_max_tokens: PositiveInt = 128
     grad_batch_size: PositiveInt = 16
     score_batch_size: PositiveInt = 128  # candidate sequences per forward; halves on OOM
+    # The threat model GCG shares (monolm.attacks.typeable): a trigger is text an attacker can type.
+    allow_non_ascii: bool = False  # non-ASCII tokens are filtered out by default (special ones always)
+    filter_ids: bool = True  # only triggers whose decode/re-encode gives back the same ids
 
 
 class HotFlipConfig(Strict):
