@@ -26,6 +26,7 @@ step (`units/<kind>part-<r>.json`) and final once done (`units/<kind>-<r>.json`)
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -105,15 +106,8 @@ def run(
     log = log or default_log
     kind = KINDS[control]
     out_dir = Path(out_dir)
-    run = TriggerRun.of(
-        model,
-        tokenizer,
-        opt_texts,
-        eval_texts,
-        cfg,
-        bf16,
-        lambda: trigger_vocabulary(model, tokenizer, cfg, allowed, "attacks.gcg"),
-    )
+    vocabulary = functools.partial(trigger_vocabulary, model, tokenizer, cfg, allowed, "attacks.gcg")
+    run = TriggerRun.of(model, tokenizer, opt_texts, eval_texts, cfg, bf16, vocabulary)
     setup = run.setup
     with attack_mode(model):
         key = units.trigger_run_key(model, run.opt, cfg, kind=kind, seed=seed, prefix=setup.prefix, allowed=run.allowed)

@@ -127,7 +127,7 @@ class Restart:
 
 
 def _start(run: Restart, gen: torch.Generator, allowed_ids: torch.Tensor) -> SearchState:
-    trigger = initial_trigger(run.cfg.trigger_len, allowed_ids, gen, run.keep)
+    trigger = initial_trigger(run.cfg.trigger_len, allowed_ids, gen, run.keep, "attacks.gcg")
     per_text = trigger_losses(run.setup, trigger.view(1, -1), run.texts)[0]
     loss = float(per_text.mean())
     ids = trigger.tolist()

@@ -61,7 +61,7 @@ def roundtrip_filter(tokenizer: Any, cfg: Any) -> Keep | None:
 
 
 def initial_trigger(
-    length: int, allowed_ids: torch.Tensor, gen: torch.Generator, keep: Keep | None, section: str = "attacks.gcg"
+    length: int, allowed_ids: torch.Tensor, gen: torch.Generator, keep: Keep | None, section: str
 ) -> torch.Tensor:
     """A random allowed trigger that passes the filter (at most 1000 draws; the first draw is
     taken when there is no filter, so an unfiltered run draws exactly one trigger)."""
