@@ -101,6 +101,9 @@ def test_report_shows_triggers_examples_control_test_and_run_id(run):
 
     tests = md.split("## Paired tests")[1].split("\n## ")[0]
     assert "doc_loss" not in tests and "| per-document loss (nats/token) | seed 42, over documents |" in tests
+    for label in ("HotFlip", "GCG"):  # each control test is named after its own attack
+        for arm in ("baseline", "monotonic"):
+            assert tests.count(f"| {label} gradient − control ({arm}) | seed 42, over texts | 8 |") == 1
     assert f"Run ID `{out['run_id']}`" in md and "tiny-tiny" not in out["run_id"]
 
 

@@ -125,7 +125,7 @@ def attack_table(results: dict[str, Any], attack: str) -> Table | None:
 def _test_row(c: dict[str, Any]) -> list[str]:
     scope = "across seeds" if c["scope"] == "seeds" else f"seed {c['seed']}, over {c['scope']}"
     metric = (
-        f"HotFlip gradient − control ({c['metric'].removeprefix('gradient_vs_control_')})"
+        f"{ATTACKS.get(c['stage'], c['stage'])} gradient − control ({c['metric'].removeprefix('gradient_vs_control_')})"
         if c["metric"].startswith("gradient_vs_control_")
         else metric_label(c["stage"], c["metric"])
     )
