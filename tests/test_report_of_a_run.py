@@ -79,6 +79,11 @@ def test_report_shows_triggers_examples_control_test_and_run_id(run):
     gcg_triggers = json.loads(Path(refs["gcg"].dir, "triggers.json").read_text())
     for arm in ("baseline", "monotonic"):
         assert " ".join(str(i) for i in gcg_triggers[arm]["trigger_ids"]) in section
+    budget_caption = (
+        "budget curves: best optimisation loss vs share of the budget per arm (faint: restarts; bold: their mean"
+    )
+    assert f"_UAT {budget_caption})._" in md, "UAT has no random control, so its caption names none"
+    assert f"_GCG {budget_caption}; dashed: the random control)._" in md
     for attack in ("uat", "gcg"):  # budget curves: a figure and a saturation sentence per arm
         assert f"budget-{attack}.png" in md and Path(out["report"]).with_name(f"budget-{attack}.png").is_file()
         for arm in ("baseline", "monotonic"):

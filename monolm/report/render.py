@@ -156,12 +156,16 @@ def section_of(key: str, title: str) -> str:
     return ATTACK_SECTIONS[kind] if kind in ATTACK_SECTIONS and attack in ATTACKS else SECTIONS.get(key, title)
 
 
-def caption_of(plot: str) -> str:
+def caption_of(plot: str, budget: dict[str, Any] | None = None) -> str:
+    """A figure's caption; a budget figure names the dashed random control only where `budget`
+    (results["budget"]) holds control curves for that attack (UAT has no control)."""
     kind, _, attack = plot.partition("-")
     if kind == "budget" and attack in ATTACKS:
+        arms = (budget or {}).get(attack) or {}
+        dashed = "; dashed: the random control" if any((a or {}).get("control") for a in arms.values()) else ""
         return (
             f"{ATTACKS[attack]} budget curves: best optimisation loss vs share of the budget per arm "
-            "(faint: restarts; bold: their mean; dashed: the random control)"
+            f"(faint: restarts; bold: their mean{dashed})"
         )
     return PLOT_CAPTIONS.get(plot, plot)
 
@@ -227,13 +231,13 @@ def _table_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _plot_lines(plots: dict[str, str]) -> list[str]:
+def _plot_lines(plots: dict[str, str], budget: dict[str, Any] | None) -> list[str]:
     """Every figure ({name: path relative to report.md}) with its caption."""
     if not plots:
         return []
     lines = ["## Plots", ""]
     for name, rel in plots.items():
-        caption = caption_of(name)
+        caption = caption_of(name, budget)
         lines += [f"![{caption}]({rel})", "", f"_{caption}._", ""]
     return lines
 
@@ -267,7 +271,7 @@ def markdown(results: dict[str, Any], *, plots: dict[str, str], config_yaml: str
         *_provenance_lines(results, config_path),
         *_findings_lines(results),
         *_table_lines(results),
-        *_plot_lines(plots),
+        *_plot_lines(plots, results.get("budget")),
         *_methods_lines(results["meta"]),
         "## Configuration",
         "",
